@@ -1,0 +1,1 @@
+"""Training datasets: ingest, validate, version and store a style's images and captions."""

@@ -1,0 +1,1 @@
+"""The registry domain: pure Python, no Dagster, no boto3."""

@@ -1,0 +1,92 @@
+"""The training request and result: the one contract between the training op and the worker.
+
+Validated with pydantic on both sides so a bad request is refused before any GPU
+time is spent, with an error that names the field. This module must not import
+torch: the Dagster code location imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lora_pipeline.registry.names import validate_style
+
+ModelFamily = Literal["sd1", "sd2", "sdxl"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Optimizer = Literal["adamw", "adamw_fused", "adamw8bit"]
+
+
+class TrainingParams(BaseModel):
+    """Hyperparameters with defaults that suit a style LoRA on SD1.5-class models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank (r).")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; defaults to the rank.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        description="UNet attention projections to adapt.",
+    )
+    train_text_encoder: bool = Field(False, description="Also adapt the text encoder(s).")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["constant", "cosine", "linear", "constant_with_warmup"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_train_steps: int = Field(1000, ge=1, le=1_000_000)
+    train_batch_size: int = Field(1, ge=1, le=256)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    resolution: int = Field(512, ge=8, le=4096)
+    seed: int = Field(0, ge=0)
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
+    optimizer: Optimizer = "adamw"
+    trigger_word: str | None = Field(None, max_length=200)
+    checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints in the store; 0 = never.")
+    export_kohya: bool = Field(False, description="Also write the kohya/A1111/ComfyUI key layout.")
+    num_sample_images: int = Field(0, ge=0, le=16)
+    compile: bool = Field(False, description="torch.compile the UNet.")
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class TrainingRequest(BaseModel):
+    """What the training op sends as RunPod's ``input``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    style: str
+    version: str = Field(description="Registry version name this job produces, e.g. 'V5'.")
+    dataset_hash: str = Field(pattern=r"^[0-9a-f]{8,128}$")
+    base_model: str = Field(
+        "tiny",
+        description="'tiny' (built in code), a local folder, 'store:<key prefix>' or a hub id.",
+    )
+    params: TrainingParams = Field(default_factory=TrainingParams)
+    storage_url: str | None = Field(
+        None, description="Object store to read the dataset from and write the LoRA to; "
+        "defaults to the worker's LORA_STORAGE_URL."
+    )
+    request_id: str = Field(description="Our id for the submission (idempotency, provenance).")
+
+    @field_validator("style")
+    @classmethod
+    def _style(cls, value: str) -> str:
+        return validate_style(value)
+
+
+class TrainingResult(BaseModel):
+    """What the worker returns as the job's ``output`` on success."""
+
+    style: str
+    version: str
+    lora_key: str
+    dataset_hash: str
+    steps: int
+    final_loss: float | None = None
+    duration_s: float
+    sample_keys: list[str] = Field(default_factory=list)
+    kohya_key: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
