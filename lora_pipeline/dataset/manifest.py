@@ -25,6 +25,12 @@ class ImageEntry(BaseModel):
     size: int
     caption: str
     source: str = Field(description="The file's name in the source the user gave.")
+    caption_source: str = Field(
+        "sidecar",
+        alias="captionSource",
+        description="Where the caption came from: sidecar | metadata.jsonl | captions.csv | trigger_word.",
+    )
+    note: str | None = Field(None, description="Something worth knowing, e.g. a caption read as cp1252.")
 
 
 class RejectedFile(BaseModel):
@@ -42,6 +48,7 @@ class DatasetManifest(BaseModel):
     trigger_word: str | None = Field(None, alias="triggerWord")
     images: list[ImageEntry]
     rejected: list[RejectedFile] = Field(default_factory=list)
+    source: str | None = Field(None, description="The source the version was ingested from.")
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, indent=2).encode()

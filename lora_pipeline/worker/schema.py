@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lora_pipeline.registry.names import validate_style
 
 ModelFamily = Literal["sd1", "sd2", "sdxl"]
+FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit"]
 
@@ -34,9 +35,17 @@ class TrainingParams(BaseModel):
     lr_scheduler: Literal["constant", "cosine", "linear", "constant_with_warmup"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     max_train_steps: int = Field(1000, ge=1, le=1_000_000)
+    num_train_epochs: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Train for this many passes over the dataset instead of max_train_steps.",
+    )
     train_batch_size: int = Field(1, ge=1, le=256)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     resolution: int = Field(512, ge=8, le=4096)
+    enable_bucketing: bool = Field(
+        True, description="Group images into aspect-ratio buckets instead of square crops."
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 = off.")
     seed: int = Field(0, ge=0)
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
@@ -45,6 +54,7 @@ class TrainingParams(BaseModel):
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints in the store; 0 = never.")
     export_kohya: bool = Field(False, description="Also write the kohya/A1111/ComfyUI key layout.")
     num_sample_images: int = Field(0, ge=0, le=16)
+    sample_inference_steps: int = Field(20, ge=1, le=200)
     compile: bool = Field(False, description="torch.compile the UNet.")
 
     @property
@@ -63,6 +73,10 @@ class TrainingRequest(BaseModel):
     base_model: str = Field(
         "tiny",
         description="'tiny' (built in code), a local folder, 'store:<key prefix>' or a hub id.",
+    )
+    model_family: FamilyChoice = Field(
+        "auto",
+        description="Expected family of the base model; 'auto' reads it from the model's config.",
     )
     params: TrainingParams = Field(default_factory=TrainingParams)
     storage_url: str | None = Field(

@@ -1,0 +1,29 @@
+# The RunPod Serverless worker: trains one style LoRA per job (lora_pipeline/worker/handler.py).
+#
+#   docker build -t <registry>/lora-pipeline-worker:<tag> .
+#
+# torch from PyPI is the CUDA build on Linux x86_64 (bundled CUDA runtime; the
+# host needs only the NVIDIA driver). The install steps are the ones the tests
+# use: torch pinned first, then the project with its `train` extra.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # Base models downloaded from the object store or a hub are cached here; on
+    # RunPod a network volume is mounted at /runpod-volume, so they survive workers.
+    LORA_PIPELINE_CACHE=/runpod-volume/lora_pipeline/cache \
+    HF_HOME=/runpod-volume/lora_pipeline/hf
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY lora_pipeline ./lora_pipeline
+RUN pip install "torch==2.13.0" \
+ && pip install ".[train]"
+# Optional: 8-bit AdamW (params.optimizer = "adamw8bit").
+# RUN pip install bitsandbytes
+
+# RunPod's convention: `python handler.py` starts the worker loop
+# (runpod.serverless.start); with no RunPod environment it runs test_input.json.
+WORKDIR /app/lora_pipeline/worker
+CMD ["python", "-u", "handler.py"]

@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine:
+#   make dev    set up .venv and start the Dagster UI (webserver + daemon) on the embedded defaults
+#   make test   set up .venv and run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is pinned: a looser spec pulls a multi-GB CUDA build (see README, "Installing").
+TORCH ?= torch==2.13.0
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+HOST ?= 127.0.0.1
+PORT ?= 3000
+
+.PHONY: install dev test demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[train,dev]" "$(TORCH)"
+	touch $@
+
+dev: install
+	mkdir -p "$(DAGSTER_HOME)"
+	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
+	DAGSTER_HOME="$(DAGSTER_HOME)" $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/lora-pipeline demo
+
+clean:
+	rm -rf $(VENV) .dagster_home .lora_store .lora_jobs

@@ -1,0 +1,32 @@
+"""The one Definitions object of the code location (named in workspace.yaml).
+
+Every Dagster object lives in a small module under ``lora_pipeline/defs/``;
+this file only gathers them. Importing it must stay cheap: Dagster imports the
+code location often, so nothing here imports torch, diffusers or peft.
+"""
+
+import dagster as dg
+
+from lora_pipeline.defs.assets.lora_registry import lora_registry
+from lora_pipeline.defs.assets.trained_lora import trained_lora
+from lora_pipeline.defs.assets.training_dataset import training_dataset
+from lora_pipeline.defs.jobs import complete_training, train_lora
+from lora_pipeline.defs.reconcile import reconcile_registry, reconcile_registry_schedule
+from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.defs.sensors import (
+    new_dataset_version_sensor,
+    runpod_job_sensor,
+    runpod_webhook_sensor,
+    style_discovery_sensor,
+)
+
+defs = dg.Definitions(
+    assets=[training_dataset, trained_lora, lora_registry],
+    jobs=[train_lora, complete_training, reconcile_registry],
+    schedules=[reconcile_registry_schedule],
+    sensors=[runpod_job_sensor, runpod_webhook_sensor, style_discovery_sensor, new_dataset_version_sensor],
+    resources={
+        "storage": StorageResource(),
+        "training_backend": TrainingBackendResource(),
+    },
+)

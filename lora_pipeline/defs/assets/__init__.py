@@ -1,0 +1,1 @@
+"""The three assets of the flow: training_dataset → trained_lora → lora_registry."""

@@ -1,0 +1,110 @@
+"""``training_dataset``: a style's images and captions, checked, content-hashed and stored."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from lora_pipeline.dataset.ingest import (
+    SAMPLE_TRIGGER_WORD,
+    EmptyDatasetError,
+    IngestOptions,
+    ingest_dataset,
+    sample_dataset_path,
+)
+from lora_pipeline.dataset.report import CheckOutcome, check_caption_coverage, check_min_images
+from lora_pipeline.defs.partitions import styles_partitions
+from lora_pipeline.defs.resources import StorageResource
+
+SAMPLE_STYLE = "sample_style"
+INCOMING_PREFIX = "incoming/"
+MIN_IMAGES = 4
+MIN_CAPTION_COVERAGE = 0.5
+
+
+class DatasetConfig(dg.Config):
+    """Where a style's data comes from and how strictly it is checked."""
+
+    source: str | None = Field(
+        None,
+        description="A local folder, a .zip, or 'store:<prefix>'. Default: the store's "
+        "incoming/<style>/ folder, or the bundled sample for 'sample_style'.",
+    )
+    trigger_word: str | None = Field(None, description="Word prepended to captions / used for missing ones.")
+    min_side: int = Field(64, description="Images with a shorter side are rejected.")
+    missing_captions: str = Field("fill", description="'fill' from the trigger word, or 'reject'.")
+
+
+def resolve_source(style: str, config: DatasetConfig, store) -> str:
+    """The source to ingest: explicit, else the incoming folder, else the bundled sample."""
+    if config.source:
+        return config.source
+    incoming = f"{INCOMING_PREFIX}{style}/"
+    if next(iter(store.list(incoming)), None) is not None:
+        return f"store:{incoming}"
+    if style == SAMPLE_STYLE:
+        return str(sample_dataset_path())
+    raise dg.Failure(
+        description=f"no source for style {style!r}: give config 'source', upload to "
+        f"{INCOMING_PREFIX}{style}/ in the store, or run `lora-pipeline dataset add {style} DIR`"
+    )
+
+
+@dg.asset(
+    partitions_def=styles_partitions,
+    group_name="lora",
+    kinds={"s3", "pillow"},
+    check_specs=[
+        dg.AssetCheckSpec("enough_images", asset="training_dataset",
+                          description=f"At least {MIN_IMAGES} accepted images."),
+        dg.AssetCheckSpec("caption_coverage", asset="training_dataset",
+                          description=f"At least {MIN_CAPTION_COVERAGE:.0%} of images have their own caption."),
+    ],
+)
+def training_dataset(
+    context: dg.AssetExecutionContext, config: DatasetConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Validate a style's images and captions and store them as a content-hashed version.
+
+    The data version is the dataset hash, so the same data materialized again is
+    recognised as unchanged and triggers no new training.
+    """
+    style = context.partition_key
+    store = storage.get_store()
+    source = resolve_source(style, config, store)
+    context.log.info(f"ingesting {source} for style {style}")
+    trigger_word = config.trigger_word or (SAMPLE_TRIGGER_WORD if style == SAMPLE_STYLE else None)
+    try:
+        report = ingest_dataset(
+            store,
+            style,
+            source,
+            options=IngestOptions(
+                trigger_word=trigger_word,
+                min_side=config.min_side,
+                missing_captions=config.missing_captions,  # type: ignore[arg-type]
+            ),
+            progress=lambda stage, done, total: context.log.debug(f"{stage}: {done}/{total}"),
+        )
+    except EmptyDatasetError as exc:
+        raise dg.Failure(description=str(exc), metadata=exc.report.dagster_metadata()) from None
+    context.log.info(report.summary())
+    manifest = report.manifest
+    assert manifest is not None
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(manifest.dataset_hash),
+        metadata=report.dagster_metadata(),
+        check_results=[
+            _check_result("enough_images", check_min_images(manifest, MIN_IMAGES)),
+            _check_result("caption_coverage", check_caption_coverage(manifest, MIN_CAPTION_COVERAGE)),
+        ],
+    )
+
+
+def _check_result(name: str, outcome: CheckOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name,
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata=outcome.metadata,
+        severity=dg.AssetCheckSeverity.WARN,
+    )

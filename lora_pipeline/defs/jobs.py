@@ -1,0 +1,81 @@
+"""Jobs: train a style's LoRA on the GPU backend, complete finished jobs, reconcile the registry."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from lora_pipeline.defs.config import TrainingConfig
+from lora_pipeline.defs.partitions import styles_partitions
+from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.training import submit_training, training_params, wait_for_job
+
+GPU_POOL = "runpod_gpu"
+
+
+class TrainLoraConfig(TrainingConfig):
+    wait_for_completion: bool = Field(
+        True,
+        description="Hold the run (and its slot in the runpod_gpu pool) until the job ends; "
+        "cancelling the run then cancels the job. The completion sensors record the result.",
+    )
+
+
+@dg.op(pool=GPU_POOL, tags={"kind": "runpod"})
+def submit_lora_training(
+    context: dg.OpExecutionContext,
+    config: TrainLoraConfig,
+    storage: StorageResource,
+    training_backend: TrainingBackendResource,
+) -> str:
+    """Submit the style's current dataset version for training; return the job id.
+
+    The pending version is recorded in the registry before this returns. The
+    ``runpod_gpu`` concurrency pool caps how many of these hold a GPU job at
+    once: set its limit to the endpoint's worker count
+    (``dagster instance concurrency set runpod_gpu N``).
+    """
+    style = context.partition_key
+    store = storage.get_store()
+    backend = training_backend.get_backend(store)
+    submitted = submit_training(
+        store=store,
+        backend=backend,
+        style=style,
+        params=training_params(config.base_model, config.params),
+        base_model=config.base_model,
+        storage_url=storage.resolved_url(),
+        webhook_url=training_backend.webhook_url_for_jobs(),
+        force=config.force,
+    )
+    context.add_output_metadata(
+        {"job_id": submitted.job_id, "version": submitted.version, "reused": submitted.reused,
+         "dataset_hash": submitted.dataset_hash}
+    )
+    context.log.info(
+        f"{'reused' if submitted.reused else 'submitted'} job {submitted.job_id} "
+        f"→ {style} {submitted.version}"
+    )
+    if config.wait_for_completion and not submitted.reused:
+        final = wait_for_job(
+            backend,
+            submitted.job_id,
+            timeout_s=config.wait_timeout_s,
+            poll_interval_s=config.poll_interval_s,
+            on_status=lambda s: context.log.info(f"job {s.id}: {s.status}"),
+        )
+        context.log.info(f"job {final.id} ended {final.status}; the completion sensors record it")
+    return submitted.job_id
+
+
+@dg.job(partitions_def=styles_partitions, tags={"lora_pipeline/kind": "training"})
+def train_lora() -> None:
+    """Train a LoRA for one style on the configured backend (RunPod, or local)."""
+    submit_lora_training()
+
+
+complete_training = dg.define_asset_job(
+    "complete_training",
+    selection=["trained_lora", "lora_registry"],
+    partitions_def=styles_partitions,
+    description="Started by the completion sensors: verify a finished job's LoRA and record it.",
+)

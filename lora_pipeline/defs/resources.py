@@ -1,0 +1,155 @@
+"""Dagster resources: the object store and the training backend, configured from the environment.
+
+Each field defaults to ``None`` meaning "take it from the environment"
+(``lora_pipeline.settings``), so the embedded defaults need no configuration and
+a deployment can still override every value in the UI's launchpad or in code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import boto3
+import dagster as dg
+from botocore.config import Config
+from dagster_aws.s3 import S3Resource
+from pydantic import Field, PrivateAttr
+
+from lora_pipeline.runpod.backend import TrainingBackend
+from lora_pipeline.settings import Settings, load_settings
+from lora_pipeline.storage import ObjectStore
+from lora_pipeline.storage.factory import open_store
+
+
+class LoraS3Resource(S3Resource):
+    """dagster-aws's S3Resource plus the knobs a flaky S3-compatible endpoint needs.
+
+    RunPod's S3 API wants path-style addressing; every endpoint deserves explicit
+    timeouts and botocore's adaptive retries. ``S3Resource.get_client()`` builds a
+    new client per call, so the storage resource calls it once per step.
+    """
+
+    addressing_style: str = Field("auto", description="S3 addressing: auto, path or virtual.")
+    connect_timeout_s: float = Field(5.0, description="Seconds to wait for a connection.")
+    read_timeout_s: float = Field(60.0, description="Seconds to wait for response bytes.")
+    retry_mode: str = Field("adaptive", description="botocore retry mode: standard or adaptive.")
+
+    def get_client(self) -> Any:
+        session = boto3.session.Session(profile_name=self.profile_name)
+        return session.client(
+            "s3",
+            region_name=self.region_name,
+            endpoint_url=self.endpoint_url,
+            use_ssl=self.use_ssl,
+            verify=self.verify,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            config=Config(
+                retries={"max_attempts": self.max_attempts, "mode": self.retry_mode},
+                connect_timeout=self.connect_timeout_s,
+                read_timeout=self.read_timeout_s,
+                s3={"addressing_style": self.addressing_style},
+            ),
+        )
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The object store holding datasets, LoRA files, registry documents and webhook files.
+
+    Example::
+
+        StorageResource(storage_url="s3://my-bucket/lora", s3=LoraS3Resource(addressing_style="path"))
+    """
+
+    storage_url: str | None = Field(
+        None, description="s3://bucket/prefix or a local directory; default: LORA_STORAGE_URL or .lora_store"
+    )
+    public_base_url: str | None = Field(
+        None, description="Base URL LoRA files are published under; default: LORA_PUBLIC_BASE_URL"
+    )
+    use_accelerate_endpoint: bool = Field(False, description="Record S3 Transfer Acceleration URLs.")
+    s3: LoraS3Resource = Field(default_factory=LoraS3Resource)
+
+    _store: ObjectStore | None = PrivateAttr(None)
+
+    def settings(self) -> Settings:
+        return load_settings()
+
+    def resolved_url(self) -> str:
+        """The store's URL; a local directory made absolute so a worker subprocess finds it."""
+        url = self.storage_url or self.settings().storage_url
+        if url.startswith("s3://"):
+            return url
+        return str(Path(url.removeprefix("file://")).resolve())
+
+    def get_store(self) -> ObjectStore:
+        """One store (and one boto3 client) per resource instance, i.e. per step or tick."""
+        if self._store is None:
+            url = self.resolved_url()
+            self._store = open_store(
+                url,
+                s3_client=self.s3.get_client() if url.startswith("s3://") else None,
+                public_base_url=self.public_base_url or self.settings().public_base_url,
+                accelerate=self.use_accelerate_endpoint,
+            )
+        return self._store
+
+
+class TrainingBackendResource(dg.ConfigurableResource):
+    """Where training runs: a RunPod Serverless endpoint, or this machine (the default).
+
+    With no endpoint id (argument or RUNPOD_ENDPOINT_ID) jobs run in a local
+    subprocess that executes the same worker code RunPod runs.
+    """
+
+    endpoint_id: str | None = Field(None, description="RunPod endpoint id; default RUNPOD_ENDPOINT_ID")
+    api_key: str | None = Field(None, description="RunPod API key; default RUNPOD_API_KEY")
+    base_url: str | None = Field(None, description="API base; default RUNPOD_ENDPOINT_BASE_URL")
+    request_timeout_s: float = Field(30.0, description="Timeout of each RunPod API call.")
+    local_state_dir: str | None = Field(
+        None, description="Where the local backend keeps job state; default <storage dir>/../.lora_jobs"
+    )
+    webhook_url: str | None = Field(
+        None, description="Public URL of the webhook receiver (LORA_WEBHOOK_URL); the token is appended."
+    )
+
+    def kind(self) -> str:
+        return "runpod" if (self.endpoint_id or load_settings().runpod_endpoint_id) else "local"
+
+    def get_backend(self, store: ObjectStore) -> TrainingBackend:
+        settings = load_settings()
+        if self.kind() == "runpod":
+            from lora_pipeline.runpod.client import RunPodClient
+
+            api_key = self.api_key or settings.runpod_api_key
+            if not api_key:
+                raise dg.DagsterInvariantViolationError(
+                    "RUNPOD_API_KEY is not set but RUNPOD_ENDPOINT_ID is: the RunPod backend needs a key"
+                )
+            return RunPodClient(
+                api_key=api_key,
+                endpoint_id=self.endpoint_id or settings.runpod_endpoint_id,
+                base_url=self.base_url or settings.runpod_base_url,
+                timeout=self.request_timeout_s,
+            )
+        from lora_pipeline.runpod.local import LocalBackend
+
+        return LocalBackend(store=store, state_dir=Path(self.local_state_dir or _default_state_dir(settings)))
+
+    def webhook_url_for_jobs(self) -> str | None:
+        """The URL RunPod POSTs completions to, with the shared token in its query."""
+        settings = load_settings()
+        url = self.webhook_url or settings.webhook_url
+        if not url or self.kind() != "runpod":
+            return None
+        if settings.webhook_token:
+            sep = "&" if "?" in url else "?"
+            url = f"{url}{sep}token={settings.webhook_token}"
+        return url
+
+
+def _default_state_dir(settings: Settings) -> Path:
+    local = settings.local_storage_dir
+    return (local.parent if local else Path(".")) / ".lora_jobs"

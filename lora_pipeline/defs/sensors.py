@@ -1,0 +1,264 @@
+"""Sensors: notice finished jobs (webhook inbox, status polls), new styles and new datasets.
+
+Both completion sensors turn a finished job into one ``complete_training`` run for
+its style, whichever of them sees it first: a run already queued or done for
+the job (tag ``lora_pipeline/job``) or a version already settled in the registry
+means nothing is requested again. Each tick does bounded work and keeps a
+cursor, as Dagster advises, rather than asking for a longer tick timeout.
+"""
+
+
+from collections.abc import Iterable
+
+import hashlib
+
+import dagster as dg
+
+from lora_pipeline.dataset.versions import list_styles
+from lora_pipeline.defs.assets.training_dataset import INCOMING_PREFIX, SAMPLE_STYLE
+from lora_pipeline.defs.jobs import complete_training, train_lora
+from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
+from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.registry.jobids import base_job_id
+from lora_pipeline.registry.merge import find_version_by_job
+from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.registry.names import InvalidStyleName, validate_style
+from lora_pipeline.runpod.backend import JobStatus, RunPodUnavailable
+from lora_pipeline.runpod.poll import poll_jobs
+from lora_pipeline.storage import StoreUnavailable
+from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.training import job_run_key
+from lora_pipeline.webhook.inbox import list_inbox, mark_processed
+
+JOB_TAG = "lora_pipeline/job"
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.SUCCESS,
+]
+MAX_WEBHOOKS_PER_TICK = 200
+POLL_DEADLINE_S = 30.0
+POLL_WORKERS = 32
+
+
+def completion_request(style: str, status: JobStatus, *, source: str, inbox_key: str | None = None) -> dg.RunRequest:
+    """The run that records one finished job: keyed by job and status, so it happens once."""
+    return dg.RunRequest(
+        run_key=job_run_key(status.id, status.status),
+        partition_key=style,
+        tags={JOB_TAG: base_job_id(status.id), "lora_pipeline/source": source},
+        run_config={
+            "ops": {
+                "trained_lora": {
+                    "config": {
+                        "status_body": status.model_dump_json(),
+                        "source": source,
+                        "inbox_key": inbox_key,
+                    }
+                }
+            }
+        },
+    )
+
+
+def _run_exists(instance: dg.DagsterInstance, job_id: str) -> bool:
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(tags={JOB_TAG: base_job_id(job_id)}, statuses=ACTIVE_RUN_STATUSES),
+        limit=1,
+    )
+    return bool(records)
+
+
+def _settled(registry: RegistryStore, style: str, status: JobStatus) -> bool:
+    """Whether the registry already holds this outcome (nothing left to record)."""
+    document, _ = registry.read(style)
+    version = find_version_by_job(document, status.id)
+    if version is None:
+        return False
+    if version.status == VersionStatus.completed:
+        return True
+    return version.status == VersionStatus.failed and not status.succeeded
+
+
+def unfinished_jobs(registry: RegistryStore) -> dict[str, str]:
+    """Every unfinished job (id as RunPod returned it) → its style, from the registry index."""
+    index, _ = registry.read_index()
+    return {job.job_id: style for style, summary in index.styles.items() for job in summary.unfinished.values()}
+
+
+def _ensure_partitions(instance: dg.DagsterInstance, styles: Iterable[str]) -> None:
+    missing = [s for s in set(styles) if not instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, s)]
+    if missing:
+        instance.add_dynamic_partitions(STYLES_PARTITIONS_NAME, sorted(missing))
+
+
+@dg.sensor(
+    job=complete_training,
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Reads RunPod webhook files from the inbox and records finished jobs.",
+)
+def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+    store = storage.get_store()
+    registry = RegistryStore(store)
+    requests: list[dg.RunRequest] = []
+    notes: list[str] = []
+    try:
+        for item in list_inbox(store):
+            if len(requests) >= MAX_WEBHOOKS_PER_TICK:
+                break
+            if item.body is None:
+                notes.append(f"{item.key}: {item.problem}")
+                continue
+            status = JobStatus.model_validate(item.body)
+            style = registry.find_style_for_job(status.id) or _style_from_output(status)
+            if style is None:
+                notes.append(f"{item.key}: job {status.id} is not in the registry yet; kept for later")
+                continue
+            if _settled(registry, style, status):
+                mark_processed(store, item.key)
+                continue
+            if _run_exists(context.instance, status.id):
+                continue
+            requests.append(completion_request(style, status, source="webhook", inbox_key=item.key))
+    except StoreUnavailable as exc:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"object store unavailable: {exc}"))
+    for note in notes:
+        context.log.warning(note)
+    _ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
+    if not requests:
+        return dg.SensorResult(skip_reason=dg.SkipReason("no new webhook files" + (f" ({len(notes)} kept)" if notes else "")))
+    return dg.SensorResult(run_requests=requests)
+
+
+def _style_from_output(status: JobStatus) -> str | None:
+    """A webhook that beats its own submission to the registry still names its style in the output."""
+    output = status.output if isinstance(status.output, dict) else {}
+    try:
+        return validate_style(output["style"]) if isinstance(output.get("style"), str) else None
+    except InvalidStyleName:
+        return None
+
+
+@dg.sensor(
+    job=complete_training,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Polls the status of unfinished training jobs and records finished ones.",
+)
+def runpod_job_sensor(
+    context: dg.SensorEvaluationContext,
+    storage: StorageResource,
+    training_backend: TrainingBackendResource,
+) -> dg.SensorResult:
+    store = storage.get_store()
+    registry = RegistryStore(store)
+    try:
+        unfinished = unfinished_jobs(registry)
+    except StoreUnavailable as exc:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"object store unavailable: {exc}"))
+    if not unfinished:
+        return dg.SensorResult(skip_reason=dg.SkipReason("no unfinished jobs"))
+    backend = training_backend.get_backend(store)
+    try:
+        result = poll_jobs(backend, list(unfinished), max_workers=POLL_WORKERS, deadline_s=POLL_DEADLINE_S)
+    except RunPodUnavailable as exc:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"RunPod unavailable: {exc}"))
+    if result.unavailable:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"RunPod unavailable: {result.unavailable_reason}"))
+    requests = []
+    for job_id, status in result.terminal.items():
+        if not _run_exists(context.instance, job_id):
+            requests.append(completion_request(unfinished[job_id], status, source="poll"))
+    for job_id in result.not_found:
+        context.log.info(
+            f"job {job_id} ({unfinished[job_id]}) is unknown to the backend (result expired?); "
+            "reconcile_registry settles it from storage"
+        )
+    context.log.info(
+        f"polled {len(result.statuses)} of {len(unfinished)} unfinished jobs; "
+        f"{len(requests)} finished, {len(result.not_found)} unknown, {len(result.errors)} errors"
+    )
+    _ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
+    if not requests:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"{len(unfinished)} jobs still running"))
+    return dg.SensorResult(run_requests=requests)
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=["training_dataset"],
+    description="Adds a partition for every style found in the store (incoming/, datasets/, "
+    "registry) and ingests styles dropped under incoming/<style>/.",
+)
+def style_discovery_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+    store = storage.get_store()
+    try:
+        known = set(RegistryStore(store).styles())
+        known |= set(list_styles(store))
+        incoming = _incoming_fingerprints(store)
+    except StoreUnavailable as exc:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"object store unavailable: {exc}"))
+    styles = known | set(incoming) | {SAMPLE_STYLE}
+    new = sorted(s for s in styles if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, s))
+    requests = [
+        dg.RunRequest(run_key=f"incoming:{style}:{fingerprint}", partition_key=style)
+        for style, fingerprint in sorted(incoming.items())
+    ]
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(STYLES_PARTITIONS_NAME, new)] if new else [],
+        skip_reason=None if (requests or new) else dg.SkipReason("no new styles"),
+    )
+
+
+def _incoming_fingerprints(store) -> dict[str, str]:
+    """Per style under incoming/: a fingerprint of its files, so a change re-ingests it."""
+    digests: dict[str, hashlib._Hash] = {}
+    for info in store.list(INCOMING_PREFIX):
+        name = info.key[len(INCOMING_PREFIX):].split("/", 1)[0]
+        try:
+            validate_style(name)
+        except InvalidStyleName:
+            continue
+        digests.setdefault(name, hashlib.sha256()).update(f"{info.key}:{info.etag}\n".encode())
+    return {style: digest.hexdigest()[:16] for style, digest in digests.items()}
+
+
+@dg.sensor(
+    job=train_lora,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Turn on to train automatically: each new dataset version starts train_lora "
+    "for its style (once per dataset hash).",
+)
+def new_dataset_version_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    records = context.instance.fetch_materializations(
+        dg.AssetKey("training_dataset"), limit=100, cursor=context.cursor, ascending=True
+    )
+    requests = []
+    for record in records.records:
+        event = record.asset_materialization
+        if event is None or event.partition is None:
+            continue
+        dataset_hash = _metadata_text(event.metadata.get("dataset_hash"))
+        if dataset_hash:
+            requests.append(
+                dg.RunRequest(run_key=f"train:{event.partition}:{dataset_hash}", partition_key=event.partition)
+            )
+    return dg.SensorResult(run_requests=requests, cursor=records.cursor)
+
+
+def _metadata_text(value) -> str | None:
+    return None if value is None else str(getattr(value, "value", value))
+
+
+__all__ = [
+    "new_dataset_version_sensor",
+    "runpod_job_sensor",
+    "runpod_webhook_sensor",
+    "style_discovery_sensor",
+]

@@ -1,0 +1,120 @@
+"""The whole chain, headless, on the embedded defaults: what ``lora-pipeline demo`` runs.
+
+It uses the real Definitions (same assets, job, sensors and resources as the
+UI) in a temporary Dagster instance, and drives the sensors by hand instead of a
+daemon: dataset → train_lora → a completion sensor notices → complete_training.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dagster as dg
+
+from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
+from lora_pipeline.registry.models import RegistryDocument
+from lora_pipeline.storage.registry_io import RegistryStore
+
+
+class DemoStepFailed(RuntimeError):
+    """One step of the demo failed; ``step`` names it for the exit message."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"demo step '{step}' failed: {reason}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    style: str
+    job_id: str
+    document: RegistryDocument
+    seconds: float
+
+
+def run_demo(
+    style: str = "sample_style",
+    *,
+    timeout_s: float = 300.0,
+    poll_interval_s: float = 1.0,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """Materialize the dataset, train, let a sensor notice completion, record it."""
+    from lora_pipeline.definitions import defs
+
+    started = time.monotonic()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(STYLES_PARTITIONS_NAME, [style])
+
+        echo(f"[1/4] materializing training_dataset for {style}")
+        _check(
+            "training_dataset",
+            defs.resolve_implicit_global_asset_job_def().execute_in_process(
+                instance=instance,
+                partition_key=style,
+                asset_selection=[dg.AssetKey("training_dataset")],
+                raise_on_error=False,
+            ),
+        )
+
+        echo("[2/4] running train_lora (submits the job to the training backend)")
+        train = defs.resolve_job_def("train_lora").execute_in_process(
+            instance=instance,
+            partition_key=style,
+            run_config={"ops": {"submit_lora_training": {"config": {"wait_for_completion": False}}}},
+            raise_on_error=False,
+        )
+        _check("train_lora", train)
+        job_id = train.output_for_node("submit_lora_training")
+        echo(f"      job {job_id} submitted")
+
+        echo("[3/4] waiting for a completion sensor to notice the job")
+        request = _wait_for_completion_request(defs, instance, timeout_s, poll_interval_s, echo)
+
+        echo(f"[4/4] running complete_training (from {request.tags.get('lora_pipeline/source')})")
+        _check(
+            "complete_training",
+            defs.resolve_job_def("complete_training").execute_in_process(
+                instance=instance,
+                partition_key=request.partition_key,
+                run_config=request.run_config,
+                tags=request.tags,
+                raise_on_error=False,
+            ),
+        )
+        store = defs.resources["storage"].get_store()  # type: ignore[union-attr]
+        document, _ = RegistryStore(store).read(style)
+    return DemoResult(style, job_id, document, time.monotonic() - started)
+
+
+def _check(step: str, result: dg.ExecuteInProcessResult) -> None:
+    if result.success:
+        return
+    failures = [
+        event.event_specific_data.error.message.strip()  # type: ignore[union-attr]
+        for event in result.all_events
+        if event.is_step_failure and event.event_specific_data is not None
+    ]
+    raise DemoStepFailed(step, "; ".join(failures) or "run failed")
+
+
+def _wait_for_completion_request(defs, instance, timeout_s, poll_interval_s, echo) -> dg.RunRequest:
+    deadline = time.monotonic() + timeout_s
+    cursors: dict[str, str | None] = {}
+    resources = defs.resources
+    while time.monotonic() < deadline:
+        for name in ("runpod_webhook_sensor", "runpod_job_sensor"):
+            sensor = defs.resolve_sensor_def(name)
+            with dg.build_sensor_context(
+                instance=instance, cursor=cursors.get(name), resources=resources, definitions=defs
+            ) as context:
+                result = sensor(context)
+            cursors[name] = getattr(result, "cursor", None) or cursors.get(name)
+            requests = getattr(result, "run_requests", None) or []
+            if requests:
+                echo(f"      {name} requested a run for job {requests[0].tags.get('lora_pipeline/job')}")
+                return requests[0]
+        time.sleep(poll_interval_s)
+    raise DemoStepFailed("sensors", f"no completion noticed within {timeout_s:.0f}s")

@@ -1,0 +1,117 @@
+"""Evidence: every fact that can change a registry document, as plain values.
+
+Each path into the registry (a submission, a status poll, a webhook body, a file
+found in the store, a legacy record, the verdict on a job RunPod forgot) produces
+one of these and hands it to the one merge function. Times are timezone-aware
+datetimes; they are only used for createdAt/updatedAt/completedAt, never to
+decide which value wins (that is decided by content, so order does not matter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from lora_pipeline.registry.names import parse_version_name, validate_style
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A version was reserved (``job_id`` None) or submitted to RunPod (``job_id`` as returned)."""
+
+    style: str
+    version: str | int
+    request_id: str
+    job_id: str | None
+    dataset_hash: str
+    params: dict[str, Any]
+    at: datetime
+
+    @property
+    def version_number(self) -> int:
+        return _number(self.version)
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """What RunPod said about a job: a status body from a poll or a webhook.
+
+    It names no style or version: the merge finds the version by the job's base
+    UUID, and ignores a report for a job the document does not hold (the caller
+    keeps a webhook file in the inbox until it matches).
+    """
+
+    job_id: str
+    status: str  # RunPod's: IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, TIMED_OUT
+    output: dict[str, Any] | None
+    error: str | None
+    delay_time_ms: int | None
+    execution_time_ms: int | None
+    at: datetime
+    source: Literal["poll", "webhook"] = "poll"
+
+
+@dataclass(frozen=True)
+class StoredLora:
+    """A LoRA file in the store whose safetensors header parsed: proof of completion.
+
+    ``at`` should be the object's last-modified time, so the same file seen twice
+    is the same evidence. ``url`` is the store's stable URL (never a presigned one).
+    """
+
+    style: str
+    key: str
+    version_number: int
+    url: str | None
+    size: int
+    etag: str
+    metadata: dict[str, str]
+    at: datetime
+
+
+@dataclass(frozen=True)
+class RejectedLora:
+    """A ``.safetensors`` object for a version whose header did not parse (never proof)."""
+
+    style: str
+    key: str
+    etag: str
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class LegacyRecord:
+    """One version record of the legacy dashboard's ``training_versions.json``, as it was."""
+
+    style: str
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobExpired:
+    """The pipeline's verdict that a job ended without a LoRA: RunPod forgot it (404) and
+    no file appeared within the maximum job age, or it reported COMPLETED and no
+    readable file is in the store. Makes the version failed with ``reason``,
+    unless a valid file proves it completed."""
+
+    job_id: str
+    at: datetime
+    reason: str
+
+
+Evidence = Submission | JobReport | StoredLora | RejectedLora | LegacyRecord | JobExpired
+
+
+def _number(version: str | int) -> int:
+    number = version if isinstance(version, int) else parse_version_name(version)
+    if number is None or number < 1:
+        raise ValueError(f"invalid version {version!r}: expected V1, V2, … or a positive number")
+    return number
+
+
+def evidence_style(evidence: Evidence) -> str | None:
+    """The style a piece of evidence names, validated; None for job-only evidence."""
+    style = getattr(evidence, "style", None)
+    return validate_style(style) if style is not None else None

@@ -1,0 +1,334 @@
+"""The one merge function: every piece of evidence reaches a registry document here.
+
+The document is a join-semilattice: each piece of evidence becomes a version
+fragment, fragments that name the same version (same number, or same job by base
+UUID) fold into one, and each field keeps its most informative value by a fixed
+order (status by lifecycle rank, URL by rank, times by min/max, …), never by
+arrival. So merging is idempotent and order-independent, and a version, once
+seen, is never lost. DESIGN.md "Rules the merge function enforces" is the spec.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from lora_pipeline.registry.evidence import (
+    Evidence,
+    JobExpired,
+    JobReport,
+    LegacyRecord,
+    RejectedLora,
+    StoredLora,
+    Submission,
+)
+from lora_pipeline.registry.jobids import base_job_id, job_id_suffix
+from lora_pipeline.registry.models import (
+    LoraFile,
+    RegistryDocument,
+    RejectedFile,
+    Version,
+    VersionStatus,
+    to_millis,
+)
+from lora_pipeline.registry.urls import stable_url, url_sort_key
+
+# Which source's word wins between fragments of equal status: for a completion the
+# file in the store is the proof; for a failure RunPod's own error message says most.
+_SOURCE_PRIORITY: dict[VersionStatus, dict[str | None, int]] = {
+    VersionStatus.completed: {"reconcile": 5, "webhook": 4, "poll": 3, "submit": 2, "legacy": 1},
+    VersionStatus.failed: {"webhook": 5, "poll": 4, "legacy": 3, "submit": 2, "reconcile": 1},
+}
+_DEFAULT_PRIORITY: dict[str | None, int] = {"webhook": 5, "poll": 4, "submit": 3, "reconcile": 2, "legacy": 1}
+
+RUNPOD_STATUS_RANK = {"IN_QUEUE": 1, "IN_PROGRESS": 2, "CANCELLED": 3, "TIMED_OUT": 3, "FAILED": 3, "COMPLETED": 4}
+_RUNPOD_TO_STATUS = {"IN_QUEUE": VersionStatus.starting, "IN_PROGRESS": VersionStatus.training}
+_METADATA_VALUE_LIMIT = 256  # long header values (ss_tag_frequency…) stay in the file
+
+
+def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocument:
+    """``doc`` with ``evidence`` applied; pure, idempotent and order-independent.
+
+    Duplicates already in ``doc`` fold too, so ``merge(doc, [])`` normalises a
+    document read from a legacy file. A job report (or expiry) for a job that no
+    version holds is ignored: the caller keeps it (e.g. in the webhook inbox)
+    until a submission or import introduces the job.
+    """
+    folder = _Folder()
+    ledger = _FileLedger()
+    for version in doc.versions:
+        folder.add(version)
+        ledger.note(version.file)
+    for entry in (*doc.rejected_files, *doc.superseded_files):
+        ledger.note(entry)
+    job_only: list[Version] = []
+    for item in evidence:
+        style = getattr(item, "style", None)
+        if style is not None and style != doc.style:
+            raise ValueError(f"evidence for style {style!r} given to the document of {doc.style!r}")
+        if isinstance(item, RejectedLora):
+            ledger.note(RejectedFile(item.key, item.etag, item.reason, _ms(item.at)))
+            continue
+        fragment = fragment_of(item)
+        ledger.note(fragment.file)
+        if not folder.add(fragment):
+            job_only.append(fragment)
+    for fragment in job_only:  # after every fragment that could introduce their job
+        folder.add(fragment)
+    versions = tuple(sorted(folder.versions.values(), key=lambda v: v.number))
+    rejected, superseded = ledger.split(versions)
+    return replace(doc, versions=versions, rejected_files=rejected, superseded_files=superseded)
+
+
+class _FileLedger:
+    """The latest thing known about every LoRA object key: a valid file or a rejected one.
+
+    Versions keep one file each; a valid file that is no version's file (an older
+    spelling of the same version, a file of a folded duplicate) stays here as
+    "superseded", so every object the store lists stays accounted for and the
+    document remains a pure function of its evidence.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, LoraFile | RejectedFile] = {}
+
+    def note(self, entry: LoraFile | RejectedFile | None) -> None:
+        if entry is None:
+            return
+        current = self.entries.get(entry.key)
+        if current is None or entry.last_seen > current.last_seen:
+            self.entries[entry.key] = entry
+
+    def split(self, versions: tuple[Version, ...]) -> tuple[tuple[RejectedFile, ...], tuple[LoraFile, ...]]:
+        if not self.entries:
+            return (), ()
+        in_use = {(v.file.key, v.file.last_seen) for v in versions if v.file}
+        rejected, superseded = [], []
+        for key in sorted(self.entries):
+            entry = self.entries[key]
+            if isinstance(entry, RejectedFile):
+                rejected.append(entry)
+            elif (key, entry.last_seen) not in in_use:
+                superseded.append(entry)
+        return tuple(rejected), tuple(superseded)
+
+
+def find_version_by_job(doc: RegistryDocument, job_id: str) -> Version | None:
+    """The version that holds ``job_id``, compared by base UUID (suffixes aside)."""
+    base = base_job_id(job_id)
+    return next((v for v in doc.versions if base in v.job_bases), None)
+
+
+def next_version_number(doc: RegistryDocument) -> int:
+    """One past the highest version number the document knows (folded names included)."""
+    return max((n for v in doc.versions for n in v.numbers), default=0) + 1
+
+
+def fragment_of(item: Evidence) -> Version:
+    """The version fragment a piece of evidence asserts. Number 0 means "job only"."""
+    if isinstance(item, Submission):
+        at = _ms(item.at)
+        return Version(
+            number=item.version_number,
+            status=VersionStatus.starting if item.job_id else VersionStatus.pending,
+            source="submit",
+            job_ids=(item.job_id,) if item.job_id else (),
+            created_at=at,
+            updated_at=at,
+            start_time=at if item.job_id else None,
+            request_id=item.request_id,
+            dataset_hash=item.dataset_hash,
+            params=dict(item.params),
+        )
+    if isinstance(item, JobReport):
+        return _report_fragment(item)
+    if isinstance(item, StoredLora):
+        at = _ms(item.at)
+        metadata = {k: v for k, v in item.metadata.items() if len(v) <= _METADATA_VALUE_LIMIT}
+        return Version(
+            number=item.version_number,
+            status=VersionStatus.completed,
+            source="reconcile",
+            lora_url=stable_url(item.url),
+            file=LoraFile(item.key, item.size, item.etag, at, metadata),
+            created_at=at,
+            updated_at=at,
+            completed_at=at,
+            dataset_hash=metadata.get("lora_pipeline.dataset_hash"),
+        )
+    if isinstance(item, LegacyRecord):
+        return replace(Version.from_dict(item.raw, default_source="legacy"), source="legacy")
+    if isinstance(item, JobExpired):
+        return Version(
+            number=0,
+            status=VersionStatus.failed,
+            source="reconcile",
+            error=item.reason,
+            job_ids=(item.job_id,),
+            updated_at=_ms(item.at),
+        )
+    raise TypeError(f"not registry evidence: {item!r}")
+
+
+def _report_fragment(report: JobReport) -> Version:
+    runpod_status = report.status.strip().upper()
+    output = report.output if isinstance(report.output, Mapping) else {}
+    error = report.error or (str(output["error"]) if output.get("error") else None)
+    if runpod_status in ("FAILED", "CANCELLED", "TIMED_OUT"):
+        status, error = VersionStatus.failed, error or f"job ended {runpod_status}"
+    elif runpod_status == "COMPLETED":
+        # Completion counts only with the file: until a StoredLora proves it, the job
+        # is finished but the version is not completed (reconciliation checks the file).
+        status = VersionStatus.failed if error else VersionStatus.training
+    else:
+        status, error = _RUNPOD_TO_STATUS.get(runpod_status, VersionStatus.pending), None
+    training = {
+        name: output[key]
+        for name, key in (("steps", "steps"), ("finalLoss", "final_loss"), ("durationS", "duration_s"))
+        if output.get(key) is not None
+    }
+    return Version(
+        number=0,
+        status=status,
+        source=report.source,
+        error=error,
+        job_ids=(report.job_id,),
+        updated_at=_ms(report.at),
+        job_status=runpod_status,
+        dataset_hash=output.get("dataset_hash") if isinstance(output.get("dataset_hash"), str) else None,
+        training=training,
+        delay_time_ms=report.delay_time_ms,
+        execution_time_ms=report.execution_time_ms,
+    )
+
+
+class _Folder:
+    """Versions indexed by every number and job base they hold; adding folds matches."""
+
+    def __init__(self) -> None:
+        self.versions: dict[int, Version] = {}
+        self._by_number: dict[int, int] = {}
+        self._by_job: dict[str, int] = {}
+
+    def add(self, fragment: Version) -> bool:
+        """Fold ``fragment`` in; False when it names no number and matches no job."""
+        numbers = fragment.numbers if fragment.folded_names else (fragment.number,)
+        targets = {self._by_number[n] for n in numbers if n in self._by_number}
+        if fragment.job_ids:
+            targets.update(self._by_job[b] for b in fragment.job_bases if b in self._by_job)
+        if fragment.number == 0 and not targets:
+            return False
+        merged = fragment
+        for target in targets:
+            merged = join(self.versions.pop(target), merged)
+        if merged.number == 0:  # a job-only fragment took its number from its match
+            raise AssertionError("job-only fragment folded without a numbered version")
+        self.versions[merged.number] = merged
+        for n in merged.numbers if merged.folded_names else (merged.number,):
+            self._by_number[n] = merged.number
+        if merged.job_ids:
+            for b in merged.job_bases:
+                self._by_job[b] = merged.number
+        return True
+
+
+def join(a: Version, b: Version) -> Version:
+    """The least version that says everything ``a`` and ``b`` say (commutative, associative,
+    idempotent): the heart of order-independence."""
+    if a == b:
+        return a
+    numbers = {n for n in (*a.numbers, *b.numbers) if n > 0}
+    number = min(numbers)
+    top = max(a, b, key=_status_order)
+    return Version(
+        number=number,
+        status=top.status,
+        source=top.source,
+        error=None if top.status is VersionStatus.completed else top.error,
+        job_ids=_join_job_ids(a.job_ids, b.job_ids),
+        lora_url=a.lora_url if a.lora_url == b.lora_url else max(a.lora_url, b.lora_url, key=url_sort_key),
+        file=_max_present(a.file, b.file, key=_file_order),
+        created_at=_min_present(a.created_at, b.created_at),
+        updated_at=_max_present(a.updated_at, b.updated_at),
+        completed_at=_min_present(a.completed_at, b.completed_at),
+        job_status=_max_present(a.job_status, b.job_status, key=_runpod_order),
+        request_id=_max_present(a.request_id, b.request_id),
+        dataset_hash=_max_present(a.dataset_hash, b.dataset_hash),
+        params=_max_present(a.params, b.params, key=_canonical),
+        training=_join_mapping(a.training, b.training),
+        delay_time_ms=_max_present(a.delay_time_ms, b.delay_time_ms),
+        execution_time_ms=_max_present(a.execution_time_ms, b.execution_time_ms),
+        start_time=_min_present(a.start_time, b.start_time),
+        estimated_duration=_max_present(a.estimated_duration, b.estimated_duration),
+        folded_names=tuple(sorted(numbers - {number})),
+        extra=_join_mapping(a.extra, b.extra),
+    )
+
+
+def _status_order(v: Version) -> tuple[int, int, str, str]:
+    priority = _SOURCE_PRIORITY.get(v.status, _DEFAULT_PRIORITY).get(v.source, 0)
+    return (v.status.rank, priority, v.source or "", v.error or "")
+
+
+def _join_job_ids(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    """One id per base UUID, spelled as RunPod returned it (a suffixed id beats a bare one)."""
+    best: dict[str, str] = {}
+    for job_id in (*a, *b):
+        base = base_job_id(job_id)
+        current = best.get(base)
+        if current is None or _id_order(job_id) > _id_order(current):
+            best[base] = job_id
+    return tuple(best[base] for base in sorted(best))
+
+
+def _id_order(job_id: str) -> tuple[bool, str]:
+    return (job_id_suffix(job_id) is not None, job_id)
+
+
+def _file_order(f: LoraFile) -> tuple[int, str, str, int]:
+    return (f.last_modified, f.key, f.etag, f.size)
+
+
+def _runpod_order(status: str) -> tuple[int, str]:
+    return (RUNPOD_STATUS_RANK.get(status, 0), status)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _max_present(a: Any, b: Any, key: Any = None) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b, key=key) if key else max(a, b)
+
+
+def _min_present(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _join_mapping(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Key-wise: a present value beats None; between two, the canonical-JSON maximum."""
+    if a == b or not b:
+        return dict(a)
+    if not a:
+        return dict(b)
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _max_present(out.get(key), value, key=_canonical)
+    return out
+
+
+def _ms(at: datetime) -> int:
+    value = to_millis(at)
+    assert value is not None
+    return value

@@ -1,0 +1,426 @@
+"""The registry document: one ``training_versions.json`` per style.
+
+A superset of the legacy dashboard's file, so that dashboard can still read it:
+``versions[].id``, ``name``, ``status``, ``loraUrl`` and ``currentTraining`` keep
+their names and meaning (camelCase, times in epoch milliseconds), and keys we do
+not know are carried through untouched. Everything here is data and its JSON
+form; how documents combine is merge.py's job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from lora_pipeline.registry.jobids import base_job_id
+from lora_pipeline.registry.names import parse_version_name, validate_style, version_name
+from lora_pipeline.registry.urls import stable_url
+
+SCHEMA_VERSION = 1
+
+
+class VersionStatus(str, Enum):
+    """pending → starting → training → completed | failed; completed is sticky."""
+
+    pending = "pending"  # reserved, not yet submitted
+    starting = "starting"  # submitted, queued at RunPod
+    training = "training"  # running (or finished, its file not yet verified)
+    failed = "failed"
+    completed = "completed"  # its LoRA file is in the store (or the legacy record said so)
+
+    @property
+    def rank(self) -> int:
+        """Position in the lifecycle; the merge keeps the highest. Completed outranks failed
+        because a valid file is proof, whatever a late failure report says."""
+        return _STATUS_RANK[self]
+
+    @property
+    def finished(self) -> bool:
+        return self in (VersionStatus.completed, VersionStatus.failed)
+
+
+_STATUS_RANK = {s: i for i, s in enumerate(VersionStatus)}
+UNFINISHED_STATUSES = frozenset({VersionStatus.pending, VersionStatus.starting, VersionStatus.training})
+
+SOURCES = ("submit", "webhook", "poll", "reconcile", "legacy")
+
+
+class InvalidRecord(ValueError):
+    """A version record that cannot be read (no usable name, bad status…); names the problem."""
+
+
+def to_millis(value: Any) -> int | None:
+    """Epoch milliseconds from an int/float (ms), an ISO-8601 string, or a datetime."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, (int, float)):
+        return int(value)
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        if text.isdigit():
+            return int(text)
+        try:
+            return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x, and the merge builds one per file
+class LoraFile:
+    """The verified LoRA file of a version: key, size, ETag, last-modified time (ms) and the
+    short ``__metadata__`` entries of its header (training facts, provenance)."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def last_seen(self) -> tuple[int, str, int, str]:
+        """Order among entries for one key (see RejectedFile.last_seen)."""
+        return (self.last_modified, self.etag, 1, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "key": self.key, "size": self.size, "etag": self.etag, "lastModified": self.last_modified
+        }
+        if self.metadata:
+            out["metadata"] = self.metadata
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> LoraFile | None:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("key"), str):
+            return None
+        metadata = raw.get("metadata") if isinstance(raw.get("metadata"), Mapping) else {}
+        return cls(
+            key=raw["key"],
+            size=int(raw.get("size") or 0),
+            etag=str(raw.get("etag") or ""),
+            last_modified=to_millis(raw.get("lastModified")) or 0,
+            metadata={str(k): str(v) for k, v in metadata.items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedFile:
+    """A ``.safetensors`` object whose header does not parse: recorded so it is not re-read
+    on every reconciliation, and so an operator sees it."""
+
+    @property
+    def last_seen(self) -> tuple[int, str, int, str]:
+        """Order among entries for one key: newer upload first, a valid file over a broken one."""
+        return (self.last_modified, self.etag, 0, self.reason)
+
+
+    key: str
+    etag: str
+    reason: str
+    last_modified: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "etag": self.etag, "reason": self.reason, "lastModified": self.last_modified}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RejectedFile | None:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("key"), str):
+            return None
+        return cls(raw["key"], str(raw.get("etag") or ""), str(raw.get("reason") or ""),
+                   to_millis(raw.get("lastModified")) or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentTraining:
+    """The legacy dashboard's ``currentTraining`` block, derived from the versions."""
+
+    job_id: str
+    start_time: int | None
+    estimated_duration: int | None
+    status: VersionStatus
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "jobId": self.job_id,
+            "startTime": self.start_time,
+            "estimatedDuration": self.estimated_duration,
+            "status": self.status.value,
+        }
+
+
+# JSON keys the Version knows; anything else in a record is kept in ``extra``.
+_KNOWN_KEYS = frozenset({
+    "id", "name", "status", "loraUrl", "s3Key", "createdAt", "updatedAt", "completedAt", "error",
+    "source", "jobIds", "jobStatus", "requestId", "datasetHash", "params", "training", "file",
+    "delayTimeMs", "executionTimeMs", "startTime", "estimatedDuration", "foldedNames",
+})
+
+_LEGACY_STATUS = {
+    "pending": VersionStatus.pending, "queued": VersionStatus.starting, "starting": VersionStatus.starting,
+    "in_queue": VersionStatus.starting, "training": VersionStatus.training, "running": VersionStatus.training,
+    "in_progress": VersionStatus.training, "completed": VersionStatus.completed,
+    "failed": VersionStatus.failed, "cancelled": VersionStatus.failed, "timed_out": VersionStatus.failed,
+}
+
+
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x, and the merge builds one per file
+class Version:
+    """One LoRA version of a style, with everything the evidence said about it.
+
+    ``job_ids`` holds every RunPod id seen for the version (one per base UUID, in
+    the most informative spelling: the suffixed one RunPod returned); ``id`` is
+    the first. ``folded_names`` are other version numbers that turned out to be
+    the same version (same job) and were folded into this one.
+
+    Treat it as immutable (``dataclasses.replace`` makes a changed copy); it is
+    not frozen only because a frozen ``__init__`` is three times slower and a
+    reconciliation builds one per file.
+    """
+
+    number: int
+    status: VersionStatus = VersionStatus.pending
+    source: str | None = None
+    error: str | None = None
+    job_ids: tuple[str, ...] = ()
+    lora_url: str | None = None
+    file: LoraFile | None = None
+    created_at: int | None = None
+    updated_at: int | None = None
+    completed_at: int | None = None
+    job_status: str | None = None
+    request_id: str | None = None
+    dataset_hash: str | None = None
+    params: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    delay_time_ms: int | None = None
+    execution_time_ms: int | None = None
+    start_time: int | None = None
+    estimated_duration: int | None = None
+    folded_names: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return version_name(self.number)
+
+    @property
+    def id(self) -> str | None:
+        """The job id as RunPod returned it (legacy key ``id``)."""
+        return self.job_ids[0] if self.job_ids else None
+
+    @property
+    def s3_key(self) -> str | None:
+        return self.file.key if self.file else None
+
+    @property
+    def job_bases(self) -> frozenset[str]:
+        return frozenset(base_job_id(j) for j in self.job_ids)
+
+    @property
+    def numbers(self) -> tuple[int, ...]:
+        return (self.number, *self.folded_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status.value,
+            "loraUrl": self.lora_url,
+            "s3Key": self.s3_key,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+            "completedAt": self.completed_at,
+            "error": self.error,
+            "source": self.source,
+            "jobIds": list(self.job_ids),
+        }
+        optional = {
+            "jobStatus": self.job_status,
+            "requestId": self.request_id,
+            "datasetHash": self.dataset_hash,
+            "params": self.params,
+            "training": self.training or None,
+            "file": self.file.to_dict() if self.file else None,
+            "delayTimeMs": self.delay_time_ms,
+            "executionTimeMs": self.execution_time_ms,
+            "startTime": self.start_time,
+            "estimatedDuration": self.estimated_duration,
+            "foldedNames": [version_name(n) for n in self.folded_names] or None,
+        }
+        out.update((k, v) for k, v in optional.items() if v is not None)
+        out.update((k, v) for k, v in self.extra.items() if k not in out)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, default_source: str | None = None) -> Version:
+        """Read a record in our schema or the legacy one. Raises InvalidRecord.
+
+        Presigned URLs are reduced to their stable form; unknown keys go to ``extra``.
+        """
+        if not isinstance(raw, Mapping):
+            raise InvalidRecord(f"a version record must be an object, got {type(raw).__name__}")
+        number = parse_version_name(raw.get("name")) if isinstance(raw.get("name"), str) else None
+        if number is None or number < 1:
+            raise InvalidRecord(f"version record has no usable name (got {raw.get('name')!r}; expected V1, V2, …)")
+        status_text = raw.get("status")
+        status = _LEGACY_STATUS.get(str(status_text).strip().lower()) if status_text is not None else None
+        if status is None:
+            raise InvalidRecord(f"version {raw.get('name')}: unknown status {status_text!r}")
+        job_ids = [j for j in raw.get("jobIds") or [] if isinstance(j, str) and j.strip()]
+        if isinstance(raw.get("id"), str) and raw["id"].strip():
+            job_ids.insert(0, raw["id"].strip())
+        folded = tuple(
+            n for n in (parse_version_name(x) for x in raw.get("foldedNames") or [] if isinstance(x, str))
+            if n and n != number
+        )
+        source = raw.get("source") if raw.get("source") in SOURCES else default_source
+        training = raw.get("training") if isinstance(raw.get("training"), Mapping) else {}
+        params = raw.get("params") if isinstance(raw.get("params"), Mapping) else None
+        return cls(
+            number=number,
+            status=status,
+            source=source,
+            error=str(raw["error"]) if raw.get("error") not in (None, "") else None,
+            job_ids=tuple(dict.fromkeys(job_ids)),
+            lora_url=stable_url(raw.get("loraUrl")),
+            file=LoraFile.from_dict(raw.get("file")),
+            created_at=to_millis(raw.get("createdAt")),
+            updated_at=to_millis(raw.get("updatedAt")),
+            completed_at=to_millis(raw.get("completedAt")),
+            job_status=str(raw["jobStatus"]).upper() if raw.get("jobStatus") else None,
+            request_id=str(raw["requestId"]) if raw.get("requestId") else None,
+            dataset_hash=str(raw["datasetHash"]) if raw.get("datasetHash") else None,
+            params=dict(params) if params is not None else None,
+            training=dict(training),
+            delay_time_ms=to_millis(raw.get("delayTimeMs")),
+            execution_time_ms=to_millis(raw.get("executionTimeMs")),
+            start_time=to_millis(raw.get("startTime")),
+            estimated_duration=to_millis(raw.get("estimatedDuration")),
+            folded_names=tuple(sorted(set(folded))),
+            extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
+        )
+
+
+_DOC_KNOWN_KEYS = frozenset({"schemaVersion", "style", "revision", "versions", "currentTraining", "rejectedFiles",
+                             "supersededFiles"})
+
+
+@dataclass(frozen=True)
+class RegistryDocument:
+    """A style's versions as stored. ``revision`` counts writes (set by RegistryStore,
+    never by the merge) so the derived index can tell a newer summary from an older one.
+
+    A document read from storage may hold duplicates (a legacy file did);
+    ``merge(doc, [])`` folds them.
+    """
+
+    style: str
+    versions: tuple[Version, ...] = ()
+    rejected_files: tuple[RejectedFile, ...] = ()
+    superseded_files: tuple[LoraFile, ...] = ()  # valid files that are no version's file
+    extra: dict[str, Any] = field(default_factory=dict)
+    revision: int = 0
+    legacy: bool = field(default=False, compare=False)  # read from a file without schemaVersion
+
+    def __post_init__(self) -> None:
+        validate_style(self.style)
+
+    @property
+    def current_training(self) -> CurrentTraining | None:
+        """The newest unfinished version with a job, else the newest version with a job."""
+        with_job = [v for v in self.versions if v.id]
+        if not with_job:
+            return None
+        unfinished = [v for v in with_job if v.status in UNFINISHED_STATUSES]
+        latest = max(unfinished or with_job, key=lambda v: v.number)
+        return CurrentTraining(
+            job_id=latest.id or "",
+            start_time=latest.start_time if latest.start_time is not None else latest.created_at,
+            estimated_duration=latest.estimated_duration,
+            status=latest.status,
+        )
+
+    def version(self, name: str | int) -> Version | None:
+        """The version named ``V4``/``v4``/``vV4`` (or numbered 4), folded names included."""
+        number = name if isinstance(name, int) else parse_version_name(name)
+        return next((v for v in self.versions if number in v.numbers), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        current = self.current_training
+        out: dict[str, Any] = {
+            "schemaVersion": SCHEMA_VERSION,
+            "style": self.style,
+            "revision": self.revision,
+            "versions": [v.to_dict() for v in self.versions],
+            "currentTraining": current.to_dict() if current else None,
+        }
+        if self.rejected_files:
+            out["rejectedFiles"] = [r.to_dict() for r in self.rejected_files]
+        if self.superseded_files:
+            out["supersededFiles"] = [f.to_dict() for f in self.superseded_files]
+        out.update((k, v) for k, v in self.extra.items() if k not in out)
+        return out
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes, style: str) -> RegistryDocument:
+        """Parse our schema or the legacy one, keeping records as stored (duplicates included).
+
+        Raises InvalidRecord when the file is not JSON, not an object, or a record is unreadable.
+        """
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRecord(f"registry document of {style!r} is not JSON: {exc}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("versions", []), list):
+            raise InvalidRecord(f"registry document of {style!r} must be an object with a 'versions' list")
+        legacy = "schemaVersion" not in raw
+        source = "legacy" if legacy else None
+        records = legacy_version_records(raw) if legacy else raw.get("versions", [])
+        versions = tuple(Version.from_dict(v, default_source=source) for v in records)
+        rejected = tuple(r for r in map(RejectedFile.from_dict, raw.get("rejectedFiles") or []) if r)
+        superseded = tuple(f for f in map(LoraFile.from_dict, raw.get("supersededFiles") or []) if f)
+        return cls(
+            style=style,
+            versions=versions,
+            rejected_files=rejected,
+            superseded_files=superseded,
+            extra={k: v for k, v in raw.items() if k not in _DOC_KNOWN_KEYS},
+            revision=int(raw.get("revision") or 0),
+            legacy=legacy,
+        )
+
+
+def legacy_version_records(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A legacy document's version records, each a copy, with the document-level
+    ``currentTraining`` timing attached to the record of the same job.
+
+    The legacy file kept start time and estimated duration only in
+    ``currentTraining``; attaching them to the version keeps them once a newer
+    version becomes the current one. The input is never modified.
+    """
+    current = raw.get("currentTraining")
+    job = current.get("jobId") if isinstance(current, Mapping) else None
+    records = []
+    for record in raw.get("versions") or []:
+        if not isinstance(record, Mapping):
+            records.append(record)
+            continue
+        record = dict(record)
+        if isinstance(job, str) and isinstance(record.get("id"), str) and (
+            base_job_id(record["id"]) == base_job_id(job)
+        ):
+            for key in ("startTime", "estimatedDuration"):
+                if record.get(key) is None and current.get(key) is not None:
+                    record[key] = current[key]
+        records.append(record)
+    return records

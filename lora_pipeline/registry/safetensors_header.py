@@ -1,0 +1,154 @@
+"""Reading a LoRA file's safetensors header without downloading the file.
+
+A file counts as a LoRA only if its header parses (DESIGN.md): a truncated upload
+or a stray text file must never make a version completed. The header is at the
+front (8-byte little-endian length, then JSON), so one ranged read of the first
+64 KiB answers for almost every LoRA; a larger header takes one more ranged read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_pipeline.storage.base import ObjectNotFound, ObjectStore
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+FIRST_READ_BYTES = 64 * 1024
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+class InvalidLoraFile(ValueError):
+    """The object is not a readable safetensors file; the message names the key and why."""
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """What a header says: the tensors, the ``__metadata__`` strings and the expected size."""
+
+    header_size: int
+    tensors: dict[str, dict[str, Any]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_size(self) -> int:
+        return max((t["data_offsets"][1] for t in self.tensors.values()), default=0)
+
+    @property
+    def file_size(self) -> int:
+        """The size a complete file with this header has."""
+        return 8 + self.header_size + self.data_size
+
+
+def header_length(prefix: bytes) -> int:
+    """The header length in the first 8 bytes; raises InvalidLoraFile if implausible."""
+    if len(prefix) < 8:
+        raise InvalidLoraFile(f"file is {len(prefix)} bytes, shorter than the 8-byte header length")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length < 2 or length > MAX_HEADER_BYTES:
+        raise InvalidLoraFile(f"header length {length} is outside 2..{MAX_HEADER_BYTES} bytes")
+    return length
+
+
+def parse_header(data: bytes) -> dict[str, Any]:
+    """The decoded header of a file starting with ``data`` (length prefix + JSON).
+
+    Validates the structure the way the safetensors loader does (dtypes, shapes,
+    contiguous data offsets) so a file accepted here also loads.
+    """
+    length = header_length(data)
+    raw = data[8 : 8 + length]
+    if len(raw) < length:
+        raise InvalidLoraFile(f"header is truncated: {len(raw)} of {length} bytes present")
+    try:
+        header = json.loads(raw.decode("utf-8").rstrip(" "))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidLoraFile(f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidLoraFile(f"header must be a JSON object, got {type(header).__name__}")
+    _validate(header)
+    return header
+
+
+def _validate(header: dict[str, Any]) -> None:
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidLoraFile("__metadata__ must map strings to strings")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise InvalidLoraFile(f"tensor {name!r}: entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPE_BYTES:
+            raise InvalidLoraFile(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise InvalidLoraFile(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+        if (
+            not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise InvalidLoraFile(f"tensor {name!r}: data_offsets {offsets!r} are invalid")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise InvalidLoraFile(f"tensor {name!r}: data_offsets do not match dtype × shape")
+        spans.append((offsets[0], offsets[1]))
+    if not spans:
+        raise InvalidLoraFile("the file holds no tensors")
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise InvalidLoraFile("tensor data is not contiguous (gap or overlap in data_offsets)")
+        position = end
+
+
+def read_header(store: ObjectStore, key: str, *, size: int | None = None) -> SafetensorsHeader:
+    """Read and validate ``key``'s header with ranged reads, never the whole file.
+
+    ``size`` (from a listing) saves a HEAD request; the file's size must match
+    what the header promises, so a truncated upload is refused.
+    """
+    try:
+        prefix = store.get_range(key, 0, FIRST_READ_BYTES)
+        length = header_length(prefix)
+        if len(prefix) < 8 + length and len(prefix) == FIRST_READ_BYTES:
+            prefix += store.get_range(key, len(prefix), 8 + length - len(prefix))
+        header = parse_header(prefix)
+        parsed = SafetensorsHeader(
+            header_size=length,
+            tensors={k: v for k, v in header.items() if k != "__metadata__"},
+            metadata=dict(header.get("__metadata__", {})),
+        )
+        if size is None:
+            info = store.head(key)
+            if info is None:
+                raise ObjectNotFound(key)
+            size = info.size
+        if size != parsed.file_size:
+            raise InvalidLoraFile(
+                f"file is {size} bytes but its header describes {parsed.file_size} (truncated upload?)"
+            )
+    except InvalidLoraFile as exc:
+        raise InvalidLoraFile(f"{key}: not a valid safetensors LoRA: {exc}") from None
+    except ObjectNotFound:
+        raise InvalidLoraFile(f"{key}: no such file in the store") from None
+    return parsed
+
+
+def is_readable_lora(store: ObjectStore, key: str) -> bool:
+    """Whether ``key`` is a complete safetensors file (for the "completed without a readable
+    file" asset check: ``completed_without_readable_file(doc, partial(is_readable_lora, store))``)."""
+    try:
+        read_header(store, key)
+    except InvalidLoraFile:
+        return False
+    return True

@@ -1,0 +1,241 @@
+"""What every training backend (RunPod, local) promises: statuses, policies, errors.
+
+The training op and the sensors talk to this interface only, so the local backend
+(the laptop default) and RunPod Serverless are interchangeable, and the status body
+has one shape everywhere: RunPod's own (`id`, `status`, `delayTime`,
+`executionTime`, `output`, `error`), whether it came from a poll, a webhook file or
+the local job state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from lora_pipeline.registry.jobids import base_job_id
+from lora_pipeline.worker.schema import TrainingRequest
+
+RunPodStatus = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
+
+KNOWN_STATUSES: frozenset[str] = frozenset(
+    {"IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+)
+TERMINAL_STATUSES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
+
+
+class RunPodError(Exception):
+    """Base class of every training-backend failure, so callers can catch one type."""
+
+
+class JobNotFound(RunPodError, KeyError):
+    """The backend does not know the job: never existed, or its result expired.
+
+    RunPod keeps a ``/run`` result 30 minutes after completion and then answers 404
+    (the legacy notes saw it as "redis err: client is nil"); the registry must then
+    be settled from the object store instead (reconciliation).
+    """
+
+    def __init__(self, job_id: str, detail: str = "") -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+        self.detail = detail
+
+    def __str__(self) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        return (
+            f"RunPod job {self.job_id!r} is unknown or its result has expired{extra}; "
+            "results of /run jobs are kept 30 minutes after completion"
+        )
+
+
+class RunPodAuthError(RunPodError):
+    """RunPod refused the API key (401/403): the fix is RUNPOD_API_KEY, not a retry."""
+
+
+class RunPodUnavailable(RunPodError):
+    """RunPod cannot be reached or keeps failing; the circuit breaker may be open.
+
+    Sensors catch this and skip the tick: nothing is lost, the next tick (or
+    reconciliation) picks the jobs up again.
+    """
+
+
+class RunPodRateLimited(RunPodError):
+    """RunPod kept answering 429 after every retry: try again on the next tick."""
+
+
+class RunPodRequestError(RunPodError):
+    """RunPod refused the request itself (400/422…): retrying the same call will not help."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class JobStatus(BaseModel):
+    """RunPod's status body, as ``/status``, ``/run`` and the webhook POST carry it.
+
+    Extra keys (``workerId``, ``retries`` …) are kept, so a body can be stored and
+    re-read without loss. ``error`` is normalised to a string because RunPod
+    sometimes sends a JSON-encoded dict there.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    status: str
+    delayTime: int | None = None
+    executionTime: int | None = None
+    output: Any = None
+    error: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not value or not value.strip():
+            raise ValueError("job id must not be empty")
+        return value
+
+    @field_validator("status")
+    @classmethod
+    def _status(cls, value: str) -> str:
+        return value.strip().upper()
+
+    @field_validator("error", mode="before")
+    @classmethod
+    def _error(cls, value: Any) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        return json.dumps(value, sort_keys=True)
+
+    @field_validator("delayTime", "executionTime", mode="before")
+    @classmethod
+    def _millis(cls, value: Any) -> int | None:
+        return None if value is None else int(value)
+
+    @property
+    def base_id(self) -> str:
+        """The id without its ``-u1``/``-e2`` suffix: what matching uses."""
+        return base_job_id(self.id)
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether RunPod will not change this job's status again (short of a retry)."""
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def succeeded(self) -> bool:
+        """COMPLETED with an output that is not an error dict.
+
+        RunPod may report COMPLETED for a handler that returned ``{"error": …}`` or
+        nothing at all; neither is a success. (Even a success counts only once the
+        LoRA file is in the store; that check belongs to the caller.)
+        """
+        if self.status != "COMPLETED" or self.error:
+            return False
+        if not isinstance(self.output, dict) or not self.output:
+            return False
+        return "error" not in self.output
+
+    def failure_message(self) -> str | None:
+        """Why the job did not succeed, or None when it did or is still running."""
+        if self.succeeded or not self.is_terminal:
+            return None
+        if self.error:
+            return self.error
+        if isinstance(self.output, dict) and "error" in self.output:
+            return str(self.output["error"])
+        if self.status == "COMPLETED":
+            return "job completed without an output (the worker returned nothing)"
+        return f"job ended {self.status}"
+
+    def to_body(self) -> dict[str, Any]:
+        """The status body as RunPod sends it (keys with None values dropped)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+MIN_EXECUTION_TIMEOUT_MS = 5_000
+MAX_POLICY_MS = 7 * 24 * 3600 * 1000
+DEFAULT_EXECUTION_TIMEOUT_MS = 600_000
+DEFAULT_TTL_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    """A job's RunPod ``policy``: how long it may run, and how long it may live.
+
+    RunPod's default ``executionTimeout`` kills a job after 10 minutes; LoRA
+    training runs for hours, so the op sizes both values from the planned training
+    (``from_training``) instead of trusting the endpoint's default.
+    """
+
+    execution_timeout_ms: int = DEFAULT_EXECUTION_TIMEOUT_MS
+    ttl_ms: int = DEFAULT_TTL_MS
+
+    def __post_init__(self) -> None:
+        if not MIN_EXECUTION_TIMEOUT_MS <= self.execution_timeout_ms <= MAX_POLICY_MS:
+            raise ValueError(
+                f"execution_timeout_ms must be between {MIN_EXECUTION_TIMEOUT_MS} and "
+                f"{MAX_POLICY_MS} (RunPod's limits), got {self.execution_timeout_ms}"
+            )
+        if not self.execution_timeout_ms <= self.ttl_ms <= MAX_POLICY_MS:
+            raise ValueError(
+                f"ttl_ms must cover the execution timeout ({self.execution_timeout_ms}) and be "
+                f"at most {MAX_POLICY_MS}, got {self.ttl_ms}"
+            )
+
+    @classmethod
+    def from_training(
+        cls,
+        max_train_steps: int,
+        *,
+        seconds_per_step: float = 1.5,
+        setup_s: float = 900.0,
+        safety_factor: float = 2.0,
+        queue_allowance_s: float = 24 * 3600.0,
+    ) -> ExecutionPolicy:
+        """Size the policy from the planned training.
+
+        ``execution = (setup + steps × seconds_per_step) × safety_factor``, where
+        setup covers model and dataset download, latent caching and the upload;
+        ``ttl = execution + queue_allowance`` because RunPod counts a job's TTL from
+        submission, queue time included. Both are clamped to RunPod's limits
+        (executionTimeout ≥ 5 s, both ≤ 7 days).
+        """
+        if max_train_steps < 1:
+            raise ValueError(f"max_train_steps must be at least 1, got {max_train_steps}")
+        if seconds_per_step <= 0 or setup_s < 0 or safety_factor < 1 or queue_allowance_s < 0:
+            raise ValueError(
+                "seconds_per_step must be > 0, setup_s and queue_allowance_s >= 0, "
+                "safety_factor >= 1"
+            )
+        execution_s = (setup_s + max_train_steps * seconds_per_step) * safety_factor
+        execution_ms = int(min(max(execution_s * 1000, MIN_EXECUTION_TIMEOUT_MS), MAX_POLICY_MS))
+        ttl_ms = int(min(execution_ms + queue_allowance_s * 1000, MAX_POLICY_MS))
+        return cls(execution_timeout_ms=execution_ms, ttl_ms=ttl_ms)
+
+    def to_api(self) -> dict[str, int]:
+        """The ``policy`` object of a ``/run`` body."""
+        return {"executionTimeout": self.execution_timeout_ms, "ttl": self.ttl_ms}
+
+
+@runtime_checkable
+class TrainingBackend(Protocol):
+    """Where training jobs run: RunPod Serverless, or this machine."""
+
+    def submit(
+        self, request: TrainingRequest, *, webhook_url: str | None, policy: ExecutionPolicy
+    ) -> str:
+        """Queue a training job; return its id exactly as the backend returned it."""
+        ...
+
+    def status(self, job_id: str) -> JobStatus:
+        """The job's current status body. Raises JobNotFound when unknown or expired."""
+        ...
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel the job (a no-op for a finished one) and return its status."""
+        ...

@@ -1,0 +1,151 @@
+"""Small documents updated by several writers at once, without lost updates.
+
+The legacy dashboard saved process status with a plain PUT: two workers reading
+the same document and writing back their own change meant one change vanished.
+Every shared document here (job state, and the registry through registry_io) is
+updated with an optimistic loop: read it with its ETag, apply a function, write
+with If-Match (If-None-Match for a new document); if another writer got there
+first the write fails with PreconditionFailed and the loop starts again from the
+new content. The function must therefore be safe to apply to any newer version
+of the document (a merge, not a blind overwrite).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lora_pipeline.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, StoredObject
+from lora_pipeline.storage.keys import JOBS
+
+JSON = "application/json"
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class TooManyConflicts(StorageError):
+    """An optimistic update lost the race more often than its attempt limit allows."""
+
+
+def read_object(store: ObjectStore, key: str) -> StoredObject | None:
+    try:
+        return store.get(key)
+    except ObjectNotFound:
+        return None
+
+
+def update_object(
+    store: ObjectStore,
+    key: str,
+    fn: Callable[[StoredObject | None], bytes | None],
+    *,
+    max_attempts: int = 50,
+    content_type: str | None = None,
+    backoff: float = 0.02,
+) -> StoredObject | None:
+    """Apply ``fn`` to the object's current bytes and write the result conditionally.
+
+    ``fn`` gets the current StoredObject (None if absent) and returns the new
+    bytes, or None to leave the object as it is. Returns what is stored
+    afterwards. Raises TooManyConflicts after ``max_attempts`` lost races.
+    """
+    for attempt in range(max_attempts):
+        current = read_object(store, key)
+        new = fn(current)
+        if new is None or (current is not None and new == current.data):
+            return current
+        try:
+            if current is None:
+                etag = store.put(key, new, if_none_match=True, content_type=content_type)
+            else:
+                etag = store.put(key, new, if_match=current.etag, content_type=content_type)
+        except PreconditionFailed:
+            # Someone else wrote first: back off a little (jittered) and redo from their version.
+            time.sleep(random.uniform(0, backoff * min(2**attempt, 32)))
+            continue
+        return StoredObject(key=key, data=new, etag=etag)
+    raise TooManyConflicts(f"gave up updating {key!r} after {max_attempts} conflicting writes")
+
+
+def dump_json(doc: Any) -> bytes:
+    """Stable JSON bytes (sorted keys), so an unchanged document is byte-identical."""
+    return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+
+
+def read_json(store: ObjectStore, key: str) -> tuple[Any, str | None]:
+    """(document, etag), or (None, None) when the key does not exist."""
+    current = read_object(store, key)
+    if current is None:
+        return None, None
+    return _load(current), current.etag
+
+
+def _load(stored: StoredObject) -> Any:
+    try:
+        return json.loads(stored.data)
+    except ValueError as exc:
+        raise StorageError(f"{stored.key!r} is not valid JSON: {exc}") from None
+
+
+def update_json(
+    store: ObjectStore,
+    key: str,
+    fn: Callable[[Any], Any],
+    *,
+    max_attempts: int = 50,
+) -> Any:
+    """Optimistically update a JSON document; returns the document now stored.
+
+    ``fn`` receives a private copy of the current document (None when absent)
+    and returns the new document (returning an equal document writes nothing).
+    """
+
+    def apply(current: StoredObject | None) -> bytes | None:
+        doc = None if current is None else _load(current)
+        return dump_json(fn(copy.deepcopy(doc)))
+
+    stored = update_object(store, key, apply, max_attempts=max_attempts, content_type=JSON)
+    return None if stored is None else _load(stored)
+
+
+# -- job state documents (the legacy save/get_process_status_to_s3) -------------
+
+
+def job_state_key(job_id: str) -> str:
+    """``jobs/<job_id>.json``; the id is checked so it cannot escape ``jobs/``."""
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id) or ".." in job_id:
+        raise ValueError(
+            f"invalid job id {job_id!r}: use letters, digits, '_', '-', '.' (1-128 chars)"
+        )
+    return f"{JOBS}/{job_id}.json"
+
+
+def read_job_state(store: ObjectStore, job_id: str) -> dict | None:
+    doc, _ = read_json(store, job_state_key(job_id))
+    return doc
+
+
+def update_job_state(
+    store: ObjectStore,
+    job_id: str,
+    change: dict | Callable[[dict], dict],
+    *,
+    max_attempts: int = 50,
+) -> dict:
+    """Merge ``change`` (a dict of fields, or a function of the state) into a job's state.
+
+    Two workers updating different fields of the same job both keep their change.
+    """
+
+    def apply(doc: dict | None) -> dict:
+        state = dict(doc or {})
+        if callable(change):
+            return change(state)
+        state.update(change)
+        return state
+
+    return update_json(store, job_state_key(job_id), apply, max_attempts=max_attempts)

@@ -1,0 +1,129 @@
+"""Open the configured object store: one function every entry point uses.
+
+The Dagster resources, the CLI and the GPU worker all turn a storage URL into a
+store here, so they agree on the backend, its client settings, the start-up
+checks (bucket exists, credentials work, conditional writes honoured) and the
+circuit breaker around it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.storage.base import ObjectStore, StorageError
+from lora_pipeline.storage.breaker import BreakerStore, CircuitBreaker
+from lora_pipeline.storage.local import LocalStore
+from lora_pipeline.storage.s3 import S3Options, S3Store, build_s3_client
+
+
+def parse_storage_url(url: str) -> tuple[str, str, str]:
+    """``s3://bucket/prefix`` → ("s3", bucket, prefix); a path or file:// URL → ("file", dir, "")."""
+    if not url or not url.strip():
+        raise StorageError("LORA_STORAGE_URL is empty: use s3://bucket/prefix or a local directory")
+    url = url.strip()
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        if not bucket:
+            raise StorageError(f"LORA_STORAGE_URL {url!r} has no bucket: use s3://bucket/prefix")
+        return "s3", bucket, prefix.strip("/")
+    if url.startswith("file://"):
+        path = url[len("file://") :]
+        if path.startswith("localhost/"):
+            path = path[len("localhost") :]
+        if not path.startswith("/"):
+            raise StorageError(f"LORA_STORAGE_URL {url!r}: a file:// URL needs an absolute path")
+        return "file", path, ""
+    if "://" in url:
+        raise StorageError(
+            f"LORA_STORAGE_URL {url!r} has an unsupported scheme: use s3://, file:// or a plain path"
+        )
+    return "file", url, ""
+
+
+def breaker_from_env(name: str, environ: Mapping[str, str] | None = None) -> CircuitBreaker:
+    """LORA_STORE_BREAKER_FAILURES (default 5) and LORA_STORE_BREAKER_RESET_S (default 30)."""
+    env = os.environ if environ is None else environ
+    try:
+        fail_max = int(env.get("LORA_STORE_BREAKER_FAILURES") or 5)
+        reset = float(env.get("LORA_STORE_BREAKER_RESET_S") or 30)
+        return CircuitBreaker(name, fail_max=fail_max, reset_timeout=reset)
+    except ValueError as exc:
+        raise StorageError(
+            f"LORA_STORE_BREAKER_FAILURES / LORA_STORE_BREAKER_RESET_S: {exc}"
+        ) from None
+
+
+_shared_breakers: dict[str, CircuitBreaker] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_breaker(location: str) -> CircuitBreaker:
+    """The one CircuitBreaker of this process for a store location.
+
+    Deliberately process-wide: a breaker is the memory of an endpoint's recent
+    health, and Dagster builds resources anew for every step and sensor tick. A
+    breaker per store object would forget the outage at each tick and never
+    open; one per location lets a sensor see it open and skip its tick.
+    """
+    with _shared_lock:
+        breaker = _shared_breakers.get(location)
+        if breaker is None:
+            breaker = _shared_breakers[location] = breaker_from_env(f"object store {location}")
+        return breaker
+
+
+def open_store(
+    url: str,
+    *,
+    s3_client: Any = None,
+    public_base_url: str | None = None,
+    accelerate: bool = False,
+    breaker: CircuitBreaker | bool = True,
+    check: bool = True,
+    **s3_options: Any,
+) -> ObjectStore:
+    """Open ``url`` as an ObjectStore wrapped in a circuit breaker.
+
+    ``s3_client``: a ready boto3 client (e.g. from dagster-aws's S3Resource); when
+    None one is built from the standard AWS variables and ``s3_options``
+    (overrides of S3Options fields, e.g. ``read_timeout=10``). ``check`` runs the
+    start-up checks for S3 (bucket, credentials, conditional-write probe) and
+    raises one StorageError naming the setting to fix. ``breaker``: True for one
+    configured from the environment, False for none, or a CircuitBreaker.
+    """
+    scheme, location, prefix = parse_storage_url(url)
+    if scheme == "s3":
+        options = S3Options.from_env(**s3_options)
+        client = s3_client if s3_client is not None else build_s3_client(options)
+        store: Any = S3Store(
+            client,
+            location,
+            prefix,
+            public_base_url=public_base_url,
+            accelerate=accelerate or options.accelerate,
+            options=options,
+        )
+        if check:
+            store.check()
+    else:
+        if s3_options:
+            raise TypeError(f"S3 options {sorted(s3_options)} given for a local store {url!r}")
+        store = LocalStore(Path(location), public_base_url=public_base_url)
+    if breaker is False:
+        return store
+    if breaker is True:
+        breaker = shared_breaker(store.describe())
+    return BreakerStore(store, breaker)
+
+
+def open_configured_store(settings: Any = None, **kwargs: Any) -> ObjectStore:
+    """The store named by LORA_STORAGE_URL (and LORA_PUBLIC_BASE_URL), ready to use."""
+    if settings is None:
+        from lora_pipeline.settings import load_settings
+
+        settings = load_settings()
+    return open_store(settings.storage_url, public_base_url=settings.public_base_url, **kwargs)

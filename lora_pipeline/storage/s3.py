@@ -1,0 +1,617 @@
+"""The S3 backend: any S3-speaking endpoint (AWS, RunPod's S3 API, MinIO, moto).
+
+The legacy backend used a bare boto3 client: no retries, no timeouts, and a
+conditional write nowhere, so two workers updating one status document silently
+overwrote each other. Here:
+
+* the client is built once with botocore's retry mode, attempts and connect/read
+  timeouts (``S3Options``; the Dagster layer may pass its own client instead);
+* every botocore error becomes one of base.py's exceptions, so nothing above
+  this module imports botocore;
+* ``put(if_match=…)`` / ``put(if_none_match=True)`` map to S3's conditional
+  PutObject; a 412 (or AWS's 409 ConditionalRequestConflict) is PreconditionFailed;
+* ``check()`` verifies at start that the bucket exists, the credentials work and
+  the endpoint really honours conditional writes, and says so when it does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from lora_pipeline.storage.base import (
+    InvalidKey,
+    ObjectInfo,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    StoredObject,
+    validate_key,
+)
+from lora_pipeline.storage.local import RESERVED_DIR, validate_prefix
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_AUTH = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "ExpiredToken",
+    "InvalidToken",
+    "AuthorizationHeaderMalformed",
+}
+_CREDENTIALS_HINT = (
+    "check the AWS credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+)
+
+
+class ConditionalWritesUnsupported(UserWarning):
+    """The endpoint ignores If-Match / If-None-Match: writers must be serialized elsewhere."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How the boto3 client talks to the endpoint; each field has an environment variable.
+
+    Defaults suit AWS and RunPod's S3 API alike: ``standard`` retries (exponential
+    backoff with jitter, retries 5xx/throttling/connection errors) for 5 attempts,
+    a 5 s connect timeout so a dead endpoint fails fast, and a 60 s read timeout
+    so a stalled response does not hang a Dagster step forever.
+    """
+
+    endpoint_url: str | None = None  # AWS_ENDPOINT_URL_S3 (then AWS_ENDPOINT_URL)
+    region: str | None = None  # AWS_REGION (then AWS_DEFAULT_REGION)
+    addressing_style: str = "auto"  # LORA_S3_ADDRESSING_STYLE: auto | path | virtual
+    retry_mode: str = "standard"  # AWS_RETRY_MODE: standard | adaptive | legacy
+    max_attempts: int = 5  # AWS_MAX_ATTEMPTS (first try included)
+    connect_timeout: float = 5.0  # LORA_S3_CONNECT_TIMEOUT, seconds
+    read_timeout: float = 60.0  # LORA_S3_READ_TIMEOUT, seconds
+    max_pool_connections: int = 64  # LORA_S3_MAX_POOL_CONNECTIONS
+    accelerate: bool = False  # LORA_S3_ACCELERATE: record s3-accelerate URLs
+    multipart_threshold: int = 16 * MB  # LORA_S3_MULTIPART_THRESHOLD_MB
+    multipart_chunksize: int = 16 * MB  # LORA_S3_MULTIPART_CHUNKSIZE_MB
+    transfer_concurrency: int = 16  # LORA_TRANSFER_CONCURRENCY (files and parts in flight)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> S3Options:
+        """Read the options from the environment; a bad value names its variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        def text(field: str, *names: str) -> None:
+            for name in names:
+                if env.get(name):
+                    values[field] = env[name]
+                    return
+
+        def number(field: str, name: str, kind: type, scale: int = 1) -> None:
+            raw = env.get(name)
+            if not raw:
+                return
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise StorageError(f"{name} must be a number, got {raw!r}") from None
+            if value <= 0:
+                raise StorageError(f"{name} must be positive, got {raw!r}")
+            values[field] = value * scale
+
+        text("endpoint_url", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+        text("region", "AWS_REGION", "AWS_DEFAULT_REGION")
+        text("addressing_style", "LORA_S3_ADDRESSING_STYLE")
+        text("retry_mode", "AWS_RETRY_MODE")
+        number("max_attempts", "AWS_MAX_ATTEMPTS", int)
+        number("connect_timeout", "LORA_S3_CONNECT_TIMEOUT", float)
+        number("read_timeout", "LORA_S3_READ_TIMEOUT", float)
+        number("max_pool_connections", "LORA_S3_MAX_POOL_CONNECTIONS", int)
+        number("multipart_threshold", "LORA_S3_MULTIPART_THRESHOLD_MB", int, MB)
+        number("multipart_chunksize", "LORA_S3_MULTIPART_CHUNKSIZE_MB", int, MB)
+        number("transfer_concurrency", "LORA_TRANSFER_CONCURRENCY", int)
+        accelerate = env.get("LORA_S3_ACCELERATE", "").strip().lower()
+        if accelerate:
+            if accelerate not in {"1", "true", "yes", "0", "false", "no"}:
+                raise StorageError(f"LORA_S3_ACCELERATE must be true or false, got {accelerate!r}")
+            values["accelerate"] = accelerate in {"1", "true", "yes"}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        options = cls(**values)
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        if self.addressing_style not in {"auto", "path", "virtual"}:
+            raise StorageError(
+                f"LORA_S3_ADDRESSING_STYLE must be auto, path or virtual, got {self.addressing_style!r}"
+            )
+        if self.retry_mode not in {"standard", "adaptive", "legacy"}:
+            raise StorageError(
+                f"AWS_RETRY_MODE must be standard, adaptive or legacy, got {self.retry_mode!r}"
+            )
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise StorageError(f"AWS_ENDPOINT_URL_S3 must be an http(s) URL, got {self.endpoint_url!r}")
+
+    def botocore_config(self):
+        """The botocore Config these options stand for (also usable with dagster-aws)."""
+        from botocore.config import Config
+
+        return Config(
+            region_name=self.region,
+            retries={"mode": self.retry_mode, "total_max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_pool_connections=self.max_pool_connections,
+            s3={"addressing_style": self.addressing_style},
+            signature_version="s3v4",
+            # Only send/verify checksums where the operation needs them, so
+            # non-AWS endpoints (RunPod, older MinIO) accept our PutObject calls.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+
+    def transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunksize,
+            max_concurrency=self.transfer_concurrency,
+            use_threads=True,
+        )
+
+
+def build_s3_client(options: S3Options | None = None, *, session: Any = None, **client_kwargs: Any):
+    """A boto3 S3 client with the options' retries, timeouts and addressing style.
+
+    ``session``: a boto3 Session to build from (reusing one saves reloading the
+    service model, ~0.2 s per client); by default a fresh one.
+    """
+    import boto3
+
+    options = options or S3Options.from_env()
+    session = session or boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=options.endpoint_url,
+        region_name=options.region,
+        config=options.botocore_config(),
+        **client_kwargs,
+    )
+
+
+def _error_code(exc: Exception) -> tuple[str, int | None, str]:
+    response = getattr(exc, "response", None) or {}
+    error = response.get("Error", {})
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(error.get("Code", "")), status, str(error.get("Message", "")) or str(exc)
+
+
+class S3Store:
+    """An ObjectStore on an S3 bucket and prefix."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        *,
+        public_base_url: str | None = None,
+        accelerate: bool = False,
+        options: S3Options | None = None,
+        supports_conditional_writes: bool = True,
+    ) -> None:
+        if not bucket:
+            raise StorageError("S3 bucket name is empty (LORA_STORAGE_URL=s3://<bucket>/<prefix>)")
+        self.client = client
+        self.bucket = bucket
+        prefix = prefix.strip("/")
+        if prefix:
+            validate_prefix(prefix + "/")
+        self.prefix = prefix + "/" if prefix else ""
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self.accelerate = accelerate
+        self.options = options or S3Options()
+        self.supports_conditional_writes = supports_conditional_writes
+
+    # -- helpers -----------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.describe()!r})"
+
+    def _full(self, key: str) -> str:
+        validate_key(key)
+        if key.split("/", 1)[0] == RESERVED_DIR:
+            raise InvalidKey(f"invalid object key {key!r}: {RESERVED_DIR}/ is reserved")
+        return self.prefix + key
+
+    def _error(self, exc: Exception, op: str, key: str | None = None) -> StorageError:
+        """Translate a botocore exception into the store's exception types."""
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            code, status, message = _error_code(exc)
+            if key is not None and (code in _NOT_FOUND or status == 404) and code != "NoSuchBucket":
+                return ObjectNotFound(key)
+            if code in _PRECONDITION or (status in (409, 412) and op == "put"):
+                return PreconditionFailed(key or "", message)
+            if code == "NoSuchBucket":
+                return StorageError(
+                    f"S3 bucket {self.bucket!r} does not exist at "
+                    f"{self.client.meta.endpoint_url} (check LORA_STORAGE_URL)"
+                )
+            if code in _AUTH or status == 403:
+                return StorageError(
+                    f"S3 refused {op} on {self.describe()}: {code} {message}; {_CREDENTIALS_HINT}"
+                )
+            return StorageError(f"S3 {op} {key or ''} failed: {code or status} {message}".rstrip())
+        return StorageError(f"S3 {op} {key or ''} failed: {type(exc).__name__}: {exc}")
+
+    def _call(self, op: str, key: str | None, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, op, key) from exc
+
+    def transfer_config(self):
+        return self.options.transfer_config()
+
+    def etag_for_file(self, path: Path) -> str:
+        """The ETag S3 gives ``path``'s content when uploaded by ``upload_file``.
+
+        Single-part: md5 hex. Multipart: md5 of the parts' md5s, then ``-<parts>``.
+        Used to skip files already in the store without downloading them.
+        """
+        import hashlib
+
+        size = Path(path).stat().st_size
+        chunk = self.options.multipart_chunksize
+        if size < self.options.multipart_threshold:
+            from lora_pipeline.storage.local import md5_file
+
+            return md5_file(Path(path))
+        digests = []
+        with open(path, "rb") as handle:
+            while part := handle.read(chunk):
+                digests.append(hashlib.md5(part, usedforsecurity=False).digest())
+        combined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+        return f"{combined}-{len(digests)}"
+
+    # -- start-up checks -----------------------------------------------------------
+
+    def check(self, *, probe_conditional_writes: bool = True) -> S3Store:
+        """Fail at start, with one clear error, if the bucket or credentials are wrong.
+
+        Then probe whether the endpoint honours conditional writes: some
+        S3-compatible services accept ``If-None-Match`` and ignore it. If so,
+        ``supports_conditional_writes`` becomes False and a warning says that
+        registry writers must be serialized (the Dagster layer uses a
+        concurrency pool) — we never fall back silently to last-writer-wins.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code, status, message = _error_code(exc)
+            if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
+                raise StorageError(
+                    f"S3 bucket {self.bucket!r} does not exist at "
+                    f"{self.client.meta.endpoint_url or 'AWS'} (check LORA_STORAGE_URL "
+                    "and AWS_ENDPOINT_URL_S3)"
+                ) from None
+            if code in _AUTH or status in (401, 403):
+                raise StorageError(
+                    f"S3 refused access to bucket {self.bucket!r} ({code or status}); "
+                    f"{_CREDENTIALS_HINT}"
+                ) from None
+            raise StorageError(f"cannot reach S3 bucket {self.bucket!r}: {code} {message}") from None
+        except BotoCoreError as exc:
+            raise StorageError(
+                f"cannot reach the S3 endpoint {self.client.meta.endpoint_url} for bucket "
+                f"{self.bucket!r} (check AWS_ENDPOINT_URL_S3): {exc}"
+            ) from None
+        if probe_conditional_writes:
+            self.supports_conditional_writes = self._probe_conditional_writes()
+        return self
+
+    def _probe_conditional_writes(self) -> bool:
+        from botocore.exceptions import ClientError
+
+        probe = f"{self.prefix}{RESERVED_DIR}/probe-{uuid.uuid4().hex}"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"1", IfNoneMatch="*")
+            honoured = True
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"2", IfNoneMatch="*")
+                honoured = False
+            except ClientError as exc:
+                if _error_code(exc)[0] not in _PRECONDITION and _error_code(exc)[1] not in (409, 412):
+                    raise
+            if honoured:
+                try:
+                    self.client.put_object(
+                        Bucket=self.bucket, Key=probe, Body=b"3", IfMatch='"00000000000000000000000000000000"'
+                    )
+                    honoured = False
+                except ClientError as exc:
+                    if _error_code(exc)[0] not in _PRECONDITION and _error_code(exc)[1] not in (409, 412):
+                        raise
+        except ClientError as exc:
+            code, status, message = _error_code(exc)
+            if code in _AUTH or status == 403:
+                raise StorageError(
+                    f"S3 refused a test write to {self.describe()} ({code}); the pipeline needs "
+                    f"write access; {_CREDENTIALS_HINT}"
+                ) from None
+            # Anything else (e.g. NotImplemented for the header): treat as unsupported.
+            log.debug("conditional write probe failed: %s %s", code, message)
+            honoured = False
+        finally:
+            with contextlib.suppress(Exception):
+                self.client.delete_object(Bucket=self.bucket, Key=probe)
+        if not honoured:
+            warnings.warn(
+                f"the S3 endpoint {self.client.meta.endpoint_url or 'AWS'} ignores conditional "
+                "writes (If-Match / If-None-Match): registry writers must be serialized "
+                "(the Dagster layer does so with a concurrency pool)",
+                ConditionalWritesUnsupported,
+                stacklevel=3,
+            )
+        return honoured
+
+    # -- ObjectStore -------------------------------------------------------------
+
+    def get(self, key: str) -> StoredObject:
+        full = self._full(key)
+        response = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=full)
+        data = self._read_body(response, key)
+        return StoredObject(key=key, data=data, etag=response["ETag"].strip('"'))
+
+    def _read_body(self, response: dict, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            with contextlib.closing(response["Body"]) as body:
+                return body.read()
+        except BotoCoreError as exc:
+            raise self._error(exc, "read", key) from exc
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"invalid range start={start} length={length}")
+        full = self._full(key)
+        if length == 0:
+            if self.head(key) is None:
+                raise ObjectNotFound(key)
+            return b""
+        try:
+            response = self._call(
+                "get",
+                key,
+                self.client.get_object,
+                Bucket=self.bucket,
+                Key=full,
+                Range=f"bytes={start}-{start + length - 1}",
+            )
+        except StorageError as exc:
+            code = _error_code(exc.__cause__)[0] if exc.__cause__ else ""
+            if code == "InvalidRange":  # start is past the end: S3 answers 416
+                return b""
+            raise
+        return self._read_body(response, key)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        full = self._full(key)
+        try:
+            response = self._call("head", key, self.client.head_object, Bucket=self.bucket, Key=full)
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(
+            key=key,
+            size=int(response["ContentLength"]),
+            etag=response["ETag"].strip('"'),
+            last_modified=response["LastModified"],
+        )
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str | None = None,
+    ) -> str:
+        full = self._full(key)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": bytes(data)}
+        if content_type:
+            kwargs["ContentType"] = content_type
+        if if_match is not None:
+            kwargs["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        if (if_match is not None or if_none_match) and not self.supports_conditional_writes:
+            # The endpoint would ignore the headers. Check what we can (not atomic:
+            # the caller's concurrency pool must serialize writers) rather than
+            # pretend the condition held.
+            current = self.head(key)
+            if if_none_match and current is not None:
+                raise PreconditionFailed(key, "object already exists")
+            if if_match is not None and (current is None or current.etag != if_match.strip('"')):
+                raise PreconditionFailed(key, "object changed since it was read")
+            kwargs.pop("IfMatch", None)
+            kwargs.pop("IfNoneMatch", None)
+        response = self._call("put", key, self.client.put_object, **kwargs)
+        return response["ETag"].strip('"')
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=full)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        if prefix.split("/", 1)[0] == RESERVED_DIR:
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self.client.get_paginator("list_objects_v2")
+        reserved = self.prefix + RESERVED_DIR + "/"
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", []):
+                    full = item["Key"]
+                    if full.startswith(reserved):
+                        continue
+                    yield ObjectInfo(
+                        key=full[len(self.prefix) :],
+                        size=int(item["Size"]),
+                        etag=item["ETag"].strip('"'),
+                        last_modified=item["LastModified"],
+                    )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "list", None) from exc
+
+    def upload_file(self, key: str, path: Path) -> str:
+        """Upload a file; above the multipart threshold in concurrent parts.
+
+        Small files go up in one PutObject (one request, its ETag in the reply).
+        Large ones go through boto3's transfer manager, which aborts the multipart
+        upload when a part fails, so no partial object ever becomes visible.
+        """
+        full = self._full(key)
+        source = Path(path)
+        size = source.stat().st_size
+        if size < self.options.multipart_threshold:
+            with open(source, "rb") as body:
+                response = self._call(
+                    "upload", key, self.client.put_object, Bucket=self.bucket, Key=full, Body=body
+                )
+            return response["ETag"].strip('"')
+        from boto3.exceptions import S3UploadFailedError
+
+        try:
+            self._call(
+                "upload",
+                key,
+                self.client.upload_file,
+                Filename=str(source),
+                Bucket=self.bucket,
+                Key=full,
+                Config=self.transfer_config(),
+            )
+        except S3UploadFailedError as exc:
+            raise StorageError(f"S3 upload of {key} failed: {exc}") from exc
+        info = self.head(key)
+        if info is None:
+            raise StorageError(f"S3 upload of {key} finished but the object is missing")
+        return info.etag
+
+    def download_file(self, key: str, path: Path) -> None:
+        """Download into a temp file beside ``path``, then rename it into place.
+
+        The first request fetches up to the multipart threshold; only objects
+        larger than that go through the transfer manager's parallel ranged GETs,
+        so a small file costs one request, not a HEAD plus a GET.
+        """
+        full = self._full(key)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                if not self._download_small(key, full, handle):
+                    handle.close()
+                    self._call(
+                        "download",
+                        key,
+                        self.client.download_file,
+                        Bucket=self.bucket,
+                        Key=full,
+                        Filename=tmp,
+                        Config=self.transfer_config(),
+                    )
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _download_small(self, key: str, full: str, handle) -> bool:
+        """Write the object to ``handle`` if it fits in one ranged GET; False if larger."""
+        from botocore.exceptions import BotoCoreError
+
+        threshold = self.options.multipart_threshold
+        try:
+            response = self._call(
+                "download",
+                key,
+                self.client.get_object,
+                Bucket=self.bucket,
+                Key=full,
+                Range=f"bytes=0-{threshold - 1}",
+            )
+        except StorageError as exc:
+            if exc.__cause__ is not None and _error_code(exc.__cause__)[0] == "InvalidRange":
+                return True  # an empty object: nothing to write
+            raise
+        content_range = response.get("ContentRange") or ""
+        total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else None
+        if total is not None and total > threshold:
+            response["Body"].close()
+            return False
+        try:
+            for chunk in response["Body"].iter_chunks(MB):
+                handle.write(chunk)
+        except BotoCoreError as exc:
+            raise self._error(exc, "download", key) from exc
+        return True
+
+    def url(self, key: str) -> str:
+        """The URL to record: public base, else accelerated, else the endpoint's own."""
+        full = self._full(key)
+        if self.public_base_url:
+            return f"{self.public_base_url}/{quote(key, safe='/')}"
+        quoted = quote(full, safe="/")
+        if self.accelerate:
+            return f"https://{self.bucket}.s3-accelerate.amazonaws.com/{quoted}"
+        endpoint = self.client.meta.endpoint_url.rstrip("/")
+        parts = urlsplit(endpoint)
+        style = self.options.addressing_style
+        virtual_ok = "." not in self.bucket or parts.scheme == "http"
+        if style == "virtual" or (
+            style == "auto" and parts.hostname and parts.hostname.endswith("amazonaws.com") and virtual_ok
+        ):
+            return f"{parts.scheme}://{self.bucket}.{parts.netloc}/{quoted}"
+        return f"{endpoint}/{self.bucket}/{quoted}"
+
+    def presigned_url(self, key: str, expires_in: int = 3600) -> str:
+        """A temporary GET URL (never stored: it expires, and it carries a signature)."""
+        if not 0 < expires_in <= 7 * 24 * 3600:
+            raise ValueError(f"expires_in must be between 1 s and 7 days, got {expires_in}")
+        full = self._full(key)
+        return self._call(
+            "presign",
+            key,
+            self.client.generate_presigned_url,
+            ClientMethod="get_object",
+            Params={"Bucket": self.bucket, "Key": full},
+            ExpiresIn=expires_in,
+        )

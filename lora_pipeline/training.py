@@ -1,0 +1,322 @@
+"""Submitting a training job and recording its outcome: the steps every path shares.
+
+The training op, the ``trained_lora`` asset, both completion sensors' runs and the
+demo all go through these functions, so a job is submitted, recorded and
+completed the same way whichever path runs it. Dagster-free: the Dagster layer
+wraps these and reports metadata.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from lora_pipeline.dataset.versions import current_dataset
+from lora_pipeline.registry.evidence import StoredLora, Submission
+from lora_pipeline.registry.jobids import base_job_id
+from lora_pipeline.registry.merge import find_version_by_job
+from lora_pipeline.registry.models import Version, VersionStatus
+from lora_pipeline.registry.names import parse_version_name
+from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
+from lora_pipeline.runpod.backend import ExecutionPolicy, JobStatus, TrainingBackend
+from lora_pipeline.runpod.reports import job_report_from_status
+from lora_pipeline.storage import ObjectStore
+from lora_pipeline.storage.keys import lora_key
+from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.worker.schema import TrainingParams, TrainingRequest
+
+UNFINISHED = frozenset({VersionStatus.pending, VersionStatus.starting, VersionStatus.training})
+
+
+class NoDatasetError(RuntimeError):
+    """Training was asked for a style that has no dataset version yet."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The outcome of a submission: which version, which job, and whether it was new."""
+
+    style: str
+    version: str
+    job_id: str
+    dataset_hash: str
+    reused: bool
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What recording a finished job established."""
+
+    style: str
+    version: Version | None
+    status: str
+    lora_key: str | None
+    lora_metadata: dict[str, str] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def submit_training(
+    *,
+    store: ObjectStore,
+    backend: TrainingBackend,
+    style: str,
+    params: TrainingParams,
+    base_model: str = "tiny",
+    storage_url: str | None = None,
+    webhook_url: str | None = None,
+    force: bool = False,
+) -> Submitted:
+    """Reserve a version, submit the job and record its id, in that order.
+
+    The pending version is in the registry before the job exists, and the job id
+    is recorded the moment RunPod returns it, so a run that dies at any point
+    leaves evidence that reconciliation can finish. Idempotent: a version already
+    pending (or completed, unless ``force``) for this dataset and these settings
+    is returned instead of a new job.
+    """
+    manifest = current_dataset(store, style)
+    if manifest is None:
+        raise NoDatasetError(
+            f"style {style!r} has no dataset yet: materialize training_dataset for it "
+            "or run `lora-pipeline dataset add`"
+        )
+    registry = RegistryStore(store)
+    param_dict = params.model_dump(mode="json")
+    version = registry.reserve_version(
+        style,
+        request_id=uuid.uuid4().hex,
+        dataset_hash=manifest.dataset_hash,
+        params=param_dict,
+        reuse_completed=not force,
+    )
+    if version.id:
+        return Submitted(style, version.name, version.id, manifest.dataset_hash, reused=True)
+    if version.status == VersionStatus.completed:
+        return Submitted(style, version.name, version.id or "", manifest.dataset_hash, reused=True)
+    number = parse_version_name(version.name)
+    assert number is not None, version.name
+    request = TrainingRequest(
+        style=style,
+        version=version.name,
+        dataset_hash=manifest.dataset_hash,
+        base_model=base_model,
+        params=params,
+        storage_url=storage_url,
+        request_id=version.request_id or uuid.uuid4().hex,
+    )
+    job_id = backend.submit(
+        request, webhook_url=webhook_url, policy=ExecutionPolicy.from_training(params.max_train_steps)
+    )
+    registry.apply(
+        style,
+        [
+            Submission(
+                style=style,
+                version=version.name,
+                request_id=request.request_id,
+                job_id=job_id,
+                dataset_hash=manifest.dataset_hash,
+                params=param_dict,
+                at=_now(),
+            )
+        ],
+    )
+    _ = lora_key(style, number)  # validates the key the worker will write
+    return Submitted(style, version.name, job_id, manifest.dataset_hash, reused=False)
+
+
+def wait_for_job(
+    backend: TrainingBackend,
+    job_id: str,
+    *,
+    timeout_s: float,
+    poll_interval_s: float = 2.0,
+    on_status: Callable[[JobStatus], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> JobStatus:
+    """Poll until the job is terminal or ``timeout_s`` passes (TimeoutError).
+
+    If the wait is interrupted (the Dagster run is cancelled, Ctrl-C) the job is
+    cancelled too: nobody would be waiting for it. A timeout or an error while
+    polling leaves it running, for the sensors and reconciliation to finish.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: str | None = None
+    try:
+        while True:
+            status = backend.status(job_id)
+            if on_status and status.status != last:
+                on_status(status)
+                last = status.status
+            if status.is_terminal:
+                return status
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {status.status} after {timeout_s:.0f}s")
+            sleep(poll_interval_s)
+    except Exception:
+        raise
+    except BaseException:
+        backend.cancel(job_id)
+        raise
+
+
+def record_completion(
+    store: ObjectStore,
+    style: str,
+    status: JobStatus,
+    *,
+    source: Literal["poll", "webhook"],
+) -> Completion:
+    """Apply a terminal status report to the registry, with the LoRA file as proof.
+
+    Completion counts only when the file is in the store and its header parses: a
+    job that ends COMPLETED with no output, or with an ``error`` in its output, is
+    recorded as failed unless the file proves otherwise.
+    """
+    registry = RegistryStore(store)
+    at = _now()
+    report = job_report_from_status(status, at=at, source=source)
+    document, _ = registry.read(style)
+    known = find_version_by_job(document, report.job_id)
+    key = _expected_lora_key(style, status, known)
+    evidence: list = [report]
+    metadata: dict[str, str] = {}
+    problem = None
+    if key is not None:
+        try:
+            header = read_header(store, key)
+        except InvalidLoraFile as exc:
+            problem = str(exc)
+        else:
+            info = store.head(key)
+            number = parse_version_name(known.name) if known else None
+            evidence.append(
+                StoredLora(
+                    style=style,
+                    key=key,
+                    version_number=number or _number_from_key(style, key),
+                    url=store.url(key),
+                    size=info.size if info else 0,
+                    etag=info.etag if info else "",
+                    metadata=header.metadata,
+                    at=at,
+                )
+            )
+            metadata = header.metadata
+    result = registry.apply(style, evidence)
+    version = find_version_by_job(result.document, report.job_id)
+    return Completion(
+        style=style,
+        version=version,
+        status=version.status.value if version else report.status,
+        lora_key=key if metadata else None,
+        lora_metadata=metadata,
+        problem=problem,
+    )
+
+
+def _expected_lora_key(style: str, status: JobStatus, known: Version | None) -> str | None:
+    output = status.output
+    if isinstance(output, dict) and isinstance(output.get("lora_key"), str):
+        return output["lora_key"]
+    if known is not None:
+        number = parse_version_name(known.name)
+        if number is not None:
+            return lora_key(style, number)
+    return None
+
+
+def _number_from_key(style: str, key: str) -> int:
+    from lora_pipeline.registry.names import parse_lora_filename
+
+    number = parse_lora_filename(style, key.rsplit("/", 1)[-1])
+    if number is None:
+        raise ValueError(f"{key!r} is not a LoRA file of style {style!r}")
+    return number
+
+
+def job_run_key(job_id: str, status: str) -> str:
+    """The run key of the run that completes a job: one per job and terminal status."""
+    return f"complete:{base_job_id(job_id)}:{status}"
+
+
+# Settings that make the built-in tiny model train in seconds on a CPU; a real
+# base model gets TrainingParams' own defaults (SD1.5-class style LoRA).
+TINY_MODEL_PRESET: dict = {"resolution": 32, "max_train_steps": 30, "rank": 4, "learning_rate": 1e-3}
+
+
+def training_params(base_model: str, overrides: dict) -> TrainingParams:
+    """Hyperparameters for a run: the base model's preset, then the user's overrides.
+
+    Validated here, so a bad value fails the run before anything is submitted,
+    with pydantic's message naming the field.
+    """
+    preset = TINY_MODEL_PRESET if base_model == "tiny" else {}
+    return TrainingParams.model_validate({**preset, **overrides})
+
+
+def submit_and_wait(
+    *,
+    store: ObjectStore,
+    backend: TrainingBackend,
+    style: str,
+    base_model: str,
+    params: dict,
+    force: bool = False,
+    timeout_s: float,
+    poll_interval_s: float,
+    storage_url: str | None = None,
+    webhook_url: str | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> tuple[JobStatus | None, Completion]:
+    """Submit (idempotently), wait for the job and record its outcome."""
+    submitted = submit_training(
+        store=store,
+        backend=backend,
+        style=style,
+        params=training_params(base_model, params),
+        base_model=base_model,
+        storage_url=storage_url,
+        webhook_url=webhook_url,
+        force=force,
+    )
+    log(
+        f"{'reusing' if submitted.reused else 'submitted'} job {submitted.job_id} for "
+        f"{style} {submitted.version} (dataset {submitted.dataset_hash[:12]})"
+    )
+    existing = _completed(store, style, submitted)
+    if existing is not None:
+        return None, existing
+    status = wait_for_job(
+        backend,
+        submitted.job_id,
+        timeout_s=timeout_s,
+        poll_interval_s=poll_interval_s,
+        on_status=lambda s: log(f"job {s.id}: {s.status}"),
+    )
+    return status, record_completion(store, style, status, source="poll")
+
+
+def _completed(store: ObjectStore, style: str, submitted: Submitted) -> Completion | None:
+    """The recorded outcome when the submission reused an already completed version."""
+    if not submitted.reused:
+        return None
+    document, _ = RegistryStore(store).read(style)
+    version = next((v for v in document.versions if v.name == submitted.version), None)
+    if version is None or version.status != VersionStatus.completed:
+        return None
+    metadata: dict[str, str] = {}
+    if version.s3_key:
+        try:
+            metadata = read_header(store, version.s3_key).metadata
+        except InvalidLoraFile:
+            return None
+    return Completion(style, version, version.status.value, version.s3_key, metadata)

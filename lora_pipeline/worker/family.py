@@ -1,0 +1,64 @@
+"""Which Stable Diffusion family a base model belongs to, read from its own config.
+
+Training differs per family (SDXL has two text encoders and extra time
+conditioning; SD2 predicts velocity), so the worker decides from the model folder
+rather than trusting the request, and refuses a model it does not know how to train.
+Reads JSON only: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import cast
+
+from lora_pipeline.worker.errors import WorkerInputError
+from lora_pipeline.worker.schema import FamilyChoice, ModelFamily
+
+_SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
+_SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
+
+
+def detect_family(model_dir: Path) -> ModelFamily:
+    """``sd1``, ``sd2`` or ``sdxl`` from ``model_index.json`` and ``unet/config.json``."""
+    index = _read_json(model_dir / "model_index.json", "model_index.json")
+    unet = _read_json(model_dir / "unet" / "config.json", "unet/config.json")
+    pipeline = index.get("_class_name")
+    if pipeline in _SDXL_PIPELINES or unet.get("addition_embed_type") == "text_time":
+        if "text_encoder_2" not in index:
+            raise WorkerInputError(
+                f"base model at {model_dir} looks like SDXL but has no text_encoder_2"
+            )
+        return "sdxl"
+    if pipeline in _SD_PIPELINES:
+        # SD 2.x: OpenCLIP ViT-H text encoder (1024-wide cross-attention).
+        return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+    raise WorkerInputError(
+        f"unknown model family: base model at {model_dir} is a {pipeline!r}; "
+        "supported are Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL "
+        "(StableDiffusionXLPipeline)"
+    )
+
+
+def check_family(detected: ModelFamily, requested: FamilyChoice) -> ModelFamily:
+    """The detected family, unless the request named a different one."""
+    if requested != "auto" and requested != detected:
+        raise WorkerInputError(
+            f"model_family: request says {requested!r} but the base model is {detected!r}"
+        )
+    return cast(ModelFamily, detected)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WorkerInputError(
+            f"base model at {path.parent if what == 'model_index.json' else path.parent.parent} "
+            f"is not a diffusers folder: {what} is missing"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise WorkerInputError(f"base model file {what} is unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise WorkerInputError(f"base model file {what} is not a JSON object")
+    return data

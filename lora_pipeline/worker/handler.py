@@ -1,0 +1,287 @@
+"""The RunPod Serverless handler: one job = one LoRA version trained and stored.
+
+``handler(job)`` follows RunPod's convention (``job = {"id": ..., "input": {...}}``)
+and returns a ``TrainingResult`` dict, or ``{"error": "..."}``. It runs the same
+way under ``runpod.serverless.start`` on a GPU worker, under the SDK's local test
+mode (``python handler.py`` runs ``test_input.json`` beside this file), and in the
+local backend's subprocess.
+
+Order matters: everything that can be checked cheaply (the request, the version
+name, the optimizer, the store, the dataset, the images, the base model's family)
+is checked before the model is loaded, so a bad request costs seconds, not GPU
+minutes. The LoRA file is uploaded last, because a valid file in the store is the
+registry's proof of completion.
+
+Importing this module has no side effects and does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # `python handler.py`: keep this folder's modules off the top level
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+from pydantic import ValidationError
+
+from lora_pipeline.registry.names import parse_version_name
+from lora_pipeline.worker.errors import WorkerInputError
+from lora_pipeline.worker.schema import TrainingRequest, TrainingResult
+
+log = logging.getLogger("lora_pipeline.worker")
+
+STORAGE_ENV = "LORA_STORAGE_URL"
+Progress = Callable[[dict[str, Any]], None]
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """RunPod entry point: train the requested LoRA; never raises."""
+    try:
+        return run_training_job(job, report=runpod_progress(job))
+    except WorkerInputError as exc:
+        log.error("job %s refused: %s", job.get("id"), exc)
+        return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - the job must end with a readable error
+        log.exception("job %s failed", job.get("id"))
+        return {"error": f"training failed: {type(exc).__name__}: {exc}"}
+
+
+def parse_request(job: dict[str, Any]) -> TrainingRequest:
+    """The job's input as a TrainingRequest, or WorkerInputError naming the bad fields."""
+    payload = job.get("input") if isinstance(job, dict) else None
+    if not isinstance(payload, dict):
+        raise WorkerInputError("input: the job has no 'input' object")
+    try:
+        request = TrainingRequest.model_validate(payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}"
+            + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+            for err in exc.errors()
+        )
+        raise WorkerInputError(f"invalid training request: {problems}") from None
+    if parse_version_name(request.version) is None:
+        raise WorkerInputError(f"version: {request.version!r} is not a version name like 'V5'")
+    return request
+
+
+def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> dict[str, Any]:
+    """The whole job; raises WorkerInputError for a bad request or dataset."""
+    started = time.perf_counter()
+    started_at = datetime.now(UTC)
+    job_id = str(job.get("id", "")) if isinstance(job, dict) else ""
+    request = parse_request(job)
+    params = request.params
+    report = report or (lambda update: None)
+
+    # Cheap checks first: nothing below loads torch until the data and model are known good.
+    from lora_pipeline.storage.keys import lora_key
+    from lora_pipeline.worker.base_model import describe_source, resolve_base_model
+    from lora_pipeline.worker.data import fetch_examples, load_manifest, tag_frequency, with_trigger
+    from lora_pipeline.worker.family import check_family, detect_family
+
+    describe_source(request.base_model)
+    store = open_request_store(request)
+    version_number = parse_version_name(request.version)
+    assert version_number is not None
+    key = lora_key(request.style, version_number)
+
+    finished = _already_trained(store, key, request)
+    if finished is not None:
+        report({"phase": "done", "note": "LoRA already in the store for this request"})
+        return finished
+
+    report({"phase": "dataset"})
+    manifest = load_manifest(store, request.style, request.dataset_hash)
+    examples = fetch_examples(store, manifest, request.style, request.dataset_hash)
+    trigger = params.trigger_word if params.trigger_word is not None else manifest.trigger_word
+    if trigger != params.trigger_word:
+        params = params.model_copy(update={"trigger_word": trigger})
+
+    report({"phase": "base_model"})
+    model_dir = resolve_base_model(request.base_model, store)
+    family = check_family(detect_family(model_dir), request.model_family)
+
+    from lora_pipeline.worker.train import check_optimizer_available, pick_device, run_fingerprint, train_lora, weight_dtype_for
+
+    check_optimizer_available(params.optimizer)
+    device = pick_device()
+    weight_dtype_for(params.mixed_precision, device)
+
+    from lora_pipeline.worker.checkpoint import StoreCheckpointer, checkpoint_prefix
+
+    checkpointer = StoreCheckpointer(store, checkpoint_prefix(request.style, request.version, request.request_id))
+    every = max(1, _steps_hint(params) // 10)
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if step == total or step % every == 0:
+            report({"phase": "training", "step": step, "total": total, "loss": round(loss, 6)})
+
+    report({"phase": "training", "step": 0})
+    outcome = train_lora(
+        params, family, model_dir, examples,
+        fingerprint=run_fingerprint(params, family, request.base_model, request.dataset_hash),
+        checkpointer=checkpointer if params.checkpoint_every else None,
+        progress=on_step,
+        device=device,
+    )
+
+    from lora_pipeline.worker.artifact import ArtifactFacts, lora_metadata, write_kohya_file, write_lora_file
+
+    report({"phase": "saving"})
+    facts = ArtifactFacts(
+        style=request.style,
+        version=request.version,
+        job_id=job_id,
+        request_id=request.request_id,
+        dataset_hash=request.dataset_hash,
+        base_model=request.base_model,
+        family=family,
+        params=params,
+        steps=outcome.steps,
+        num_train_images=len(examples),
+        tag_frequency=tag_frequency([e.caption for e in examples]),
+        training_seconds=outcome.train_seconds,
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+        final_loss=outcome.final_loss,
+    )
+    metadata = lora_metadata(facts)
+    stem = key.rsplit("/", 1)[0] + "/" + Path(key).stem
+    sample_keys: list[str] = []
+    kohya_key = None
+    with tempfile.TemporaryDirectory(prefix="lora-job-") as tmp:
+        lora_file = write_lora_file(
+            Path(tmp) / "lora.safetensors", family, outcome.unet_lora, metadata,
+            text_encoder_lora=outcome.text_encoder_lora, text_encoder_2_lora=outcome.text_encoder_2_lora,
+        )
+        if params.num_sample_images:
+            from lora_pipeline.worker.samples import generate_samples, sample_prompts
+
+            report({"phase": "samples"})
+            prompts = sample_prompts([with_trigger(e.caption, trigger) for e in examples], params.num_sample_images)
+            for index, png in enumerate(generate_samples(model_dir, family, lora_file, prompts, params, device)):
+                sample_key = f"{stem}_sample_{index}.png"
+                store.put(sample_key, png, content_type="image/png")
+                sample_keys.append(sample_key)
+        if params.export_kohya:
+            kohya_key = f"{stem}_kohya.safetensors"
+            store.upload_file(kohya_key, write_kohya_file(lora_file, Path(tmp) / "kohya.safetensors", params.effective_alpha, family))
+        report({"phase": "uploading"})
+        store.upload_file(key, lora_file)  # last: a valid file here means "completed"
+    checkpointer.clear()
+
+    result = TrainingResult(
+        style=request.style,
+        version=request.version,
+        lora_key=key,
+        dataset_hash=request.dataset_hash,
+        steps=outcome.steps,
+        final_loss=outcome.final_loss,
+        duration_s=round(time.perf_counter() - started, 3),
+        sample_keys=sample_keys,
+        kohya_key=kohya_key,
+        metadata={k: v for k, v in metadata.items() if k.startswith("lora_pipeline.") and k != "lora_pipeline.params"},
+    )
+    report({"phase": "done", "step": outcome.steps, "total": outcome.steps})
+    return result.model_dump(mode="json")
+
+
+def open_request_store(request: TrainingRequest):
+    """The request's store, or the worker's ``LORA_STORAGE_URL``; a clear error if neither."""
+    from lora_pipeline.storage.base import StorageError
+    from lora_pipeline.storage.factory import open_store
+
+    url = request.storage_url or os.environ.get(STORAGE_ENV)
+    if not url:
+        raise WorkerInputError(f"storage_url: the request has none and the worker's {STORAGE_ENV} is not set")
+    try:
+        return open_store(url)
+    except (StorageError, ValueError) as exc:
+        raise WorkerInputError(f"storage_url: cannot open {url!r}: {exc}") from None
+
+
+def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str, Any] | None:
+    """A retry of a job that uploaded its LoRA but died before returning gets the same result.
+
+    A file at the key from another request is never overwritten.
+    """
+    if store.head(key) is None:
+        return None
+    from lora_pipeline.registry.safetensors_header import read_header
+
+    try:
+        metadata = dict(read_header(store, key).metadata)
+    except Exception:  # noqa: BLE001 - an unreadable file is replaced by this job's
+        return None
+    owner = metadata.get("lora_pipeline.request_id")
+    if owner != request.request_id:
+        raise WorkerInputError(
+            f"version: {key} already exists (written by request {owner!r}); refusing to overwrite it"
+        )
+    ours = {k: v for k, v in metadata.items() if k.startswith("lora_pipeline.") and k != "lora_pipeline.params"}
+    stem = key.rsplit(".", 1)[0]
+    kohya = f"{stem}_kohya.safetensors"
+    return TrainingResult(
+        style=request.style,
+        version=request.version,
+        lora_key=key,
+        dataset_hash=request.dataset_hash,
+        steps=int(metadata.get("lora_pipeline.steps", "0") or 0),
+        final_loss=float(metadata["lora_pipeline.final_loss"]) if metadata.get("lora_pipeline.final_loss") else None,
+        duration_s=float(metadata.get("lora_pipeline.training_time", "0") or 0),
+        sample_keys=[info.key for info in store.list(f"{stem}_sample_")],
+        kohya_key=kohya if store.head(kohya) is not None else None,
+        metadata=ours,
+    ).model_dump(mode="json")
+
+
+def _steps_hint(params: Any) -> int:
+    return params.max_train_steps if params.num_train_epochs is None else 100
+
+
+def under_runpod() -> bool:
+    """True inside a deployed RunPod worker (the SDK's job-result URL is configured)."""
+    return bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")) and bool(os.environ.get("RUNPOD_POD_ID"))
+
+
+def runpod_progress(job: dict[str, Any]) -> Progress:
+    """Progress updates through the SDK when deployed; a log line everywhere."""
+
+    def report(update: dict[str, Any]) -> None:
+        print(json.dumps({"progress": update, "job_id": job.get("id")}), file=sys.stderr, flush=True)
+        if under_runpod():
+            try:
+                import runpod
+
+                runpod.serverless.progress_update(job, update)
+            except Exception:  # noqa: BLE001 - progress is best effort, never fails the job
+                log.warning("progress update failed", exc_info=True)
+
+    return report
+
+
+def main() -> None:
+    """``python handler.py``: the SDK's worker loop on RunPod, its local test mode here."""
+    logging.basicConfig(level=logging.INFO)
+    if not under_runpod() and not os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):
+        from lora_pipeline.worker.local_test import prepare_local_store
+
+        prepare_local_store()
+    import runpod
+
+    runpod.serverless.start({"handler": handler})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Test doubles: the RunPod Serverless API server, and stub worker handlers."""

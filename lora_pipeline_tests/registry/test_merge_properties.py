@@ -1,0 +1,129 @@
+"""Property-based: the merge is idempotent, order-independent, batch-independent and never
+loses a version, for any mix of evidence."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_pipeline.registry.evidence import (
+    JobExpired,
+    JobReport,
+    LegacyRecord,
+    RejectedLora,
+    StoredLora,
+    Submission,
+)
+from lora_pipeline.registry.merge import merge
+from lora_pipeline.registry.models import RegistryDocument
+
+from .lora_files import at
+
+STYLE = "style_59"
+BASES = ["26945dbf-4e87-4574-ad26-b1f71e865942", "0b7c3c1e-9d7a-4f36-9a43-2f6f1d0c8a11",
+         "c3d1f7aa-5b0e-4e0f-8d55-7a4e3b2c9f10"]
+URLS = [None, "https://b.s3-accelerate.amazonaws.com/k", "https://b.s3.us-west-1.amazonaws.com/k",
+        "https://s3.us-west-1.amazonaws.com/b/k", "https://b.s3.us-west-1.amazonaws.com/k?X-Amz-Signature=x",
+        "file:///tmp/k"]
+
+numbers = st.integers(1, 4)
+minutes = st.integers(0, 100)
+job_ids = st.builds(lambda b, s: b + s, st.sampled_from(BASES), st.sampled_from(["", "-e1", "-e2", "-u1"]))
+maybe_job = st.one_of(st.none(), job_ids)
+
+submissions = st.builds(
+    lambda n, job, m, req, ds: Submission(STYLE, n, req, job, ds, {"rank": 4}, at(m)),
+    numbers, maybe_job, minutes, st.sampled_from(["r1", "r2"]), st.sampled_from(["aa", "bb"]),
+)
+reports = st.builds(
+    lambda job, status, err, m, src, out: JobReport(job, status, out, err, m, m * 2, at(m), src),
+    job_ids, st.sampled_from(["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]),
+    st.sampled_from([None, "CUDA out of memory", "boom"]), minutes, st.sampled_from(["poll", "webhook"]),
+    st.sampled_from([None, {"lora_key": "loras/style_59/style_59_v1.safetensors", "steps": 30}, {"error": "x"}]),
+)
+stored = st.builds(
+    lambda n, spelling, url, etag, m: StoredLora(
+        STYLE, f"loras/{STYLE}/{STYLE}_{spelling}{n}.safetensors", n, url, 10, etag, {"k": etag}, at(m)),
+    numbers, st.sampled_from(["v", "vV", "VV"]), st.sampled_from(URLS), st.sampled_from(["e1", "e2"]), minutes,
+)
+rejected = st.builds(
+    lambda n, etag, m: RejectedLora(STYLE, f"loras/{STYLE}/{STYLE}_v{n}.safetensors", etag, "bad", at(m)),
+    numbers, st.sampled_from(["e0", "e3"]), minutes,
+)
+legacy = st.builds(
+    lambda n, job, status, url, created, note: LegacyRecord(STYLE, {
+        k: v for k, v in {"id": job, "name": f"V{n}", "status": status, "loraUrl": url,
+                          "createdAt": created, "note": note}.items() if v is not None}),
+    numbers, maybe_job, st.sampled_from(["pending", "training", "completed", "failed"]), st.sampled_from(URLS),
+    st.one_of(st.none(), st.integers(1759000000000, 1759900000000)), st.sampled_from([None, "a", "b"]),
+)
+expiries = st.builds(lambda job, m, why: JobExpired(job, at(m), why), job_ids, minutes,
+                     st.sampled_from(["expired", "no file"]))
+
+numbered = st.one_of(submissions, stored, legacy, rejected)
+job_only = st.one_of(reports, expiries)
+evidence_lists = st.lists(st.one_of(numbered, job_only), max_size=14)
+
+
+def doc_bytes(doc: RegistryDocument) -> bytes:
+    return doc.to_json()
+
+
+@settings(max_examples=300, deadline=None)
+@given(evidence_lists)
+def test_merging_the_same_evidence_twice_changes_nothing(evidence):
+    once = merge(RegistryDocument(STYLE), evidence)
+    assert doc_bytes(merge(once, evidence)) == doc_bytes(once)
+    assert doc_bytes(merge(once, [])) == doc_bytes(once)
+
+
+@settings(max_examples=300, deadline=None)
+@given(evidence_lists, st.randoms(use_true_random=False))
+def test_the_order_of_evidence_does_not_matter(evidence, random):
+    shuffled = list(evidence)
+    random.shuffle(shuffled)
+    assert doc_bytes(merge(RegistryDocument(STYLE), shuffled)) == doc_bytes(merge(RegistryDocument(STYLE), evidence))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(numbered, max_size=10), st.lists(numbered, max_size=6), st.lists(job_only, max_size=6))
+def test_applying_evidence_in_batches_equals_applying_it_at_once(first, second, reports_later):
+    """Job reports come in a batch after the evidence that introduces their job (the
+    inbox keeps a report until its job is known)."""
+    stepwise = merge(merge(RegistryDocument(STYLE), first), second + reports_later)
+    at_once = merge(RegistryDocument(STYLE), first + second + reports_later)
+    assert doc_bytes(stepwise) == doc_bytes(at_once)
+
+
+@settings(max_examples=300, deadline=None)
+@given(evidence_lists, evidence_lists)
+def test_a_version_once_recorded_is_never_lost(earlier, later):
+    before = merge(RegistryDocument(STYLE), earlier)
+    after = merge(before, later)
+    for version in before.versions:
+        for number in version.numbers:
+            assert after.version(number) is not None
+    named = {e.version_number for e in earlier + later if isinstance(e, (Submission, StoredLora))}
+    assert all(after.version(n) is not None for n in named)
+
+
+@settings(max_examples=200, deadline=None)
+@given(evidence_lists)
+def test_no_two_versions_share_a_name_or_a_job(evidence):
+    doc = merge(RegistryDocument(STYLE), evidence)
+    names = [n for v in doc.versions for n in v.numbers]
+    jobs = [b for v in doc.versions for b in v.job_bases]
+    assert len(names) == len(set(names))
+    assert len(jobs) == len(set(jobs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(evidence_lists)
+def test_a_document_survives_its_json_round_trip(evidence):
+    doc = merge(RegistryDocument(STYLE), evidence)
+    again = merge(RegistryDocument.from_json(doc.to_json(), STYLE), [])
+    assert doc_bytes(again) == doc_bytes(doc)
+
+
+@settings(max_examples=200, deadline=None)
+@given(evidence_lists)
+def test_no_presigned_url_ever_reaches_a_document(evidence):
+    assert b"X-Amz-Signature" not in merge(RegistryDocument(STYLE), evidence).to_json()

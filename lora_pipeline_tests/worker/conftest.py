@@ -1,0 +1,121 @@
+"""Worker fixtures: the tiny base model (built once per session) and datasets in a local store."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_pipeline.dataset.manifest import DatasetManifest, ImageEntry, dataset_hash
+from lora_pipeline.storage.keys import dataset_manifest_key, dataset_prefix
+from lora_pipeline.storage.local import LocalStore
+from lora_pipeline.dataset.ingest import sample_dataset_path
+from lora_pipeline.worker.schema import TrainingParams
+
+STYLE = "geo"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lora-pipeline-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache: Path) -> Path:
+    from lora_pipeline.worker.tiny_model import TINY_MODEL_VERSION, ensure_tiny_model
+
+    return ensure_tiny_model(model_cache / f"tiny-sd1-v{TINY_MODEL_VERSION}")
+
+
+@pytest.fixture(autouse=True)
+def _worker_cache(_hermetic_env, model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'tiny' in a request resolves to the session's model, never ~/.cache."""
+    monkeypatch.setenv("LORA_PIPELINE_CACHE", str(model_cache))
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (48, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sample_images() -> list[tuple[str, bytes, str]]:
+    """The bundled sample dataset as (name, bytes, caption)."""
+    images = []
+    for path in sorted(sample_dataset_path().iterdir()):
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            images.append((path.name, path.read_bytes(), path.with_suffix(".txt").read_text().strip()))
+    return images
+
+
+def put_dataset(store: LocalStore, files: Sequence[tuple[str, bytes, str]], style: str = STYLE) -> str:
+    """Write a dataset version the way ingest lays it out; returns its hash.
+
+    Bytes are stored as given (no validation), so tests can plant corrupt images.
+    """
+    entries = []
+    for name, data, caption in files:
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            width, height = Image.open(io.BytesIO(data)).size
+        except Exception:  # noqa: BLE001 - corrupt on purpose
+            width = height = 1
+        entries.append(ImageEntry(file=f"images/{sha}{Path(name).suffix}", sha256=sha, width=width,
+                                  height=height, size=len(data), caption=caption, source=name))
+    digest = dataset_hash(entries) if entries else "0" * 64
+    for entry, (_, data, _) in zip(entries, files, strict=True):
+        store.put(dataset_prefix(style, digest) + entry.file, data)
+    manifest = DatasetManifest(style=style, dataset_hash=digest,
+                               created_at=datetime.now(UTC).isoformat(), images=entries)
+    store.put(dataset_manifest_key(style, digest), manifest.to_json())
+    return digest
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture
+def sample_dataset(store: LocalStore) -> str:
+    return put_dataset(store, sample_images())
+
+
+def quick_params(**overrides) -> TrainingParams:
+    """Seconds on a 2-core CPU: tiny resolution, few steps."""
+    values = dict(rank=4, resolution=32, max_train_steps=8, train_batch_size=2, learning_rate=1e-3, seed=7)
+    values.update(overrides)
+    return TrainingParams(**values)
+
+
+def request_dict(store: LocalStore, digest: str, **overrides) -> dict:
+    params = overrides.pop("params", {})
+    base = dict(rank=4, resolution=32, max_train_steps=8, train_batch_size=2, learning_rate=1e-3, seed=7)
+    base.update(params)
+    values = dict(style=STYLE, version="V1", dataset_hash=digest, base_model="tiny",
+                  params=base, storage_url=str(store.root), request_id="req-1")
+    values.update(overrides)
+    return values
+
+
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(model_cache: Path) -> Path:
+    """SDXL-shaped (two text encoders, text_time conditioning) at tiny sizes."""
+    from lora_pipeline.worker.tiny_model import TINY_SD1, RandomModelSpec, ensure_random_model
+
+    spec = RandomModelSpec(
+        family="sdxl",
+        unet=dict(TINY_SD1.unet, cross_attention_dim=64, addition_embed_type="text_time",
+                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                  use_linear_projection=True, attention_head_dim=(2, 4)),
+        vae=TINY_SD1.vae,
+        text_encoder=TINY_SD1.text_encoder,
+    )
+    return ensure_random_model(spec, model_cache / "tiny-sdxl")

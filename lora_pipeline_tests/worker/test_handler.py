@@ -1,0 +1,158 @@
+"""The RunPod handler end to end on a local store, and every way a bad request is refused early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+import lora_pipeline.worker.train as train_module
+from lora_pipeline.registry.safetensors_header import read_header
+from lora_pipeline.worker.handler import handler
+from lora_pipeline.worker.schema import TrainingResult
+from lora_pipeline_tests.worker.conftest import STYLE, png_bytes, put_dataset, request_dict
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the handler gets as far as training (bad input must be refused first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started for a request that should have been refused")
+
+    monkeypatch.setattr(train_module, "train_lora", refuse)
+
+
+def test_handler_trains_and_stores_the_lora_with_its_facts(store, sample_dataset: str) -> None:
+    job = {"id": "job-abc-e1", "input": request_dict(store, sample_dataset, params={"export_kohya": True,
+                                                                                  "num_sample_images": 1,
+                                                                                  "sample_inference_steps": 2})}
+    result = TrainingResult.model_validate(handler(job))
+
+    assert result.lora_key == "loras/geo/geo_v1.safetensors"
+    header = read_header(store, result.lora_key)
+    assert header.metadata["lora_pipeline.job_id"] == "job-abc-e1"
+    assert header.metadata["lora_pipeline.dataset_hash"] == sample_dataset
+    assert result.steps == 8 and result.final_loss is not None
+    assert result.kohya_key == "loras/geo/geo_v1_kohya.safetensors" and store.head(result.kohya_key)
+    assert result.sample_keys == ["loras/geo/geo_v1_sample_0.png"]
+    assert store.get(result.sample_keys[0]).data.startswith(b"\x89PNG")
+    assert list(store.list("checkpoints/")) == []  # cleared once the LoRA is stored
+
+
+def test_retried_job_resumes_from_the_last_checkpoint(store, sample_dataset: str, monkeypatch) -> None:
+    """RunPod retries a job as a new attempt (-e2); it must not start over."""
+    request = request_dict(store, sample_dataset, params={"checkpoint_every": 3})
+    real_train = train_module.train_lora
+    outcomes = []
+
+    def crash_at_step_4(*args, **kwargs):
+        def progress(step, total, loss):
+            if step == 4:
+                raise RuntimeError("worker lost")
+        kwargs["progress"] = progress
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_lora", crash_at_step_4)
+    assert "worker lost" in handler({"id": "job-1-e1", "input": request})["error"]
+
+    def record(*args, **kwargs):
+        outcomes.append(real_train(*args, **kwargs))
+        return outcomes[-1]
+
+    monkeypatch.setattr(train_module, "train_lora", record)
+    result = handler({"id": "job-1-e2", "input": request})
+    assert "error" not in result
+    assert outcomes[0].resumed_from == 3
+
+
+def test_retry_after_the_upload_returns_the_stored_result_without_training(
+    store, sample_dataset: str, monkeypatch
+) -> None:
+    request = request_dict(store, sample_dataset, params={"max_train_steps": 2})
+    first = handler({"id": "job-2-e1", "input": request})
+    monkeypatch.setattr(train_module, "train_lora", lambda *a, **k: pytest.fail("trained again"))
+    again = handler({"id": "job-2-e2", "input": request})
+    assert again["lora_key"] == first["lora_key"] and again["steps"] == first["steps"]
+
+
+def test_an_existing_lora_of_another_request_is_never_overwritten(store, sample_dataset: str, no_training) -> None:
+    put_lora = request_dict(store, sample_dataset)
+    store.put("loras/geo/geo_v1.safetensors", _minimal_safetensors({"lora_pipeline.request_id": "someone-else"}))
+    result = handler({"id": "j", "input": put_lora})
+    assert "already exists" in result["error"] and "someone-else" in result["error"]
+
+
+def test_out_of_range_rank_is_refused_naming_the_field(store, sample_dataset: str, no_training) -> None:
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, params={"rank": 1000})})
+    assert "params.rank" in result["error"] and "1000" in result["error"]
+
+
+def test_unknown_model_family_in_the_request_is_refused(store, sample_dataset: str, no_training) -> None:
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, model_family="sd3")})
+    assert "model_family" in result["error"]
+
+
+def test_base_model_of_an_unknown_family_is_refused(store, sample_dataset: str, tmp_path: Path, no_training) -> None:
+    folder = tmp_path / "flux"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (folder / "unet" / "config.json").write_text("{}")
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, base_model=str(folder))})
+    assert "unknown model family" in result["error"] and "FluxPipeline" in result["error"]
+
+
+def test_family_mismatch_between_request_and_model_is_refused(store, sample_dataset: str, no_training) -> None:
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, model_family="sdxl")})
+    assert "model_family" in result["error"] and "'sd1'" in result["error"]
+
+
+def test_dataset_without_images_is_refused(store, no_training) -> None:
+    digest = put_dataset(store, [])
+    assert "no images" in handler({"id": "j", "input": request_dict(store, digest)})["error"]
+
+
+def test_corrupt_image_is_refused_naming_the_file(store, no_training) -> None:
+    digest = put_dataset(store, [("ok.png", png_bytes((9, 9, 9)), "fine"), ("bad.png", b"\x89PNG\r\n\x1a\nnope", "x")])
+    assert "corrupt image 'bad.png'" in handler({"id": "j", "input": request_dict(store, digest)})["error"]
+
+
+def test_missing_dataset_is_refused_naming_the_hash(store, no_training) -> None:
+    result = handler({"id": "j", "input": request_dict(store, "deadbeef")})
+    assert "dataset_hash" in result["error"] and "deadbeef" in result["error"]
+
+
+def test_bad_version_name_is_refused(store, sample_dataset: str, no_training) -> None:
+    assert "version" in handler({"id": "j", "input": request_dict(store, sample_dataset, version="latest")})["error"]
+
+
+def test_job_without_input_is_refused() -> None:
+    assert "input" in handler({"id": "j"})["error"]
+
+
+def test_missing_store_is_refused_naming_the_setting(sample_dataset: str, store, no_training) -> None:
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, storage_url=None)})
+    assert "LORA_STORAGE_URL" in result["error"]
+
+
+def test_unknown_field_is_refused_naming_it(store, sample_dataset: str, no_training) -> None:
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, params={"rnak": 4})})
+    assert "params.rnak" in result["error"]
+
+
+def test_importing_the_handler_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, lora_pipeline.worker.handler, lora_pipeline.worker.schema; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _minimal_safetensors(metadata: dict[str, str]) -> bytes:
+    import struct
+
+    header = json.dumps({"__metadata__": metadata, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    return struct.pack("<Q", len(header)) + header + b"\0\0\0\0"
