@@ -3,7 +3,8 @@
 For each backend: generate the files, run a full reconciliation (every file's header
 read with a ranged GET, one document written per style, the index once), then a
 second one that finds nothing new (it must write nothing and read no registry
-document). Prints wall and CPU time, peak RSS growth, and store requests by kind
+document). Prints wall and CPU time, peak RSS (and its growth during the run: run one backend per
+process for a clean figure), and store requests by kind
 (S3: counted with botocore's ``before-call`` event hook; local: calls to the
 store). Also times the pure merge of 100,000 versions.
 
@@ -125,6 +126,7 @@ def measure(label: str, run, counts) -> dict:
         "run": label,
         "wall_s": round(time.perf_counter() - wall, 2),
         "cpu_s": round(time.process_time() - cpu, 2),
+        "peak_rss_mb": round(rss.peak / 2**20, 1),
         "peak_rss_growth_mb": round(rss.peak_growth_mb, 1),
         "changed_versions": report.changed_versions,
         "styles_written": report.styles_written,
@@ -197,7 +199,11 @@ def moto_server():
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
-        server.wait(10)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def bench_s3(styles: int, versions: int, workers: int) -> list[dict]:

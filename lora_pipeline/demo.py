@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
@@ -93,11 +94,22 @@ def _check(step: str, result: dg.ExecuteInProcessResult) -> None:
     if result.success:
         return
     failures = [
-        event.event_specific_data.error.message.strip()  # type: ignore[union-attr]
+        error_text(event.event_specific_data)  # type: ignore[arg-type]
         for event in result.all_events
         if event.is_step_failure and event.event_specific_data is not None
     ]
     raise DemoStepFailed(step, "; ".join(failures) or "run failed")
+
+
+def error_text(failure: Any) -> str:
+    """A step failure's own message: a dg.Failure's description, else the exception chain."""
+    if failure.user_failure_data is not None and failure.user_failure_data.description:
+        return failure.user_failure_data.description
+    error, parts = failure.error, []
+    while error is not None:
+        parts.append(error.message.strip())
+        error = error.cause
+    return " ← ".join(parts[1:] or parts)
 
 
 def _wait_for_completion_request(defs, instance, timeout_s, poll_interval_s, echo) -> dg.RunRequest:
@@ -112,7 +124,9 @@ def _wait_for_completion_request(defs, instance, timeout_s, poll_interval_s, ech
             ) as context:
                 result = sensor(context)
             cursors[name] = getattr(result, "cursor", None) or cursors.get(name)
-            requests = getattr(result, "run_requests", None) or []
+            requests = [
+                r for r in getattr(result, "run_requests", None) or [] if r.job_name == "complete_training"
+            ]
             if requests:
                 echo(f"      {name} requested a run for job {requests[0].tags.get('lora_pipeline/job')}")
                 return requests[0]

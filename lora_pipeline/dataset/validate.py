@@ -129,8 +129,10 @@ def inspect_image(
                 image.draft("RGB", (thumbnail_side or 1, thumbnail_side or 1))
             image.load()
             orientation = _orientation(image)
-            rgb = to_rgb(ImageOps.exif_transpose(image)) if thumbnail_side else None
             mode = image.mode
+            # Orient and normalise as training will (on a reduced copy: cheap,
+            # and enough to prove the conversion works for this mode).
+            rgb = to_rgb(ImageOps.exif_transpose(_reduced(image, 4 * (thumbnail_side or 64))))
     except Exception as exc:  # noqa: BLE001
         return Rejection(f"corrupt or truncated image data ({_describe(exc)})")
 
@@ -141,7 +143,7 @@ def inspect_image(
     if isinstance(checked, Rejection):
         return checked
     extension, note = checked
-    thumbnail = _thumbnail_png(rgb, thumbnail_side) if rgb is not None and thumbnail_side else None
+    thumbnail = _thumbnail_png(rgb, thumbnail_side) if thumbnail_side else None
     return ImageFacts(
         sha256=sha256,
         size=len(data),
@@ -315,6 +317,11 @@ def _orientation(image: Image.Image) -> int:
         return int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
     except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
         return 1
+
+
+def _reduced(image: Image.Image, side: int) -> Image.Image:
+    factor = max(image.size) // side
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def _thumbnail_png(image: Image.Image, side: int) -> bytes:

@@ -2,12 +2,12 @@
 
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.training import submit_training, training_params, wait_for_job
+from lora_pipeline.training import NoDatasetError, submit_training, training_params, wait_for_job
 
 GPU_POOL = "runpod_gpu"
 
@@ -37,16 +37,19 @@ def submit_lora_training(
     style = context.partition_key
     store = storage.get_store()
     backend = training_backend.get_backend(store)
-    submitted = submit_training(
-        store=store,
-        backend=backend,
-        style=style,
-        params=training_params(config.base_model, config.params),
-        base_model=config.base_model,
-        storage_url=storage.resolved_url(),
-        webhook_url=training_backend.webhook_url_for_jobs(),
-        force=config.force,
-    )
+    try:
+        submitted = submit_training(
+            store=store,
+            backend=backend,
+            style=style,
+            params=training_params(config.base_model, config.params),
+            base_model=config.base_model,
+            storage_url=storage.resolved_url(),
+            webhook_url=training_backend.webhook_url_for_jobs(),
+            force=config.force,
+        )
+    except (NoDatasetError, ValidationError) as exc:
+        raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
     context.add_output_metadata(
         {"job_id": submitted.job_id, "version": submitted.version, "reused": submitted.reused,
          "dataset_hash": submitted.dataset_hash}
@@ -76,6 +79,5 @@ def train_lora() -> None:
 complete_training = dg.define_asset_job(
     "complete_training",
     selection=["trained_lora", "lora_registry"],
-    partitions_def=styles_partitions,
     description="Started by the completion sensors: verify a finished job's LoRA and record it.",
 )

@@ -7,6 +7,7 @@ a deployment can still override every value in the UI's launchpad or in code.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
 from lora_pipeline.runpod.backend import TrainingBackend
+from lora_pipeline.runpod.factory import open_training_backend
 from lora_pipeline.settings import Settings, load_settings
 from lora_pipeline.storage import ObjectStore
 from lora_pipeline.storage.factory import open_store
+from lora_pipeline.webhook.urls import webhook_url
 
 
 class LoraS3Resource(S3Resource):
@@ -107,49 +110,45 @@ class TrainingBackendResource(dg.ConfigurableResource):
     endpoint_id: str | None = Field(None, description="RunPod endpoint id; default RUNPOD_ENDPOINT_ID")
     api_key: str | None = Field(None, description="RunPod API key; default RUNPOD_API_KEY")
     base_url: str | None = Field(None, description="API base; default RUNPOD_ENDPOINT_BASE_URL")
-    request_timeout_s: float = Field(30.0, description="Timeout of each RunPod API call.")
     local_state_dir: str | None = Field(
-        None, description="Where the local backend keeps job state; default <storage dir>/../.lora_jobs"
+        None, description="Where the local backend keeps job state; default LORA_LOCAL_JOBS_DIR "
+        "or .lora_jobs beside the local store"
     )
     webhook_url: str | None = Field(
         None, description="Public URL of the webhook receiver (LORA_WEBHOOK_URL); the token is appended."
     )
 
-    def kind(self) -> str:
-        return "runpod" if (self.endpoint_id or load_settings().runpod_endpoint_id) else "local"
+    def settings(self) -> Settings:
+        overrides = {
+            "runpod_endpoint_id": self.endpoint_id,
+            "runpod_api_key": self.api_key,
+            "runpod_base_url": self.base_url,
+            "webhook_url": self.webhook_url,
+        }
+        return load_settings().model_copy(update={k: v for k, v in overrides.items() if v})
 
     def get_backend(self, store: ObjectStore) -> TrainingBackend:
-        settings = load_settings()
-        if self.kind() == "runpod":
-            from lora_pipeline.runpod.client import RunPodClient
-
-            api_key = self.api_key or settings.runpod_api_key
-            if not api_key:
-                raise dg.DagsterInvariantViolationError(
-                    "RUNPOD_API_KEY is not set but RUNPOD_ENDPOINT_ID is: the RunPod backend needs a key"
-                )
-            return RunPodClient(
-                api_key=api_key,
-                endpoint_id=self.endpoint_id or settings.runpod_endpoint_id,
-                base_url=self.base_url or settings.runpod_base_url,
-                timeout=self.request_timeout_s,
-            )
-        from lora_pipeline.runpod.local import LocalBackend
-
-        return LocalBackend(store=store, state_dir=Path(self.local_state_dir or _default_state_dir(settings)))
+        settings = self.settings()
+        if settings.training_backend == "runpod":
+            return _runpod_client(settings.runpod_api_key, settings.runpod_endpoint_id, settings.runpod_base_url)
+        state_dir = Path(self.local_state_dir) if self.local_state_dir else None
+        return open_training_backend(store, settings, state_dir=state_dir)
 
     def webhook_url_for_jobs(self) -> str | None:
         """The URL RunPod POSTs completions to, with the shared token in its query."""
-        settings = load_settings()
-        url = self.webhook_url or settings.webhook_url
-        if not url or self.kind() != "runpod":
+        settings = self.settings()
+        if not settings.webhook_url or settings.training_backend != "runpod":
             return None
-        if settings.webhook_token:
-            sep = "&" if "?" in url else "?"
-            url = f"{url}{sep}token={settings.webhook_token}"
-        return url
+        return webhook_url(settings.webhook_url, settings.webhook_token)
 
 
-def _default_state_dir(settings: Settings) -> Path:
-    local = settings.local_storage_dir
-    return (local.parent if local else Path(".")) / ".lora_jobs"
+@functools.cache
+def _runpod_client(api_key: str | None, endpoint_id: str | None, base_url: str) -> TrainingBackend:
+    """One client per endpoint and process, so its circuit breaker outlives a sensor tick."""
+    if not api_key:
+        raise dg.DagsterInvariantViolationError(
+            "RUNPOD_ENDPOINT_ID is set but RUNPOD_API_KEY is not: the RunPod backend needs a key"
+        )
+    from lora_pipeline.runpod.client import RunPodClient
+
+    return RunPodClient(api_key, endpoint_id, base_url=base_url)

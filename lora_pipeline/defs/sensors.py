@@ -11,12 +11,14 @@ cursor, as Dagster advises, rather than asking for a longer tick timeout.
 from collections.abc import Iterable
 
 import hashlib
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from lora_pipeline.dataset.versions import list_styles
 from lora_pipeline.defs.assets.training_dataset import INCOMING_PREFIX, SAMPLE_STYLE
 from lora_pipeline.defs.jobs import complete_training, train_lora
+from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.registry.jobids import base_job_id
@@ -41,11 +43,25 @@ ACTIVE_RUN_STATUSES = [
 MAX_WEBHOOKS_PER_TICK = 200
 POLL_DEADLINE_S = 30.0
 POLL_WORKERS = 32
+# RunPod allows 2000 /status calls per 10 s; stay under it with room for other callers.
+POLL_RATE_PER_S = 150.0
+
+
+def settle_expired_request(job_ids: Iterable[str], now: datetime) -> dg.RunRequest:
+    """A reconciliation that settles jobs RunPod forgot: completed if their file is in the
+    store, failed once older than the maximum job age. At most one per hour for a set."""
+    digest = hashlib.sha256("\n".join(sorted(base_job_id(j) for j in job_ids)).encode()).hexdigest()[:16]
+    return dg.RunRequest(
+        job_name=reconcile_registry.name,
+        run_key=f"settle-expired:{now:%Y%m%dT%H}:{digest}",
+        tags={"lora_pipeline/source": "poll"},
+    )
 
 
 def completion_request(style: str, status: JobStatus, *, source: str, inbox_key: str | None = None) -> dg.RunRequest:
     """The run that records one finished job: keyed by job and status, so it happens once."""
     return dg.RunRequest(
+        job_name=complete_training.name,
         run_key=job_run_key(status.id, status.status),
         partition_key=style,
         tags={JOB_TAG: base_job_id(status.id), "lora_pipeline/source": source},
@@ -143,7 +159,7 @@ def _style_from_output(status: JobStatus) -> str | None:
 
 
 @dg.sensor(
-    job=complete_training,
+    jobs=[complete_training, reconcile_registry],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Polls the status of unfinished training jobs and records finished ones.",
@@ -163,7 +179,8 @@ def runpod_job_sensor(
         return dg.SensorResult(skip_reason=dg.SkipReason("no unfinished jobs"))
     backend = training_backend.get_backend(store)
     try:
-        result = poll_jobs(backend, list(unfinished), max_workers=POLL_WORKERS, deadline_s=POLL_DEADLINE_S)
+        result = poll_jobs(backend, list(unfinished), max_workers=POLL_WORKERS, deadline_s=POLL_DEADLINE_S,
+                           max_rate_per_s=POLL_RATE_PER_S)
     except RunPodUnavailable as exc:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"RunPod unavailable: {exc}"))
     if result.unavailable:
@@ -172,10 +189,11 @@ def runpod_job_sensor(
     for job_id, status in result.terminal.items():
         if not _run_exists(context.instance, job_id):
             requests.append(completion_request(unfinished[job_id], status, source="poll"))
-    for job_id in result.not_found:
+    if result.not_found:
+        requests.append(settle_expired_request(result.not_found, datetime.now(UTC)))
         context.log.info(
-            f"job {job_id} ({unfinished[job_id]}) is unknown to the backend (result expired?); "
-            "reconcile_registry settles it from storage"
+            f"{len(result.not_found)} jobs are unknown to the backend (results expire 30 min after "
+            "completion); requested reconcile_registry to settle them from storage"
         )
     context.log.info(
         f"polled {len(result.statuses)} of {len(unfinished)} unfinished jobs; "

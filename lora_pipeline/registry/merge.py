@@ -78,7 +78,7 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
             job_only.append(fragment)
     for fragment in job_only:  # after every fragment that could introduce their job
         folder.add(fragment)
-    versions = tuple(sorted(folder.versions.values(), key=lambda v: v.number))
+    versions = tuple(folder.versions[n] for n in sorted(folder.versions))
     rejected, superseded = ledger.split(versions)
     return replace(doc, versions=versions, rejected_files=rejected, superseded_files=superseded)
 
@@ -94,18 +94,28 @@ class _FileLedger:
 
     def __init__(self) -> None:
         self.entries: dict[str, LoraFile | RejectedFile] = {}
+        self.any_rejected = False
 
     def note(self, entry: LoraFile | RejectedFile | None) -> None:
         if entry is None:
             return
+        if isinstance(entry, RejectedFile):
+            self.any_rejected = True
         current = self.entries.get(entry.key)
-        if current is None or entry.last_seen > current.last_seen:
+        if current is None:
+            self.entries[entry.key] = entry
+        elif current is not entry and entry.last_seen > current.last_seen:
             self.entries[entry.key] = entry
 
     def split(self, versions: tuple[Version, ...]) -> tuple[tuple[RejectedFile, ...], tuple[LoraFile, ...]]:
         if not self.entries:
             return (), ()
-        in_use = {(v.file.key, v.file.last_seen) for v in versions if v.file}
+        files = [v.file for v in versions if v.file]
+        if not self.any_rejected and len(files) == len(self.entries) and self.entries.keys() == {
+            f.key for f in files
+        }:
+            return (), ()  # every object is exactly one version's file (one key, one number)
+        in_use = {(f.key, f.last_seen) for f in files}
         rejected, superseded = [], []
         for key in sorted(self.entries):
             entry = self.entries[key]
@@ -129,6 +139,8 @@ def next_version_number(doc: RegistryDocument) -> int:
 
 def fragment_of(item: Evidence) -> Version:
     """The version fragment a piece of evidence asserts. Number 0 means "job only"."""
+    if type(item) is StoredLora:  # by far the most common evidence: test it first
+        return _stored_fragment(item)
     if isinstance(item, Submission):
         at = _ms(item.at)
         return Version(
@@ -146,19 +158,7 @@ def fragment_of(item: Evidence) -> Version:
     if isinstance(item, JobReport):
         return _report_fragment(item)
     if isinstance(item, StoredLora):
-        at = _ms(item.at)
-        metadata = {k: v for k, v in item.metadata.items() if len(v) <= _METADATA_VALUE_LIMIT}
-        return Version(
-            number=item.version_number,
-            status=VersionStatus.completed,
-            source="reconcile",
-            lora_url=stable_url(item.url),
-            file=LoraFile(item.key, item.size, item.etag, at, metadata),
-            created_at=at,
-            updated_at=at,
-            completed_at=at,
-            dataset_hash=metadata.get("lora_pipeline.dataset_hash"),
-        )
+        return _stored_fragment(item)
     if isinstance(item, LegacyRecord):
         return replace(Version.from_dict(item.raw, default_source="legacy"), source="legacy")
     if isinstance(item, JobExpired):
@@ -171,6 +171,22 @@ def fragment_of(item: Evidence) -> Version:
             updated_at=_ms(item.at),
         )
     raise TypeError(f"not registry evidence: {item!r}")
+
+
+def _stored_fragment(item: StoredLora) -> Version:
+    at = _ms(item.at)
+    metadata = {k: v for k, v in item.metadata.items() if len(v) <= _METADATA_VALUE_LIMIT}
+    return Version(
+        number=item.version_number,
+        status=VersionStatus.completed,
+        source="reconcile",
+        lora_url=stable_url(item.url),
+        file=LoraFile(item.key, item.size, item.etag, at, metadata),
+        created_at=at,
+        updated_at=at,
+        completed_at=at,
+        dataset_hash=metadata.get("lora_pipeline.dataset_hash"),
+    )
 
 
 def _report_fragment(report: JobReport) -> Version:
@@ -215,12 +231,21 @@ class _Folder:
 
     def add(self, fragment: Version) -> bool:
         """Fold ``fragment`` in; False when it names no number and matches no job."""
-        numbers = fragment.numbers if fragment.folded_names else (fragment.number,)
-        targets = {self._by_number[n] for n in numbers if n in self._by_number}
-        if fragment.job_ids:
+        if not fragment.folded_names and not fragment.job_ids:  # the common case, kept cheap
+            if fragment.number == 0:
+                return False
+            target = self._by_number.get(fragment.number)
+            if target is None:
+                self.versions[fragment.number] = fragment
+                self._by_number[fragment.number] = fragment.number
+                return True
+            targets = {target}
+        else:
+            numbers = fragment.numbers if fragment.folded_names else (fragment.number,)
+            targets = {self._by_number[n] for n in numbers if n in self._by_number}
             targets.update(self._by_job[b] for b in fragment.job_bases if b in self._by_job)
-        if fragment.number == 0 and not targets:
-            return False
+            if fragment.number == 0 and not targets:
+                return False
         merged = fragment
         for target in targets:
             merged = join(self.versions.pop(target), merged)
@@ -329,6 +354,4 @@ def _join_mapping(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _ms(at: datetime) -> int:
-    value = to_millis(at)
-    assert value is not None
-    return value
+    return int(at.timestamp() * 1000)

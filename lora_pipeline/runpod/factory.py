@@ -21,8 +21,9 @@ def open_training_backend(
     **kwargs: Any,
 ) -> TrainingBackend:
     """RunPodClient for RUNPOD_ENDPOINT_ID, else LocalBackend with its job state in
-    ``state_dir`` (default LORA_LOCAL_JOBS_DIR, else ``.lora_jobs``). ``kwargs`` go to
-    the chosen backend's constructor."""
+    ``state_dir`` (default LORA_LOCAL_JOBS_DIR, else ``.lora_jobs`` beside a local
+    store's directory, or in the working directory for S3). ``kwargs`` go to the
+    chosen backend's constructor."""
     if settings is None:
         from lora_pipeline.settings import load_settings
 
@@ -33,5 +34,8 @@ def open_training_backend(
         return RunPodClient.from_settings(settings, **kwargs)
     from lora_pipeline.runpod.local import LocalBackend
 
-    state_dir = state_dir or Path(os.environ.get(LOCAL_JOBS_DIR_ENV) or DEFAULT_LOCAL_JOBS_DIR)
+    if state_dir is None:
+        local = settings.local_storage_dir
+        default = (local.parent if local else Path(".")) / DEFAULT_LOCAL_JOBS_DIR
+        state_dir = Path(os.environ.get(LOCAL_JOBS_DIR_ENV) or default)
     return LocalBackend(store, state_dir, **kwargs)

@@ -14,6 +14,7 @@ Unlike RunPod, results never expire here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,18 +26,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.registry.jobids import same_job
 from lora_pipeline.runpod.backend import (
     TERMINAL_STATUSES,
     ExecutionPolicy,
     JobNotFound,
     JobStatus,
 )
-from lora_pipeline.registry.jobids import same_job
 from lora_pipeline.runpod.local_runner import DEFAULT_HANDLER, WEBHOOK_RETRY_DELAY_S
 from lora_pipeline.runpod.local_state import JobStateDir, status_body, utcnow_iso
 from lora_pipeline.storage.base import ObjectStore
 from lora_pipeline.webhook.inbox import validate_job_id, write_webhook
 from lora_pipeline.worker.schema import TrainingRequest
+
+log = logging.getLogger(__name__)
 
 NEVER_STARTED_AFTER_S = 120.0
 TERMINATE_GRACE_S = 5.0
@@ -225,8 +228,8 @@ class LocalBackend:
             # As RunPod would: a failed job's webhook. Best effort; polling is the backstop.
             try:
                 write_webhook(self.store, json.dumps(status_body(state)).encode())
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                log.warning("webhook file for failed local job %s not written: %s", job_id, exc)
         return state
 
     def _kill(self, state: dict[str, Any]) -> None:

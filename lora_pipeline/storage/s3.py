@@ -333,27 +333,25 @@ class S3Store:
         return self
 
     def _probe_conditional_writes(self) -> bool:
+        """Write a probe object three times: plain create, then two writes that must be refused."""
         from botocore.exceptions import ClientError
 
         probe = f"{self.prefix}{RESERVED_DIR}/probe-{uuid.uuid4().hex}"
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"1", IfNoneMatch="*")
-            honoured = True
+        stale_etag = '"00000000000000000000000000000000"'
+
+        def refused(**condition: str) -> bool:
             try:
-                self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"2", IfNoneMatch="*")
-                honoured = False
+                self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"x", **condition)
             except ClientError as exc:
-                if _error_code(exc)[0] not in _PRECONDITION and _error_code(exc)[1] not in (409, 412):
-                    raise
-            if honoured:
-                try:
-                    self.client.put_object(
-                        Bucket=self.bucket, Key=probe, Body=b"3", IfMatch='"00000000000000000000000000000000"'
-                    )
-                    honoured = False
-                except ClientError as exc:
-                    if _error_code(exc)[0] not in _PRECONDITION and _error_code(exc)[1] not in (409, 412):
-                        raise
+                code, status, _ = _error_code(exc)
+                if code in _PRECONDITION or status in (409, 412):
+                    return True
+                raise
+            return False
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
+            honoured = refused(IfNoneMatch="*") and refused(IfMatch=stale_etag)
         except ClientError as exc:
             code, status, message = _error_code(exc)
             if code in _AUTH or status == 403:
@@ -361,7 +359,7 @@ class S3Store:
                     f"S3 refused a test write to {self.describe()} ({code}); the pipeline needs "
                     f"write access; {_CREDENTIALS_HINT}"
                 ) from None
-            # Anything else (e.g. NotImplemented for the header): treat as unsupported.
+            # Anything else (e.g. NotImplemented for the header) means: not supported.
             log.debug("conditional write probe failed: %s %s", code, message)
             honoured = False
         finally:
@@ -459,7 +457,11 @@ class S3Store:
                 raise PreconditionFailed(key, "object changed since it was read")
             kwargs.pop("IfMatch", None)
             kwargs.pop("IfNoneMatch", None)
-        response = self._call("put", key, self.client.put_object, **kwargs)
+        try:
+            response = self._call("put", key, self.client.put_object, **kwargs)
+        except ObjectNotFound:
+            # S3 answers If-Match on a missing key with 404; to callers that is a lost race.
+            raise PreconditionFailed(key, "object does not exist") from None
         return response["ETag"].strip('"')
 
     def delete(self, key: str) -> None:
@@ -594,7 +596,9 @@ class S3Store:
             return f"https://{self.bucket}.s3-accelerate.amazonaws.com/{quoted}"
         endpoint = self.client.meta.endpoint_url.rstrip("/")
         parts = urlsplit(endpoint)
-        style = self.options.addressing_style
+        # The client's own setting wins: it may come from dagster-aws, not from our options.
+        client_s3 = getattr(getattr(self.client.meta, "config", None), "s3", None) or {}
+        style = client_s3.get("addressing_style") or self.options.addressing_style
         virtual_ok = "." not in self.bucket or parts.scheme == "http"
         if style == "virtual" or (
             style == "auto" and parts.hostname and parts.hostname.endswith("amazonaws.com") and virtual_ok

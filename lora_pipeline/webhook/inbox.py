@@ -17,6 +17,7 @@ conditional write on the same deterministic key, so exactly one body lands.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -189,10 +190,8 @@ def mark_processed(store: ObjectStore, key: str) -> str:
         if store.head(target) is not None:
             return target
         raise
-    try:
+    with contextlib.suppress(PreconditionFailed):
         store.put(target, data, if_none_match=True, content_type="application/json")
-    except PreconditionFailed:
-        pass
     store.delete(key)
     return target
 

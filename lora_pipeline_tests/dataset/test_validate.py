@@ -148,3 +148,14 @@ def test_a_non_utf8_caption_is_refused_when_legacy_encodings_are_off() -> None:
 def test_binary_junk_in_a_caption_is_refused() -> None:
     with pytest.raises(CaptionError, match="binary"):
         decode_caption(b"\x00\xd8\x00\xdc\x00")
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA", "I;16"])
+def test_images_in_any_common_mode_are_accepted(mode: str) -> None:
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    out = io.BytesIO()
+    Image.new(mode, (96, 96)).save(out, fmt)
+    facts = inspect_image(out.getvalue(), name=f"x.{fmt.lower()}", thumbnail_side=32)
+    assert isinstance(facts, ImageFacts) and facts.mode == mode
+    with Image.open(io.BytesIO(facts.thumbnail_png)) as thumb:
+        assert thumb.mode == "RGB"

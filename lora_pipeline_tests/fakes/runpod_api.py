@@ -318,9 +318,8 @@ class FakeRunPod:
     def _deliver(self, url: str, body: dict[str, Any]) -> None:
         payload = json.dumps(body).encode()
         for attempt in range(1 + self.webhook_retries):
-            if attempt:
-                if self._stopping.wait(self.webhook_retry_delay_s):
-                    return
+            if attempt and self._stopping.wait(self.webhook_retry_delay_s):
+                return
             try:
                 response = httpx.post(url, content=payload, headers={"Content-Type": "application/json"},
                                       timeout=self.webhook_timeout_s)

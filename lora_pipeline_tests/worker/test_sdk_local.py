@@ -27,7 +27,7 @@ def _run_handler_py(args: list[str], env_extra: dict[str, str]) -> subprocess.Co
     env["PYTHONPATH"] = str(REPO_ROOT)
     return subprocess.run(
         [sys.executable, "handler.py", *args], cwd=WORKER_DIR, env=env,
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=600,
     )
 
 

@@ -112,3 +112,16 @@ def test_eight_bit_optimizer_without_bitsandbytes_is_a_clear_error(tiny_model: P
         pytest.skip("bitsandbytes is installed here")
     with pytest.raises(WorkerInputError, match="bitsandbytes"):
         train_lora(quick_params(optimizer="adamw8bit"), "sd1", tiny_model, examples)
+
+
+def test_gradient_checkpointing_trades_time_not_results(tiny_model: Path, examples: list[Example]) -> None:
+    plain = train_lora(quick_params(max_train_steps=2), "sd1", tiny_model, examples)
+    checkpointed = train_lora(quick_params(max_train_steps=2, gradient_checkpointing=True), "sd1", tiny_model, examples)
+    _assert_same_lora(plain.unet_lora, checkpointed.unet_lora)
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(tiny_model: Path, examples: list[Example]) -> None:
+    fp32 = train_lora(quick_params(max_train_steps=2), "sd1", tiny_model, examples)
+    bf16 = train_lora(quick_params(max_train_steps=2, mixed_precision="bf16"), "sd1", tiny_model, examples)
+    assert all(torch.isfinite(torch.tensor(bf16.losses)))
+    assert bf16.losses == pytest.approx(fp32.losses, rel=0.05)

@@ -9,14 +9,14 @@ status so it only verifies the file and records the outcome.
 import json
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.runpod.backend import JobStatus
-from lora_pipeline.training import Completion, record_completion, submit_and_wait
+from lora_pipeline.training import Completion, NoDatasetError, record_completion, submit_and_wait
 from lora_pipeline.webhook.inbox import mark_processed
 
 
@@ -52,19 +52,22 @@ def trained_lora(
             mark_processed(store, config.inbox_key)
     else:
         backend = training_backend.get_backend(store)
-        status, completion = submit_and_wait(
-            store=store,
-            backend=backend,
-            style=style,
-            base_model=config.base_model,
-            params=config.params,
-            force=config.force,
-            timeout_s=config.wait_timeout_s,
-            poll_interval_s=config.poll_interval_s,
-            storage_url=storage.resolved_url(),
-            webhook_url=training_backend.webhook_url_for_jobs(),
-            log=context.log.info,
-        )
+        try:
+            status, completion = submit_and_wait(
+                store=store,
+                backend=backend,
+                style=style,
+                base_model=config.base_model,
+                params=config.params,
+                force=config.force,
+                timeout_s=config.wait_timeout_s,
+                poll_interval_s=config.poll_interval_s,
+                storage_url=storage.resolved_url(),
+                webhook_url=training_backend.webhook_url_for_jobs(),
+                log=context.log.info,
+            )
+        except (NoDatasetError, ValidationError) as exc:
+            raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
     return completion_result(completion, status)
 
 

@@ -1,0 +1,80 @@
+"""Fixtures for the Dagster layer: a configured local store, resources, a stub backend."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.registry.evidence import Submission
+from lora_pipeline.runpod.backend import JobNotFound, JobStatus
+from lora_pipeline.storage.local import LocalStore
+from lora_pipeline.storage.registry_io import RegistryStore
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "store"
+    monkeypatch.setenv("LORA_STORAGE_URL", str(path))
+    return path
+
+
+@pytest.fixture
+def store(store_dir: Path) -> LocalStore:
+    return LocalStore(store_dir)
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+class StubBackend:
+    """A training backend whose answers a test scripts: job id → status body or exception."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, JobStatus | Exception] = {}
+        self.submitted: list = []
+        self.cancelled: list[str] = []
+
+    def submit(self, request, *, webhook_url, policy) -> str:
+        job_id = f"0000000{len(self.submitted)}-1111-4222-8333-444455556666-u1"
+        self.submitted.append(request)
+        self.answers[job_id] = JobStatus(id=job_id, status="IN_QUEUE")
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        answer = self.answers.get(job_id) or JobNotFound(job_id)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def cancel(self, job_id: str) -> JobStatus:
+        self.cancelled.append(job_id)
+        self.answers[job_id] = JobStatus(id=job_id, status="CANCELLED")
+        return self.answers[job_id]
+
+
+@pytest.fixture
+def backend(monkeypatch: pytest.MonkeyPatch) -> StubBackend:
+    stub = StubBackend()
+    monkeypatch.setattr(TrainingBackendResource, "get_backend", lambda self, store: stub)
+    return stub
+
+
+@pytest.fixture
+def resources(store_dir: Path) -> dict:
+    return {"storage": StorageResource(storage_url=str(store_dir)), "training_backend": TrainingBackendResource()}
+
+
+def submit_pending(store: LocalStore, style: str, job_id: str, version: int = 1) -> None:
+    """A version submitted to RunPod and not finished yet, as the training op leaves it."""
+    RegistryStore(store).apply(
+        style,
+        [Submission(style, version, f"req-{version}", job_id, "ab" * 32, {"rank": 4},
+                    datetime.now(UTC))],
+    )

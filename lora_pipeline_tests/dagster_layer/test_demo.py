@@ -1,0 +1,64 @@
+"""End to end: what `lora-pipeline demo` does, on the embedded defaults, checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lora_pipeline.cli import main
+from lora_pipeline.demo import run_demo
+from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.storage.local import LocalStore
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def model_cache(tmp_path_factory, monkeypatch) -> Path:
+    cache = tmp_path_factory.getbasetemp() / "demo-model-cache"
+    monkeypatch.setenv("LORA_PIPELINE_CACHE", str(cache))
+    return cache
+
+
+def test_demo_trains_the_sample_style_into_one_completed_loadable_version(store_dir, model_cache, tmp_path):
+    result = run_demo(timeout_s=900, poll_interval_s=0.5, echo=lambda _m: None)
+
+    [version] = result.document.versions
+    assert version.status is VersionStatus.completed
+    assert version.id == result.job_id
+    assert version.s3_key == "loras/sample_style/sample_style_v1.safetensors"
+    lora = tmp_path / "v1.safetensors"
+    LocalStore(store_dir).download_file(version.s3_key, lora)
+    assert _pipeline_output_changes(lora, model_cache)
+
+
+def _pipeline_output_changes(lora: Path, cache: Path) -> bool:
+    """diffusers' load_lora_weights reads the file into the same base model and changes its output."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from lora_pipeline.worker.tiny_model import ensure_tiny_model
+
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_model(), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        generator = torch.Generator().manual_seed(0)
+        return pipe("geoshapes style", num_inference_steps=2, generator=generator,
+                    height=32, width=32, output_type="np").images
+
+    before = render()
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    after = render()
+    return not np.allclose(before, after)
+
+
+def test_demo_command_names_the_failing_step(store_dir, model_cache):
+    """A style with no data fails at the dataset step, and the exit code says so."""
+    result = CliRunner().invoke(main, ["demo", "--style", "no_such_style"])
+
+    assert result.exit_code == 1
+    assert "training_dataset" in result.output

@@ -1,0 +1,144 @@
+"""The train_lora and reconcile_registry jobs, run in process against a local store."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from lora_pipeline.dataset.ingest import SAMPLE_TRIGGER_WORD, IngestOptions, ingest_dataset, sample_dataset_path
+from lora_pipeline.definitions import defs
+from lora_pipeline.demo import error_text
+from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.runpod.backend import JobStatus
+from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.training import wait_for_job
+from lora_pipeline_tests.dagster_layer.conftest import StubBackend
+from lora_pipeline_tests.registry.lora_files import lora_bytes
+
+STYLE = "sample_style"
+NO_WAIT = {"ops": {"submit_lora_training": {"config": {"wait_for_completion": False}}}}
+
+
+@pytest.fixture
+def dataset(store) -> str:
+    report = ingest_dataset(store, STYLE, sample_dataset_path(),
+                            options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD))
+    return report.dataset_hash
+
+
+def run_train_lora(instance, run_config=NO_WAIT) -> dg.ExecuteInProcessResult:
+    instance.add_dynamic_partitions("styles", [STYLE])
+    return defs.resolve_job_def("train_lora").execute_in_process(
+        instance=instance, partition_key=STYLE, run_config=run_config, raise_on_error=False
+    )
+
+
+def test_train_lora_records_a_pending_version_with_the_job_id_as_returned(store, instance, backend, dataset):
+    result = run_train_lora(instance)
+
+    assert result.success
+    job_id = result.output_for_node("submit_lora_training")
+    document, _ = RegistryStore(store).read(STYLE)
+    [version] = document.versions
+    assert (version.name, version.id, version.dataset_hash) == ("V1", job_id, dataset)
+    assert version.status in (VersionStatus.pending, VersionStatus.starting)
+    assert backend.submitted[0].version == "V1"
+
+
+def test_train_lora_again_for_the_same_dataset_submits_no_second_job(store, instance, backend, dataset):
+    first = run_train_lora(instance)
+    second = run_train_lora(instance)
+
+    assert len(backend.submitted) == 1
+    assert second.output_for_node("submit_lora_training") == first.output_for_node("submit_lora_training")
+
+
+def test_train_lora_without_a_dataset_fails_naming_the_remedy(store, instance, backend):
+    result = run_train_lora(instance)
+
+    assert not result.success
+    assert "has no dataset yet" in error_text(result.failure_data_for_node("submit_lora_training"))
+    assert backend.submitted == []
+
+
+def test_train_lora_rejects_a_bad_hyperparameter_before_submitting(store, instance, backend, dataset):
+    config = {"ops": {"submit_lora_training": {"config": {"wait_for_completion": False,
+                                                          "params": {"rank": 0}}}}}
+    result = run_train_lora(instance, config)
+
+    assert not result.success
+    assert "rank" in error_text(result.failure_data_for_node("submit_lora_training"))
+    assert backend.submitted == []
+
+
+def test_an_interrupted_wait_cancels_the_job():
+    """Cancelling the Dagster run that waits on a job cancels the GPU job too."""
+    backend = StubBackend()
+    job_id = backend.submit(None, webhook_url=None, policy=None)
+
+    def interrupted(_seconds):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        wait_for_job(backend, job_id, timeout_s=60, poll_interval_s=1, sleep=interrupted)
+    assert backend.cancelled == [job_id]
+
+
+def test_a_wait_that_times_out_leaves_the_job_running():
+    backend = StubBackend()
+    job_id = backend.submit(None, webhook_url=None, policy=None)
+
+    with pytest.raises(TimeoutError):
+        wait_for_job(backend, job_id, timeout_s=0, poll_interval_s=0)
+    assert backend.cancelled == []
+
+
+def test_reconcile_registry_adds_a_lora_found_in_storage(store, instance, backend):
+    """A file nobody registered (a job that finished while nothing watched) becomes a version."""
+    store.put("loras/style_59/style_59_vV5.safetensors", lora_bytes())
+
+    result = defs.resolve_job_def("reconcile_registry").execute_in_process(instance=instance)
+
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("reconcile_registry_op")
+    assert materialization.partition == "style_59"
+    document, _ = RegistryStore(store).read("style_59")
+    assert [(v.name, v.status) for v in document.versions] == [("V5", VersionStatus.completed)]
+
+
+def test_complete_training_run_records_a_finished_job(store, instance, backend, dataset):
+    """What a completion sensor's run does: verify the file, complete the version, materialize."""
+    job_id = run_train_lora(instance).output_for_node("submit_lora_training")
+    store.put("loras/sample_style/sample_style_v1.safetensors", lora_bytes({"lora_pipeline.steps": "30"}))
+    status = JobStatus(id=job_id, status="COMPLETED", delayTime=800, executionTime=90000,
+                       output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"})
+
+    result = defs.resolve_job_def("complete_training").execute_in_process(
+        instance=instance, partition_key=STYLE,
+        run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
+    )
+
+    assert result.success
+    document, _ = RegistryStore(store).read(STYLE)
+    [version] = document.versions
+    assert version.status is VersionStatus.completed
+    assert version.s3_key == "loras/sample_style/sample_style_v1.safetensors"
+    [registry, lora] = sorted(result.get_asset_materialization_events(), key=lambda e: e.asset_key.path)
+    assert registry.materialization.metadata["latest_version"].value == "V1"
+    assert lora.materialization.metadata["execution_time_s"].value == 90.0
+    assert lora.materialization.metadata["steps"].value == 30
+
+
+def test_complete_training_fails_when_the_completed_job_left_no_readable_file(store, instance, backend, dataset):
+    """RunPod can say COMPLETED for a worker that wrote nothing: that is no LoRA."""
+    job_id = run_train_lora(instance).output_for_node("submit_lora_training")
+    store.put("loras/sample_style/sample_style_v1.safetensors", b"\x00\x01 not a safetensors file")
+    status = JobStatus(id=job_id, status="COMPLETED", output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"})
+
+    result = defs.resolve_job_def("complete_training").execute_in_process(
+        instance=instance, partition_key=STYLE, raise_on_error=False,
+        run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
+    )
+
+    assert not result.success
+    assert "sample_style_v1.safetensors" in error_text(result.failure_data_for_node("trained_lora"))

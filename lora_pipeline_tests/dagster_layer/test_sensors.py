@@ -1,0 +1,132 @@
+"""The completion sensors: each finished job becomes exactly one recording run."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import dagster as dg
+import pytest
+
+from lora_pipeline.defs.sensors import runpod_job_sensor, runpod_webhook_sensor
+from lora_pipeline.registry.evidence import JobReport
+from lora_pipeline.runpod.backend import JobNotFound, JobStatus, RunPodUnavailable
+from lora_pipeline.storage import StoreUnavailable
+from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED
+from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.webhook.inbox import write_webhook
+from lora_pipeline_tests.dagster_layer.conftest import submit_pending
+
+JOB = "26945dbf-4e87-4574-ad26-b1f71e865942"
+STYLE = "style_59"
+
+
+def evaluate(sensor, instance, resources, cursor=None):
+    with dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
+        return sensor(context)
+
+
+def inbox_keys(store) -> list[str]:
+    return [info.key for info in store.list(WEBHOOK_INBOX + "/")]
+
+
+def test_webhook_for_a_suffixed_job_requests_one_recording_run(store, instance, resources):
+    """RunPod's webhook names the bare UUID; the registry holds the id with `-e2`: they match."""
+    submit_pending(store, STYLE, f"{JOB}-e2")
+    write_webhook(store, json.dumps({"id": JOB, "status": "COMPLETED", "output": {}}).encode())
+
+    result = evaluate(runpod_webhook_sensor, instance, resources)
+
+    [request] = result.run_requests
+    assert request.partition_key == STYLE
+    assert request.run_key == f"complete:{JOB}:COMPLETED"
+    assert request.run_config["ops"]["trained_lora"]["config"]["source"] == "webhook"
+    assert instance.has_dynamic_partition("styles", STYLE)
+
+
+def test_webhook_already_in_the_registry_is_archived_without_a_run(store, instance, resources):
+    """A duplicate delivery, or one a poll recorded first, leaves nothing to do."""
+    submit_pending(store, STYLE, f"{JOB}-e1")
+    failed = JobReport(f"{JOB}-e1", "FAILED", None, "CUDA out of memory", None, None, datetime.now(UTC), "poll")
+    RegistryStore(store).apply(STYLE, [failed])
+    write_webhook(store, json.dumps({"id": JOB, "status": "FAILED", "error": "CUDA out of memory"}).encode())
+
+    result = evaluate(runpod_webhook_sensor, instance, resources)
+
+    assert not result.run_requests
+    assert inbox_keys(store) == []
+    assert list(store.list(WEBHOOK_PROCESSED + "/"))
+
+
+def test_malformed_webhook_file_is_kept_and_requests_nothing(store, instance, resources):
+    store.put(f"{WEBHOOK_INBOX}/20261125T000000000000Z_{JOB}.json", b"{not json")
+
+    result = evaluate(runpod_webhook_sensor, instance, resources)
+
+    assert not result.run_requests
+    assert inbox_keys(store) == [f"{WEBHOOK_INBOX}/20261125T000000000000Z_{JOB}.json"]
+
+
+def test_webhook_for_a_job_not_yet_registered_waits_in_the_inbox(store, instance, resources):
+    """The webhook can beat the submitting run's registry write: it must not be lost."""
+    write_webhook(store, json.dumps({"id": JOB, "status": "FAILED", "error": "boom"}).encode())
+
+    result = evaluate(runpod_webhook_sensor, instance, resources)
+
+    assert not result.run_requests
+    assert len(inbox_keys(store)) == 1
+
+
+def test_webhook_sensor_skips_while_the_store_is_unavailable(instance, resources, monkeypatch):
+    class Down:
+        def list(self, prefix=""):
+            raise StoreUnavailable("object store unavailable since 10:00 (test)")
+
+        def get(self, key):
+            raise StoreUnavailable("down")
+
+    monkeypatch.setattr(type(resources["storage"]), "get_store", lambda self: Down())
+
+    result = evaluate(runpod_webhook_sensor, instance, resources)
+
+    assert not result.run_requests
+    assert "unavailable" in result.skip_reason.skip_message
+
+
+def test_job_sensor_requests_a_run_for_each_finished_job(store, instance, resources, backend):
+    submit_pending(store, STYLE, f"{JOB}-u1")
+    other = "c3d1f7aa-5b0e-4e0f-8d55-7a4e3b2c9f10-e1"
+    submit_pending(store, "style_7", other, version=2)
+    backend.answers[f"{JOB}-u1"] = JobStatus(id=f"{JOB}-u1", status="COMPLETED", output={"lora_key": "x"})
+    backend.answers[other] = JobStatus(id=other, status="IN_PROGRESS")
+
+    result = evaluate(runpod_job_sensor, instance, resources)
+
+    [request] = result.run_requests
+    assert (request.partition_key, request.run_key) == (STYLE, f"complete:{JOB}:COMPLETED")
+    assert request.tags["lora_pipeline/source"] == "poll"
+
+
+def test_job_sensor_hands_expired_jobs_to_reconciliation(store, instance, resources, backend):
+    """RunPod answers 404 once a result expired: that is not a failure of the job, and the
+    store (is its LoRA there?) decides, in a reconcile_registry run."""
+    submit_pending(store, STYLE, f"{JOB}-u1")
+    backend.answers[f"{JOB}-u1"] = JobNotFound(f"{JOB}-u1")
+
+    result = evaluate(runpod_job_sensor, instance, resources)
+
+    [request] = result.run_requests
+    assert request.job_name == "reconcile_registry"
+    document, _ = RegistryStore(store).read(STYLE)
+    assert document.versions[0].status.value != "failed"
+
+
+@pytest.mark.parametrize("failure", [RunPodUnavailable("RunPod API down (test)")], ids=["api-down"])
+def test_job_sensor_skips_while_runpod_is_unavailable(store, instance, resources, backend, failure):
+    submit_pending(store, STYLE, f"{JOB}-u1")
+    backend.answers[f"{JOB}-u1"] = failure
+
+    result = evaluate(runpod_job_sensor, instance, resources)
+
+    assert not result.run_requests
+    assert result.skip_reason is not None
