@@ -114,6 +114,7 @@ class MotoServer:
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
+        self.cpu_seconds = 0.0
 
     def __enter__(self) -> MotoServer:
         self.process = subprocess.Popen(
@@ -129,11 +130,12 @@ class MotoServer:
                 return self
             except Exception:  # noqa: BLE001 - not up yet
                 if time.monotonic() > deadline:
+                    self.__exit__()  # never leave a server behind
                     raise
                 time.sleep(0.2)
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None:
+        if self.process is not None and self.process.returncode is None:
             self.process.terminate()
             _, status, usage = os.wait4(self.process.pid, 0)
             self.process.returncode = status

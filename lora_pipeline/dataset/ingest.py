@@ -575,7 +575,8 @@ def _nothing_accepted(description: str, rejected: list[RejectedFile], shown: int
         return f"no usable images in {description} (it holds no files)"
     reasons = "; ".join(f"{r.source}: {r.reason}" for r in rejected[:shown])
     more = f"; and {len(rejected) - shown} more" if len(rejected) > shown else ""
-    return f"no usable images in {description} ({len(rejected)} files rejected: {reasons}{more})"
+    files = "1 file" if len(rejected) == 1 else f"{len(rejected)} files"
+    return f"no usable images in {description} ({files} rejected: {reasons}{more})"
 
 
 def _report(style: str, source: str, checked: _Checked, *, manifest: DatasetManifest | None, started: float) -> IngestReport:

@@ -29,7 +29,8 @@ class DatasetConfig(dg.Config):
         description="A local folder, a .zip, or 'store:<prefix>'. Default: the store's "
         "incoming/<style>/ folder, or the bundled sample for 'sample_style'.",
     )
-    trigger_word: str | None = Field(None, description="Word prepended to captions / used for missing ones.")
+    trigger_word: str | None = Field(None, description="Caption for images without one (default: the style name).")
+    prepend_trigger_word: bool = Field(False, description="Also put the trigger word in front of every caption.")
     min_side: int = Field(64, description="Images with a shorter side are rejected.")
     missing_captions: str = Field("fill", description="'fill' from the trigger word, or 'reject'.")
 
@@ -82,8 +83,9 @@ def training_dataset(
                 trigger_word=trigger_word,
                 min_side=config.min_side,
                 missing_captions=config.missing_captions,  # type: ignore[arg-type]
+                prepend_trigger_word=config.prepend_trigger_word,
             ),
-            progress=lambda stage, done, total: context.log.debug(f"{stage}: {done}/{total}"),
+            progress=_progress_logger(context),
         )
     except EmptyDatasetError as exc:
         raise dg.Failure(description=str(exc), metadata=exc.report.dagster_metadata()) from None
@@ -98,6 +100,16 @@ def training_dataset(
             _check_result("caption_coverage", check_caption_coverage(manifest, MIN_CAPTION_COVERAGE)),
         ],
     )
+
+
+def _progress_logger(context: dg.AssetExecutionContext):
+    """Log every 100th file and the last: a large dataset must not flood the event log."""
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if done == total or done % 100 == 0:
+            context.log.info(f"{stage}: {done}/{total} files")
+
+    return progress
 
 
 def _check_result(name: str, outcome: CheckOutcome) -> dg.AssetCheckResult:
