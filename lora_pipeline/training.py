@@ -207,7 +207,7 @@ def record_completion(
                     size=info.size if info else 0,
                     etag=info.etag if info else "",
                     metadata=header.metadata,
-                    at=at,
+                    at=info.last_modified if info else at,
                 )
             )
             metadata = header.metadata

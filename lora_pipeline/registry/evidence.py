@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from lora_pipeline.registry.names import parse_version_name, validate_style
+from lora_pipeline.registry.names import parse_version_name
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,3 @@ def _number(version: str | int) -> int:
         raise ValueError(f"invalid version {version!r}: expected V1, V2, … or a positive number")
     return number
 
-
-def evidence_style(evidence: Evidence) -> str | None:
-    """The style a piece of evidence names, validated; None for job-only evidence."""
-    style = getattr(evidence, "style", None)
-    return validate_style(style) if style is not None else None

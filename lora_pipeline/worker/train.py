@@ -205,13 +205,8 @@ def make_optimizer(params: TrainingParams, trainable: Sequence[torch.nn.Paramete
     return torch.optim.AdamW(trainable, foreach=True, **kwargs)
 
 
-@torch.no_grad()
-def encode_prompts(models: _Models, captions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings (and SDXL's pooled embedding), the way each family's pipeline does."""
-    return _encode_prompts(models, captions, device)
-
-
 def _encode_prompts(models: _Models, captions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings (and SDXL's pooled embedding), the way each family's training script does."""
     if models.family != "sdxl":
         ids = _tokenize(models.tokenizers[0], captions, device)
         return models.text_encoders[0](ids, return_dict=False)[0], None
@@ -262,7 +257,7 @@ def prepare_cache(models: _Models, examples: Sequence[Example], params: Training
     if not params.train_text_encoder:
         prompt_embeds, pooled = [], []
         for caption in captions:
-            embeds, pool = encode_prompts(models, [caption], device)
+            embeds, pool = _encode_prompts(models, [caption], device)
             prompt_embeds.append(embeds[0].to(dtype))
             pooled.append(pool[0].to(dtype) if pool is not None else None)
     return _Prepared(buckets, means, stds, time_ids, captions, prompt_embeds, pooled)
@@ -295,6 +290,14 @@ def train_lora(
     random.seed(params.seed)
     models = load_models(model_dir, family, device, dtype)
     cache = prepare_cache(models, examples, params, device, dtype)
+    # Everything the cache replaced leaves the GPU: the VAE always, the text
+    # encoders unless they train. That memory is what the reference spends per step.
+    models.vae.to("cpu")
+    if not params.train_text_encoder:
+        for encoder in models.text_encoders:
+            encoder.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if params.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if params.train_text_encoder:

@@ -36,6 +36,16 @@ def tiny_model(model_cache: Path) -> Path:
 def _worker_cache(_hermetic_env, model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """'tiny' in a request resolves to the session's model, never ~/.cache."""
     monkeypatch.setenv("LORA_PIPELINE_CACHE", str(model_cache))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the handler.py subprocesses, as below
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """The tiny model's ops are too small to gain from threads, and on a shared machine
+    OpenMP threads that spin-wait for a busy core make each op many times slower."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (48, 48)) -> bytes:

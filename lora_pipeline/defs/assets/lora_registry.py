@@ -1,5 +1,7 @@
 """``lora_registry``: the style's versioned registry document, checked."""
 
+import functools
+
 
 import dagster as dg
 
@@ -7,7 +9,7 @@ from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry import checks
 from lora_pipeline.registry.models import RegistryDocument, VersionStatus
-from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
+from lora_pipeline.registry.safetensors_header import is_readable_lora
 from lora_pipeline.storage.keys import registry_key
 from lora_pipeline.storage.registry_io import RegistryStore
 
@@ -35,13 +37,7 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
     document, _ = registry.read(style)
     raw = stored.data or b"{}"
     stored_doc = stored.document
-
-    def readable(key: str) -> bool:
-        try:
-            read_header(store, key)
-        except InvalidLoraFile:
-            return False
-        return True
+    readable = functools.partial(is_readable_lora, store)
 
     problems = {
         "unique_version_names": checks.duplicate_names(stored_doc),
