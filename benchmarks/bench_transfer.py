@@ -23,6 +23,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
     parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds (method order rotated each round); medians are printed"
+    )
+    parser.add_argument(
         "--rtt-ms", type=float, default=0.0, help="delay added to every request (simulated network round trip)"
     )
     args = parser.parse_args()
@@ -146,8 +150,6 @@ def main() -> None:
         bucket = "bench"
         client.create_bucket(Bucket=bucket)
         store = S3Store(client, bucket, "", options=options)
-
-        methods = {}
 
         def layer() -> dict[str, float]:
             out = work / "out_layer"
@@ -227,12 +229,20 @@ def main() -> None:
             print("awscli not installed: skipping (pip install awscli)")
         if Path(s5cmd).exists():
             candidates["s5cmd"] = lambda: cli(s5)
-        for name, fn in candidates.items():
-            if name in args.skip:
-                continue
-            empty_bucket(client, bucket)
-            print(f"running {name} ...", flush=True)
-            methods[name] = fn()
+        names = [name for name in candidates if name not in args.skip]
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for round_no in range(args.repeat):
+            shift = round_no % len(names)
+            for name in names[shift:] + names[:shift]:
+                empty_bucket(client, bucket)
+                for old in work.glob("out_*"):
+                    shutil.rmtree(old)
+                print(f"round {round_no + 1}: running {name} ...", flush=True)
+                runs[name].append(candidates[name]())
+        methods = {
+            name: {phase: statistics.median(run[phase] for run in results) for phase in results[0]}
+            for name, results in runs.items()
+        }
 
         sizes = {"small up": small_bytes, "small down": small_bytes, "big up": big_bytes, "big down": big_bytes}
         phases = list(sizes)
@@ -240,7 +250,7 @@ def main() -> None:
         print(
             f"moto S3 at {endpoint}; {args.files} files x {args.file_kb} KB = {small_bytes / MB:.0f} MiB; "
             f"one file of {args.big_mb} MiB; concurrency {args.concurrency}; {os.cpu_count()} CPUs; "
-            f"added round trip {args.rtt_ms:g} ms"
+            f"added round trip {args.rtt_ms:g} ms; median of {args.repeat} round(s)"
         )
         header = f"{'method':<8}" + "".join(f"{p:>14}" for p in phases)
         print(header + "   (MB/s; seconds in brackets)")

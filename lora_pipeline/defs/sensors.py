@@ -30,7 +30,7 @@ from lora_pipeline.runpod.poll import poll_jobs
 from lora_pipeline.storage import StoreUnavailable
 from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.training import job_run_key
-from lora_pipeline.webhook.inbox import list_inbox, mark_processed
+from lora_pipeline.webhook.inbox import InboxItem, list_inbox, mark_processed
 
 JOB_TAG = "lora_pipeline/job"
 ACTIVE_RUN_STATUSES = [
@@ -45,6 +45,8 @@ POLL_DEADLINE_S = 30.0
 POLL_WORKERS = 32
 # RunPod allows 2000 /status calls per 10 s; stay under it with room for other callers.
 POLL_RATE_PER_S = 150.0
+# What fits in one tick at that rate, inside Dagster's 60 s sensor timeout.
+MAX_POLLS_PER_TICK = int(POLL_RATE_PER_S * POLL_DEADLINE_S * 0.9)
 
 
 def settle_expired_request(job_ids: Iterable[str], now: datetime) -> dg.RunRequest:
@@ -117,19 +119,29 @@ def _ensure_partitions(instance: dg.DagsterInstance, styles: Iterable[str]) -> N
     description="Reads RunPod webhook files from the inbox and records finished jobs.",
 )
 def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+    """Each webhook file becomes one recording run, at most MAX_WEBHOOKS_PER_TICK a tick.
+
+    The cursor is the last file a full tick examined: the next tick starts after
+    it, so a burst larger than one tick is worked through in turn rather than the
+    same head of the inbox being re-examined. Files for jobs the registry does
+    not know yet stay in the inbox and are looked at again later.
+    """
     store = storage.get_store()
     registry = RegistryStore(store)
     requests: list[dg.RunRequest] = []
     notes: list[str] = []
+    last_examined: str | None = None
     try:
-        for item in list_inbox(store):
+        job_styles = registry.read_index()[0].jobs
+        for item in _after_cursor(list(list_inbox(store)), context.cursor):
             if len(requests) >= MAX_WEBHOOKS_PER_TICK:
                 break
+            last_examined = item.key
             if item.body is None:
                 notes.append(f"{item.key}: {item.problem}")
                 continue
             status = JobStatus.model_validate(item.body)
-            style = registry.find_style_for_job(status.id) or _style_from_output(status)
+            style = job_styles.get(status.base_id) or _style_from_output(status)
             if style is None:
                 notes.append(f"{item.key}: job {status.id} is not in the registry yet; kept for later")
                 continue
@@ -144,9 +156,19 @@ def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageR
     for note in notes:
         context.log.warning(note)
     _ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
+    cursor = last_examined if len(requests) >= MAX_WEBHOOKS_PER_TICK else None
     if not requests:
-        return dg.SensorResult(skip_reason=dg.SkipReason("no new webhook files" + (f" ({len(notes)} kept)" if notes else "")))
-    return dg.SensorResult(run_requests=requests)
+        kept = f" ({len(notes)} kept)" if notes else ""
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new webhook files{kept}"), cursor=cursor)
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+
+def _after_cursor(items: list[InboxItem], cursor: str | None) -> list[InboxItem]:
+    """The inbox in key order, starting after ``cursor`` and wrapping round."""
+    if not cursor:
+        return items
+    start = next((i for i, item in enumerate(items) if item.key > cursor), len(items))
+    return items[start:] + items[:start]
 
 
 def _style_from_output(status: JobStatus) -> str | None:
@@ -178,13 +200,16 @@ def runpod_job_sensor(
     if not unfinished:
         return dg.SensorResult(skip_reason=dg.SkipReason("no unfinished jobs"))
     backend = training_backend.get_backend(store)
+    batch, start = _round_robin(sorted(unfinished), context.cursor, MAX_POLLS_PER_TICK)
     try:
-        result = poll_jobs(backend, list(unfinished), max_workers=POLL_WORKERS, deadline_s=POLL_DEADLINE_S,
+        result = poll_jobs(backend, batch, max_workers=POLL_WORKERS, deadline_s=POLL_DEADLINE_S,
                            max_rate_per_s=POLL_RATE_PER_S)
     except RunPodUnavailable as exc:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"RunPod unavailable: {exc}"))
     if result.unavailable:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"RunPod unavailable: {result.unavailable_reason}"))
+    answered = len(result.statuses) + len(result.not_found) + len(result.errors)
+    cursor = str((start + answered) % len(unfinished))
     requests = []
     for job_id, status in result.terminal.items():
         if not _run_exists(context.instance, job_id):
@@ -196,13 +221,23 @@ def runpod_job_sensor(
             "completion); requested reconcile_registry to settle them from storage"
         )
     context.log.info(
-        f"polled {len(result.statuses)} of {len(unfinished)} unfinished jobs; "
+        f"polled {len(result.statuses)} of {len(unfinished)} unfinished jobs (from #{start}); "
         f"{len(requests)} finished, {len(result.not_found)} unknown, {len(result.errors)} errors"
     )
     _ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
     if not requests:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"{len(unfinished)} jobs still running"))
-    return dg.SensorResult(run_requests=requests)
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"{len(unfinished)} jobs still running"), cursor=cursor)
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+
+def _round_robin(jobs: list[str], cursor: str | None, limit: int) -> tuple[list[str], int]:
+    """Up to ``limit`` jobs starting at the cursor's offset, wrapping round.
+
+    With more unfinished jobs than one tick can poll, each tick continues where
+    the last one stopped, so every job is polled in turn.
+    """
+    start = int(cursor) % len(jobs) if cursor and cursor.isdigit() else 0
+    return (jobs[start:] + jobs[:start])[:limit], start
 
 
 @dg.sensor(

@@ -42,6 +42,7 @@ __all__ = [
     "FileFailure",
     "TransferProgress",
     "TransferReport",
+    "default_concurrency",
     "download_prefix",
     "iter_zip",
     "logging_progress",

@@ -130,3 +130,41 @@ def test_job_sensor_skips_while_runpod_is_unavailable(store, instance, resources
 
     assert not result.run_requests
     assert result.skip_reason is not None
+
+
+def test_job_sensor_continues_where_the_last_tick_stopped(store, instance, resources, backend, monkeypatch):
+    """More unfinished jobs than one tick may poll: the cursor walks through all of them."""
+    import lora_pipeline.defs.sensors as sensors
+
+    monkeypatch.setattr(sensors, "MAX_POLLS_PER_TICK", 2)
+    jobs = [f"{i:08d}-1111-4222-8333-444455556666-u1" for i in range(5)]
+    for number, job in enumerate(jobs, start=1):
+        submit_pending(store, STYLE, job, version=number)
+        backend.answers[job] = JobStatus(id=job, status="IN_PROGRESS")
+    polled: list[str] = []
+    original = backend.status
+    backend.status = lambda job_id: (polled.append(job_id), original(job_id))[1]
+
+    cursor = None
+    for _ in range(3):
+        result = evaluate(runpod_job_sensor, instance, resources, cursor=cursor)
+        cursor = result.cursor
+
+    assert polled[:5] == jobs and polled[5] == jobs[0]
+
+
+def test_style_discovery_adds_partitions_and_ingests_dropped_folders(store, instance, resources):
+    """A folder dropped under incoming/<style>/ becomes a partition and a dataset run."""
+    from lora_pipeline.defs.sensors import style_discovery_sensor
+
+    store.put("incoming/watercolor/a.png", b"png bytes")
+    store.put("incoming/bad..name/a.png", b"png bytes")
+
+    result = evaluate(style_discovery_sensor, instance, resources)
+
+    [added] = result.dynamic_partitions_requests
+    assert set(added.partition_keys) == {"watercolor", "sample_style"}
+    [request] = result.run_requests
+    assert request.partition_key == "watercolor"
+    again = evaluate(style_discovery_sensor, instance, resources)
+    assert [r.run_key for r in again.run_requests] == [request.run_key]  # same files: same run key

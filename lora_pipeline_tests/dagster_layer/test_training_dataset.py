@@ -1,0 +1,55 @@
+"""The training_dataset asset: what a user sees in the UI after materializing a style."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from lora_pipeline.definitions import defs
+from lora_pipeline.dataset.versions import current_dataset
+
+
+def materialize(instance, style, config=None) -> dg.ExecuteInProcessResult:
+    instance.add_dynamic_partitions("styles", [style])
+    return defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance, partition_key=style, asset_selection=[dg.AssetKey("training_dataset")],
+        run_config={"ops": {"training_dataset": {"config": config or {}}}}, raise_on_error=False,
+    )
+
+
+def test_sample_style_materializes_with_its_hash_as_data_version(store, instance):
+    result = materialize(instance, "sample_style")
+
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    manifest = current_dataset(store, "sample_style")
+    assert metadata["dataset_hash"].value == manifest.dataset_hash
+    assert metadata["images"].value == len(manifest.images) == 8
+    assert "thumbnails" in metadata and "rejected_files" in metadata
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"enough_images": True, "caption_coverage": True}
+
+
+def test_a_folder_source_with_a_broken_image_lists_it_as_rejected(store, instance, tmp_path):
+    from lora_pipeline.dataset.ingest import sample_dataset_path
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in sorted(sample_dataset_path().iterdir())[:10]:
+        (source / path.name).write_bytes(path.read_bytes())
+    (source / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+    result = materialize(instance, "mystyle", {"source": str(source)})
+
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    rows = event.materialization.metadata["rejected_files"].value.records
+    assert [row.data["file"] for row in rows] == ["broken.png"]
+
+
+def test_a_style_without_a_source_fails_with_the_remedy(store, instance):
+    result = materialize(instance, "nothing_here")
+
+    assert not result.success
+    failure = result.failure_data_for_node("training_dataset")
+    assert "incoming/nothing_here/" in failure.user_failure_data.description
