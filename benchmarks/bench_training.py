@@ -32,6 +32,7 @@ Without ``--reference-dir`` only our side runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -88,7 +89,6 @@ def model_spec(name: str):
                       block_out_channels=(320, 640, 1280, 1280)),
             vae=dict(SD_VAE, sample_size=512),
             text_encoder=CLIP_L,
-            save_dtype="bfloat16",
         )
     if name == "sdxl":
         return RandomModelSpec(
@@ -104,7 +104,6 @@ def model_spec(name: str):
             vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025),
             text_encoder=CLIP_L,
             text_encoder_2=OPENCLIP_BIGG,
-            save_dtype="bfloat16",
         )
     raise SystemExit(f"unknown config {name!r}; choose from {sorted(CONFIGS)}")
 
@@ -364,7 +363,9 @@ def main() -> None:
         )
         args.steps = args.steps or (30 if name == "tiny" else 25)
         started = time.perf_counter()
-        model = ensure_random_model(model_spec(name), work / f"model-{name}")
+        spec = model_spec(name)
+        digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        model = ensure_random_model(spec, work / f"model-{name}-{digest}")
         data = write_dataset(work / f"data-{name}-{config.resolution}-{args.images}", config.resolution, args.images)
         print(f"# {name}: model + data ready in {time.perf_counter() - started:.1f}s", file=sys.stderr)
         sides = ["ours"] + (["reference"] if args.reference_dir else [])

@@ -213,6 +213,10 @@ def record_completion(
             metadata = header.metadata
     result = registry.apply(style, evidence)
     version = find_version_by_job(result.document, report.job_id)
+    if version is None and metadata:
+        # The webhook beat the submitting run's write of the job id: the file completed
+        # the version reserved for it, which gets its job id when the submission lands.
+        version = next((v for v in result.document.versions if v.s3_key == key and v.id is None), None)
     return Completion(
         style=style,
         version=version,

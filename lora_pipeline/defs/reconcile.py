@@ -15,7 +15,7 @@ from pydantic import Field
 
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.reconcile import reconcile
+from lora_pipeline.reconcile import DEFAULT_MAX_JOB_AGE, reconcile
 
 DEFAULT_CRON = "0 * * * *"
 
@@ -23,7 +23,7 @@ DEFAULT_CRON = "0 * * * *"
 class ReconcileConfig(dg.Config):
     dry_run: bool = Field(False, description="Report what would change; write nothing.")
     max_job_age_hours: float = Field(
-        48.0, description="An unfinished job RunPod no longer knows, with no file in the store, "
+        DEFAULT_MAX_JOB_AGE.total_seconds() / 3600, description="An unfinished job RunPod no longer knows, with no file in the store, "
         "is marked failed only after this long.",
     )
     poll_status: bool = Field(True, description="Ask the backend about unfinished jobs.")

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from lora_pipeline.worker.schema import ModelFamily, TrainingParams
 
@@ -127,20 +128,32 @@ def write_lora_file(
     *,
     text_encoder_lora: Mapping[str, object] | None = None,
     text_encoder_2_lora: Mapping[str, object] | None = None,
+    adapter_configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Save with diffusers' ``save_lora_weights``, then add ``metadata`` to the header."""
+    """Save with diffusers' ``save_lora_weights``, then add ``metadata`` to the header.
+
+    ``adapter_configs`` (peft ``LoraConfig.to_dict()`` per component) go into the
+    header as diffusers' ``lora_adapter_metadata``, so loading applies alpha/rank.
+    """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        kwargs = {"unet_lora_layers": dict(unet_lora), "safe_serialization": True}
+        configs = {k: _jsonable(v) for k, v in (adapter_configs or {}).items()}
+        kwargs: dict[str, Any] = {"unet_lora_layers": dict(unet_lora), "safe_serialization": True}
+        if "unet" in configs:
+            kwargs["unet_lora_adapter_metadata"] = configs["unet"]
         if text_encoder_lora:
             kwargs["text_encoder_lora_layers"] = dict(text_encoder_lora)
+            if "text_encoder" in configs:
+                kwargs["text_encoder_lora_adapter_metadata"] = configs["text_encoder"]
         if family == "sdxl":
             from diffusers import StableDiffusionXLPipeline as Pipeline
 
             if text_encoder_2_lora:
                 kwargs["text_encoder_2_lora_layers"] = dict(text_encoder_2_lora)
+                if "text_encoder_2" in configs:
+                    kwargs["text_encoder_2_lora_adapter_metadata"] = configs["text_encoder_2"]
         else:
             from diffusers import StableDiffusionPipeline as Pipeline
         Pipeline.save_lora_weights(tmp, weight_name="lora.safetensors", **kwargs)
@@ -210,6 +223,19 @@ def _kohya_te_name(key: str, family: ModelFamily) -> str:
         if key.startswith(prefix) and not key.startswith(prefix + "text_model_"):
             return prefix + "text_model_" + key[len(prefix):]
     return key
+
+
+def _jsonable(value: Any) -> Any:
+    """peft configs hold sets and enums; the header wants plain JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return getattr(value, "value", str(value))
 
 
 def _num(value: float) -> str:

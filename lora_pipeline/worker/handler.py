@@ -164,6 +164,7 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
         lora_file = write_lora_file(
             Path(tmp) / "lora.safetensors", family, outcome.unet_lora, metadata,
             text_encoder_lora=outcome.text_encoder_lora, text_encoder_2_lora=outcome.text_encoder_2_lora,
+            adapter_configs=outcome.adapter_configs,
         )
         if params.num_sample_images:
             from lora_pipeline.worker.samples import generate_samples, sample_prompts

@@ -65,7 +65,9 @@ class TrainOutcome:
     resumed_from: int | None
     train_seconds: float
     device: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    # peft LoraConfig of each adapter (rank, alpha, targets): written into the file so
+    # load_lora_weights applies alpha/rank, not an assumed alpha == rank.
+    adapter_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float | None:
@@ -408,6 +410,10 @@ def train_lora(
             progress(done, n_steps, step_loss)
 
     unet_lora, te_lora, te2_lora = _lora_layers(models, params)
+    configs = {"unet": models.unet.peft_config["default"].to_dict()}
+    if params.train_text_encoder:
+        for name, encoder in zip(("text_encoder", "text_encoder_2"), models.text_encoders, strict=False):
+            configs[name] = encoder.peft_config["default"].to_dict()
     return TrainOutcome(
         unet_lora=unet_lora,
         text_encoder_lora=te_lora,
@@ -418,6 +424,7 @@ def train_lora(
         resumed_from=resumed_from,
         train_seconds=time.perf_counter() - started,
         device=str(device),
+        adapter_configs=configs,
     )
 
 

@@ -16,7 +16,9 @@ from lora_pipeline.worker.data import Example, decode_image
 from lora_pipeline.worker.train import TrainOutcome, train_lora
 from lora_pipeline_tests.worker.conftest import quick_params, sample_images
 
-PARAMS = quick_params(train_text_encoder=True, max_train_steps=4, learning_rate=5e-2, trigger_word="geoshapes style")
+# alpha ≠ rank on purpose: the scale alpha/rank must survive both file layouts.
+PARAMS = quick_params(train_text_encoder=True, max_train_steps=4, learning_rate=5e-2, alpha=8,
+                      trigger_word="geoshapes style")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def _facts(outcome: TrainOutcome) -> ArtifactFacts:
 def lora_file(outcome: TrainOutcome, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("artifact") / "geo_v3.safetensors"
     return write_lora_file(path, "sd1", outcome.unet_lora, lora_metadata(_facts(outcome)),
-                           text_encoder_lora=outcome.text_encoder_lora)
+                           text_encoder_lora=outcome.text_encoder_lora, adapter_configs=outcome.adapter_configs)
 
 
 def _render(pipe) -> torch.Tensor:
@@ -76,7 +78,7 @@ def test_header_records_the_training_facts_as_strings(lora_file: Path) -> None:
     assert meta["lora_pipeline.job_id"] == "job-123-e1"
     assert meta["lora_pipeline.family"] == "sd1"
     assert meta["lora_pipeline.rank"] == meta["ss_network_dim"] == "4"
-    assert meta["lora_pipeline.alpha"] == meta["ss_network_alpha"] == "4"
+    assert meta["lora_pipeline.alpha"] == meta["ss_network_alpha"] == "8"
     assert meta["lora_pipeline.steps"] == meta["ss_steps"] == "4"
     assert meta["lora_pipeline.trigger_word"] == meta["modelspec.trigger_phrase"] == "geoshapes style"
     assert meta["lora_pipeline.training_time"] == "12.5"
@@ -87,7 +89,7 @@ def test_header_records_the_training_facts_as_strings(lora_file: Path) -> None:
 
 
 def test_kohya_export_uses_the_a1111_comfyui_key_names(lora_file: Path, tmp_path: Path) -> None:
-    kohya = write_kohya_file(lora_file, tmp_path / "geo_v3_kohya.safetensors", alpha=4, family="sd1")
+    kohya = write_kohya_file(lora_file, tmp_path / "geo_v3_kohya.safetensors", alpha=8, family="sd1")
     with safe_open(str(kohya), framework="pt") as handle:
         keys = list(handle.keys())
         alpha = handle.get_tensor(next(k for k in keys if k.endswith(".alpha")))
@@ -96,8 +98,22 @@ def test_kohya_export_uses_the_a1111_comfyui_key_names(lora_file: Path, tmp_path
     assert keys and all(pattern.match(k) for k in keys), [k for k in keys if not pattern.match(k)][:3]
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
-    assert float(alpha) == 4.0
+    assert float(alpha) == 8.0
     assert meta["ss_network_dim"] == "4"
+
+
+def test_kohya_file_and_diffusers_file_give_the_same_image(tiny_model: Path, lora_file: Path, tmp_path: Path) -> None:
+    """Same layers, same alpha/rank scale, whichever layout a tool reads."""
+    from diffusers import StableDiffusionPipeline
+
+    kohya = write_kohya_file(lora_file, tmp_path / "k.safetensors", alpha=8, family="sd1")
+    images = []
+    for path in (lora_file, kohya):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(path))
+        images.append(_render(pipe))
+    torch.testing.assert_close(images[0], images[1], atol=1e-5, rtol=0)
 
 
 def test_sdxl_lora_with_both_text_encoders_loads_and_changes_the_output(tiny_sdxl_model: Path, tmp_path: Path) -> None:
@@ -111,7 +127,8 @@ def test_sdxl_lora_with_both_text_encoders_loads_and_changes_the_output(tiny_sdx
     outcome = train_lora(params, "sdxl", tiny_sdxl_model, examples)
     path = write_lora_file(tmp_path / "xl.safetensors", "sdxl", outcome.unet_lora, {},
                            text_encoder_lora=outcome.text_encoder_lora,
-                           text_encoder_2_lora=outcome.text_encoder_2_lora)
+                           text_encoder_2_lora=outcome.text_encoder_2_lora,
+                           adapter_configs=outcome.adapter_configs)
     kohya = write_kohya_file(path, tmp_path / "xl_kohya.safetensors", alpha=4, family="sdxl")
     with safe_open(str(kohya), framework="pt") as handle:
         assert {key.split("_")[1] for key in handle.keys()} == {"unet", "te1", "te2"}

@@ -85,7 +85,7 @@ def completion_result(completion: Completion, status: JobStatus | None) -> dg.Ma
     metadata: dict = {
         "style": completion.style,
         "version": version.name,
-        "job_id": version.id or "",
+        "job_id": version.id or (status.id if status is not None else ""),
         "lora_key": completion.lora_key or version.s3_key or "",
         "url": dg.MetadataValue.url(version.lora_url) if version.lora_url else "",
         "dataset_hash": version.dataset_hash or meta.get("lora_pipeline.dataset_hash", ""),
