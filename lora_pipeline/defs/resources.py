@@ -13,7 +13,6 @@ from typing import Any
 
 import boto3
 import dagster as dg
-from botocore.config import Config
 from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
@@ -22,6 +21,7 @@ from lora_pipeline.runpod.factory import open_training_backend
 from lora_pipeline.settings import Settings, load_settings
 from lora_pipeline.storage import ObjectStore
 from lora_pipeline.storage.factory import open_store
+from lora_pipeline.storage.s3 import S3Options, build_s3_client
 from lora_pipeline.webhook.urls import webhook_url
 
 
@@ -29,32 +29,35 @@ class LoraS3Resource(S3Resource):
     """dagster-aws's S3Resource plus the knobs a flaky S3-compatible endpoint needs.
 
     RunPod's S3 API wants path-style addressing; every endpoint deserves explicit
-    timeouts and botocore's adaptive retries. ``S3Resource.get_client()`` builds a
-    new client per call, so the storage resource calls it once per step.
+    timeouts and retries. Unset fields fall back to the environment
+    (``LORA_S3_*``, ``AWS_*``: see ``S3Options``), so the resource and the worker,
+    which has no Dagster, build the same client. ``S3Resource.get_client()``
+    builds a new client per call, so the storage resource calls it once per step.
     """
 
-    addressing_style: str = Field("auto", description="S3 addressing: auto, path or virtual.")
-    connect_timeout_s: float = Field(5.0, description="Seconds to wait for a connection.")
-    read_timeout_s: float = Field(60.0, description="Seconds to wait for response bytes.")
-    retry_mode: str = Field("adaptive", description="botocore retry mode: standard or adaptive.")
+    addressing_style: str | None = Field(None, description="auto, path or virtual (LORA_S3_ADDRESSING_STYLE).")
+    connect_timeout_s: float | None = Field(None, description="Connect timeout (LORA_S3_CONNECT_TIMEOUT, 5 s).")
+    read_timeout_s: float | None = Field(None, description="Read timeout (LORA_S3_READ_TIMEOUT, 60 s).")
+    retry_mode: str | None = Field(None, description="botocore retry mode (AWS_RETRY_MODE, standard).")
 
     def get_client(self) -> Any:
-        session = boto3.session.Session(profile_name=self.profile_name)
-        return session.client(
-            "s3",
-            region_name=self.region_name,
+        options = S3Options.from_env(
             endpoint_url=self.endpoint_url,
+            region=self.region_name,
+            addressing_style=self.addressing_style,
+            retry_mode=self.retry_mode,
+            connect_timeout=self.connect_timeout_s,
+            read_timeout=self.read_timeout_s,
+            max_attempts=self.max_attempts,
+        )
+        return build_s3_client(
+            options,
+            session=boto3.session.Session(profile_name=self.profile_name),
             use_ssl=self.use_ssl,
             verify=self.verify,
             aws_access_key_id=self.aws_access_key_id,
             aws_secret_access_key=self.aws_secret_access_key,
             aws_session_token=self.aws_session_token,
-            config=Config(
-                retries={"max_attempts": self.max_attempts, "mode": self.retry_mode},
-                connect_timeout=self.connect_timeout_s,
-                read_timeout=self.read_timeout_s,
-                s3={"addressing_style": self.addressing_style},
-            ),
         )
 
 
