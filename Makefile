@@ -27,6 +27,7 @@ dev: install
 	DAGSTER_HOME="$(DAGSTER_HOME)" $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
 
 test: install
+	$(VENV)/bin/ruff check lora_pipeline lora_pipeline_tests benchmarks
 	$(PY) -m pytest
 
 demo: install

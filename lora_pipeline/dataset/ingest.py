@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -294,7 +294,7 @@ def ingest_dataset(
             manifest = DatasetManifest(
                 style=style,
                 dataset_hash=dataset_hash(checked.entries),
-                created_at=datetime.now(timezone.utc).isoformat(),
+                created_at=datetime.now(UTC).isoformat(),
                 trigger_word=trigger_word,
                 images=checked.entries,
                 rejected=checked.rejected,
@@ -361,7 +361,8 @@ def _check_source(
     workers = options.check_workers or (os.cpu_count() or 2) + 2
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-check") as pool:
         text_files: dict[str, bytes] = {}
-        for name, data in zip(caption_names + metadata_names, pool.map(lambda n: _read(source, n), caption_names + metadata_names)):
+        text_names = caption_names + metadata_names
+        for name, data in zip(text_names, pool.map(lambda n: _read(source, n), text_names), strict=True):
             if isinstance(data, bytes):
                 text_files[name] = data
             else:

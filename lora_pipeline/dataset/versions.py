@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from lora_pipeline.dataset.manifest import DatasetManifest
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
@@ -102,7 +102,7 @@ def set_current(store: ObjectStore, manifest: DatasetManifest, *, now: datetime 
         outcome.update(previous=previous, changed=previous != manifest.dataset_hash)
         if previous == manifest.dataset_hash:
             return None
-        at = (now or datetime.now(timezone.utc)).isoformat()
+        at = (now or datetime.now(UTC)).isoformat()
         entry = VersionEntry(manifest.dataset_hash, len(manifest.images), at)
         older = [h for h in (pointer.history if pointer else []) if h.dataset_hash != entry.dataset_hash]
         return CurrentPointer(

@@ -32,7 +32,6 @@ from lora_pipeline.registry.models import (
     RejectedFile,
     Version,
     VersionStatus,
-    to_millis,
 )
 from lora_pipeline.registry.urls import stable_url, url_sort_key
 

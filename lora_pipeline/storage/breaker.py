@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,7 +125,7 @@ class CircuitBreaker:
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
             if self._state == HALF_OPEN or self._failures >= self.fail_max:
                 if self._state == CLOSED:
-                    self.unavailable_since = datetime.now(timezone.utc)
+                    self.unavailable_since = datetime.now(UTC)
                 self._state = OPEN
                 self._opened_at = self._clock()
                 self._probe_in_flight = False

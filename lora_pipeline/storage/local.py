@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from urllib.parse import quote
 
@@ -188,7 +188,7 @@ class LocalStore:
             key=key,
             size=stat.st_size,
             etag=self._etag(path, stat),
-            last_modified=datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc),
+            last_modified=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
         )
 
     def put(

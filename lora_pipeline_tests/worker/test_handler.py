@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 
 import lora_pipeline.worker.train as train_module
 from lora_pipeline.registry.safetensors_header import read_header
 from lora_pipeline.worker.handler import handler
 from lora_pipeline.worker.schema import TrainingResult
-from lora_pipeline_tests.worker.conftest import STYLE, png_bytes, put_dataset, request_dict
+from lora_pipeline_tests.worker.conftest import png_bytes, put_dataset, request_dict
 
 
 @pytest.fixture
