@@ -62,3 +62,26 @@ def test_demo_command_names_the_failing_step(store_dir, model_cache):
 
     assert result.exit_code == 1
     assert "training_dataset" in result.output
+
+
+def test_materializing_all_three_assets_yields_a_trained_lora_in_the_registry(store_dir, model_cache):
+    """The UI path: select the three assets, Materialize, partition sample_style."""
+    import dagster as dg
+
+    from lora_pipeline.definitions import defs
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("styles", ["sample_style"])
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance,
+            partition_key="sample_style",
+            run_config={"ops": {"trained_lora": {"config": {"poll_interval_s": 0.5, "wait_timeout_s": 900}}}},
+        )
+
+    assert result.success
+    by_asset = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert set(by_asset) == {"training_dataset", "trained_lora", "lora_registry"}
+    assert by_asset["trained_lora"]["lora_key"].value == "loras/sample_style/sample_style_v1.safetensors"
+    assert by_asset["trained_lora"]["steps"].value == 30
+    assert by_asset["lora_registry"]["latest_version"].value == "V1"
+    assert all(check.passed for check in result.get_asset_check_evaluations())
