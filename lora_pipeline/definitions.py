@@ -10,15 +10,11 @@ import dagster as dg
 from lora_pipeline.defs.assets.lora_registry import lora_registry
 from lora_pipeline.defs.assets.trained_lora import trained_lora
 from lora_pipeline.defs.assets.training_dataset import training_dataset
+from lora_pipeline.defs.completion_sensors import runpod_job_sensor, runpod_webhook_sensor
+from lora_pipeline.defs.discovery_sensors import new_dataset_version_sensor, style_discovery_sensor
 from lora_pipeline.defs.jobs import complete_training, train_lora
 from lora_pipeline.defs.reconcile import reconcile_registry, reconcile_registry_schedule
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.defs.sensors import (
-    new_dataset_version_sensor,
-    runpod_job_sensor,
-    runpod_webhook_sensor,
-    style_discovery_sensor,
-)
 
 defs = dg.Definitions(
     assets=[training_dataset, trained_lora, lora_registry],

@@ -25,11 +25,11 @@ from typing import Any
 import dagster as dg
 import httpx
 import pytest
+from lora_pipeline.defs.completion_sensors import JOB_TAG
 
 from lora_pipeline.dataset.ingest import SAMPLE_TRIGGER_WORD, IngestOptions, ingest_dataset, sample_dataset_path
 from lora_pipeline.definitions import defs
 from lora_pipeline.defs import resources as resources_module
-from lora_pipeline.defs.sensors import JOB_TAG
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import RegistryDocument, Version, VersionStatus
 from lora_pipeline.registry.names import parse_version_name

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 
-from lora_pipeline.defs.sensors import runpod_job_sensor, runpod_webhook_sensor
+from lora_pipeline.defs.completion_sensors import runpod_job_sensor, runpod_webhook_sensor
 from lora_pipeline.registry.evidence import JobReport
 from lora_pipeline.runpod.backend import JobNotFound, JobStatus, RunPodUnavailable
 from lora_pipeline.storage import StoreUnavailable
@@ -134,7 +134,7 @@ def test_job_sensor_skips_while_runpod_is_unavailable(store, instance, resources
 
 def test_job_sensor_continues_where_the_last_tick_stopped(store, instance, resources, backend, monkeypatch):
     """More unfinished jobs than one tick may poll: the cursor walks through all of them."""
-    import lora_pipeline.defs.sensors as sensors
+    import lora_pipeline.defs.completion_sensors as sensors
 
     monkeypatch.setattr(sensors, "MAX_POLLS_PER_TICK", 2)
     jobs = [f"{i:08d}-1111-4222-8333-444455556666-u1" for i in range(5)]
@@ -155,7 +155,7 @@ def test_job_sensor_continues_where_the_last_tick_stopped(store, instance, resou
 
 def test_style_discovery_adds_partitions_and_ingests_dropped_folders(store, instance, resources):
     """A folder dropped under incoming/<style>/ becomes a partition and a dataset run."""
-    from lora_pipeline.defs.sensors import style_discovery_sensor
+    from lora_pipeline.defs.discovery_sensors import style_discovery_sensor
 
     store.put("incoming/watercolor/a.png", b"png bytes")
     store.put("incoming/bad..name/a.png", b"png bytes")

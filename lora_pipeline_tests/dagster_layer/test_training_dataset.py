@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from lora_pipeline.definitions import defs
 from lora_pipeline.dataset.versions import current_dataset
+from lora_pipeline.definitions import defs
 
 
 def materialize(instance, style, config=None) -> dg.ExecuteInProcessResult:

@@ -2,7 +2,6 @@
 
 import functools
 
-
 import dagster as dg
 
 from lora_pipeline.defs.partitions import styles_partitions

@@ -1,4 +1,4 @@
-"""Sensors: notice finished jobs (webhook inbox, status polls), new styles and new datasets.
+"""The completion sensors: notice finished training jobs by webhook file or by status poll.
 
 Both completion sensors turn a finished job into one ``complete_training`` run for
 its style, whichever of them sees it first: a run already queued or done for
@@ -8,18 +8,15 @@ cursor, as Dagster advises, rather than asking for a longer tick timeout.
 """
 
 
-from collections.abc import Iterable
-
 import hashlib
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import dagster as dg
 
-from lora_pipeline.dataset.versions import list_styles
-from lora_pipeline.defs.assets.training_dataset import INCOMING_PREFIX, SAMPLE_STYLE
-from lora_pipeline.defs.jobs import complete_training, train_lora
-from lora_pipeline.defs.reconcile import reconcile_registry
+from lora_pipeline.defs.jobs import complete_training
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
+from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job
@@ -106,7 +103,7 @@ def unfinished_jobs(registry: RegistryStore) -> dict[str, str]:
     return {job.job_id: style for style, summary in index.styles.items() for job in summary.unfinished.values()}
 
 
-def _ensure_partitions(instance: dg.DagsterInstance, styles: Iterable[str]) -> None:
+def ensure_partitions(instance: dg.DagsterInstance, styles: Iterable[str]) -> None:
     missing = [s for s in set(styles) if not instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, s)]
     if missing:
         instance.add_dynamic_partitions(STYLES_PARTITIONS_NAME, sorted(missing))
@@ -155,7 +152,7 @@ def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageR
         return dg.SensorResult(skip_reason=dg.SkipReason(f"object store unavailable: {exc}"))
     for note in notes:
         context.log.warning(note)
-    _ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
+    ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
     cursor = last_examined if len(requests) >= MAX_WEBHOOKS_PER_TICK else None
     if not requests:
         kept = f" ({len(notes)} kept)" if notes else ""
@@ -224,7 +221,7 @@ def runpod_job_sensor(
         f"polled {len(result.statuses)} of {len(unfinished)} unfinished jobs (from #{start}); "
         f"{len(requests)} finished, {len(result.not_found)} unknown, {len(result.errors)} errors"
     )
-    _ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
+    ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
     if not requests:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"{len(unfinished)} jobs still running"), cursor=cursor)
     return dg.SensorResult(run_requests=requests, cursor=cursor)
@@ -238,80 +235,3 @@ def _round_robin(jobs: list[str], cursor: str | None, limit: int) -> tuple[list[
     """
     start = int(cursor) % len(jobs) if cursor and cursor.isdigit() else 0
     return (jobs[start:] + jobs[:start])[:limit], start
-
-
-@dg.sensor(
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    asset_selection=["training_dataset"],
-    description="Adds a partition for every style found in the store (incoming/, datasets/, "
-    "registry) and ingests styles dropped under incoming/<style>/.",
-)
-def style_discovery_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
-    store = storage.get_store()
-    try:
-        known = set(RegistryStore(store).styles())
-        known |= set(list_styles(store))
-        incoming = _incoming_fingerprints(store)
-    except StoreUnavailable as exc:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"object store unavailable: {exc}"))
-    styles = known | set(incoming) | {SAMPLE_STYLE}
-    new = sorted(s for s in styles if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, s))
-    requests = [
-        dg.RunRequest(run_key=f"incoming:{style}:{fingerprint}", partition_key=style)
-        for style, fingerprint in sorted(incoming.items())
-    ]
-    return dg.SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(STYLES_PARTITIONS_NAME, new)] if new else [],
-        skip_reason=None if (requests or new) else dg.SkipReason("no new styles"),
-    )
-
-
-def _incoming_fingerprints(store) -> dict[str, str]:
-    """Per style under incoming/: a fingerprint of its files, so a change re-ingests it."""
-    digests: dict[str, hashlib._Hash] = {}
-    for info in store.list(INCOMING_PREFIX):
-        name = info.key[len(INCOMING_PREFIX):].split("/", 1)[0]
-        try:
-            validate_style(name)
-        except InvalidStyleName:
-            continue
-        digests.setdefault(name, hashlib.sha256()).update(f"{info.key}:{info.etag}\n".encode())
-    return {style: digest.hexdigest()[:16] for style, digest in digests.items()}
-
-
-@dg.sensor(
-    job=train_lora,
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Turn on to train automatically: each new dataset version starts train_lora "
-    "for its style (once per dataset hash).",
-)
-def new_dataset_version_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    records = context.instance.fetch_materializations(
-        dg.AssetKey("training_dataset"), limit=100, cursor=context.cursor, ascending=True
-    )
-    requests = []
-    for record in records.records:
-        event = record.asset_materialization
-        if event is None or event.partition is None:
-            continue
-        dataset_hash = _metadata_text(event.metadata.get("dataset_hash"))
-        if dataset_hash:
-            requests.append(
-                dg.RunRequest(run_key=f"train:{event.partition}:{dataset_hash}", partition_key=event.partition)
-            )
-    return dg.SensorResult(run_requests=requests, cursor=records.cursor)
-
-
-def _metadata_text(value) -> str | None:
-    return None if value is None else str(getattr(value, "value", value))
-
-
-__all__ = [
-    "new_dataset_version_sensor",
-    "runpod_job_sensor",
-    "runpod_webhook_sensor",
-    "style_discovery_sensor",
-]
