@@ -227,7 +227,7 @@ class _Run:
             except ValueError as exc:
                 self._reject(item, f"not a RunPod status body: {exc}")
                 continue
-            style = routes.get(base_job_id(report.job_id)) or _style_from_output(report.output)
+            style = routes.get(base_job_id(report.job_id)) or style_from_output(report.output)
             if style is None:
                 self.report.webhooks_waiting.append(item.key)
                 self.report.problems.append(
@@ -404,7 +404,7 @@ class _Run:
         return verdicts
 
 
-def _style_from_output(output: dict[str, Any] | None) -> str | None:
+def style_from_output(output: dict[str, Any] | None) -> str | None:
     """The style a job's output names (``style``, or the folder of ``lora_key``), if valid."""
     if not isinstance(output, dict):
         return None

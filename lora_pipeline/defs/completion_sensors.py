@@ -21,8 +21,8 @@ from lora_pipeline.defs.resources import StorageResource, TrainingBackendResourc
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job
 from lora_pipeline.registry.models import VersionStatus
-from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.runpod.backend import JobStatus, RunPodUnavailable
+from lora_pipeline.reconcile import style_from_output
 from lora_pipeline.runpod.poll import poll_jobs
 from lora_pipeline.storage import StoreUnavailable
 from lora_pipeline.storage.registry_io import RegistryStore
@@ -138,7 +138,7 @@ def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageR
                 notes.append(f"{item.key}: {item.problem}")
                 continue
             status = JobStatus.model_validate(item.body)
-            style = job_styles.get(status.base_id) or _style_from_output(status)
+            style = job_styles.get(status.base_id) or style_from_output(status.output)
             if style is None:
                 notes.append(f"{item.key}: job {status.id} is not in the registry yet; kept for later")
                 continue
@@ -166,15 +166,6 @@ def _after_cursor(items: list[InboxItem], cursor: str | None) -> list[InboxItem]
         return items
     start = next((i for i, item in enumerate(items) if item.key > cursor), len(items))
     return items[start:] + items[:start]
-
-
-def _style_from_output(status: JobStatus) -> str | None:
-    """A webhook that beats its own submission to the registry still names its style in the output."""
-    output = status.output if isinstance(status.output, dict) else {}
-    try:
-        return validate_style(output["style"]) if isinstance(output.get("style"), str) else None
-    except InvalidStyleName:
-        return None
 
 
 @dg.sensor(
