@@ -53,3 +53,19 @@ def test_a_style_without_a_source_fails_with_the_remedy(store, instance):
     assert not result.success
     failure = result.failure_data_for_node("training_dataset")
     assert "incoming/nothing_here/" in failure.user_failure_data.description
+
+
+def test_a_new_dataset_version_requests_training_once(store, instance):
+    """With new_dataset_version_sensor on, each dataset hash starts train_lora exactly once."""
+    from lora_pipeline.defs.discovery_sensors import new_dataset_version_sensor
+
+    materialize(instance, "sample_style")
+    with dg.build_sensor_context(instance=instance) as context:
+        first = new_dataset_version_sensor(context)
+    with dg.build_sensor_context(instance=instance, cursor=first.cursor) as context:
+        second = new_dataset_version_sensor(context)
+
+    [request] = first.run_requests
+    manifest = current_dataset(store, "sample_style")
+    assert (request.partition_key, request.run_key) == ("sample_style", f"train:sample_style:{manifest.dataset_hash}")
+    assert second.run_requests == []
