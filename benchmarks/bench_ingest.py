@@ -12,12 +12,17 @@ Compares, in the same run and against the same server:
   with the number of images.
 
 Each mode runs in its own child process against a freshly started moto server
-(``python -m moto.server``, its own process), so wall time and peak RSS
-(``ru_maxrss`` of the child) are the mode's alone. Prints a table and, with
-``--json``, the figures as JSON.
+(moto's server app in its own process, see ``_moto_rtt.py``), so wall time and
+peak RSS (``ru_maxrss`` of the child) are the mode's alone. Prints a table and,
+with ``--json``, the figures as JSON.
+
+On one machine a request to moto costs server CPU on the same cores, not a
+network round trip as real S3 does; ``--rtt-ms`` makes the server sleep that
+long before every request (no CPU) to stand for the round trip.
 
     python benchmarks/bench_ingest.py                 # 2,000 images (≈600 MB)
     python benchmarks/bench_ingest.py --count 400     # smaller, quicker
+    python benchmarks/bench_ingest.py --rtt-ms 20     # with a simulated 20 ms round trip
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _moto_rtt import start_server  # noqa: E402 - benchmarks/, next to this file
 
 BUCKET = "bench"
 # moto accepts any credentials; never let a developer's real ones reach the server.
@@ -110,18 +117,15 @@ def _free_port() -> int:
 
 
 class MotoServer:
-    def __init__(self) -> None:
+    def __init__(self, rtt_ms: float = 0.0) -> None:
+        self.rtt_ms = rtt_ms
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.cpu_seconds = 0.0
 
     def __enter__(self) -> MotoServer:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.process = start_server(self.port, self.rtt_ms)
         client = _client(self.endpoint)
         deadline = time.monotonic() + 30
         while True:
@@ -231,8 +235,8 @@ def child(mode: str, endpoint: str, folder: Path, repeat: bool) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure(mode: str, folder: Path, *, repeat: bool = False) -> dict:
-    with MotoServer() as moto:
+def measure(mode: str, folder: Path, *, repeat: bool = False, rtt_ms: float = 0.0) -> dict:
+    with MotoServer(rtt_ms) as moto:
         process = subprocess.Popen(
             [sys.executable, __file__, "--child", mode, "--endpoint", moto.endpoint, "--data", str(folder)]
             + (["--repeat"] if repeat else []),
@@ -260,6 +264,9 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="also ingest count/4 images to compare peak memory")
     parser.add_argument("--workdir", type=Path, help="where to write the images (default: a temp folder, removed)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate naive/ingest this many times; keep each one's fastest")
+    parser.add_argument(
+        "--rtt-ms", type=float, default=0.0, help="delay added to every request (simulated network round trip)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", choices=["naive", "ingest"], help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
@@ -276,22 +283,29 @@ def main() -> None:
         total = make_dataset(workdir / "full", args.count, args.size_kb)
         print(
             f"{args.count} images, {total / 1e6:.0f} MB ({total / args.count / 1024:.0f} KB each) "
-            f"made in {time.perf_counter() - started:.0f} s; {os.cpu_count()} CPUs",
+            f"made in {time.perf_counter() - started:.0f} s; {os.cpu_count()} CPUs; "
+            f"added round trip {args.rtt_ms:g} ms per request",
             flush=True,
         )
-        results = {"count": args.count, "bytes": total, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
+        results = {
+            "count": args.count,
+            "bytes": total,
+            "cpus": os.cpu_count(),
+            "rtt_ms": args.rtt_ms,
+            "load_before": os.getloadavg()[0],
+        }
         for _ in range(args.rounds):  # alternating, so a busy spell on the machine hits both
             for mode in ("naive", "ingest"):
-                result = measure(mode, workdir / "full")
+                result = measure(mode, workdir / "full", rtt_ms=args.rtt_ms)
                 if mode not in results or result["seconds"] < results[mode]["seconds"]:
                     results[mode] = result
-        results["reingest"] = measure("ingest", workdir / "full", repeat=True)
+        results["reingest"] = measure("ingest", workdir / "full", repeat=True, rtt_ms=args.rtt_ms)
         if args.scaling:
             quarter = workdir / "quarter"
             quarter.mkdir()
             for path in sorted((workdir / "full").iterdir())[: args.count // 4 * 2]:
                 shutil.copy(path, quarter / path.name)
-            results["ingest_quarter"] = measure("ingest", quarter)
+            results["ingest_quarter"] = measure("ingest", quarter, rtt_ms=args.rtt_ms)
         results["load_after"] = os.getloadavg()[0]
         assert results["naive"]["dataset_hash"] == results["ingest"]["dataset_hash"], "the two ways disagree"
         _print(results)

@@ -11,10 +11,11 @@ Methods: ``layer`` (lora_pipeline.storage.transfer with S3Store), ``naive``
 installed) and ``s5cmd`` (if installed). Prints MB/s per method and phase and the
 ratio to the naive loop and to the AWS CLI.
 
-    .venv/bin/python benchmarks/bench_transfer.py [--files 1000] [--file-kb 300] [--big-mb 512]
+    .venv/bin/python benchmarks/bench_transfer.py [--files 1000] [--file-kb 300] [--big-mb 512] [--rtt-ms 20]
 
 moto keeps objects in memory and runs in one Python process, so absolute figures
-say more about moto than about S3; the ratios are the point.
+say more about moto than about S3; the ratios are the point. ``--rtt-ms`` delays
+every request at the server to stand for a network round trip (see _moto_rtt.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_pipeline.storage.s3 import MB, S3Options, S3Store, build_s3_client  # noqa: E402
 from lora_pipeline.storage.transfer import download_prefix, upload_tree  # noqa: E402
 
+from _moto_rtt import start_server  # noqa: E402 - benchmarks/, next to this file
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -43,32 +46,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# moto's own server app, optionally delaying every request by a round-trip time:
-# against moto on one machine a request costs server CPU only, while a real S3
-# request from a GPU worker waits ~10-50 ms on the network, which is what
-# concurrency hides. The delay is a sleep, so it costs the server no CPU.
-_SERVER = """
-import sys, time
-from werkzeug.serving import run_simple
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-app = DomainDispatcherApplication(create_backend_app)
-delay = float(sys.argv[2]) / 1000
-def delayed(environ, start_response):
-    if delay:
-        time.sleep(delay)
-    return app(environ, start_response)
-run_simple("127.0.0.1", int(sys.argv[1]), delayed, threaded=True, request_handler=MotoRequestHandler)
-"""
-
-
 def start_moto(rtt_ms: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(port), str(rtt_ms)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MOTO_PORT": str(port)},
-    )
+    proc = start_server(port, rtt_ms)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
