@@ -101,8 +101,6 @@ def submit_training(
         return Submitted(style, version.name, version.id, manifest.dataset_hash, reused=True)
     if version.status == VersionStatus.completed:
         return Submitted(style, version.name, version.id or "", manifest.dataset_hash, reused=True)
-    number = parse_version_name(version.name)
-    assert number is not None, version.name
     request = TrainingRequest(
         style=style,
         version=version.name,
@@ -129,7 +127,6 @@ def submit_training(
             )
         ],
     )
-    _ = lora_key(style, number)  # validates the key the worker will write
     return Submitted(style, version.name, job_id, manifest.dataset_hash, reused=False)
 
 
