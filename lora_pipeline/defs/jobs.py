@@ -44,7 +44,7 @@ def submit_lora_training(
             style=style,
             params=training_params(config.base_model, config.params),
             base_model=config.base_model,
-            storage_url=storage.resolved_url(),
+            storage_url=training_backend.storage_url_for_worker(storage),
             webhook_url=training_backend.webhook_url_for_jobs(),
             force=config.force,
         )

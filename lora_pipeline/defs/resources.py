@@ -17,6 +17,8 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
 from lora_pipeline.runpod.backend import TrainingBackend
+from lora_pipeline.runpod.client import DEFAULT_BASE_URL as DEFAULT_RUNPOD_BASE_URL
+from lora_pipeline.runpod.client import RunPodClient
 from lora_pipeline.runpod.factory import open_training_backend
 from lora_pipeline.settings import Settings, load_settings
 from lora_pipeline.storage import ObjectStore
@@ -137,6 +139,24 @@ class TrainingBackendResource(dg.ConfigurableResource):
         state_dir = Path(self.local_state_dir) if self.local_state_dir else None
         return open_training_backend(store, settings, state_dir=state_dir)
 
+    def storage_url_for_worker(self, storage: StorageResource) -> str:
+        """The store URL the worker gets in its request; refused when it cannot reach it.
+
+        A worker on RunPod's cloud cannot read a directory on this machine, so
+        RunPod with a local store fails here, before anything is submitted, naming
+        the setting, instead of inside the worker. (An endpoint at a custom base
+        URL, e.g. a self-hosted or test API, is trusted to share the directory.)
+        """
+        url = storage.resolved_url()
+        settings = self.settings()
+        on_runpod_cloud = settings.runpod_base_url.rstrip("/") == DEFAULT_RUNPOD_BASE_URL
+        if settings.training_backend == "runpod" and on_runpod_cloud and not url.startswith("s3://"):
+            raise dg.Failure(
+                description=f"LORA_STORAGE_URL is the local directory {url}, which a RunPod worker "
+                "cannot reach: set it to s3://bucket/prefix (and the AWS settings) to train on RunPod"
+            )
+        return url
+
     def webhook_url_for_jobs(self) -> str | None:
         """The URL RunPod POSTs completions to, with the shared token in its query."""
         settings = self.settings()
@@ -152,6 +172,4 @@ def _runpod_client(api_key: str | None, endpoint_id: str | None, base_url: str) 
         raise dg.DagsterInvariantViolationError(
             "RUNPOD_ENDPOINT_ID is set but RUNPOD_API_KEY is not: the RunPod backend needs a key"
         )
-    from lora_pipeline.runpod.client import RunPodClient
-
     return RunPodClient(api_key, endpoint_id, base_url=base_url)

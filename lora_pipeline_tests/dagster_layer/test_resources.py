@@ -63,3 +63,22 @@ def test_webhook_url_carries_the_token_encoded(monkeypatch):
     url = TrainingBackendResource().webhook_url_for_jobs()
 
     assert url == "https://hooks.example.com/webhooks/runpod?token=a%2Bb%2Fc"
+
+
+def test_runpod_with_a_local_store_is_refused_naming_the_setting(tmp_path, monkeypatch):
+    """A worker on RunPod's cloud cannot read a directory on this machine: say so before submitting."""
+    import dagster as dg
+
+    monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "abc123")
+    monkeypatch.setenv("RUNPOD_API_KEY", "key")
+    storage = StorageResource(storage_url=str(tmp_path / "store"))
+
+    with pytest.raises(dg.Failure, match="LORA_STORAGE_URL"):
+        TrainingBackendResource().storage_url_for_worker(storage)
+
+
+def test_the_local_backend_gets_the_local_store_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage = StorageResource(storage_url="relative_store")
+
+    assert TrainingBackendResource().storage_url_for_worker(storage) == str(tmp_path / "relative_store")

@@ -62,7 +62,7 @@ def trained_lora(
                 force=config.force,
                 timeout_s=config.wait_timeout_s,
                 poll_interval_s=config.poll_interval_s,
-                storage_url=storage.resolved_url(),
+                storage_url=training_backend.storage_url_for_worker(storage),
                 webhook_url=training_backend.webhook_url_for_jobs(),
                 log=context.log.info,
             )
