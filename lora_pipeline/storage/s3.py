@@ -400,21 +400,22 @@ class S3Store:
             if self.head(key) is None:
                 raise ObjectNotFound(key)
             return b""
+        response = self._ranged_get("get", key, full, start, start + length - 1)
+        if response is None:  # start is past the end
+            return b""
+        return self._read_body(response, key)
+
+    def _ranged_get(self, op: str, key: str, full: str, first: int, last: int) -> dict | None:
+        """GetObject for bytes ``first``–``last``; None when ``first`` is past the end
+        (S3 answers 416 InvalidRange, e.g. for any range of an empty object)."""
         try:
-            response = self._call(
-                "get",
-                key,
-                self.client.get_object,
-                Bucket=self.bucket,
-                Key=full,
-                Range=f"bytes={start}-{start + length - 1}",
+            return self._call(
+                op, key, self.client.get_object, Bucket=self.bucket, Key=full, Range=f"bytes={first}-{last}"
             )
         except StorageError as exc:
-            code = _error_code(exc.__cause__)[0] if exc.__cause__ else ""
-            if code == "InvalidRange":  # start is past the end: S3 answers 416
-                return b""
+            if exc.__cause__ is not None and _error_code(exc.__cause__)[0] == "InvalidRange":
+                return None
             raise
-        return self._read_body(response, key)
 
     def head(self, key: str) -> ObjectInfo | None:
         full = self._full(key)
@@ -561,19 +562,9 @@ class S3Store:
         from botocore.exceptions import BotoCoreError
 
         threshold = self.options.multipart_threshold
-        try:
-            response = self._call(
-                "download",
-                key,
-                self.client.get_object,
-                Bucket=self.bucket,
-                Key=full,
-                Range=f"bytes=0-{threshold - 1}",
-            )
-        except StorageError as exc:
-            if exc.__cause__ is not None and _error_code(exc.__cause__)[0] == "InvalidRange":
-                return True  # an empty object: nothing to write
-            raise
+        response = self._ranged_get("download", key, full, 0, threshold - 1)
+        if response is None:
+            return True  # an empty object: nothing to write
         content_range = response.get("ContentRange") or ""
         total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else None
         if total is not None and total > threshold:
