@@ -131,8 +131,12 @@ class ObjectStore(Protocol):
         """All objects whose key starts with ``prefix``, in lexicographic key order."""
         ...
 
-    def upload_file(self, key: str, path: Path) -> str:
-        """Upload a local file (multipart when large; never a partial object). Returns the ETag."""
+    def upload_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
+        """Upload a local file (multipart when large; never a partial object). Returns the ETag.
+
+        ``if_none_match``: create only, atomically: raise PreconditionFailed when the
+        key already exists (how a worker publishes a LoRA without ever replacing one).
+        """
         ...
 
     def download_file(self, key: str, path: Path) -> None:

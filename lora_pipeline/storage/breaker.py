@@ -214,7 +214,9 @@ class BreakerStore:
             raise
         self.breaker.record_success()
 
-    def upload_file(self, key: str, path: Path) -> str:
+    def upload_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
+        if if_none_match:
+            return self.breaker.call(self.inner.upload_file, key, path, if_none_match=True)
         return self.breaker.call(self.inner.upload_file, key, path)
 
     def download_file(self, key: str, path: Path) -> None:

@@ -57,6 +57,16 @@ def md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not unlinked or replaced)."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_ino, opened.st_dev) == (at_path.st_ino, at_path.st_dev)
+
+
 def validate_prefix(prefix: str) -> str:
     """A listing prefix may be empty, partial or end with '/', but never escape the root."""
     if not prefix:
@@ -127,13 +137,74 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
+        """Hold the exclusive flock of ``key``'s lock file.
+
+        ``prune_lock_files`` may unlink a lock file (holding its flock while it does),
+        so a writer that opened the file before the unlink could lock an inode no
+        longer at the path while another writer locks the new file there: two
+        "exclusive" holders. Hence the lock counts only if, once acquired, the
+        inode locked is still the one at the path; otherwise retry on the new file.
+        """
         lock_path = self._meta / "locks" / (key.replace("/", "%2F") + ".lock")
-        with open(lock_path, "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        while True:
+            handle = open(lock_path, "a+b")  # noqa: SIM115 - closed below or on retry
             try:
-                yield
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                if _same_file(handle.fileno(), lock_path):
+                    break
+            except BaseException:
+                handle.close()
+                raise
+            handle.close()  # unlinked while we waited: closing releases the stale lock
+        try:
+            with contextlib.suppress(OSError):
+                os.utime(handle.fileno())  # the lock file's mtime says when it was last used
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+
+    def prune_lock_files(self, older_than: datetime, *, dry_run: bool = False) -> dict[str, int]:
+        """Remove lock files last used before ``older_than`` and temporary files a killed
+        writer left behind (untouched since then). Returns counts: ``locks``, ``tmp``
+        (removed, or that would be), ``locks_busy`` (held right now: kept).
+
+        A lock file is removed only while this call holds its flock (taken without
+        waiting: a held lock means a write in progress) and only if it is still the
+        file at its path; ``_locked`` re-checks the path after acquiring, so a writer
+        that opened the file just before it went retries on the new one.
+        """
+        cutoff = older_than.timestamp()
+        counts = {"locks": 0, "locks_busy": 0, "tmp": 0}
+        for entry in os.scandir(self._meta / "locks"):
+            if not entry.name.endswith(".lock"):
+                continue
+            try:
+                if entry.stat().st_mtime >= cutoff:
+                    continue
+                fd = os.open(entry.path, os.O_RDWR)  # never create one here
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    counts["locks_busy"] += 1
+                    continue
+                if not _same_file(fd, Path(entry.path)) or os.fstat(fd).st_mtime >= cutoff:
+                    continue  # replaced, or used, since the scan
+                if not dry_run:
+                    os.unlink(entry.path)
+                counts["locks"] += 1
             finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                os.close(fd)  # releases the flock
+        for entry in os.scandir(self._meta / "tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    if not dry_run:
+                        os.unlink(entry.path)
+                    counts["tmp"] += 1
+        return counts
 
     def _write_via_rename(self, path: Path, fill) -> None:
         """Write into a temp file beside the store, fsync, and rename it into place."""
@@ -260,7 +331,7 @@ class LocalStore:
                 continue
             yield self._info(key, path, stat)
 
-    def upload_file(self, key: str, path: Path) -> str:
+    def upload_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
         target = self._path(key)
         source = Path(path)
         if not source.is_file():
@@ -273,7 +344,13 @@ class LocalStore:
                     digest.update(chunk)
                     handle.write(chunk)
 
-        self._write_via_rename(target, fill)
+        if not if_none_match:
+            self._write_via_rename(target, fill)
+            return digest.hexdigest()
+        with self._locked(key):  # the same lock as put(if_none_match=True)
+            if target.is_file():
+                raise PreconditionFailed(key, "object already exists")
+            self._write_via_rename(target, fill)
         return digest.hexdigest()
 
     def download_file(self, key: str, path: Path) -> None:

@@ -248,7 +248,7 @@ class S3Store:
             code, status, message = _error_code(exc)
             if key is not None and (code in _NOT_FOUND or status == 404) and code != "NoSuchBucket":
                 return ObjectNotFound(key)
-            if code in _PRECONDITION or (status in (409, 412) and op == "put"):
+            if code in _PRECONDITION or (status in (409, 412) and op in ("put", "upload")):
                 return PreconditionFailed(key or "", message)
             if code == "NoSuchBucket":
                 return StorageError(
@@ -492,22 +492,34 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "list", None) from exc
 
-    def upload_file(self, key: str, path: Path) -> str:
+    def upload_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
         """Upload a file; above the multipart threshold in concurrent parts.
 
         Small files go up in one PutObject (one request, its ETag in the reply).
         Large ones go through boto3's transfer manager, which aborts the multipart
         upload when a part fails, so no partial object ever becomes visible.
+        ``if_none_match`` sends ``If-None-Match: *`` with the PutObject, or with the
+        CompleteMultipartUpload of a large file (the transfer manager cannot), so
+        the create is atomic: of two uploaders of one key exactly one wins.
         """
         full = self._full(key)
         source = Path(path)
         size = source.stat().st_size
+        conditional: dict[str, str] = {}
+        if if_none_match:
+            if self.supports_conditional_writes:
+                conditional["IfNoneMatch"] = "*"
+            elif self.head(key) is not None:  # the endpoint ignores the header: check what we can
+                raise PreconditionFailed(key, "object already exists")
         if size < self.options.multipart_threshold:
             with open(source, "rb") as body:
                 response = self._call(
-                    "upload", key, self.client.put_object, Bucket=self.bucket, Key=full, Body=body
+                    "upload", key, self.client.put_object, Bucket=self.bucket, Key=full, Body=body,
+                    **conditional,
                 )
             return response["ETag"].strip('"')
+        if conditional:
+            return self._create_multipart(key, source)
         from boto3.exceptions import S3UploadFailedError
 
         try:
@@ -526,6 +538,31 @@ class S3Store:
         if info is None:
             raise StorageError(f"S3 upload of {key} finished but the object is missing")
         return info.etag
+
+    def _create_multipart(self, key: str, source: Path) -> str:
+        """A multipart upload completed with ``If-None-Match: *``; aborted on any failure,
+        so a lost race or a failed part leaves no object and no orphaned parts."""
+        full = self._full(key)
+        upload = self._call("upload", key, self.client.create_multipart_upload, Bucket=self.bucket, Key=full)
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            with open(source, "rb") as handle:
+                number = 1
+                while chunk := handle.read(self.options.multipart_chunksize):
+                    part = self._call("upload", key, self.client.upload_part, Bucket=self.bucket, Key=full,
+                                      UploadId=upload_id, PartNumber=number, Body=chunk)
+                    parts.append({"ETag": part["ETag"], "PartNumber": number})
+                    number += 1
+            response = self._call(
+                "upload", key, self.client.complete_multipart_upload, Bucket=self.bucket, Key=full,
+                UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*",
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            raise
+        return response["ETag"].strip('"')
 
     def download_file(self, key: str, path: Path) -> None:
         """Download into a temp file beside ``path``, then rename it into place.

@@ -35,6 +35,7 @@ if __name__ == "__main__":  # `python handler.py`: keep this folder's modules of
 from pydantic import ValidationError
 
 from lora_pipeline.registry.names import parse_version_name
+from lora_pipeline.storage.base import PreconditionFailed
 from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.schema import TrainingRequest, TrainingResult
 
@@ -177,9 +178,19 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
                 sample_keys.append(sample_key)
         if params.export_kohya:
             kohya_key = f"{stem}_kohya.safetensors"
-            store.upload_file(kohya_key, write_kohya_file(lora_file, Path(tmp) / "kohya.safetensors", params.effective_alpha, family))
+            kohya_file = write_kohya_file(lora_file, Path(tmp) / "kohya.safetensors", params.effective_alpha, family)
+            _publish_companion(store, kohya_key, kohya_file, request)
         report({"phase": "uploading"})
-        store.upload_file(key, lora_file)  # last: a valid file here means "completed"
+        # Last, and create-only: a valid file here means "completed", and a version's
+        # file is never replaced, not even by a second job of the same request.
+        try:
+            store.upload_file(key, lora_file, if_none_match=True)
+        except PreconditionFailed:
+            published = _already_trained(store, key, request)
+            if published is None:  # deleted again in between: nothing to defer to
+                raise
+            report({"phase": "done", "note": "another job of this request published first"})
+            return published
     checkpointer.clear()
 
     result = TrainingResult(
@@ -187,6 +198,7 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
         version=request.version,
         lora_key=key,
         dataset_hash=request.dataset_hash,
+        request_id=request.request_id,
         steps=outcome.steps,
         final_loss=outcome.final_loss,
         duration_s=round(time.perf_counter() - started, 3),
@@ -212,20 +224,51 @@ def open_request_store(request: TrainingRequest):
         raise WorkerInputError(f"storage_url: cannot open {url!r}: {exc}") from None
 
 
-def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str, Any] | None:
-    """A retry of a job that uploaded its LoRA but died before returning gets the same result.
+def _owner(store: Any, key: str) -> tuple[str | None, dict[str, str]] | None:
+    """(request id, header metadata) of the LoRA file at ``key``, or None when there is none.
 
-    A file at the key from another request is never overwritten.
+    A file whose header does not parse is refused rather than taken for "not trained":
+    nothing here ever replaces an object it cannot identify. Store errors propagate
+    (the job fails and can be retried), they never mean "absent".
     """
     if store.head(key) is None:
         return None
-    from lora_pipeline.registry.safetensors_header import read_header
+    from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
 
     try:
         metadata = dict(read_header(store, key).metadata)
-    except Exception:  # noqa: BLE001 - an unreadable file is replaced by this job's
+    except InvalidLoraFile as exc:
+        raise WorkerInputError(
+            f"version: {key} already exists but is not a readable LoRA ({exc}); refusing to overwrite it"
+        ) from None
+    return metadata.get("lora_pipeline.request_id"), metadata
+
+
+def _publish_companion(store: Any, key: str, path: Path, request: TrainingRequest) -> None:
+    """Upload a file published beside the LoRA (the kohya layout): created if absent,
+    replaced only when an earlier attempt of this same request wrote it."""
+    try:
+        store.upload_file(key, path, if_none_match=True)
+        return
+    except PreconditionFailed:
+        found = _owner(store, key)
+    if found is not None and found[0] != request.request_id:
+        raise WorkerInputError(
+            f"version: {key} already exists (written by request {found[0]!r}); refusing to overwrite it"
+        )
+    store.upload_file(key, path)  # this request's own earlier attempt: its weights are superseded
+
+
+def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str, Any] | None:
+    """A retry of a job that uploaded its LoRA but died before returning gets the same result.
+
+    A file at the key from another request (or one that cannot be read) is never
+    overwritten: the job fails with an error naming the key and its writer.
+    """
+    found = _owner(store, key)
+    if found is None:
         return None
-    owner = metadata.get("lora_pipeline.request_id")
+    owner, metadata = found
     if owner != request.request_id:
         raise WorkerInputError(
             f"version: {key} already exists (written by request {owner!r}); refusing to overwrite it"
@@ -238,6 +281,7 @@ def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str
         version=request.version,
         lora_key=key,
         dataset_hash=request.dataset_hash,
+        request_id=request.request_id,
         steps=int(metadata.get("lora_pipeline.steps", "0") or 0),
         final_loss=float(metadata["lora_pipeline.final_loss"]) if metadata.get("lora_pipeline.final_loss") else None,
         duration_s=float(metadata.get("lora_pipeline.training_time", "0") or 0),

@@ -98,6 +98,10 @@ class TrainingResult(BaseModel):
     version: str
     lora_key: str
     dataset_hash: str
+    request_id: str | None = Field(
+        None, description="The request this job ran: lets the registry attach a job whose id it never "
+        "learned (an ambiguous /run) to the version that request reserved."
+    )
     steps: int
     final_loss: float | None = None
     duration_s: float

@@ -268,3 +268,56 @@ def test_s3_large_upload_is_multipart_and_etag_matches_local_computation(s3_clie
     assert etag == store.etag_for_file(source)
     store.download_file("big.bin", tmp_path / "back.bin")
     assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+
+
+def test_conditional_upload_creates_only_when_absent(store, tmp_path: Path):
+    first, second = tmp_path / "a.bin", tmp_path / "b.bin"
+    first.write_bytes(b"first" * 1000)
+    second.write_bytes(b"second" * 1000)
+    etag = store.upload_file("loras/s/s_v1.safetensors", first, if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        store.upload_file("loras/s/s_v1.safetensors", second, if_none_match=True)
+    stored = store.get("loras/s/s_v1.safetensors")
+    assert stored.data == first.read_bytes() and stored.etag == etag
+
+
+def test_concurrent_conditional_uploads_have_exactly_one_winner(store, tmp_path: Path):
+    sources = []
+    for i in range(6):
+        path = tmp_path / f"{i}.bin"
+        path.write_bytes(bytes([i]) * 50_000)
+        sources.append(path)
+
+    def attempt(path: Path) -> bool:
+        try:
+            store.upload_file("loras/s/s_v2.safetensors", path, if_none_match=True)
+        except PreconditionFailed:
+            return False
+        return True
+
+    with ThreadPoolExecutor(6) as pool:
+        won = list(pool.map(attempt, sources))
+    assert won.count(True) == 1
+    winner = sources[won.index(True)]
+    assert store.get("loras/s/s_v2.safetensors").data == winner.read_bytes()
+
+
+def test_s3_large_conditional_upload_is_multipart_and_refused_over_an_object(
+    s3_client, s3_bucket, moto_server, tmp_path
+):
+    from lora_pipeline.storage.s3 import MB, S3Store
+    from lora_pipeline_tests.conftest import moto_options
+
+    options = moto_options(moto_server, multipart_threshold=5 * MB, multipart_chunksize=5 * MB)
+    store = S3Store(s3_client, s3_bucket, "lora", options=options)
+    source = tmp_path / "big.bin"
+    source.write_bytes(b"\x02" * (11 * MB))
+    etag = store.upload_file("big-c.bin", source, if_none_match=True)
+    assert etag.endswith("-3") and etag == store.etag_for_file(source)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"\x03" * (6 * MB))
+    with pytest.raises(PreconditionFailed):
+        store.upload_file("big-c.bin", other, if_none_match=True)
+    assert store.head("big-c.bin").etag == etag
+    # the losing multipart upload was aborted: no parts left behind
+    assert not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")

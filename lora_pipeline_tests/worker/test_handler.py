@@ -155,3 +155,75 @@ def _minimal_safetensors(metadata: dict[str, str]) -> bytes:
 
     header = json.dumps({"__metadata__": metadata, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     return struct.pack("<Q", len(header)) + header + b"\0\0\0\0"
+
+
+def test_a_lora_published_by_another_request_during_training_is_not_replaced(
+    store, sample_dataset: str, monkeypatch
+) -> None:
+    """The check before training is not enough: the final upload itself is create-only."""
+    real_train = train_module.train_lora
+    theirs = _minimal_safetensors({"lora_pipeline.request_id": "someone-else"})
+
+    def train_then_lose_the_race(*args, **kwargs):
+        outcome = real_train(*args, **kwargs)
+        store.put("loras/geo/geo_v1.safetensors", theirs)  # another job published meanwhile
+        return outcome
+
+    monkeypatch.setattr(train_module, "train_lora", train_then_lose_the_race)
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset)})
+    assert "already exists" in result["error"] and "someone-else" in result["error"]
+    assert store.get("loras/geo/geo_v1.safetensors").data == theirs
+
+
+def test_a_second_job_of_the_same_request_returns_the_first_ones_file(
+    store, sample_dataset: str, monkeypatch
+) -> None:
+    """Two jobs of one request (a repeated /run) race to publish: one file, one result."""
+    real_train = train_module.train_lora
+    request = request_dict(store, sample_dataset)
+
+    def train_while_a_twin_publishes(*args, **kwargs):
+        outcome = real_train(*args, **kwargs)
+        monkeypatch.setattr(train_module, "train_lora", real_train)
+        twin = handler({"id": "twin", "input": request})  # publishes first
+        assert "error" not in twin
+        return outcome
+
+    monkeypatch.setattr(train_module, "train_lora", train_while_a_twin_publishes)
+    assert store.head("loras/geo/geo_v1.safetensors") is None
+    result = handler({"id": "late", "input": request})
+    header = read_header(store, "loras/geo/geo_v1.safetensors")
+    assert "error" not in result and header.metadata["lora_pipeline.job_id"] == "twin"
+
+
+def test_an_unreadable_file_at_the_key_is_refused_not_replaced(store, sample_dataset: str, no_training) -> None:
+    store.put("loras/geo/geo_v1.safetensors", b"not a safetensors file")
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset)})
+    assert "not a readable LoRA" in result["error"] and "refusing to overwrite" in result["error"]
+    assert store.get("loras/geo/geo_v1.safetensors").data == b"not a safetensors file"
+
+
+def test_a_store_error_reading_the_existing_file_fails_the_job_instead_of_training(
+    store, sample_dataset: str, monkeypatch, no_training
+) -> None:
+    """A read error never means "not trained yet" (that used to overwrite the file)."""
+    from lora_pipeline.storage.base import StorageError
+    from lora_pipeline.worker import handler as handler_module
+
+    original = _minimal_safetensors({"lora_pipeline.request_id": "someone-else"})
+    store.put("loras/geo/geo_v1.safetensors", original)
+
+    class FlakyReads:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def get_range(self, key, start, length):
+            raise StorageError(f"S3 get {key} failed: InternalError")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(handler_module, "open_request_store", lambda request: FlakyReads(store))
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset)})
+    assert "InternalError" in result["error"]
+    assert store.get("loras/geo/geo_v1.safetensors").data == original
