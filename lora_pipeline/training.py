@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from lora_pipeline.dataset.versions import current_dataset
@@ -22,18 +22,52 @@ from lora_pipeline.registry.merge import find_version_by_job
 from lora_pipeline.registry.models import Version, VersionStatus
 from lora_pipeline.registry.names import parse_version_name
 from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
-from lora_pipeline.runpod.backend import ExecutionPolicy, JobStatus, TrainingBackend
+from lora_pipeline.runpod.backend import (
+    ExecutionPolicy,
+    JobStatus,
+    RunPodError,
+    SubmitOutcomeUnknown,
+    TrainingBackend,
+)
 from lora_pipeline.runpod.reports import job_report_from_status
-from lora_pipeline.storage import ObjectStore
+from lora_pipeline.storage import ObjectStore, StorageError
 from lora_pipeline.storage.keys import lora_key
 from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.worker.schema import TrainingParams, TrainingRequest
 
-UNFINISHED = frozenset({VersionStatus.pending, VersionStatus.starting, VersionStatus.training})
+# How long a claim that has not reached POST /run keeps others off (then it is taken over),
+# and how long a POST may take before others stop waiting for its job id.
+CLAIM_LEASE = timedelta(seconds=60)
+POSTING_LEASE = timedelta(seconds=300)
+WAIT_FOR_OTHER_SUBMITTER_S = 330.0
 
 
 class NoDatasetError(RuntimeError):
     """Training was asked for a style that has no dataset version yet."""
+
+
+class SubmissionInFlight(RuntimeError):
+    """Another submitter holds the claim on this version and has not recorded a job yet."""
+
+
+class SubmissionUnknown(RuntimeError):
+    """A POST /run for this version may have queued a job whose id was never learned.
+
+    Never resubmitted (that could train twice): the job's webhook or output, which
+    name its request id, attaches it; reconciliation fails the version if nothing
+    appears within the maximum job age. ``force`` trains a new version meanwhile.
+    """
+
+    def __init__(self, style: str, version: Version) -> None:
+        note = version.claim.note if version.claim and version.claim.note else "a submission was under way"
+        super().__init__(
+            f"{style} {version.name}: RunPod may or may not have queued its job ({note}); it is "
+            "recorded as submitted with an unknown id and will not be sent again. Its webhook, its "
+            "output or reconciliation attaches the job; if none appears within the maximum job age "
+            "it is marked failed. Train a new version meanwhile with force=true."
+        )
+        self.style = style
+        self.version = version
 
 
 @dataclass(frozen=True)
@@ -73,14 +107,21 @@ def submit_training(
     storage_url: str | None = None,
     webhook_url: str | None = None,
     force: bool = False,
+    claim_lease: timedelta = CLAIM_LEASE,
+    posting_lease: timedelta = POSTING_LEASE,
+    wait_for_other_s: float = WAIT_FOR_OTHER_SUBMITTER_S,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Submitted:
-    """Reserve a version, submit the job and record its id, in that order.
+    """Claim the version, submit its job and record the id: at most one job per version.
 
-    The pending version is in the registry before the job exists, and the job id
-    is recorded the moment RunPod returns it, so a run that dies at any point
-    leaves evidence that reconciliation can finish. Idempotent: a version already
-    pending (or completed, unless ``force``) for this dataset and these settings
-    is returned instead of a new job.
+    Idempotent: a version already submitted (or completed, unless ``force``) for this
+    dataset and these settings is returned instead of a new job. When another
+    submitter holds the claim (a second click, a sensor and a click) this waits up to
+    ``wait_for_other_s`` for its job id and reuses it. The claim and each step after
+    it are in the registry before the next one happens, so a run that dies anywhere
+    leaves evidence: a claim that never reached ``posting`` is taken over once its
+    lease runs out; a POST whose answer was lost is recorded as "submitted, id
+    unknown" (SubmissionUnknown) and never repeated.
     """
     manifest = current_dataset(store, style)
     if manifest is None:
@@ -90,17 +131,27 @@ def submit_training(
         )
     registry = RegistryStore(store)
     param_dict = params.model_dump(mode="json")
-    version = registry.reserve_version(
-        style,
-        request_id=uuid.uuid4().hex,
-        dataset_hash=manifest.dataset_hash,
-        params=param_dict,
-        reuse_completed=not force,
-    )
-    if version.id:
-        return Submitted(style, version.name, version.id, manifest.dataset_hash, reused=True)
-    if version.status == VersionStatus.completed:
-        return Submitted(style, version.name, version.id or "", manifest.dataset_hash, reused=True)
+    owner = uuid.uuid4().hex
+    deadline = time.monotonic() + wait_for_other_s
+    while True:
+        claimed = registry.claim_version(
+            style, request_id=uuid.uuid4().hex, dataset_hash=manifest.dataset_hash, params=param_dict,
+            owner=owner, lease=claim_lease, reuse_completed=not force,
+        )
+        version = claimed.version
+        if claimed.kind == "existing":
+            return Submitted(style, version.name, version.id or "", manifest.dataset_hash, reused=True)
+        if claimed.kind == "unknown":
+            raise SubmissionUnknown(style, version)
+        if claimed.kind == "claimed":
+            break
+        if time.monotonic() >= deadline:
+            raise SubmissionInFlight(
+                f"{style} {version.name} is being submitted by another run (claim of "
+                f"{version.claim.owner if version.claim else '?'}); its job id did not appear within "
+                f"{wait_for_other_s:.0f}s: look at the registry, or retry"
+            )
+        sleep(0.25)
     request = TrainingRequest(
         style=style,
         version=version.name,
@@ -108,26 +159,36 @@ def submit_training(
         base_model=base_model,
         params=params,
         storage_url=storage_url,
-        request_id=version.request_id or uuid.uuid4().hex,
+        request_id=version.request_id or owner,
     )
-    job_id = backend.submit(
-        request, webhook_url=webhook_url, policy=ExecutionPolicy.from_training(params.max_train_steps)
-    )
-    registry.apply(
-        style,
-        [
-            Submission(
-                style=style,
-                version=version.name,
-                request_id=request.request_id,
-                job_id=job_id,
-                dataset_hash=manifest.dataset_hash,
-                params=param_dict,
-                at=_now(),
-            )
-        ],
-    )
+    policy = ExecutionPolicy.from_training(params.max_train_steps)
+    version = registry.advance_claim(style, version, "posting", lease=posting_lease)
+    try:
+        job_id = backend.submit(request, webhook_url=webhook_url, policy=policy)
+    except SubmitOutcomeUnknown as exc:
+        version = registry.advance_claim(style, version, "unknown", note=str(exc))
+        raise SubmissionUnknown(style, version) from exc
+    except RunPodError as exc:  # refused, rate limited or unreachable: certainly not queued
+        registry.advance_claim(style, version, "released", note=f"{type(exc).__name__}: {exc}")
+        raise
+    _record_submission(registry, Submission(
+        style=style, version=version.name, request_id=request.request_id, job_id=job_id,
+        dataset_hash=manifest.dataset_hash, params=param_dict, at=_now(),
+    ))
     return Submitted(style, version.name, job_id, manifest.dataset_hash, reused=False)
+
+
+def _record_submission(registry: RegistryStore, submission: Submission, attempts: int = 4) -> None:
+    """Record a new job id, retrying a failing store: the job exists now, and until its id is
+    recorded only its webhook or output (which name the request) can attach it."""
+    for attempt in range(attempts):
+        try:
+            registry.apply(submission.style, [submission])
+            return
+        except StorageError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 def wait_for_job(

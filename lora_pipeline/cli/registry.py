@@ -44,15 +44,15 @@ def registry() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: style → summary.")
 def list_styles(as_json: bool) -> None:
     """Every style with its latest version and version counts by status."""
-    from lora_pipeline.storage.registry_io import RegistryStore, StyleSummary
+    from lora_pipeline.storage.registry_io import RegistryStore
 
     reg = RegistryStore(_open_store())
     try:
-        index, _ = reg.read_index()
-        summaries = {}
-        for style in reg.styles():
-            summary = index.styles.get(style)
-            summaries[style] = summary or StyleSummary.of(reg.read(style)[0])
+        problems: list[str] = []
+        index, _ = reg.fresh_index(repair=False, problems=problems)  # listing only: writes nothing
+        if problems:
+            raise click.ClickException("; ".join(problems))
+        summaries = dict(sorted(index.styles.items()))
     except (StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -96,10 +96,19 @@ def show(style: str, as_json: bool) -> None:
               show_default=True, help="A job RunPod no longer knows is failed only after this age.")
 @click.option("--poll/--no-poll", default=True, show_default=True,
               help="Poll RunPod for unfinished jobs (when RUNPOD_ENDPOINT_ID is set).")
-def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool) -> None:
+@click.option("--housekeeping/--no-housekeeping", default=True, show_default=True,
+              help="Then prune settled jobs' old webhook files, finished versions' checkpoints and idle "
+                   "lock files (LORA_WEBHOOK_RETENTION_DAYS, LORA_CHECKPOINT_RETENTION_DAYS, "
+                   "LORA_LOCK_RETENTION_DAYS).")
+def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool, housekeeping: bool) -> None:
     """Bring the registry in line with the store's LoRA files, the webhook inbox and RunPod."""
+    from lora_pipeline.housekeeping import Retention, housekeep
     from lora_pipeline.reconcile import reconcile as run_reconcile
 
+    try:
+        retention = Retention.from_env() if housekeeping else None
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     store = _open_store()
     status_lookup = None
     settings = load_settings()
@@ -112,8 +121,9 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
                                max_job_age=timedelta(hours=max_job_age_hours))
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
+    pruned = housekeep(store, retention=retention, dry_run=dry_run) if retention is not None else None
     if as_json:
-        _echo_json(report.to_dict())
+        _echo_json({**report.to_dict(), **({"housekeeping": pruned.to_dict()} if pruned else {})})
         return
     verb = "would change" if dry_run else "changed"
     click.echo(f"{verb} {report.changed_versions} version(s) in {len({c.style for c in report.changes})} style(s)")
@@ -122,6 +132,13 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
                    f"({row['status_before'] or 'new'} → {row['status_after']}) {row['fields']}")
     for problem in report.problems:
         click.echo(f"  problem: {problem}", err=True)
+    if pruned is not None:
+        click.echo(pruned.summary())
+        if dry_run:
+            for key in (key for keys in pruned.deleted.values() for key in keys):
+                click.echo(f"  would delete {key}")
+        for problem in pruned.problems:
+            click.echo(f"  problem: {problem}", err=True)
 
 
 @registry.command("import-legacy")

@@ -7,7 +7,14 @@ from pydantic import Field, ValidationError
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.training import NoDatasetError, submit_training, training_params, wait_for_job
+from lora_pipeline.training import (
+    NoDatasetError,
+    SubmissionInFlight,
+    SubmissionUnknown,
+    submit_training,
+    training_params,
+    wait_for_job,
+)
 
 GPU_POOL = "runpod_gpu"
 
@@ -48,8 +55,10 @@ def submit_lora_training(
             webhook_url=training_backend.webhook_url_for_jobs(),
             force=config.force,
         )
-    except (NoDatasetError, ValidationError) as exc:
+    except (NoDatasetError, ValidationError, SubmissionInFlight) as exc:
         raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
+    except SubmissionUnknown as exc:
+        raise dg.Failure(description=str(exc), metadata={"version": exc.version.name}) from None
     context.add_output_metadata(
         {"job_id": submitted.job_id, "version": submitted.version, "reused": submitted.reused,
          "dataset_hash": submitted.dataset_hash}

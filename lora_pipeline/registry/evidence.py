@@ -101,7 +101,39 @@ class JobExpired:
     reason: str
 
 
-Evidence = Submission | JobReport | StoredLora | RejectedLora | LegacyRecord | JobExpired
+@dataclass(frozen=True)
+class Claim:
+    """A submitter's claim on a version, or its next phase (see models.SubmitClaim)."""
+
+    style: str
+    version: str | int
+    owner: str
+    phase: Literal["claimed", "posting", "released", "unknown"]
+    at: datetime  # when the claim was taken: the same for every phase of one claim
+    lease_until: datetime
+    note: str | None = None
+
+    @property
+    def version_number(self) -> int:
+        return _number(self.version)
+
+
+@dataclass(frozen=True)
+class SubmissionLost:
+    """The verdict on a version whose POST /run had an unknown outcome: no job, webhook or
+    file appeared within the maximum job age, so it is failed (a late file still wins)."""
+
+    style: str
+    version: str | int
+    at: datetime
+    reason: str
+
+    @property
+    def version_number(self) -> int:
+        return _number(self.version)
+
+
+Evidence = Submission | JobReport | StoredLora | RejectedLora | LegacyRecord | JobExpired | Claim | SubmissionLost
 
 
 def _number(version: str | int) -> int:

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from lora_pipeline.registry.evidence import (
+    Claim,
     Evidence,
     JobExpired,
     JobReport,
@@ -24,12 +25,14 @@ from lora_pipeline.registry.evidence import (
     RejectedLora,
     StoredLora,
     Submission,
+    SubmissionLost,
 )
 from lora_pipeline.registry.jobids import base_job_id, job_id_suffix
 from lora_pipeline.registry.models import (
     LoraFile,
     RegistryDocument,
     RejectedFile,
+    SubmitClaim,
     Version,
     VersionStatus,
 )
@@ -160,6 +163,24 @@ def fragment_of(item: Evidence) -> Version:
         return _stored_fragment(item)
     if isinstance(item, LegacyRecord):
         return replace(Version.from_dict(item.raw, default_source="legacy"), source="legacy")
+    if isinstance(item, Claim):
+        at = _ms(item.at)
+        return Version(
+            number=item.version_number,
+            # "unknown": RunPod may have queued it; otherwise nothing was sent (yet).
+            status=VersionStatus.starting if item.phase == "unknown" else VersionStatus.pending,
+            source="submit",
+            created_at=at,
+            claim=SubmitClaim(item.owner, item.phase, at, _ms(item.lease_until), item.note),
+        )
+    if isinstance(item, SubmissionLost):
+        return Version(
+            number=item.version_number,
+            status=VersionStatus.failed,
+            source="reconcile",
+            error=item.reason,
+            updated_at=_ms(item.at),
+        )
     if isinstance(item, JobExpired):
         return Version(
             number=0,
@@ -213,6 +234,9 @@ def _report_fragment(report: JobReport) -> Version:
         job_ids=(report.job_id,),
         updated_at=_ms(report.at),
         job_status=runpod_status,
+        # Only for matching: a job whose id the registry never learned (ambiguous /run)
+        # finds the version its request reserved.
+        request_id=output.get("request_id") if isinstance(output.get("request_id"), str) else None,
         dataset_hash=output.get("dataset_hash") if isinstance(output.get("dataset_hash"), str) else None,
         training=training,
         delay_time_ms=report.delay_time_ms,
@@ -227,6 +251,7 @@ class _Folder:
         self.versions: dict[int, Version] = {}
         self._by_number: dict[int, int] = {}
         self._by_job: dict[str, int] = {}
+        self._by_request: dict[str, int] = {}
 
     def add(self, fragment: Version) -> bool:
         """Fold ``fragment`` in; False when it names no number and matches no job."""
@@ -237,12 +262,16 @@ class _Folder:
             if target is None:
                 self.versions[fragment.number] = fragment
                 self._by_number[fragment.number] = fragment.number
+                if fragment.request_id:
+                    self._by_request[fragment.request_id] = fragment.number
                 return True
             targets = {target}
         else:
             numbers = fragment.numbers if fragment.folded_names else (fragment.number,)
             targets = {self._by_number[n] for n in numbers if n in self._by_number}
             targets.update(self._by_job[b] for b in fragment.job_bases if b in self._by_job)
+            if fragment.number == 0 and not targets and fragment.request_id in self._by_request:
+                targets.add(self._by_request[fragment.request_id])  # a job the registry had no id for
             if fragment.number == 0 and not targets:
                 return False
         merged = fragment
@@ -256,6 +285,8 @@ class _Folder:
         if merged.job_ids:
             for b in merged.job_bases:
                 self._by_job[b] = merged.number
+        if merged.request_id:
+            self._by_request[merged.request_id] = merged.number
         return True
 
 
@@ -288,8 +319,13 @@ def join(a: Version, b: Version) -> Version:
         start_time=_min_present(a.start_time, b.start_time),
         estimated_duration=_max_present(a.estimated_duration, b.estimated_duration),
         folded_names=tuple(sorted(numbers - {number})),
+        claim=_max_present(a.claim, b.claim, key=_claim_order),
         extra=_join_mapping(a.extra, b.extra),
     )
+
+
+def _claim_order(claim: SubmitClaim) -> tuple[int, int, str, str]:
+    return claim.order
 
 
 def _status_order(v: Version) -> tuple[int, int, str, str]:

@@ -155,11 +155,65 @@ class CurrentTraining:
         }
 
 
+CLAIM_PHASES = ("claimed", "posting", "released", "unknown")
+_PHASE_RANK = {phase: i for i, phase in enumerate(CLAIM_PHASES)}
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitClaim:
+    """Who may send a version to the GPU, and how far they got: the guard of "one job per version".
+
+    RunPod's ``/run`` has no idempotency key, so the registry makes submitting a
+    claimed step. A submitter first records a claim (``claimed``, with a lease) under
+    the document's conditional write; only the holder may go on. Immediately before
+    it POSTs it moves the claim to ``posting`` (again conditionally, while the lease
+    holds). Then the job id is recorded; or the claim is ``released`` when RunPod
+    certainly did not take the job (refused, rate limited, unreachable), so another
+    submitter may claim it at once; or it becomes ``unknown`` when RunPod may have
+    taken it (the answer was lost). A ``claimed`` claim whose lease ran out belonged to
+    a submitter that died before POSTing: a successor takes it over. A ``posting`` or
+    ``unknown`` claim is never taken over, since a job may exist: the webhook, the
+    job's output (it names its request id) and reconciliation settle it.
+    """
+
+    owner: str
+    phase: str
+    at: int  # when this claim was taken (ms); a successor's claim is later
+    lease_until: int  # ms; what "live" means for claimed and posting
+    note: str | None = None
+
+    @property
+    def order(self) -> tuple[int, int, str, str]:
+        """Join order: the latest claim wins; within one claim, the furthest phase."""
+        return (self.at, _PHASE_RANK.get(self.phase, -1), self.owner, self.note or "")
+
+    def live(self, now_ms: int) -> bool:
+        return self.phase in ("claimed", "posting") and now_ms < self.lease_until
+
+    @property
+    def maybe_submitted(self) -> bool:
+        """Whether a job may exist that the registry has no id for (a POST was under way)."""
+        return self.phase in ("posting", "unknown")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"owner": self.owner, "phase": self.phase, "at": self.at, "leaseUntil": self.lease_until}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> SubmitClaim | None:
+        if not isinstance(raw, Mapping) or raw.get("phase") not in CLAIM_PHASES or not isinstance(raw.get("owner"), str):
+            return None
+        return cls(raw["owner"], raw["phase"], to_millis(raw.get("at")) or 0, to_millis(raw.get("leaseUntil")) or 0,
+                   str(raw["note"]) if raw.get("note") else None)
+
+
 # JSON keys the Version knows; anything else in a record is kept in ``extra``.
 _KNOWN_KEYS = frozenset({
     "id", "name", "status", "loraUrl", "s3Key", "createdAt", "updatedAt", "completedAt", "error",
     "source", "jobIds", "jobStatus", "requestId", "datasetHash", "params", "training", "file",
-    "delayTimeMs", "executionTimeMs", "startTime", "estimatedDuration", "foldedNames",
+    "delayTimeMs", "executionTimeMs", "startTime", "estimatedDuration", "foldedNames", "claim",
 })
 
 _LEGACY_STATUS = {
@@ -204,6 +258,7 @@ class Version:
     start_time: int | None = None
     estimated_duration: int | None = None
     folded_names: tuple[int, ...] = ()
+    claim: SubmitClaim | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -253,6 +308,7 @@ class Version:
             "startTime": self.start_time,
             "estimatedDuration": self.estimated_duration,
             "foldedNames": [version_name(n) for n in self.folded_names] or None,
+            "claim": self.claim.to_dict() if self.claim else None,
         }
         out.update((k, v) for k, v in optional.items() if v is not None)
         out.update((k, v) for k, v in self.extra.items() if k not in out)
@@ -304,6 +360,7 @@ class Version:
             start_time=to_millis(raw.get("startTime")),
             estimated_duration=to_millis(raw.get("estimatedDuration")),
             folded_names=tuple(sorted(set(folded))),
+            claim=SubmitClaim.from_dict(raw.get("claim")),
             extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
         )
 

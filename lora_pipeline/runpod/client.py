@@ -8,7 +8,10 @@ What the legacy system tripped on, and what this client does about it:
 * Results expire (30 minutes after a ``/run`` job ends) and then answer 404: that
   is ``JobNotFound``, a normal outcome the caller settles from the object store.
 * 429 and 5xx are transient: retried with exponential backoff and jitter,
-  honouring ``Retry-After``. Every call has a timeout.
+  honouring ``Retry-After``. Every call has a timeout. ``POST /run`` is the
+  exception: RunPod has no idempotency key, so it is repeated only when RunPod
+  certainly did not take it (no connection was made, or 429); any other failure
+  raises ``SubmitOutcomeUnknown`` and is never repeated.
 * 401 is the key, not the network: ``RunPodAuthError`` names RUNPOD_API_KEY.
 * An API that is down must not stall every sensor tick: after consecutive
   failures a circuit breaker opens and calls fail at once with
@@ -42,6 +45,7 @@ from lora_pipeline.runpod.backend import (
     RunPodRateLimited,
     RunPodRequestError,
     RunPodUnavailable,
+    SubmitOutcomeUnknown,
 )
 from lora_pipeline.storage.base import StoreUnavailable
 from lora_pipeline.storage.breaker import CircuitBreaker
@@ -171,16 +175,16 @@ class RunPodClient:
     ) -> JobStatus:
         """``POST /run`` with ``{"input", "webhook", "policy"}``; answers ``{"id", "status"}``.
 
-        Retried on 429 (nothing was queued) and on 5xx and connection failures;
-        not on a read timeout, where RunPod may already have queued the job and a
-        repeat would train twice.
+        Repeated only when RunPod certainly queued nothing: 429, or no connection
+        could be made. A read timeout, a dropped connection or a 5xx may come after
+        RunPod queued the job, and a repeat would train twice: SubmitOutcomeUnknown.
         """
         body: dict[str, Any] = {"input": input}
         if webhook_url:
             body["webhook"] = webhook_url
         if policy is not None:
             body["policy"] = policy.to_api()
-        return JobStatus.model_validate(self._call("POST", "/run", json=body, retry_read_timeout=False))
+        return JobStatus.model_validate(self._call("POST", "/run", json=body, idempotent=False))
 
     def run_sync(
         self,
@@ -194,7 +198,7 @@ class RunPodClient:
         if policy is not None:
             body["policy"] = policy.to_api()
         return JobStatus.model_validate(
-            self._call("POST", "/runsync", json=body, timeout=timeout_s, retry_read_timeout=False)
+            self._call("POST", "/runsync", json=body, timeout=timeout_s, idempotent=False)
         )
 
     def retry(self, job_id: str) -> JobStatus:
@@ -232,7 +236,7 @@ class RunPodClient:
         json: dict[str, Any] | None = None,
         timeout: float | None = None,
         job_id: str | None = None,
-        retry_read_timeout: bool = True,
+        idempotent: bool = True,
     ) -> dict[str, Any]:
         retrying = Retrying(
             stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_total_retry_s),
@@ -242,7 +246,7 @@ class RunPodClient:
             reraise=True,
         )
         try:
-            return retrying(self._attempt, method, path, json, timeout, job_id, retry_read_timeout)
+            return retrying(self._attempt, method, path, json, timeout, job_id, idempotent)
         except _Transient as exc:
             if exc.api_down:
                 raise RunPodUnavailable(
@@ -259,7 +263,7 @@ class RunPodClient:
         json: dict[str, Any] | None,
         timeout: float | None,
         job_id: str | None,
-        retry_read_timeout: bool,
+        idempotent: bool,
     ) -> dict[str, Any]:
         try:
             self.breaker.before_call()
@@ -269,16 +273,16 @@ class RunPodClient:
             response = self._http.request(
                 method, path, json=json, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
             )
-        except httpx.ReadTimeout as exc:
+        except _NOT_SENT as exc:  # no connection, so RunPod saw nothing: always safe to repeat
             self.breaker.record_failure(exc)
-            if not retry_read_timeout:
-                raise RunPodUnavailable(
-                    f"RunPod {method} {path} timed out waiting for the answer; the request may "
-                    "have been accepted, so it is not repeated"
-                ) from None
-            raise _Transient(f"timeout: {exc}", api_down=True) from None
+            raise _Transient(f"{type(exc).__name__}: {exc}", api_down=True) from None
         except httpx.TransportError as exc:
             self.breaker.record_failure(exc)
+            if not idempotent:
+                raise SubmitOutcomeUnknown(
+                    f"RunPod {method} {path}: {type(exc).__name__} after the request was sent ({exc}); "
+                    "it may have been accepted, so it is not repeated"
+                ) from None
             raise _Transient(f"{type(exc).__name__}: {exc}", api_down=True) from None
         if response.status_code >= 500:
             error = _Transient(
@@ -287,6 +291,11 @@ class RunPodClient:
                 api_down=True,
             )
             self.breaker.record_failure(error)
+            if not idempotent:
+                raise SubmitOutcomeUnknown(
+                    f"RunPod {method} {path} answered HTTP {response.status_code} ({_excerpt(response)}); "
+                    "it may have been accepted, so it is not repeated"
+                )
             raise error
         self.breaker.record_success()  # it answered: whatever it said, the API is up
         if response.status_code == 429:
@@ -324,6 +333,10 @@ class RunPodClient:
             return min(exc.retry_after_s, self.max_retry_wait_s)
         ceiling = min(self.max_retry_wait_s, self.backoff_base_s * 2 ** (state.attempt_number - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+# Failures before any byte of the request reached RunPod (no connection was made).
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -16,14 +16,15 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from lora_pipeline.registry.evidence import Evidence, Submission
+from lora_pipeline.registry.evidence import Claim, Evidence, Submission
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import merge, next_version_number
 from lora_pipeline.registry.models import (
     UNFINISHED_STATUSES,
+    InvalidRecord,
     RegistryDocument,
     Version,
     VersionStatus,
@@ -65,6 +66,18 @@ class ApplyResult:
     etag: str | None = None
 
 
+class ClaimLost(RuntimeError):
+    """The submit claim this caller held was taken over; it must not POST."""
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """What ``claim_version`` decided: existing | claimed | busy | unknown, and the version."""
+
+    kind: str
+    version: Version
+
+
 @dataclass(frozen=True)
 class UnfinishedJob:
     """An unfinished version's job, as the index records it for routing and polling."""
@@ -90,9 +103,13 @@ class StyleSummary:
     files_fingerprint: str
     unfinished: dict[str, UnfinishedJob]
     jobs: tuple[str, ...]  # every job base of the style
+    # version → claim time (ms) of versions whose POST /run may have queued a job the
+    # registry has no id for: reconciliation fails them after the maximum job age.
+    submitting: dict[str, int] = field(default_factory=dict)
+    etag: str | None = None  # the document's ETag this summary was derived from
 
     @classmethod
-    def of(cls, doc: RegistryDocument) -> StyleSummary:
+    def of(cls, doc: RegistryDocument, etag: str | None = None) -> StyleSummary:
         statuses: dict[str, int] = {}
         for v in doc.versions:
             statuses[v.status.value] = statuses.get(v.status.value, 0) + 1
@@ -108,15 +125,24 @@ class StyleSummary:
             files_fingerprint=files_fingerprint(known_files(doc)),
             unfinished=unfinished,
             jobs=tuple(sorted({b for v in doc.versions for b in v.job_bases})),
+            submitting={
+                v.name: v.claim.at for v in doc.versions
+                if v.claim and v.claim.maybe_submitted and not v.id and v.status in UNFINISHED_STATUSES
+            },
+            etag=etag,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "revision": self.revision, "latestVersion": self.latest_version, "statuses": self.statuses,
             "filesFingerprint": self.files_fingerprint,
             "unfinished": {b: j.to_dict() for b, j in sorted(self.unfinished.items())},
             "jobs": list(self.jobs),
+            "etag": self.etag,
         }
+        if self.submitting:
+            out["submitting"] = dict(sorted(self.submitting.items()))
+        return out
 
     @classmethod
     def from_dict(cls, style: str, raw: Mapping[str, Any]) -> StyleSummary:
@@ -131,6 +157,8 @@ class StyleSummary:
                 for b, j in (raw.get("unfinished") or {}).items()
             },
             jobs=tuple(raw.get("jobs") or ()),
+            submitting={str(k): int(v) for k, v in (raw.get("submitting") or {}).items()},
+            etag=raw.get("etag"),
         )
 
 
@@ -250,23 +278,63 @@ class RegistryStore:
 
     def styles(self) -> list[str]:
         """Every style with a registry document (from the listing: the documents are the truth)."""
-        found = []
+        return list(self.document_etags())
+
+    def document_etags(self) -> dict[str, str]:
+        """style → ETag of every registry document, from one listing of ``registry/``."""
+        found: dict[str, str] = {}
         for info in self.store.list(REGISTRY + "/"):
             parts = info.key.split("/")
             if len(parts) == 3 and parts[2] == _DOC_NAME:
                 try:
-                    found.append(validate_style(parts[1]))
+                    found[validate_style(parts[1])] = info.etag
                 except ValueError:
                     continue
         return found
 
     def read_index(self) -> tuple[RegistryIndex, str | None]:
+        """The index as stored; it may lag the documents (see ``fresh_index``)."""
         current = read_object(self.store, INDEX_KEY)
         return _parse_index(current), current.etag if current else None
 
+    def fresh_index(self, *, repair: bool = True, problems: list[str] | None = None) -> tuple[RegistryIndex, list[str]]:
+        """The index with every stale entry rebuilt from its document; and the stale styles.
+
+        The index is written after its document, so a crash or a store error between
+        the two leaves it behind: a submitted job in no "unfinished" list is never
+        polled and its webhook never routed. Each summary records the ETag of the
+        document it was derived from; one listing of ``registry/`` shows which
+        documents changed since (or that the index lacks), and only those are read.
+        Every reader that routes or polls by the index goes through here, so a lagging
+        index costs one extra read, never a stranded job. ``repair`` writes the
+        rebuilt summaries back. A document that cannot be read is reported in
+        ``problems`` and keeps its old summary.
+        """
+        index, _ = self.read_index()  # before the listing: a style it names was listed too
+        listed = self.document_etags()
+        stale = sorted(
+            style for style, etag in listed.items()
+            if style not in index.styles or index.styles[style].etag != etag
+        )
+        gone = [style for style in index.styles if style not in listed]  # documents removed by hand
+        summaries = []
+        for style in stale:
+            try:
+                stored = self.read_stored(style)
+            except InvalidRecord as exc:
+                if problems is not None:
+                    problems.append(str(exc))
+                continue
+            summaries.append(StyleSummary.of(merge(stored.document, ()), stored.etag))
+        if (summaries or gone) and repair:
+            self.update_index(summaries, remove=gone)
+        styles = {style: summary for style, summary in index.styles.items() if style not in gone}
+        styles.update((summary.style, summary) for summary in summaries)
+        return RegistryIndex(styles), stale
+
     def find_style_for_job(self, job_id: str) -> str | None:
         """The style whose document holds ``job_id`` (by base UUID), via the index."""
-        index, _ = self.read_index()
+        index, _ = self.fresh_index()
         return index.jobs.get(base_job_id(job_id))
 
     # -- writing ---------------------------------------------------------------------
@@ -285,39 +353,90 @@ class RegistryStore:
         result, _ = self._update(style, lambda doc: (gather(doc), None), update_index, dry_run)
         return result
 
-    def reserve_version(self, style: str, *, request_id: str, dataset_hash: str,
-                        params: dict[str, Any], reuse_completed: bool = False,
-                        at: datetime | None = None) -> Version:
-        """Reserve the next free version number (pending, no job yet), under CAS.
+    def claim_version(self, style: str, *, request_id: str, dataset_hash: str, params: dict[str, Any],
+                      owner: str, lease: timedelta, reuse_completed: bool = False,
+                      at: datetime | None = None) -> ClaimResult:
+        """Find or reserve the version for this training, and claim the right to submit it:
+        one conditional write, so of any number of concurrent submitters one holds the claim.
 
-        Idempotent: a version with the same request id, or an unfinished one (also a
-        completed one when ``reuse_completed``) with the same dataset hash and
-        params, is returned instead. The number also skips LoRA files already in
-        the store that no document mentions yet, so a new version never takes an
-        old file for its own.
+        The version is an existing one with the same request id, or an unfinished one
+        (also a completed one when ``reuse_completed``) with the same dataset hash and
+        params; otherwise the next free number (past LoRA files no document mentions
+        yet, so a new version never takes an old file for its own). The answer:
+
+        * ``existing``: it has a job (or is completed); submit nothing.
+        * ``claimed``: this caller holds the claim (new, or taken over from a holder
+          whose lease ran out before it POSTed); go on with ``start_posting``.
+        * ``busy``: another submitter holds a live claim; its job id will appear.
+        * ``unknown``: a POST for it is under way or had a lost answer; a job may exist,
+          so nobody submits it again (the webhook, the job's output and reconciliation
+          settle it).
         """
         validate_style(style)
         wanted = {VersionStatus.completed} if reuse_completed else set()
         wanted |= UNFINISHED_STATUSES
+        now = at or self.clock()
+        now_ms = int(now.timestamp() * 1000)
 
-        def decide(doc: RegistryDocument) -> tuple[list[Evidence], Version | None]:
-            for v in reversed(doc.versions):
-                if v.request_id == request_id or (
-                    v.status in wanted and v.dataset_hash == dataset_hash and v.params == params
-                ):
-                    return [], v
-            number = max(next_version_number(doc), self._next_file_number(style))
-            submission = Submission(style, number, request_id, None, dataset_hash, dict(params),
-                                    at or self.clock())
-            return [submission], None
+        def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
+            match = next((v for v in reversed(doc.versions) if v.request_id == request_id or (
+                v.status in wanted and v.dataset_hash == dataset_hash and v.params == params)), None)
+            if match is not None:
+                claim = match.claim
+                if match.id or match.status == VersionStatus.completed:
+                    return [], ClaimResult("existing", match)
+                if claim is not None and claim.live(now_ms):
+                    return [], ClaimResult("busy", match)
+                if claim is not None and claim.maybe_submitted:
+                    return [], ClaimResult("unknown", match)
+                number = match.number
+                evidence: list[Evidence] = []
+            else:
+                number = max(next_version_number(doc), self._next_file_number(style))
+                evidence = [Submission(style, number, request_id, None, dataset_hash, dict(params), now)]
+            evidence.append(Claim(style, number, owner, "claimed", now, now + lease))
+            return evidence, None
 
-        result, existing = self._update(style, decide, True, False)
-        if existing is not None:
-            return existing
-        number = max(v.number for v in result.document.versions if v.request_id == request_id)
-        version = result.document.version(number)
-        assert version is not None
-        return version
+        result, decided = self._update(style, decide, True, False)
+        if decided is not None:
+            return decided
+        version = next(v for v in result.document.versions
+                       if v.claim is not None and v.claim.owner == owner and v.claim.at == now_ms)
+        return ClaimResult("claimed", version)
+
+    def advance_claim(self, style: str, version: Version, phase: str, *, lease: timedelta | None = None,
+                      note: str | None = None, at: datetime | None = None) -> Version:
+        """Move this caller's claim on ``version`` to ``phase`` (posting, released or unknown).
+
+        ``posting`` is written only while the claim is still this caller's and live (the
+        last step before POST /run): a holder whose lease ran out and was taken over gets
+        ClaimLost and must not POST. ``released`` and ``unknown`` record the outcome.
+        """
+        claim = version.claim
+        if claim is None:
+            raise ValueError(f"{style} {version.name} holds no claim to advance")
+        now = at or self.clock()
+        now_ms = int(now.timestamp() * 1000)
+        lease_until = now + lease if lease is not None else datetime.fromtimestamp(claim.lease_until / 1000, UTC)
+        claim_at = datetime.fromtimestamp(claim.at / 1000, UTC)
+
+        def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
+            current = doc.version(version.number)
+            held = current is not None and current.claim is not None and (
+                current.claim.owner, current.claim.at) == (claim.owner, claim.at)
+            if phase == "posting" and not (held and current.claim.phase == "claimed" and current.claim.live(now_ms)):
+                raise ClaimLost(f"{style} {version.name}: the submit claim of {claim.owner} was lost "
+                                "(its lease ran out and another submitter took it over); not submitting")
+            if not held:
+                return [], ClaimResult("existing", current or version)  # a successor owns it now
+            return [Claim(style, version.number, claim.owner, phase, claim_at, lease_until, note)], None
+
+        result, decided = self._update(style, decide, True, False)
+        if decided is not None:
+            return decided.version
+        updated = result.document.version(version.number)
+        assert updated is not None
+        return updated
 
     def _next_file_number(self, style: str) -> int:
         numbers = [
@@ -329,8 +448,8 @@ class RegistryStore:
     def _update(self, style: str, decide, update_index: bool, dry_run: bool):
         """One optimistic read-merge-write (storage.documents.update_object does the loop).
 
-        ``decide(folded_document)`` returns (evidence, None), or ([], version) to
-        answer with an existing version and write nothing.
+        ``decide(folded_document)`` returns (evidence, None), or ([], answer) to
+        answer without writing anything.
         """
         outcome: dict[str, Any] = {}
 
@@ -363,7 +482,7 @@ class RegistryStore:
         if result.changed and not dry_run:
             result = replace(result, etag=written.etag if written else None)
             if update_index:
-                self.update_index([StyleSummary.of(result.document)])
+                self.update_index([StyleSummary.of(result.document, result.etag)])
         return result, outcome["existing"]
 
     def _backup(self, style: str, stored: StoredDocument) -> str:

@@ -20,6 +20,7 @@ def succeed(job: dict[str, Any]) -> dict[str, Any]:
         "version": request["version"],
         "lora_key": f"loras/{request['style']}/{request['style']}_v{request['version'][1:]}.safetensors",
         "dataset_hash": request["dataset_hash"],
+        "request_id": request.get("request_id"),
         "steps": request.get("params", {}).get("max_train_steps", 1),
         "final_loss": 0.125,
         "duration_s": 0.01,

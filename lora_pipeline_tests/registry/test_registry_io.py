@@ -84,31 +84,31 @@ def test_a_lost_conditional_write_is_re_read_and_re_merged(store):
 
 def test_reserve_version_takes_the_next_free_number(store):
     registry = RegistryStore(store)
-    v1 = registry.reserve_version("s", request_id="a", dataset_hash="aa", params={"rank": 4})
-    v2 = registry.reserve_version("s", request_id="b", dataset_hash="bb", params={"rank": 4})
+    v1 = _reserve(registry, "s", request_id="a", dataset_hash="aa", params={"rank": 4})
+    v2 = _reserve(registry, "s", request_id="b", dataset_hash="bb", params={"rank": 4})
     assert (v1.name, v2.name, v2.status) == ("V1", "V2", VersionStatus.pending)
 
 
 def test_reserve_version_returns_the_unfinished_version_for_the_same_dataset_and_params(store):
     registry = RegistryStore(store)
-    first = registry.reserve_version("s", request_id="a", dataset_hash="aa", params={"rank": 4})
-    again = registry.reserve_version("s", request_id="b", dataset_hash="aa", params={"rank": 4})
+    first = _reserve(registry, "s", request_id="a", dataset_hash="aa", params={"rank": 4})
+    again = _reserve(registry, "s", request_id="b", dataset_hash="aa", params={"rank": 4})
     assert again.name == first.name
     assert len(registry.read("s")[0].versions) == 1
 
 
 def test_reserve_version_reuses_a_completed_version_only_when_asked(store):
     registry = RegistryStore(store)
-    v1 = registry.reserve_version("s", request_id="a", dataset_hash="aa", params={"rank": 4})
+    v1 = _reserve(registry, "s", request_id="a", dataset_hash="aa", params={"rank": 4})
     registry.apply("s", [StoredLora("s", "loras/s/s_v1.safetensors", 1, None, 1, "e", {}, at(2))])
-    assert registry.reserve_version("s", request_id="b", dataset_hash="aa", params={"rank": 4},
-                                    reuse_completed=True).name == v1.name
-    assert registry.reserve_version("s", request_id="c", dataset_hash="aa", params={"rank": 4}).name == "V2"
+    assert _reserve(registry, "s", request_id="b", dataset_hash="aa", params={"rank": 4},
+          reuse_completed=True).name == v1.name
+    assert _reserve(registry, "s", request_id="c", dataset_hash="aa", params={"rank": 4}).name == "V2"
 
 
 def test_reserve_version_skips_numbers_of_files_no_document_mentions(store):
     store.put("loras/s/s_vV7.safetensors", lora_bytes())
-    version = RegistryStore(store).reserve_version("s", request_id="a", dataset_hash="aa", params={})
+    version = _reserve(RegistryStore(store), "s", request_id="a", dataset_hash="aa", params={})
     assert version.name == "V8"
 
 
@@ -151,3 +151,10 @@ def test_an_unreadable_document_is_refused_with_its_style_named(local_store):
     local_store.put(registry_key("s"), b"{not json")
     with pytest.raises(ValueError, match="'s'"):
         RegistryStore(local_store).read("s")
+
+
+def _reserve(registry: RegistryStore, style: str, **kwargs):
+    """The version claim_version finds or reserves (the claim itself aside)."""
+    from datetime import timedelta
+
+    return registry.claim_version(style, owner="test", lease=timedelta(seconds=60), **kwargs).version

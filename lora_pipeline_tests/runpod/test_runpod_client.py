@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.runpod.backend import (
+    SubmitOutcomeUnknown,
     ExecutionPolicy,
     JobNotFound,
     RunPodAuthError,
@@ -144,18 +147,56 @@ def test_persistent_429_raises_rate_limited(client, fake_runpod):
 
 
 def test_5xx_is_retried_with_backoff(client, fake_runpod, sleeps):
-    fake_runpod.script("run", 502, count=2)
-    assert client.submit(request(), webhook_url=None, policy=POLICY)
+    job_id = client.submit(request(), webhook_url=None, policy=POLICY)
+    fake_runpod.script("status", 502, count=2)
+    assert client.status(job_id).id == job_id
     assert len(sleeps) == 2 and sleeps[1] >= sleeps[0] / 2
 
 
-def test_a_run_that_times_out_is_not_repeated(fake_runpod):
+def test_a_run_that_answers_5xx_is_not_repeated(client, fake_runpod, sleeps):
+    """A 502 may come from a gateway after RunPod queued the job: repeating could train twice."""
+    fake_runpod.script("run", 502, count=2)
+    with pytest.raises(SubmitOutcomeUnknown, match="not repeated"):
+        client.submit(request(), webhook_url=None, policy=POLICY)
+    assert fake_runpod.requests["run"] == 1 and sleeps == []
+
+
+def test_a_run_that_times_out_is_not_repeated_though_the_job_was_queued(fake_runpod):
     fake_runpod.latency_s = 0.5
     client = RunPodClient(fake_runpod.api_key, fake_runpod.endpoint_id, base_url=fake_runpod.base_url,
                           timeout=0.1, sleep=lambda s: None)
-    with pytest.raises(RunPodUnavailable, match="not repeated"):
+    with pytest.raises(SubmitOutcomeUnknown, match="not repeated"):
         client.submit(request(), webhook_url=None, policy=POLICY)
     assert fake_runpod.requests["run"] == 1
+    deadline = time.monotonic() + 5
+    while not fake_runpod.jobs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(fake_runpod.jobs) == 1  # RunPod took it: exactly one job, its id unknown to us
+
+
+def test_a_run_that_could_not_connect_is_repeated(fake_runpod, sleeps):
+    """No connection means RunPod saw nothing: the one failure /run may safely repeat."""
+    import httpx
+
+    attempts = []
+
+    def refuse_then_forward(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.path)
+        if len(attempts) < 3:
+            raise httpx.ConnectError("connection refused", request=request)
+        with httpx.Client() as real:
+            return real.send(request)
+
+    client = RunPodClient(fake_runpod.api_key, fake_runpod.endpoint_id, base_url=fake_runpod.base_url,
+                          transport=httpx.MockTransport(refuse_then_forward), sleep=sleeps.append)
+    assert client.submit(request(), webhook_url=None, policy=POLICY)
+    assert len(attempts) == 3 and fake_runpod.requests["run"] == 1 and len(fake_runpod.jobs) == 1
+
+
+def test_a_run_that_is_rate_limited_is_repeated(client, fake_runpod, sleeps):
+    fake_runpod.script("run", 429, count=2, retry_after=0)
+    assert client.submit(request(), webhook_url=None, policy=POLICY)
+    assert fake_runpod.requests["run"] == 3 and len(fake_runpod.jobs) == 1
 
 
 def test_api_down_opens_the_breaker_and_calls_then_fail_fast(fake_runpod):

@@ -16,7 +16,14 @@ from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.runpod.backend import JobStatus
-from lora_pipeline.training import Completion, NoDatasetError, record_completion, submit_and_wait
+from lora_pipeline.training import (
+    Completion,
+    NoDatasetError,
+    SubmissionInFlight,
+    SubmissionUnknown,
+    record_completion,
+    submit_and_wait,
+)
 from lora_pipeline.webhook.inbox import mark_processed
 
 
@@ -66,8 +73,10 @@ def trained_lora(
                 webhook_url=training_backend.webhook_url_for_jobs(),
                 log=context.log.info,
             )
-        except (NoDatasetError, ValidationError) as exc:
+        except (NoDatasetError, ValidationError, SubmissionInFlight) as exc:
             raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
+        except SubmissionUnknown as exc:
+            raise dg.Failure(description=str(exc), metadata={"version": exc.version.name}) from None
     return completion_result(completion, status)
 
 
