@@ -10,7 +10,7 @@ DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install dev test demo clean
+.PHONY: install dev test soak demo clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ dev: install
 test: install
 	$(VENV)/bin/ruff check lora_pipeline lora_pipeline_tests benchmarks
 	$(PY) -m pytest
+
+# The fault campaign (tests/registry/test_fault_campaign.py) at length: many seeds, long runs.
+SOAK_SEEDS ?= $(shell seq -s, 1 40)
+SOAK_STEPS ?= 300
+soak: install
+	LORA_CAMPAIGN_SEEDS=$(SOAK_SEEDS) LORA_CAMPAIGN_STEPS=$(SOAK_STEPS) $(PY) -m pytest -q -p no:logging \
+		lora_pipeline_tests/registry/test_fault_campaign.py
 
 demo: install
 	$(VENV)/bin/lora-pipeline demo

@@ -32,7 +32,7 @@ from lora_pipeline.runpod.backend import (
 from lora_pipeline.runpod.reports import job_report_from_status
 from lora_pipeline.storage import ObjectStore, StorageError
 from lora_pipeline.storage.keys import lora_key
-from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.storage.registry_io import ClaimLost, RegistryStore
 from lora_pipeline.worker.schema import TrainingParams, TrainingRequest
 
 # How long a claim that has not reached POST /run keeps others off (then it is taken over),
@@ -162,7 +162,10 @@ def submit_training(
         request_id=version.request_id or owner,
     )
     policy = ExecutionPolicy.from_training(params.max_train_steps)
-    version = registry.advance_claim(style, version, "posting", lease=posting_lease)
+    try:
+        version = registry.advance_claim(style, version, "posting", lease=posting_lease)
+    except ClaimLost as exc:
+        raise SubmissionInFlight(str(exc)) from None
     try:
         job_id = backend.submit(request, webhook_url=webhook_url, policy=policy)
     except SubmitOutcomeUnknown as exc:

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
 from lora_pipeline.registry.jobids import base_job_id
@@ -158,11 +159,11 @@ class RunPodClient:
 
     def status(self, job_id: str) -> JobStatus:
         """``GET /status/{id}``, by the id as given and then by its base UUID."""
-        return JobStatus.model_validate(self._by_job_id("GET", "status", job_id))
+        return _status_body(self._by_job_id("GET", "status", job_id), f"GET /status/{job_id}")
 
     def cancel(self, job_id: str) -> JobStatus:
         """``POST /cancel/{id}``; RunPod answers with the job's status."""
-        return JobStatus.model_validate(self._by_job_id("POST", "cancel", job_id))
+        return _status_body(self._by_job_id("POST", "cancel", job_id), f"POST /cancel/{job_id}")
 
     # -- the rest of the endpoint API --------------------------------------------
 
@@ -184,7 +185,7 @@ class RunPodClient:
             body["webhook"] = webhook_url
         if policy is not None:
             body["policy"] = policy.to_api()
-        return JobStatus.model_validate(self._call("POST", "/run", json=body, idempotent=False))
+        return _status_body(self._call("POST", "/run", json=body, idempotent=False), "POST /run", accepted=True)
 
     def run_sync(
         self,
@@ -197,13 +198,14 @@ class RunPodClient:
         body: dict[str, Any] = {"input": input}
         if policy is not None:
             body["policy"] = policy.to_api()
-        return JobStatus.model_validate(
-            self._call("POST", "/runsync", json=body, timeout=timeout_s, idempotent=False)
+        return _status_body(
+            self._call("POST", "/runsync", json=body, timeout=timeout_s, idempotent=False), "POST /runsync",
+            accepted=True,
         )
 
     def retry(self, job_id: str) -> JobStatus:
         """``POST /retry/{id}``: requeue a FAILED or TIMED_OUT job (until it expires)."""
-        return JobStatus.model_validate(self._by_job_id("POST", "retry", job_id))
+        return _status_body(self._by_job_id("POST", "retry", job_id), f"POST /retry/{job_id}")
 
     def health(self) -> dict[str, Any]:
         """``GET /health``: worker and job counts of the endpoint."""
@@ -333,6 +335,18 @@ class RunPodClient:
             return min(exc.retry_after_s, self.max_retry_wait_s)
         ceiling = min(self.max_retry_wait_s, self.backoff_base_s * 2 ** (state.attempt_number - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def _status_body(payload: dict[str, Any], what: str, *, accepted: bool = False) -> JobStatus:
+    """RunPod's answer as a JobStatus, or a RunPodError naming what is wrong with it (never a raw
+    ValidationError, which would escape every caller's ``except RunPodError``). An unusable
+    answer to a request that queues a job leaves its outcome unknown."""
+    try:
+        return JobStatus.model_validate(payload)
+    except ValidationError as exc:
+        problem = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        error = SubmitOutcomeUnknown if accepted else RunPodError
+        raise error(f"RunPod {what} answered a body that is not a status body ({problem})") from None
 
 
 # Failures before any byte of the request reached RunPod (no connection was made).

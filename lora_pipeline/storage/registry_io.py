@@ -67,7 +67,7 @@ class ApplyResult:
 
 
 class ClaimLost(RuntimeError):
-    """The submit claim this caller held was taken over; it must not POST."""
+    """The submit claim this caller held was taken over (its lease ran out); it must not POST."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,9 @@ class StyleSummary:
     files_fingerprint: str
     unfinished: dict[str, UnfinishedJob]
     jobs: tuple[str, ...]  # every job base of the style
-    # version → claim time (ms) of versions whose POST /run may have queued a job the
-    # registry has no id for: reconciliation fails them after the maximum job age.
+    # version → claim time (ms) of unfinished versions with a submit claim but no job id: a
+    # POST whose answer was lost, or a submitter that stopped before sending. Reconciliation
+    # attaches their jobs from start markers, and fails them after the maximum job age.
     submitting: dict[str, int] = field(default_factory=dict)
     etag: str | None = None  # the document's ETag this summary was derived from
 
@@ -127,7 +128,7 @@ class StyleSummary:
             jobs=tuple(sorted({b for v in doc.versions for b in v.job_bases})),
             submitting={
                 v.name: v.claim.at for v in doc.versions
-                if v.claim and v.claim.maybe_submitted and not v.id and v.status in UNFINISHED_STATUSES
+                if v.claim and not v.id and v.status in UNFINISHED_STATUSES
             },
             etag=etag,
         )
@@ -424,6 +425,8 @@ class RegistryStore:
             current = doc.version(version.number)
             held = current is not None and current.claim is not None and (
                 current.claim.owner, current.claim.at) == (claim.owner, claim.at)
+            if phase == "posting" and held and current.claim.phase == "posting":
+                return [], ClaimResult("existing", current)  # our own write landed, its answer was lost
             if phase == "posting" and not (held and current.claim.phase == "claimed" and current.claim.live(now_ms)):
                 raise ClaimLost(f"{style} {version.name}: the submit claim of {claim.owner} was lost "
                                 "(its lease ran out and another submitter took it over); not submitting")

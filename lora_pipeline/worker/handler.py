@@ -97,6 +97,7 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
     assert version_number is not None
     key = lora_key(request.style, version_number)
 
+    announce_start(store, request, job_id)
     finished = _already_trained(store, key, request)
     if finished is not None:
         report({"phase": "done", "note": "LoRA already in the store for this request"})
@@ -222,6 +223,25 @@ def open_request_store(request: TrainingRequest):
         return open_store(url)
     except (StorageError, ValueError) as exc:
         raise WorkerInputError(f"storage_url: cannot open {url!r}: {exc}") from None
+
+
+def announce_start(store: Any, request: TrainingRequest, job_id: str) -> None:
+    """Write ``runs/<style>/<version>/<job id>.json``: this job runs this request.
+
+    When a ``/run`` answer was lost the registry knows the version and its request
+    id but not the job id; reconciliation reads this marker to attach the job, so it
+    is polled and settled like any other. Best effort: a job is not failed for it.
+    """
+    from lora_pipeline.storage.keys import run_marker_key
+
+    if not job_id:
+        return
+    try:
+        key = run_marker_key(request.style, request.version, job_id)
+        body = {"jobId": job_id, "requestId": request.request_id, "startedAt": datetime.now(UTC).isoformat()}
+        store.put(key, json.dumps(body, sort_keys=True).encode(), content_type="application/json")
+    except Exception:  # noqa: BLE001 - the marker only speeds up healing; training goes on
+        log.warning("could not write the start marker of job %s", job_id, exc_info=True)
 
 
 def _owner(store: Any, key: str) -> tuple[str | None, dict[str, str]] | None:

@@ -8,12 +8,13 @@ import pytest
 
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.runpod.backend import (
-    SubmitOutcomeUnknown,
     ExecutionPolicy,
     JobNotFound,
     RunPodAuthError,
+    RunPodError,
     RunPodRequestError,
     RunPodUnavailable,
+    SubmitOutcomeUnknown,
 )
 from lora_pipeline.runpod.client import RunPodClient, RunPodRateLimited
 from lora_pipeline.storage.breaker import CircuitBreaker
@@ -296,3 +297,16 @@ def test_the_documented_rate_limit_is_absorbed_by_retries(fake_runpod, sleeps):
     with pytest.raises(RunPodRateLimited):
         client.status(job.id)
     assert sleeps and 0 < sleeps[0] <= 30.0
+
+
+def test_a_status_body_outside_the_schema_is_a_runpod_error_naming_the_field(client, fake_runpod):
+    job_id = client.submit(request(), webhook_url=None, policy=POLICY)
+    fake_runpod.script("status", 200, body={"id": job_id, "status": "IN_PROGRESS", "delayTime": "soon"})
+    with pytest.raises(RunPodError, match="delayTime"):
+        client.status(job_id)
+
+
+def test_an_unusable_answer_to_run_leaves_the_outcome_unknown(client, fake_runpod):
+    fake_runpod.script("run", 200, body={"status": "IN_QUEUE"})  # no id: which job is it?
+    with pytest.raises(SubmitOutcomeUnknown, match="not a status body"):
+        client.submit(request(), webhook_url=None, policy=POLICY)

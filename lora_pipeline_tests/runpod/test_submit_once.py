@@ -9,6 +9,7 @@ job, a crash between the POST and recording the job id.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -217,8 +218,6 @@ def _current_hash(store) -> str:
 
 
 def _body(job) -> bytes:
-    import json
-
     return json.dumps(job.body()).encode()
 
 
@@ -227,3 +226,45 @@ def _wait_for(condition, timeout_s: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_an_unknown_submission_is_attached_by_its_workers_start_marker(store, fake):
+    """A job that fails names no request in its body; the marker its worker wrote at start does."""
+    from lora_pipeline.worker.handler import announce_start
+    from lora_pipeline.worker.schema import TrainingRequest
+
+    fake.latency_s = 0.5
+    with pytest.raises(SubmissionUnknown):
+        submit(store, client_for(fake, timeout=0.1))
+    _wait_for(lambda: len(fake.jobs) == 1)
+    fake.latency_s = 0.0
+    (job,) = fake.jobs.values()
+    fake.start_job(job.id)
+    announce_start(store, TrainingRequest.model_validate(job.input), job.id)  # the worker starts
+
+    client = client_for(fake)
+    reconcile(store, status_lookup=client.status)
+    assert document(store).versions[0].id == job.id  # attached: from now on it is polled
+    reconcile(store, status_lookup=client.status)
+    assert document(store).versions[0].status == VersionStatus.training
+
+    write_webhook(store, json.dumps({"id": job.id, "status": "FAILED", "error": "CUDA out of memory"}).encode())
+    assert process_inbox(store).webhooks_applied
+    (version,) = document(store).versions
+    assert version.status == VersionStatus.failed and "out of memory" in version.error
+
+
+def test_a_start_marker_of_another_request_is_not_attached(store, fake):
+    from lora_pipeline.worker.handler import announce_start
+    from lora_pipeline.worker.schema import TrainingRequest
+
+    fake.latency_s = 0.5
+    with pytest.raises(SubmissionUnknown):
+        submit(store, client_for(fake, timeout=0.1))
+    _wait_for(lambda: len(fake.jobs) == 1)
+    (job,) = fake.jobs.values()
+    stranger = TrainingRequest.model_validate({**job.input, "request_id": "someone-else"})
+    announce_start(store, stranger, "f00dbabe-0000-4000-8000-000000000000-u1")
+    reconcile(store)
+    (version,) = document(store).versions
+    assert version.id is None
