@@ -14,6 +14,7 @@ sensor and the legacy import.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from lora_pipeline.registry.evidence import Evidence, JobExpired, JobReport, RejectedLora, StoredLora
+from lora_pipeline.registry.evidence import (
+    Evidence,
+    JobExpired,
+    JobReport,
+    RejectedLora,
+    StoredLora,
+    Submission,
+    SubmissionLost,
+)
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job, merge
 from lora_pipeline.registry.models import UNFINISHED_STATUSES, InvalidRecord, RegistryDocument
@@ -29,8 +38,8 @@ from lora_pipeline.registry.names import InvalidStyleName, parse_lora_filename, 
 from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
 from lora_pipeline.runpod.backend import JobNotFound, JobStatus, RunPodError
 from lora_pipeline.runpod.reports import job_report_from_status
-from lora_pipeline.storage.base import ObjectInfo, ObjectStore, StorageError
-from lora_pipeline.storage.keys import LORAS, lora_prefix
+from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError
+from lora_pipeline.storage.keys import LORAS, lora_prefix, run_marker_prefix
 from lora_pipeline.storage.registry_io import (
     RegistryIndex,
     RegistryStore,
@@ -39,10 +48,17 @@ from lora_pipeline.storage.registry_io import (
     files_fingerprint,
     known_files,
 )
-from lora_pipeline.webhook.inbox import InboxItem, job_report_from_body, list_inbox, mark_processed
+from lora_pipeline.webhook.inbox import (
+    WEBHOOK_REJECTED,
+    InboxItem,
+    InvalidWebhook,
+    list_inbox,
+    mark_processed,
+    reject,
+    webhook_status,
+)
 
 DEFAULT_MAX_JOB_AGE = timedelta(hours=25)  # RunPod's default job TTL is 24 h
-WEBHOOK_REJECTED = "webhooks/rejected"
 
 StatusLookup = Callable[[str], JobStatus | None]
 
@@ -63,6 +79,7 @@ class ReconcileReport:
     webhooks_applied: list[str] = field(default_factory=list)
     webhooks_waiting: list[str] = field(default_factory=list)
     webhooks_rejected: list[str] = field(default_factory=list)
+    index_rebuilt: list[str] = field(default_factory=list)  # styles whose index entry lagged
 
     @property
     def changed_versions(self) -> int:
@@ -80,6 +97,7 @@ class ReconcileReport:
                 "polls": self.polls, "webhooks_applied": len(self.webhooks_applied),
                 "webhooks_waiting": len(self.webhooks_waiting),
                 "webhooks_rejected": len(self.webhooks_rejected),
+                "index_rebuilt": len(self.index_rebuilt),
             },
         }
 
@@ -99,7 +117,6 @@ class _StyleWork:
     evidence: list[Evidence] = field(default_factory=list)
     inbox: list[tuple[InboxItem, JobReport]] = field(default_factory=list)
     files: dict[str, ObjectInfo] | None = None  # files to check; None: none listed for it
-    unindexed: bool = False  # a document the index does not know: summarize it
     verify: bool = False  # settle COMPLETED jobs without a file even with no new evidence
 
 
@@ -156,18 +173,24 @@ class _Run:
         self.workers = max(1, workers)
         self.report = ReconcileReport(dry_run=dry_run)
         self.full = True
+        self.max_job_age = DEFAULT_MAX_JOB_AGE
 
     def run(self, *, full: bool, status_lookup: StatusLookup | None, max_job_age: timedelta) -> ReconcileReport:
         self.full = full
-        index, _ = self.registry.read_index()
+        self.max_job_age = max_job_age
+        # The index may lag its documents (written second): rebuild what is stale first,
+        # so every job is routed and polled.
+        index, stale = self.registry.fresh_index(repair=not self.dry_run, problems=self.report.problems)
+        self.report.index_rebuilt = stale
+        self.report.styles_read += len(stale)
         work: dict[str, _StyleWork] = defaultdict(_StyleWork)
         routes = index.jobs
-        if full:
-            self._unindexed_documents(index, work, routes)
         self._gather_inbox(routes, work)
         if full:
-            self._gather_files(index, work)
+            # Poll first, list second: a job that finishes between the two is then seen
+            # with its file, never settled as "COMPLETED without a file".
             self._gather_polls(index, work, status_lookup, max_job_age)
+            self._gather_files(index, work)
         else:
             for style, item in work.items():
                 if any(r.status == "COMPLETED" for _, r in item.inbox):
@@ -199,34 +222,14 @@ class _Run:
 
     # -- gathering ------------------------------------------------------------------
 
-    def _unindexed_documents(self, index: RegistryIndex, work: dict[str, _StyleWork],
-                             routes: dict[str, str]) -> None:
-        """Documents the index does not know (written before it, or by hand): read them
-        now, so their jobs can be routed and their summaries indexed."""
-        for style in self.registry.styles():
-            if style in index.styles:
-                continue
-            try:
-                stored = self.registry.read_stored(style)
-            except InvalidRecord as exc:
-                self.report.problems.append(str(exc))
-                continue
-            work[style].unindexed = True
-            self.report.styles_read += 1
-            for version in stored.document.versions:
-                for base in version.job_bases:
-                    routes.setdefault(base, style)
-
     def _gather_inbox(self, routes: dict[str, str], work: dict[str, _StyleWork]) -> None:
         for item in list_inbox(self.store):
-            if item.body is None:
-                self._reject(item, item.problem or "unusable webhook body")
+            try:  # list_inbox validated it already (item.job_status); one validator either way
+                status = item.job_status or webhook_status(item.body)
+            except InvalidWebhook as exc:
+                self._reject(item, item.problem or str(exc))
                 continue
-            try:
-                report = job_report_from_body(item.body, item.received_at or self.now, source="webhook")
-            except ValueError as exc:
-                self._reject(item, f"not a RunPod status body: {exc}")
-                continue
+            report = job_report_from_status(status, item.received_at or self.now, source="webhook")
             style = routes.get(base_job_id(report.job_id)) or style_from_output(report.output)
             if style is None:
                 self.report.webhooks_waiting.append(item.key)
@@ -299,6 +302,8 @@ class _Run:
                     ))
                 if job.job_status == "COMPLETED":
                     work[style].verify = True  # finished at RunPod: is its file there?
+            if summary.submitting:
+                work[style].verify = True  # a POST with a lost answer: look for its job's start marker
 
     def _list_style_files(self, style: str) -> dict[str, ObjectInfo]:
         files = {}
@@ -310,24 +315,19 @@ class _Run:
 
     def _reject(self, item: InboxItem, reason: str) -> None:
         """Move an unusable inbox file to webhooks/rejected/, its reason beside it; never delete."""
-        name = item.key.rsplit("/", 1)[-1]
         self.report.webhooks_rejected.append(item.key)
         self.report.problems.append(f"{item.key}: rejected: {reason}")
         if self.dry_run:
             return
         try:
-            data = self.store.get(item.key).data
-            self.store.put(f"{WEBHOOK_REJECTED}/{name}", data)
-            self.store.put(f"{WEBHOOK_REJECTED}/{name}.reason.txt", (reason + "\n").encode(),
-                           content_type="text/plain")
-            self.store.delete(item.key)
+            reject(self.store, item.key, reason)
         except StorageError as exc:
             self.report.problems.append(f"{item.key}: could not move to {WEBHOOK_REJECTED}/: {exc}")
 
     # -- settling -------------------------------------------------------------------
 
     def _settle_styles(self, work: dict[str, _StyleWork]) -> dict[str, _StyleOutcome]:
-        pending = {s: w for s, w in work.items() if w.evidence or w.files is not None or w.unindexed or w.verify}
+        pending = {s: w for s, w in work.items() if w.evidence or w.files is not None or w.verify}
         if self.workers == 1 or len(pending) < 2:
             return {s: self._settle(s, w) for s, w in pending.items()}
         with ThreadPoolExecutor(self.workers) as pool:
@@ -337,6 +337,7 @@ class _Run:
     def _settle(self, style: str, work: _StyleWork) -> _StyleOutcome:
         outcome = _StyleOutcome()
         headers: dict[tuple[str, str], Evidence] = {}  # header reads survive a lost write race
+        markers: dict[str, list[tuple[str, str, datetime]]] = {}  # version → its jobs' start markers
 
         def gather(doc: RegistryDocument) -> list[Evidence]:
             outcome.documents_read += 1
@@ -344,6 +345,8 @@ class _Run:
             evidence = list(work.evidence)
             if work.files is not None:
                 evidence += self._file_evidence(style, doc, work.files, outcome, headers)
+            if self.full:
+                evidence += self._started_jobs(style, doc, markers)
             return evidence + self._verdicts(style, merge(doc, evidence), work)
 
         try:
@@ -353,7 +356,7 @@ class _Run:
             return outcome
         outcome.changes = result.changes
         outcome.written = result.changed and not self.dry_run
-        outcome.summary = StyleSummary.of(result.document)
+        outcome.summary = StyleSummary.of(result.document, result.etag)
         for item, report in work.inbox:
             if find_version_by_job(result.document, report.job_id) is not None:
                 outcome.matched.append(item)
@@ -388,18 +391,59 @@ class _Run:
         return StoredLora(style, key, number, self.store.url(key), info.size, info.etag,
                           header.metadata, info.last_modified)
 
+    def _started_jobs(self, style: str, doc: RegistryDocument,
+                      markers: dict[str, list[tuple[str, str, datetime]]]) -> list[Evidence]:
+        """The job of each version submitted with an unknown id, from the start marker its
+        worker wrote (``runs/<style>/<version>/<job>.json``), when the request ids agree."""
+        found: list[Evidence] = []
+        for v in doc.versions:
+            if v.id or not (v.claim and v.claim.maybe_submitted) or v.status not in UNFINISHED_STATUSES:
+                continue
+            if v.name not in markers:
+                markers[v.name] = self._read_markers(style, v.name)
+            for job_id, request_id, started in markers[v.name]:
+                if request_id == v.request_id:
+                    found.append(Submission(style, v.number, request_id, job_id, v.dataset_hash or "",
+                                            dict(v.params or {}), started))
+        return found
+
+    def _read_markers(self, style: str, version: str) -> list[tuple[str, str, datetime]]:
+        out = []
+        for info in self.store.list(run_marker_prefix(style, version)):
+            try:
+                body = json.loads(self.store.get(info.key).data)
+                out.append((str(body["jobId"]), str(body["requestId"]), info.last_modified))
+            except (ObjectNotFound, ValueError, KeyError, TypeError):
+                self.report.problems.append(f"{info.key}: not a readable start marker; ignored")
+        return out
+
     def _verdicts(self, style: str, merged, work: _StyleWork) -> list[Evidence]:
         """A job RunPod reported COMPLETED whose version still has no readable file in the
         store failed: the worker returned without a usable LoRA."""
         if work.files is None and not self.full:
             return []  # inbox-only run that did not list this style's files: cannot tell
         verdicts: list[Evidence] = []
+        now_ms = int(self.now.timestamp() * 1000)
         for v in merged.versions:
             if v.status in UNFINISHED_STATUSES and v.job_status == "COMPLETED" and v.id and v.file is None:
                 verdicts.append(JobExpired(
                     v.id, self.now,
                     f"RunPod reported job {v.id} COMPLETED but no readable LoRA file for "
                     f"{style} {v.name} is in the store",
+                ))
+            claim = v.claim
+            if (v.status in UNFINISHED_STATUSES and not v.id and claim is not None and not claim.live(now_ms)
+                    and now_ms - claim.at > self.max_job_age.total_seconds() * 1000):
+                if claim.maybe_submitted:
+                    why = (f"the submission of {style} {v.name} had an unknown outcome "
+                           f"({claim.note or 'its submitter stopped while posting'})")
+                else:
+                    why = (f"{style} {v.name} was reserved but never sent to RunPod "
+                           f"({claim.note or 'its submitter stopped before posting'})")
+                verdicts.append(SubmissionLost(
+                    style, v.number, self.now,
+                    f"{why}, and no job, webhook or LoRA file appeared within the maximum job age "
+                    f"({self.max_job_age}); submit again to train a new version",
                 ))
         return verdicts
 

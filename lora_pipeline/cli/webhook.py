@@ -1,8 +1,9 @@
-"""``lora-pipeline webhook serve``: run the RunPod webhook receiver on the configured store."""
+"""``lora-pipeline webhook serve|replay``: the RunPod webhook receiver, and replaying bodies by hand."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
 
@@ -52,3 +53,52 @@ def serve(host: str, port: int, insecure_no_token: bool) -> None:
     click.echo(f"webhook receiver on http://{host}:{port}/webhooks/runpod → inbox of {store.describe()}")
     # access_log off: uvicorn would log the query string, and with it the token.
     uvicorn.run(create_app(store, token), host=host, port=port, access_log=False, log_level="info")
+
+
+@webhook.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True, path_type=Path))
+def replay(files: tuple[Path, ...]) -> None:
+    """Write RunPod status bodies from FILES into the inbox of LORA_STORAGE_URL.
+
+    Each file goes through the receiver's own path: checked against the status
+    schema, then written once per (job id, status); a body already delivered is
+    reported as a duplicate and not written again, so replaying is always safe.
+    A body whose earlier copy was rejected (moved to webhooks/rejected/) is not
+    a duplicate: a corrected copy lands. A bad file is named with what is wrong
+    and the others are still replayed; the exit status is 1 if any file failed.
+    """
+    from lora_pipeline.storage.base import StorageError
+    from lora_pipeline.storage.factory import open_configured_store
+    from lora_pipeline.webhook.inbox import MAX_BODY_BYTES, InvalidWebhook, write_webhook
+
+    try:
+        store = open_configured_store()
+    except (SettingsError, StorageError) as exc:
+        raise click.ClickException(str(exc)) from None
+    failed = 0
+    for path in files:
+        try:
+            with path.open("rb") as handle:
+                body = handle.read(MAX_BODY_BYTES + 1)  # enough to know it is over the limit
+            if len(body) > MAX_BODY_BYTES:
+                raise InvalidWebhook(f"file is over the {MAX_BODY_BYTES}-byte body limit")
+            key = write_webhook(store, body)
+        except InvalidWebhook as exc:
+            failed += 1
+            click.echo(f"error: {path}: not replayed: {exc}", err=True)
+            continue
+        except OSError as exc:
+            failed += 1
+            click.echo(f"error: {path}: cannot read it: {exc.strerror or exc}", err=True)
+            continue
+        except StorageError as exc:
+            failed += 1
+            click.echo(f"error: {path}: not stored (the store failed; replay it again): {exc}", err=True)
+            continue
+        if key is None:
+            click.echo(f"duplicate: {path}: this job and status were already delivered; nothing written")
+        else:
+            click.echo(f"stored: {path} -> {key}")
+    if failed:
+        click.echo(f"{failed} of {len(files)} files not replayed", err=True)
+        raise SystemExit(1)

@@ -134,14 +134,29 @@ def current_dataset(store: ObjectStore, style: str) -> DatasetManifest | None:
     return read_manifest(store, style, pointer.dataset_hash)
 
 
+def style_folders(store: ObjectStore, top: str = DATASETS) -> list[str]:
+    """Valid style names with a folder under ``<top>/``, from a one-level listing.
+
+    Nothing below the folders is read, so the cost grows with styles, not with
+    the images and versions they hold. A folder is not proof of a current
+    version (an ingest may have stopped before ``current.json``): see list_styles.
+    """
+    found = []
+    for folder in store.list_prefixes(f"{top}/"):
+        try:
+            found.append(validate_style(folder[len(top) + 1 : -1]))
+        except InvalidStyleName:
+            continue
+    return found
+
+
 def list_styles(store: ObjectStore) -> list[str]:
-    """Styles with a current dataset version (what the Dagster layer makes partitions of)."""
-    styles = []
-    for info in store.list(f"{DATASETS}/"):
-        parts = info.key.split("/")
-        if len(parts) == 3 and parts[2] == CURRENT_FILE:
-            styles.append(parts[1])
-    return sorted(styles)
+    """Styles with a current dataset version (what the Dagster layer makes partitions of).
+
+    One listing of style folders, then one HEAD of each ``current.json``: never
+    a listing of the images.
+    """
+    return sorted(s for s in style_folders(store) if store.head(current_key(s)) is not None)
 
 
 def discover_incoming(store: ObjectStore, prefix: str = "incoming/") -> list[str]:

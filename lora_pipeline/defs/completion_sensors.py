@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from lora_pipeline.defs.jobs import complete_training
+from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
@@ -24,10 +25,19 @@ from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.runpod.backend import JobStatus, RunPodUnavailable
 from lora_pipeline.reconcile import style_from_output
 from lora_pipeline.runpod.poll import poll_jobs
-from lora_pipeline.storage import StoreUnavailable
+from lora_pipeline.storage.breaker import is_outage
 from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.training import job_run_key
-from lora_pipeline.webhook.inbox import InboxItem, list_inbox, mark_processed
+from lora_pipeline.webhook.inbox import (
+    WEBHOOK_REJECTED,
+    InboxItem,
+    InvalidWebhook,
+    list_inbox,
+    mark_processed,
+    reject,
+    webhook_status,
+)
+from lora_pipeline.storage.base import ObjectStore, StorageError
 
 JOB_TAG = "lora_pipeline/job"
 ACTIVE_RUN_STATUSES = [
@@ -98,8 +108,9 @@ def _settled(registry: RegistryStore, style: str, status: JobStatus) -> bool:
 
 
 def unfinished_jobs(registry: RegistryStore) -> dict[str, str]:
-    """Every unfinished job (id as RunPod returned it) → its style, from the registry index."""
-    index, _ = registry.read_index()
+    """Every unfinished job (id as RunPod returned it) → its style, from the registry index
+    (its lagging entries rebuilt from their documents first, so no job is left unpolled)."""
+    index, _ = registry.fresh_index()
     return {job.job_id: style for style, summary in index.styles.items() for job in summary.unfinished.values()}
 
 
@@ -118,26 +129,34 @@ def ensure_partitions(instance: dg.DagsterInstance, styles: Iterable[str]) -> No
 def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
     """Each webhook file becomes one recording run, at most MAX_WEBHOOKS_PER_TICK a tick.
 
-    The cursor is the last file a full tick examined: the next tick starts after
-    it, so a burst larger than one tick is worked through in turn rather than the
-    same head of the inbox being re-examined. Files for jobs the registry does
-    not know yet stay in the inbox and are looked at again later.
+    The cursor is the position (arrival time and key) of the last file a full
+    tick examined: the next tick starts after it, so a burst larger than one tick
+    is worked through in turn rather than the same head of the inbox being
+    re-examined. Files for jobs the registry does not know yet stay in the inbox
+    and are looked at again later. A file that cannot be used (not JSON, not a
+    status body) never stops the tick: it moves to ``webhooks/rejected/`` with its
+    reason beside it, and the files behind it are handled as usual.
     """
-    store = storage.get_store()
+    try:
+        store = storage.get_sensor_store()
+    except StorageError as exc:
+        return dg.SensorResult(skip_reason=store_outage_skip(exc))
     registry = RegistryStore(store)
     requests: list[dg.RunRequest] = []
     notes: list[str] = []
-    last_examined: str | None = None
+    rejected = 0
+    last_examined: InboxItem | None = None
     try:
-        job_styles = registry.read_index()[0].jobs
+        job_styles = registry.fresh_index()[0].jobs  # a lagging index must not strand a webhook
         for item in _after_cursor(list(list_inbox(store)), context.cursor):
-            if len(requests) >= MAX_WEBHOOKS_PER_TICK:
-                break
-            last_examined = item.key
-            if item.body is None:
-                notes.append(f"{item.key}: {item.problem}")
+            if len(requests) + rejected >= MAX_WEBHOOKS_PER_TICK:
+                break  # rejections are store work too: a flood of bad files is spread over ticks
+            last_examined = item
+            status, problem = _usable_status(item)
+            if status is None:
+                notes.append(_reject_unusable(store, item.key, problem))
+                rejected += 1
                 continue
-            status = JobStatus.model_validate(item.body)
             style = job_styles.get(status.base_id) or style_from_output(status.output)
             if style is None:
                 notes.append(f"{item.key}: job {status.id} is not in the registry yet; kept for later")
@@ -148,23 +167,69 @@ def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageR
             if _run_exists(context.instance, status.id):
                 continue
             requests.append(completion_request(style, status, source="webhook", inbox_key=item.key))
-    except StoreUnavailable as exc:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"object store unavailable: {exc}"))
+    except StorageError as exc:
+        return dg.SensorResult(skip_reason=store_outage_skip(exc))
     for note in notes:
         context.log.warning(note)
     ensure_partitions(context.instance, (r.partition_key for r in requests if r.partition_key))
-    cursor = last_examined if len(requests) >= MAX_WEBHOOKS_PER_TICK else None
+    full = len(requests) + rejected >= MAX_WEBHOOKS_PER_TICK
+    cursor = _inbox_cursor(last_examined) if full and last_examined is not None else None
     if not requests:
-        kept = f" ({len(notes)} kept)" if notes else ""
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new webhook files{kept}"), cursor=cursor)
+        counts = [f"{n} {what}" for n, what in ((len(notes) - rejected, "kept"), (rejected, "rejected")) if n]
+        detail = f" ({', '.join(counts)})" if counts else ""
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new webhook files{detail}"), cursor=cursor)
     return dg.SensorResult(run_requests=requests, cursor=cursor)
 
 
+def _usable_status(item: InboxItem) -> tuple[JobStatus | None, str]:
+    """The validated status body of an inbox file, or None and why it cannot be used."""
+    if item.job_status is not None:
+        return item.job_status, ""
+    if item.body is None:
+        return None, item.problem or "unusable webhook body"
+    try:
+        return webhook_status(item.body), ""
+    except InvalidWebhook as exc:
+        return None, str(exc)
+
+
+def _reject_unusable(store: ObjectStore, key: str, reason: str) -> str:
+    """Move an unusable inbox file to webhooks/rejected/ (reason beside it); the note to log."""
+    try:
+        target = reject(store, key, reason)
+    except StorageError as exc:
+        if is_outage(exc):
+            raise  # the store is failing: skip the tick now, not after one timeout per file
+        return f"{key}: {reason}; could not move it to {WEBHOOK_REJECTED}/ (tried again next tick): {exc}"
+    return f"{key}: rejected, moved to {target}: {reason}"
+
+
+def _inbox_position(item: InboxItem) -> tuple[datetime, str]:
+    return (item.received_at or datetime.min.replace(tzinfo=UTC), item.key)
+
+
+def _inbox_cursor(item: InboxItem) -> str:
+    """``<arrival time ISO> <key>``: the inbox is in arrival order, and keys tie-break."""
+    when, key = _inbox_position(item)
+    return f"{when.isoformat()} {key}"
+
+
 def _after_cursor(items: list[InboxItem], cursor: str | None) -> list[InboxItem]:
-    """The inbox in key order, starting after ``cursor`` and wrapping round."""
+    """The inbox in arrival order, starting after ``cursor`` and wrapping round.
+
+    A cursor that is a bare key (written before files were ordered by arrival
+    time) starts from the head once.
+    """
     if not cursor:
         return items
-    start = next((i for i, item in enumerate(items) if item.key > cursor), len(items))
+    when, _, key = cursor.partition(" ")
+    try:
+        after = (datetime.fromisoformat(when), key)
+    except ValueError:
+        return items
+    if after[0].tzinfo is None or not key:
+        return items
+    start = next((i for i, item in enumerate(items) if _inbox_position(item) > after), len(items))
     return items[start:] + items[:start]
 
 
@@ -179,12 +244,11 @@ def runpod_job_sensor(
     storage: StorageResource,
     training_backend: TrainingBackendResource,
 ) -> dg.SensorResult:
-    store = storage.get_store()
-    registry = RegistryStore(store)
     try:
-        unfinished = unfinished_jobs(registry)
-    except StoreUnavailable as exc:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"object store unavailable: {exc}"))
+        store = storage.get_sensor_store()
+        unfinished = unfinished_jobs(RegistryStore(store))
+    except StorageError as exc:
+        return dg.SensorResult(skip_reason=store_outage_skip(exc))
     if not unfinished:
         return dg.SensorResult(skip_reason=dg.SkipReason("no unfinished jobs"))
     backend = training_backend.get_backend(store)
@@ -197,6 +261,10 @@ def runpod_job_sensor(
     if result.unavailable:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"RunPod unavailable: {result.unavailable_reason}"))
     answered = len(result.statuses) + len(result.not_found) + len(result.errors)
+    if not answered:  # stalled (or rate limited): the pass gave up at its deadline, so does the tick
+        return dg.SensorResult(skip_reason=dg.SkipReason(
+            f"RunPod unavailable: no status answered within {POLL_DEADLINE_S:.0f} s "
+            f"({len(batch)} jobs are polled again next tick)"), cursor=context.cursor)
     cursor = str((start + answered) % len(unfinished))
     requests = []
     for job_id, status in result.terminal.items():

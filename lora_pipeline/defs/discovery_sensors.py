@@ -4,14 +4,15 @@ import hashlib
 
 import dagster as dg
 
-from lora_pipeline.dataset.versions import list_styles
+from lora_pipeline.dataset.versions import current_key, style_folders
 from lora_pipeline.defs.assets.training_dataset import INCOMING_PREFIX, SAMPLE_STYLE
 from lora_pipeline.defs.jobs import train_lora
+from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
-from lora_pipeline.storage import StoreUnavailable
-from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.storage.base import ObjectStore, StorageError
+from lora_pipeline.storage.keys import DATASETS, REGISTRY, registry_key
 
 
 @dg.sensor(
@@ -22,15 +23,22 @@ from lora_pipeline.storage.registry_io import RegistryStore
     "registry) and ingests styles dropped under incoming/<style>/.",
 )
 def style_discovery_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
-    store = storage.get_store()
+    """Every 30 s: what it reads grows with the number of styles, not with their images.
+
+    Styles with a registry document or a current dataset version come from
+    one-level listings of ``registry/`` and ``datasets/`` (style folders, never the
+    images, versions or backups below them), and only a folder that is not a
+    partition yet costs one HEAD of its document. ``incoming/`` is listed in full:
+    its files are what a changed drop is recognised by.
+    """
+    partitions = set(context.instance.get_dynamic_partitions(STYLES_PARTITIONS_NAME))
     try:
-        known = set(RegistryStore(store).styles())
-        known |= set(list_styles(store))
+        store = storage.get_sensor_store()
+        stored = _new_stored_styles(store, partitions)
         incoming = _incoming_fingerprints(store)
-    except StoreUnavailable as exc:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"object store unavailable: {exc}"))
-    styles = known | set(incoming) | {SAMPLE_STYLE}
-    new = sorted(s for s in styles if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, s))
+    except StorageError as exc:
+        return dg.SensorResult(skip_reason=store_outage_skip(exc))
+    new = sorted((stored | set(incoming) | {SAMPLE_STYLE}) - partitions)
     requests = [
         dg.RunRequest(run_key=f"incoming:{style}:{fingerprint}", partition_key=style)
         for style, fingerprint in sorted(incoming.items())
@@ -42,7 +50,17 @@ def style_discovery_sensor(context: dg.SensorEvaluationContext, storage: Storage
     )
 
 
-def _incoming_fingerprints(store) -> dict[str, str]:
+def _new_stored_styles(store: ObjectStore, known: set[str]) -> set[str]:
+    """Styles not in ``known`` with a registry document or a current dataset version."""
+    found: set[str] = set()
+    for top, document_key in ((REGISTRY, registry_key), (DATASETS, current_key)):
+        for style in style_folders(store, top):
+            if style not in known and style not in found and store.head(document_key(style)) is not None:
+                found.add(style)
+    return found
+
+
+def _incoming_fingerprints(store: ObjectStore) -> dict[str, str]:
     """Per style under incoming/: a fingerprint of its files, so a change re-ingests it."""
     digests: dict[str, hashlib._Hash] = {}
     for info in store.list(INCOMING_PREFIX):

@@ -13,9 +13,15 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
+from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.housekeeping import Retention, housekeep
 from lora_pipeline.reconcile import DEFAULT_MAX_JOB_AGE, reconcile
+from lora_pipeline.runpod.backend import RunPodError
+from lora_pipeline.storage.base import StorageError
+from lora_pipeline.storage.breaker import CircuitBreaker
+from lora_pipeline.storage.keys import INDEX_KEY
 
 DEFAULT_CRON = "0 * * * *"
 
@@ -27,6 +33,15 @@ class ReconcileConfig(dg.Config):
         "is marked failed only after this long.",
     )
     poll_status: bool = Field(True, description="Ask the backend about unfinished jobs.")
+    housekeeping: bool = Field(True, description="Then prune old webhook claims and bodies, finished "
+                               "versions' checkpoints and idle lock files (dry_run: only report).")
+    webhook_retention_days: float | None = Field(
+        None, description="Keep settled jobs' webhook files this long (default: LORA_WEBHOOK_RETENTION_DAYS, 30).")
+    checkpoint_retention_days: float | None = Field(
+        None, description="Keep a failed version's checkpoints this long (default: "
+        "LORA_CHECKPOINT_RETENTION_DAYS, 30); a completed version's go at once.")
+    lock_retention_days: float | None = Field(
+        None, description="Local store: remove lock files unused this long (default: LORA_LOCK_RETENTION_DAYS, 1).")
 
 
 @dg.op(tags={"kind": "s3"})
@@ -38,6 +53,11 @@ def reconcile_registry_op(
 ) -> None:
     """Sync LoRA files, inbox files and job statuses into the registry; dedupe versions."""
     store = storage.get_store()
+    retention = Retention.from_env(  # a bad value fails here, before anything is written
+        webhooks_days=config.webhook_retention_days,
+        failed_checkpoints_days=config.checkpoint_retention_days,
+        locks_days=config.lock_retention_days,
+    ) if config.housekeeping else None
     backend = training_backend.get_backend(store) if config.poll_status else None
     report = reconcile(
         store,
@@ -46,6 +66,12 @@ def reconcile_registry_op(
         dry_run=config.dry_run,
     )
     summary = report.to_dict()
+    pruned = None
+    if retention is not None:
+        pruned = housekeep(store, dry_run=config.dry_run, retention=retention)
+        context.log.info(pruned.summary())
+        for problem in pruned.problems:
+            context.log.warning(problem)
     context.add_output_metadata(
         {
             "changed_versions": report.changed_versions,
@@ -59,6 +85,11 @@ def reconcile_registry_op(
             ),
             "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems) or "none"),
             "summary": dg.MetadataValue.json(summary),
+            **({
+                "housekeeping_deleted": pruned.total,
+                "housekeeping_kept_needed": sum(pruned.kept_needed.values()),
+                "housekeeping": dg.MetadataValue.json(pruned.to_dict()),
+            } if pruned is not None else {}),
         }
     )
     context.log.info(f"reconciliation: {report.changed_versions} versions changed")
@@ -90,10 +121,46 @@ def reconcile_registry() -> None:
     reconcile_registry_op()
 
 
-reconcile_registry_schedule = dg.ScheduleDefinition(
+@dg.schedule(
     name="reconcile_registry_schedule",
     job=reconcile_registry,
     cron_schedule=os.environ.get("LORA_RECONCILE_CRON", DEFAULT_CRON),
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Hourly by default; set LORA_RECONCILE_CRON to change it.",
+    description="Hourly by default; set LORA_RECONCILE_CRON to change it. Skips while the "
+    "object store or RunPod is down.",
 )
+def reconcile_registry_schedule(
+    context: dg.ScheduleEvaluationContext,
+    storage: StorageResource,
+    training_backend: TrainingBackendResource,
+) -> dg.RunRequest | dg.SkipReason:
+    """Request a reconciliation unless the store or RunPod is known to be down.
+
+    Bounded like a sensor tick: the store comes from ``get_sensor_store()`` (tick
+    timeouts, checked once per process, behind the breaker) and is probed with one
+    HEAD of the registry index; RunPod counts as down while its client's breaker
+    is open (the job sensor's polls keep it informed). A run started into an
+    outage would only fail.
+    """
+    try:
+        store = storage.get_sensor_store()
+        store.head(INDEX_KEY)
+    except StorageError as exc:
+        return store_outage_skip(exc)
+    breaker = _runpod_breaker(training_backend, store)
+    if breaker is not None and breaker.is_open:
+        since = breaker.unavailable_since.isoformat(timespec="seconds") if breaker.unavailable_since else "?"
+        return dg.SkipReason(f"RunPod unavailable since {since} (last: {breaker.last_error})")
+    return dg.RunRequest()
+
+
+def _runpod_breaker(training_backend: TrainingBackendResource, store) -> CircuitBreaker | None:
+    """The RunPod client's breaker, or None for the local backend or a misconfigured one
+    (the run itself then says what is wrong)."""
+    if training_backend.settings().training_backend != "runpod":
+        return None
+    try:
+        backend = training_backend.get_backend(store)
+    except (dg.DagsterInvariantViolationError, RunPodError, ValueError):
+        return None
+    return getattr(backend, "breaker", None)

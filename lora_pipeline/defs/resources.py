@@ -8,6 +8,8 @@ a deployment can still override every value in the UI's launchpad or in code.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,15 @@ from lora_pipeline.runpod.client import RunPodClient
 from lora_pipeline.runpod.factory import open_training_backend
 from lora_pipeline.settings import Settings, load_settings
 from lora_pipeline.storage import ObjectStore
-from lora_pipeline.storage.factory import open_store
+from lora_pipeline.storage.factory import open_store, shared_store
 from lora_pipeline.storage.s3 import S3Options, build_s3_client
 from lora_pipeline.webhook.urls import webhook_url
+
+
+_AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+)
 
 
 class LoraS3Resource(S3Resource):
@@ -34,7 +42,8 @@ class LoraS3Resource(S3Resource):
     timeouts and retries. Unset fields fall back to the environment
     (``LORA_S3_*``, ``AWS_*``: see ``S3Options``), so the resource and the worker,
     which has no Dagster, build the same client. ``S3Resource.get_client()``
-    builds a new client per call, so the storage resource calls it once per step.
+    builds a new client per call, so the storage resource builds one per process and
+    settings (``client_for``, through ``shared_store``).
     """
 
     addressing_style: str | None = Field(None, description="auto, path or virtual (LORA_S3_ADDRESSING_STYLE).")
@@ -42,8 +51,9 @@ class LoraS3Resource(S3Resource):
     read_timeout_s: float | None = Field(None, description="Read timeout (LORA_S3_READ_TIMEOUT, 60 s).")
     retry_mode: str | None = Field(None, description="botocore retry mode (AWS_RETRY_MODE, standard).")
 
-    def get_client(self) -> Any:
-        options = S3Options.from_env(
+    def s3_options(self) -> S3Options:
+        """The client options: these fields over the environment's (``S3Options.from_env``)."""
+        return S3Options.from_env(
             endpoint_url=self.endpoint_url,
             region=self.region_name,
             addressing_style=self.addressing_style,
@@ -52,6 +62,20 @@ class LoraS3Resource(S3Resource):
             read_timeout=self.read_timeout_s,
             max_attempts=self.max_attempts,
         )
+
+    def client_settings_key(self) -> str:
+        """A digest of everything besides ``s3_options()`` that shapes the client
+        (credentials, profile, TLS, and the AWS credential variables), so a store
+        cached per process is never reused for other credentials. Secrets stay hashed."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        env = {name: os.environ.get(name) for name in _AWS_CREDENTIAL_VARIABLES}
+        return hashlib.sha256(repr((sorted(fields.items()), sorted(env.items()))).encode()).hexdigest()
+
+    def get_client(self) -> Any:
+        return self.client_for(self.s3_options())
+
+    def client_for(self, options: S3Options) -> Any:
+        """A boto3 client with ``options`` and this resource's session and credentials."""
         return build_s3_client(
             options,
             session=boto3.session.Session(profile_name=self.profile_name),
@@ -81,6 +105,7 @@ class StorageResource(dg.ConfigurableResource):
     s3: LoraS3Resource = Field(default_factory=LoraS3Resource)
 
     _store: ObjectStore | None = PrivateAttr(None)
+    _tick_store: ObjectStore | None = PrivateAttr(None)
 
     def settings(self) -> Settings:
         return load_settings()
@@ -93,16 +118,44 @@ class StorageResource(dg.ConfigurableResource):
         return str(Path(url.removeprefix("file://")).resolve())
 
     def get_store(self) -> ObjectStore:
-        """One store (and one boto3 client) per resource instance, i.e. per step or tick."""
+        """The store for steps: for S3, the process's one checked store for these settings.
+
+        It is built and checked (bucket, credentials, conditional writes) once per
+        process through the location's circuit breaker (``shared_store``), not per
+        step or tick. A local directory is opened as before.
+        """
         if self._store is None:
-            url = self.resolved_url()
-            self._store = open_store(
-                url,
-                s3_client=self.s3.get_client() if url.startswith("s3://") else None,
-                public_base_url=self.public_base_url or self.settings().public_base_url,
-                accelerate=self.use_accelerate_endpoint,
-            )
+            self._store = self._open(tick=False)
         return self._store
+
+    def get_sensor_store(self) -> ObjectStore:
+        """The store for sensor ticks and schedule evaluations: bounded when S3 is down.
+
+        Same location and breaker as ``get_store``, but the client has the tick
+        timeouts and attempts (``S3Options.for_ticks``: LORA_S3_TICK_*), so a request
+        to a stalled or refusing endpoint fails within ``failure_bound_s()`` (16 s by
+        default) and the tick can skip. For a local directory this is ``get_store()``.
+        """
+        if not self.resolved_url().startswith("s3://"):
+            return self.get_store()
+        if self._tick_store is None:
+            self._tick_store = self._open(tick=True)
+        return self._tick_store
+
+    def _open(self, *, tick: bool) -> ObjectStore:
+        url = self.resolved_url()
+        public_base_url = self.public_base_url or self.settings().public_base_url
+        if not url.startswith("s3://"):
+            return open_store(url, public_base_url=public_base_url, accelerate=self.use_accelerate_endpoint)
+        options = self.s3.s3_options()
+        return shared_store(
+            url,
+            options=options.for_ticks() if tick else options,
+            make_client=self.s3.client_for,
+            client_key=self.s3.client_settings_key(),
+            public_base_url=public_base_url,
+            accelerate=self.use_accelerate_endpoint,
+        )
 
 
 class TrainingBackendResource(dg.ConfigurableResource):

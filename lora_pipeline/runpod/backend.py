@@ -10,6 +10,7 @@ the local job state.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -67,6 +68,12 @@ class RunPodRateLimited(RunPodError):
     """RunPod kept answering 429 after every retry: try again on the next tick."""
 
 
+class SubmitOutcomeUnknown(RunPodError):
+    """``POST /run`` may or may not have queued the job: the answer was lost (a read
+    timeout, a dropped connection, a 5xx). RunPod has no idempotency key, so the request
+    is never repeated; the registry records the version as "submitted, id unknown"."""
+
+
 class RunPodRequestError(RunPodError):
     """RunPod refused the request itself (400/422…): retrying the same call will not help."""
 
@@ -81,6 +88,16 @@ class JobStatus(BaseModel):
     Extra keys (``workerId``, ``retries`` …) are kept, so a body can be stored and
     re-read without loss. ``error`` is normalised to a string because RunPod
     sometimes sends a JSON-encoded dict there.
+
+    This is the one schema every status body is checked against: the webhook
+    receiver (400 for a body it refuses), the inbox sensor and reconciliation
+    (which move such a file to ``webhooks/rejected/``) and the pollers.
+    ``delayTime``/``executionTime`` are milliseconds (an int, a finite float,
+    truncated, or a string of digits; never a bool). ``output`` is a JSON object or
+    absent/null: RunPod itself passes through whatever a handler returns (any
+    JSON value), but this pipeline's worker (``lora_pipeline.worker.handler``)
+    always returns an object (its result, or ``{"error": …}``) and its progress
+    updates are objects too, so any other output is not one of our jobs' bodies.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -89,7 +106,7 @@ class JobStatus(BaseModel):
     status: str
     delayTime: int | None = None
     executionTime: int | None = None
-    output: Any = None
+    output: dict[str, Any] | None = None
     error: str | None = None
 
     @field_validator("id")
@@ -114,7 +131,17 @@ class JobStatus(BaseModel):
     @field_validator("delayTime", "executionTime", mode="before")
     @classmethod
     def _millis(cls, value: Any) -> int | None:
-        return None if value is None else int(value)
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            raise ValueError("expected whole milliseconds (a number), not a boolean")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value):
+            return int(value)
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+            return int(value.strip())
+        raise ValueError("expected whole milliseconds (a number)")
 
     @property
     def base_id(self) -> str:

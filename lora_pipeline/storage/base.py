@@ -131,6 +131,15 @@ class ObjectStore(Protocol):
         """All objects whose key starts with ``prefix``, in lexicographic key order."""
         ...
 
+    def list_prefixes(self, prefix: str = "") -> Iterator[str]:
+        """The "folders" one level below ``prefix``, in lexicographic order, deeper keys unread.
+
+        Each is ``<prefix><name>/`` for a ``<name>`` (without '/') such that some
+        object's key starts with it: S3's ListObjectsV2 with ``Delimiter='/'``
+        (CommonPrefixes). Costs a request per 1,000 folders, whatever lies below them.
+        """
+        ...
+
     def upload_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
         """Upload a local file (multipart when large; never a partial object). Returns the ETag.
 

@@ -51,6 +51,12 @@ def counts_as_failure(exc: BaseException) -> bool:
     return isinstance(exc, (StorageError, ConnectionError, TimeoutError))
 
 
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means the store cannot be used now (open breaker, failing store,
+    failed start-up check) rather than an answer such as a missing object."""
+    return isinstance(exc, StoreUnavailable) or counts_as_failure(exc)
+
+
 class CircuitBreaker:
     """Closed → open after ``fail_max`` consecutive failures → half-open after ``reset_timeout``."""
 
@@ -129,6 +135,18 @@ class CircuitBreaker:
                 self._state = OPEN
                 self._opened_at = self._clock()
                 self._probe_in_flight = False
+
+    def trip(self, exc: BaseException) -> None:
+        """Open at once, whatever the count: ``exc`` says the store cannot be used at all
+        (its start-up check failed, after the client's own retries)."""
+        with self._lock:
+            self._failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            if self._state == CLOSED:
+                self.unavailable_since = datetime.now(UTC)
+            self._state = OPEN
+            self._opened_at = self._clock()
+            self._probe_in_flight = False
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         self.before_call()
@@ -213,6 +231,9 @@ class BreakerStore:
             self.breaker._settle(exc)
             raise
         self.breaker.record_success()
+
+    def list_prefixes(self, prefix: str = "") -> Iterator[str]:
+        return iter(self.breaker.call(lambda: list(self.inner.list_prefixes(prefix))))
 
     def upload_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
         if if_none_match:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.storage.base import ObjectStore, StorageError
-from lora_pipeline.storage.breaker import BreakerStore, CircuitBreaker
+from lora_pipeline.storage.breaker import BreakerStore, CircuitBreaker, counts_as_failure
 from lora_pipeline.storage.local import LocalStore
 from lora_pipeline.storage.s3 import S3Options, S3Store, build_s3_client
 
@@ -76,6 +76,103 @@ def shared_breaker(location: str) -> CircuitBreaker:
         return breaker
 
 
+def checked_with(store: Any, breaker: CircuitBreaker) -> None:
+    """Run ``store.check()`` through ``breaker``.
+
+    An open breaker refuses at once (StoreUnavailable, nothing sent). A failed
+    check opens it at once (``trip``): the check already made the client's
+    retries, and a store that fails it is unusable, so the next tick or step
+    fails fast instead of repeating it; one check is let through per reset
+    period (half-open) and closes the breaker when it passes.
+    """
+    breaker.before_call()
+    try:
+        store.check()
+    except BaseException as exc:
+        if counts_as_failure(exc):
+            breaker.trip(exc)
+        else:
+            breaker._settle(exc)
+        raise
+    breaker.record_success()
+
+
+def s3_location(bucket: str, prefix: str) -> str:
+    """What ``S3Store.describe()`` says for ``bucket`` and ``prefix`` (the breaker's key)."""
+    prefix = prefix.strip("/")
+    return f"s3://{bucket}/{prefix + '/' if prefix else ''}"
+
+
+_shared_stores: dict[tuple, ObjectStore] = {}
+_store_locks: dict[tuple, threading.Lock] = {}
+
+
+def shared_store(
+    url: str,
+    *,
+    options: S3Options | None = None,
+    make_client: Callable[[S3Options], Any] | None = None,
+    client_key: Hashable = None,
+    public_base_url: str | None = None,
+    accelerate: bool = False,
+) -> ObjectStore:
+    """The one checked, breaker-guarded store of this process for ``url`` and these settings.
+
+    Dagster builds resources anew for every step and sensor tick; building and
+    checking an S3 store each time (a client, HeadBucket, four probe requests)
+    would put the start-up check outside the breaker on every tick. Here a store
+    is checked once, through the location's breaker (``checked_with``), and kept
+    for the life of the process, keyed by the URL, the client options,
+    ``client_key`` (whatever else shapes the client: credentials, profile, TLS) and
+    the URL settings. A failed check is not kept: the next call after the
+    breaker's reset period checks again. A local directory is opened afresh each
+    call, as before (cheap, no network).
+
+    ``make_client(options)`` builds the boto3 client (default ``build_s3_client``);
+    it runs only when the store is not cached yet.
+    """
+    scheme, location, prefix = parse_storage_url(url)
+    if scheme != "s3":
+        return open_store(url, public_base_url=public_base_url, accelerate=accelerate)
+    options = options or S3Options.from_env()
+    key = (location, prefix, options, client_key, public_base_url, bool(accelerate))
+    with _shared_lock:
+        store = _shared_stores.get(key)
+        if store is not None:
+            return store
+        lock = _store_locks.setdefault(key, threading.Lock())
+    with lock:  # one check at a time per key; the others then find the store (or an open breaker)
+        with _shared_lock:
+            store = _shared_stores.get(key)
+        if store is not None:
+            return store
+        breaker = shared_breaker(s3_location(location, prefix))
+        if breaker.is_open:
+            breaker.before_call()  # raises StoreUnavailable: no client built, nothing sent
+        client = (make_client or build_s3_client)(options)
+        inner = S3Store(
+            client,
+            location,
+            prefix,
+            public_base_url=public_base_url,
+            accelerate=accelerate or options.accelerate,
+            options=options,
+        )
+        checked_with(inner, breaker)
+        store = BreakerStore(inner, breaker)
+        with _shared_lock:
+            _shared_stores[key] = store
+        return store
+
+
+def reset_shared_stores() -> None:
+    """Forget every shared store and breaker of this process (tests; after a fork)."""
+    with _shared_lock:
+        _shared_stores.clear()
+        _store_locks.clear()
+        _shared_breakers.clear()
+
+
 def open_store(
     url: str,
     *,
@@ -86,14 +183,17 @@ def open_store(
     check: bool = True,
     **s3_options: Any,
 ) -> ObjectStore:
-    """Open ``url`` as an ObjectStore wrapped in a circuit breaker.
+    """Open ``url`` as a new ObjectStore wrapped in a circuit breaker (``shared_store``
+    keeps one per process instead).
 
     ``s3_client``: a ready boto3 client (e.g. from dagster-aws's S3Resource); when
     None one is built from the standard AWS variables and ``s3_options``
     (overrides of S3Options fields, e.g. ``read_timeout=10``). ``check`` runs the
     start-up checks for S3 (bucket, credentials, conditional-write probe) and
-    raises one StorageError naming the setting to fix. ``breaker``: True for one
-    configured from the environment, False for none, or a CircuitBreaker.
+    raises one StorageError naming the setting to fix; it runs through the breaker
+    (``checked_with``), so an open breaker refuses at once and a failed check opens
+    it. ``breaker``: True for the location's shared one, False for none, or a
+    CircuitBreaker.
     """
     scheme, location, prefix = parse_storage_url(url)
     if scheme == "s3":
@@ -107,16 +207,19 @@ def open_store(
             accelerate=accelerate or options.accelerate,
             options=options,
         )
-        if check:
-            store.check()
     else:
         if s3_options:
             raise TypeError(f"S3 options {sorted(s3_options)} given for a local store {url!r}")
         store = LocalStore(Path(location), public_base_url=public_base_url)
+        check = False  # nothing to check beyond what the constructor did
     if breaker is False:
+        if check:
+            store.check()
         return store
     if breaker is True:
         breaker = shared_breaker(store.describe())
+    if check:
+        checked_with(store, breaker)
     return BreakerStore(store, breaker)
 
 

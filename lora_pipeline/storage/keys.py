@@ -6,14 +6,21 @@ so no other module concatenates paths and nothing can escape its prefix.
 
 from __future__ import annotations
 
+import re
+
 from lora_pipeline.registry.names import lora_filename, validate_style
+
+_RUN_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 DATASETS = "datasets"
 LORAS = "loras"
 REGISTRY = "registry"
 WEBHOOK_INBOX = "webhooks/inbox"
 WEBHOOK_PROCESSED = "webhooks/processed"
+WEBHOOK_SEEN = "webhooks/seen"  # delivery claims (webhook/inbox.py)
+WEBHOOK_REJECTED = "webhooks/rejected"  # unusable bodies, each with a .reason.txt
 JOBS = "jobs"
+RUNS = "runs"  # start markers the worker writes: which job runs which request (healing unknown ids)
 INDEX_KEY = f"{REGISTRY}/index.json"
 
 
@@ -33,6 +40,20 @@ def lora_prefix(style: str) -> str:
 def lora_key(style: str, version_number: int) -> str:
     """``loras/<style>/<style>_v<N>.safetensors``."""
     return lora_prefix(style) + lora_filename(style, version_number)
+
+
+def run_marker_prefix(style: str, version: str) -> str:
+    """``runs/<style>/<version>/``: the start markers of a version's jobs."""
+    if not _RUN_SEGMENT.match(version):
+        raise ValueError(f"invalid version name {version!r} for a run marker")
+    return f"{RUNS}/{validate_style(style)}/{version}/"
+
+
+def run_marker_key(style: str, version: str, job_id: str) -> str:
+    """``runs/<style>/<version>/<job_id>.json``, written by the worker when a job starts."""
+    if not _RUN_SEGMENT.match(job_id):
+        raise ValueError(f"invalid job id {job_id!r} for a run marker")
+    return run_marker_prefix(style, version) + f"{job_id}.json"
 
 
 def registry_key(style: str) -> str:

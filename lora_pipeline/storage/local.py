@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, UTC
 from pathlib import Path
@@ -46,6 +47,7 @@ _CHUNK = 1024 * 1024
 # files are always hashed afresh: an inode number freed by a rename can be reused
 # within one coarse mtime tick, and a stale ETag would let a stale If-Match win.
 _CACHE_MIN_SIZE = 8 * _CHUNK
+_TMP_MIN_AGE_S = 24 * 3600  # a younger temporary file may belong to a write in progress
 
 
 def md5_file(path: Path) -> str:
@@ -65,6 +67,14 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
     opened = os.fstat(fd)
     return (opened.st_ino, opened.st_dev) == (at_path.st_ino, at_path.st_dev)
+
+
+def _holds_a_file(directory: Path) -> bool:
+    """Whether any file lies below ``directory`` (stops at the first one found)."""
+    for _dirpath, _dirnames, filenames in os.walk(directory):
+        if filenames:
+            return True
+    return False
 
 
 def validate_prefix(prefix: str) -> str:
@@ -166,8 +176,9 @@ class LocalStore:
 
     def prune_lock_files(self, older_than: datetime, *, dry_run: bool = False) -> dict[str, int]:
         """Remove lock files last used before ``older_than`` and temporary files a killed
-        writer left behind (untouched since then). Returns counts: ``locks``, ``tmp``
-        (removed, or that would be), ``locks_busy`` (held right now: kept).
+        writer left behind (untouched since then, and for at least a day whatever
+        ``older_than`` says: a younger one may be a write in progress). Returns counts:
+        ``locks``, ``tmp`` (removed, or that would be), ``locks_busy`` (held now: kept).
 
         A lock file is removed only while this call holds its flock (taken without
         waiting: a held lock means a write in progress) and only if it is still the
@@ -198,9 +209,10 @@ class LocalStore:
                 counts["locks"] += 1
             finally:
                 os.close(fd)  # releases the flock
+        tmp_cutoff = min(cutoff, time.time() - _TMP_MIN_AGE_S)
         for entry in os.scandir(self._meta / "tmp"):
             with contextlib.suppress(FileNotFoundError):
-                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < tmp_cutoff:
                     if not dry_run:
                         os.unlink(entry.path)
                     counts["tmp"] += 1
@@ -330,6 +342,24 @@ class LocalStore:
             except FileNotFoundError:  # deleted while listing
                 continue
             yield self._info(key, path, stat)
+
+    def list_prefixes(self, prefix: str = "") -> Iterator[str]:
+        """Sub-folders one level below ``prefix`` holding at least one file (as S3 has no
+        empty folders); only their names are read, nothing is hashed."""
+        validate_prefix(prefix)
+        if prefix.split("/", 1)[0] == RESERVED_DIR:
+            return
+        folder, _, start = prefix.rpartition("/")
+        base_dir = self.root / folder if folder else self.root
+        try:
+            with os.scandir(base_dir) as entries:
+                names = [e.name for e in entries if e.name.startswith(start) and e.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        names = sorted((n for n in names if n != RESERVED_DIR or folder), key=str.encode)
+        for name in names:
+            if _holds_a_file(base_dir / name):
+                yield f"{folder}/{name}/" if folder else f"{name}/"
 
     def upload_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
         target = self._path(key)

@@ -23,7 +23,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -86,6 +86,11 @@ class S3Options:
     multipart_threshold: int = 16 * MB  # LORA_S3_MULTIPART_THRESHOLD_MB
     multipart_chunksize: int = 16 * MB  # LORA_S3_MULTIPART_CHUNKSIZE_MB
     transfer_concurrency: int = 16  # LORA_TRANSFER_CONCURRENCY (files and parts in flight)
+    # Sensor ticks and schedule evaluations use these instead (capped by the above):
+    # Dagster cuts a tick at 60 s, and a tick must skip well before that (for_ticks).
+    tick_connect_timeout: float = 2.0  # LORA_S3_TICK_CONNECT_TIMEOUT, seconds
+    tick_read_timeout: float = 5.0  # LORA_S3_TICK_READ_TIMEOUT, seconds
+    tick_max_attempts: int = 2  # LORA_S3_TICK_MAX_ATTEMPTS (first try included)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> S3Options:
@@ -122,6 +127,9 @@ class S3Options:
         number("multipart_threshold", "LORA_S3_MULTIPART_THRESHOLD_MB", int, MB)
         number("multipart_chunksize", "LORA_S3_MULTIPART_CHUNKSIZE_MB", int, MB)
         number("transfer_concurrency", "LORA_TRANSFER_CONCURRENCY", int)
+        number("tick_connect_timeout", "LORA_S3_TICK_CONNECT_TIMEOUT", float)
+        number("tick_read_timeout", "LORA_S3_TICK_READ_TIMEOUT", float)
+        number("tick_max_attempts", "LORA_S3_TICK_MAX_ATTEMPTS", int)
         accelerate = env.get("LORA_S3_ACCELERATE", "").strip().lower()
         if accelerate:
             if accelerate not in {"1", "true", "yes", "0", "false", "no"}:
@@ -143,6 +151,36 @@ class S3Options:
             )
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise StorageError(f"AWS_ENDPOINT_URL_S3 must be an http(s) URL, got {self.endpoint_url!r}")
+
+    def for_ticks(self) -> S3Options:
+        """The options a sensor tick or schedule evaluation talks to S3 with.
+
+        Connect and read timeouts and attempts are capped by the ``tick_*`` fields
+        and the retry mode is ``standard`` (``adaptive`` may also wait client-side),
+        so a request to a stalled or refusing endpoint fails within
+        ``failure_bound_s()`` (16 s with the defaults), and a tick, which stops at
+        its first failed request, skips well inside Dagster's 60 s.
+        """
+        return replace(
+            self,
+            retry_mode="standard",
+            connect_timeout=min(self.connect_timeout, self.tick_connect_timeout),
+            read_timeout=min(self.read_timeout, self.tick_read_timeout),
+            max_attempts=min(self.max_attempts, self.tick_max_attempts),
+        )
+
+    def failure_bound_s(self) -> float:
+        """The longest one request can take to fail when the endpoint stalls or refuses.
+
+        Every attempt waits at most the connect timeout (connection not accepted)
+        or the read timeout (accepted, no answer); botocore's ``standard`` mode
+        sleeps ``rand(0, 1) * min(2**(i-1), 20)`` s at most before retry ``i``
+        (1 s scale for throttling, 50 ms otherwise), plus up to 5 s more when the
+        endpoint sends ``x-amz-retry-after``. Not covered: DNS resolution, and an
+        endpoint that trickles its answer a byte per read timeout.
+        """
+        backoff = sum(min(2.0 ** (i - 1), 20.0) + 5.0 for i in range(1, self.max_attempts))
+        return self.max_attempts * max(self.connect_timeout, self.read_timeout) + backoff
 
     def botocore_config(self):
         """The botocore Config these options stand for (also usable with dagster-aws)."""
@@ -334,7 +372,7 @@ class S3Store:
 
     def _probe_conditional_writes(self) -> bool:
         """Write a probe object three times: plain create, then two writes that must be refused."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         probe = f"{self.prefix}{RESERVED_DIR}/probe-{uuid.uuid4().hex}"
         stale_etag = '"00000000000000000000000000000000"'
@@ -349,6 +387,7 @@ class S3Store:
                 raise
             return False
 
+        answering = True  # False: the endpoint is failing, so no clean-up request either
         try:
             self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
             honoured = refused(IfNoneMatch="*") and refused(IfMatch=stale_etag)
@@ -359,12 +398,27 @@ class S3Store:
                     f"S3 refused a test write to {self.describe()} ({code}); the pipeline needs "
                     f"write access; {_CREDENTIALS_HINT}"
                 ) from None
+            if status is not None and status >= 500 and status != 501:
+                # Still failing after the retries: the endpoint is unwell, not saying "unsupported".
+                answering = False
+                raise StorageError(
+                    f"S3 test write to {self.describe()} failed: {code or status} {message}"
+                ) from None
             # Anything else (e.g. NotImplemented for the header) means: not supported.
             log.debug("conditional write probe failed: %s %s", code, message)
             honoured = False
+        except BotoCoreError as exc:  # timeouts, refused or dropped connections
+            answering = False
+            raise StorageError(
+                f"cannot reach the S3 endpoint {self.client.meta.endpoint_url} for a test write to "
+                f"{self.describe()} (check AWS_ENDPOINT_URL_S3): {exc}"
+            ) from None
         finally:
-            with contextlib.suppress(Exception):
-                self.client.delete_object(Bucket=self.bucket, Key=probe)
+            # A probe object left behind by an outage sits under the reserved prefix,
+            # which listings never show.
+            if answering:
+                with contextlib.suppress(Exception):
+                    self.client.delete_object(Bucket=self.bucket, Key=probe)
         if not honoured:
             warnings.warn(
                 f"the S3 endpoint {self.client.meta.endpoint_url or 'AWS'} ignores conditional "
@@ -489,6 +543,23 @@ class S3Store:
                         etag=item["ETag"].strip('"'),
                         last_modified=item["LastModified"],
                     )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "list", None) from exc
+
+    def list_prefixes(self, prefix: str = "") -> Iterator[str]:
+        validate_prefix(prefix)
+        if prefix.split("/", 1)[0] == RESERVED_DIR:
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self.client.get_paginator("list_objects_v2")
+        reserved = self.prefix + RESERVED_DIR + "/"
+        try:
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/")
+            for page in pages:
+                for item in page.get("CommonPrefixes", []):
+                    if item["Prefix"] != reserved:
+                        yield item["Prefix"][len(self.prefix) :]
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "list", None) from exc
 

@@ -58,13 +58,16 @@ def test_webhook_already_in_the_registry_is_archived_without_a_run(store, instan
     assert list(store.list(WEBHOOK_PROCESSED + "/"))
 
 
-def test_malformed_webhook_file_is_kept_and_requests_nothing(store, instance, resources):
+def test_malformed_webhook_file_moves_to_rejected_and_requests_nothing(store, instance, resources):
     store.put(f"{WEBHOOK_INBOX}/20261125T000000000000Z_{JOB}.json", b"{not json")
 
     result = evaluate(runpod_webhook_sensor, instance, resources)
 
     assert not result.run_requests
-    assert inbox_keys(store) == [f"{WEBHOOK_INBOX}/20261125T000000000000Z_{JOB}.json"]
+    assert inbox_keys(store) == []
+    rejected = f"webhooks/rejected/20261125T000000000000Z_{JOB}.json"
+    assert store.get(rejected).data == b"{not json"
+    assert b"not JSON" in store.get(rejected + ".reason.txt").data
 
 
 def test_webhook_for_a_job_not_yet_registered_waits_in_the_inbox(store, instance, resources):

@@ -321,3 +321,45 @@ def test_s3_large_conditional_upload_is_multipart_and_refused_over_an_object(
     assert store.head("big-c.bin").etag == etag
     # the losing multipart upload was aborted: no parts left behind
     assert not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+
+
+def test_list_prefixes_names_the_folders_one_level_down_in_order(store):
+    for key in ("datasets/b/current.json", "datasets/a/1/img.png", "datasets/a/2/deep/er.png",
+                "datasets/B/x.png", "datasets/top.json", "registry/s/doc.json"):
+        store.put(key, b"x")
+    assert list(store.list_prefixes("datasets/")) == ["datasets/B/", "datasets/a/", "datasets/b/"]
+    assert list(store.list_prefixes("datasets/a/")) == ["datasets/a/1/", "datasets/a/2/"]
+    assert list(store.list_prefixes("datasets/b")) == ["datasets/b/"]  # a partial name, as S3 takes it
+    assert list(store.list_prefixes()) == ["datasets/", "registry/"]  # bookkeeping never shows
+    assert list(store.list_prefixes("nothing/")) == []
+    assert list(store.list_prefixes("datasets/top.json/")) == []
+
+
+def test_list_prefixes_has_no_empty_folders(store):
+    store.put("datasets/a/1/img.png", b"x")
+    store.put("datasets/b/current.json", b"x")
+    store.delete("datasets/b/current.json")
+    assert list(store.list_prefixes("datasets/")) == ["datasets/a/"]
+
+
+@pytest.mark.parametrize("prefix", ["../", "/abs", "a/../", "a//", ".lora-store/"])
+def test_list_prefixes_stays_inside_the_store(store, prefix):
+    if prefix == ".lora-store/":
+        assert list(store.list_prefixes(prefix)) == []
+        return
+    with pytest.raises(InvalidKey):
+        list(store.list_prefixes(prefix))
+
+
+def test_list_prefixes_goes_through_the_breaker(tmp_path):
+    from lora_pipeline.storage import StoreUnavailable
+    from lora_pipeline.storage.breaker import BreakerStore, CircuitBreaker
+    from lora_pipeline.storage.local import LocalStore
+
+    breaker = CircuitBreaker("test", fail_max=1, reset_timeout=60)
+    store = BreakerStore(LocalStore(tmp_path / "s"), breaker)
+    store.put("a/b/c", b"x")
+    assert list(store.list_prefixes("a/")) == ["a/b/"]
+    breaker.record_failure(ConnectionError("down"))
+    with pytest.raises(StoreUnavailable):
+        store.list_prefixes("a/")

@@ -89,6 +89,28 @@ def test_a_malformed_webhook_is_400_and_writes_nothing(local_store, raw):
     assert written(local_store) == []
 
 
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"delayTime": "soon"}, "delayTime"),
+        ({"executionTime": [1]}, "executionTime"),
+        ({"delayTime": True}, "delayTime"),
+        ({"delayTime": float("inf")}, "delayTime"),
+        ({"output": 5}, "output"),
+        ({"output": "loras/s/s_v1.safetensors"}, "output"),
+        ({"output": [{"lora_key": "k"}]}, "output"),
+    ],
+)
+def test_a_body_outside_the_status_schema_is_400_and_writes_nothing(local_store, fields, problem):
+    """The receiver checks the whole status schema (JobStatus), not just id and status: a body
+    the sensor could not use must never reach the inbox (issue 11, item 5)."""
+    raw = json.dumps({"id": JOB, "status": "COMPLETED", **fields}).encode()
+    response = post(create_app(local_store, TOKEN), raw)
+    assert response.status_code == 400
+    assert problem in response.json()["error"]
+    assert written(local_store) == []
+
+
 def test_a_2_mib_body_is_413_and_writes_nothing(local_store):
     big = body(output={"blob": "x" * (2 * 1024 * 1024)})
     response = post(create_app(local_store, TOKEN), big)
