@@ -149,20 +149,19 @@ def shared_store(
         breaker = shared_breaker(s3_location(location, prefix))
         if breaker.is_open:
             breaker.before_call()  # raises StoreUnavailable: no client built, nothing sent
-        client = (make_client or build_s3_client)(options)
-        inner = S3Store(
-            client,
-            location,
-            prefix,
-            public_base_url=public_base_url,
-            accelerate=accelerate or options.accelerate,
-            options=options,
-        )
+        inner = _s3_store((make_client or build_s3_client)(options), location, prefix, options,
+                          public_base_url, accelerate)
         checked_with(inner, breaker)
         store = BreakerStore(inner, breaker)
         with _shared_lock:
             _shared_stores[key] = store
         return store
+
+
+def _s3_store(client: Any, bucket: str, prefix: str, options: S3Options, public_base_url: str | None,
+              accelerate: bool) -> S3Store:
+    return S3Store(client, bucket, prefix, public_base_url=public_base_url,
+                   accelerate=accelerate or options.accelerate, options=options)
 
 
 def reset_shared_stores() -> None:
@@ -199,14 +198,7 @@ def open_store(
     if scheme == "s3":
         options = S3Options.from_env(**s3_options)
         client = s3_client if s3_client is not None else build_s3_client(options)
-        store: Any = S3Store(
-            client,
-            location,
-            prefix,
-            public_base_url=public_base_url,
-            accelerate=accelerate or options.accelerate,
-            options=options,
-        )
+        store: Any = _s3_store(client, location, prefix, options, public_base_url, accelerate)
     else:
         if s3_options:
             raise TypeError(f"S3 options {sorted(s3_options)} given for a local store {url!r}")

@@ -524,42 +524,39 @@ class S3Store:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=full)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        validate_prefix(prefix)
-        if prefix.split("/", 1)[0] == RESERVED_DIR:
-            return
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        paginator = self.client.get_paginator("list_objects_v2")
         reserved = self.prefix + RESERVED_DIR + "/"
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                for item in page.get("Contents", []):
-                    full = item["Key"]
-                    if full.startswith(reserved):
-                        continue
-                    yield ObjectInfo(
-                        key=full[len(self.prefix) :],
-                        size=int(item["Size"]),
-                        etag=item["ETag"].strip('"'),
-                        last_modified=item["LastModified"],
-                    )
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error(exc, "list", None) from exc
+        for page in self._pages(prefix):
+            for item in page.get("Contents", []):
+                full = item["Key"]
+                if full.startswith(reserved):
+                    continue
+                yield ObjectInfo(
+                    key=full[len(self.prefix) :],
+                    size=int(item["Size"]),
+                    etag=item["ETag"].strip('"'),
+                    last_modified=item["LastModified"],
+                )
 
     def list_prefixes(self, prefix: str = "") -> Iterator[str]:
+        reserved = self.prefix + RESERVED_DIR + "/"
+        for page in self._pages(prefix, delimiter="/"):
+            for item in page.get("CommonPrefixes", []):
+                if item["Prefix"] != reserved:
+                    yield item["Prefix"][len(self.prefix) :]
+
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        """ListObjectsV2 pages under ``prefix`` (never the reserved bookkeeping folder)."""
         validate_prefix(prefix)
         if prefix.split("/", 1)[0] == RESERVED_DIR:
             return
         from botocore.exceptions import BotoCoreError, ClientError
 
         paginator = self.client.get_paginator("list_objects_v2")
-        reserved = self.prefix + RESERVED_DIR + "/"
+        args = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        if delimiter:
+            args["Delimiter"] = delimiter
         try:
-            pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/")
-            for page in pages:
-                for item in page.get("CommonPrefixes", []):
-                    if item["Prefix"] != reserved:
-                        yield item["Prefix"][len(self.prefix) :]
+            yield from paginator.paginate(**args)
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "list", None) from exc
 
