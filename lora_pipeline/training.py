@@ -8,6 +8,7 @@ wraps these and reports metadata.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -166,13 +167,17 @@ def submit_training(
         version = registry.advance_claim(style, version, "posting", lease=posting_lease)
     except ClaimLost as exc:
         raise SubmissionInFlight(str(exc)) from None
+    # Recording the outcome of a failed POST is best effort: if the store fails too, the
+    # claim stays "posting", which once its lease ends reads as "unknown" (the safe side).
     try:
         job_id = backend.submit(request, webhook_url=webhook_url, policy=policy)
     except SubmitOutcomeUnknown as exc:
-        version = registry.advance_claim(style, version, "unknown", note=str(exc))
+        with contextlib.suppress(StorageError):
+            version = registry.advance_claim(style, version, "unknown", note=str(exc))
         raise SubmissionUnknown(style, version) from exc
     except RunPodError as exc:  # refused, rate limited or unreachable: certainly not queued
-        registry.advance_claim(style, version, "released", note=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(StorageError):
+            registry.advance_claim(style, version, "released", note=f"{type(exc).__name__}: {exc}")
         raise
     _record_submission(registry, Submission(
         style=style, version=version.name, request_id=request.request_id, job_id=job_id,
@@ -258,20 +263,23 @@ def record_completion(
             problem = str(exc)
         else:
             info = store.head(key)
-            number = parse_version_name(known.name) if known else None
+            number = (parse_version_name(known.name) if known else None) or _number_from_key(style, key)
             evidence.append(
                 StoredLora(
                     style=style,
                     key=key,
-                    version_number=number or _number_from_key(style, key),
+                    version_number=number,
                     url=store.url(key),
                     size=info.size if info else 0,
                     etag=info.etag if info else "",
                     metadata=header.metadata,
                     at=info.last_modified if info else at,
+                    layout=header.layout,
+                    checksum=header.checksum,
                 )
             )
             metadata = header.metadata
+            evidence.extend(_companion_evidence(store, style, number, status.output))
     result = registry.apply(style, evidence)
     version = find_version_by_job(result.document, report.job_id)
     if version is None and metadata:
@@ -297,6 +305,37 @@ def _expected_lora_key(style: str, status: JobStatus, known: Version | None) -> 
         if number is not None:
             return lora_key(style, number)
     return None
+
+
+def _companion_evidence(store: ObjectStore, style: str, number: int, output: object) -> list:
+    """The version's files in its other layouts, as the job's output names them (``files``,
+    ``kohya_key``) or by the naming rule (``…_v<N>_kohya.safetensors``). Only this version's
+    file names of this style count; one that is missing or unreadable is left for
+    reconciliation (the main file alone completes the version)."""
+    from lora_pipeline.reconcile import stored_evidence
+    from lora_pipeline.registry.names import parse_lora_file
+    from lora_pipeline.storage.keys import companion_key, lora_prefix
+
+    named: list[object] = [companion_key(style, number, "kohya")]
+    if isinstance(output, dict):
+        named.append(output.get("kohya_key"))
+        if isinstance(output.get("files"), dict):
+            named.extend(output["files"].values())
+    found = []
+    for key in dict.fromkeys(k for k in named if isinstance(k, str)):
+        name = key[len(lora_prefix(style)):] if key.startswith(lora_prefix(style)) else ""
+        parsed = parse_lora_file(style, name) if "/" not in name else None
+        if parsed is None or parsed[1] is None or parsed[0] != number:
+            continue
+        info = store.head(key)
+        if info is None:
+            continue
+        try:
+            header = read_header(store, key, size=info.size)
+        except InvalidLoraFile:
+            continue
+        found.append(stored_evidence(store, style, key, parsed, header, info))
+    return found
 
 
 def _number_from_key(style: str, key: str) -> int:

@@ -268,3 +268,37 @@ def test_a_start_marker_of_another_request_is_not_attached(store, fake):
     reconcile(store)
     (version,) = document(store).versions
     assert version.id is None
+
+
+def test_a_refused_run_during_a_store_outage_raises_runpods_error_and_stays_on_the_safe_side(store, fake):
+    """Releasing the claim fails too: the RunPod error is what the user sees, and the claim
+    (left at posting) counts as "unknown" later, so nothing is ever sent twice."""
+    from lora_pipeline.storage.base import StoreUnavailable
+
+    class RegistryWritesFailAfterPosting:
+        def __init__(self, inner):
+            self.inner, self.posted = inner, False
+
+        def put(self, key, data, **kwargs):
+            if self.posted and key.startswith("registry/"):
+                raise StoreUnavailable("store down (test)")
+            return self.inner.put(key, data, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    flaky = RegistryWritesFailAfterPosting(store)
+
+    class Refusing:
+        def submit(self, request, **kwargs):
+            flaky.posted = True
+            raise RunPodRequestError("RunPod refused POST /run (HTTP 400): input too large", 400)
+
+    with pytest.raises(RunPodRequestError, match="input too large"):
+        submit(flaky, Refusing(), posting_lease=timedelta(milliseconds=100))
+    (version,) = document(store).versions
+    assert version.claim.phase == "posting"
+    time.sleep(0.15)
+    with pytest.raises(SubmissionUnknown):
+        submit(store, client_for(fake))
+    assert fake.requests["run"] == 0
