@@ -10,7 +10,7 @@ DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install dev test soak demo clean
+.PHONY: install dev test soak demo clean gpu-bundle gpu-dry-run prod-local prod-stop
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[train,dev]" "$(TORCH)"
+	$(PIP) install -q -e ".[train,dev,deploy]" "$(TORCH)"
 	touch $@
 
 dev: install
@@ -37,8 +37,37 @@ soak: install
 	LORA_CAMPAIGN_SEEDS=$(SOAK_SEEDS) LORA_CAMPAIGN_STEPS=$(SOAK_STEPS) $(PY) -m pytest -q -p no:logging \
 		lora_pipeline_tests/registry/test_fault_campaign.py
 
+# The production shape on this machine, no containers (docs/deploy.md): Postgres (from the
+# pgserver wheel), `lora-pipeline deploy init`, then the code server, webserver and daemon as
+# separate processes, each in its own process group; state, logs and group ids in .dagster_prod/.
+PROD_ROOT ?= .dagster_prod
+PG_PORT ?= 5433
+CODE_PORT ?= 4266
+prod-local: install
+	$(VENV)/bin/lora-pipeline deploy local up --root $(PROD_ROOT) --pg-port $(PG_PORT) \
+		--code-port $(CODE_PORT) --host $(HOST) --port $(PORT)
+
+prod-stop:
+	$(VENV)/bin/lora-pipeline deploy local down --root $(PROD_ROOT) --pg-port $(PG_PORT) \
+		--code-port $(CODE_PORT) --host $(HOST) --port $(PORT)
+
+# The GPU training benchmark (benchmarks/gpu/, README "GPU training benchmark").
+# gpu-bundle: wheels for the bare GPU machine and the reference scripts into .gpu_bundle/, from a
+# local diffusers snapshot (PyPI's sdist has no examples/): DIFFUSERS_SRC=<source tree or git mirror>
+# [DIFFUSERS_REF=<tag>]. It prints the command to run there.
+# gpu-dry-run: the same plan on this CPU with tiny models (the reference too, once the bundle is here).
+DIFFUSERS_SRC ?=
+DIFFUSERS_REF ?=
+GPU_DRY_RUN_OUT ?= .gpu_dry_run
+gpu-bundle: install
+	DIFFUSERS_SRC="$(DIFFUSERS_SRC)" DIFFUSERS_REF="$(DIFFUSERS_REF)" $(PY) benchmarks/gpu/bundle.py
+
+gpu-dry-run: install
+	if [ -d .gpu_bundle/reference ]; then $(PY) benchmarks/gpu/bundle.py --local-reference-deps; fi
+	$(PY) benchmarks/gpu/bench_gpu.py --dry-run --out $(GPU_DRY_RUN_OUT)
+
 demo: install
 	$(VENV)/bin/lora-pipeline demo
 
 clean:
-	rm -rf $(VENV) .dagster_home .lora_store .lora_jobs
+	rm -rf $(VENV) .dagster_home .dagster_prod .lora_store .lora_jobs

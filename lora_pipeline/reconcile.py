@@ -27,6 +27,7 @@ from lora_pipeline.registry.evidence import (
     JobExpired,
     JobReport,
     RejectedLora,
+    StoredCompanion,
     StoredLora,
     Submission,
     SubmissionLost,
@@ -34,8 +35,8 @@ from lora_pipeline.registry.evidence import (
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job, merge
 from lora_pipeline.registry.models import UNFINISHED_STATUSES, InvalidRecord, RegistryDocument
-from lora_pipeline.registry.names import InvalidStyleName, parse_lora_filename, validate_style
-from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
+from lora_pipeline.registry.names import InvalidStyleName, parse_lora_file, validate_style
+from lora_pipeline.registry.safetensors_header import InvalidLoraFile, SafetensorsHeader, read_header
 from lora_pipeline.runpod.backend import JobNotFound, JobStatus, RunPodError
 from lora_pipeline.runpod.reports import job_report_from_status
 from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError
@@ -253,7 +254,7 @@ class _Run:
             except InvalidStyleName as exc:
                 self.report.problems.append(f"{info.key}: skipped: {exc}")
                 continue
-            if (parse_lora_filename(style, parts[2]) or 0) < 1:
+            if (parse_lora_file(style, parts[2]) or (0, None))[0] < 1:
                 continue  # another style's name (style_5_vV1 in style_59/) or no version
             by_style[style][info.key] = info
         for style, files in by_style.items():
@@ -309,7 +310,7 @@ class _Run:
         files = {}
         for info in self.store.list(lora_prefix(style)):
             name = info.key.rsplit("/", 1)[-1]
-            if info.key.count("/") == 2 and (parse_lora_filename(style, name) or 0) >= 1:
+            if info.key.count("/") == 2 and (parse_lora_file(style, name) or (0, None))[0] >= 1:
                 files[info.key] = info
         return files
 
@@ -381,15 +382,14 @@ class _Run:
         return found
 
     def _read_file(self, style: str, key: str, info: ObjectInfo, outcome: _StyleOutcome) -> Evidence:
-        number = parse_lora_filename(style, key.rsplit("/", 1)[-1])
-        assert number is not None
+        parsed = parse_lora_file(style, key.rsplit("/", 1)[-1])
+        assert parsed is not None
         outcome.headers_read += 1
         try:
             header = read_header(self.store, key, size=info.size)
         except InvalidLoraFile as exc:
             return RejectedLora(style, key, info.etag, str(exc), info.last_modified)
-        return StoredLora(style, key, number, self.store.url(key), info.size, info.etag,
-                          header.metadata, info.last_modified)
+        return stored_evidence(self.store, style, key, parsed, header, info)
 
     def _started_jobs(self, style: str, doc: RegistryDocument,
                       markers: dict[str, list[tuple[str, str, datetime]]]) -> list[Evidence]:
@@ -446,6 +446,18 @@ class _Run:
                     f"({self.max_job_age}); submit again to train a new version",
                 ))
         return verdicts
+
+
+def stored_evidence(store: ObjectStore, style: str, key: str, parsed: tuple[int, str | None],
+                    header: SafetensorsHeader, info: ObjectInfo) -> StoredLora | StoredCompanion:
+    """What a readable LoRA file in the store proves: a version's main file (``parsed`` from
+    ``parse_lora_file``: no suffix) completes it; a file in its other layout is attached to it."""
+    number, suffix = parsed
+    if suffix is None:
+        return StoredLora(style, key, number, store.url(key), info.size, info.etag, header.metadata,
+                          info.last_modified, header.layout, header.checksum)
+    return StoredCompanion(style, key, number, store.url(key), info.size, info.etag, header.layout,
+                           header.checksum, info.last_modified)
 
 
 def style_from_output(output: dict[str, Any] | None) -> str | None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from lora_pipeline.registry.layouts import DEFAULT_PRIMARY, PRIMARY_ENV, check_layout
+
 
 DEFAULT_STORAGE_DIR = ".lora_store"
 
@@ -38,6 +40,11 @@ class Settings(BaseModel):
     webhook_url: str | None = Field(
         None, description="LORA_WEBHOOK_URL: public URL of the webhook receiver's POST route."
     )
+    primary_format: str = Field(
+        DEFAULT_PRIMARY,
+        description="LORA_PRIMARY_FORMAT: kohya or diffusers, the layout the registry's legacy loraUrl "
+        "(and `registry download` without --format) names.",
+    )
 
     @field_validator("storage_url")
     @classmethod
@@ -56,6 +63,11 @@ class Settings(BaseModel):
         if value and not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http(s) URL, got {value!r}")
         return value or None
+
+    @field_validator("primary_format")
+    @classmethod
+    def _primary_format(cls, value: str) -> str:
+        return check_layout(value)
 
     @property
     def training_backend(self) -> str:
@@ -77,6 +89,7 @@ _ENV = {
     "runpod_base_url": "RUNPOD_ENDPOINT_BASE_URL",
     "webhook_token": "LORA_WEBHOOK_TOKEN",
     "webhook_url": "LORA_WEBHOOK_URL",
+    "primary_format": PRIMARY_ENV,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lora_pipeline.cli.dataset import dataset
+from lora_pipeline.cli.deploy import deploy
 from lora_pipeline.cli.demo import demo
 from lora_pipeline.cli.registry import registry
 from lora_pipeline.cli.webhook import webhook
@@ -21,5 +22,6 @@ def main() -> None:
 
 main.add_command(dataset)
 main.add_command(demo)
+main.add_command(deploy)
 main.add_command(registry)
 main.add_command(webhook)

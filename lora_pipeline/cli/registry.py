@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
-from lora_pipeline.registry.models import InvalidRecord
+from lora_pipeline.registry.layouts import primary_layout
+from lora_pipeline.registry.models import InvalidRecord, VersionStatus
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.settings import SettingsError, load_settings
 from lora_pipeline.storage.base import ObjectStore, StorageError
@@ -84,9 +86,117 @@ def show(style: str, as_json: bool) -> None:
     if as_json:
         _echo_json(document.to_dict())
         return
+    primary = primary_layout()
     for v in document.versions:
-        line = f"{v.name}\t{v.status.value}\t{v.id or '-'}\t{v.lora_url or '-'}"
+        main = v.download(primary)
+        line = f"{v.name}\t{v.status.value}\t{v.id or '-'}\t{(main.url if main else v.lora_url) or '-'}"
         click.echo(line + (f"\terror: {v.error}" if v.error else ""))
+        for layout, f in sorted(v.files().items()):
+            click.echo(f"\t{layout}\t{f.key}\t{f.size} bytes\t{f.url or '-'}")
+
+
+_FORMAT_HELP = ("kohya: ComfyUI, AUTOMATIC1111/Forge, kohya's tools; diffusers: load_lora_weights. "
+                "Default: LORA_PRIMARY_FORMAT (kohya).")
+
+
+def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout: str | None):
+    """(version, file) of ``style`` in ``layout``: the named version, else the latest completed."""
+    from lora_pipeline.registry.names import parse_version_name
+    from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
+    from lora_pipeline.storage.registry_io import RegistryStore
+
+    try:
+        layout = layout or primary_layout()
+        document, etag = RegistryStore(store).read(style)
+    except (StorageError, InvalidRecord, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if etag is None:
+        raise click.ClickException(f"style {style!r} has no registry document")
+    if version_name is None:
+        completed = [v for v in document.versions if v.status is VersionStatus.completed]
+        if not completed:
+            raise click.ClickException(f"style {style!r} has no completed version")
+        version = max(completed, key=lambda v: v.number)
+    else:
+        if parse_version_name(version_name) is None:
+            raise click.BadParameter(f"{version_name!r} is not a version name like V3", param_hint="VERSION")
+        version = document.version(version_name)
+        if version is None:
+            raise click.ClickException(f"{style} has no version {version_name}")
+        if version.status is not VersionStatus.completed:
+            raise click.ClickException(f"{style} {version.name} is {version.status.value}: it has no LoRA file")
+    files = version.files()
+    if layout not in files and version.file is not None and version.file.layout is None:
+        try:  # recorded before layouts were read: read its header now
+            found = read_header(store, version.file.key).layout
+        except (InvalidLoraFile, StorageError) as exc:
+            raise click.ClickException(str(exc)) from None
+        if found == layout:
+            files[layout] = replace(version.file, layout=found, url=version.lora_url)
+    chosen = files.get(layout)
+    if chosen is None:
+        has = ", ".join(sorted(files)) or "no file whose layout is known"
+        raise click.ClickException(
+            f"{style} {version.name} has no {layout} file (it has: {has}); versions trained before both "
+            "layouts were published have only the diffusers one"
+        )
+    return version, chosen
+
+
+@registry.command()
+@click.argument("style", callback=_style)
+@click.argument("version", required=False)
+@click.option("--format", "layout", type=click.Choice(["kohya", "diffusers"]), default=None, help=_FORMAT_HELP)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="File to write, or an existing directory; default: the file's own name here.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: path, layout, size, checksums.")
+def download(style: str, version: str | None, layout: str | None, output: Path | None, as_json: bool) -> None:
+    """Download a version's LoRA file (default: the latest completed one) in the layout your tool
+    loads; its checksum is verified against the registry and the file's own header."""
+    from lora_pipeline.registry.safetensors_header import InvalidLoraFile, verify_local_file
+
+    store = _open_store()
+    chosen_version, f = _pick_file(store, style, version, layout)
+    name = f.key.rsplit("/", 1)[-1]
+    target = output / name if output is not None and output.is_dir() else (output or Path(name))
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        store.download_file(f.key, partial)
+        header, tensors_sha, file_sha = verify_local_file(partial)
+        for source, expected in (("the registry", f.checksum), ("the file's header", header.checksum)):
+            if expected and expected != tensors_sha:
+                raise InvalidLoraFile(f"checksum mismatch: its tensor data hashes to {tensors_sha}, "
+                                      f"{source} says {expected}")
+    except (InvalidLoraFile, StorageError, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        raise click.ClickException(f"{f.key}: download failed: {exc}") from None
+    partial.replace(target)
+    result = {"style": style, "version": chosen_version.name, "layout": f.layout, "key": f.key, "path": str(target),
+              "size": target.stat().st_size, "tensorsSha256": tensors_sha, "sha256": file_sha,
+              "verified": bool(f.checksum or header.checksum)}
+    if as_json:
+        _echo_json(result)
+        return
+    check = "checksum verified" if result["verified"] else "no checksum recorded to verify"
+    click.echo(f"{target}\t{style} {chosen_version.name} {f.layout}\t{result['size']} bytes\t{check}\t"
+               f"sha256 {file_sha}")
+
+
+@registry.command()
+@click.argument("style", callback=_style)
+@click.argument("version", required=False)
+@click.option("--format", "layout", type=click.Choice(["kohya", "diffusers"]), default=None, help=_FORMAT_HELP)
+@click.option("--expires", type=click.IntRange(min=1, max=7 * 24 * 3600), default=3600, show_default=True,
+              help="Seconds the URL stays valid.")
+def url(style: str, version: str | None, layout: str | None, expires: int) -> None:
+    """Print a presigned (temporary) download URL of a version's LoRA file (default: the latest
+    completed one) in the layout your tool loads. Never stored in the registry."""
+    store = _open_store()
+    _, f = _pick_file(store, style, version, layout)
+    try:
+        click.echo(store.presigned_url(f.key, expires_in=expires))
+    except (StorageError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @registry.command()

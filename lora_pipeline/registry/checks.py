@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 
+from lora_pipeline.registry.layouts import LAYOUTS
 from lora_pipeline.registry.models import InvalidRecord, RegistryDocument, VersionStatus
 from lora_pipeline.registry.urls import is_presigned
 
@@ -28,20 +29,38 @@ def duplicate_job_ids(doc: RegistryDocument) -> list[str]:
 
 
 def completed_without_readable_file(doc: RegistryDocument, readable: Callable[[str], bool]) -> list[str]:
-    """Completed versions whose file is unknown or fails ``readable(key)`` (a header read)."""
+    """Completed versions whose file is unknown, or one of whose recorded files (the main one
+    and its other layouts) fails ``readable(key)`` (a header read)."""
     problems = []
     for v in doc.versions:
         if v.status is not VersionStatus.completed:
             continue
         if v.s3_key is None:
             problems.append(f"{doc.style} {v.name}: completed but no LoRA file is recorded")
-        elif not readable(v.s3_key):
-            problems.append(f"{doc.style} {v.name}: completed but {v.s3_key} is missing or unreadable")
+        for key in ([v.s3_key] if v.s3_key else []) + [c.key for c in v.companions]:
+            if not readable(key):
+                problems.append(f"{doc.style} {v.name}: completed but {key} is missing or unreadable")
+    return problems
+
+
+def completed_without_both_layouts(doc: RegistryDocument) -> list[str]:
+    """Completed versions that lack the kohya or the diffusers file (a warning: versions
+    trained before both were published, or legacy files, have one)."""
+    problems = []
+    for v in doc.versions:
+        if v.status is not VersionStatus.completed or v.file is None:
+            continue
+        have = v.files()
+        missing = [layout for layout in LAYOUTS if layout not in have]
+        if missing and v.file.layout is not None:  # an unclassified file is read on the next reconcile
+            problems.append(f"{doc.style} {v.name}: no {' or '.join(missing)} file "
+                            f"(has: {', '.join(sorted(have)) or 'none'})")
     return problems
 
 
 def stored_presigned_urls(data: bytes) -> list[str]:
-    """Records whose ``loraUrl``, as written in the stored file, is presigned (it expires).
+    """Records whose ``loraUrl``, or a URL of one of their files, as written in the stored file,
+    is presigned (it expires).
 
     Takes the raw bytes because reading a record already strips a presigned query.
     """
@@ -50,11 +69,19 @@ def stored_presigned_urls(data: bytes) -> list[str]:
     except ValueError:
         return []
     records = raw.get("versions") if isinstance(raw, dict) else None
-    return [
-        f"{r.get('name')}: loraUrl is a presigned URL (it expires; store the plain URL)"
-        for r in records or []
-        if isinstance(r, dict) and isinstance(r.get("loraUrl"), str) and is_presigned(r["loraUrl"])
-    ]
+    problems = []
+    for r in records or []:
+        if not isinstance(r, dict):
+            continue
+        urls = [("loraUrl", r.get("loraUrl"))]
+        if isinstance(r.get("file"), dict):
+            urls.append(("file.url", r["file"].get("url")))
+        if isinstance(r.get("files"), dict):
+            urls += [(f"files.{layout}.url", f.get("url")) for layout, f in sorted(r["files"].items())
+                     if isinstance(f, dict)]
+        problems += [f"{r.get('name')}: {where} is a presigned URL (it expires; store the plain URL)"
+                     for where, url in urls if isinstance(url, str) and is_presigned(url)]
+    return problems
 
 
 def stored_document_problems(data: bytes, style: str, readable: Callable[[str], bool]) -> list[str]:

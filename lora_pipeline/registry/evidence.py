@@ -68,6 +68,29 @@ class StoredLora:
     etag: str
     metadata: dict[str, str]
     at: datetime
+    layout: str | None = None  # kohya | diffusers | unknown, from the header's tensor names
+    checksum: str | None = None  # SHA-256 of the tensor data, as the header declares it
+
+
+@dataclass(frozen=True)
+class StoredCompanion:
+    """A version's file in its other layout (``…_v4_kohya.safetensors``) whose header parsed.
+
+    Never proof of completion: the worker publishes it before the main file, so a job
+    that died in between leaves one behind. The merge attaches it to its version once
+    that version is completed (by its main file); until then it is kept among the
+    superseded files, so every object in the store stays accounted for.
+    """
+
+    style: str
+    key: str
+    version_number: int
+    url: str | None
+    size: int
+    etag: str
+    layout: str
+    checksum: str | None
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -133,7 +156,8 @@ class SubmissionLost:
         return _number(self.version)
 
 
-Evidence = Submission | JobReport | StoredLora | RejectedLora | LegacyRecord | JobExpired | Claim | SubmissionLost
+Evidence = (Submission | JobReport | StoredLora | StoredCompanion | RejectedLora | LegacyRecord | JobExpired | Claim
+            | SubmissionLost)
 
 
 def _number(version: str | int) -> int:

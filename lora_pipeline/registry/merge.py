@@ -23,11 +23,13 @@ from lora_pipeline.registry.evidence import (
     JobReport,
     LegacyRecord,
     RejectedLora,
+    StoredCompanion,
     StoredLora,
     Submission,
     SubmissionLost,
 )
 from lora_pipeline.registry.jobids import base_job_id, job_id_suffix
+from lora_pipeline.registry.layouts import UNKNOWN
 from lora_pipeline.registry.models import (
     LoraFile,
     RegistryDocument,
@@ -36,6 +38,7 @@ from lora_pipeline.registry.models import (
     Version,
     VersionStatus,
 )
+from lora_pipeline.registry.names import companion_suffix, parse_lora_file
 from lora_pipeline.registry.urls import stable_url, url_sort_key
 
 # Which source's word wins between fragments of equal status: for a completion the
@@ -60,10 +63,12 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
     until a submission or import introduces the job.
     """
     folder = _Folder()
-    ledger = _FileLedger()
+    ledger = _FileLedger(doc.style)
     for version in doc.versions:
         folder.add(version)
         ledger.note(version.file)
+        for companion in version.companions:
+            ledger.note(companion)
     for entry in (*doc.rejected_files, *doc.superseded_files):
         ledger.note(entry)
     job_only: list[Version] = []
@@ -74,13 +79,19 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
         if isinstance(item, RejectedLora):
             ledger.note(RejectedFile(item.key, item.etag, item.reason, _ms(item.at)))
             continue
+        if isinstance(item, StoredCompanion):
+            ledger.note(LoraFile(item.key, item.size, item.etag, _ms(item.at), {}, item.layout, item.checksum,
+                                 stable_url(item.url)))
+            continue
         fragment = fragment_of(item)
         ledger.note(fragment.file)
+        for companion in fragment.companions:  # a record of our schema, imported as legacy
+            ledger.note(companion)
         if not folder.add(fragment):
             job_only.append(fragment)
     for fragment in job_only:  # after every fragment that could introduce their job
         folder.add(fragment)
-    versions = tuple(folder.versions[n] for n in sorted(folder.versions))
+    versions = ledger.attach_companions(tuple(folder.versions[n] for n in sorted(folder.versions)))
     rejected, superseded = ledger.split(versions)
     return replace(doc, versions=versions, rejected_files=rejected, superseded_files=superseded)
 
@@ -88,31 +99,73 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
 class _FileLedger:
     """The latest thing known about every LoRA object key: a valid file or a rejected one.
 
-    Versions keep one file each; a valid file that is no version's file (an older
-    spelling of the same version, a file of a folded duplicate) stays here as
-    "superseded", so every object the store lists stays accounted for and the
-    document remains a pure function of its evidence.
+    Versions keep one main file each, and one file per other layout (companions, once
+    completed); a valid file that is neither (an older spelling of the same version, a
+    file of a folded duplicate, the companion of a version not completed) stays here as
+    "superseded", so every object the store lists stays accounted for and the document
+    remains a pure function of its evidence. A companion's URL is kept per key, best
+    rank first, apart from its file record (records of one upload differ only in it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, style: str) -> None:
+        self.style = style
         self.entries: dict[str, LoraFile | RejectedFile] = {}
         self.any_rejected = False
+        self.companion_numbers: dict[str, int] = {}  # companion key → the version it names
+        self.best_url: dict[str, str] = {}
 
     def note(self, entry: LoraFile | RejectedFile | None) -> None:
         if entry is None:
             return
         if isinstance(entry, RejectedFile):
             self.any_rejected = True
+        elif entry.url is not None:
+            known = self.best_url.get(entry.key)
+            if known is None or url_sort_key(entry.url) > url_sort_key(known):
+                self.best_url[entry.key] = entry.url
+            entry = replace(entry, url=None)
+        if entry.key not in self.entries and companion_suffix(entry.key) is not None:
+            parsed = parse_lora_file(self.style, entry.key.rsplit("/", 1)[-1])
+            if parsed is not None and parsed[1] is not None:
+                self.companion_numbers[entry.key] = parsed[0]
         current = self.entries.get(entry.key)
         if current is None:
             self.entries[entry.key] = entry
         elif current is not entry and entry.last_seen > current.last_seen:
             self.entries[entry.key] = entry
 
+    def attach_companions(self, versions: tuple[Version, ...]) -> tuple[Version, ...]:
+        """Each completed version with its companions: per layout the newest valid file, unless
+        its main file already holds that layout."""
+        if not self.companion_numbers:
+            return versions
+        holder = {n: i for i, v in enumerate(versions) for n in v.numbers}
+        chosen: dict[tuple[int, str], LoraFile] = {}
+        for key, number in self.companion_numbers.items():
+            entry = self.entries[key]
+            i = holder.get(number)
+            if not isinstance(entry, LoraFile) or i is None or versions[i].status is not VersionStatus.completed:
+                continue
+            layout = entry.layout or UNKNOWN
+            main = versions[i].file
+            if main is not None and main.layout == layout:
+                continue
+            current = chosen.get((i, layout))
+            if current is None or _file_order(entry) > _file_order(current):
+                chosen[(i, layout)] = entry
+        attached: dict[int, list[LoraFile]] = {}
+        for (i, _layout), entry in chosen.items():
+            attached.setdefault(i, []).append(replace(entry, url=self.best_url.get(entry.key)))
+        out = []
+        for i, version in enumerate(versions):
+            files = tuple(sorted(attached.get(i, ()), key=lambda f: f.key))
+            out.append(version if version.companions == files else replace(version, companions=files))
+        return tuple(out)
+
     def split(self, versions: tuple[Version, ...]) -> tuple[tuple[RejectedFile, ...], tuple[LoraFile, ...]]:
         if not self.entries:
             return (), ()
-        files = [v.file for v in versions if v.file]
+        files = [v.file for v in versions if v.file] + [c for v in versions for c in v.companions]
         if not self.any_rejected and len(files) == len(self.entries) and self.entries.keys() == {
             f.key for f in files
         }:
@@ -124,7 +177,8 @@ class _FileLedger:
             if isinstance(entry, RejectedFile):
                 rejected.append(entry)
             elif (key, entry.last_seen) not in in_use:
-                superseded.append(entry)
+                url = self.best_url.get(key)
+                superseded.append(replace(entry, url=url) if url else entry)
         return tuple(rejected), tuple(superseded)
 
 
@@ -201,7 +255,7 @@ def _stored_fragment(item: StoredLora) -> Version:
         status=VersionStatus.completed,
         source="reconcile",
         lora_url=stable_url(item.url),
-        file=LoraFile(item.key, item.size, item.etag, at, metadata),
+        file=LoraFile(item.key, item.size, item.etag, at, metadata, item.layout, item.checksum),
         created_at=at,
         updated_at=at,
         completed_at=at,
@@ -321,6 +375,7 @@ def join(a: Version, b: Version) -> Version:
         folded_names=tuple(sorted(numbers - {number})),
         claim=_max_present(a.claim, b.claim, key=_claim_order),
         extra=_join_mapping(a.extra, b.extra),
+        companions=_join_companions(a.companions, b.companions),
     )
 
 
@@ -348,8 +403,27 @@ def _id_order(job_id: str) -> tuple[bool, str]:
     return (job_id_suffix(job_id) is not None, job_id)
 
 
-def _file_order(f: LoraFile) -> tuple[int, str, str, int]:
-    return (f.last_modified, f.key, f.etag, f.size)
+def _file_order(f: LoraFile) -> tuple[int, str, str, int, str, str]:
+    return (f.last_modified, f.key, f.etag, f.size, f.layout or "", f.checksum or "")
+
+
+def _join_companions(a: tuple[LoraFile, ...], b: tuple[LoraFile, ...]) -> tuple[LoraFile, ...]:
+    """Per key the newest record, with the best URL either side had (merge() re-derives the
+    companions from its ledger; this only has to be a join)."""
+    if a == b or not b:
+        return a
+    if not a:
+        return b
+    best: dict[str, LoraFile] = {}
+    for f in (*a, *b):
+        current = best.get(f.key)
+        if current is None:
+            best[f.key] = f
+            continue
+        url = max(current.url, f.url, key=url_sort_key)
+        newest = max(current, f, key=_file_order)
+        best[f.key] = newest if newest.url == url else replace(newest, url=url)
+    return tuple(best[k] for k in sorted(best))
 
 
 def _runpod_order(status: str) -> tuple[int, str]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from lora_pipeline.registry.jobids import base_job_id
-from lora_pipeline.registry.names import parse_version_name, validate_style, version_name
+from lora_pipeline.registry.layouts import primary_layout
+from lora_pipeline.registry.names import companion_suffix, parse_version_name, validate_style, version_name
 from lora_pipeline.registry.urls import stable_url
 
 SCHEMA_VERSION = 1
@@ -74,24 +75,37 @@ def to_millis(value: Any) -> int | None:
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x, and the merge builds one per file
 class LoraFile:
-    """The verified LoRA file of a version: key, size, ETag, last-modified time (ms) and the
-    short ``__metadata__`` entries of its header (training facts, provenance)."""
+    """A verified LoRA file: key, size, ETag, last-modified time (ms), the short ``__metadata__``
+    entries of its header (training facts, provenance), its key layout (``kohya``,
+    ``diffusers`` or ``unknown``, read from its tensor names; None: not classified yet), the
+    SHA-256 of its tensor data its header declares, and, for a version's second file, its URL
+    (the main file's URL is the version's ``lora_url``)."""
 
     key: str
     size: int
     etag: str
     last_modified: int
     metadata: dict[str, str] = field(default_factory=dict)
+    layout: str | None = None
+    checksum: str | None = None
+    url: str | None = None
 
     @property
-    def last_seen(self) -> tuple[int, str, int, str]:
-        """Order among entries for one key (see RejectedFile.last_seen)."""
-        return (self.last_modified, self.etag, 1, "")
+    def last_seen(self) -> tuple[int, str, int, str, str]:
+        """Order among entries for one key (see RejectedFile.last_seen); of two records of one
+        upload, the classified one."""
+        return (self.last_modified, self.etag, 1, self.layout or "", self.checksum or "")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "key": self.key, "size": self.size, "etag": self.etag, "lastModified": self.last_modified
         }
+        if self.layout:
+            out["layout"] = self.layout
+        if self.checksum:
+            out["tensorsSha256"] = self.checksum
+        if self.url:
+            out["url"] = self.url
         if self.metadata:
             out["metadata"] = self.metadata
         return out
@@ -107,6 +121,9 @@ class LoraFile:
             etag=str(raw.get("etag") or ""),
             last_modified=to_millis(raw.get("lastModified")) or 0,
             metadata={str(k): str(v) for k, v in metadata.items()},
+            layout=str(raw["layout"]) if raw.get("layout") else None,
+            checksum=str(raw["tensorsSha256"]) if raw.get("tensorsSha256") else None,
+            url=stable_url(raw.get("url")),
         )
 
 
@@ -213,8 +230,11 @@ class SubmitClaim:
 _KNOWN_KEYS = frozenset({
     "id", "name", "status", "loraUrl", "s3Key", "createdAt", "updatedAt", "completedAt", "error",
     "source", "jobIds", "jobStatus", "requestId", "datasetHash", "params", "training", "file",
-    "delayTimeMs", "executionTimeMs", "startTime", "estimatedDuration", "foldedNames", "claim",
+    "delayTimeMs", "executionTimeMs", "startTime", "estimatedDuration", "foldedNames", "claim", "files",
 })
+# A legacy ``loraUrl`` that names a version's second file (``…_v4_kohya.safetensors``) is not
+# the main file's URL; it is kept under this key instead.
+LEGACY_COMPANION_URL = "legacyLoraUrl"
 
 _LEGACY_STATUS = {
     "pending": VersionStatus.pending, "queued": VersionStatus.starting, "starting": VersionStatus.starting,
@@ -260,6 +280,9 @@ class Version:
     folded_names: tuple[int, ...] = ()
     claim: SubmitClaim | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The version's files in its other layouts (``…_v4_kohya.safetensors``), each with its URL:
+    # attached by the merge to completed versions only, at most one per layout.
+    companions: tuple[LoraFile, ...] = ()
 
     @property
     def name(self) -> str:
@@ -282,13 +305,34 @@ class Version:
     def numbers(self) -> tuple[int, ...]:
         return (self.number, *self.folded_names)
 
-    def to_dict(self) -> dict[str, Any]:
+    def files(self) -> dict[str, LoraFile]:
+        """layout → file, each with its URL: the main file (once its layout is known) and the
+        other layouts' files. What a user picks a download from."""
+        out: dict[str, LoraFile] = {}
+        if self.file is not None and self.file.layout:
+            out[self.file.layout] = replace(self.file, url=self.lora_url)
+        for companion in self.companions:
+            out.setdefault(companion.layout or "unknown", companion)
+        return out
+
+    def download(self, layout: str) -> LoraFile | None:
+        """The file in ``layout``, with a URL, if the version has one."""
+        found = self.files().get(layout)
+        return found if found is not None and found.url else None
+
+    def to_dict(self, primary: str | None = None) -> dict[str, Any]:
+        """The JSON record. ``loraUrl``/``s3Key`` name the ``primary`` layout's file
+        (default ``LORA_PRIMARY_FORMAT``) when the version has it, else its main file."""
+        files = self.files() if self.file is not None or self.companions else {}
+        chosen = files.get(primary or primary_layout())
+        if chosen is None or not chosen.url:
+            chosen = None
         out: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "status": self.status.value,
-            "loraUrl": self.lora_url,
-            "s3Key": self.s3_key,
+            "loraUrl": chosen.url if chosen else (self.lora_url or self.extra.get(LEGACY_COMPANION_URL)),
+            "s3Key": chosen.key if chosen else self.s3_key,
             "createdAt": self.created_at,
             "updatedAt": self.updated_at,
             "completedAt": self.completed_at,
@@ -302,7 +346,9 @@ class Version:
             "datasetHash": self.dataset_hash,
             "params": self.params,
             "training": self.training or None,
-            "file": self.file.to_dict() if self.file else None,
+            # The main file's URL rides along with it, so loraUrl can name another file.
+            "file": {**self.file.to_dict(), "url": self.lora_url} if self.file else None,
+            "files": {layout: _file_entry(f) for layout, f in sorted(files.items())} or None,
             "delayTimeMs": self.delay_time_ms,
             "executionTimeMs": self.execution_time_ms,
             "startTime": self.start_time,
@@ -337,6 +383,21 @@ class Version:
             if n and n != number
         )
         source = raw.get("source") if raw.get("source") in SOURCES else default_source
+        file_raw = raw.get("file")
+        main = LoraFile.from_dict(file_raw)
+        extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS}
+        if main is not None and "url" in file_raw:  # our schema: loraUrl may name another file
+            lora_url, main = main.url, replace(main, url=None)
+        else:
+            lora_url = stable_url(raw.get("loraUrl"))
+            if lora_url and companion_suffix(lora_url.partition("?")[0]):
+                extra.setdefault(LEGACY_COMPANION_URL, lora_url)
+                lora_url = None
+        listed = raw.get("files") if isinstance(raw.get("files"), Mapping) else {}
+        companions = tuple(sorted(
+            (f for f in map(LoraFile.from_dict, listed.values()) if f and (main is None or f.key != main.key)),
+            key=lambda f: f.key,
+        ))
         training = raw.get("training") if isinstance(raw.get("training"), Mapping) else {}
         params = raw.get("params") if isinstance(raw.get("params"), Mapping) else None
         return cls(
@@ -345,8 +406,8 @@ class Version:
             source=source,
             error=str(raw["error"]) if raw.get("error") not in (None, "") else None,
             job_ids=tuple(dict.fromkeys(job_ids)),
-            lora_url=stable_url(raw.get("loraUrl")),
-            file=LoraFile.from_dict(raw.get("file")),
+            lora_url=lora_url,
+            file=main,
             created_at=to_millis(raw.get("createdAt")),
             updated_at=to_millis(raw.get("updatedAt")),
             completed_at=to_millis(raw.get("completedAt")),
@@ -361,8 +422,14 @@ class Version:
             estimated_duration=to_millis(raw.get("estimatedDuration")),
             folded_names=tuple(sorted(set(folded))),
             claim=SubmitClaim.from_dict(raw.get("claim")),
-            extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
+            extra=extra,
+            companions=companions,
         )
+
+
+def _file_entry(f: LoraFile) -> dict[str, Any]:
+    """A ``files`` entry: the file without its header metadata (that is under ``file``)."""
+    return {k: v for k, v in f.to_dict().items() if k != "metadata"}
 
 
 _DOC_KNOWN_KEYS = frozenset({"schemaVersion", "style", "revision", "versions", "currentTraining", "rejectedFiles",
@@ -409,13 +476,15 @@ class RegistryDocument:
         number = name if isinstance(name, int) else parse_version_name(name)
         return next((v for v in self.versions if number in v.numbers), None)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, primary: str | None = None) -> dict[str, Any]:
+        """The stored JSON; ``primary``: the layout ``loraUrl`` names (default ``LORA_PRIMARY_FORMAT``)."""
         current = self.current_training
+        primary = primary or primary_layout()
         out: dict[str, Any] = {
             "schemaVersion": SCHEMA_VERSION,
             "style": self.style,
             "revision": self.revision,
-            "versions": [v.to_dict() for v in self.versions],
+            "versions": [v.to_dict(primary) for v in self.versions],
             "currentTraining": current.to_dict() if current else None,
         }
         if self.rejected_files:
@@ -425,8 +494,8 @@ class RegistryDocument:
         out.update((k, v) for k, v in self.extra.items() if k not in out)
         return out
 
-    def to_json(self) -> bytes:
-        return (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    def to_json(self, primary: str | None = None) -> bytes:
+        return (json.dumps(self.to_dict(primary), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes, style: str) -> RegistryDocument:

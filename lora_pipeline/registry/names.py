@@ -59,3 +59,42 @@ def parse_lora_filename(style: str, filename: str) -> int | None:
     if not sep or head != style:
         return None
     return parse_version_name(tail)
+
+
+# What the worker appends to a version's file name for the second layout it publishes.
+COMPANION_SUFFIXES = ("kohya", "diffusers")
+_COMPANION_ENDING = re.compile(r"_[vV]{1,2}\d+_(kohya|diffusers)\.safetensors$", re.IGNORECASE)
+_COMPANION_ENDINGS = tuple(f"_{suffix}.safetensors" for suffix in COMPANION_SUFFIXES)
+
+
+def companion_filename(style: str, version_number: int, suffix: str) -> str:
+    """``<style>_v<N>_<suffix>.safetensors``: a version's file in its second layout."""
+    if suffix not in COMPANION_SUFFIXES:
+        raise ValueError(f"unknown companion suffix {suffix!r}; expected one of {COMPANION_SUFFIXES}")
+    return f"{validate_style(style)}_v{version_number}_{suffix}.safetensors"
+
+
+def companion_suffix(name: str) -> str | None:
+    """``kohya``/``diffusers`` when a file name (or key, or URL) ends like a version's second
+    file (``…_v4_kohya.safetensors``), whatever its style; else None."""
+    if not name.lower().endswith(_COMPANION_ENDINGS):  # cheap: this runs once per listed file
+        return None
+    match = _COMPANION_ENDING.search(name)
+    return match.group(1).lower() if match else None
+
+
+def parse_lora_file(style: str, filename: str) -> tuple[int, str | None] | None:
+    """(version number, companion suffix) a file names for ``style``; the suffix is None for a
+    version's main file (the one whose arrival completes it), else ``kohya``/``diffusers``.
+
+    ``style_59_v4.safetensors`` → (4, None); ``style_59_v4_kohya.safetensors`` → (4, "kohya");
+    every spelling parse_lora_filename accepts works before the suffix too.
+    """
+    number = parse_lora_filename(style, filename)
+    if number is not None:
+        return number, None
+    suffix = companion_suffix(filename)
+    if suffix is None:
+        return None
+    number = parse_lora_filename(style, filename[: -len(f"_{suffix}.safetensors")] + ".safetensors")
+    return (number, suffix) if number is not None else None

@@ -8,12 +8,15 @@ front (8-byte little-endian length, then JSON), so one ranged read of the first
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from lora_pipeline.registry.layouts import layout_of, tensors_checksum
 from lora_pipeline.storage.base import ObjectNotFound, ObjectStore
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -45,6 +48,16 @@ class SafetensorsHeader:
     def file_size(self) -> int:
         """The size a complete file with this header has."""
         return 8 + self.header_size + self.data_size
+
+    @property
+    def layout(self) -> str:
+        """``kohya``, ``diffusers`` or ``unknown``, from the tensor names (registry.layouts)."""
+        return layout_of(self.tensors)
+
+    @property
+    def checksum(self) -> str | None:
+        """The SHA-256 of the tensor data the header declares (ours, or sd-scripts' model hash)."""
+        return tensors_checksum(self.metadata)
 
 
 def header_length(prefix: bytes) -> int:
@@ -122,26 +135,51 @@ def read_header(store: ObjectStore, key: str, *, size: int | None = None) -> Saf
         length = header_length(prefix)
         if len(prefix) < 8 + length and len(prefix) == FIRST_READ_BYTES:
             prefix += store.get_range(key, len(prefix), 8 + length - len(prefix))
-        header = parse_header(prefix)
-        parsed = SafetensorsHeader(
-            header_size=length,
-            tensors={k: v for k, v in header.items() if k != "__metadata__"},
-            metadata=dict(header.get("__metadata__", {})),
-        )
         if size is None:
             info = store.head(key)
             if info is None:
                 raise ObjectNotFound(key)
             size = info.size
-        if size != parsed.file_size:
-            raise InvalidLoraFile(
-                f"file is {size} bytes but its header describes {parsed.file_size} (truncated upload?)"
-            )
+        return _complete_header(prefix, length, size)
     except InvalidLoraFile as exc:
         raise InvalidLoraFile(f"{key}: not a valid safetensors LoRA: {exc}") from None
     except ObjectNotFound:
         raise InvalidLoraFile(f"{key}: no such file in the store") from None
+
+
+def _complete_header(data: bytes, length: int, size: int) -> SafetensorsHeader:
+    """The header at the front of ``data`` of a file of ``size`` bytes; InvalidLoraFile unless
+    the header parses and describes exactly that many bytes."""
+    header = parse_header(data)
+    parsed = SafetensorsHeader(
+        header_size=length,
+        tensors={k: v for k, v in header.items() if k != "__metadata__"},
+        metadata=dict(header.get("__metadata__", {})),
+    )
+    if size != parsed.file_size:
+        raise InvalidLoraFile(f"file is {size} bytes but its header describes {parsed.file_size} (truncated upload?)")
     return parsed
+
+
+def verify_local_file(path: Path) -> tuple[SafetensorsHeader, str, str]:
+    """Validate a local safetensors file as ``read_header`` validates a stored one, and hash it:
+    (header, SHA-256 of the tensor data, SHA-256 of the whole file). Raises InvalidLoraFile.
+
+    The tensor-data digest is what a header declares (``lora_pipeline.tensors_sha256``,
+    sd-scripts' ``sshs_model_hash``) and the registry records: a header cannot hold a digest
+    of itself, so it covers the bytes after it. The whole-file one is what ``sha256sum`` prints.
+    """
+    tensors, whole = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = header_length(prefix)
+        data = prefix + handle.read(length)
+        header = _complete_header(data, length, path.stat().st_size)
+        whole.update(data)
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            tensors.update(chunk)
+            whole.update(chunk)
+    return header, tensors.hexdigest(), whole.hexdigest()
 
 
 def is_readable_lora(store: ObjectStore, key: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from lora_pipeline.registry.names import lora_filename, validate_style
+from lora_pipeline.registry.names import companion_filename, lora_filename, validate_style
 
 _RUN_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
@@ -40,6 +40,12 @@ def lora_prefix(style: str) -> str:
 def lora_key(style: str, version_number: int) -> str:
     """``loras/<style>/<style>_v<N>.safetensors``."""
     return lora_prefix(style) + lora_filename(style, version_number)
+
+
+def companion_key(style: str, version_number: int, suffix: str) -> str:
+    """``loras/<style>/<style>_v<N>_<suffix>.safetensors``: the version's file in its second
+    layout (``kohya``), published beside the main file and before it."""
+    return lora_prefix(style) + companion_filename(style, version_number, suffix)
 
 
 def run_marker_prefix(style: str, version: str) -> str:

@@ -25,11 +25,13 @@ from lora_pipeline.registry.merge import merge, next_version_number
 from lora_pipeline.registry.models import (
     UNFINISHED_STATUSES,
     InvalidRecord,
+    LoraFile,
     RegistryDocument,
     Version,
     VersionStatus,
 )
-from lora_pipeline.registry.names import parse_lora_filename, validate_style
+from lora_pipeline.registry.layouts import primary_layout
+from lora_pipeline.registry.names import parse_lora_file, validate_style
 from lora_pipeline.storage.base import ObjectStore, PreconditionFailed, StoredObject
 from lora_pipeline.storage.documents import JSON, read_object, update_object
 from lora_pipeline.storage.keys import INDEX_KEY, REGISTRY, lora_prefix, registry_key
@@ -191,19 +193,26 @@ class RegistryIndex:
 
 def known_files(doc: RegistryDocument) -> dict[str, str]:
     """key → ETag of every LoRA object the document accounts for: the latest entry per key
-    among the versions' files, rejected files and superseded files."""
+    among the versions' files (main and other layouts), rejected files and superseded files.
+
+    A file recorded before layouts were (``layout`` None) does not count as known, so the
+    next reconciliation reads its header once more and records its layout and checksum.
+    """
     latest: dict[str, Any] = {}
-    entries = [v.file for v in doc.versions if v.file] + [*doc.rejected_files, *doc.superseded_files]
-    for entry in entries:
+    entries = [v.file for v in doc.versions if v.file] + [c for v in doc.versions for c in v.companions]
+    for entry in [*entries, *doc.rejected_files, *doc.superseded_files]:
         current = latest.get(entry.key)
         if current is None or entry.last_seen > current.last_seen:
             latest[entry.key] = entry
-    return {key: entry.etag for key, entry in latest.items()}
+    return {key: entry.etag for key, entry in latest.items()
+            if not (isinstance(entry, LoraFile) and entry.layout is None)}
 
 
 def files_fingerprint(files: Mapping[str, str]) -> str:
-    """A short digest of key → ETag pairs: equal digests mean no new or changed file."""
+    """A short digest of key → ETag pairs and the primary layout (``LORA_PRIMARY_FORMAT``): equal
+    digests mean no new or changed file, and ``loraUrl`` already names the right layout."""
     digest = hashlib.sha1(usedforsecurity=False)
+    digest.update(f"{primary_layout()}\n".encode())
     for key in sorted(files):
         digest.update(f"{key}\0{files[key]}\n".encode())
     return digest.hexdigest()[:20]
@@ -442,8 +451,10 @@ class RegistryStore:
         return updated
 
     def _next_file_number(self, style: str) -> int:
+        """One past every version number a LoRA file names, a lone kohya file of a job that
+        died before its main upload included (its key belongs to that version's request)."""
         numbers = [
-            parse_lora_filename(style, info.key.rsplit("/", 1)[-1]) or 0
+            (parse_lora_file(style, info.key.rsplit("/", 1)[-1]) or (0, None))[0]
             for info in self.store.list(lora_prefix(style))
         ]
         return max(numbers, default=0) + 1

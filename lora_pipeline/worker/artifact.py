@@ -1,15 +1,24 @@
-"""The LoRA file: diffusers/peft key naming, training facts in the safetensors header.
+"""The LoRA files of a version: the diffusers/peft layout and the kohya layout, each with a
+header that tells the truth about it.
 
-The file is written by diffusers' own ``save_lora_weights`` (so ``load_lora_weights``
-reads it, whatever diffusers' layout rules are this year) and then re-written with
-the header metadata added: our ``lora_pipeline.*`` provenance keys, and kohya's
-``ss_*`` and ``modelspec.*`` keys where they name the same fact, because LoRA
-managers in the ComfyUI/A1111 world read those. Safetensors metadata values must
-be strings.
+* ``write_lora_file``: the diffusers/peft layout, written by diffusers' own
+  ``save_lora_weights`` (so ``load_lora_weights`` reads it, whatever diffusers' layout
+  rules are this year), with diffusers' ``lora_adapter_metadata`` and our
+  ``lora_pipeline.*`` provenance; text-encoder keys keep CLIP's ``text_model.`` level
+  (``text_encoder.text_model.encoder.layers.0…``) as every diffusers LoRA on the hub does.
+  No ``ss_*``/``modelspec.*`` keys: it is not a kohya file.
+* ``write_kohya_file``: the kohya/A1111/ComfyUI layout derived from it (sd-scripts'
+  module names, ``.lora_down``/``.lora_up`` + ``.alpha``; see worker/kohya.py), with
+  kohya's ``ss_*`` and SAI's ``modelspec.*`` keys valued as sd-scripts writes them,
+  sd-scripts' ``sshs_*`` hashes, and the same provenance.
+
+Both carry ``lora_pipeline.tensors_sha256``, the SHA-256 of their tensor data, which the
+registry records and ``registry download`` verifies. Header values are strings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Mapping
@@ -18,17 +27,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.registry.layouts import CHECKSUM_KEY, DIFFUSERS, KOHYA
+from lora_pipeline.registry.safetensors_header import verify_local_file
+from lora_pipeline.worker.kohya import KohyaNameError, kohya_module_name
 from lora_pipeline.worker.schema import ModelFamily, TrainingParams
 
 META_PREFIX = "lora_pipeline."
+LAYOUT_KEY = META_PREFIX + "layout"  # kohya | diffusers: which file of the pair this is
 
-# kohya's ss_base_model_version and SAI modelspec.architecture per family.
-_KOHYA_BASE = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC_ARCH = {
-    "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-512/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
+# The component prefixes diffusers' save_lora_weights writes.
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# sd-scripts' implementation URL for an SDXL LoRA (its SGM UNet); "diffusers" for SD 1/2.
+_SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+_OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw_fused": "torch.optim.adamw.AdamW",
+                      "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
 
 
 @dataclass(frozen=True)
@@ -50,13 +62,18 @@ class ArtifactFacts:
     started_at: datetime
     finished_at: datetime
     final_loss: float | None
+    prediction_type: str = "epsilon"  # the base model's scheduler: epsilon or v_prediction
+
+    @property
+    def output_name(self) -> str:
+        """The version's file stem (``geo_v3``): sd-scripts' output name and modelspec title."""
+        return f"{self.style}_v{self.version.lstrip('vV')}"
 
 
-def lora_metadata(facts: ArtifactFacts) -> dict[str, str]:
-    """The header's ``__metadata__``: string values only."""
+def provenance_metadata(facts: ArtifactFacts) -> dict[str, str]:
+    """Our ``lora_pipeline.*`` header keys, on both layouts: string values only."""
     p = facts.params
     alpha = p.effective_alpha
-    resolution = f"{p.resolution}x{p.resolution}"
     ours = {
         "style": facts.style,
         "version": facts.version,
@@ -77,47 +94,121 @@ def lora_metadata(facts: ArtifactFacts) -> dict[str, str]:
         "train_text_encoder": str(p.train_text_encoder).lower(),
         "final_loss": "" if facts.final_loss is None else f"{facts.final_loss:.6f}",
         "created_at": facts.finished_at.astimezone(UTC).isoformat(),
+        "started_at": facts.started_at.astimezone(UTC).isoformat(),
+        "prediction_type": facts.prediction_type,
+        "tag_frequency": json.dumps(dict(facts.tag_frequency), sort_keys=True),
         "params": p.model_dump_json(),
     }
-    metadata = {META_PREFIX + key: value for key, value in ours.items()}
-    metadata.update(
-        {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(p.rank),
-            "ss_network_alpha": _num(alpha),
-            "ss_base_model_version": _KOHYA_BASE[facts.family],
-            "ss_v2": str(facts.family == "sd2"),
-            "ss_sd_model_name": facts.base_model,
-            "ss_num_train_images": str(facts.num_train_images),
-            "ss_steps": str(facts.steps),
-            "ss_max_train_steps": str(facts.steps),
-            "ss_learning_rate": _num(p.learning_rate),
-            "ss_unet_lr": _num(p.learning_rate),
-            "ss_text_encoder_lr": _num(p.learning_rate) if p.train_text_encoder else "0",
-            "ss_lr_scheduler": p.lr_scheduler,
-            "ss_lr_warmup_steps": str(p.lr_warmup_steps),
-            "ss_batch_size_per_device": str(p.train_batch_size),
-            "ss_gradient_accumulation_steps": str(p.gradient_accumulation_steps),
-            "ss_gradient_checkpointing": str(p.gradient_checkpointing),
-            "ss_mixed_precision": p.mixed_precision,
-            "ss_resolution": f"({p.resolution}, {p.resolution})",
-            "ss_enable_bucket": str(p.enable_bucketing),
-            "ss_seed": str(p.seed),
-            "ss_output_name": f"{facts.style}_{facts.version}",
-            "ss_training_started_at": f"{facts.started_at.timestamp():.0f}",
-            "ss_training_finished_at": f"{facts.finished_at.timestamp():.0f}",
-            "ss_tag_frequency": json.dumps({facts.style: dict(facts.tag_frequency)}),
-            "ss_training_comment": f"lora_pipeline dataset {facts.dataset_hash}",
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": _MODELSPEC_ARCH[facts.family],
-            "modelspec.implementation": "https://github.com/huggingface/diffusers",
-            "modelspec.title": f"{facts.style} {facts.version}",
-            "modelspec.resolution": resolution,
-            "modelspec.date": facts.finished_at.astimezone(UTC).isoformat(),
-            "modelspec.trigger_phrase": p.trigger_word or "",
-        }
+    return {META_PREFIX + key: value for key, value in ours.items()}
+
+
+def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
+    """The facts ``provenance_metadata`` wrote, read back from a header: everything the kohya
+    file's header needs is in the diffusers file's, so that file alone determines it."""
+    def value(key: str) -> str:
+        found = metadata.get(META_PREFIX + key)
+        if found is None:
+            raise ValueError(f"not a lora_pipeline LoRA: its header has no {META_PREFIX + key}")
+        return found
+
+    family = value("family")
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"{META_PREFIX}family: unknown family {family!r}")
+    return ArtifactFacts(
+        style=value("style"),
+        version=value("version"),
+        job_id=value("job_id"),
+        request_id=value("request_id"),
+        dataset_hash=value("dataset_hash"),
+        base_model=value("base_model"),
+        family=family,  # type: ignore[arg-type]
+        params=TrainingParams.model_validate_json(value("params")),
+        steps=int(value("steps")),
+        num_train_images=int(value("num_train_images")),
+        tag_frequency=json.loads(value("tag_frequency")),
+        training_seconds=float(value("training_time")),
+        started_at=datetime.fromisoformat(value("started_at")),
+        finished_at=datetime.fromisoformat(value("created_at")),
+        final_loss=float(value("final_loss")) if value("final_loss") else None,
+        prediction_type=value("prediction_type"),
     )
+
+
+def kohya_metadata(facts: ArtifactFacts) -> dict[str, str]:
+    """kohya's ``ss_*`` and SAI's ``modelspec.*`` keys, valued as sd-scripts' ``train_network.py``
+    writes them (``str()`` of its values: alpha as a float, timestamps in seconds with their
+    fraction, the base model's folder name), for the kohya layout only."""
+    p = facts.params
+    family = facts.family
+    v_pred = facts.prediction_type == "v_prediction"
+    if family == "sdxl":
+        base_version, architecture, implementation = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM_IMPLEMENTATION
+    else:
+        base_version = ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_pred else "")
+        architecture = ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512") if family == "sd2" \
+            else "stable-diffusion-v1"
+        implementation = "diffusers"
+    lr = str(float(p.learning_rate))
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(p.rank),
+        "ss_network_alpha": str(float(p.effective_alpha)),
+        "ss_base_model_version": base_version,
+        "ss_v2": str(family == "sd2"),
+        "ss_sd_model_name": base_model_name(facts.base_model),
+        "ss_num_train_images": str(facts.num_train_images),
+        "ss_num_reg_images": "0",
+        "ss_steps": str(facts.steps),
+        "ss_max_train_steps": str(facts.steps),
+        "ss_learning_rate": lr,
+        "ss_unet_lr": lr,
+        "ss_text_encoder_lr": lr if p.train_text_encoder else "0",
+        "ss_lr_scheduler": p.lr_scheduler,
+        "ss_lr_warmup_steps": str(p.lr_warmup_steps),
+        "ss_optimizer": _OPTIMIZER_CLASSES.get(p.optimizer, p.optimizer),
+        "ss_max_grad_norm": str(float(p.max_grad_norm)),
+        "ss_batch_size_per_device": str(p.train_batch_size),
+        "ss_total_batch_size": str(p.train_batch_size * p.gradient_accumulation_steps),
+        "ss_gradient_accumulation_steps": str(p.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(p.gradient_checkpointing),
+        "ss_mixed_precision": p.mixed_precision,
+        "ss_full_fp16": "False",
+        "ss_cache_latents": "True",
+        "ss_clip_skip": "None",
+        "ss_resolution": f"({p.resolution}, {p.resolution})",
+        "ss_enable_bucket": str(p.enable_bucketing),
+        "ss_seed": str(p.seed),
+        "ss_output_name": facts.output_name,
+        "ss_training_started_at": str(facts.started_at.timestamp()),
+        "ss_training_finished_at": str(facts.finished_at.timestamp()),
+        "ss_tag_frequency": json.dumps({facts.style: dict(facts.tag_frequency)}),
+        "ss_training_comment": f"lora_pipeline dataset {facts.dataset_hash}",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation,
+        "modelspec.title": facts.output_name,
+        "modelspec.resolution": f"{p.resolution}x{p.resolution}",
+        "modelspec.date": facts.finished_at.astimezone(UTC).replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+    if p.trigger_word:
+        metadata["modelspec.trigger_phrase"] = p.trigger_word
     return metadata
+
+
+def base_model_name(base_model: str) -> str:
+    """``ss_sd_model_name`` as sd-scripts writes it: a local model's folder or file name, a hub
+    id as given (``store:models/sd15`` is the store's folder ``sd15``)."""
+    from lora_pipeline.worker.base_model import STORE_SCHEME, describe_source
+
+    try:
+        source = describe_source(base_model)
+    except ValueError:
+        source = "local"
+    if source == "hub":
+        return base_model
+    path = base_model[len(STORE_SCHEME):] if source == "store" else base_model
+    return Path(path.rstrip("/")).name or base_model
 
 
 def write_lora_file(
@@ -130,13 +221,15 @@ def write_lora_file(
     text_encoder_2_lora: Mapping[str, object] | None = None,
     adapter_configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Save with diffusers' ``save_lora_weights``, then add ``metadata`` to the header.
+    """The diffusers/peft layout: diffusers' ``save_lora_weights``, then ``metadata`` (our
+    provenance), the layout and the tensor checksum added to its header.
 
     ``adapter_configs`` (peft ``LoraConfig.to_dict()`` per component) go into the
     header as diffusers' ``lora_adapter_metadata``, so loading applies alpha/rank.
+    Text-encoder module paths get CLIP's ``text_model.`` level when the encoder has none
+    (transformers 5's ``CLIPTextModel``): diffusers loads both, other readers only that one.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         configs = {k: _jsonable(v) for k, v in (adapter_configs or {}).items()}
@@ -144,14 +237,14 @@ def write_lora_file(
         if "unet" in configs:
             kwargs["unet_lora_adapter_metadata"] = configs["unet"]
         if text_encoder_lora:
-            kwargs["text_encoder_lora_layers"] = dict(text_encoder_lora)
+            kwargs["text_encoder_lora_layers"] = {_with_text_model(k): v for k, v in text_encoder_lora.items()}
             if "text_encoder" in configs:
                 kwargs["text_encoder_lora_adapter_metadata"] = configs["text_encoder"]
         if family == "sdxl":
             from diffusers import StableDiffusionXLPipeline as Pipeline
 
             if text_encoder_2_lora:
-                kwargs["text_encoder_2_lora_layers"] = dict(text_encoder_2_lora)
+                kwargs["text_encoder_2_lora_layers"] = {_with_text_model(k): v for k, v in text_encoder_2_lora.items()}
                 if "text_encoder_2" in configs:
                     kwargs["text_encoder_2_lora_adapter_metadata"] = configs["text_encoder_2"]
         else:
@@ -162,67 +255,99 @@ def write_lora_file(
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
             header = dict(handle.metadata() or {})
     header.update(metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=header)
-    return path
+    header[LAYOUT_KEY] = DIFFUSERS
+    return _save_with_checksum(tensors, path, header)
 
 
-def write_kohya_file(diffusers_file: Path, path: Path, alpha: float, family: ModelFamily) -> Path:
-    """The kohya/A1111/ComfyUI layout (``lora_unet_…​.lora_down.weight`` + ``.alpha``).
+def write_kohya_file(diffusers_file: Path, path: Path, *, unet_config: Mapping[str, Any] | None) -> Path:
+    """The kohya/A1111/ComfyUI layout of the LoRA in ``diffusers_file`` (one ``write_lora_file``
+    wrote): the same tensors under sd-scripts' module names (``<name>.lora_down.weight``,
+    ``.lora_up.weight``, ``.alpha``).
 
-    diffusers' own converter, as its SDXL DreamBooth script uses it; the header
-    metadata is copied so managers see the same facts.
+    A function of that file alone (and the base model's ``unet/config.json``, which places
+    SDXL modules in SGM's blocks), so it can be derived again from a published diffusers
+    file. The header has the same ``lora_pipeline.*`` provenance, ``kohya_metadata`` of the
+    facts it records, sd-scripts' ``sshs_model_hash``/``sshs_legacy_hash`` computed its
+    way, the layout and the tensor checksum. Raises KohyaNameError for a module the kohya
+    layout cannot name.
     """
-    from diffusers.utils import convert_state_dict_to_kohya
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(diffusers_file), framework="pt") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys()}
-        metadata = dict(handle.metadata() or {})
-    kohya = convert_state_dict_to_kohya(_as_peft_names(state))
-    import torch
+        source = dict(handle.metadata() or {})
+    facts = facts_from_provenance(source)
+    alpha = facts.params.effective_alpha
+    tensors: dict[str, Any] = {}
+    for (component, module), pair in sorted(_lora_modules(state).items()):
+        name = kohya_module_name(component, module, facts.family, unet_config)
+        if f"{name}.alpha" in tensors:
+            raise KohyaNameError(f"two modules are both named {name!r} in the kohya layout")
+        tensors[f"{name}.lora_down.weight"] = pair["down"].contiguous()
+        tensors[f"{name}.lora_up.weight"] = pair["up"].contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    header = {k: v for k, v in source.items() if k.startswith(META_PREFIX) and k not in (LAYOUT_KEY, CHECKSUM_KEY)}
+    header.update(kohya_metadata(facts))
+    # sd-scripts hashes a serialization whose header holds only the ss_* keys (networks/lora.py,
+    # train_util.precalculate_safetensors_hashes): model hash = SHA-256 of the tensor data,
+    # legacy hash = first 8 hex of the SHA-256 of the 64 KiB at offset 1 MiB.
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "ss_only.safetensors"
+        save_file(tensors, str(probe), metadata={k: v for k, v in header.items() if k.startswith("ss_")})
+        _, model_hash, _ = verify_local_file(probe)
+        with open(probe, "rb") as handle:
+            handle.seek(0x100000)
+            legacy_hash = hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+    header.update({"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash, LAYOUT_KEY: KOHYA})
+    return _save_with_checksum(tensors, path, header, digest=model_hash)  # the same tensor data
 
-    for key in [k for k in kohya if k.endswith(".alpha")]:
-        kohya[key] = torch.tensor(float(alpha))
-    kohya = {_kohya_te_name(k, family): v.contiguous() for k, v in kohya.items()}
-    metadata = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
-    save_file(kohya, str(path), metadata=metadata)
-    return path
 
-
-_PEFT_SUFFIXES = {
-    ".lora.down.weight": ".lora_A.weight",
-    ".lora.up.weight": ".lora_B.weight",
-    ".lora_linear_layer.down.weight": ".lora_A.weight",
-    ".lora_linear_layer.up.weight": ".lora_B.weight",
+_LORA_SUFFIXES = {
+    ".lora.down.weight": "down", ".lora.up.weight": "up",
+    ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
 }
 
 
-def _as_peft_names(state: dict) -> dict:
-    """One naming for the converter: diffusers may mix its older suffixes with peft's."""
-    renamed = {}
-    for key, value in state.items():
-        for old, new in _PEFT_SUFFIXES.items():
-            if key.endswith(old):
-                key = key[: -len(old)] + new
-                break
-        renamed[key] = value
-    return renamed
+def _lora_modules(state: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(component, module path) → {"down", "up"} of a diffusers-layout state dict (diffusers'
+    own suffixes and peft's are both read)."""
+    modules: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        suffix = next((s for s in _LORA_SUFFIXES if rest.endswith(s)), None)
+        if component not in _COMPONENTS or suffix is None:
+            raise ValueError(f"{key!r} is not a LoRA weight of the UNet or a text encoder")
+        modules.setdefault((component, rest[: -len(suffix)]), {})[_LORA_SUFFIXES[suffix]] = tensor
+    for (component, module), pair in modules.items():
+        if set(pair) != {"down", "up"} or pair["down"].shape[0] != pair["up"].shape[1]:
+            raise ValueError(f"{component}.{module}: needs a down and an up matrix of one rank")
+    return modules
 
 
-def _kohya_te_name(key: str, family: ModelFamily) -> str:
-    """kohya's text-encoder names: ``lora_te_text_model_encoder_…`` (SD1/2), ``lora_te1_…``/``lora_te2_…`` (SDXL).
+def _with_text_model(key: str) -> str:
+    return key if key.startswith("text_model.") else "text_model." + key
 
-    diffusers' converter always writes ``lora_te1`` and, with transformers 5's
-    flattened ``CLIPTextModel``, no ``text_model`` level; A1111 and ComfyUI match both.
-    """
-    if family != "sdxl" and key.startswith("lora_te1_"):
-        key = "lora_te_" + key[len("lora_te1_"):]
-    for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
-        if key.startswith(prefix) and not key.startswith(prefix + "text_model_"):
-            return prefix + "text_model_" + key[len(prefix):]
-    return key
+
+def _save_with_checksum(tensors: Mapping[str, Any], path: Path, header: dict[str, str], *,
+                        digest: str | None = None) -> Path:
+    """Save ``tensors`` with ``header`` plus the SHA-256 of their tensor data (the bytes after
+    the header, which the header does not change; ``digest`` when already known), checked
+    once written."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if digest is None:
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            probe = Path(tmp) / "data.safetensors"
+            save_file(dict(tensors), str(probe))
+            _, digest, _ = verify_local_file(probe)
+    save_file(dict(tensors), str(path), metadata={**header, CHECKSUM_KEY: digest})
+    if verify_local_file(path)[1] != digest:
+        raise RuntimeError(f"{path}: tensor data changed between writes; not publishing it")
+    return path
 
 
 def _jsonable(value: Any) -> Any:

@@ -40,6 +40,21 @@ def detect_family(model_dir: Path) -> ModelFamily:
     )
 
 
+def prediction_type(model_dir: Path) -> str:
+    """What the base model's UNet predicts (``epsilon``, ``v_prediction``…), from its scheduler
+    config: the training target, and what a kohya header records (SD 2.x 768-v)."""
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return "epsilon"  # diffusers' default
+    value = _read_json(path, "scheduler/scheduler_config.json").get("prediction_type")
+    return value if isinstance(value, str) and value else "epsilon"
+
+
+def unet_config(model_dir: Path) -> dict:
+    """The base model's ``unet/config.json`` (block layout, for the kohya module names)."""
+    return _read_json(model_dir / "unet" / "config.json", "unet/config.json")
+
+
 def check_family(detected: ModelFamily, requested: FamilyChoice) -> ModelFamily:
     """The detected family, unless the request named a different one."""
     if requested != "auto" and requested != detected:

@@ -86,10 +86,10 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
     report = report or (lambda update: None)
 
     # Cheap checks first: nothing below loads torch until the data and model are known good.
-    from lora_pipeline.storage.keys import lora_key
+    from lora_pipeline.storage.keys import companion_key, lora_key
     from lora_pipeline.worker.base_model import describe_source, resolve_base_model
     from lora_pipeline.worker.data import fetch_examples, load_manifest, tag_frequency, with_trigger
-    from lora_pipeline.worker.family import check_family, detect_family
+    from lora_pipeline.worker.family import check_family, detect_family, prediction_type, unet_config
 
     describe_source(request.base_model)
     store = open_request_store(request)
@@ -113,6 +113,14 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
     report({"phase": "base_model"})
     model_dir = resolve_base_model(request.base_model, store)
     family = check_family(detect_family(model_dir), request.model_family)
+    unet_layout = unet_config(model_dir)
+    if family == "sdxl":  # the kohya file names SDXL modules by SGM block: fail now, not after training
+        from lora_pipeline.worker.kohya import KohyaNameError, check_unet_config
+
+        try:
+            check_unet_config(unet_layout)
+        except KohyaNameError as exc:
+            raise WorkerInputError(f"base model: its UNet cannot be exported in the kohya layout: {exc}") from None
 
     from lora_pipeline.worker.train import check_optimizer_available, pick_device, run_fingerprint, train_lora, weight_dtype_for
 
@@ -138,7 +146,7 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
         device=device,
     )
 
-    from lora_pipeline.worker.artifact import ArtifactFacts, lora_metadata, write_kohya_file, write_lora_file
+    from lora_pipeline.worker.artifact import ArtifactFacts, provenance_metadata, write_kohya_file, write_lora_file
 
     report({"phase": "saving"})
     facts = ArtifactFacts(
@@ -157,11 +165,12 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
         started_at=started_at,
         finished_at=datetime.now(UTC),
         final_loss=outcome.final_loss,
+        prediction_type=prediction_type(model_dir),
     )
-    metadata = lora_metadata(facts)
+    metadata = provenance_metadata(facts)
     stem = key.rsplit("/", 1)[0] + "/" + Path(key).stem
     sample_keys: list[str] = []
-    kohya_key = None
+    kohya_key = companion_key(request.style, version_number, "kohya")
     with tempfile.TemporaryDirectory(prefix="lora-job-") as tmp:
         lora_file = write_lora_file(
             Path(tmp) / "lora.safetensors", family, outcome.unet_lora, metadata,
@@ -177,11 +186,10 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
                 sample_key = f"{stem}_sample_{index}.png"
                 store.put(sample_key, png, content_type="image/png")
                 sample_keys.append(sample_key)
-        if params.export_kohya:
-            kohya_key = f"{stem}_kohya.safetensors"
-            kohya_file = write_kohya_file(lora_file, Path(tmp) / "kohya.safetensors", params.effective_alpha, family)
-            _publish_companion(store, kohya_key, kohya_file, request)
         report({"phase": "uploading"})
+        # The kohya layout first (a companion: proves nothing alone), the diffusers file last.
+        kohya_file = write_kohya_file(lora_file, Path(tmp) / "kohya.safetensors", unet_config=unet_layout)
+        _publish_companion(store, kohya_key, kohya_file, request)
         # Last, and create-only: a valid file here means "completed", and a version's
         # file is never replaced, not even by a second job of the same request.
         try:
@@ -190,6 +198,9 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
             published = _already_trained(store, key, request)
             if published is None:  # deleted again in between: nothing to defer to
                 raise
+            # Our kohya file may have replaced the winner's just before: derive it again from
+            # the published diffusers file, so the pair holds one set of weights.
+            _republish_companion(store, key, kohya_key, unet_layout, request, Path(tmp))
             report({"phase": "done", "note": "another job of this request published first"})
             return published
     checkpointer.clear()
@@ -205,6 +216,7 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
         duration_s=round(time.perf_counter() - started, 3),
         sample_keys=sample_keys,
         kohya_key=kohya_key,
+        files={"kohya": kohya_key, "diffusers": key},
         metadata={k: v for k, v in metadata.items() if k.startswith("lora_pipeline.") and k != "lora_pipeline.params"},
     )
     report({"phase": "done", "step": outcome.steps, "total": outcome.steps})
@@ -279,6 +291,18 @@ def _publish_companion(store: Any, key: str, path: Path, request: TrainingReques
     store.upload_file(key, path)  # this request's own earlier attempt: its weights are superseded
 
 
+def _republish_companion(store: Any, key: str, kohya_key: str, unet_layout: dict, request: TrainingRequest,
+                         tmp: Path) -> None:
+    """The kohya file derived from the diffusers file published at ``key`` (by a twin job of this
+    request), uploaded in place of whatever this job put there."""
+    from lora_pipeline.worker.artifact import write_kohya_file
+
+    published = tmp / "published.safetensors"
+    store.download_file(key, published)
+    _publish_companion(store, kohya_key, write_kohya_file(published, tmp / "republished.safetensors",
+                                                          unet_config=unet_layout), request)
+
+
 def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str, Any] | None:
     """A retry of a job that uploaded its LoRA but died before returning gets the same result.
 
@@ -293,9 +317,12 @@ def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str
         raise WorkerInputError(
             f"version: {key} already exists (written by request {owner!r}); refusing to overwrite it"
         )
+    from lora_pipeline.storage.keys import companion_key
+
     ours = {k: v for k, v in metadata.items() if k.startswith("lora_pipeline.") and k != "lora_pipeline.params"}
     stem = key.rsplit(".", 1)[0]
-    kohya = f"{stem}_kohya.safetensors"
+    kohya = companion_key(request.style, parse_version_name(request.version) or 0, "kohya")
+    has_kohya = store.head(kohya) is not None  # absent for versions trained before both were written
     return TrainingResult(
         style=request.style,
         version=request.version,
@@ -306,7 +333,8 @@ def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str
         final_loss=float(metadata["lora_pipeline.final_loss"]) if metadata.get("lora_pipeline.final_loss") else None,
         duration_s=float(metadata.get("lora_pipeline.training_time", "0") or 0),
         sample_keys=[info.key for info in store.list(f"{stem}_sample_")],
-        kohya_key=kohya if store.head(kohya) is not None else None,
+        kohya_key=kohya if has_kohya else None,
+        files={"kohya": kohya, "diffusers": key} if has_kohya else {"diffusers": key},
         metadata=ours,
     ).model_dump(mode="json")
 

@@ -7,9 +7,9 @@ torch: the Dagster code location imports it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lora_pipeline.registry.names import validate_style
 
@@ -52,10 +52,18 @@ class TrainingParams(BaseModel):
     optimizer: Optimizer = "adamw"
     trigger_word: str | None = Field(None, max_length=200)
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints in the store; 0 = never.")
-    export_kohya: bool = Field(False, description="Also write the kohya/A1111/ComfyUI key layout.")
     num_sample_images: int = Field(0, ge=0, le=16)
     sample_inference_steps: int = Field(20, ge=1, le=200)
     compile: bool = Field(False, description="torch.compile the UNet.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_export_kohya(cls, data: Any) -> Any:
+        """``export_kohya`` is gone: every version gets both files. Requests that still carry
+        it (an older orchestrator sends ``false``) validate; the value is ignored."""
+        if isinstance(data, dict) and "export_kohya" in data:
+            data = {k: v for k, v in data.items() if k != "export_kohya"}
+        return data
 
     @property
     def effective_alpha(self) -> float:
@@ -106,5 +114,8 @@ class TrainingResult(BaseModel):
     final_loss: float | None = None
     duration_s: float
     sample_keys: list[str] = Field(default_factory=list)
-    kohya_key: str | None = None
+    kohya_key: str | None = Field(None, description="The kohya-layout file (ComfyUI, A1111/Forge, kohya tools).")
+    files: dict[str, str] = Field(
+        default_factory=dict, description="layout (kohya, diffusers) → key of the version's file in it."
+    )
     metadata: dict[str, str] = Field(default_factory=dict)

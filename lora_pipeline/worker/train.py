@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +39,20 @@ from lora_pipeline.worker.data import (
     with_trigger,
 )
 from lora_pipeline.worker.errors import WorkerInputError
+from lora_pipeline.worker.levers import (
+    SpeedLevers,
+    compile_unet,
+    fill_short_batches,
+    fuse_qkv,
+    largest_batch,
+    memory_probe,
+    training_settings,
+)
 from lora_pipeline.worker.schema import ModelFamily, TrainingParams
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -68,6 +81,8 @@ class TrainOutcome:
     # peft LoraConfig of each adapter (rank, alpha, targets): written into the file so
     # load_lora_weights applies alpha/rank, not an assumed alpha == rank.
     adapter_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch_size: int = 0  # the batch trained with (levers.max_batch may raise the requested one)
+    levers: dict[str, Any] = field(default_factory=dict)  # the speed levers as resolved for the device
 
     @property
     def final_loss(self) -> float | None:
@@ -265,8 +280,116 @@ def prepare_cache(models: _Models, examples: Sequence[Example], params: Training
     return _Prepared(buckets, means, stds, time_ids, captions, prompt_embeds, pooled)
 
 
+def step_seed(seed: int, step: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 1009 + micro) % (2**63)
+
+
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63))
+    return torch.Generator().manual_seed(step_seed(seed, step, micro))
+
+
+def steps_for_batch(params: TrainingParams, num_batches_per_epoch: int, batch_size: int) -> int:
+    """Optimizer steps at ``batch_size``: a larger batch than asked for sees the same images in fewer steps."""
+    if params.num_train_epochs is None and batch_size != params.train_batch_size:
+        return max(1, math.ceil(params.max_train_steps * params.train_batch_size / batch_size))
+    return total_steps(params, num_batches_per_epoch)
+
+
+@dataclass
+class _Batch:
+    ids: list[int]
+    bucket: tuple[int, int]
+    rows: torch.Tensor | None = None  # rows in the bucket's stacked tensors, on the device
+    ids_on_device: torch.Tensor | None = None
+
+
+class _Batches:
+    """Which examples each micro-step trains on, and where their cached tensors are.
+
+    Batch order stays a pure function of ``(seed, epoch)`` (computed once per epoch).
+    With ``levers.device_cache`` the cache is stacked per bucket on the device and a
+    batch is an index into it: an epoch's indices go to the device in one copy,
+    instead of a ``torch.stack`` of cached tensors every step.
+    """
+
+    def __init__(self, cache: _Prepared, batch_size: int, seed: int, *, static: bool, on_device: bool,
+                 device: torch.device):
+        self.cache, self.batch_size, self.seed = cache, batch_size, seed
+        self.static, self.on_device, self.device = static, on_device, device
+        self.per_epoch = batches_per_epoch(cache.buckets, batch_size)
+        self._epoch: int | None = None
+        self._batches: list[_Batch] = []
+        if on_device:
+            self._stack()
+
+    def _stack(self) -> None:
+        cache = self.cache
+        members: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(cache.buckets):
+            members.setdefault(bucket, []).append(index)
+        self.row = {index: row for ids in members.values() for row, index in enumerate(ids)}
+        self.mean = {b: torch.stack([cache.latent_mean[i] for i in ids]) for b, ids in members.items()}
+        self.std = {b: torch.stack([cache.latent_std[i] for i in ids]) for b, ids in members.items()}
+        self.time_ids = torch.stack(cache.time_ids)
+        self.embeds = torch.stack(cache.prompt_embeds) if cache.prompt_embeds is not None else None
+        pooled = cache.pooled_embeds
+        self.pooled = torch.stack(pooled) if pooled is not None and pooled[0] is not None else None
+        # The per-example tensors become views of the stacked ones: the cache is not held twice.
+        for bucket, ids in members.items():
+            for row, index in enumerate(ids):
+                cache.latent_mean[index] = self.mean[bucket][row]
+                cache.latent_std[index] = self.std[bucket][row]
+        cache.time_ids = list(self.time_ids.unbind(0))
+        if self.embeds is not None:
+            cache.prompt_embeds = list(self.embeds.unbind(0))
+        if self.pooled is not None:
+            cache.pooled_embeds = list(self.pooled.unbind(0))
+
+    def get(self, index: int) -> _Batch:
+        epoch = index // self.per_epoch
+        if epoch != self._epoch:
+            self._load(epoch)
+        return self._batches[index % self.per_epoch]
+
+    def _load(self, epoch: int) -> None:
+        buckets = self.cache.buckets
+        batches = epoch_batches(buckets, self.batch_size, self.seed, epoch)
+        if self.static:
+            batches = fill_short_batches(batches, buckets, self.batch_size)
+        self._epoch = epoch
+        if not self.on_device:
+            self._batches = [_Batch(ids, buckets[ids[0]]) for ids in batches]
+            return
+        flat = torch.tensor([[self.row[i] for ids in batches for i in ids], [i for ids in batches for i in ids]])
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        sizes = [len(ids) for ids in batches]
+        self._batches = [
+            _Batch(ids, buckets[ids[0]], rows, on_device)
+            for ids, rows, on_device in zip(batches, flat[0].split(sizes), flat[1].split(sizes), strict=True)
+        ]
+
+    def tensors(self, batch: _Batch, family: ModelFamily):
+        """(latent mean, latent std, prompt embeds or None, pooled or None, SDXL time ids or None)."""
+        cache, sdxl = self.cache, family == "sdxl"
+        if self.on_device:
+            mean = self.mean[batch.bucket].index_select(0, batch.rows)
+            std = self.std[batch.bucket].index_select(0, batch.rows)
+            embeds = self.embeds.index_select(0, batch.ids_on_device) if self.embeds is not None else None
+            pooled = self.pooled.index_select(0, batch.ids_on_device) if sdxl and self.pooled is not None else None
+            time_ids = self.time_ids.index_select(0, batch.ids_on_device) if sdxl else None
+            return mean, std, embeds, pooled, time_ids
+        ids = batch.ids
+        mean = torch.stack([cache.latent_mean[i] for i in ids])
+        std = torch.stack([cache.latent_std[i] for i in ids])
+        embeds = pooled = time_ids = None
+        if cache.prompt_embeds is not None:
+            embeds = torch.stack([cache.prompt_embeds[i] for i in ids])
+            pooled = torch.stack([cache.pooled_embeds[i] for i in ids]) if sdxl else None
+        if sdxl:
+            time_ids = torch.stack([cache.time_ids[i] for i in ids])
+        return mean, std, embeds, pooled, time_ids
 
 
 def train_lora(
@@ -279,15 +402,39 @@ def train_lora(
     checkpointer: Checkpointer | None = None,
     progress: ProgressFn | None = None,
     device: torch.device | None = None,
+    levers: SpeedLevers | None = None,
 ) -> TrainOutcome:
-    """Train a LoRA on ``examples`` and return its layers; resumes from ``checkpointer``."""
+    """Train a LoRA on ``examples`` and return its layers; resumes from ``checkpointer``.
+
+    ``progress(step, total, loss)`` is called once per step, in order; with
+    ``levers.log_every = N`` the calls come in groups of N, when the losses reach the
+    host. ``levers`` default to ``LORA_TRAIN_LEVERS`` (see ``levers.py``).
+    """
     if not examples:
         raise WorkerInputError("dataset has no images to train on")
     started = time.perf_counter()
     device = device or pick_device()
     dtype = weight_dtype_for(params.mixed_precision, device)
     check_optimizer_available(params.optimizer)
+    levers = (levers if levers is not None else SpeedLevers.from_env()).resolve(device, params.compile)
+    with training_settings(levers):
+        return _train(params, family, model_dir, examples, fingerprint, checkpointer, progress, device, dtype,
+                      levers, started)
 
+
+def _train(
+    params: TrainingParams,
+    family: ModelFamily,
+    model_dir: Path,
+    examples: Sequence[Example],
+    fingerprint: str,
+    checkpointer: Checkpointer | None,
+    progress: ProgressFn | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    levers: SpeedLevers,
+    started: float,
+) -> TrainOutcome:
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     models = load_models(model_dir, family, device, dtype)
@@ -307,14 +454,26 @@ def train_lora(
                 encoder.gradient_checkpointing_enable()
     torch.manual_seed(params.seed)
     trainable = add_lora(models, params)
-    if device.type == "cuda":
+    if levers.channels_last:
         models.unet.to(memory_format=torch.channels_last)
+    if levers.fuse_qkv:
+        fuse_qkv(models.unet)
     optimizer = make_optimizer(params, trainable, device)
+
+    state = checkpointer.load_latest() if checkpointer else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        state = None
+    batch_size = params.train_batch_size
+    if state is not None:
+        batch_size = int(state.get("batch_size") or batch_size)
+    elif levers.max_batch:
+        batch_size = _largest_fitting_batch(models, cache, params, levers, trainable, device, dtype)
 
     from diffusers.optimization import get_scheduler
 
-    per_epoch = batches_per_epoch(cache.buckets, params.train_batch_size)
-    n_steps = total_steps(params, per_epoch)
+    batches = _Batches(cache, batch_size, params.seed, static=bool(levers.static_shapes),
+                       on_device=levers.device_cache, device=device)
+    n_steps = steps_for_batch(params, batches.per_epoch, batch_size)
     lr_scheduler = get_scheduler(
         params.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=params.lr_warmup_steps, num_training_steps=n_steps,
@@ -322,8 +481,7 @@ def train_lora(
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     start_step, losses, resumed_from = 0, [], None
-    state = checkpointer.load_latest() if checkpointer else None
-    if state is not None and state.get("fingerprint") == fingerprint:
+    if state is not None:
         start_step = int(state["step"])
         with torch.no_grad():
             for param, saved in zip(trainable, state["lora"], strict=True):
@@ -336,9 +494,7 @@ def train_lora(
         losses = list(state["losses"])
         resumed_from = start_step
 
-    unet = models.unet
-    if params.compile:
-        unet = torch.compile(unet)
+    unet = compile_unet(models.unet, levers)
     for module in (models.unet, *models.text_encoders):
         module.train(params.train_text_encoder or module is models.unet)
 
@@ -347,41 +503,47 @@ def train_lora(
     scaling = models.vae.config.scaling_factor
     shift = getattr(models.vae.config, "shift_factor", None) or 0.0
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    images_seen = start_step * params.gradient_accumulation_steps * params.train_batch_size
+    accumulation = params.gradient_accumulation_steps
+    images_seen = start_step * accumulation * batch_size
+    # One generator on the device, re-seeded per micro-step: the draws of step s are a
+    # function of (seed, s) as before, without host→device copies of noise.
+    device_gen = torch.Generator(device=device) if levers.device_cache else None
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet on the host
 
     for step in range(start_step, n_steps):
-        step_loss = 0.0
-        for micro in range(params.gradient_accumulation_steps):
-            index = step * params.gradient_accumulation_steps + micro
-            batch = epoch_batches(cache.buckets, params.train_batch_size, params.seed, index // per_epoch)[index % per_epoch]
-            gen = step_generator(params.seed, step, micro)
-            mean = torch.stack([cache.latent_mean[i] for i in batch])
-            std = torch.stack([cache.latent_std[i] for i in batch])
-            eps = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
-            latents = ((mean + std * eps) - shift) * scaling
-            noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-            timesteps = torch.randint(0, num_timesteps, (len(batch),), generator=gen).to(device)
+        step_loss: torch.Tensor | None = None
+        for micro in range(accumulation):
+            batch = batches.get(step * accumulation + micro)
+            mean, std, embeds, pooled, time_ids = batches.tensors(batch, family)
+            n = len(batch.ids)
+            if device_gen is not None:
+                gen = device_gen.manual_seed(step_seed(params.seed, step, micro))
+                eps = torch.randn(mean.shape, generator=gen, device=device).to(mean.dtype)
+                latents = ((mean + std * eps) - shift) * scaling
+                noise = torch.randn(latents.shape, generator=gen, device=device).to(latents.dtype)
+                timesteps = torch.randint(0, num_timesteps, (n,), generator=gen, device=device)
+            else:
+                gen = step_generator(params.seed, step, micro)
+                eps = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
+                latents = ((mean + std * eps) - shift) * scaling
+                noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+                timesteps = torch.randint(0, num_timesteps, (n,), generator=gen).to(device)
             noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
-            if device.type == "cuda":
+            if levers.channels_last:
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with autocast:
-                if cache.prompt_embeds is not None:
-                    embeds = torch.stack([cache.prompt_embeds[i] for i in batch])
-                    pooled = torch.stack([cache.pooled_embeds[i] for i in batch]) if family == "sdxl" else None
-                else:
-                    embeds, pooled = _encode_prompts(models, [cache.captions[i] for i in batch], device)
-                added = None
-                if family == "sdxl":
-                    added = {"text_embeds": pooled, "time_ids": torch.stack([cache.time_ids[i] for i in batch])}
+                if embeds is None:
+                    embeds, pooled = _encode_prompts(models, [cache.captions[i] for i in batch.ids], device)
+                added = {"text_embeds": pooled, "time_ids": time_ids} if family == "sdxl" else None
                 pred = unet(noisy, timesteps, embeds, added_cond_kwargs=added, return_dict=False)[0]
             if prediction_type == "v_prediction":
                 target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
                 target = noise
-            loss = F.mse_loss(pred.float(), target.float()) / params.gradient_accumulation_steps
+            loss = F.mse_loss(pred.float(), target.float()) / accumulation
             (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss.item()
-            images_seen += len(batch)
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            images_seen += n
         if scaler:
             scaler.unscale_(optimizer)
         if params.max_grad_norm > 0:
@@ -393,12 +555,18 @@ def train_lora(
             optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
         done = step + 1
-        if checkpointer and params.checkpoint_every and done % params.checkpoint_every == 0 and done < n_steps:
+        pending.append((done, step_loss))
+        checkpoint_due = bool(checkpointer and params.checkpoint_every and done % params.checkpoint_every == 0
+                              and done < n_steps)
+        if not (checkpoint_due or done % levers.log_every == 0 or done == n_steps):
+            continue
+        flushed = _flush_losses(pending, losses)
+        if checkpoint_due:
             checkpointer.save(done, {
                 "fingerprint": fingerprint,
                 "step": done,
+                "batch_size": batch_size,
                 "lora": [p.detach().cpu().clone() for p in trainable],
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(),
@@ -407,7 +575,8 @@ def train_lora(
                 "losses": losses,
             })
         if progress:
-            progress(done, n_steps, step_loss)
+            for flushed_step, value in flushed:
+                progress(flushed_step, n_steps, value)
 
     unet_lora, te_lora, te2_lora = _lora_layers(models, params)
     configs = {"unet": models.unet.peft_config["default"].to_dict()}
@@ -425,7 +594,59 @@ def train_lora(
         train_seconds=time.perf_counter() - started,
         device=str(device),
         adapter_configs=configs,
+        batch_size=batch_size,
+        levers=levers.as_dict(),
     )
+
+
+def _flush_losses(pending: list[tuple[int, torch.Tensor]], losses: list[float]) -> list[tuple[int, float]]:
+    """The pending steps' losses, brought to the host in one transfer (the only sync of a step)."""
+    if not pending:
+        return []
+    values = torch.stack([loss for _, loss in pending]).float().tolist()
+    flushed = [(step, value) for (step, _), value in zip(pending, values, strict=True)]
+    losses.extend(values)
+    pending.clear()
+    return flushed
+
+
+def _largest_fitting_batch(models: _Models, cache: _Prepared, params: TrainingParams, levers: SpeedLevers,
+                           trainable: Sequence[torch.nn.Parameter], device: torch.device, dtype: torch.dtype) -> int:
+    """Probe forward+backward at the largest bucket with growing batches; keep the largest that fits."""
+    index = max(range(len(cache.buckets)), key=lambda i: cache.buckets[i][0] * cache.buckets[i][1])
+    latent = cache.latent_mean[index]
+    num_timesteps = models.noise_scheduler.config.num_train_timesteps
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(batch: int) -> None:
+        try:
+            with autocast:
+                if cache.prompt_embeds is not None:
+                    embeds = cache.prompt_embeds[index].expand(batch, -1, -1)
+                    pooled = cache.pooled_embeds[index].expand(batch, -1) if models.family == "sdxl" else None
+                else:
+                    embeds, pooled = _encode_prompts(models, [cache.captions[index]] * batch, device)
+                added = None
+                if models.family == "sdxl":
+                    added = {"text_embeds": pooled, "time_ids": cache.time_ids[index].expand(batch, -1)}
+                noisy = torch.randn((batch, *latent.shape), device=device, dtype=latent.dtype)
+                if levers.channels_last:
+                    noisy = noisy.contiguous(memory_format=torch.channels_last)
+                timesteps = torch.randint(0, num_timesteps, (batch,), device=device)
+                pred = models.unet(noisy, timesteps, embeds, added_cond_kwargs=added, return_dict=False)[0]
+            pred.float().square().mean().backward()
+        finally:
+            for param in trainable:
+                param.grad = None
+
+    fits = memory_probe(device, step, levers.memory_fraction)
+    if fits is None:
+        log.warning("levers.max_batch: %s memory cannot be measured; keeping batch %d", device.type,
+                    params.train_batch_size)
+        return params.train_batch_size
+    # A batch comes from one bucket: more than its largest bucket holds would only repeat images.
+    cap = min(levers.max_batch_cap, max(Counter(cache.buckets).values()))
+    return largest_batch(fits, params.train_batch_size, cap)
 
 
 def _lora_layers(models: _Models, params: TrainingParams):

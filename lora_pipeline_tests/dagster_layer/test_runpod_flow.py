@@ -37,14 +37,14 @@ from lora_pipeline.runpod.client import RunPodClient
 from lora_pipeline.storage import ObjectStore
 from lora_pipeline.storage.breaker import CircuitBreaker
 from lora_pipeline.storage.factory import open_store
-from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, lora_key, registry_key
+from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, companion_key, lora_key, registry_key
 from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.webhook.app import create_app
 from lora_pipeline.webhook.urls import webhook_url
 from lora_pipeline.worker.schema import TrainingRequest, TrainingResult
 from lora_pipeline_tests.fakes.runpod_api import FakeRunPod
 from lora_pipeline_tests.fakes.uvicorn_thread import serve_in_thread
-from lora_pipeline_tests.registry.lora_files import lora_bytes
+from lora_pipeline_tests.registry.lora_files import lora_bytes, pair_bytes
 
 STYLE = "sample_style"
 TOKEN = "flow-test-token-0123456789"
@@ -57,12 +57,13 @@ SENSOR_TAG = "dagster/sensor_name"
 
 
 def write_lora_handler(job: dict[str, Any]) -> dict[str, Any]:
-    """What the GPU worker does, minus the training: the LoRA file at the request's key
-    in the request's store, and a TrainingResult as the job's output."""
+    """What the GPU worker does, minus the training: the kohya file, then the LoRA file at the
+    request's key in the request's store, and a TrainingResult as the job's output."""
     request = TrainingRequest.model_validate(job["input"])
     number = parse_version_name(request.version)
     assert number is not None and request.storage_url
     key = lora_key(request.style, number)
+    kohya = companion_key(request.style, number, "kohya")
     store = open_store(request.storage_url, breaker=False, check=False)
     header = {
         "lora_pipeline.steps": str(request.params.max_train_steps),
@@ -70,6 +71,7 @@ def write_lora_handler(job: dict[str, Any]) -> dict[str, Any]:
         "lora_pipeline.dataset_hash": request.dataset_hash,
         "lora_pipeline.job_id": job["id"],
     }
+    store.put(kohya, pair_bytes("kohya", header))
     store.put(key, lora_bytes(header))
     return TrainingResult(
         style=request.style,
@@ -79,6 +81,8 @@ def write_lora_handler(job: dict[str, Any]) -> dict[str, Any]:
         steps=request.params.max_train_steps,
         final_loss=0.125,
         duration_s=0.01,
+        kohya_key=kohya,
+        files={"kohya": kohya, "diffusers": key},
         metadata=header,
     ).model_dump(mode="json")
 
@@ -318,11 +322,14 @@ def test_webhook_completion_is_recorded_as_one_completed_version(flow: Flow):
     assets = materialized(run)
     assert set(assets) == {"trained_lora", "lora_registry"}
     assert assets["trained_lora"].partition == STYLE
-    assert assets["trained_lora"].metadata["url"].value == version.lora_url
+    kohya = companion_key(STYLE, 1, "kohya")
+    assert assets["trained_lora"].metadata["url"].value == flow.store.url(kohya)  # the primary layout's
+    assert assets["trained_lora"].metadata["kohya_file"].value == kohya
+    assert assets["trained_lora"].metadata["diffusers_url"].value == version.lora_url
     assert assets["trained_lora"].metadata["steps"].value == 30
     assert assets["lora_registry"].metadata["latest_version"].value == "V1"
     checks = run.get_asset_check_evaluations()
-    assert len(checks) == 4 and all(check.passed for check in checks), checks
+    assert len(checks) == 5 and all(check.passed for check in checks), checks
     assert flow.inbox() == [] and len(flow.processed()) == 1
     assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
     assert flow.daemon.tick("runpod_webhook_sensor").runs == []

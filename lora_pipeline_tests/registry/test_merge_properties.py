@@ -9,6 +9,7 @@ from lora_pipeline.registry.evidence import (
     JobReport,
     LegacyRecord,
     RejectedLora,
+    StoredCompanion,
     StoredLora,
     Submission,
 )
@@ -39,14 +40,25 @@ reports = st.builds(
     st.sampled_from([None, "CUDA out of memory", "boom"]), minutes, st.sampled_from(["poll", "webhook"]),
     st.sampled_from([None, {"lora_key": "loras/style_59/style_59_v1.safetensors", "steps": 30}, {"error": "x"}]),
 )
+LAYOUTS = [None, "diffusers", "kohya", "unknown"]
 stored = st.builds(
-    lambda n, spelling, url, etag, m: StoredLora(
-        STYLE, f"loras/{STYLE}/{STYLE}_{spelling}{n}.safetensors", n, url, 10, etag, {"k": etag}, at(m)),
+    lambda n, spelling, url, etag, m, layout: StoredLora(
+        STYLE, f"loras/{STYLE}/{STYLE}_{spelling}{n}.safetensors", n, url, 10, etag, {"k": etag}, at(m),
+        layout, None if layout is None else etag * 32),
     numbers, st.sampled_from(["v", "vV", "VV"]), st.sampled_from(URLS), st.sampled_from(["e1", "e2"]), minutes,
+    st.sampled_from(LAYOUTS),
+)
+# A version's file in its other layout: attached only once its version is completed.
+companions = st.builds(
+    lambda n, spelling, suffix, url, etag, m, layout: StoredCompanion(
+        STYLE, f"loras/{STYLE}/{STYLE}_{spelling}{n}_{suffix}.safetensors", n, url, 9, etag, layout, None, at(m)),
+    numbers, st.sampled_from(["v", "vV"]), st.sampled_from(["kohya", "diffusers"]), st.sampled_from(URLS),
+    st.sampled_from(["k1", "k2"]), minutes, st.sampled_from(["kohya", "diffusers", "unknown"]),
 )
 rejected = st.builds(
-    lambda n, etag, m: RejectedLora(STYLE, f"loras/{STYLE}/{STYLE}_v{n}.safetensors", etag, "bad", at(m)),
-    numbers, st.sampled_from(["e0", "e3"]), minutes,
+    lambda n, suffix, etag, m: RejectedLora(STYLE, f"loras/{STYLE}/{STYLE}_v{n}{suffix}.safetensors", etag, "bad",
+                                            at(m)),
+    numbers, st.sampled_from(["", "", "_kohya"]), st.sampled_from(["e0", "e3"]), minutes,
 )
 legacy = st.builds(
     lambda n, job, status, url, created, note: LegacyRecord(STYLE, {
@@ -58,7 +70,7 @@ legacy = st.builds(
 expiries = st.builds(lambda job, m, why: JobExpired(job, at(m), why), job_ids, minutes,
                      st.sampled_from(["expired", "no file"]))
 
-numbered = st.one_of(submissions, stored, legacy, rejected)
+numbered = st.one_of(submissions, stored, legacy, rejected, companions)
 job_only = st.one_of(reports, expiries)
 evidence_lists = st.lists(st.one_of(numbered, job_only), max_size=14)
 
@@ -127,3 +139,25 @@ def test_a_document_survives_its_json_round_trip(evidence):
 @given(evidence_lists)
 def test_no_presigned_url_ever_reaches_a_document(evidence):
     assert b"X-Amz-Signature" not in merge(RegistryDocument(STYLE), evidence).to_json()
+
+
+@settings(max_examples=200, deadline=None)
+@given(evidence_lists, st.sampled_from(["kohya", "diffusers"]))
+def test_every_file_is_accounted_for_once_and_a_version_has_one_file_per_layout(evidence, primary):
+    """Each file key is a version's main file, a completed version's file in another layout, a
+    superseded file or a rejected one (a main file later overwritten by a broken upload is
+    both its version's proof and rejected); a file in another layout is attached to one
+    version or kept as superseded, never both; the JSON round trip keeps all of it."""
+    doc = merge(RegistryDocument(STYLE), evidence)
+    attached = [c.key for v in doc.versions for c in v.companions]
+    superseded = [f.key for f in doc.superseded_files]
+    places = {v.file.key for v in doc.versions if v.file} | set(attached) | set(superseded)
+    places |= {r.key for r in doc.rejected_files}
+    assert places == {e.key for e in evidence if isinstance(e, (StoredLora, StoredCompanion, RejectedLora))}
+    assert len(attached) == len(set(attached)) and not set(attached) & set(superseded)
+    for v in doc.versions:
+        assert not v.companions or v.status.value == "completed"
+        layouts = [c.layout for c in v.companions] + ([v.file.layout] if v.file and v.file.layout else [])
+        assert len(layouts) == len(set(layouts))
+    again = merge(RegistryDocument.from_json(doc.to_json(primary), STYLE), [])
+    assert again.to_json(primary) == doc.to_json(primary)

@@ -25,7 +25,8 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_handler_trains_and_stores_the_lora_with_its_facts(store, sample_dataset: str) -> None:
-    job = {"id": "job-abc-e1", "input": request_dict(store, sample_dataset, params={"export_kohya": True,
+    # export_kohya is retired: an old orchestrator's false is accepted, and both files are written.
+    job = {"id": "job-abc-e1", "input": request_dict(store, sample_dataset, params={"export_kohya": False,
                                                                                   "num_sample_images": 1,
                                                                                   "sample_inference_steps": 2})}
     result = TrainingResult.model_validate(handler(job))
@@ -35,7 +36,12 @@ def test_handler_trains_and_stores_the_lora_with_its_facts(store, sample_dataset
     assert header.metadata["lora_pipeline.job_id"] == "job-abc-e1"
     assert header.metadata["lora_pipeline.dataset_hash"] == sample_dataset
     assert result.steps == 8 and result.final_loss is not None
-    assert result.kohya_key == "loras/geo/geo_v1_kohya.safetensors" and store.head(result.kohya_key)
+    assert result.kohya_key == "loras/geo/geo_v1_kohya.safetensors"
+    assert result.files == {"kohya": result.kohya_key, "diffusers": result.lora_key}
+    kohya = read_header(store, result.kohya_key)
+    assert (header.layout, kohya.layout) == ("diffusers", "kohya")
+    assert kohya.metadata["lora_pipeline.job_id"] == "job-abc-e1" and kohya.metadata["ss_steps"] == "8"
+    assert header.checksum and kohya.checksum and header.checksum != kohya.checksum
     assert result.sample_keys == ["loras/geo/geo_v1_sample_0.png"]
     assert store.get(result.sample_keys[0]).data.startswith(b"\x89PNG")
     assert list(store.list("checkpoints/")) == []  # cleared once the LoRA is stored
@@ -194,6 +200,61 @@ def test_a_second_job_of_the_same_request_returns_the_first_ones_file(
     result = handler({"id": "late", "input": request})
     header = read_header(store, "loras/geo/geo_v1.safetensors")
     assert "error" not in result and header.metadata["lora_pipeline.job_id"] == "twin"
+    # The late job's kohya file replaced the twin's on its way; it is derived again from the
+    # published diffusers file, so the pair holds one job's weights.
+    kohya = read_header(store, "loras/geo/geo_v1_kohya.safetensors")
+    assert kohya.metadata["lora_pipeline.job_id"] == "twin"
+    assert _kohya_tensors_of(store, "loras/geo/geo_v1.safetensors") == kohya.checksum
+
+
+def _kohya_tensors_of(store, key: str) -> str:
+    """The tensor checksum of the kohya file derived from the diffusers file at ``key``."""
+    import tempfile
+
+    from lora_pipeline.registry.safetensors_header import verify_local_file
+    from lora_pipeline.worker.artifact import write_kohya_file
+    from lora_pipeline.worker.family import unet_config
+    from lora_pipeline.worker.tiny_model import ensure_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store.download_file(key, Path(tmp) / "d.safetensors")
+        derived = write_kohya_file(Path(tmp) / "d.safetensors", Path(tmp) / "k.safetensors",
+                                   unet_config=unet_config(ensure_tiny_model()))
+        return verify_local_file(derived)[1]
+
+
+def test_the_kohya_file_goes_up_first_and_the_main_file_never_without_it(
+    store, sample_dataset: str, monkeypatch
+) -> None:
+    """The main (diffusers) file is the commit point: uploaded last, and only after its pair."""
+    from lora_pipeline.storage.base import StorageError
+    from lora_pipeline.worker import handler as handler_module
+
+    uploads: list[str] = []
+
+    class Recording:
+        def __init__(self, inner, fail_on: str | None = None):
+            self.inner, self.fail_on = inner, fail_on
+
+        def upload_file(self, key, path, **kwargs):
+            uploads.append(key)
+            if key == self.fail_on:
+                raise StorageError(f"S3 put {key} failed: SlowDown")
+            return self.inner.upload_file(key, path, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    request = request_dict(store, sample_dataset, params={"max_train_steps": 2})
+    monkeypatch.setattr(handler_module, "open_request_store",
+                        lambda r: Recording(store, fail_on="loras/geo/geo_v1_kohya.safetensors"))
+    assert "SlowDown" in handler({"id": "j-e1", "input": request})["error"]
+    assert uploads == ["loras/geo/geo_v1_kohya.safetensors"] and store.head("loras/geo/geo_v1.safetensors") is None
+
+    uploads.clear()
+    monkeypatch.setattr(handler_module, "open_request_store", lambda r: Recording(store))
+    assert "error" not in handler({"id": "j-e2", "input": request})
+    assert uploads == ["loras/geo/geo_v1_kohya.safetensors", "loras/geo/geo_v1.safetensors"]
 
 
 def test_an_unreadable_file_at_the_key_is_refused_not_replaced(store, sample_dataset: str, no_training) -> None:

@@ -1,13 +1,15 @@
 """``lora_registry``: the style's versioned registry document, checked."""
 
 import functools
+from dataclasses import replace
 
 import dagster as dg
 
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry import checks
-from lora_pipeline.registry.models import RegistryDocument, VersionStatus
+from lora_pipeline.registry.layouts import LAYOUTS, primary_layout
+from lora_pipeline.registry.models import LoraFile, RegistryDocument, VersionStatus
 from lora_pipeline.registry.safetensors_header import is_readable_lora
 from lora_pipeline.storage.keys import registry_key
 from lora_pipeline.storage.registry_io import RegistryStore
@@ -17,7 +19,10 @@ CHECKS = {
     "unique_job_ids": "No two versions share a RunPod job (suffixes aside).",
     "completed_versions_have_files": "Every completed version's LoRA file is in the store and its header parses.",
     "no_presigned_urls": "No stored URL is a presigned (expiring) URL.",
+    "completed_versions_have_both_layouts": "Every completed version has its kohya file (ComfyUI, A1111/Forge, "
+    "kohya) and its diffusers file; a warning: versions trained before both were published have one.",
 }
+WARN_ONLY = {"completed_versions_have_both_layouts"}
 
 
 @dg.asset(
@@ -43,22 +48,28 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
         "unique_job_ids": checks.duplicate_job_ids(stored_doc),
         "completed_versions_have_files": checks.completed_without_readable_file(stored_doc, readable),
         "no_presigned_urls": checks.stored_presigned_urls(raw),
+        "completed_versions_have_both_layouts": checks.completed_without_both_layouts(document),
     }
     completed = [v for v in document.versions if v.status == VersionStatus.completed]
     latest = max(completed, key=lambda v: v.number, default=None)
+    primary = primary_layout()
+    main = latest.download(primary) if latest else None
+    latest_url = main.url if main is not None else (latest.lora_url if latest else None)
     return dg.MaterializeResult(
         metadata={
             "registry_key": registry_key(style),
             "versions": len(document.versions),
             "completed": len(completed),
             "latest_version": latest.name if latest else "",
-            "latest_url": dg.MetadataValue.url(latest.lora_url) if latest and latest.lora_url else "",
+            "latest_url": dg.MetadataValue.url(latest_url) if latest_url else "",
+            "primary_format": primary,
             "versions_table": dg.MetadataValue.md(versions_markdown(document)),
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name=name,
                 passed=not found,
+                severity=dg.AssetCheckSeverity.WARN if name in WARN_ONLY else dg.AssetCheckSeverity.ERROR,
                 metadata={"problems": dg.MetadataValue.json(list(found))},
             )
             for name, found in problems.items()
@@ -67,9 +78,20 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
 
 
 def versions_markdown(document: RegistryDocument) -> str:
-    rows = ["| version | status | job id | file | url |", "|---|---|---|---|---|"]
+    """One row per version: its kohya file (ComfyUI, A1111/Forge, kohya tools), its diffusers
+    file, and any other file (a layout neither, or a file recorded before layouts were read)."""
+    rows = ["| version | status | job id | kohya file | diffusers file | other file |", "|---|---|---|---|---|---|"]
     for v in document.versions:
-        rows.append(
-            f"| {v.name} | {v.status.value} | {v.id or ''} | {v.s3_key or ''} | {v.lora_url or ''} |"
-        )
+        files = v.files()
+        others = [f for layout, f in files.items() if layout not in LAYOUTS]
+        if v.file is not None and not v.file.layout:
+            others.append(replace(v.file, url=v.lora_url))
+        cells = [_link(files.get(layout)) for layout in LAYOUTS] + [", ".join(_link(f) for f in others)]
+        rows.append(f"| {v.name} | {v.status.value} | {v.id or ''} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _link(f: LoraFile | None) -> str:
+    if f is None:
+        return ""
+    return f"[{f.key}]({f.url})" if f.url else f.key

@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.registry.layouts import primary_layout
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.runpod.backend import JobStatus
 from lora_pipeline.training import (
@@ -42,6 +43,8 @@ class TrainedLoraConfig(TrainingConfig):
     deps=["training_dataset"],
     group_name="lora",
     kinds={"pytorch", "runpod"},
+    # Materialized by hand it submits a GPU job and holds it: the same pool as train_lora's op.
+    pool="runpod_gpu",
 )
 def trained_lora(
     context: dg.AssetExecutionContext,
@@ -91,16 +94,25 @@ def completion_result(completion: Completion, status: JobStatus | None) -> dg.Ma
             metadata={"job_id": version.id if version else None},
         )
     meta = completion.lora_metadata
+    primary = primary_layout()
+    main = version.download(primary)
+    url = main.url if main is not None else version.lora_url
     metadata: dict = {
         "style": completion.style,
         "version": version.name,
         "job_id": version.id or (status.id if status is not None else ""),
         "lora_key": completion.lora_key or version.s3_key or "",
-        "url": dg.MetadataValue.url(version.lora_url) if version.lora_url else "",
+        "url": dg.MetadataValue.url(url) if url else "",
+        "primary_format": primary,
         "dataset_hash": version.dataset_hash or meta.get("lora_pipeline.dataset_hash", ""),
         "steps": int(meta["lora_pipeline.steps"]) if "lora_pipeline.steps" in meta else None,
         "final_loss": float(meta["lora_pipeline.final_loss"]) if "lora_pipeline.final_loss" in meta else None,
     }
+    for layout, f in version.files().items():  # kohya_file, kohya_url, …, diffusers_file, …
+        metadata[f"{layout}_file"] = f.key
+        metadata[f"{layout}_url"] = dg.MetadataValue.url(f.url) if f.url else ""
+        metadata[f"{layout}_size"] = f.size
+        metadata[f"{layout}_sha256"] = f.checksum or ""
     if status is not None:
         metadata["queue_delay_s"] = (status.delayTime or 0) / 1000
         metadata["execution_time_s"] = (status.executionTime or 0) / 1000

@@ -1,0 +1,169 @@
+"""ComfyUI's rules for which LoRA keys it loads into an SD 1.x / SDXL model, as a test oracle.
+
+Written from reading ComfyUI's ``comfy/lora.py`` (``model_lora_keys_unet``,
+``model_lora_keys_clip``, ``load_lora``) and ``comfy/utils.py`` (``unet_to_diffusers``),
+independently of the pipeline's own kohya naming (worker/kohya.py), so the two can
+disagree. ComfyUI's model is Stability's (SGM) UNet; its key map holds, for every
+weight of that UNet, ``lora_unet_<SGM path>`` and ``lora_unet_<diffusers path>``
+(with '.' → '_'), and for every CLIP encoder layer the kohya text-encoder names
+(``lora_te_``/``lora_te1_`` for CLIP-L and CLIP-H, ``lora_te2_`` for CLIP-G beside CLIP-L).
+A LoRA module loads when ``<name>.lora_up.weight`` and ``<name>.lora_down.weight`` are
+present; ``<name>.alpha`` is read beside them; any other key is "not loaded".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# The resnet and transformer-block weights ComfyUI maps (utils.UNET_MAP_RESNET, TRANSFORMER_BLOCKS,
+# UNET_MAP_ATTENTIONS), diffusers name → SGM name.
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+ATTENTION = ["proj_in", "proj_out", "norm"]
+TRANSFORMER_BLOCK = ["norm1", "norm2", "norm3", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"]
+BASIC = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+         "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+         "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+CLIP_LAYERS = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+               "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+               "self_attn.out_proj": "self_attn_out_proj"}
+
+
+@dataclass(frozen=True)
+class ComfyUnetConfig:
+    """The fields of ComfyUI's ``unet_config`` its diffusers map reads."""
+
+    num_res_blocks: Sequence[int]
+    transformer_depth: Sequence[int]  # per input-block layer, highest resolution first
+    transformer_depth_output: Sequence[int]  # per output-block layer, listed highest resolution first
+    transformer_depth_middle: int
+
+
+# ComfyUI's values for the two models (what its model detection finds in their checkpoints).
+SD15 = ComfyUnetConfig([2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], 1)
+SDXL = ComfyUnetConfig([2, 2, 2], [0, 0, 2, 2, 10, 10], [0, 0, 0, 2, 2, 2, 10, 10, 10], 10)
+
+
+def comfy_config_of(diffusers_config: Mapping[str, Any]) -> ComfyUnetConfig:
+    """ComfyUI's view of a diffusers UNet config (for the tiny test models)."""
+    downs = list(diffusers_config["down_block_types"])
+    per = diffusers_config.get("layers_per_block", 2)
+    depth = diffusers_config.get("transformer_layers_per_block", 1)
+    depths = [depth] * len(downs) if isinstance(depth, int) else list(depth)
+    res = [per] * len(downs)
+    attn = [d if "CrossAttn" in t else 0 for d, t in zip(depths, downs, strict=True)]
+    return ComfyUnetConfig(
+        res,
+        [a for a, n in zip(attn, res, strict=True) for _ in range(n)],
+        [a for a, n in zip(attn, res, strict=True) for _ in range(n + 1)],
+        depths[-1],
+    )
+
+
+def unet_to_sgm(config: ComfyUnetConfig) -> dict[str, str]:
+    """diffusers weight key → SGM weight key for every weight ComfyUI maps."""
+    out: dict[str, str] = {}
+
+    def resnet(prefix: str, target: str) -> None:
+        for d, s in RESNET.items():
+            for w in ("weight", "bias"):
+                out[f"{prefix}.{d}.{w}"] = f"{target}.{s}.{w}"
+
+    def attention(prefix: str, target: str, depth: int) -> None:
+        for name in ATTENTION:
+            for w in ("weight", "bias"):
+                out[f"{prefix}.{name}.{w}"] = f"{target}.{name}.{w}"
+        for t in range(depth):
+            for name in TRANSFORMER_BLOCK:
+                for w in ("weight", "bias"):
+                    out[f"{prefix}.transformer_blocks.{t}.{name}.{w}"] = f"{target}.transformer_blocks.{t}.{name}.{w}"
+
+    depths = list(config.transformer_depth)
+    blocks = len(config.num_res_blocks)
+    for x in range(blocks):
+        n = 1 + (config.num_res_blocks[x] + 1) * x
+        for i in range(config.num_res_blocks[x]):
+            resnet(f"down_blocks.{x}.resnets.{i}", f"input_blocks.{n}.0")
+            depth = depths.pop(0)
+            if depth > 0:
+                attention(f"down_blocks.{x}.attentions.{i}", f"input_blocks.{n}.1", depth)
+            n += 1
+        for w in ("weight", "bias"):
+            out[f"down_blocks.{x}.downsamplers.0.conv.{w}"] = f"input_blocks.{n}.0.op.{w}"
+    attention("mid_block.attentions.0", "middle_block.1", config.transformer_depth_middle)
+    for i, n in enumerate([0, 2]):
+        resnet(f"mid_block.resnets.{i}", f"middle_block.{n}")
+    outputs = list(config.transformer_depth_output)
+    reversed_res = list(reversed(config.num_res_blocks))
+    for x in range(blocks):
+        n = (reversed_res[x] + 1) * x
+        layers = reversed_res[x] + 1
+        for i in range(layers):
+            resnet(f"up_blocks.{x}.resnets.{i}", f"output_blocks.{n}.0")
+            position = 1
+            depth = outputs.pop()
+            if depth > 0:
+                position += 1
+                attention(f"up_blocks.{x}.attentions.{i}", f"output_blocks.{n}.1", depth)
+            if i == layers - 1:
+                for w in ("weight", "bias"):
+                    out[f"up_blocks.{x}.upsamplers.0.conv.{w}"] = f"output_blocks.{n}.{position}.conv.{w}"
+            n += 1
+    for d, s in BASIC.items():
+        for w in ("weight", "bias"):
+            out[f"{d}.{w}"] = f"{s}.{w}"
+    return out
+
+
+def lora_key_map(config: ComfyUnetConfig, clip: Mapping[str, int]) -> dict[str, str]:
+    """LoRA module name → the model weight ComfyUI patches with it.
+
+    ``clip``: the model's text encoders and their layer counts, e.g. ``{"clip_l": 12}`` for
+    SD 1.x, ``{"clip_l": 12, "clip_g": 32}`` for SDXL, ``{"clip_h": 23}`` for SD 2.x.
+    UNet targets are ``diffusion_model.<SGM key>``; CLIP ones ``<clip>.transformer.text_model…``.
+    """
+    key_map: dict[str, str] = {}
+    sgm = unet_to_sgm(config)
+    for s in sgm.values():
+        if s.endswith(".weight"):
+            key_map["lora_unet_" + s[: -len(".weight")].replace(".", "_")] = "diffusion_model." + s
+    for d, s in sgm.items():
+        if d.endswith(".weight"):
+            key_map["lora_unet_" + d[: -len(".weight")].replace(".", "_")] = "diffusion_model." + s
+    for b in range(max(clip.values(), default=0)):
+        for layer, kohya in CLIP_LAYERS.items():
+            for name, layers in clip.items():
+                if b >= layers:
+                    continue
+                target = f"{name}.transformer.text_model.encoder.layers.{b}.{layer}.weight"
+                if name in ("clip_l", "clip_h"):
+                    key_map[f"lora_te_text_model_encoder_layers_{b}_{kohya}"] = target
+                    key_map[f"lora_te1_text_model_encoder_layers_{b}_{kohya}"] = target
+                elif name == "clip_g" and "clip_l" in clip:
+                    key_map[f"lora_te2_text_model_encoder_layers_{b}_{kohya}"] = target
+    return key_map
+
+
+@dataclass(frozen=True)
+class Patch:
+    target: str  # the model weight
+    up: Any
+    down: Any
+    alpha: float | None
+
+
+def load_lora(lora: Mapping[str, Any], key_map: Mapping[str, str]) -> tuple[dict[str, Patch], list[str]]:
+    """(weight → patch, keys not loaded), as ComfyUI's ``load_lora`` decides for kohya LoRAs."""
+    patches: dict[str, Patch] = {}
+    loaded: set[str] = set()
+    for name, target in key_map.items():
+        up, down, alpha = f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"
+        if up not in lora:
+            continue
+        value = float(lora[alpha].item()) if alpha in lora else None
+        loaded.update(k for k in (up, down, alpha) if k in lora)
+        patches[target] = Patch(target, lora[up], lora[down], value)
+    return patches, sorted(k for k in lora if k not in loaded)

@@ -1,0 +1,397 @@
+"""The GPU benchmark's harness, tested on the CPU: CI has no GPU, so everything the GPU run
+does that does not need one is checked here (benchmarks/gpu/, README "GPU training benchmark").
+
+The dry run trains ours on tiny SD1.5- and SDXL-shaped models through the same script and
+children the GPU run uses. The reference scripts are not in the repository (nor in
+diffusers' sdist), so the reference's runner is tested on a stand-in script here; with
+``.gpu_bundle/`` present, ``make gpu-dry-run`` runs the real ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_DIR = REPO / "benchmarks" / "gpu"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, GPU_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_gpu")
+bundle = sys.modules["bundle"]
+
+CI_SUBSET = ["sd15/ours", "sd15/ours+all", "sd15/reference", "sdxl/ours+all", "sdxl/ours+compile"]
+
+
+@pytest.mark.slow
+def test_dry_run_trains_both_models_through_the_gpu_runs_code_and_writes_the_report(tmp_path: Path) -> None:
+    # A subset of the plan that takes each path once (defaults, every eager lever, SDXL,
+    # regional compile with static shapes, a skipped reference); `make gpu-dry-run` runs it all.
+    command = [sys.executable, str(GPU_DIR / "bench_gpu.py"), "--dry-run", "--out", str(tmp_path / "out"),
+               "--work-dir", str(tmp_path / "work"), "--reference-dir", str(tmp_path / "no-bundle")]
+    for run_id in CI_SUBSET:
+        command += ["--only", run_id]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    report = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
+    rows = {row["id"]: row for row in report["runs"]}
+    assert sorted(rows) == sorted(CI_SUBSET)
+    for run_id in CI_SUBSET:
+        if "reference" in run_id:
+            assert rows[run_id]["status"] == "skipped" and "make gpu-bundle" in rows[run_id]["error"]
+        else:
+            assert rows[run_id]["status"] == "ok", rows[run_id]
+            assert rows[run_id]["steps_per_s"] > 0 and rows[run_id]["peak_mem_mb"] > 0
+    assert rows["sd15/ours+all"]["levers"]["fuse_qkv"] is True
+    assert rows["sd15/ours+all"]["levers"]["log_every"] == 2 and rows["sd15/ours"]["levers"]["log_every"] == 1
+    compiled = rows["sdxl/ours+compile"]["levers"]
+    assert (compiled["compile"], compiled["compile_backend"], compiled["static_shapes"]) == ("regional", "eager", True)
+    assert report["import_check"]["missing_on_device"] == []
+    assert {"diffusers", "peft", "torch", "transformers", "pydantic"} <= set(report["import_check"]["imported"])
+    gains = {(g["lever"], g["config"]): g for g in report["levers"]}
+    assert gains[("fuse_qkv", "sd15")]["gain"] > 0 and gains[("compile (regional)", "sdxl")]["gain"] > 0
+    markdown = (tmp_path / "out" / "gpu_bench.md").read_text()
+    assert "| sdxl/ours+compile |" in markdown and "**Reference skipped**" in markdown
+
+
+STAND_IN = '''
+import argparse
+import time
+from tqdm.auto import tqdm
+
+parser = argparse.ArgumentParser()
+for flag in {flags!r}:
+    parser.add_argument(flag, nargs="?", const=True)
+args = parser.parse_args()
+for _ in tqdm(range(3), desc="Loading"):  # another bar: not timed
+    time.sleep(0.01)
+bar = tqdm(range(int(args.max_train_steps)), desc="Steps")
+for step in range({updates}):
+    time.sleep(0.02)
+    bar.update(1)
+open({marker!r}, "w").write("the script ran past its steps")
+'''
+
+
+def _stand_in(folder: Path, config, updates: int) -> Path:
+    argv = bench.reference_argv(config, Path("s"), Path("m"), Path("d"), Path("o"), "no")
+    flags = sorted({item.split("=", 1)[0] for item in argv[1:]})
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "ran-past.txt"
+    (folder / config.reference_script).write_text(STAND_IN.format(flags=flags, updates=updates, marker=str(marker)))
+    return marker
+
+
+@pytest.fixture
+def isolated_reference(monkeypatch: pytest.MonkeyPatch):
+    """The reference child runs in this process here: keep its path and tracker changes to the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(bench.cpu_bench, "_no_tracker", lambda: None)
+
+
+def _reference_args(tmp_path: Path, config: str = "sd15") -> Namespace:
+    return Namespace(dry_run=True, config=config, reference_deps=None, reference_dir=str(tmp_path / "ref"),
+                     model="m", data="d", mixed_precision="no", run_id=f"{config}/reference")
+
+
+def test_reference_runner_times_the_steps_bar_and_stops_the_script_after_the_last_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture, isolated_reference
+) -> None:
+    import tqdm.auto
+
+    config = bench.DRY.configs["sd15"]
+    marker = _stand_in(tmp_path / "ref", config, updates=2 * config.steps)
+    original_update, argv = tqdm.auto.tqdm.update, list(sys.argv)
+    bench.child_reference(_reference_args(tmp_path))
+
+    rows = [json.loads(line[len(bench.MARKER):]) for line in capsys.readouterr().out.splitlines()
+            if line.startswith(bench.MARKER)]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["status"] == "ok" and row["id"] == "sd15/reference"
+    assert (row["steps"], row["warmup"]) == (config.steps, config.warmup)
+    # 4 timed steps of 20 ms each, not the loading bar's
+    assert 1 < row["steps_per_s"] < 50
+    assert "--train_data_dir=d" in row["argv"] and f"--max_train_steps={config.steps}" in row["argv"]
+    assert not marker.exists()  # stopped once its steps were timed
+    assert tqdm.auto.tqdm.update is original_update and sys.argv == argv
+
+
+def test_reference_that_ends_early_is_an_error(tmp_path: Path, isolated_reference) -> None:
+    config = bench.DRY.configs["sdxl"]
+    _stand_in(tmp_path / "ref", config, updates=config.steps - 1)
+    with pytest.raises(RuntimeError, match=f"ended after {config.steps - 1} of {config.steps}"):
+        bench.child_reference(_reference_args(tmp_path, "sdxl"))
+
+
+def test_reference_compiles_through_accelerates_own_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.utils import TorchDynamoPlugin
+
+    for name in list(os.environ):
+        if name.startswith("ACCELERATE_DYNAMO_"):
+            monkeypatch.delenv(name)
+    for key, value in bench.reference_env("full", "max-autotune-no-cudagraphs", "inductor").items():
+        monkeypatch.setenv(key, value)
+    plugin = TorchDynamoPlugin()
+    assert (plugin.backend.value, plugin.mode, plugin.use_regional_compilation) == (
+        "INDUCTOR", "max-autotune-no-cudagraphs", False)
+    assert bench.reference_env("off", None, "inductor") == {"ACCELERATE_DYNAMO_BACKEND": "no"}
+    assert "ACCELERATE_DYNAMO_MODE" not in bench.reference_env("full", "max-autotune", "eager")
+
+
+def test_reference_flags_are_checked_against_the_scripts_own_parser(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent('''
+        import argparse
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--rank", type=int)
+        parser.add_argument("--center_crop", action="store_true")
+    '''))
+    assert bundle.unknown_flags(script, ["--rank=4", "--center_crop"]) == []
+    assert bundle.unknown_flags(script, ["--rank=4", "--centre_crop", "--seed=0"]) == ["--centre_crop", "--seed"]
+
+
+@pytest.mark.skipif(not (bundle.BUNDLE / "reference").is_dir(), reason="no .gpu_bundle/ (make gpu-bundle)")
+def test_reference_argv_uses_only_flags_the_real_scripts_define() -> None:
+    for scale in (bench.GPU, bench.DRY):
+        for config in scale.configs.values():
+            script = bundle.BUNDLE / "reference" / config.reference_script
+            argv = bench.reference_argv(config, script, Path("m"), Path("d"), Path("o"), "bf16")
+            assert bundle.unknown_flags(script, argv[1:]) == []
+
+
+def test_plan_puts_the_comparisons_first_and_isolates_every_lever() -> None:
+    runs = bench.plan(bench.GPU)
+    bench.check_plan(runs, bench.GPU)
+    bench.check_plan(bench.plan(bench.DRY), bench.DRY)
+    assert [r.id for r in runs[:6]] == ["sd15/ours", "sd15/ours+all", "sd15/reference", "sdxl/ours",
+                                        "sdxl/ours+all", "sdxl/reference"]
+    levers = {r.lever for r in runs if r.lever}
+    assert {"log_every", "device_cache", "static_shapes", "compile (regional)", "fuse_qkv", "tf32 off",
+            "max_batch", "compile max-autotune-no-cudagraphs", "compile full vs regional"} <= levers
+    assert {(r.config, r.compile != "off") for r in runs if r.side == "reference"} == {
+        ("sd15", False), ("sd15", True), ("sdxl", False), ("sdxl", True)}
+
+
+def test_a_typo_in_the_plan_fails_before_anything_runs() -> None:
+    bad = bench.plan(bench.GPU) + [bench.Run("sd15/typo", "sd15", "ours", {"fuse_qvk": True})]
+    with pytest.raises(SystemExit, match="sd15/typo"):
+        bench.check_plan(bad, bench.GPU)
+    bad = bench.plan(bench.GPU) + [bench.Run("sd15/mode", "sd15", "ours",
+                                             {"compile": "full", "compile_mode": "max-autotune-no-cudagrahps"})]
+    with pytest.raises(SystemExit, match="compile_mode"):
+        bench.check_plan(bad, bench.GPU)
+
+
+def test_a_spent_budget_skips_runs_and_still_writes_the_report(tmp_path: Path) -> None:
+    code = bench.main(["--dry-run", "--budget-s", "0", "--out", str(tmp_path), "--work-dir", str(tmp_path / "w"),
+                       "--reference-dir", str(tmp_path / "none")])
+    assert code == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert {row["status"] for row in report["runs"]} == {"skipped"}
+    assert any(row["error"] == "time budget spent" for row in report["runs"])
+    assert (tmp_path / "gpu_bench.md").read_text().startswith("# GPU training benchmark")
+
+
+def test_a_child_past_its_time_is_killed_and_its_finished_results_kept(tmp_path: Path) -> None:
+    child = ("import sys, time; print('BENCH_RESULT {\"id\": \"a\", \"status\": \"ok\"}', flush=True); "
+             "print('starting b', file=sys.stderr, flush=True); time.sleep(60)")
+    started = time.monotonic()
+    rows, status = bench.run_child([sys.executable, "-c", child], 1.5, tmp_path / "log", dict(os.environ))
+    assert time.monotonic() - started < 20
+    assert status == "timeout" and rows == [{"id": "a", "status": "ok"}]
+    assert "starting b" in (tmp_path / "log").read_text()
+
+
+def _row(run_id: str, side: str, rate: float, mem: float, batch: int = 4, **extra):
+    return {"id": run_id, "config": run_id.split("/")[0], "side": side, "status": "ok", "steps_per_s": rate,
+            "images_per_s": rate * batch, "peak_mem_mb": mem, "batch_size": batch, **extra}
+
+
+def test_comparisons_hold_ours_best_against_the_reference_and_the_goals() -> None:
+    rows = {r["id"]: r for r in [
+        _row("sd15/ours", "ours", 9.0, 9000), _row("sd15/ours+compile", "ours", 12.0, 8000, mfu=0.16),
+        _row("sd15/ours+max_batch", "ours", 3.0, 60000, batch=32),
+        _row("sd15/reference", "reference", 5.0, 10000), _row("sd15/reference+compile", "reference", 6.0, 9500),
+        _row("sdxl/ours", "ours", 2.0, 30000, batch=2, mfu=0.2), _row("sdxl/reference", "reference", 1.2, 25000,
+                                                                       batch=2),
+    ]}
+    sd15, sdxl = bench.comparisons(rows, bench.GPU)
+    assert sd15["ours_best"] == "sd15/ours+compile"  # the larger-batch run is compared on its own
+    assert sd15["speedup"] == pytest.approx(2.4) and sd15["speedup_defaults"] == pytest.approx(1.8)
+    assert sd15["speedup_vs_best_reference"] == pytest.approx(2.0) and sd15["memory_ratio"] == pytest.approx(0.8)
+    assert sd15["meets_speed"] and sd15["meets_memory"] and sd15["meets_mfu"]
+    assert not sdxl["meets_speed"] and not sdxl["meets_memory"] and not sdxl["meets_mfu"]
+
+
+def test_lever_gain_is_with_over_without_whichever_run_has_it() -> None:
+    runs = {r.id: r for r in [
+        bench.Run("sd15/ours+all", "sd15", "ours"),
+        bench.Run("sd15/ours+all-device_cache", "sd15", "ours", lever="device_cache", baseline="sd15/ours+all",
+                  lever_on=False),
+        bench.Run("sd15/ours+max_batch", "sd15", "ours", lever="max_batch", baseline="sd15/ours+all",
+                  metric="images_per_s"),
+        bench.Run("sd15/ours+lost", "sd15", "ours", lever="tf32 on", baseline="sd15/ours+all"),
+    ]}
+    rows = {r["id"]: r for r in [_row("sd15/ours+all", "ours", 10.0, 8000), _row(
+        "sd15/ours+all-device_cache", "ours", 8.0, 8000), _row("sd15/ours+max_batch", "ours", 3.0, 40000, batch=32)]}
+    gains = {g["lever"]: g for g in bench.lever_gains(rows, runs)}
+    assert gains["device_cache"]["gain"] == pytest.approx(1.25)
+    assert gains["max_batch"]["gain"] == pytest.approx(96 / 40) and gains["max_batch"]["memory_ratio"] == 5
+    assert "gain" not in gains["tf32 on"]  # its run has no result: no number invented
+
+
+def test_import_check_names_what_the_gpu_machine_lacks() -> None:
+    rows = [{"imports": {"distributions": ["torch", "diffusers", "pydantic", "boto3", "s3fs"], "orphans": []}}]
+    assert bench.import_check(rows)["missing_on_device"] == ["s3fs"]
+
+
+def test_environment_check_reports_unmet_requirements(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bundle, "WHEELS", {"diffusers": ("0.42.1", ""), "not-a-real-package": ("1.0", "")})
+    assert bench.environment_check() == ["not-a-real-package: not installed"]
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def _diffusers_tree(root: Path, min_version: str = "0.40.0") -> Path:
+    for name, relative in bundle.REFERENCE_SCRIPTS.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'check_min_version("{min_version}")\n# {name}\n')
+    return root
+
+
+def test_reference_scripts_come_from_a_source_tree_or_a_local_git_mirror(tmp_path: Path) -> None:
+    tree = _diffusers_tree(tmp_path / "diffusers")
+    files = bundle.read_reference_sources(tree, None)
+    assert set(files) == set(bundle.REFERENCE_SCRIPTS)
+
+    git = ["git", "-C", str(tree), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "v"], check=True)
+    subprocess.run(git + ["tag", "v0.40.0"], check=True)
+    mirror = tmp_path / "mirror.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(tree), str(mirror)], check=True)
+    assert bundle.read_reference_sources(mirror, "v0.40.0") == files
+    with pytest.raises(SystemExit, match="no examples/text_to_image"):
+        bundle.read_reference_sources(mirror, "v9.9.9")
+    with pytest.raises(SystemExit, match="neither a diffusers source tree"):
+        bundle.read_reference_sources(tmp_path / "empty", None)
+
+
+def test_scripts_newer_than_the_carried_diffusers_are_refused(tmp_path: Path) -> None:
+    files = bundle.read_reference_sources(_diffusers_tree(tmp_path, min_version="0.43.0.dev0"), None)
+    with pytest.raises(SystemExit, match="needs diffusers >= 0.43.0.dev0"):
+        bundle.check_reference_scripts(files, "0.42.1")
+    bundle.check_reference_scripts(files, "0.43.0")
+
+
+def test_bundle_writes_scripts_manifest_and_the_command_to_run(tmp_path: Path) -> None:
+    target = tmp_path / ".gpu_bundle"
+    (target / "wheels").mkdir(parents=True)
+    _wheel(target / "wheels", "diffusers", ["torch>=2", "safetensors>=0.8"])
+    manifest = bundle.build(target, _diffusers_tree(tmp_path / "src"), None, wheels=False)
+    assert sorted(p.name for p in (target / "reference").iterdir()) == sorted(bundle.REFERENCE_SCRIPTS)
+    assert manifest["wheels"] == ["diffusers-1.0-py3-none-any.whl"]
+    assert json.loads((target / "manifest.json").read_text())["command"] == "bash benchmarks/gpu/run_on_gpu.sh"
+    text = bundle.instructions(target)
+    assert "bash benchmarks/gpu/run_on_gpu.sh" in text and 'carry=["' in text
+
+
+def test_wheels_are_fetched_for_the_gpu_machines_python_one_version_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "wheels"
+    dest.mkdir()
+    (dest / "diffusers-0.41.0-py3-none-any.whl").write_bytes(b"old")  # another version: must go
+    (dest / "dill-0.4.1-py3-none-any.whl").write_bytes(b"kept")
+    commands = []
+
+    def fake_pip(command, check):
+        commands.append(command)
+        for pin in [item for item in command if "==" in item]:
+            name, version = pin.split("==")
+            (dest / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"new")
+
+    monkeypatch.setattr(bundle.subprocess, "run", fake_pip)
+    wheels = bundle.download_wheels(dest)
+    (command,) = commands
+    assert {"--no-deps", "--only-binary=:all:"} <= set(command)
+    assert command[command.index("--python-version") + 1] == "3.12" and "manylinux_2_17_x86_64" in command
+    assert "dill==0.4.1" not in command  # already there
+    assert len(wheels) == len(bundle.WHEELS)
+    assert not (dest / "diffusers-0.41.0-py3-none-any.whl").exists()
+
+
+def test_bundle_without_a_snapshot_says_where_the_scripts_come_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DIFFUSERS_SRC", raising=False)
+    with pytest.raises(SystemExit, match="sdist on PyPI has no examples"):
+        bundle.main([])
+
+
+def test_the_gpu_command_installs_the_carried_wheels_and_runs_the_benchmark(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    fake_python = tmp_path / "python3"
+    fake_python.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake_python.chmod(0o755)
+    target = tmp_path / "bundle"
+    (target / "wheels").mkdir(parents=True)
+    (target / "wheels" / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"w")
+    env = dict(os.environ, PYTHON=str(fake_python), GPU_BUNDLE=str(target), OUT=str(tmp_path / "out"),
+               GPU_SITE=str(tmp_path / "site"))
+    script = str(GPU_DIR / "run_on_gpu.sh")
+
+    missing = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "make gpu-bundle" in missing.stderr
+
+    (target / "manifest.json").write_text("{}")
+    done = subprocess.run(["bash", script, "--only", "sd15/ours"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    install, run = calls.read_text().splitlines()
+    assert install.startswith("-m pip install") and "--no-index --no-deps" in install
+    assert f"--target {tmp_path / 'site'} {target}/wheels/diffusers-0.42.1-py3-none-any.whl" in install
+    assert run == (f"benchmarks/gpu/bench_gpu.py --out {tmp_path / 'out'} --reference-dir {target}/reference "
+                   "--only sd15/ours")
+
+
+def test_bundle_refuses_scripts_that_do_not_take_the_benchmarks_flags(tmp_path: Path) -> None:
+    tree = _diffusers_tree(tmp_path / "src")  # scripts that define no options at all
+    with pytest.raises(SystemExit, match="does not define"):
+        bundle.main(["--diffusers-src", str(tree), "--bundle", str(tmp_path / "bundle"), "--no-wheels"])
+
+
+def _wheel(folder: Path, name: str, requires: list[str]) -> Path:
+    import zipfile
+
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{name}-1.0.dist-info/METADATA",
+                         "Name: {}\n".format(name) + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    return path
+
+
+def test_bundle_names_what_a_carried_wheel_needs_that_the_gpu_machine_lacks(tmp_path: Path) -> None:
+    wheels = [
+        _wheel(tmp_path, "fine", ["torch>=2", "pydantic", 'pywin32; sys_platform == "win32"', 'pytest; extra == "t"']),
+        _wheel(tmp_path, "needy", ["lazy-thing>=0.1", 'old-backport; python_version < "3.10"']),
+    ]
+    assert bundle.unmet_requirements(wheels) == ["needy-1.0-py3-none-any.whl needs lazy-thing>=0.1"]
