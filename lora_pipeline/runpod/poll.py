@@ -91,7 +91,11 @@ def poll_jobs(
             return None
         if stop.is_set():
             return None  # the API is down or time is up: leave it for the next tick
-        return backend.status(job_id)
+        try:
+            return backend.status(job_id)
+        except RunPodUnavailable:
+            stop.set()  # here, in the worker: no further lookup starts, however busy the caller is
+            raise
 
     pool = ThreadPoolExecutor(max_workers=min(max_workers, len(ids)), thread_name_prefix="poll")
     try:
