@@ -167,6 +167,15 @@ def fault_proxy(moto_server: str):
 
 
 @pytest.fixture
+def proxy(moto_server: str):
+    """A FaultProxy whose stalls outlast every timeout in the tests (stalled-endpoint tests)."""
+    from lora_pipeline_tests.storage.fault_proxy import FaultProxy
+
+    with FaultProxy(moto_server, stall_seconds=600) as running:
+        yield running
+
+
+@pytest.fixture
 def faulty_s3_store(fault_proxy, s3_bucket: str, boto_session) -> S3Store:
     """An S3Store on ``s3_bucket`` whose requests go through ``fault_proxy``.
 

@@ -47,12 +47,6 @@ def _fresh_process(monkeypatch):
 
 
 @pytest.fixture
-def proxy(moto_server):
-    with FaultProxy(moto_server, stall_seconds=600) as running:
-        yield running
-
-
-@pytest.fixture
 def instance():
     with dg.instance_for_test() as instance:
         yield instance

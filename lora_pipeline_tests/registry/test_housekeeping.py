@@ -424,7 +424,9 @@ def test_lock_pruning_racing_conditional_writers_never_lets_two_writes_win(local
 # -- the job and the command line ------------------------------------------------------
 
 
-def test_the_reconcile_job_prunes_and_reports_counts_in_its_metadata(tmp_path, monkeypatch):
+@pytest.fixture
+def failed_job_store(tmp_path, monkeypatch) -> LocalStore:
+    """The configured store: a failed job, its webhook applied, its files past the retention."""
     monkeypatch.setenv("LORA_STORAGE_URL", str(tmp_path / "store"))
     store = LocalStore(tmp_path / "store")
     RegistryStore(store).apply(STYLE, [Submission(STYLE, 1, "req-1", FAILED, "ab", {}, now())])
@@ -432,6 +434,11 @@ def test_the_reconcile_job_prunes_and_reports_counts_in_its_metadata(tmp_path, m
     reconcile(store)
     for path in (tmp_path / "store" / "webhooks").rglob("*.json"):
         age(path)
+    return store
+
+
+def test_the_reconcile_job_prunes_and_reports_counts_in_its_metadata(failed_job_store):
+    store = failed_job_store
     config = {"webhook_retention_days": 10, "poll_status": False}
 
     with dg.instance_for_test() as instance:
@@ -456,14 +463,8 @@ def output_metadata(result: dg.ExecuteInProcessResult) -> dict:
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORA_STORAGE_URL", str(tmp_path / "store"))
-    store = LocalStore(tmp_path / "store")
-    RegistryStore(store).apply(STYLE, [Submission(STYLE, 1, "req-1", FAILED, "ab", {}, now())])
-    deliver(store, FAILED)
-    reconcile(store)
-    for path in (tmp_path / "store" / "webhooks").rglob("*.json"):
-        age(path)
+def cli(failed_job_store):
+    store = failed_job_store
     runner = CliRunner()
     return store, lambda *args: runner.invoke(main, ["registry", "reconcile", *args], catch_exceptions=False)
 

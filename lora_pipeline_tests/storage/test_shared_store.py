@@ -27,13 +27,6 @@ def _fresh_process_state():
     reset_shared_stores()
 
 
-@pytest.fixture
-def proxy(moto_server):
-    """A fault proxy whose stalls outlast every timeout in these tests."""
-    with FaultProxy(moto_server, stall_seconds=600) as running:
-        yield running
-
-
 def head_buckets(proxy: FaultProxy, bucket: str) -> int:
     return sum(1 for r in proxy.requests if r.method == "HEAD" and r.path.rstrip("/") == f"/{bucket}")
 
