@@ -10,10 +10,12 @@ DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install dev test soak demo clean gpu-bundle gpu-dry-run prod-local prod-stop
+.PHONY: help install dev test soak demo clean gpu-bundle gpu-dry-run prod-local prod-stop deploy-test
 
-install: $(VENV)/.installed
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 16
 
+install: $(VENV)/.installed  ## set up .venv with every extra (train, dev, deploy); torch pinned to a CPU-sized build
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -21,19 +23,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[train,dev,deploy]" "$(TORCH)"
 	touch $@
 
-dev: install
+dev: install  ## set up and start the Dagster UI on the embedded defaults (local store, local backend, sample)
 	mkdir -p "$(DAGSTER_HOME)"
 	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
 	DAGSTER_HOME="$(DAGSTER_HOME)" $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
 
-test: install
+test: install  ## set up and run the checks and the whole test suite (what CI runs)
 	$(VENV)/bin/ruff check lora_pipeline lora_pipeline_tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest
 
 # The fault campaign (tests/registry/test_fault_campaign.py) at length: many seeds, long runs.
 SOAK_SEEDS ?= $(shell seq -s, 1 40)
 SOAK_STEPS ?= 300
-soak: install
+soak: install  ## the fault campaign at length (SOAK_SEEDS, SOAK_STEPS)
 	LORA_CAMPAIGN_SEEDS=$(SOAK_SEEDS) LORA_CAMPAIGN_STEPS=$(SOAK_STEPS) $(PY) -m pytest -q -p no:logging \
 		lora_pipeline_tests/registry/test_fault_campaign.py
 
@@ -43,11 +46,11 @@ soak: install
 PROD_ROOT ?= .dagster_prod
 PG_PORT ?= 5433
 CODE_PORT ?= 4266
-prod-local: install
+prod-local: install  ## Postgres + code server + webserver + daemon as separate processes, no containers
 	$(VENV)/bin/lora-pipeline deploy local up --root $(PROD_ROOT) --pg-port $(PG_PORT) \
 		--code-port $(CODE_PORT) --host $(HOST) --port $(PORT)
 
-prod-stop:
+prod-stop:  ## stop what prod-local started, by process group
 	$(VENV)/bin/lora-pipeline deploy local down --root $(PROD_ROOT) --pg-port $(PG_PORT) \
 		--code-port $(CODE_PORT) --host $(HOST) --port $(PORT)
 
@@ -59,15 +62,20 @@ prod-stop:
 DIFFUSERS_SRC ?=
 DIFFUSERS_REF ?=
 GPU_DRY_RUN_OUT ?= .gpu_dry_run
-gpu-bundle: install
+gpu-bundle: install  ## build .gpu_bundle/ for the GPU machine (DIFFUSERS_SRC=<diffusers source>)
 	DIFFUSERS_SRC="$(DIFFUSERS_SRC)" DIFFUSERS_REF="$(DIFFUSERS_REF)" $(PY) benchmarks/gpu/bundle.py
 
-gpu-dry-run: install
+gpu-dry-run: install  ## the GPU benchmark plan on this CPU with tiny models
 	if [ -d .gpu_bundle/reference ]; then $(PY) benchmarks/gpu/bundle.py --local-reference-deps; fi
 	$(PY) benchmarks/gpu/bench_gpu.py --dry-run --out $(GPU_DRY_RUN_OUT)
 
-demo: install
+# The Compose stack for real (docs/deploy.md): needs a running Docker engine and docker-compose;
+# builds local base images where no registry is reachable (deploy/test/base-image.sh). Not in CI.
+deploy-test: install  ## bring the Compose stack up under Docker, run the sample chain in a run container, tear down
+	$(PY) deploy/test/deploy_test.py
+
+demo: install  ## the whole chain once in this process, printing each step
 	$(VENV)/bin/lora-pipeline demo
 
-clean:
-	rm -rf $(VENV) .dagster_home .dagster_prod .lora_store .lora_jobs
+clean:  ## remove .venv and every local state directory
+	rm -rf $(VENV) .dagster_home .dagster_prod .lora_store .lora_jobs .deploy_test

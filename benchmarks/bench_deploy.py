@@ -61,8 +61,8 @@ def sqlite_yaml(root: Path) -> Path:
 
 def seed_store(store_dir: Path, styles: int) -> list[str]:
     from lora_pipeline.registry.evidence import Submission
+    from lora_pipeline.registry_store.documents import RegistryStore
     from lora_pipeline.storage.local import LocalStore
-    from lora_pipeline.storage.registry_io import RegistryStore
 
     store, names = LocalStore(store_dir), []
     registry = RegistryStore(store)
@@ -76,7 +76,7 @@ def seed_store(store_dir: Path, styles: int) -> list[str]:
 
 class InProgress:
     def status(self, job_id):
-        from lora_pipeline.runpod.backend import JobStatus
+        from lora_pipeline.contracts.job_status import JobStatus
 
         return JobStatus(id=job_id, status="IN_PROGRESS")
 

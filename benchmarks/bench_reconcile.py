@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_pipeline.reconcile import reconcile  # noqa: E402
+from lora_pipeline.lifecycle.reconcile import reconcile  # noqa: E402
 from lora_pipeline.registry.evidence import StoredLora  # noqa: E402
 from lora_pipeline.registry.merge import merge  # noqa: E402
 from lora_pipeline.registry.models import RegistryDocument  # noqa: E402

@@ -19,8 +19,8 @@ import multiprocessing as mp
 import time
 from typing import Any
 
-from lora_pipeline.runpod.client import RunPodClient
-from lora_pipeline.runpod.poll import poll_jobs
+from lora_pipeline.backends.poll import poll_jobs
+from lora_pipeline.backends.runpod_client import RunPodClient
 
 
 def _serve(conn: Any, n_jobs: int, latency_s: float, rate_limited: bool) -> None:

@@ -148,9 +148,9 @@ def steady_rate(stamps: list[float], warmup: int) -> float:
 def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from lora_pipeline.contracts.training import TrainingParams
     from lora_pipeline.worker.data import Example, decode_image
     from lora_pipeline.worker.family import detect_family
-    from lora_pipeline.worker.schema import TrainingParams
     from lora_pipeline.worker.train import train_lora
 
     started = time.perf_counter()

@@ -3,9 +3,16 @@
 Every Dagster object lives in a small module under ``lora_pipeline/defs/``;
 this file only gathers them. Importing it must stay cheap: Dagster imports the
 code location often, so nothing here imports torch, diffusers or peft.
+
+The settings are read first: a bad value fails loading the code location with one line
+naming the variable (``SettingsError``), before any Dagster object is built.
 """
 
 import dagster as dg
+
+from lora_pipeline.settings import get_settings
+
+get_settings()
 
 from lora_pipeline.defs.assets.lora_registry import lora_registry
 from lora_pipeline.defs.assets.trained_lora import trained_lora

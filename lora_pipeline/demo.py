@@ -16,7 +16,7 @@ import dagster as dg
 
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.registry.models import RegistryDocument
-from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.registry_store.documents import RegistryStore
 
 
 class DemoStepFailed(RuntimeError):

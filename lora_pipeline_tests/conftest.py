@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.local import LocalStore
 from lora_pipeline.storage.s3 import S3Options, S3Store, build_s3_client
 
@@ -49,6 +50,8 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     # A client built without an explicit endpoint hits a closed local port, never AWS.
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    # get_settings() parses again whenever a variable changes; clearing keeps tests independent.
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -310,9 +310,9 @@ def environment_check(reference_deps: str | None = None) -> list[str]:
 def child_ours(args: argparse.Namespace) -> None:
     import torch
 
+    from lora_pipeline.contracts.training import TrainingParams
     from lora_pipeline.worker.data import Example, decode_image
     from lora_pipeline.worker.levers import SpeedLevers
-    from lora_pipeline.worker.schema import TrainingParams
     from lora_pipeline.worker.train import train_lora
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,6 +9,7 @@ from lora_pipeline.cli.deploy import deploy
 from lora_pipeline.cli.demo import demo
 from lora_pipeline.cli.registry import registry
 from lora_pipeline.cli.webhook import webhook
+from lora_pipeline.settings import settings_or_exit
 
 
 @click.group()
@@ -18,6 +19,9 @@ def main() -> None:
 
     Storage comes from LORA_STORAGE_URL (default: the local directory .lora_store).
     """
+    # Every command starts with valid settings (each reads them with get_settings()): a bad value
+    # prints its line on stderr and exits with status 2, no traceback.
+    settings_or_exit()
 
 
 main.add_command(dataset)

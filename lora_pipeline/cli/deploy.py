@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -25,21 +24,15 @@ def init(gpu_pool_limit: int | None) -> None:
     """
     import dagster as dg
 
-    from lora_pipeline.deploy.init import DEFAULT_POOL_LIMIT, POOLS, init_instance
+    from lora_pipeline.deploy.init import POOLS, init_instance
+    from lora_pipeline.settings import get_settings
     from lora_pipeline.storage.factory import open_configured_store
 
-    limits = {}
-    for pool, variable in POOLS.items():
-        raw = gpu_pool_limit if gpu_pool_limit is not None else os.environ.get(variable, DEFAULT_POOL_LIMIT)
-        try:
-            limits[pool] = int(raw)
-        except ValueError:
-            raise click.UsageError(f"{variable}={raw!r} is not a whole number") from None
-        if limits[pool] < 1:
-            raise click.UsageError(f"{variable} must be at least 1")
+    settings = get_settings()  # checked when the command started (LORA_GPU_POOL_LIMIT: 1 to 10000)
+    limits = {pool: gpu_pool_limit or settings.gpu_pool_limit for pool in POOLS}
     with dg.DagsterInstance.get() as instance:
         instance.upgrade()
-        report = init_instance(instance, open_configured_store(), limits)
+        report = init_instance(instance, open_configured_store(settings), limits)
     for line in report.lines():
         click.echo(line)
 
@@ -51,9 +44,10 @@ def local() -> None:
 
 def _deployment(root: str, pg_port: int, code_port: int, web_port: int, host: str):
     from lora_pipeline.deploy.local import LocalDeployment
+    from lora_pipeline.settings import get_settings
 
     return LocalDeployment(Path(root).resolve(), pg_port=pg_port, code_port=code_port, web_port=web_port,
-                           host=host, gpu_pool_limit=int(os.environ.get("LORA_GPU_POOL_LIMIT", "2")))
+                           host=host, gpu_pool_limit=get_settings().gpu_pool_limit)
 
 
 _options = [

@@ -10,10 +10,9 @@ from typing import Any
 
 import click
 
-from lora_pipeline.registry.layouts import primary_layout
 from lora_pipeline.registry.models import InvalidRecord, VersionStatus
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
-from lora_pipeline.settings import SettingsError, load_settings
+from lora_pipeline.settings import SettingsError, get_settings
 from lora_pipeline.storage.base import ObjectStore, StorageError
 
 
@@ -46,7 +45,7 @@ def registry() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: style → summary.")
 def list_styles(as_json: bool) -> None:
     """Every style with its latest version and version counts by status."""
-    from lora_pipeline.storage.registry_io import RegistryStore
+    from lora_pipeline.registry_store.documents import RegistryStore
 
     reg = RegistryStore(_open_store())
     try:
@@ -72,21 +71,22 @@ def list_styles(as_json: bool) -> None:
 
 @registry.command()
 @click.argument("style", callback=_style)
-@click.option("--json", "as_json", is_flag=True, help="The document as stored (training_versions.json).")
+@click.option("--json", "as_json", is_flag=True, help="The document as JSON with duplicates folded, as the registry reads it "
+              "(not byte for byte the stored training_versions.json).")
 def show(style: str, as_json: bool) -> None:
     """One style's versions: status, job id, URL, error."""
-    from lora_pipeline.storage.registry_io import RegistryStore
+    from lora_pipeline.registry_store.documents import RegistryStore
 
+    primary = get_settings().primary_format
     try:
-        document, etag = RegistryStore(_open_store()).read(style)
+        document, etag = RegistryStore(_open_store(), primary=primary).read(style)
     except (StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
     if etag is None:
         raise click.ClickException(f"style {style!r} has no registry document")
     if as_json:
-        _echo_json(document.to_dict())
+        _echo_json(document.to_dict(primary))
         return
-    primary = primary_layout()
     for v in document.versions:
         main = v.download(primary)
         line = f"{v.name}\t{v.status.value}\t{v.id or '-'}\t{(main.url if main else v.lora_url) or '-'}"
@@ -102,11 +102,12 @@ _FORMAT_HELP = ("kohya: ComfyUI, AUTOMATIC1111/Forge, kohya's tools; diffusers: 
 def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout: str | None):
     """(version, file) of ``style`` in ``layout``: the named version, else the latest completed."""
     from lora_pipeline.registry.names import parse_version_name
-    from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
-    from lora_pipeline.storage.registry_io import RegistryStore
+    from lora_pipeline.registry.safetensors_header import InvalidLoraFile
+    from lora_pipeline.registry_store.documents import RegistryStore
+    from lora_pipeline.registry_store.lora_files import read_header
 
     try:
-        layout = layout or primary_layout()
+        layout = layout or get_settings().primary_format
         document, etag = RegistryStore(store).read(style)
     except (StorageError, InvalidRecord, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -153,7 +154,8 @@ def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout:
 def download(style: str, version: str | None, layout: str | None, output: Path | None, as_json: bool) -> None:
     """Download a version's LoRA file (default: the latest completed one) in the layout your tool
     loads; its checksum is verified against the registry and the file's own header."""
-    from lora_pipeline.registry.safetensors_header import InvalidLoraFile, verify_local_file
+    from lora_pipeline.registry.safetensors_header import InvalidLoraFile
+    from lora_pipeline.registry_store.lora_files import verify_local_file
 
     store = _open_store()
     chosen_version, f = _pick_file(store, style, version, layout)
@@ -212,18 +214,15 @@ def url(style: str, version: str | None, layout: str | None, expires: int) -> No
                    "LORA_LOCK_RETENTION_DAYS).")
 def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool, housekeeping: bool) -> None:
     """Bring the registry in line with the store's LoRA files, the webhook inbox and RunPod."""
-    from lora_pipeline.housekeeping import Retention, housekeep
-    from lora_pipeline.reconcile import reconcile as run_reconcile
+    from lora_pipeline.lifecycle.housekeeping import Retention, housekeep
+    from lora_pipeline.lifecycle.reconcile import reconcile as run_reconcile
 
-    try:
-        retention = Retention.from_env() if housekeeping else None
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = get_settings()  # checked when the command started
+    retention = Retention.from_settings(settings) if housekeeping else None
     store = _open_store()
     status_lookup = None
-    settings = load_settings()
     if poll and settings.runpod_endpoint_id:
-        from lora_pipeline.runpod.client import RunPodClient
+        from lora_pipeline.backends.runpod_client import RunPodClient
 
         status_lookup = RunPodClient.from_settings(settings).status
     try:
@@ -256,7 +255,7 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with what was imported and folded.")
 def import_legacy_command(directory: Path, as_json: bool) -> None:
     """Import DIRECTORY/<style>/training_versions.json files (the old dashboard's tree); never modifies them."""
-    from lora_pipeline.legacy import import_legacy
+    from lora_pipeline.lifecycle.legacy_import import import_legacy
 
     try:
         report = import_legacy(_open_store(), directory)

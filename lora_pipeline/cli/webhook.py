@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lora_pipeline.settings import SettingsError, load_settings
+from lora_pipeline.settings import SettingsError, settings_or_exit
 
 
 @click.group()
@@ -35,10 +35,7 @@ def serve(host: str, port: int, insecure_no_token: bool) -> None:
     from lora_pipeline.storage.factory import open_configured_store
     from lora_pipeline.webhook.app import create_app
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = settings_or_exit()  # a bad value: its line on stderr, exit status 2
     token = settings.webhook_token
     if not token and not insecure_no_token:
         raise click.UsageError(

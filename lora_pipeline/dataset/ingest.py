@@ -52,6 +52,7 @@ from lora_pipeline.dataset.report import (
 )
 from lora_pipeline.dataset.sources import (
     DEFAULT_MAX_FILE_BYTES,
+    Listing,
     Source,
     SourceError,
     SourceFile,
@@ -335,59 +336,124 @@ def _check_source(
     progress: ProgressCallback | None,
     known: dict[str, ImageEntry] | None = None,
 ) -> _Checked:
+    """Pass 1: sort the listing, read the captions, check every image, decide what enters.
+
+    One thread pool serves both reads; the rejected list keeps the order a user reads
+    it in: the listing's refusals, unreadable captions, images, then caption problems.
+    """
     known = known or {}
-    listing = source.listing()
-    rejected: list[RejectedFile] = [RejectedFile(source=r.name, reason=r.reason) for r in listing.refused]
-    images: list[SourceFile] = []
-    caption_names: list[str] = []
-    metadata_names: list[str] = []
+    files = _sort_listing(source.listing())
+    workers = options.check_workers or (os.cpu_count() or 2) + 2
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-check") as pool:
+        captions, caption_names, unreadable = _read_captions(source, files, options, pool)
+        outcomes = _check_images(source, files.images, options, staging, known, progress, pool)
+    checked = _accept_images(outcomes, captions, options, trigger_word, rejected=files.rejected + unreadable)
+    checked.rejected.extend(RejectedFile(source=p.name, reason=p.reason) for p in captions.problems)
+    checked.rejected.extend(_unused_captions(captions, caption_names, [i.name for i in files.images]))
+    return checked
+
+
+@dataclass
+class _SortedListing:
+    """A source's files by what they are to a dataset."""
+
+    images: list[SourceFile] = field(default_factory=list)
+    caption_names: list[str] = field(default_factory=list)
+    metadata_names: list[str] = field(default_factory=list)
+    rejected: list[RejectedFile] = field(default_factory=list)  # refused by the source, or of no use
+
+
+def _sort_listing(listing: Listing) -> _SortedListing:
+    """Images, caption files and metadata files by name; anything else is rejected naming the
+    extensions an image needs, so a ``.webp`` or a stray document is explained, not dropped."""
+    files = _SortedListing(rejected=[RejectedFile(source=r.name, reason=r.reason) for r in listing.refused])
     for item in listing.files:
         if is_metadata_file(item.name):
-            metadata_names.append(item.name)
+            files.metadata_names.append(item.name)
         elif is_caption_file(item.name):
-            caption_names.append(item.name)
+            files.caption_names.append(item.name)
         elif PurePosixPath(item.name).suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(item)
+            files.images.append(item)
         else:
             suffix = PurePosixPath(item.name).suffix or "(none)"
-            rejected.append(
+            files.rejected.append(
                 RejectedFile(
                     source=item.name,
                     reason=f"not an image, caption or metadata file (extension {suffix}); "
                     f"images need one of {', '.join(sorted(IMAGE_EXTENSIONS))}",
                 )
             )
+    return files
 
-    workers = options.check_workers or (os.cpu_count() or 2) + 2
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-check") as pool:
-        text_files: dict[str, bytes] = {}
-        text_names = caption_names + metadata_names
-        for name, data in zip(text_names, pool.map(lambda n: _read(source, n), text_names), strict=True):
-            if isinstance(data, bytes):
-                text_files[name] = data
-            else:
-                rejected.append(RejectedFile(source=name, reason=data.reason))
-        caption_names = [n for n in caption_names if n in text_files]
-        metadata_names = [n for n in metadata_names if n in text_files]
-        captions = build_caption_index(
-            {n: text_files[n] for n in caption_names},
-            {n: text_files[n] for n in metadata_names},
-            allow_legacy_encodings=options.legacy_caption_encodings,
-        )
-        del text_files
-        thumbnail_budget = options.thumbnails * 3
-        total = len(images)
 
-        def check(indexed: tuple[int, SourceFile]) -> tuple[str, ImageFacts | Rejection, Path | None]:
-            index, item = indexed
-            return _check_image(source, item, options, staging, known, thumbnail=index < thumbnail_budget)
+def _read_captions(
+    source: Source, files: _SortedListing, options: IngestOptions, pool: ThreadPoolExecutor
+) -> tuple[CaptionIndex, list[str], list[RejectedFile]]:
+    """The caption index of every caption and metadata file that could be read.
 
-        outcomes = []
-        for done, outcome in enumerate(pool.map(check, enumerate(images)), start=1):
-            outcomes.append(outcome)
-            if progress is not None:
-                progress("check", done, total)
+    Returns (index, the caption files read, the files that could not be read). The
+    text is dropped once indexed: only the captions stay in memory.
+    """
+    text_files: dict[str, bytes] = {}
+    unreadable: list[RejectedFile] = []
+    text_names = files.caption_names + files.metadata_names
+    for name, data in zip(text_names, pool.map(lambda n: _read(source, n), text_names), strict=True):
+        if isinstance(data, bytes):
+            text_files[name] = data
+        else:
+            unreadable.append(RejectedFile(source=name, reason=data.reason))
+    caption_names = [n for n in files.caption_names if n in text_files]
+    captions = build_caption_index(
+        {n: text_files[n] for n in caption_names},
+        {n: text_files[n] for n in files.metadata_names if n in text_files},
+        allow_legacy_encodings=options.legacy_caption_encodings,
+    )
+    return captions, caption_names, unreadable
 
+
+def _check_images(
+    source: Source,
+    images: list[SourceFile],
+    options: IngestOptions,
+    staging: Path,
+    known: dict[str, ImageEntry],
+    progress: ProgressCallback | None,
+    pool: ThreadPoolExecutor,
+) -> list[tuple[str, ImageFacts | Rejection, Path | None]]:
+    """Every image checked in ``pool``, outcomes in listing order.
+
+    The first ``3 × thumbnails`` images render a thumbnail: enough that some are left
+    for the report after rejections, without rendering one per image.
+    """
+    thumbnail_budget = options.thumbnails * 3
+    total = len(images)
+
+    def check(indexed: tuple[int, SourceFile]) -> tuple[str, ImageFacts | Rejection, Path | None]:
+        index, item = indexed
+        return _check_image(source, item, options, staging, known, thumbnail=index < thumbnail_budget)
+
+    outcomes = []
+    for done, outcome in enumerate(pool.map(check, enumerate(images)), start=1):
+        outcomes.append(outcome)
+        if progress is not None:
+            progress("check", done, total)
+    return outcomes
+
+
+def _accept_images(
+    outcomes: list[tuple[str, ImageFacts | Rejection, Path | None]],
+    captions: CaptionIndex,
+    options: IngestOptions,
+    trigger_word: str,
+    *,
+    rejected: list[RejectedFile],
+) -> _Checked:
+    """The dataset's entries, from checked images in listing order; ``rejected`` grows.
+
+    An image stays out with its reason when it failed its check, repeats an earlier
+    image's exact content (the first is kept: a duplicate would weigh double in
+    training), or has an unusable caption.
+    """
     checked = _Checked()
     checked.rejected = rejected
     seen: dict[str, str] = {}
@@ -411,9 +477,6 @@ def _check_source(
             checked.notes.append(Note(name, entry.note))
         if outcome.thumbnail_png and len(checked.thumbnails) < options.thumbnails:
             checked.thumbnails.append(Thumbnail(name, outcome.thumbnail_png))
-
-    checked.rejected.extend(RejectedFile(source=p.name, reason=p.reason) for p in captions.problems)
-    checked.rejected.extend(_unused_captions(captions, caption_names, [i.name for i in images]))
     return checked
 
 

@@ -100,6 +100,45 @@ def inspect_image(
     if not data:
         return Rejection("empty file (0 bytes)")
     sha256 = hashlib.sha256(data).hexdigest()
+    header = _read_header(data, limits)
+    if isinstance(header, Rejection):
+        return header
+    decoded = _decode(data, header.format, limits, thumbnail_side)
+    if isinstance(decoded, Rejection):
+        return decoded
+    orientation, mode, rgb = decoded
+
+    width, height = header.width, header.height
+    if orientation in _SWAPS_AXES:
+        width, height = height, width
+    checked = _size_and_name(name, header.format, width, height, limits)
+    if isinstance(checked, Rejection):
+        return checked
+    extension, note = checked
+    thumbnail = _thumbnail_png(rgb, thumbnail_side) if thumbnail_side else None
+    return ImageFacts(
+        sha256=sha256,
+        size=len(data),
+        format="JPEG" if header.format == "MPO" else header.format,
+        extension=extension,
+        width=width,
+        height=height,
+        mode=mode,
+        note=note,
+        thumbnail_png=thumbnail,
+    )
+
+
+@dataclass(frozen=True)
+class _Header:
+    format: str  # as Pillow names it; one of FORMAT_EXTENSIONS
+    width: int  # before the EXIF orientation is applied
+    height: int
+
+
+def _read_header(data: bytes, limits: ImageLimits) -> _Header | Rejection:
+    """The real format and size from the header, refused before any pixel is decoded when too
+    large (a decompression bomb then costs nothing), of a format not trained on, or animated."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             real_format = probe.format or "unknown"
@@ -122,7 +161,14 @@ def inspect_image(
         return Rejection(f"{real_format} images are not accepted for training (use {accepted})")
     if frames > 1 and real_format != "MPO":
         return Rejection(f"animated {real_format} ({frames} frames); export a single still frame")
+    return _Header(real_format, header_width, header_height)
 
+
+def _decode(
+    data: bytes, real_format: str, limits: ImageLimits, thumbnail_side: int | None
+) -> tuple[int, str, Image.Image] | Rejection:
+    """Decode every pixel, which is what catches truncated and corrupt data; returns (EXIF
+    orientation, mode, a reduced RGB copy oriented as training will see it)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if real_format in ("JPEG", "MPO") and limits.reduced_jpeg_decode:
@@ -135,26 +181,7 @@ def inspect_image(
             rgb = to_rgb(ImageOps.exif_transpose(_reduced(image, 4 * (thumbnail_side or 64))))
     except Exception as exc:  # noqa: BLE001
         return Rejection(f"corrupt or truncated image data ({_describe(exc)})")
-
-    width, height = header_width, header_height
-    if orientation in _SWAPS_AXES:
-        width, height = height, width
-    checked = _size_and_name(name, real_format, width, height, limits)
-    if isinstance(checked, Rejection):
-        return checked
-    extension, note = checked
-    thumbnail = _thumbnail_png(rgb, thumbnail_side) if thumbnail_side else None
-    return ImageFacts(
-        sha256=sha256,
-        size=len(data),
-        format="JPEG" if real_format == "MPO" else real_format,
-        extension=extension,
-        width=width,
-        height=height,
-        mode=mode,
-        note=note,
-        thumbnail_png=thumbnail,
-    )
+    return orientation, mode, rgb
 
 
 def recheck_known(

@@ -14,20 +14,22 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
+from lora_pipeline.backends.base import RunPodUnavailable
+from lora_pipeline.backends.poll import poll_jobs
+from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.jobs import complete_training
 from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.lifecycle.reconcile import style_from_output
+from lora_pipeline.lifecycle.submit import job_run_key
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job
 from lora_pipeline.registry.models import VersionStatus
-from lora_pipeline.runpod.backend import JobStatus, RunPodUnavailable
-from lora_pipeline.reconcile import style_from_output
-from lora_pipeline.runpod.poll import poll_jobs
+from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.storage.base import ObjectStore, StorageError
 from lora_pipeline.storage.breaker import is_outage
-from lora_pipeline.storage.registry_io import RegistryStore
-from lora_pipeline.training import job_run_key
 from lora_pipeline.webhook.inbox import (
     WEBHOOK_REJECTED,
     InboxItem,
@@ -37,7 +39,6 @@ from lora_pipeline.webhook.inbox import (
     reject,
     webhook_status,
 )
-from lora_pipeline.storage.base import ObjectStore, StorageError
 
 JOB_TAG = "lora_pipeline/job"
 ACTIVE_RUN_STATUSES = [

@@ -15,7 +15,7 @@ class TrainingConfig(dg.Config):
     )
     params: dict = Field(
         default_factory=dict,
-        description="Overrides of lora_pipeline.worker.schema.TrainingParams, e.g. "
+        description="Overrides of lora_pipeline.contracts.training.TrainingParams, e.g. "
         "{'rank': 16, 'max_train_steps': 1500, 'resolution': 768}.",
     )
     force: bool = Field(False, description="Train again even if this dataset was trained with these settings.")

@@ -7,7 +7,7 @@ from pydantic import Field, ValidationError
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.training import (
+from lora_pipeline.lifecycle.submit import (
     NoDatasetError,
     SubmissionInFlight,
     SubmissionUnknown,

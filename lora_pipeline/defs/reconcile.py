@@ -6,24 +6,22 @@ jobs. Changed styles are reported as ``lora_registry`` materializations.
 """
 
 
-import os
 from collections import Counter
 from datetime import timedelta
 
 import dagster as dg
 from pydantic import Field
 
+from lora_pipeline.backends.base import RunPodError
 from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.housekeeping import Retention, housekeep
-from lora_pipeline.reconcile import DEFAULT_MAX_JOB_AGE, reconcile
-from lora_pipeline.runpod.backend import RunPodError
+from lora_pipeline.lifecycle.housekeeping import HousekeepingReport, Retention, housekeep
+from lora_pipeline.lifecycle.reconcile import DEFAULT_MAX_JOB_AGE, ReconcileReport, reconcile
+from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.base import StorageError
 from lora_pipeline.storage.breaker import CircuitBreaker
 from lora_pipeline.storage.keys import INDEX_KEY
-
-DEFAULT_CRON = "0 * * * *"
 
 
 class ReconcileConfig(dg.Config):
@@ -53,7 +51,8 @@ def reconcile_registry_op(
 ) -> None:
     """Sync LoRA files, inbox files and job statuses into the registry; dedupe versions."""
     store = storage.get_store()
-    retention = Retention.from_env(  # a bad value fails here, before anything is written
+    retention = Retention.from_settings(  # a bad config value fails here, before anything is written
+        get_settings(),
         webhooks_days=config.webhook_retention_days,
         failed_checkpoints_days=config.checkpoint_retention_days,
         locks_days=config.lock_retention_days,
@@ -72,29 +71,41 @@ def reconcile_registry_op(
         context.log.info(pruned.summary())
         for problem in pruned.problems:
             context.log.warning(problem)
-    context.add_output_metadata(
-        {
-            "changed_versions": report.changed_versions,
-            "dry_run": config.dry_run,
-            "changes": dg.MetadataValue.table(
-                records=[dg.TableRecord(row) for row in report.rows()],
-                schema=dg.TableSchema(
-                    columns=[dg.TableColumn(name, "string") for name in
-                             ("style", "version", "change", "fields", "status_before", "status_after")]
-                ),
-            ),
-            "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems) or "none"),
-            "summary": dg.MetadataValue.json(summary),
-            **({
-                "housekeeping_deleted": pruned.total,
-                "housekeeping_kept_needed": sum(pruned.kept_needed.values()),
-                "housekeeping": dg.MetadataValue.json(pruned.to_dict()),
-            } if pruned is not None else {}),
-        }
-    )
+    context.add_output_metadata(_run_metadata(report, summary, pruned, dry_run=config.dry_run))
     context.log.info(f"reconciliation: {report.changed_versions} versions changed")
     if config.dry_run:
         return
+    _materialize_changed_styles(context, report)
+
+
+def _run_metadata(
+    report: ReconcileReport, summary: dict, pruned: HousekeepingReport | None, *, dry_run: bool
+) -> dict:
+    """The run's output metadata: what changed as a table, problems, and what housekeeping pruned."""
+    return {
+        "changed_versions": report.changed_versions,
+        "dry_run": dry_run,
+        "changes": dg.MetadataValue.table(
+            records=[dg.TableRecord(row) for row in report.rows()],
+            schema=dg.TableSchema(
+                columns=[dg.TableColumn(name, "string") for name in
+                         ("style", "version", "change", "fields", "status_before", "status_after")]
+            ),
+        ),
+        "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems) or "none"),
+        "summary": dg.MetadataValue.json(summary),
+        **({
+            "housekeeping_deleted": pruned.total,
+            "housekeeping_kept_needed": sum(pruned.kept_needed.values()),
+            "housekeeping": dg.MetadataValue.json(pruned.to_dict()),
+        } if pruned is not None else {}),
+    }
+
+
+def _materialize_changed_styles(context: dg.OpExecutionContext, report: ReconcileReport) -> None:
+    """A ``lora_registry`` materialization per style whose versions changed, so the asset's
+    partitions show when reconciliation (not a training run) updated them; a style new to
+    the registry gets its partition first."""
     changed_by_style = Counter(change.style for change in report.changes)
     changed_styles = sorted(changed_by_style)
     if changed_styles:
@@ -124,7 +135,7 @@ def reconcile_registry() -> None:
 @dg.schedule(
     name="reconcile_registry_schedule",
     job=reconcile_registry,
-    cron_schedule=os.environ.get("LORA_RECONCILE_CRON", DEFAULT_CRON),
+    cron_schedule=get_settings().reconcile_cron,
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Hourly by default; set LORA_RECONCILE_CRON to change it. Skips while the "
     "object store or RunPod is down.",

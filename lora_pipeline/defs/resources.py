@@ -1,15 +1,15 @@
 """Dagster resources: the object store and the training backend, configured from the environment.
 
-Each field defaults to ``None`` meaning "take it from the environment"
-(``lora_pipeline.settings``), so the embedded defaults need no configuration and
-a deployment can still override every value in the UI's launchpad or in code.
+Each field defaults to ``None`` meaning "take it from the settings"
+(``lora_pipeline.settings.get_settings()``, the environment read once), so the embedded
+defaults need no configuration and a deployment can still override every value in the
+UI's launchpad or in code.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +18,23 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
-from lora_pipeline.runpod.backend import TrainingBackend
-from lora_pipeline.runpod.client import DEFAULT_BASE_URL as DEFAULT_RUNPOD_BASE_URL
-from lora_pipeline.runpod.client import RunPodClient
-from lora_pipeline.runpod.factory import open_training_backend
-from lora_pipeline.settings import Settings, load_settings
+from lora_pipeline.backends.base import TrainingBackend
+from lora_pipeline.backends.factory import open_training_backend
+from lora_pipeline.backends.runpod_client import DEFAULT_BASE_URL as DEFAULT_RUNPOD_BASE_URL
+from lora_pipeline.backends.runpod_client import RunPodClient
+from lora_pipeline.settings import Settings, get_settings
 from lora_pipeline.storage import ObjectStore
 from lora_pipeline.storage.factory import open_store, shared_store
 from lora_pipeline.storage.s3 import S3Options, build_s3_client
 from lora_pipeline.webhook.urls import webhook_url
 
 
-_AWS_CREDENTIAL_VARIABLES = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-)
-
-
 class LoraS3Resource(S3Resource):
     """dagster-aws's S3Resource plus the knobs a flaky S3-compatible endpoint needs.
 
     RunPod's S3 API wants path-style addressing; every endpoint deserves explicit
-    timeouts and retries. Unset fields fall back to the environment
-    (``LORA_S3_*``, ``AWS_*``: see ``S3Options``), so the resource and the worker,
+    timeouts and retries. Unset fields fall back to the settings
+    (``LORA_S3_*``, ``AWS_*``: see ``S3Options.from_settings``), so the resource and the worker,
     which has no Dagster, build the same client. ``S3Resource.get_client()``
     builds a new client per call, so the storage resource builds one per process and
     settings (``client_for``, through ``shared_store``).
@@ -52,8 +46,9 @@ class LoraS3Resource(S3Resource):
     retry_mode: str | None = Field(None, description="botocore retry mode (AWS_RETRY_MODE, standard).")
 
     def s3_options(self) -> S3Options:
-        """The client options: these fields over the environment's (``S3Options.from_env``)."""
-        return S3Options.from_env(
+        """The client options: these fields over the settings' (``S3Options.from_settings``)."""
+        return S3Options.from_settings(
+            get_settings(),
             endpoint_url=self.endpoint_url,
             region=self.region_name,
             addressing_style=self.addressing_style,
@@ -68,7 +63,7 @@ class LoraS3Resource(S3Resource):
         (credentials, profile, TLS, and the AWS credential variables), so a store
         cached per process is never reused for other credentials. Secrets stay hashed."""
         fields = {name: getattr(self, name) for name in type(self).model_fields}
-        env = {name: os.environ.get(name) for name in _AWS_CREDENTIAL_VARIABLES}
+        env = dict(get_settings().aws_credentials_fingerprint())
         return hashlib.sha256(repr((sorted(fields.items()), sorted(env.items()))).encode()).hexdigest()
 
     def get_client(self) -> Any:
@@ -108,7 +103,7 @@ class StorageResource(dg.ConfigurableResource):
     _tick_store: ObjectStore | None = PrivateAttr(None)
 
     def settings(self) -> Settings:
-        return load_settings()
+        return get_settings()
 
     def resolved_url(self) -> str:
         """The store's URL; a local directory made absolute so a worker subprocess finds it."""
@@ -183,7 +178,7 @@ class TrainingBackendResource(dg.ConfigurableResource):
             "runpod_base_url": self.base_url,
             "webhook_url": self.webhook_url,
         }
-        return load_settings().model_copy(update={k: v for k, v in overrides.items() if v})
+        return get_settings().model_copy(update={k: v for k, v in overrides.items() if v})
 
     def get_backend(self, store: ObjectStore) -> TrainingBackend:
         settings = self.settings()

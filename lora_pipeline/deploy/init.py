@@ -23,9 +23,9 @@ from lora_pipeline.defs.completion_sensors import unfinished_jobs
 from lora_pipeline.defs.jobs import GPU_POOL
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.base import ObjectStore
 from lora_pipeline.storage.keys import DATASETS, REGISTRY, registry_key
-from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.webhook.inbox import list_inbox
 
 #: Every pool the project's ops and assets name, and the variable that sets its limit.

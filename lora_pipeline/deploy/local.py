@@ -222,14 +222,6 @@ class LocalDeployment:
             while port_busy(self.host, port) and time.monotonic() < deadline:
                 time.sleep(0.2)
 
-    def restart(self, name: str, timeout_s: float = 180) -> None:
-        self.stop(name)
-        self.start(name)
-        if name == "webserver":
-            self.wait_webserver(timeout_s)
-        elif name == "code-server":
-            self.wait_port(self.code_port, timeout_s)
-
     # -- readiness ------------------------------------------------------------------------
     def _check_alive(self, name: str) -> None:
         if not self.running(name):

@@ -10,13 +10,12 @@ Every version the worker trains is published twice (README, "LoRA files"):
 
 A file's layout is read from its own tensor names (never from its name or a
 header value), so a file written by another tool, or an old one, is classified
-the same way. ``LORA_PRIMARY_FORMAT`` names the layout the legacy ``loraUrl``
-points at. Pure and I/O-free.
+the same way. The primary layout (the setting ``LORA_PRIMARY_FORMAT``, handed in by
+callers) names the layout the legacy ``loraUrl`` points at. Pure and I/O-free.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 
 KOHYA = "kohya"
@@ -24,8 +23,7 @@ DIFFUSERS = "diffusers"
 UNKNOWN = "unknown"  # neither: a LoRA some other tool wrote (still a valid file)
 LAYOUTS = (KOHYA, DIFFUSERS)
 
-PRIMARY_ENV = "LORA_PRIMARY_FORMAT"
-DEFAULT_PRIMARY = KOHYA
+DEFAULT_PRIMARY = KOHYA  # the default of LORA_PRIMARY_FORMAT (lora_pipeline.settings), which callers pass
 
 # Header value with the SHA-256 of the file's tensor data (the bytes after the header):
 # ours on both layouts; sd-scripts writes the same digest as ``sshs_model_hash``.
@@ -64,8 +62,3 @@ def check_layout(value: str, what: str | None = None) -> str:
         raise ValueError(f"{what + ': ' if what else ''}expected one of {', '.join(LAYOUTS)}, got {value!r}")
     return value
 
-
-def primary_layout(environ: Mapping[str, str] | None = None) -> str:
-    """The deployment's primary layout (``LORA_PRIMARY_FORMAT``, default kohya)."""
-    env = os.environ if environ is None else environ
-    return check_layout(env.get(PRIMARY_ENV) or DEFAULT_PRIMARY, PRIMARY_ENV)

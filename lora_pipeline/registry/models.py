@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from lora_pipeline.registry.jobids import base_job_id
-from lora_pipeline.registry.layouts import primary_layout
+from lora_pipeline.registry.layouts import DEFAULT_PRIMARY
 from lora_pipeline.registry.names import companion_suffix, parse_version_name, validate_style, version_name
 from lora_pipeline.registry.urls import stable_url
 
@@ -322,9 +322,10 @@ class Version:
 
     def to_dict(self, primary: str | None = None) -> dict[str, Any]:
         """The JSON record. ``loraUrl``/``s3Key`` name the ``primary`` layout's file
-        (default ``LORA_PRIMARY_FORMAT``) when the version has it, else its main file."""
+        (default kohya; callers pass the setting ``LORA_PRIMARY_FORMAT``) when the version has it,
+        else its main file."""
         files = self.files() if self.file is not None or self.companions else {}
-        chosen = files.get(primary or primary_layout())
+        chosen = files.get(primary or DEFAULT_PRIMARY)
         if chosen is None or not chosen.url:
             chosen = None
         out: dict[str, Any] = {
@@ -383,21 +384,8 @@ class Version:
             if n and n != number
         )
         source = raw.get("source") if raw.get("source") in SOURCES else default_source
-        file_raw = raw.get("file")
-        main = LoraFile.from_dict(file_raw)
         extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS}
-        if main is not None and "url" in file_raw:  # our schema: loraUrl may name another file
-            lora_url, main = main.url, replace(main, url=None)
-        else:
-            lora_url = stable_url(raw.get("loraUrl"))
-            if lora_url and companion_suffix(lora_url.partition("?")[0]):
-                extra.setdefault(LEGACY_COMPANION_URL, lora_url)
-                lora_url = None
-        listed = raw.get("files") if isinstance(raw.get("files"), Mapping) else {}
-        companions = tuple(sorted(
-            (f for f in map(LoraFile.from_dict, listed.values()) if f and (main is None or f.key != main.key)),
-            key=lambda f: f.key,
-        ))
+        main, lora_url, companions = _read_files(raw, extra)
         training = raw.get("training") if isinstance(raw.get("training"), Mapping) else {}
         params = raw.get("params") if isinstance(raw.get("params"), Mapping) else None
         return cls(
@@ -425,6 +413,32 @@ class Version:
             extra=extra,
             companions=companions,
         )
+
+
+def _read_files(
+    raw: Mapping[str, Any], extra: dict[str, Any]
+) -> tuple[LoraFile | None, str | None, tuple[LoraFile, ...]]:
+    """(main file, loraUrl, companion files) of a version record in our schema or the legacy one.
+
+    In our schema the main file carries its URL, and loraUrl may name another file.
+    A legacy loraUrl that names a companion (kohya) file is not the LoRA's URL: it is
+    kept in ``extra`` under LEGACY_COMPANION_URL, so nothing is lost.
+    """
+    file_raw = raw.get("file")
+    main = LoraFile.from_dict(file_raw)
+    if main is not None and "url" in file_raw:
+        lora_url, main = main.url, replace(main, url=None)
+    else:
+        lora_url = stable_url(raw.get("loraUrl"))
+        if lora_url and companion_suffix(lora_url.partition("?")[0]):
+            extra.setdefault(LEGACY_COMPANION_URL, lora_url)
+            lora_url = None
+    listed = raw.get("files") if isinstance(raw.get("files"), Mapping) else {}
+    companions = tuple(sorted(
+        (f for f in map(LoraFile.from_dict, listed.values()) if f and (main is None or f.key != main.key)),
+        key=lambda f: f.key,
+    ))
+    return main, lora_url, companions
 
 
 def _file_entry(f: LoraFile) -> dict[str, Any]:
@@ -477,9 +491,10 @@ class RegistryDocument:
         return next((v for v in self.versions if number in v.numbers), None)
 
     def to_dict(self, primary: str | None = None) -> dict[str, Any]:
-        """The stored JSON; ``primary``: the layout ``loraUrl`` names (default ``LORA_PRIMARY_FORMAT``)."""
+        """The stored JSON; ``primary``: the layout ``loraUrl`` names (default kohya; callers pass the
+        setting ``LORA_PRIMARY_FORMAT``)."""
         current = self.current_training
-        primary = primary or primary_layout()
+        primary = primary or DEFAULT_PRIMARY
         out: dict[str, Any] = {
             "schemaVersion": SCHEMA_VERSION,
             "style": self.style,

@@ -1,4 +1,4 @@
-"""Reading a LoRA file's safetensors header without downloading the file.
+"""A LoRA file's safetensors header, parsed from bytes given to it (no I/O here).
 
 A file counts as a LoRA only if its header parses (DESIGN.md): a truncated upload
 or a stray text file must never make a version completed. The header is at the
@@ -8,19 +8,15 @@ front (8-byte little-endian length, then JSON), so one ranged read of the first
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lora_pipeline.registry.layouts import layout_of, tensors_checksum
-from lora_pipeline.storage.base import ObjectNotFound, ObjectStore
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
-FIRST_READ_BYTES = 64 * 1024
 
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -124,30 +120,7 @@ def _validate(header: dict[str, Any]) -> None:
         position = end
 
 
-def read_header(store: ObjectStore, key: str, *, size: int | None = None) -> SafetensorsHeader:
-    """Read and validate ``key``'s header with ranged reads, never the whole file.
-
-    ``size`` (from a listing) saves a HEAD request; the file's size must match
-    what the header promises, so a truncated upload is refused.
-    """
-    try:
-        prefix = store.get_range(key, 0, FIRST_READ_BYTES)
-        length = header_length(prefix)
-        if len(prefix) < 8 + length and len(prefix) == FIRST_READ_BYTES:
-            prefix += store.get_range(key, len(prefix), 8 + length - len(prefix))
-        if size is None:
-            info = store.head(key)
-            if info is None:
-                raise ObjectNotFound(key)
-            size = info.size
-        return _complete_header(prefix, length, size)
-    except InvalidLoraFile as exc:
-        raise InvalidLoraFile(f"{key}: not a valid safetensors LoRA: {exc}") from None
-    except ObjectNotFound:
-        raise InvalidLoraFile(f"{key}: no such file in the store") from None
-
-
-def _complete_header(data: bytes, length: int, size: int) -> SafetensorsHeader:
+def complete_header(data: bytes, length: int, size: int) -> SafetensorsHeader:
     """The header at the front of ``data`` of a file of ``size`` bytes; InvalidLoraFile unless
     the header parses and describes exactly that many bytes."""
     header = parse_header(data)
@@ -159,34 +132,3 @@ def _complete_header(data: bytes, length: int, size: int) -> SafetensorsHeader:
     if size != parsed.file_size:
         raise InvalidLoraFile(f"file is {size} bytes but its header describes {parsed.file_size} (truncated upload?)")
     return parsed
-
-
-def verify_local_file(path: Path) -> tuple[SafetensorsHeader, str, str]:
-    """Validate a local safetensors file as ``read_header`` validates a stored one, and hash it:
-    (header, SHA-256 of the tensor data, SHA-256 of the whole file). Raises InvalidLoraFile.
-
-    The tensor-data digest is what a header declares (``lora_pipeline.tensors_sha256``,
-    sd-scripts' ``sshs_model_hash``) and the registry records: a header cannot hold a digest
-    of itself, so it covers the bytes after it. The whole-file one is what ``sha256sum`` prints.
-    """
-    tensors, whole = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        length = header_length(prefix)
-        data = prefix + handle.read(length)
-        header = _complete_header(data, length, path.stat().st_size)
-        whole.update(data)
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            tensors.update(chunk)
-            whole.update(chunk)
-    return header, tensors.hexdigest(), whole.hexdigest()
-
-
-def is_readable_lora(store: ObjectStore, key: str) -> bool:
-    """Whether ``key`` is a complete safetensors file (for the "completed without a readable
-    file" asset check: ``completed_without_readable_file(doc, partial(is_readable_lora, store))``)."""
-    try:
-        read_header(store, key)
-    except InvalidLoraFile:
-        return False
-    return True

@@ -2,11 +2,11 @@
 
 The legacy dashboard saved process status with a plain PUT: two workers reading
 the same document and writing back their own change meant one change vanished.
-Every shared document here (job state, and the registry through registry_io) is
-updated with an optimistic loop: read it with its ETag, apply a function, write
-with If-Match (If-None-Match for a new document); if another writer got there
-first the write fails with PreconditionFailed and the loop starts again from the
-new content. The function must therefore be safe to apply to any newer version
+Every shared document here (the registry documents and their index, through
+``lora_pipeline.registry_store``) is updated with an optimistic loop: read it with
+its ETag, apply a function, write with If-Match (If-None-Match for a new document);
+if another writer got there first the write fails with PreconditionFailed and the
+loop starts again from the new content. The function must therefore be safe to apply to any newer version
 of the document (a merge, not a blind overwrite).
 """
 
@@ -15,16 +15,13 @@ from __future__ import annotations
 import copy
 import json
 import random
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from lora_pipeline.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, StoredObject
-from lora_pipeline.storage.keys import JOBS
 
 JSON = "application/json"
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class TooManyConflicts(StorageError):
@@ -110,42 +107,3 @@ def update_json(
 
     stored = update_object(store, key, apply, max_attempts=max_attempts, content_type=JSON)
     return None if stored is None else _load(stored)
-
-
-# -- job state documents (the legacy save/get_process_status_to_s3) -------------
-
-
-def job_state_key(job_id: str) -> str:
-    """``jobs/<job_id>.json``; the id is checked so it cannot escape ``jobs/``."""
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id) or ".." in job_id:
-        raise ValueError(
-            f"invalid job id {job_id!r}: use letters, digits, '_', '-', '.' (1-128 chars)"
-        )
-    return f"{JOBS}/{job_id}.json"
-
-
-def read_job_state(store: ObjectStore, job_id: str) -> dict | None:
-    doc, _ = read_json(store, job_state_key(job_id))
-    return doc
-
-
-def update_job_state(
-    store: ObjectStore,
-    job_id: str,
-    change: dict | Callable[[dict], dict],
-    *,
-    max_attempts: int = 50,
-) -> dict:
-    """Merge ``change`` (a dict of fields, or a function of the state) into a job's state.
-
-    Two workers updating different fields of the same job both keep their change.
-    """
-
-    def apply(doc: dict | None) -> dict:
-        state = dict(doc or {})
-        if callable(change):
-            return change(state)
-        state.update(change)
-        return state
-
-    return update_json(store, job_state_key(job_id), apply, max_attempts=max_attempts)

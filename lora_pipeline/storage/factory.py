@@ -8,12 +8,13 @@ circuit breaker around it.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.settings import Settings, get_settings
+from lora_pipeline.settings import parse_storage_url as check_storage_url
 from lora_pipeline.storage.base import ObjectStore, StorageError
 from lora_pipeline.storage.breaker import BreakerStore, CircuitBreaker, counts_as_failure
 from lora_pipeline.storage.local import LocalStore
@@ -21,47 +22,28 @@ from lora_pipeline.storage.s3 import S3Options, S3Store, build_s3_client
 
 
 def parse_storage_url(url: str) -> tuple[str, str, str]:
-    """``s3://bucket/prefix`` → ("s3", bucket, prefix); a path or file:// URL → ("file", dir, "")."""
-    if not url or not url.strip():
-        raise StorageError("LORA_STORAGE_URL is empty: use s3://bucket/prefix or a local directory")
-    url = url.strip()
-    if url.startswith("s3://"):
-        bucket, _, prefix = url[len("s3://") :].partition("/")
-        if not bucket:
-            raise StorageError(f"LORA_STORAGE_URL {url!r} has no bucket: use s3://bucket/prefix")
-        return "s3", bucket, prefix.strip("/")
-    if url.startswith("file://"):
-        path = url[len("file://") :]
-        if path.startswith("localhost/"):
-            path = path[len("localhost") :]
-        if not path.startswith("/"):
-            raise StorageError(f"LORA_STORAGE_URL {url!r}: a file:// URL needs an absolute path")
-        return "file", path, ""
-    if "://" in url:
-        raise StorageError(
-            f"LORA_STORAGE_URL {url!r} has an unsupported scheme: use s3://, file:// or a plain path"
-        )
-    return "file", url, ""
+    """``s3://bucket/prefix`` → ("s3", bucket, prefix); a path or file:// URL → ("file", dir, "").
 
-
-def breaker_from_env(name: str, environ: Mapping[str, str] | None = None) -> CircuitBreaker:
-    """LORA_STORE_BREAKER_FAILURES (default 5) and LORA_STORE_BREAKER_RESET_S (default 30)."""
-    env = os.environ if environ is None else environ
+    ``lora_pipeline.settings.parse_storage_url`` (the one check, also the setting's), its
+    ValueError as a StorageError naming LORA_STORAGE_URL."""
     try:
-        fail_max = int(env.get("LORA_STORE_BREAKER_FAILURES") or 5)
-        reset = float(env.get("LORA_STORE_BREAKER_RESET_S") or 30)
-        return CircuitBreaker(name, fail_max=fail_max, reset_timeout=reset)
+        return check_storage_url(url)
     except ValueError as exc:
-        raise StorageError(
-            f"LORA_STORE_BREAKER_FAILURES / LORA_STORE_BREAKER_RESET_S: {exc}"
-        ) from None
+        raise StorageError(f"LORA_STORAGE_URL {url!r}: {exc}") from None
+
+
+def breaker_from_settings(name: str, settings: Settings | None = None) -> CircuitBreaker:
+    """A breaker with LORA_STORE_BREAKER_FAILURES and LORA_STORE_BREAKER_RESET_S."""
+    settings = settings or get_settings()
+    return CircuitBreaker(name, fail_max=settings.store_breaker_failures,
+                          reset_timeout=settings.store_breaker_reset_s)
 
 
 _shared_breakers: dict[str, CircuitBreaker] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_breaker(location: str) -> CircuitBreaker:
+def shared_breaker(location: str, settings: Settings | None = None) -> CircuitBreaker:
     """The one CircuitBreaker of this process for a store location.
 
     Deliberately process-wide: a breaker is the memory of an endpoint's recent
@@ -72,7 +54,7 @@ def shared_breaker(location: str) -> CircuitBreaker:
     with _shared_lock:
         breaker = _shared_breakers.get(location)
         if breaker is None:
-            breaker = _shared_breakers[location] = breaker_from_env(f"object store {location}")
+            breaker = _shared_breakers[location] = breaker_from_settings(f"object store {location}", settings)
         return breaker
 
 
@@ -134,7 +116,7 @@ def shared_store(
     scheme, location, prefix = parse_storage_url(url)
     if scheme != "s3":
         return open_store(url, public_base_url=public_base_url, accelerate=accelerate)
-    options = options or S3Options.from_env()
+    options = options or S3Options.from_settings()
     key = (location, prefix, options, client_key, public_base_url, bool(accelerate))
     with _shared_lock:
         store = _shared_stores.get(key)
@@ -180,6 +162,7 @@ def open_store(
     accelerate: bool = False,
     breaker: CircuitBreaker | bool = True,
     check: bool = True,
+    settings: Settings | None = None,
     **s3_options: Any,
 ) -> ObjectStore:
     """Open ``url`` as a new ObjectStore wrapped in a circuit breaker (``shared_store``
@@ -192,11 +175,11 @@ def open_store(
     raises one StorageError naming the setting to fix; it runs through the breaker
     (``checked_with``), so an open breaker refuses at once and a failed check opens
     it. ``breaker``: True for the location's shared one, False for none, or a
-    CircuitBreaker.
+    CircuitBreaker. ``settings``: the S3 and breaker settings (default ``get_settings()``).
     """
     scheme, location, prefix = parse_storage_url(url)
     if scheme == "s3":
-        options = S3Options.from_env(**s3_options)
+        options = S3Options.from_settings(settings, **s3_options)
         client = s3_client if s3_client is not None else build_s3_client(options)
         store: Any = _s3_store(client, location, prefix, options, public_base_url, accelerate)
     else:
@@ -209,16 +192,13 @@ def open_store(
             store.check()
         return store
     if breaker is True:
-        breaker = shared_breaker(store.describe())
+        breaker = shared_breaker(store.describe(), settings)
     if check:
         checked_with(store, breaker)
     return BreakerStore(store, breaker)
 
 
-def open_configured_store(settings: Any = None, **kwargs: Any) -> ObjectStore:
+def open_configured_store(settings: Settings | None = None, **kwargs: Any) -> ObjectStore:
     """The store named by LORA_STORAGE_URL (and LORA_PUBLIC_BASE_URL), ready to use."""
-    if settings is None:
-        from lora_pipeline.settings import load_settings
-
-        settings = load_settings()
-    return open_store(settings.storage_url, public_base_url=settings.public_base_url, **kwargs)
+    settings = settings or get_settings()
+    return open_store(settings.storage_url, public_base_url=settings.public_base_url, settings=settings, **kwargs)

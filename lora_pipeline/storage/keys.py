@@ -6,11 +6,13 @@ so no other module concatenates paths and nothing can escape its prefix.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from lora_pipeline.registry.names import companion_filename, lora_filename, validate_style
 
 _RUN_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_CHECKPOINT_SEGMENT = re.compile(r"^[A-Za-z0-9._=+@-]{1,100}$")
 
 DATASETS = "datasets"
 LORAS = "loras"
@@ -19,7 +21,7 @@ WEBHOOK_INBOX = "webhooks/inbox"
 WEBHOOK_PROCESSED = "webhooks/processed"
 WEBHOOK_SEEN = "webhooks/seen"  # delivery claims (webhook/inbox.py)
 WEBHOOK_REJECTED = "webhooks/rejected"  # unusable bodies, each with a .reason.txt
-JOBS = "jobs"
+CHECKPOINTS = "checkpoints"  # training checkpoints, per request (worker/checkpoint.py)
 RUNS = "runs"  # start markers the worker writes: which job runs which request (healing unknown ids)
 INDEX_KEY = f"{REGISTRY}/index.json"
 
@@ -60,6 +62,20 @@ def run_marker_key(style: str, version: str, job_id: str) -> str:
     if not _RUN_SEGMENT.match(job_id):
         raise ValueError(f"invalid job id {job_id!r} for a run marker")
     return run_marker_prefix(style, version) + f"{job_id}.json"
+
+
+def checkpoint_prefix(style: str, version: str, request_id: str) -> str:
+    """``checkpoints/<style>/<version>/<request id>/`` (the id hashed if it is not key-safe).
+
+    Keyed by the request, never by the job id: a RunPod retry (``-e2`` …) of the same
+    request resumes from them, possibly on another machine."""
+    rid = request_id if _CHECKPOINT_SEGMENT.match(request_id) and request_id not in (".", "..") else (
+        "h-" + hashlib.sha256(request_id.encode()).hexdigest()[:32]
+    )
+    safe_version = version if _CHECKPOINT_SEGMENT.match(version) and version not in (".", "..") else (
+        "h-" + hashlib.sha256(version.encode()).hexdigest()[:16]
+    )
+    return f"{CHECKPOINTS}/{validate_style(style)}/{safe_version}/{rid}/"
 
 
 def registry_key(style: str) -> str:

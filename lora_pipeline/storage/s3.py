@@ -22,12 +22,13 @@ import os
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from lora_pipeline.settings import Settings, get_settings
 from lora_pipeline.storage.base import (
     InvalidKey,
     ObjectInfo,
@@ -66,7 +67,7 @@ class ConditionalWritesUnsupported(UserWarning):
 
 @dataclass(frozen=True)
 class S3Options:
-    """How the boto3 client talks to the endpoint; each field has an environment variable.
+    """How the boto3 client talks to the endpoint; each field has a setting (``from_settings``).
 
     Defaults suit AWS and RunPod's S3 API alike: ``standard`` retries (exponential
     backoff with jitter, retries 5xx/throttling/connection errors) for 5 attempts,
@@ -93,54 +94,34 @@ class S3Options:
     tick_max_attempts: int = 2  # LORA_S3_TICK_MAX_ATTEMPTS (first try included)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> S3Options:
-        """Read the options from the environment; a bad value names its variable."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-
-        def text(field: str, *names: str) -> None:
-            for name in names:
-                if env.get(name):
-                    values[field] = env[name]
-                    return
-
-        def number(field: str, name: str, kind: type, scale: int = 1) -> None:
-            raw = env.get(name)
-            if not raw:
-                return
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise StorageError(f"{name} must be a number, got {raw!r}") from None
-            if value <= 0:
-                raise StorageError(f"{name} must be positive, got {raw!r}")
-            values[field] = value * scale
-
-        text("endpoint_url", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-        text("region", "AWS_REGION", "AWS_DEFAULT_REGION")
-        text("addressing_style", "LORA_S3_ADDRESSING_STYLE")
-        text("retry_mode", "AWS_RETRY_MODE")
-        number("max_attempts", "AWS_MAX_ATTEMPTS", int)
-        number("connect_timeout", "LORA_S3_CONNECT_TIMEOUT", float)
-        number("read_timeout", "LORA_S3_READ_TIMEOUT", float)
-        number("max_pool_connections", "LORA_S3_MAX_POOL_CONNECTIONS", int)
-        number("multipart_threshold", "LORA_S3_MULTIPART_THRESHOLD_MB", int, MB)
-        number("multipart_chunksize", "LORA_S3_MULTIPART_CHUNKSIZE_MB", int, MB)
-        number("transfer_concurrency", "LORA_TRANSFER_CONCURRENCY", int)
-        number("tick_connect_timeout", "LORA_S3_TICK_CONNECT_TIMEOUT", float)
-        number("tick_read_timeout", "LORA_S3_TICK_READ_TIMEOUT", float)
-        number("tick_max_attempts", "LORA_S3_TICK_MAX_ATTEMPTS", int)
-        accelerate = env.get("LORA_S3_ACCELERATE", "").strip().lower()
-        if accelerate:
-            if accelerate not in {"1", "true", "yes", "0", "false", "no"}:
-                raise StorageError(f"LORA_S3_ACCELERATE must be true or false, got {accelerate!r}")
-            values["accelerate"] = accelerate in {"1", "true", "yes"}
+    def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> S3Options:
+        """The options of ``settings`` (default ``get_settings()``, where each value was checked),
+        each overridden by a non-None keyword (e.g. a Dagster resource's field)."""
+        s = settings or get_settings()
+        values: dict[str, Any] = dict(
+            endpoint_url=s.s3_endpoint_url,
+            region=s.aws_region,
+            addressing_style=s.s3_addressing_style,
+            retry_mode=s.aws_retry_mode,
+            max_attempts=s.aws_max_attempts,
+            connect_timeout=s.s3_connect_timeout,
+            read_timeout=s.s3_read_timeout,
+            max_pool_connections=s.s3_max_pool_connections,
+            accelerate=s.s3_accelerate,
+            multipart_threshold=s.s3_multipart_threshold_mb * MB,
+            multipart_chunksize=s.s3_multipart_chunksize_mb * MB,
+            transfer_concurrency=s.transfer_concurrency,
+            tick_connect_timeout=s.s3_tick_connect_timeout,
+            tick_read_timeout=s.s3_tick_read_timeout,
+            tick_max_attempts=s.s3_tick_max_attempts,
+        )
         values.update({k: v for k, v in overrides.items() if v is not None})
         options = cls(**values)
         options.validate()
         return options
 
     def validate(self) -> None:
+        """Check values given directly or as overrides (the settings' own are checked already)."""
         if self.addressing_style not in {"auto", "path", "virtual"}:
             raise StorageError(
                 f"LORA_S3_ADDRESSING_STYLE must be auto, path or virtual, got {self.addressing_style!r}"
@@ -219,7 +200,7 @@ def build_s3_client(options: S3Options | None = None, *, session: Any = None, **
     """
     import boto3
 
-    options = options or S3Options.from_env()
+    options = options or S3Options.from_settings()
     session = session or boto3.session.Session()
     return session.client(
         "s3",

@@ -27,15 +27,9 @@ from typing import Any, BinaryIO
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.base import ObjectInfo, ObjectStore, StorageError, validate_key
 from lora_pipeline.storage.breaker import counts_as_failure
-from lora_pipeline.storage.documents import (  # re-exported: job state lives beside transfers
-    read_job_state,
-    read_json,
-    update_job_state,
-    update_json,
-    update_object,
-)
 from lora_pipeline.storage.local import md5_file, validate_prefix
 
 __all__ = [
@@ -46,18 +40,12 @@ __all__ = [
     "download_prefix",
     "iter_zip",
     "logging_progress",
-    "read_job_state",
-    "read_json",
     "tqdm_progress",
-    "update_job_state",
-    "update_json",
-    "update_object",
     "upload_files",
     "upload_tree",
     "write_zip",
 ]
 
-DEFAULT_CONCURRENCY = 16
 DEFAULT_ATTEMPTS = 3
 ZIP_CHUNK = 8 * 1024 * 1024
 
@@ -188,17 +176,8 @@ class _Tally:
 
 
 def default_concurrency() -> int:
-    """Files in flight: LORA_TRANSFER_CONCURRENCY, else 16 (the AWS CLI uses 10, s5cmd 256)."""
-    raw = os.environ.get("LORA_TRANSFER_CONCURRENCY")
-    if not raw:
-        return DEFAULT_CONCURRENCY
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise StorageError(f"LORA_TRANSFER_CONCURRENCY must be a positive integer, got {raw!r}")
-    return value
+    """Files in flight: LORA_TRANSFER_CONCURRENCY, default 16 (the AWS CLI uses 10, s5cmd 256)."""
+    return get_settings().transfer_concurrency
 
 
 def _run_batch(

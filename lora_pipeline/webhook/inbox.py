@@ -36,16 +36,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from lora_pipeline.runpod.backend import JobStatus
+from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
+from lora_pipeline.registry.evidence import JobReport
 from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
 from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, WEBHOOK_REJECTED, WEBHOOK_SEEN
-
-if TYPE_CHECKING:
-    from lora_pipeline.registry.evidence import JobReport
 
 REASON_SUFFIX = ".reason.txt"
 MAX_BODY_BYTES = 1024 * 1024
@@ -374,8 +372,6 @@ def job_report_from_body(
     body: dict[str, Any], at: datetime, source: Literal["poll", "webhook"] = "webhook"
 ) -> JobReport:
     """Registry evidence from a decoded webhook body."""
-    from lora_pipeline.runpod.reports import job_report_from_status
-
     return job_report_from_status(webhook_status(body), at, source)
 
 

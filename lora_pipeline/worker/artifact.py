@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.contracts.training import ModelFamily, TrainingParams
 from lora_pipeline.registry.layouts import CHECKSUM_KEY, DIFFUSERS, KOHYA
-from lora_pipeline.registry.safetensors_header import verify_local_file
+from lora_pipeline.registry_store.lora_files import verify_local_file
 from lora_pipeline.worker.kohya import KohyaNameError, kohya_module_name
-from lora_pipeline.worker.schema import ModelFamily, TrainingParams
 
 META_PREFIX = "lora_pipeline."
 LAYOUT_KEY = META_PREFIX + "layout"  # kohya | diffusers: which file of the pair this is

@@ -3,33 +3,18 @@
 RunPod retries a failed or timed-out job as a new execution attempt (``-e2`` …) of
 the same request, possibly on another machine: the only state that survives is in
 the store. Checkpoints are therefore keyed by the request (style, version,
-request id), never by the job id or a local path.
+request id: ``storage.keys.checkpoint_prefix``), never by the job id or a local path.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from typing import Any
 
-from lora_pipeline.registry.names import validate_style
 from lora_pipeline.storage.base import ObjectNotFound, ObjectStore
 
-CHECKPOINTS = "checkpoints"
-_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._=+@-]{1,100}$")
 _STEP_FILE = re.compile(r"step-(\d{9})\.pt$")
-
-
-def checkpoint_prefix(style: str, version: str, request_id: str) -> str:
-    """``checkpoints/<style>/<version>/<request id>/`` (the id hashed if it is not key-safe)."""
-    rid = request_id if _SAFE_SEGMENT.match(request_id) and request_id not in (".", "..") else (
-        "h-" + hashlib.sha256(request_id.encode()).hexdigest()[:32]
-    )
-    safe_version = version if _SAFE_SEGMENT.match(version) and version not in (".", "..") else (
-        "h-" + hashlib.sha256(version.encode()).hexdigest()[:16]
-    )
-    return f"{CHECKPOINTS}/{validate_style(style)}/{safe_version}/{rid}/"
 
 
 class StoreCheckpointer:

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import cast
 
+from lora_pipeline.contracts.training import FamilyChoice, ModelFamily
 from lora_pipeline.worker.errors import WorkerInputError
-from lora_pipeline.worker.schema import FamilyChoice, ModelFamily
 
 _SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
 _SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}

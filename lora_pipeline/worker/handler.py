@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __name__ == "__main__":  # `python handler.py`: keep this folder's modules off the top level
     _here = Path(__file__).resolve().parent
@@ -34,21 +34,31 @@ if __name__ == "__main__":  # `python handler.py`: keep this folder's modules of
 
 from pydantic import ValidationError
 
+from lora_pipeline.contracts.training import ModelFamily, TrainingParams, TrainingRequest, TrainingResult
 from lora_pipeline.registry.names import parse_version_name
+from lora_pipeline.settings import SettingsError, get_settings, settings_or_exit
 from lora_pipeline.storage.base import PreconditionFailed
 from lora_pipeline.worker.errors import WorkerInputError
-from lora_pipeline.worker.schema import TrainingRequest, TrainingResult
+
+if TYPE_CHECKING:  # each imports at run time where it is used: importing the handler stays torch-free
+    from lora_pipeline.worker.artifact import ArtifactFacts
+    from lora_pipeline.worker.checkpoint import StoreCheckpointer
+    from lora_pipeline.worker.data import Example
+    from lora_pipeline.worker.train import TrainOutcome
 
 log = logging.getLogger("lora_pipeline.worker")
 
-STORAGE_ENV = "LORA_STORAGE_URL"
 Progress = Callable[[dict[str, Any]], None]
 
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:
     """RunPod entry point: train the requested LoRA; never raises."""
     try:
+        get_settings()  # a bad setting fails the job with its line, before anything is read
         return run_training_job(job, report=runpod_progress(job))
+    except SettingsError as exc:
+        log.error("job %s refused: %s", job.get("id"), exc)
+        return {"error": f"worker settings: {exc}"}
     except WorkerInputError as exc:
         log.error("job %s refused: %s", job.get("id"), exc)
         return {"error": str(exc)}
@@ -77,135 +87,283 @@ def parse_request(job: dict[str, Any]) -> TrainingRequest:
 
 
 def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> dict[str, Any]:
-    """The whole job; raises WorkerInputError for a bad request or dataset."""
+    """The whole job: check, train, publish; raises WorkerInputError for a bad request or dataset.
+
+    The steps are in the order the module docstring promises: every cheap check
+    before the model loads, the diffusers file uploaded last.
+    """
     started = time.perf_counter()
     started_at = datetime.now(UTC)
     job_id = str(job.get("id", "")) if isinstance(job, dict) else ""
     request = parse_request(job)
-    params = request.params
     report = report or (lambda update: None)
 
-    # Cheap checks first: nothing below loads torch until the data and model are known good.
-    from lora_pipeline.storage.keys import companion_key, lora_key
-    from lora_pipeline.worker.base_model import describe_source, resolve_base_model
-    from lora_pipeline.worker.data import fetch_examples, load_manifest, tag_frequency, with_trigger
-    from lora_pipeline.worker.family import check_family, detect_family, prediction_type, unet_config
+    store, key = open_job(request, job_id)
+    finished = _already_trained(store, key, request)
+    if finished is not None:
+        report({"phase": "done", "note": "LoRA already in the store for this request"})
+        return finished
+
+    checked = check_job(request, job_id, store, key, report)
+    outcome = train_job(checked, report)
+    published = publish_job(checked, outcome, started_at, report)
+    if published.deferred_to is not None:
+        return published.deferred_to
+    checked.checkpointer.clear()
+    result = job_result(checked, outcome, published, duration_s=round(time.perf_counter() - started, 3))
+    report({"phase": "done", "step": outcome.steps, "total": outcome.steps})
+    return result
+
+
+@dataclass
+class CheckedJob:
+    """A request checked against its store, dataset, base model and device: worth GPU minutes."""
+
+    request: TrainingRequest
+    job_id: str
+    store: Any
+    key: str  # the diffusers file: a valid file here is the registry's proof of completion
+    params: TrainingParams  # the request's, with the dataset's trigger word when it names none
+    examples: list[Example]
+    model_dir: Path
+    family: ModelFamily
+    unet_layout: dict[str, Any]
+    device: Any  # torch.device; not imported here, so that importing the handler stays torch-free
+    checkpointer: StoreCheckpointer
+
+    @property
+    def kohya_key(self) -> str:
+        from lora_pipeline.storage.keys import companion_key
+
+        return companion_key(self.request.style, parse_version_name(self.request.version) or 0, "kohya")
+
+
+@dataclass
+class Published:
+    """What publishing left in the store, or the result of a twin job that published first."""
+
+    sample_keys: list[str]
+    metadata: dict[str, str]
+    deferred_to: dict[str, Any] | None = None
+
+
+def open_job(request: TrainingRequest, job_id: str) -> tuple[Any, str]:
+    """The request's store and its LoRA's key, with this job's start marker written.
+
+    The base model's name is checked first and the store opened second: both refuse a
+    bad request without reading anything.
+    """
+    from lora_pipeline.storage.keys import lora_key
+    from lora_pipeline.worker.base_model import describe_source
 
     describe_source(request.base_model)
     store = open_request_store(request)
     version_number = parse_version_name(request.version)
     assert version_number is not None
     key = lora_key(request.style, version_number)
-
     announce_start(store, request, job_id)
-    finished = _already_trained(store, key, request)
-    if finished is not None:
-        report({"phase": "done", "note": "LoRA already in the store for this request"})
-        return finished
+    return store, key
 
+
+def check_job(request: TrainingRequest, job_id: str, store: Any, key: str, report: Progress) -> CheckedJob:
+    """Everything that can refuse the job before the model loads: dataset, base model, device."""
     report({"phase": "dataset"})
+    params, examples = check_dataset(request, store)
+    report({"phase": "base_model"})
+    model_dir, family, unet_layout = check_base_model(request, store)
+    device = check_device(params)
+
+    from lora_pipeline.storage.keys import checkpoint_prefix
+    from lora_pipeline.worker.checkpoint import StoreCheckpointer
+
+    checkpointer = StoreCheckpointer(store, checkpoint_prefix(request.style, request.version, request.request_id))
+    return CheckedJob(request, job_id, store, key, params, examples, model_dir, family, unet_layout, device,
+                      checkpointer)
+
+
+def check_dataset(request: TrainingRequest, store: Any) -> tuple[TrainingParams, list[Example]]:
+    """The dataset's examples (every image fetched and decoded), and the params with its trigger word.
+
+    A request that names no trigger word trains with the one the dataset was ingested
+    with, so the LoRA answers to the word its captions were written around.
+    """
+    from lora_pipeline.worker.data import fetch_examples, load_manifest
+
     manifest = load_manifest(store, request.style, request.dataset_hash)
     examples = fetch_examples(store, manifest, request.style, request.dataset_hash)
-    trigger = params.trigger_word if params.trigger_word is not None else manifest.trigger_word
+    return with_dataset_trigger(request.params, manifest.trigger_word), examples
+
+
+def with_dataset_trigger(params: TrainingParams, dataset_trigger: str | None) -> TrainingParams:
+    """``params`` with the dataset's trigger word, unless they name one themselves."""
+    trigger = params.trigger_word if params.trigger_word is not None else dataset_trigger
     if trigger != params.trigger_word:
         params = params.model_copy(update={"trigger_word": trigger})
+    return params
 
-    report({"phase": "base_model"})
+
+def check_base_model(request: TrainingRequest, store: Any) -> tuple[Path, ModelFamily, dict[str, Any]]:
+    """The base model's folder, family and UNet layout; refused if the family is not the requested
+    one or (SDXL) the kohya file could not name its blocks."""
+    from lora_pipeline.worker.base_model import resolve_base_model
+    from lora_pipeline.worker.family import check_family, detect_family, unet_config
+
     model_dir = resolve_base_model(request.base_model, store)
     family = check_family(detect_family(model_dir), request.model_family)
     unet_layout = unet_config(model_dir)
-    if family == "sdxl":  # the kohya file names SDXL modules by SGM block: fail now, not after training
-        from lora_pipeline.worker.kohya import KohyaNameError, check_unet_config
+    if family == "sdxl":
+        check_kohya_layout(unet_layout)
+    return model_dir, family, unet_layout
 
-        try:
-            check_unet_config(unet_layout)
-        except KohyaNameError as exc:
-            raise WorkerInputError(f"base model: its UNet cannot be exported in the kohya layout: {exc}") from None
 
-    from lora_pipeline.worker.train import check_optimizer_available, pick_device, run_fingerprint, train_lora, weight_dtype_for
+def check_kohya_layout(unet_layout: dict[str, Any]) -> None:
+    """The kohya file names SDXL modules by SGM block: a UNet without such names fails now, not
+    after training."""
+    from lora_pipeline.worker.kohya import KohyaNameError, check_unet_config
+
+    try:
+        check_unet_config(unet_layout)
+    except KohyaNameError as exc:
+        raise WorkerInputError(f"base model: its UNet cannot be exported in the kohya layout: {exc}") from None
+
+
+def check_device(params: TrainingParams) -> Any:
+    """The device training will run on, once the optimizer and precision are known to work there."""
+    from lora_pipeline.worker.train import check_optimizer_available, pick_device, weight_dtype_for
 
     check_optimizer_available(params.optimizer)
     device = pick_device()
     weight_dtype_for(params.mixed_precision, device)
+    return device
 
-    from lora_pipeline.worker.checkpoint import StoreCheckpointer, checkpoint_prefix
 
-    checkpointer = StoreCheckpointer(store, checkpoint_prefix(request.style, request.version, request.request_id))
+def train_job(checked: CheckedJob, report: Progress) -> TrainOutcome:
+    """Train the LoRA, resuming from this request's checkpoints when a retry finds them."""
+    from lora_pipeline.worker.train import run_fingerprint, train_lora
+
+    request, params = checked.request, checked.params
+    on_step = training_progress(report, params)
+    report({"phase": "training", "step": 0})
+    return train_lora(
+        params, checked.family, checked.model_dir, checked.examples,
+        fingerprint=run_fingerprint(params, checked.family, request.base_model, request.dataset_hash),
+        checkpointer=checked.checkpointer if params.checkpoint_every else None,
+        progress=on_step,
+        device=checked.device,
+    )
+
+
+def training_progress(report: Progress, params: TrainingParams) -> Callable[[int, int, float], None]:
+    """A progress callback that passes on about ten training updates, and always the last one:
+    a progress update per step would flood RunPod's status endpoint."""
     every = max(1, _steps_hint(params) // 10)
 
     def on_step(step: int, total: int, loss: float) -> None:
         if step == total or step % every == 0:
             report({"phase": "training", "step": step, "total": total, "loss": round(loss, 6)})
 
-    report({"phase": "training", "step": 0})
-    outcome = train_lora(
-        params, family, model_dir, examples,
-        fingerprint=run_fingerprint(params, family, request.base_model, request.dataset_hash),
-        checkpointer=checkpointer if params.checkpoint_every else None,
-        progress=on_step,
-        device=device,
-    )
+    return on_step
 
-    from lora_pipeline.worker.artifact import ArtifactFacts, provenance_metadata, write_kohya_file, write_lora_file
+
+def publish_job(checked: CheckedJob, outcome: TrainOutcome, started_at: datetime, report: Progress) -> Published:
+    """Write the LoRA file, publish its samples and its kohya companion, and the diffusers file last."""
+    from lora_pipeline.worker.artifact import provenance_metadata, write_lora_file
 
     report({"phase": "saving"})
-    facts = ArtifactFacts(
+    metadata = provenance_metadata(artifact_facts(checked, outcome, started_at))
+    with tempfile.TemporaryDirectory(prefix="lora-job-") as tmp:
+        lora_file = write_lora_file(
+            Path(tmp) / "lora.safetensors", checked.family, outcome.unet_lora, metadata,
+            text_encoder_lora=outcome.text_encoder_lora, text_encoder_2_lora=outcome.text_encoder_2_lora,
+            adapter_configs=outcome.adapter_configs,
+        )
+        sample_keys = publish_samples(checked, lora_file, report)
+        report({"phase": "uploading"})
+        deferred_to = publish_files(checked, lora_file, Path(tmp))
+        if deferred_to is not None:
+            report({"phase": "done", "note": "another job of this request published first"})
+    return Published(sample_keys, metadata, deferred_to)
+
+
+def artifact_facts(checked: CheckedJob, outcome: TrainOutcome, started_at: datetime) -> ArtifactFacts:
+    """What the LoRA file's header records about how it was made."""
+    from lora_pipeline.worker.artifact import ArtifactFacts
+    from lora_pipeline.worker.data import tag_frequency
+    from lora_pipeline.worker.family import prediction_type
+
+    request = checked.request
+    return ArtifactFacts(
         style=request.style,
         version=request.version,
-        job_id=job_id,
+        job_id=checked.job_id,
         request_id=request.request_id,
         dataset_hash=request.dataset_hash,
         base_model=request.base_model,
-        family=family,
-        params=params,
+        family=checked.family,
+        params=checked.params,
         steps=outcome.steps,
-        num_train_images=len(examples),
-        tag_frequency=tag_frequency([e.caption for e in examples]),
+        num_train_images=len(checked.examples),
+        tag_frequency=tag_frequency([e.caption for e in checked.examples]),
         training_seconds=outcome.train_seconds,
         started_at=started_at,
         finished_at=datetime.now(UTC),
         final_loss=outcome.final_loss,
-        prediction_type=prediction_type(model_dir),
+        prediction_type=prediction_type(checked.model_dir),
     )
-    metadata = provenance_metadata(facts)
-    stem = key.rsplit("/", 1)[0] + "/" + Path(key).stem
+
+
+def publish_samples(checked: CheckedJob, lora_file: Path, report: Progress) -> list[str]:
+    """Generate the requested sample images with the trained LoRA and store them beside it."""
+    params = checked.params
+    if not params.num_sample_images:
+        return []
+    from lora_pipeline.worker.data import with_trigger
+    from lora_pipeline.worker.samples import generate_samples, sample_prompts
+
+    report({"phase": "samples"})
+    stem = checked.key.rsplit("/", 1)[0] + "/" + Path(checked.key).stem
+    prompts = sample_prompts([with_trigger(e.caption, params.trigger_word) for e in checked.examples],
+                             params.num_sample_images)
     sample_keys: list[str] = []
-    kohya_key = companion_key(request.style, version_number, "kohya")
-    with tempfile.TemporaryDirectory(prefix="lora-job-") as tmp:
-        lora_file = write_lora_file(
-            Path(tmp) / "lora.safetensors", family, outcome.unet_lora, metadata,
-            text_encoder_lora=outcome.text_encoder_lora, text_encoder_2_lora=outcome.text_encoder_2_lora,
-            adapter_configs=outcome.adapter_configs,
-        )
-        if params.num_sample_images:
-            from lora_pipeline.worker.samples import generate_samples, sample_prompts
+    images = generate_samples(checked.model_dir, checked.family, lora_file, prompts, params, checked.device)
+    for index, png in enumerate(images):
+        sample_key = f"{stem}_sample_{index}.png"
+        checked.store.put(sample_key, png, content_type="image/png")
+        sample_keys.append(sample_key)
+    return sample_keys
 
-            report({"phase": "samples"})
-            prompts = sample_prompts([with_trigger(e.caption, trigger) for e in examples], params.num_sample_images)
-            for index, png in enumerate(generate_samples(model_dir, family, lora_file, prompts, params, device)):
-                sample_key = f"{stem}_sample_{index}.png"
-                store.put(sample_key, png, content_type="image/png")
-                sample_keys.append(sample_key)
-        report({"phase": "uploading"})
-        # The kohya layout first (a companion: proves nothing alone), the diffusers file last.
-        kohya_file = write_kohya_file(lora_file, Path(tmp) / "kohya.safetensors", unet_config=unet_layout)
-        _publish_companion(store, kohya_key, kohya_file, request)
-        # Last, and create-only: a valid file here means "completed", and a version's
-        # file is never replaced, not even by a second job of the same request.
-        try:
-            store.upload_file(key, lora_file, if_none_match=True)
-        except PreconditionFailed:
-            published = _already_trained(store, key, request)
-            if published is None:  # deleted again in between: nothing to defer to
-                raise
-            # Our kohya file may have replaced the winner's just before: derive it again from
-            # the published diffusers file, so the pair holds one set of weights.
-            _republish_companion(store, key, kohya_key, unet_layout, request, Path(tmp))
-            report({"phase": "done", "note": "another job of this request published first"})
-            return published
-    checkpointer.clear()
 
-    result = TrainingResult(
+def publish_files(checked: CheckedJob, lora_file: Path, tmp: Path) -> dict[str, Any] | None:
+    """Upload the kohya file, then the diffusers file; the twin's result if a twin job of this
+    request published first (None when this job's file is the one published)."""
+    from lora_pipeline.worker.artifact import write_kohya_file
+
+    store, key, request = checked.store, checked.key, checked.request
+    # The kohya layout first (a companion: proves nothing alone), the diffusers file last.
+    kohya_file = write_kohya_file(lora_file, tmp / "kohya.safetensors", unet_config=checked.unet_layout)
+    _publish_companion(store, checked.kohya_key, kohya_file, request)
+    # Last, and create-only: a valid file here means "completed", and a version's
+    # file is never replaced, not even by a second job of the same request.
+    try:
+        store.upload_file(key, lora_file, if_none_match=True)
+    except PreconditionFailed:
+        published = _already_trained(store, key, request)
+        if published is None:  # deleted again in between: nothing to defer to
+            raise
+        # Our kohya file may have replaced the winner's just before: derive it again from
+        # the published diffusers file, so the pair holds one set of weights.
+        _republish_companion(store, key, checked.kohya_key, checked.unet_layout, request, tmp)
+        return published
+    return None
+
+
+def job_result(
+    checked: CheckedJob, outcome: TrainOutcome, published: Published, *, duration_s: float
+) -> dict[str, Any]:
+    """The job's answer: where the files are, and the facts the registry records."""
+    request, key, kohya_key = checked.request, checked.key, checked.kohya_key
+    metadata = published.metadata
+    return TrainingResult(
         style=request.style,
         version=request.version,
         lora_key=key,
@@ -213,14 +371,12 @@ def run_training_job(job: dict[str, Any], *, report: Progress | None = None) -> 
         request_id=request.request_id,
         steps=outcome.steps,
         final_loss=outcome.final_loss,
-        duration_s=round(time.perf_counter() - started, 3),
-        sample_keys=sample_keys,
+        duration_s=duration_s,
+        sample_keys=published.sample_keys,
         kohya_key=kohya_key,
         files={"kohya": kohya_key, "diffusers": key},
         metadata={k: v for k, v in metadata.items() if k.startswith("lora_pipeline.") and k != "lora_pipeline.params"},
-    )
-    report({"phase": "done", "step": outcome.steps, "total": outcome.steps})
-    return result.model_dump(mode="json")
+    ).model_dump(mode="json")
 
 
 def open_request_store(request: TrainingRequest):
@@ -228,11 +384,12 @@ def open_request_store(request: TrainingRequest):
     from lora_pipeline.storage.base import StorageError
     from lora_pipeline.storage.factory import open_store
 
-    url = request.storage_url or os.environ.get(STORAGE_ENV)
+    settings = get_settings()
+    url = request.storage_url or (settings.storage_url if settings.storage_url_is_set else None)
     if not url:
-        raise WorkerInputError(f"storage_url: the request has none and the worker's {STORAGE_ENV} is not set")
+        raise WorkerInputError("storage_url: the request has none and the worker's LORA_STORAGE_URL is not set")
     try:
-        return open_store(url)
+        return open_store(url, settings=settings)
     except (StorageError, ValueError) as exc:
         raise WorkerInputError(f"storage_url: cannot open {url!r}: {exc}") from None
 
@@ -265,7 +422,8 @@ def _owner(store: Any, key: str) -> tuple[str | None, dict[str, str]] | None:
     """
     if store.head(key) is None:
         return None
-    from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
+    from lora_pipeline.registry.safetensors_header import InvalidLoraFile
+    from lora_pipeline.registry_store.lora_files import read_header
 
     try:
         metadata = dict(read_header(store, key).metadata)
@@ -345,7 +503,7 @@ def _steps_hint(params: Any) -> int:
 
 def under_runpod() -> bool:
     """True inside a deployed RunPod worker (the SDK's job-result URL is configured)."""
-    return bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")) and bool(os.environ.get("RUNPOD_POD_ID"))
+    return get_settings().under_runpod
 
 
 def runpod_progress(job: dict[str, Any]) -> Progress:
@@ -365,12 +523,15 @@ def runpod_progress(job: dict[str, Any]) -> Progress:
 
 
 def main() -> None:
-    """``python handler.py``: the SDK's worker loop on RunPod, its local test mode here."""
+    """``python handler.py``: the SDK's worker loop on RunPod, its local test mode here.
+
+    A bad setting stops the worker at start: its line on stderr, exit status 2."""
     logging.basicConfig(level=logging.INFO)
-    if not under_runpod() and not os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):
+    settings = settings_or_exit("worker")
+    if not settings.under_runpod and not settings.runpod_webhook_get_job:
         from lora_pipeline.worker.local_test import prepare_local_store
 
-        prepare_local_store()
+        prepare_local_store(settings)
     import runpod
 
     runpod.serverless.start({"handler": handler})

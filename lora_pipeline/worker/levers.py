@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from lora_pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,9 @@ class SpeedLevers:
 
     @classmethod
     def from_env(cls, value: str | None = None) -> SpeedLevers:
-        """Levers from ``LORA_TRAIN_LEVERS`` (``name=value`` pairs, comma separated)."""
-        text = os.environ.get(LEVERS_ENV, "") if value is None else value
-        return cls.parse(text)
+        """Levers from ``value``, default the setting ``LORA_TRAIN_LEVERS`` (``name=value`` pairs,
+        comma separated)."""
+        return cls.parse(get_settings().train_levers if value is None else value)
 
     @classmethod
     def parse(cls, text: str, base: SpeedLevers | None = None) -> SpeedLevers:

@@ -13,18 +13,19 @@ import os
 import tempfile
 from pathlib import Path
 
+from lora_pipeline.settings import Settings
+
 SAMPLE_STYLE = "sample_style"
 
 
-def prepare_local_store(environ: dict[str, str] | None = None) -> str:
-    """Return the storage URL jobs will use; create and fill a temporary one if none is set."""
-    env = os.environ if environ is None else environ
-    url = env.get("LORA_STORAGE_URL")
-    if url:
-        return url
+def prepare_local_store(settings: Settings) -> str:
+    """Return the storage URL jobs will use; create and fill a temporary one if none is set
+    (and set LORA_STORAGE_URL to it in this process, where the handler reads it)."""
+    if settings.storage_url_is_set:
+        return settings.storage_url
     root = Path(tempfile.mkdtemp(prefix="lora-pipeline-local-test-"))
     ingest_sample(str(root))
-    env["LORA_STORAGE_URL"] = str(root)
+    os.environ["LORA_STORAGE_URL"] = str(root)
     return str(root)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lora_pipeline.worker.schema import ModelFamily, TrainingParams
+from lora_pipeline.contracts.training import ModelFamily, TrainingParams
 
 
 def sample_prompts(captions: Sequence[str], count: int) -> list[str]:

@@ -12,12 +12,13 @@ later calls find the folder and return at once.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from lora_pipeline.settings import get_settings
 
 # Bump when the tiny architecture or weights change, so stale caches are not reused.
 TINY_MODEL_VERSION = 1
@@ -78,9 +79,8 @@ TINY_SD1 = RandomModelSpec(
 
 
 def default_cache_dir() -> Path:
-    """``$LORA_PIPELINE_CACHE`` or ``~/.cache/lora_pipeline``."""
-    env = os.environ.get("LORA_PIPELINE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "lora_pipeline"
+    """The setting ``LORA_PIPELINE_CACHE``, else ``~/.cache/lora_pipeline``."""
+    return get_settings().cache_dir
 
 
 def ensure_tiny_model(dir: Path | None = None) -> Path:  # noqa: A002 - the contract's name

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from lora_pipeline.contracts.training import ModelFamily, TrainingParams
 from lora_pipeline.worker.data import (
     Example,
     batches_per_epoch,
@@ -48,7 +49,6 @@ from lora_pipeline.worker.levers import (
     memory_probe,
     training_settings,
 )
-from lora_pipeline.worker.schema import ModelFamily, TrainingParams
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -435,154 +435,36 @@ def _train(
     levers: SpeedLevers,
     started: float,
 ) -> TrainOutcome:
+    """Prepare, resume, run the steps, export: each step below keeps the RNG draws in the order
+    an uninterrupted run makes them, which is what makes a resumed run exact."""
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     models = load_models(model_dir, family, device, dtype)
     cache = prepare_cache(models, examples, params, device, dtype)
-    # Everything the cache replaced leaves the GPU: the VAE always, the text
-    # encoders unless they train. That memory is what the reference spends per step.
-    models.vae.to("cpu")
-    if not params.train_text_encoder:
-        for encoder in models.text_encoders:
-            encoder.to("cpu")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if params.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        if params.train_text_encoder:
-            for encoder in models.text_encoders:
-                encoder.gradient_checkpointing_enable()
-    torch.manual_seed(params.seed)
-    trainable = add_lora(models, params)
-    if levers.channels_last:
-        models.unet.to(memory_format=torch.channels_last)
-    if levers.fuse_qkv:
-        fuse_qkv(models.unet)
-    optimizer = make_optimizer(params, trainable, device)
+    offload_cached_encoders(models, params, device)
+    trainable, optimizer = prepare_lora_training(models, params, levers, device)
 
-    state = checkpointer.load_latest() if checkpointer else None
-    if state is not None and state.get("fingerprint") != fingerprint:
-        state = None
-    batch_size = params.train_batch_size
+    state = resumable_state(checkpointer, fingerprint)
     if state is not None:
-        batch_size = int(state.get("batch_size") or batch_size)
+        batch_size = resumed_batch_size(state, params)
     elif levers.max_batch:
         batch_size = _largest_fitting_batch(models, cache, params, levers, trainable, device, dtype)
-
-    from diffusers.optimization import get_scheduler
-
+    else:
+        batch_size = params.train_batch_size
     batches = _Batches(cache, batch_size, params.seed, static=bool(levers.static_shapes),
                        on_device=levers.device_cache, device=device)
     n_steps = steps_for_batch(params, batches.per_epoch, batch_size)
-    lr_scheduler = get_scheduler(
-        params.lr_scheduler, optimizer=optimizer,
-        num_warmup_steps=params.lr_warmup_steps, num_training_steps=n_steps,
-    )
+    lr_scheduler = make_lr_scheduler(params, optimizer, n_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-
-    start_step, losses, resumed_from = 0, [], None
+    start_step, losses = 0, []
     if state is not None:
-        start_step = int(state["step"])
-        with torch.no_grad():
-            for param, saved in zip(trainable, state["lora"], strict=True):
-                param.copy_(saved.to(param.device))
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _restore_rng(state["rng"])
-        losses = list(state["losses"])
-        resumed_from = start_step
+        start_step, losses = resume_from(state, trainable, optimizer, lr_scheduler, scaler)
 
-    unet = compile_unet(models.unet, levers)
-    for module in (models.unet, *models.text_encoders):
-        module.train(params.train_text_encoder or module is models.unet)
-
-    prediction_type = models.noise_scheduler.config.prediction_type
-    num_timesteps = models.noise_scheduler.config.num_train_timesteps
-    scaling = models.vae.config.scaling_factor
-    shift = getattr(models.vae.config, "shift_factor", None) or 0.0
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    accumulation = params.gradient_accumulation_steps
-    images_seen = start_step * accumulation * batch_size
-    # One generator on the device, re-seeded per micro-step: the draws of step s are a
-    # function of (seed, s) as before, without host→device copies of noise.
-    device_gen = torch.Generator(device=device) if levers.device_cache else None
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet on the host
-
-    for step in range(start_step, n_steps):
-        step_loss: torch.Tensor | None = None
-        for micro in range(accumulation):
-            batch = batches.get(step * accumulation + micro)
-            mean, std, embeds, pooled, time_ids = batches.tensors(batch, family)
-            n = len(batch.ids)
-            if device_gen is not None:
-                gen = device_gen.manual_seed(step_seed(params.seed, step, micro))
-                eps = torch.randn(mean.shape, generator=gen, device=device).to(mean.dtype)
-                latents = ((mean + std * eps) - shift) * scaling
-                noise = torch.randn(latents.shape, generator=gen, device=device).to(latents.dtype)
-                timesteps = torch.randint(0, num_timesteps, (n,), generator=gen, device=device)
-            else:
-                gen = step_generator(params.seed, step, micro)
-                eps = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
-                latents = ((mean + std * eps) - shift) * scaling
-                noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-                timesteps = torch.randint(0, num_timesteps, (n,), generator=gen).to(device)
-            noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
-            if levers.channels_last:
-                noisy = noisy.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                if embeds is None:
-                    embeds, pooled = _encode_prompts(models, [cache.captions[i] for i in batch.ids], device)
-                added = {"text_embeds": pooled, "time_ids": time_ids} if family == "sdxl" else None
-                pred = unet(noisy, timesteps, embeds, added_cond_kwargs=added, return_dict=False)[0]
-            if prediction_type == "v_prediction":
-                target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            loss = F.mse_loss(pred.float(), target.float()) / accumulation
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            images_seen += n
-        if scaler:
-            scaler.unscale_(optimizer)
-        if params.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        pending.append((done, step_loss))
-        checkpoint_due = bool(checkpointer and params.checkpoint_every and done % params.checkpoint_every == 0
-                              and done < n_steps)
-        if not (checkpoint_due or done % levers.log_every == 0 or done == n_steps):
-            continue
-        flushed = _flush_losses(pending, losses)
-        if checkpoint_due:
-            checkpointer.save(done, {
-                "fingerprint": fingerprint,
-                "step": done,
-                "batch_size": batch_size,
-                "lora": [p.detach().cpu().clone() for p in trainable],
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None,
-                "rng": _rng_state(),
-                "losses": losses,
-            })
-        if progress:
-            for flushed_step, value in flushed:
-                progress(flushed_step, n_steps, value)
+    run = _Run(params, models, enter_training_mode(models, params, levers), cache, batches, trainable, optimizer,
+               lr_scheduler, scaler, levers, device, dtype, batch_size, n_steps)
+    images_seen = _train_steps(run, start_step, losses, fingerprint, checkpointer, progress)
 
     unet_lora, te_lora, te2_lora = _lora_layers(models, params)
-    configs = {"unet": models.unet.peft_config["default"].to_dict()}
-    if params.train_text_encoder:
-        for name, encoder in zip(("text_encoder", "text_encoder_2"), models.text_encoders, strict=False):
-            configs[name] = encoder.peft_config["default"].to_dict()
     return TrainOutcome(
         unet_lora=unet_lora,
         text_encoder_lora=te_lora,
@@ -590,13 +472,316 @@ def _train(
         losses=losses,
         steps=n_steps,
         images_seen=images_seen,
-        resumed_from=resumed_from,
+        resumed_from=start_step if state is not None else None,
         train_seconds=time.perf_counter() - started,
         device=str(device),
-        adapter_configs=configs,
+        adapter_configs=adapter_configs(models, params),
         batch_size=batch_size,
         levers=levers.as_dict(),
     )
+
+
+# -- prepare ------------------------------------------------------------------------
+
+
+def offload_cached_encoders(models: _Models, params: TrainingParams, device: torch.device) -> None:
+    """Everything the cache replaced leaves the GPU: the VAE always, the text encoders unless
+    they train. That memory is what the reference spends per step."""
+    models.vae.to("cpu")
+    if not params.train_text_encoder:
+        for encoder in models.text_encoders:
+            encoder.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def prepare_lora_training(
+    models: _Models, params: TrainingParams, levers: SpeedLevers, device: torch.device
+) -> tuple[list[torch.nn.Parameter], Any]:
+    """The LoRA adapters (initialised from the seed alone) and their optimizer, on a UNet in the
+    memory layout the levers ask for; returns (trainable parameters, optimizer)."""
+    if params.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if params.train_text_encoder:
+            for encoder in models.text_encoders:
+                encoder.gradient_checkpointing_enable()
+    # Re-seeded here so the adapters' initial weights do not depend on what loading drew.
+    torch.manual_seed(params.seed)
+    trainable = add_lora(models, params)
+    if levers.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    if levers.fuse_qkv:
+        fuse_qkv(models.unet)
+    return trainable, make_optimizer(params, trainable, device)
+
+
+def make_lr_scheduler(params: TrainingParams, optimizer: Any, n_steps: int) -> Any:
+    """diffusers' learning-rate schedule over the run's ``n_steps`` optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        params.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=params.lr_warmup_steps, num_training_steps=n_steps,
+    )
+
+
+def enter_training_mode(models: _Models, params: TrainingParams, levers: SpeedLevers) -> Any:
+    """The UNet to call (compiled when the levers say so), with every module in train or eval mode
+    as it trains or not."""
+    unet = compile_unet(models.unet, levers)
+    for module in (models.unet, *models.text_encoders):
+        module.train(params.train_text_encoder or module is models.unet)
+    return unet
+
+
+# -- resume and checkpoint -------------------------------------------------------------
+
+
+def resumable_state(checkpointer: Checkpointer | None, fingerprint: str) -> dict[str, Any] | None:
+    """The latest checkpoint when it belongs to this run (same fingerprint), else None.
+
+    A checkpoint of other settings, data or base model would continue a different run:
+    it is ignored and training starts over.
+    """
+    state = checkpointer.load_latest() if checkpointer else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        return None
+    return state
+
+
+def resumed_batch_size(state: dict[str, Any], params: TrainingParams) -> int:
+    """The batch the checkpointed run trained with (levers.max_batch may have raised it): batch
+    order and the step count depend on it, so a resumed run keeps it rather than probing again."""
+    return int(state.get("batch_size") or params.train_batch_size)
+
+
+def resume_from(
+    state: dict[str, Any],
+    trainable: Sequence[torch.nn.Parameter],
+    optimizer: Any,
+    lr_scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[int, list[float]]:
+    """Put back what ``checkpoint_state`` saved; returns (steps already done, their losses).
+
+    The weights, optimizer moments, schedule position, loss scale and RNG all come
+    back, so the steps that follow are the ones the interrupted run would have taken.
+    """
+    with torch.no_grad():
+        for param, saved in zip(trainable, state["lora"], strict=True):
+            param.copy_(saved.to(param.device))
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _restore_rng(state["rng"])
+    return int(state["step"]), list(state["losses"])
+
+
+def checkpoint_state(
+    fingerprint: str,
+    step: int,
+    batch_size: int,
+    trainable: Sequence[torch.nn.Parameter],
+    optimizer: Any,
+    lr_scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    losses: list[float],
+) -> dict[str, Any]:
+    """Everything ``resume_from`` needs to continue after ``step`` exactly, and the fingerprint
+    that says which run it belongs to."""
+    return {
+        "fingerprint": fingerprint,
+        "step": step,
+        "batch_size": batch_size,
+        "lora": [p.detach().cpu().clone() for p in trainable],
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "rng": _rng_state(),
+        "losses": losses,
+    }
+
+
+def checkpoint_due(params: TrainingParams, checkpointer: Checkpointer | None, done: int, n_steps: int) -> bool:
+    """Every ``checkpoint_every`` steps, but not after the last: the LoRA file is the final state."""
+    return bool(checkpointer and params.checkpoint_every and done % params.checkpoint_every == 0 and done < n_steps)
+
+
+# -- step ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What every optimisation step uses, fixed before the first one."""
+
+    params: TrainingParams
+    models: _Models
+    unet: Any  # models.unet, or its compiled form
+    cache: _Prepared
+    batches: _Batches
+    trainable: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    levers: SpeedLevers
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    n_steps: int
+    autocast: Any = field(init=False)
+    prediction_type: str = field(init=False)
+    num_timesteps: int = field(init=False)
+    scaling: float = field(init=False)  # the VAE's latent scaling and shift
+    shift: float = field(init=False)
+    # One generator on the device, re-seeded per micro-step: the draws of step s are a
+    # function of (seed, s) as before, without host→device copies of noise.
+    device_gen: torch.Generator | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        self.prediction_type = self.models.noise_scheduler.config.prediction_type
+        self.num_timesteps = self.models.noise_scheduler.config.num_train_timesteps
+        self.scaling = self.models.vae.config.scaling_factor
+        self.shift = getattr(self.models.vae.config, "shift_factor", None) or 0.0
+        self.device_gen = torch.Generator(device=self.device) if self.levers.device_cache else None
+
+
+def _train_steps(
+    run: _Run,
+    start_step: int,
+    losses: list[float],
+    fingerprint: str,
+    checkpointer: Checkpointer | None,
+    progress: ProgressFn | None,
+) -> int:
+    """Steps ``start_step`` to the end, appending to ``losses``; returns the images seen in all.
+
+    Losses stay on the device until a log, checkpoint or the last step needs them on
+    the host, so most steps never wait for the GPU.
+    """
+    params, n_steps = run.params, run.n_steps
+    images_seen = start_step * params.gradient_accumulation_steps * run.batch_size
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet on the host
+    for step in range(start_step, n_steps):
+        step_loss, images = optimisation_step(run, step)
+        images_seen += images
+        done = step + 1
+        pending.append((done, step_loss))
+        due = checkpoint_due(params, checkpointer, done, n_steps)
+        if not (due or done % run.levers.log_every == 0 or done == n_steps):
+            continue
+        flushed = _flush_losses(pending, losses)
+        if due:
+            checkpointer.save(done, checkpoint_state(fingerprint, done, run.batch_size, run.trainable, run.optimizer,
+                                                     run.lr_scheduler, run.scaler, losses))
+        if progress:
+            for flushed_step, value in flushed:
+                progress(flushed_step, n_steps, value)
+    return images_seen
+
+
+def optimisation_step(run: _Run, step: int) -> tuple[torch.Tensor, int]:
+    """One optimizer update over ``gradient_accumulation_steps`` micro-batches; returns (the
+    step's loss, still on the device, and the images it trained on)."""
+    accumulation = run.params.gradient_accumulation_steps
+    step_loss: torch.Tensor | None = None
+    images = 0
+    for micro in range(accumulation):
+        batch = run.batches.get(step * accumulation + micro)
+        loss = _micro_batch_loss(run, batch, step, micro) / accumulation
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+        images += len(batch.ids)
+    _apply_gradients(run)
+    return step_loss, images
+
+
+def _micro_batch_loss(run: _Run, batch: _Batch, step: int, micro: int) -> torch.Tensor:
+    """The noise-prediction MSE of one micro-batch, as diffusers' LoRA script computes it."""
+    models, family = run.models, run.models.family
+    mean, std, embeds, pooled, time_ids = run.batches.tensors(batch, family)
+    scheduler = models.noise_scheduler
+    latents, noise, timesteps = sample_noisy_inputs(
+        mean, std, len(batch.ids), seed=run.params.seed, step=step, micro=micro, num_timesteps=run.num_timesteps,
+        scaling=run.scaling, shift=run.shift, device=run.device, device_gen=run.device_gen,
+    )
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if run.levers.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    with run.autocast:
+        if embeds is None:
+            embeds, pooled = _encode_prompts(models, [run.cache.captions[i] for i in batch.ids], run.device)
+        added = {"text_embeds": pooled, "time_ids": time_ids} if family == "sdxl" else None
+        pred = run.unet(noisy, timesteps, embeds, added_cond_kwargs=added, return_dict=False)[0]
+    if run.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float())
+
+
+def sample_noisy_inputs(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    n: int,
+    *,
+    seed: int,
+    step: int,
+    micro: int,
+    num_timesteps: int,
+    scaling: float,
+    shift: float,
+    device: torch.device,
+    device_gen: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A micro-step's random draws: (latents sampled from the cached distributions, noise, timesteps).
+
+    All come from a generator seeded by ``(seed, step, micro)`` and nothing else, so
+    a resumed run draws exactly what the uninterrupted one did. ``device_gen`` draws
+    on the device; without it the draws are made on the host and copied.
+    """
+    if device_gen is not None:
+        gen = device_gen.manual_seed(step_seed(seed, step, micro))
+        eps = torch.randn(mean.shape, generator=gen, device=device).to(mean.dtype)
+        latents = ((mean + std * eps) - shift) * scaling
+        noise = torch.randn(latents.shape, generator=gen, device=device).to(latents.dtype)
+        timesteps = torch.randint(0, num_timesteps, (n,), generator=gen, device=device)
+    else:
+        gen = step_generator(seed, step, micro)
+        eps = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
+        latents = ((mean + std * eps) - shift) * scaling
+        noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+        timesteps = torch.randint(0, num_timesteps, (n,), generator=gen).to(device)
+    return latents, noise, timesteps
+
+
+def _apply_gradients(run: _Run) -> None:
+    """Unscale (fp16), clip, step the optimizer and the learning rate, and clear the gradients."""
+    scaler, optimizer = run.scaler, run.optimizer
+    if scaler:
+        scaler.unscale_(optimizer)
+    if run.params.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.trainable, run.params.max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    run.lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# -- export -------------------------------------------------------------------------
+
+
+def adapter_configs(models: _Models, params: TrainingParams) -> dict[str, dict[str, Any]]:
+    """Each trained adapter's peft LoraConfig, for the file's header (alpha and rank as trained)."""
+    configs = {"unet": models.unet.peft_config["default"].to_dict()}
+    if params.train_text_encoder:
+        for name, encoder in zip(("text_encoder", "text_encoder_2"), models.text_encoders, strict=False):
+            configs[name] = encoder.peft_config["default"].to_dict()
+    return configs
 
 
 def _flush_losses(pending: list[tuple[int, torch.Tensor]], losses: list[float]) -> list[tuple[int, float]]:

@@ -8,11 +8,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from lora_pipeline.backends.base import JobNotFound
+from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.registry.evidence import Submission
-from lora_pipeline.runpod.backend import JobNotFound, JobStatus
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.local import LocalStore
-from lora_pipeline.storage.registry_io import RegistryStore
 
 
 @pytest.fixture

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
+from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.dataset.ingest import SAMPLE_TRIGGER_WORD, IngestOptions, ingest_dataset, sample_dataset_path
 from lora_pipeline.definitions import defs
+from lora_pipeline.defs.jobs import GPU_POOL
 from lora_pipeline.demo import error_text
+from lora_pipeline.lifecycle.submit import wait_for_job
 from lora_pipeline.registry.models import VersionStatus
-from lora_pipeline.runpod.backend import JobStatus
-from lora_pipeline.storage.registry_io import RegistryStore
-from lora_pipeline.training import wait_for_job
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline_tests.dagster_layer.conftest import StubBackend
 from lora_pipeline_tests.registry.lora_files import lora_bytes
 
@@ -129,6 +130,30 @@ def test_complete_training_run_records_a_finished_job(store, instance, backend, 
     assert lora.materialization.metadata["steps"].value == 30
 
 
+def test_a_completion_run_records_without_claiming_a_gpu_slot(store, instance, backend, dataset):
+    """complete_training hands trained_lora the finished job: its GPU step is skipped, so a run
+    that only records never waits for a runpod_gpu slot (here a pool of 0 slots, which would
+    block a claim for ever), while a materialization from the UI claims one."""
+    job_id = run_train_lora(instance).output_for_node("submit_lora_training")
+    store.put("loras/sample_style/sample_style_v1.safetensors", lora_bytes({"lora_pipeline.steps": "30"}))
+    status = JobStatus(id=job_id, status="COMPLETED", output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"})
+    instance.event_log_storage.set_concurrency_slots(GPU_POOL, 0)
+
+    result = defs.resolve_job_def("complete_training").execute_in_process(
+        instance=instance, partition_key=STYLE,
+        run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
+    )
+
+    assert result.success
+    steps = {e.step_key: e.event_type_value for e in result.all_events
+             if e.event_type_value in ("STEP_SKIPPED", "STEP_SUCCESS", "STEP_FAILURE")}
+    assert steps == {"trained_lora.take_training_request": "STEP_SUCCESS", "trained_lora.train_on_gpu": "STEP_SKIPPED",
+                     "trained_lora.record_trained_lora": "STEP_SUCCESS", "lora_registry": "STEP_SUCCESS"}
+    assert instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots == []
+    [version] = RegistryStore(store).read(STYLE)[0].versions
+    assert version.status is VersionStatus.completed
+
+
 def test_complete_training_fails_when_the_completed_job_left_no_readable_file(store, instance, backend, dataset):
     """RunPod can say COMPLETED for a worker that wrote nothing: that is no LoRA."""
     job_id = run_train_lora(instance).output_for_node("submit_lora_training")
@@ -141,4 +166,4 @@ def test_complete_training_fails_when_the_completed_job_left_no_readable_file(st
     )
 
     assert not result.success
-    assert "sample_style_v1.safetensors" in error_text(result.failure_data_for_node("trained_lora"))
+    assert "sample_style_v1.safetensors" in error_text(result.failure_data_for_node("trained_lora.record_trained_lora"))

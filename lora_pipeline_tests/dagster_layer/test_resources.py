@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from lora_pipeline.backends.local import LocalBackend
 from lora_pipeline.defs.resources import LoraS3Resource, StorageResource, TrainingBackendResource
-from lora_pipeline.runpod.local import LocalBackend
 from lora_pipeline.settings import SettingsError
 
 
@@ -48,15 +48,18 @@ def test_training_backend_is_local_without_an_endpoint(tmp_path, monkeypatch):
 
 
 def test_runpod_backend_without_a_key_names_the_missing_setting(tmp_path, monkeypatch):
-    monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "abc123")
     store = StorageResource(storage_url=str(tmp_path)).get_store()
+    with pytest.raises(Exception, match="RUNPOD_API_KEY"):  # an endpoint given as config, no key anywhere
+        TrainingBackendResource(endpoint_id="abc123").get_backend(store)
 
-    with pytest.raises(Exception, match="RUNPOD_API_KEY"):
+    monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "abc123")
+    with pytest.raises(SettingsError, match="^RUNPOD_ENDPOINT_ID='abc123': RUNPOD_API_KEY is not set"):
         TrainingBackendResource().get_backend(store)
 
 
 def test_webhook_url_carries_the_token_encoded(monkeypatch):
     monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "abc123")
+    monkeypatch.setenv("RUNPOD_API_KEY", "key")
     monkeypatch.setenv("LORA_WEBHOOK_URL", "https://hooks.example.com/webhooks/runpod")
     monkeypatch.setenv("LORA_WEBHOOK_TOKEN", "a+b/c")
 

@@ -10,7 +10,7 @@ request are executed in process with the request's partition, config and tags.
 
 The double's handler is a stub that writes a valid LoRA file where the real worker
 would and returns the worker's result shape: the real torch worker under the SDK
-is covered in ``runpod/test_runpod_real_worker.py``.
+is covered in ``backends/test_runpod_real_worker.py``.
 """
 
 from __future__ import annotations
@@ -25,23 +25,23 @@ from typing import Any
 import dagster as dg
 import httpx
 import pytest
-from lora_pipeline.defs.completion_sensors import JOB_TAG
 
+from lora_pipeline.backends.runpod_client import RunPodClient
+from lora_pipeline.contracts.training import TrainingRequest, TrainingResult
 from lora_pipeline.dataset.ingest import SAMPLE_TRIGGER_WORD, IngestOptions, ingest_dataset, sample_dataset_path
 from lora_pipeline.definitions import defs
 from lora_pipeline.defs import resources as resources_module
+from lora_pipeline.defs.completion_sensors import JOB_TAG
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import RegistryDocument, Version, VersionStatus
 from lora_pipeline.registry.names import parse_version_name
-from lora_pipeline.runpod.client import RunPodClient
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage import ObjectStore
 from lora_pipeline.storage.breaker import CircuitBreaker
 from lora_pipeline.storage.factory import open_store
 from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, companion_key, lora_key, registry_key
-from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.webhook.app import create_app
 from lora_pipeline.webhook.urls import webhook_url
-from lora_pipeline.worker.schema import TrainingRequest, TrainingResult
 from lora_pipeline_tests.fakes.runpod_api import FakeRunPod
 from lora_pipeline_tests.fakes.uvicorn_thread import serve_in_thread
 from lora_pipeline_tests.registry.lora_files import lora_bytes, pair_bytes

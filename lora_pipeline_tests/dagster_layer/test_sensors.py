@@ -8,12 +8,13 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 
+from lora_pipeline.backends.base import JobNotFound, RunPodUnavailable
+from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.completion_sensors import runpod_job_sensor, runpod_webhook_sensor
 from lora_pipeline.registry.evidence import JobReport
-from lora_pipeline.runpod.backend import JobNotFound, JobStatus, RunPodUnavailable
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage import StoreUnavailable
 from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED
-from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.webhook.inbox import write_webhook
 from lora_pipeline_tests.dagster_layer.conftest import submit_pending
 

@@ -14,8 +14,8 @@ import pytest
 from lora_pipeline.defs import completion_sensors
 from lora_pipeline.defs.completion_sensors import runpod_webhook_sensor
 from lora_pipeline.registry.evidence import JobReport
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED
-from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.webhook.inbox import WEBHOOK_REJECTED, write_webhook
 from lora_pipeline_tests.dagster_layer.conftest import submit_pending
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_pipeline.dataset.captions import build_caption_index
 from lora_pipeline.dataset.ingest import (
     SAMPLE_TRIGGER_WORD,
     EmptyDatasetError,
@@ -15,9 +16,13 @@ from lora_pipeline.dataset.ingest import (
     ingest_dataset,
     read_manifest,
     read_pointer,
+    _accept_images,
+    _sort_listing,
     sample_dataset_path,
 )
 from lora_pipeline.dataset.manifest import dataset_hash
+from lora_pipeline.dataset.sources import Listing, Refusal, SourceFile
+from lora_pipeline.dataset.validate import ImageFacts, Rejection
 from lora_pipeline.dataset.versions import DatasetNotFound
 from lora_pipeline.registry.names import InvalidStyleName
 from lora_pipeline.storage.keys import dataset_manifest_key, dataset_prefix
@@ -293,3 +298,44 @@ def test_the_sample_hash_is_stable_across_runs_and_releases(local_store) -> None
     # committed sample files can move it.
     report = ingest_dataset(local_store, "sample", sample_dataset_path())
     assert report.dataset_hash == "be91308eeeceaa320659da1cbb5b421383b7960f3c8794442293a94c09d5533b"
+
+
+# -- pass 1's steps alone -------------------------------------------------------------
+
+
+def test_the_listing_is_sorted_by_kind_and_every_other_file_is_explained() -> None:
+    listing = Listing(
+        files=[SourceFile(n, 1) for n in ("a.png", "a.txt", "metadata.jsonl", "notes.docx", "README")],
+        refused=[Refusal("../escape.png", "outside the source")],
+    )
+    files = _sort_listing(listing)
+    assert [f.name for f in files.images] == ["a.png"]
+    assert (files.caption_names, files.metadata_names) == (["a.txt"], ["metadata.jsonl"])
+    assert [r.source for r in files.rejected] == ["../escape.png", "notes.docx", "README"]
+    assert "extension .docx" in files.rejected[1].reason and ".png" in files.rejected[1].reason
+    assert "extension (none)" in files.rejected[2].reason
+
+
+def _facts(sha: str) -> ImageFacts:
+    return ImageFacts(sha256=sha, size=10, format="PNG", extension="png", width=64, height=64, mode="RGB")
+
+
+def test_an_exact_duplicate_is_kept_once_under_its_first_name() -> None:
+    sha = "ab" * 32
+    outcomes = [("a.png", _facts(sha), Path("staged-a")), ("copy.png", _facts(sha), Path("staged-b")),
+                ("bad.png", Rejection("corrupt image data (truncated)"), None)]
+    checked = _accept_images(outcomes, build_caption_index({}, {}), IngestOptions(), "geo", rejected=[])
+    assert [e.source for e in checked.entries] == ["a.png"] and checked.entries[0].caption == "geo"
+    assert checked.paths == {f"images/{sha}.png": Path("staged-a")}
+    assert [(r.source, r.reason) for r in checked.rejected] == [
+        ("copy.png", "exact duplicate of a.png (same content); kept once"),
+        ("bad.png", "corrupt image data (truncated)"),
+    ]
+
+
+def test_an_image_without_a_caption_stays_out_when_captions_are_required() -> None:
+    outcomes = [("a.png", _facts("cd" * 32), Path("staged-a"))]
+    checked = _accept_images(outcomes, build_caption_index({}, {}), IngestOptions(missing_captions="reject"), "geo",
+                             rejected=[])
+    assert checked.entries == [] and checked.paths == {}
+    assert "no caption" in checked.rejected[0].reason and "reject" in checked.rejected[0].reason

@@ -1,7 +1,9 @@
 """deploy/ checked offline: the instance files against Dagster's own schemas, the Compose file
 (docker-compose where installed, else the Compose Specification's JSON schema kept in
 deploy/schemas/), the Kubernetes manifests and the run launcher's Job (rendered by dagster_k8s)
-against the Kubernetes API schema (kubernetes-validate, bundled schemas), and the pools."""
+against the Kubernetes API schema (kubernetes-validate, bundled schemas), the Helm values merged
+over the chart's defaults against the chart's values.schema.json (copies in deploy/schemas/), and
+the pools."""
 
 from __future__ import annotations
 
@@ -59,6 +61,38 @@ def test_compose_instance_is_the_base_instance_plus_the_docker_launcher():
     assert {k: v for k, v in compose.items() if k != "run_launcher"} == base
 
 
+# -- what runs need reaches the run containers ---------------------------------------------------
+def _run_variables() -> list[str]:
+    """The first variable of every setting a Dagster run needs (lora_pipeline.settings: ``runs``)."""
+    from lora_pipeline.settings import env_names, run_fields
+
+    return [env_names(field)[0] for field in run_fields()]
+
+
+def test_compose_runs_get_every_setting_runs_need():
+    """DockerRunLauncher copies only the names it lists from the daemon (which must have each one,
+    or the launch fails): every run setting is listed, and every process has it."""
+    launcher = load(DEPLOY / "compose/dagster.yaml")["run_launcher"]["config"]["env_vars"]
+    missing = [name for name in _run_variables() if name not in launcher]
+    assert missing == [], f"add to deploy/compose/dagster.yaml's run_launcher env_vars: {missing}"
+    daemon = load(COMPOSE)["services"]["daemon"]["environment"]
+    assert [name for name in _run_variables() if name not in daemon] == []
+    assert not [entry for entry in launcher if "=" in entry]  # names only: values stay in the environment
+
+
+def test_kubernetes_runs_get_every_setting_runs_need_by_reference():
+    """K8sRunLauncher hands each run's Job the secret lora-pipeline-env (a reference); the secret is
+    made from lora-pipeline.env.example, which names every run setting."""
+    values = load(DEPLOY / "k8s/values.yaml")
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    assert launcher["envSecrets"] == [{"name": SECRET}] and "envVars" not in launcher
+    example = (DEPLOY / "k8s/lora-pipeline.env.example").read_text()
+    named = {line.removeprefix("# ").partition("=")[0] for line in example.splitlines() if "=" in line}
+    missing = [name for name in _run_variables() if name not in named]
+    assert missing == [], f"add to deploy/k8s/lora-pipeline.env.example: {missing}"
+    assert "--from-env-file=lora-pipeline.env" in (DEPLOY / "k8s/values.yaml").read_text()
+
+
 def test_workspace_names_the_code_server(monkeypatch):
     from dagster._config import process_config
     from dagster._core.workspace.config_schema import WORKSPACE_CONFIG_SCHEMA
@@ -79,12 +113,15 @@ def test_every_gpu_path_holds_the_pool_and_init_sets_every_pool():
     from lora_pipeline.deploy.init import POOLS
 
     assert defs.resolve_job_def("train_lora").graph.node_named("submit_lora_training").definition.pool == GPU_POOL
-    assert defs.get_assets_def("trained_lora").op.pool == GPU_POOL  # materialized from the UI
+    graph = defs.get_assets_def("trained_lora").node_def  # materialized from the UI: only its GPU step
+    assert {node.name: node.definition.pool for node in graph.nodes} == {
+        "take_training_request": None, "train_on_gpu": GPU_POOL, "record_trained_lora": None}
     named = set()
     for job in [defs.resolve_implicit_global_asset_job_def(), *(defs.resolve_job_def(n) for n in
                                                                 ("train_lora", "complete_training"))]:
-        named |= {node.definition.pool for node in job.graph.nodes if node.definition.pool}
+        named |= {op.pool for op in job.graph.iterate_op_defs() if op.pool}
     assert named == set(POOLS)  # deploy init sets each explicitly
+
 
 
 # -- Compose -------------------------------------------------------------------------------------
@@ -188,6 +225,112 @@ def test_helm_values_use_one_secret_and_our_code_location():
     assert "default_limit" not in pools
     text = (DEPLOY / "k8s/values.yaml").read_text()
     assert "env:" not in text and "envVars" not in text  # values would be copied into each Job
+
+
+# -- Helm values against the chart's values.schema.json (deploy/schemas/README.md) ---------------
+# The chart's schema and default values.yaml, copied verbatim from dagster master at 437f92d: the
+# 1.13.27 tag's copy could not be fetched here (see the README), so this is the closest pair.
+HELM_SCHEMA = DEPLOY / "schemas/dagster-helm-437f92d.values.schema.json"
+HELM_DEFAULTS = DEPLOY / "schemas/dagster-helm-437f92d.values.yaml"
+
+
+def helm_merge(defaults: dict, overrides: dict) -> dict:
+    """Helm's coalescing of -f values over the chart's values.yaml: maps merge key by key,
+    recursively; lists and scalars replace; an explicit null deletes the chart's key."""
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = helm_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _without_external_refs(node):
+    """Drop every `$ref` that leaves the file (the Kubernetes definitions on
+    raw.githubusercontent.com): its target counts as the permissive {}, while the sibling keywords
+    and every local #/$defs reference still apply."""
+    if isinstance(node, dict):
+        return {k: _without_external_refs(v) for k, v in node.items()
+                if not (k == "$ref" and not str(v).startswith("#"))}
+    if isinstance(node, list):
+        return [_without_external_refs(v) for v in node]
+    return node
+
+
+@pytest.fixture(scope="module")
+def helm_validator() -> jsonschema.Draft202012Validator:
+    stubbed = _without_external_refs(json.loads(HELM_SCHEMA.read_text()))
+    assert all(ref.startswith("#/$defs/") for ref in _walk_refs(stubbed))  # nothing left to fetch
+    jsonschema.Draft202012Validator.check_schema(stubbed)
+    return jsonschema.Draft202012Validator(stubbed)
+
+
+def _walk_refs(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            yield from _walk_refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk_refs(v)
+
+
+def _helm_errors(validator, values: dict) -> list[tuple[str, str]]:
+    """(path, message) of every failure, the branches of an anyOf (`X | None` fields) included."""
+    def leaves(error):
+        return [leaf for sub in error.context for leaf in leaves(sub)] if error.context else [error]
+    return [(e.json_path, e.message) for top in validator.iter_errors(values) for e in leaves(top)]
+
+
+def test_helm_values_pass_the_charts_schema(helm_validator):
+    """What `helm install -f deploy/k8s/values.yaml` validates: the chart's defaults with our file
+    merged over them. The chart's defaults alone must pass too, or the copy is wrong."""
+    defaults = load(HELM_DEFAULTS)
+    ours = load(DEPLOY / "k8s/values.yaml")
+    assert _helm_errors(helm_validator, defaults) == []
+    merged = helm_merge(defaults, ours)
+    assert _helm_errors(helm_validator, merged) == []
+    # Helm's semantics, as applied: our deployments list replaces the chart's example one, our
+    # queue settings merge into the chart's, and the chart's keys we don't set survive.
+    assert [d["name"] for d in merged["dagster-user-deployments"]["deployments"]] == ["lora-pipeline"]
+    queued = merged["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    assert queued["maxConcurrentRuns"] == 10 and queued["dequeueUseThreads"] is True
+    assert merged["runLauncher"]["config"]["k8sRunLauncher"]["loadInclusterConfig"] is True
+    assert merged["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
+    assert helm_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": None}}) == {"a": {"b": 1}}
+
+
+def _drop_deployment_port(values: dict) -> None:
+    del values["dagster-user-deployments"]["deployments"][0]["port"]
+
+
+@pytest.mark.parametrize(("patch", "path", "needle"), [
+    ({"dagsterDaemon": {"runCoordinator": {"config": {"queuedRunCoordinator": {"maxConcurentRuns": 10}}}}},
+     "$.dagsterDaemon.runCoordinator.config.queuedRunCoordinator", "'maxConcurentRuns' was unexpected"),
+    ({"dagsterDaemon": {"runCoordinator": {"typ": "QueuedRunCoordinator"}}},
+     "$.dagsterDaemon.runCoordinator", "'typ' was unexpected"),
+    ({"dagsterWebserver": {"replicaCount": "2"}}, "$.dagsterWebserver.replicaCount", "not of type 'integer'"),
+    ({"runLauncher": {"type": "K8sRunLaucher"}}, "$.runLauncher.type", "is not one of"),
+    ({"runLauncher": {"config": {"k8sRunLauncher": {"imagePullPolicy": "ifNotPresent"}}}},
+     "$.runLauncher.config.k8sRunLauncher.imagePullPolicy", "is not one of"),
+    # the deployments list replaces the chart's, so our entry alone must carry every required key
+    (_drop_deployment_port, "$['dagster-user-deployments'].deployments[0]", "'port' is a required property"),
+], ids=["misspelled-queue-key", "misspelled-coordinator-key", "replicas-as-string", "launcher-typo",
+        "pull-policy-case", "deployment-without-port"])
+def test_helm_schema_rejects_a_broken_values_file_naming_the_path(helm_validator, patch, path, needle):
+    ours = load(DEPLOY / "k8s/values.yaml")
+    if callable(patch):
+        patch(ours)
+    else:
+        ours = helm_merge(ours, patch)
+    merged = helm_merge(load(HELM_DEFAULTS), ours)
+    errors = _helm_errors(helm_validator, merged)
+    assert any(p == path and needle in m for p, m in errors), errors
+    assert jsonschema.exceptions.best_match(helm_validator.iter_errors(merged)).json_path == path
 
 
 def test_docker_image_holds_the_instance_and_the_deploy_extra():

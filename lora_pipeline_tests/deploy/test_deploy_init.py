@@ -13,8 +13,8 @@ from lora_pipeline.dataset.ingest import ingest_dataset, sample_dataset_path
 from lora_pipeline.defs.jobs import GPU_POOL
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.registry.evidence import Submission
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.local import LocalStore
-from lora_pipeline.storage.registry_io import RegistryStore
 
 
 def _laptop_store(path) -> LocalStore:

@@ -23,10 +23,10 @@ from dagster_graphql import DagsterGraphQLClient
 from lora_pipeline.dataset.ingest import ingest_dataset, sample_dataset_path
 from lora_pipeline.defs.jobs import GPU_POOL
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
-from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.defs.resources import TrainingBackendResource
+from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.local import LocalStore
-from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline_tests.deploy.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -165,7 +165,7 @@ def test_two_runs_race_for_a_gpu_pool_of_one_across_a_webserver_and_daemon_resta
         assert wait_done(instance, run_id).status == dg.DagsterRunStatus.SUCCESS, event_types(instance, run_id)
         types = event_types(instance, run_id)
         assert types.count("PIPELINE_STARTING") == types.count("PIPELINE_START") == 1, types
-    (a0, a1), (b0, b1) = step_interval(instance, a, "submit_lora_training"), step_interval(instance, b, "trained_lora")
+    (a0, a1), (b0, b1) = step_interval(instance, a, "submit_lora_training"), step_interval(instance, b, "trained_lora.train_on_gpu")
     assert a1 <= b0 or b1 <= a0, "the two GPU steps ran at the same time"
 
 

@@ -10,9 +10,9 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from lora_pipeline.reconcile import process_inbox, reconcile
+from lora_pipeline.lifecycle.reconcile import process_inbox, reconcile
 from lora_pipeline.registry.evidence import Submission
-from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.webhook.inbox import write_webhook
 
 STYLE = "style_59"

@@ -10,7 +10,7 @@ import pytest
 
 from lora_pipeline.registry.evidence import Submission
 from lora_pipeline.registry.models import VersionStatus
-from lora_pipeline.storage.registry_io import RegistryStore
+from lora_pipeline.registry_store.documents import RegistryStore
 
 from .concurrent_ops import STYLE, op_reconcile, op_submit, op_webhook, warm
 from .lora_files import at, lora_bytes

@@ -34,27 +34,29 @@ from typing import Any
 
 import pytest
 
+from lora_pipeline.backends.base import RunPodError
+from lora_pipeline.backends.runpod_client import RunPodClient
+from lora_pipeline.contracts.training import TrainingRequest
 from lora_pipeline.dataset.versions import read_manifest, set_current
-from lora_pipeline.legacy import import_legacy
-from lora_pipeline.reconcile import process_inbox, reconcile
-from lora_pipeline.registry.merge import merge
-from lora_pipeline.registry.models import VersionStatus
-from lora_pipeline.registry.safetensors_header import InvalidLoraFile, read_header
-from lora_pipeline.runpod.backend import RunPodError
-from lora_pipeline.runpod.client import RunPodClient
-from lora_pipeline.storage.base import PreconditionFailed, StorageError
-from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, WEBHOOK_REJECTED, lora_key
-from lora_pipeline.storage.registry_io import RegistryStore, StyleSummary
-from lora_pipeline.training import (
+from lora_pipeline.lifecycle.legacy_import import import_legacy
+from lora_pipeline.lifecycle.reconcile import process_inbox, reconcile
+from lora_pipeline.lifecycle.submit import (
     SubmissionInFlight,
     SubmissionUnknown,
     record_completion,
     submit_training,
     training_params,
 )
+from lora_pipeline.registry.merge import merge
+from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.registry.safetensors_header import InvalidLoraFile
+from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.registry_store.index import StyleSummary
+from lora_pipeline.registry_store.lora_files import read_header
+from lora_pipeline.storage.base import PreconditionFailed, StorageError
+from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, WEBHOOK_REJECTED, lora_key
 from lora_pipeline.webhook.inbox import InvalidWebhook, write_webhook
 from lora_pipeline.worker.handler import announce_start
-from lora_pipeline.worker.schema import TrainingRequest
 from lora_pipeline_tests.fakes.runpod_api import FakeRunPod
 from lora_pipeline_tests.registry.lora_files import lora_bytes
 from lora_pipeline_tests.worker.conftest import png_bytes, put_dataset

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+from lora_pipeline.backends.base import JobNotFound
+from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.completion_sensors import unfinished_jobs
-from lora_pipeline.reconcile import process_inbox, reconcile
+from lora_pipeline.lifecycle.reconcile import process_inbox, reconcile
 from lora_pipeline.registry.evidence import Submission
 from lora_pipeline.registry.models import VersionStatus
-from lora_pipeline.runpod.backend import JobNotFound, JobStatus
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.base import StoreUnavailable
 from lora_pipeline.storage.keys import INDEX_KEY
-from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.webhook.inbox import write_webhook
 
 from .lora_files import at, lora_bytes

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.legacy import import_legacy
-from lora_pipeline.reconcile import process_inbox, reconcile
+from lora_pipeline.lifecycle.legacy_import import import_legacy
+from lora_pipeline.lifecycle.reconcile import process_inbox, reconcile
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry.urls import UrlRank, url_rank
+from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.local import LocalStore
-from lora_pipeline.storage.registry_io import RegistryStore
 from lora_pipeline.webhook.inbox import write_webhook
 
-from .test_reconcile import CountingStore
+from lora_pipeline_tests.lifecycle.test_reconcile import CountingStore
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy"
 ACCELERATED_BASE = "https://loras-prod.s3-accelerate.amazonaws.com"

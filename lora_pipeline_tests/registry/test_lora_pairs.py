@@ -13,8 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from lora_pipeline.cli import main
-from lora_pipeline.legacy import import_legacy
-from lora_pipeline.reconcile import reconcile
+from lora_pipeline.contracts.job_status import JobStatus
+from lora_pipeline.lifecycle.legacy_import import import_legacy
+from lora_pipeline.lifecycle.reconcile import reconcile
+from lora_pipeline.lifecycle.submit import record_completion
 from lora_pipeline.registry.checks import (
     completed_without_both_layouts,
     completed_without_readable_file,
@@ -24,9 +26,8 @@ from lora_pipeline.registry.evidence import LegacyRecord, RejectedLora, StoredCo
 from lora_pipeline.registry.merge import merge
 from lora_pipeline.registry.models import RegistryDocument, VersionStatus
 from lora_pipeline.registry.names import parse_lora_file
-from lora_pipeline.runpod.backend import JobStatus
-from lora_pipeline.storage.registry_io import RegistryStore
-from lora_pipeline.training import record_completion
+from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.settings import SettingsError
 
 from .lora_files import at, pair_bytes
 
@@ -95,14 +96,15 @@ def test_both_files_of_a_completed_version_are_recorded_and_lora_url_names_the_p
     assert document.superseded_files == () and document.rejected_files == ()
 
 
-def test_the_primary_defaults_to_the_setting(monkeypatch) -> None:
+def test_the_primary_is_handed_in_and_the_setting_picks_it(monkeypatch, local_store) -> None:
     document = doc(main_file(), companion())
-    assert document.to_dict()["versions"][0]["s3Key"] == KOHYA
+    assert document.to_dict()["versions"][0]["s3Key"] == KOHYA  # the pure core's default
+    assert document.to_dict("diffusers")["versions"][0]["s3Key"] == MAIN
     monkeypatch.setenv("LORA_PRIMARY_FORMAT", "diffusers")
-    assert document.to_dict()["versions"][0]["s3Key"] == MAIN
+    assert RegistryStore(local_store).primary == "diffusers"  # the registry store hands the setting in
     monkeypatch.setenv("LORA_PRIMARY_FORMAT", "ckpt")
-    with pytest.raises(ValueError, match="LORA_PRIMARY_FORMAT"):
-        document.to_dict()
+    with pytest.raises(SettingsError, match="^LORA_PRIMARY_FORMAT='ckpt': expected one of kohya, diffusers$"):
+        RegistryStore(local_store)
 
 
 def test_a_kohya_file_alone_creates_no_version_and_stays_accounted_for() -> None:
@@ -298,11 +300,10 @@ def test_a_completion_never_attaches_a_file_of_another_version_or_style(local_st
 
 def test_completion_metadata_shows_both_files() -> None:
     from lora_pipeline.defs.assets.trained_lora import completion_result
-    from lora_pipeline.training import Completion
+    from lora_pipeline.lifecycle.submit import Completion
 
     version = doc(main_file(url=CDN), companion(url=CDN)).version(3)
-    result = completion_result(Completion(S, version, "completed", MAIN, {"lora_pipeline.steps": "10"}), None)
-    meta = result.metadata
+    meta, _ = completion_result(Completion(S, version, "completed", MAIN, {"lora_pipeline.steps": "10"}), None)
     assert (meta["kohya_file"], meta["diffusers_file"]) == (KOHYA, MAIN)
     assert (meta["kohya_url"].value, meta["diffusers_url"].value) == (CDN + KOHYA, CDN + MAIN)
     assert (meta["kohya_sha256"], meta["diffusers_sha256"], meta["kohya_size"]) == (SHA_K, SHA_D, 90)

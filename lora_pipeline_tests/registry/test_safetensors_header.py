@@ -5,7 +5,8 @@ import struct
 
 import pytest
 
-from lora_pipeline.registry.safetensors_header import InvalidLoraFile, parse_header, read_header
+from lora_pipeline.registry.safetensors_header import InvalidLoraFile, parse_header
+from lora_pipeline.registry_store.lora_files import read_header
 
 from .lora_files import lora_bytes, truncated_lora_bytes
 
@@ -88,7 +89,7 @@ def test_read_header_uses_ranged_reads_only(local_store):
 
 
 def test_is_readable_lora_answers_for_the_asset_check(local_store):
-    from lora_pipeline.registry.safetensors_header import is_readable_lora
+    from lora_pipeline.registry_store.lora_files import is_readable_lora
 
     local_store.put("loras/s/s_v1.safetensors", lora_bytes())
     local_store.put("loras/s/s_v2.safetensors", truncated_lora_bytes())

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from lora_pipeline.settings import SettingsError, load_settings
 from lora_pipeline.storage import StorageError
 from lora_pipeline.storage.breaker import BreakerStore
 from lora_pipeline.storage.factory import open_configured_store, open_store, parse_storage_url
@@ -110,12 +111,12 @@ def test_an_endpoint_ignoring_conditional_writes_is_detected_and_said(fault_prox
     ],
 )
 def test_bad_client_settings_fail_naming_the_variable(name, value):
-    with pytest.raises(StorageError, match=name):
-        S3Options.from_env({name: value})
+    with pytest.raises(SettingsError, match=f"^{name}={value!r}: expected "):
+        load_settings({name: value})
 
 
 def test_client_settings_come_from_the_environment():
-    options = S3Options.from_env(
+    options = S3Options.from_settings(load_settings(
         {
             "AWS_ENDPOINT_URL_S3": "https://s3api-eu-ro-1.runpod.io",
             "AWS_REGION": "eu-ro-1",
@@ -125,7 +126,7 @@ def test_client_settings_come_from_the_environment():
             "LORA_S3_READ_TIMEOUT": "120",
             "LORA_S3_ACCELERATE": "true",
         }
-    )
+    ))
     client = build_s3_client(options)
     config = client.meta.config
     assert client.meta.endpoint_url == "https://s3api-eu-ro-1.runpod.io"

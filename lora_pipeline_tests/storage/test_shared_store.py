@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 
+from lora_pipeline.settings import SettingsError, load_settings
 from lora_pipeline.storage import StorageError, StoreUnavailable
 from lora_pipeline.storage.breaker import BreakerStore
 from lora_pipeline.storage.factory import reset_shared_stores, s3_location, shared_breaker, shared_store
@@ -158,16 +159,17 @@ def test_tick_options_cap_timeouts_and_attempts_and_bound_a_failing_request():
     # Never longer than the step settings, and configurable.
     short = S3Options(read_timeout=1.0, max_attempts=1).for_ticks()
     assert (short.read_timeout, short.max_attempts) == (1.0, 1)
-    env = S3Options.from_env({"LORA_S3_TICK_READ_TIMEOUT": "3", "LORA_S3_TICK_MAX_ATTEMPTS": "3",
-                              "LORA_S3_TICK_CONNECT_TIMEOUT": "1"}).for_ticks()
+    env = S3Options.from_settings(load_settings({"LORA_S3_TICK_READ_TIMEOUT": "3", "LORA_S3_TICK_MAX_ATTEMPTS": "3",
+                                                 "LORA_S3_TICK_CONNECT_TIMEOUT": "1"})).for_ticks()
     assert (env.connect_timeout, env.read_timeout, env.max_attempts) == (1.0, 3.0, 3)
 
 
 @pytest.mark.parametrize("name", ["LORA_S3_TICK_READ_TIMEOUT", "LORA_S3_TICK_MAX_ATTEMPTS",
                                   "LORA_S3_TICK_CONNECT_TIMEOUT"])
 def test_bad_tick_settings_fail_naming_the_variable(name):
-    with pytest.raises(StorageError, match=name):
-        S3Options.from_env({name: "0"})
+    with pytest.raises(SettingsError, match=f"^{name}='0': expected a whole number of at least 1$|"
+                                            f"^{name}='0': expected a number of seconds above 0$"):
+        load_settings({name: "0"})
 
 
 def test_local_stores_are_opened_afresh_as_before(tmp_path):

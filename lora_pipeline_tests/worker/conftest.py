@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lora_pipeline.contracts.training import TrainingParams
+from lora_pipeline.dataset.ingest import sample_dataset_path
 from lora_pipeline.dataset.manifest import DatasetManifest, ImageEntry, dataset_hash
 from lora_pipeline.storage.keys import dataset_manifest_key, dataset_prefix
 from lora_pipeline.storage.local import LocalStore
-from lora_pipeline.dataset.ingest import sample_dataset_path
-from lora_pipeline.worker.schema import TrainingParams
 
 STYLE = "geo"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_pipeline.registry.safetensors_header import verify_local_file
+from lora_pipeline.registry_store.lora_files import verify_local_file
 from lora_pipeline.worker.artifact import (
     ArtifactFacts,
     base_model_name,

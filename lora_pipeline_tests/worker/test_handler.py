@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 import lora_pipeline.worker.train as train_module
-from lora_pipeline.registry.safetensors_header import read_header
-from lora_pipeline.worker.handler import handler
-from lora_pipeline.worker.schema import TrainingResult
-from lora_pipeline_tests.worker.conftest import png_bytes, put_dataset, request_dict
+from lora_pipeline.contracts.training import TrainingResult
+from lora_pipeline.registry_store.lora_files import read_header
+from lora_pipeline.worker.errors import WorkerInputError
+from lora_pipeline.worker.handler import check_kohya_layout, handler, training_progress, with_dataset_trigger
+from lora_pipeline_tests.worker.conftest import png_bytes, put_dataset, quick_params, request_dict
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_importing_the_handler_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, lora_pipeline.worker.handler, lora_pipeline.worker.schema; print('torch' in sys.modules)"
+    code = "import sys, lora_pipeline.worker.handler, lora_pipeline.contracts.training; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -211,7 +212,7 @@ def _kohya_tensors_of(store, key: str) -> str:
     """The tensor checksum of the kohya file derived from the diffusers file at ``key``."""
     import tempfile
 
-    from lora_pipeline.registry.safetensors_header import verify_local_file
+    from lora_pipeline.registry_store.lora_files import verify_local_file
     from lora_pipeline.worker.artifact import write_kohya_file
     from lora_pipeline.worker.family import unet_config
     from lora_pipeline.worker.tiny_model import ensure_tiny_model
@@ -288,3 +289,27 @@ def test_a_store_error_reading_the_existing_file_fails_the_job_instead_of_traini
     result = handler({"id": "j", "input": request_dict(store, sample_dataset)})
     assert "InternalError" in result["error"]
     assert store.get("loras/geo/geo_v1.safetensors").data == original
+
+
+# -- the job's steps alone ----------------------------------------------------------
+
+
+def test_the_datasets_trigger_word_is_used_only_when_the_request_names_none() -> None:
+    assert with_dataset_trigger(quick_params(trigger_word="mine"), "ingested").trigger_word == "mine"
+    assert with_dataset_trigger(quick_params(), "ingested").trigger_word == "ingested"
+    assert with_dataset_trigger(quick_params(), None).trigger_word is None
+
+
+def test_training_progress_passes_on_about_ten_updates_and_always_the_last() -> None:
+    updates: list[dict] = []
+    on_step = training_progress(updates.append, quick_params(max_train_steps=25))
+    for step in range(1, 26):
+        on_step(step, 25, 0.1234567)
+    assert [u["step"] for u in updates] == [*range(2, 25, 2), 25]
+    assert updates[-1] == {"phase": "training", "step": 25, "total": 25, "loss": 0.123457}
+
+
+def test_an_sdxl_unet_the_kohya_names_cannot_cover_is_refused_naming_the_base_model() -> None:
+    with pytest.raises(WorkerInputError, match="base model: its UNet cannot be exported in the kohya layout"):
+        check_kohya_layout({"down_block_types": ["DownBlock2D"], "up_block_types": []})
+    check_kohya_layout({"down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "layers_per_block": 2})

@@ -26,9 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_pipeline.registry.safetensors_header import verify_local_file
+from lora_pipeline.contracts.training import TrainingParams
+from lora_pipeline.registry_store.lora_files import verify_local_file
 from lora_pipeline.worker.artifact import ArtifactFacts, provenance_metadata, write_kohya_file, write_lora_file
-from lora_pipeline.worker.schema import TrainingParams
 from lora_pipeline.worker.train import _lora_layers, _Models, add_lora
 from lora_pipeline_tests.worker import comfy_rules
 from lora_pipeline_tests.worker.real_models import SPECS, Components, build

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import lora_pipeline.worker.handler as handler_module
+from lora_pipeline.contracts.training import TrainingRequest
 from lora_pipeline.dataset.ingest import SAMPLE_TRIGGER_WORD, IngestOptions, ingest_dataset, sample_dataset_path
 from lora_pipeline.storage.keys import lora_key
-from lora_pipeline.worker.schema import TrainingRequest
 from lora_pipeline_tests.worker.conftest import request_dict
 
 WORKER_DIR = Path(handler_module.__file__).resolve().parent

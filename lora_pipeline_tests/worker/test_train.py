@@ -8,10 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_pipeline.worker.checkpoint import StoreCheckpointer, checkpoint_prefix
+from lora_pipeline.storage.keys import checkpoint_prefix
+from lora_pipeline.worker.checkpoint import StoreCheckpointer
 from lora_pipeline.worker.data import Example, decode_image
 from lora_pipeline.worker.errors import WorkerInputError
-from lora_pipeline.worker.train import train_lora
+from lora_pipeline.worker.train import (
+    checkpoint_due,
+    checkpoint_state,
+    make_lr_scheduler,
+    resumable_state,
+    resume_from,
+    resumed_batch_size,
+    sample_noisy_inputs,
+    train_lora,
+)
 from lora_pipeline_tests.worker.conftest import quick_params, sample_images
 
 
@@ -125,3 +135,91 @@ def test_bf16_mixed_precision_trains_close_to_fp32(tiny_model: Path, examples: l
     bf16 = train_lora(quick_params(max_train_steps=2, mixed_precision="bf16"), "sd1", tiny_model, examples)
     assert all(torch.isfinite(torch.tensor(bf16.losses)))
     assert bf16.losses == pytest.approx(fp32.losses, rel=0.05)
+
+
+# -- the loop's steps alone: resume and checkpoint, the per-step draws ------------------
+
+
+class _Checkpoints:
+    """A checkpointer holding one state; saving is not expected."""
+
+    def __init__(self, state: dict | None) -> None:
+        self.state = state
+
+    def load_latest(self) -> dict | None:
+        return self.state
+
+    def save(self, step: int, state: dict) -> None:
+        raise AssertionError("nothing should be saved")
+
+
+def test_only_a_checkpoint_of_this_run_is_resumed() -> None:
+    mine = {"fingerprint": "fp", "step": 4}
+    assert resumable_state(None, "fp") is None
+    assert resumable_state(_Checkpoints(None), "fp") is None
+    assert resumable_state(_Checkpoints({"fingerprint": "other settings", "step": 4}), "fp") is None
+    assert resumable_state(_Checkpoints(mine), "fp") is mine
+
+
+def test_a_resumed_run_keeps_the_batch_size_it_was_checkpointed_with() -> None:
+    params = quick_params(train_batch_size=2)
+    assert resumed_batch_size({"batch_size": 6}, params) == 6  # raised by levers.max_batch before the crash
+    assert resumed_batch_size({}, params) == 2  # a checkpoint written before the batch size was recorded
+
+
+def test_checkpoints_fall_every_n_steps_but_not_on_the_last() -> None:
+    every_3 = quick_params(checkpoint_every=3)
+    assert [done for done in range(1, 10) if checkpoint_due(every_3, _Checkpoints(None), done, 9)] == [3, 6]
+    assert not checkpoint_due(every_3, None, 3, 9)
+    assert not checkpoint_due(quick_params(checkpoint_every=0), _Checkpoints(None), 3, 9)
+
+
+def _tiny_run(params, init_seed: int):
+    torch.manual_seed(init_seed)
+    layer = torch.nn.Linear(4, 2)
+    trainable = list(layer.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate)
+    return layer, trainable, optimizer, make_lr_scheduler(params, optimizer, n_steps=10)
+
+
+def _take_steps(layer, optimizer, scheduler, n: int) -> None:
+    for _ in range(n):
+        layer(torch.randn(3, 4)).square().mean().backward()  # draws from the global RNG, as dropout would
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_a_checkpoint_resumes_the_weights_optimizer_schedule_and_rng_exactly(store) -> None:
+    params = quick_params(learning_rate=0.1, lr_scheduler="cosine", lr_warmup_steps=2)
+    layer, trainable, optimizer, scheduler = _tiny_run(params, init_seed=0)
+    _take_steps(layer, optimizer, scheduler, 3)
+    checkpointer = StoreCheckpointer(store, checkpoint_prefix("geo", "V1", "req-unit"))
+    checkpointer.save(3, checkpoint_state("fp", 3, 2, trainable, optimizer, scheduler, None, [0.5, 0.4, 0.3]))
+    _take_steps(layer, optimizer, scheduler, 4)
+
+    other, resumed, resumed_optimizer, resumed_scheduler = _tiny_run(params, init_seed=1)
+    state = resumable_state(checkpointer, "fp")
+    assert state is not None and state["batch_size"] == 2
+    assert resume_from(state, resumed, resumed_optimizer, resumed_scheduler, None) == (3, [0.5, 0.4, 0.3])
+    _take_steps(other, resumed_optimizer, resumed_scheduler, 4)
+    for expected, got in zip(trainable, resumed, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_micro_steps_draws_depend_on_the_seed_step_and_micro_step_alone() -> None:
+    mean, std = torch.zeros(2, 4, 4, 4), torch.ones(2, 4, 4, 4)
+
+    def draw(**overrides):
+        args = dict(seed=7, step=3, micro=0, num_timesteps=1000, scaling=0.18, shift=0.0,
+                    device=torch.device("cpu"), device_gen=None)
+        args.update(overrides)
+        return sample_noisy_inputs(mean, std, 2, **args)
+
+    first = draw()
+    torch.rand(5)  # the global RNG moving on changes nothing
+    assert all(torch.equal(a, b) for a, b in zip(first, draw(), strict=True))
+    assert not torch.equal(first[1], draw(micro=1)[1]) and not torch.equal(first[1], draw(step=4)[1])
+    # levers.device_cache draws on the device: on the CPU that is the same stream.
+    same = draw(device_gen=torch.Generator(device="cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(first, same, strict=True))

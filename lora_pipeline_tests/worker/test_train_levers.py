@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_pipeline.storage.keys import checkpoint_prefix
 from lora_pipeline.worker import levers as levers_module
 from lora_pipeline.worker import train as train_module
-from lora_pipeline.worker.checkpoint import StoreCheckpointer, checkpoint_prefix
+from lora_pipeline.worker.checkpoint import StoreCheckpointer
 from lora_pipeline.worker.data import Example, decode_image
 from lora_pipeline.worker.levers import (
     SpeedLevers,

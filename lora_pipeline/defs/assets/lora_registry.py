@@ -8,11 +8,11 @@ import dagster as dg
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry import checks
-from lora_pipeline.registry.layouts import LAYOUTS, primary_layout
+from lora_pipeline.registry.layouts import LAYOUTS
 from lora_pipeline.registry.models import LoraFile, RegistryDocument, VersionStatus
-from lora_pipeline.registry.safetensors_header import is_readable_lora
+from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.registry_store.lora_files import is_readable_lora
 from lora_pipeline.storage.keys import registry_key
-from lora_pipeline.storage.registry_io import RegistryStore
 
 CHECKS = {
     "unique_version_names": "No two versions share a name.",
@@ -52,7 +52,7 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
     }
     completed = [v for v in document.versions if v.status == VersionStatus.completed]
     latest = max(completed, key=lambda v: v.number, default=None)
-    primary = primary_layout()
+    primary = registry.primary
     main = latest.download(primary) if latest else None
     latest_url = main.url if main is not None else (latest.lora_url if latest else None)
     return dg.MaterializeResult(

@@ -2,7 +2,9 @@
 
 Materialized two ways: by hand (or by automation), when it submits a job and
 waits for it; or by a completion sensor's run, which hands it the job's final
-status so it only verifies the file and records the outcome.
+status so it only verifies the file and records the outcome. A graph of three
+steps, so that only the GPU step (skipped in the second way) holds a slot of the
+``runpod_gpu`` pool.
 """
 
 
@@ -11,20 +13,22 @@ import json
 import dagster as dg
 from pydantic import Field, ValidationError
 
+from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.registry.layouts import primary_layout
-from lora_pipeline.registry.models import VersionStatus
-from lora_pipeline.runpod.backend import JobStatus
-from lora_pipeline.training import (
+from lora_pipeline.defs.jobs import GPU_POOL
+from lora_pipeline.lifecycle.submit import (
     Completion,
     NoDatasetError,
     SubmissionInFlight,
     SubmissionUnknown,
+    completed_version,
     record_completion,
     submit_and_wait,
 )
+from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.settings import get_settings
 from lora_pipeline.webhook.inbox import mark_processed
 
 
@@ -38,53 +42,111 @@ class TrainedLoraConfig(TrainingConfig):
     inbox_key: str | None = Field(None, description="The webhook file to archive once recorded.")
 
 
-@dg.asset(
-    partitions_def=styles_partitions,
-    deps=["training_dataset"],
-    group_name="lora",
-    kinds={"pytorch", "runpod"},
-    # Materialized by hand it submits a GPU job and holds it: the same pool as train_lora's op.
-    pool="runpod_gpu",
+@dg.op(
+    ins={"training_dataset": dg.In(dg.Nothing)},
+    out={
+        "train": dg.Out(dict, is_required=False, description="No finished job was handed over: train."),
+        "finished": dg.Out(dict, is_required=False, description="A completion sensor handed over a finished job."),
+    },
 )
-def trained_lora(
-    context: dg.AssetExecutionContext,
-    config: TrainedLoraConfig,
+def take_training_request(config: TrainedLoraConfig):  # noqa: ANN201 - yields one of two outputs
+    """Route the run: a completion sensor's finished job goes straight to recording, so that
+    recording never waits for a ``runpod_gpu`` slot; anything else goes to the GPU step."""
+    if config.status_body:
+        yield dg.Output(
+            {"status_body": config.status_body, "source": config.source, "inbox_key": config.inbox_key}, "finished"
+        )
+    else:
+        yield dg.Output(config.model_dump(), "train")
+
+
+@dg.op(pool=GPU_POOL, tags={"kind": "runpod"})
+def train_on_gpu(
+    context: dg.OpExecutionContext,
+    request: dict,
     storage: StorageResource,
     training_backend: TrainingBackendResource,
-) -> dg.MaterializeResult:
-    """Train (or record the training of) this style's LoRA and verify the file."""
+) -> dict:
+    """Submit the style's current dataset (idempotently) and hold a ``runpod_gpu`` slot
+    until the job ends: the same pool as ``train_lora``'s op."""
+    style = context.partition_key
+    config = TrainedLoraConfig.model_validate(request)
+    store = storage.get_store()
+    try:
+        submitted, status = submit_and_wait(
+            store=store,
+            backend=training_backend.get_backend(store),
+            style=style,
+            base_model=config.base_model,
+            params=config.params,
+            force=config.force,
+            timeout_s=config.wait_timeout_s,
+            poll_interval_s=config.poll_interval_s,
+            storage_url=training_backend.storage_url_for_worker(storage),
+            webhook_url=training_backend.webhook_url_for_jobs(),
+            log=context.log.info,
+        )
+    except (NoDatasetError, ValidationError, SubmissionInFlight) as exc:
+        raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
+    except SubmissionUnknown as exc:
+        raise dg.Failure(description=str(exc), metadata={"version": exc.version.name}) from None
+    return {
+        "version": submitted.version,
+        "status_body": status.model_dump_json() if status is not None else None,
+        "source": "poll",
+        "inbox_key": None,
+    }
+
+
+@dg.op(out=dg.Out(dg.Nothing))
+def record_trained_lora(context: dg.OpExecutionContext, outcomes: list[dict], storage: StorageResource):  # noqa: ANN201
+    """Record the finished job (verifying its file) and materialize ``trained_lora``.
+
+    ``outcomes`` holds exactly one entry: the GPU step's, or the finished job a completion
+    sensor handed over (the other branch was skipped).
+    """
+    [outcome] = outcomes
     style = context.partition_key
     store = storage.get_store()
-    if config.status_body:
-        status = JobStatus.model_validate_json(config.status_body)
-        completion = record_completion(store, style, status, source=config.source)  # type: ignore[arg-type]
-        if config.inbox_key:
-            mark_processed(store, config.inbox_key)
+    status = JobStatus.model_validate_json(outcome["status_body"]) if outcome["status_body"] else None
+    if status is not None:
+        completion = record_completion(store, style, status, source=outcome["source"])
+        if outcome["inbox_key"]:
+            mark_processed(store, outcome["inbox_key"])
     else:
-        backend = training_backend.get_backend(store)
-        try:
-            status, completion = submit_and_wait(
-                store=store,
-                backend=backend,
-                style=style,
-                base_model=config.base_model,
-                params=config.params,
-                force=config.force,
-                timeout_s=config.wait_timeout_s,
-                poll_interval_s=config.poll_interval_s,
-                storage_url=training_backend.storage_url_for_worker(storage),
-                webhook_url=training_backend.webhook_url_for_jobs(),
-                log=context.log.info,
-            )
-        except (NoDatasetError, ValidationError, SubmissionInFlight) as exc:
-            raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
-        except SubmissionUnknown as exc:
-            raise dg.Failure(description=str(exc), metadata={"version": exc.version.name}) from None
-    return completion_result(completion, status)
+        completion = completed_version(store, style, outcome["version"]) or Completion(
+            style, None, "missing", None, {}, problem=f"version {outcome['version']} is no longer completed"
+        )
+    metadata, data_version = completion_result(completion, status)
+    yield dg.Output(None, metadata=metadata, data_version=data_version)
 
 
-def completion_result(completion: Completion, status: JobStatus | None) -> dg.MaterializeResult:
-    """Materialization metadata a user wants, or a Failure that says why there is no LoRA."""
+@dg.graph_asset(
+    partitions_def=styles_partitions,
+    ins={"training_dataset": dg.AssetIn(dagster_type=dg.Nothing)},
+    group_name="lora",
+    kinds={"pytorch", "runpod"},
+    # The run config stays `ops: {trained_lora: {config: ...}}`, as for a one-op asset.
+    config=dg.ConfigMapping(
+        config_schema=TrainedLoraConfig.to_config_schema(),
+        config_fn=lambda config: {"take_training_request": {"config": config}},
+    ),
+)
+def trained_lora(training_dataset):  # noqa: ANN001, ANN201 - a graph's composition function
+    """Train (or record the training of) this style's LoRA and verify the file.
+
+    Materialized by hand (or by automation) it submits a GPU job and waits for it, in
+    ``train_on_gpu``, the one step that holds a ``runpod_gpu`` slot. Started by a completion
+    sensor with the job's final status it skips that step and only records: a finished job
+    is never kept waiting for a GPU slot.
+    """
+    request = take_training_request(training_dataset)
+    return record_trained_lora([train_on_gpu(request.train), request.finished])
+
+
+def completion_result(completion: Completion, status: JobStatus | None) -> tuple[dict, dg.DataVersion]:
+    """Materialization metadata a user wants and the data version, or a Failure that says
+    why there is no LoRA."""
     version = completion.version
     if version is None or version.status != VersionStatus.completed:
         reason = completion.problem or (version.error if version else None) or completion.status
@@ -94,7 +156,7 @@ def completion_result(completion: Completion, status: JobStatus | None) -> dg.Ma
             metadata={"job_id": version.id if version else None},
         )
     meta = completion.lora_metadata
-    primary = primary_layout()
+    primary = get_settings().primary_format
     main = version.download(primary)
     url = main.url if main is not None else version.lora_url
     metadata: dict = {
@@ -117,7 +179,4 @@ def completion_result(completion: Completion, status: JobStatus | None) -> dg.Ma
         metadata["queue_delay_s"] = (status.delayTime or 0) / 1000
         metadata["execution_time_s"] = (status.executionTime or 0) / 1000
     metadata["lora_header"] = dg.MetadataValue.json(json.loads(json.dumps(meta)))
-    return dg.MaterializeResult(
-        metadata={k: v for k, v in metadata.items() if v is not None},
-        data_version=dg.DataVersion(version.s3_key or version.name),
-    )
+    return {k: v for k, v in metadata.items() if v is not None}, dg.DataVersion(version.s3_key or version.name)

@@ -1,0 +1,345 @@
+"""Registry documents in the object store: optimistic concurrency, submit claims.
+
+Every write is read-merge-write with the document's ETag (If-Match, or
+If-None-Match for a new document); a writer that loses the race re-reads and
+merges again, so concurrent writers (a reconciliation, a webhook, a submission)
+never lose each other's evidence: merging is idempotent and order-independent,
+so re-merging is always safe. A document is written only when its content
+changed. After each write the style's line in ``registry/index.json``
+(``registry_store.index``) is brought up to date; ``fresh_index`` repairs one that lags.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from lora_pipeline.registry.evidence import Claim, Evidence, Submission
+from lora_pipeline.registry.jobids import base_job_id
+from lora_pipeline.registry.merge import merge, next_version_number
+from lora_pipeline.registry.models import (
+    UNFINISHED_STATUSES,
+    InvalidRecord,
+    RegistryDocument,
+    Version,
+    VersionStatus,
+)
+from lora_pipeline.registry.names import parse_lora_file, validate_style
+from lora_pipeline.registry_store.changes import VersionChange, diff_versions, document_content
+from lora_pipeline.registry_store.index import RegistryIndex, StyleSummary, parse_index
+from lora_pipeline.settings import get_settings
+from lora_pipeline.storage.base import ObjectStore, PreconditionFailed, StoredObject
+from lora_pipeline.storage.documents import JSON, read_object, update_object
+from lora_pipeline.storage.keys import INDEX_KEY, REGISTRY, lora_prefix, registry_key
+
+_DOC_NAME = "training_versions.json"
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    document: RegistryDocument
+    changed: bool
+    changes: list[VersionChange] = field(default_factory=list)
+    etag: str | None = None
+
+
+class ClaimLost(RuntimeError):
+    """The submit claim this caller held was taken over (its lease ran out); it must not POST."""
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """What ``claim_version`` decided: existing | claimed | busy | unknown, and the version."""
+
+    kind: str
+    version: Version
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    """A document as read, with what a conditional write needs (ETag, raw content)."""
+
+    document: RegistryDocument  # as stored, duplicates included
+    etag: str | None
+    raw: dict[str, Any] | None
+    data: bytes | None
+
+
+class RegistryStore:
+    """The registry on top of an ObjectStore. Safe to share between threads."""
+
+    def __init__(self, store: ObjectStore, *, max_attempts: int = 100,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), primary: str | None = None) -> None:
+        """``primary``: the layout documents' ``loraUrl`` names (default: the setting LORA_PRIMARY_FORMAT)."""
+        self.store = store
+        self.primary = primary or get_settings().primary_format
+        self.max_attempts = max_attempts
+        self.clock = clock
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read(self, style: str) -> tuple[RegistryDocument, str | None]:
+        """The style's document, duplicates folded, and the ETag it was read at (None: absent)."""
+        stored = self.read_stored(style)
+        return merge(stored.document, ()), stored.etag
+
+    def read_stored(self, style: str) -> StoredDocument:
+        """The document exactly as stored (duplicates not folded: what asset checks inspect),
+        with its ETag and bytes. Raises InvalidRecord for a document that cannot be read."""
+        return _parse(style, read_object(self.store, registry_key(style)))
+
+    def styles(self) -> list[str]:
+        """Every style with a registry document (from the listing: the documents are the truth)."""
+        return list(self.document_etags())
+
+    def document_etags(self) -> dict[str, str]:
+        """style → ETag of every registry document, from one listing of ``registry/``."""
+        found: dict[str, str] = {}
+        for info in self.store.list(REGISTRY + "/"):
+            parts = info.key.split("/")
+            if len(parts) == 3 and parts[2] == _DOC_NAME:
+                try:
+                    found[validate_style(parts[1])] = info.etag
+                except ValueError:
+                    continue
+        return found
+
+    def read_index(self) -> tuple[RegistryIndex, str | None]:
+        """The index as stored; it may lag the documents (see ``fresh_index``)."""
+        current = read_object(self.store, INDEX_KEY)
+        return parse_index(current), current.etag if current else None
+
+    def fresh_index(self, *, repair: bool = True, problems: list[str] | None = None) -> tuple[RegistryIndex, list[str]]:
+        """The index with every stale entry rebuilt from its document; and the stale styles.
+
+        The index is written after its document, so a crash or a store error between
+        the two leaves it behind: a submitted job in no "unfinished" list is never
+        polled and its webhook never routed. Each summary records the ETag of the
+        document it was derived from; one listing of ``registry/`` shows which
+        documents changed since (or that the index lacks), and only those are read.
+        Every reader that routes or polls by the index goes through here, so a lagging
+        index costs one extra read, never a stranded job. ``repair`` writes the
+        rebuilt summaries back. A document that cannot be read is reported in
+        ``problems`` and keeps its old summary.
+        """
+        index, _ = self.read_index()  # before the listing: a style it names was listed too
+        listed = self.document_etags()
+        stale = sorted(
+            style for style, etag in listed.items()
+            if style not in index.styles or index.styles[style].etag != etag
+        )
+        gone = [style for style in index.styles if style not in listed]  # documents removed by hand
+        summaries = []
+        for style in stale:
+            try:
+                stored = self.read_stored(style)
+            except InvalidRecord as exc:
+                if problems is not None:
+                    problems.append(str(exc))
+                continue
+            summaries.append(StyleSummary.of(merge(stored.document, ()), stored.etag, self.primary))
+        if (summaries or gone) and repair:
+            self.update_index(summaries, remove=gone)
+        styles = {style: summary for style, summary in index.styles.items() if style not in gone}
+        styles.update((summary.style, summary) for summary in summaries)
+        return RegistryIndex(styles), stale
+
+    def find_style_for_job(self, job_id: str) -> str | None:
+        """The style whose document holds ``job_id`` (by base UUID), via the index."""
+        index, _ = self.fresh_index()
+        return index.jobs.get(base_job_id(job_id))
+
+    # -- writing ---------------------------------------------------------------------
+
+    def apply(self, style: str, evidence: Iterable[Evidence], *, update_index: bool = True,
+              dry_run: bool = False) -> ApplyResult:
+        """Merge ``evidence`` into the style's document and write it if it changed."""
+        evidence = list(evidence)
+        return self.apply_with(style, lambda _doc: evidence, update_index=update_index, dry_run=dry_run)
+
+    def apply_with(self, style: str, gather: Callable[[RegistryDocument], list[Evidence]], *,
+                   update_index: bool = True, dry_run: bool = False) -> ApplyResult:
+        """Like ``apply``, with evidence that depends on the document (``gather(current)``;
+        called again on the newer document after a lost race), e.g. headers of the files
+        the document does not know yet."""
+        result, _ = self._update(style, lambda doc: (gather(doc), None), update_index, dry_run)
+        return result
+
+    def claim_version(self, style: str, *, request_id: str, dataset_hash: str, params: dict[str, Any],
+                      owner: str, lease: timedelta, reuse_completed: bool = False,
+                      at: datetime | None = None) -> ClaimResult:
+        """Find or reserve the version for this training, and claim the right to submit it:
+        one conditional write, so of any number of concurrent submitters one holds the claim.
+
+        The version is an existing one with the same request id, or an unfinished one
+        (also a completed one when ``reuse_completed``) with the same dataset hash and
+        params; otherwise the next free number (past LoRA files no document mentions
+        yet, so a new version never takes an old file for its own). The answer:
+
+        * ``existing``: it has a job (or is completed); submit nothing.
+        * ``claimed``: this caller holds the claim (new, or taken over from a holder
+          whose lease ran out before it POSTed); go on with ``start_posting``.
+        * ``busy``: another submitter holds a live claim; its job id will appear.
+        * ``unknown``: a POST for it is under way or had a lost answer; a job may exist,
+          so nobody submits it again (the webhook, the job's output and reconciliation
+          settle it).
+        """
+        validate_style(style)
+        wanted = {VersionStatus.completed} if reuse_completed else set()
+        wanted |= UNFINISHED_STATUSES
+        now = at or self.clock()
+        now_ms = int(now.timestamp() * 1000)
+
+        def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
+            match = next((v for v in reversed(doc.versions) if v.request_id == request_id or (
+                v.status in wanted and v.dataset_hash == dataset_hash and v.params == params)), None)
+            if match is not None:
+                claim = match.claim
+                if match.id or match.status == VersionStatus.completed:
+                    return [], ClaimResult("existing", match)
+                if claim is not None and claim.live(now_ms):
+                    return [], ClaimResult("busy", match)
+                if claim is not None and claim.maybe_submitted:
+                    return [], ClaimResult("unknown", match)
+                number = match.number
+                evidence: list[Evidence] = []
+            else:
+                number = max(next_version_number(doc), self._next_file_number(style))
+                evidence = [Submission(style, number, request_id, None, dataset_hash, dict(params), now)]
+            evidence.append(Claim(style, number, owner, "claimed", now, now + lease))
+            return evidence, None
+
+        result, decided = self._update(style, decide, True, False)
+        if decided is not None:
+            return decided
+        version = next(v for v in result.document.versions
+                       if v.claim is not None and v.claim.owner == owner and v.claim.at == now_ms)
+        return ClaimResult("claimed", version)
+
+    def advance_claim(self, style: str, version: Version, phase: str, *, lease: timedelta | None = None,
+                      note: str | None = None, at: datetime | None = None) -> Version:
+        """Move this caller's claim on ``version`` to ``phase`` (posting, released or unknown).
+
+        ``posting`` is written only while the claim is still this caller's and live (the
+        last step before POST /run): a holder whose lease ran out and was taken over gets
+        ClaimLost and must not POST. ``released`` and ``unknown`` record the outcome.
+        """
+        claim = version.claim
+        if claim is None:
+            raise ValueError(f"{style} {version.name} holds no claim to advance")
+        now = at or self.clock()
+        now_ms = int(now.timestamp() * 1000)
+        lease_until = now + lease if lease is not None else datetime.fromtimestamp(claim.lease_until / 1000, UTC)
+        claim_at = datetime.fromtimestamp(claim.at / 1000, UTC)
+
+        def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
+            current = doc.version(version.number)
+            held = current is not None and current.claim is not None and (
+                current.claim.owner, current.claim.at) == (claim.owner, claim.at)
+            if phase == "posting" and held and current.claim.phase == "posting":
+                return [], ClaimResult("existing", current)  # our own write landed, its answer was lost
+            if phase == "posting" and not (held and current.claim.phase == "claimed" and current.claim.live(now_ms)):
+                raise ClaimLost(f"{style} {version.name}: the submit claim of {claim.owner} was lost "
+                                "(its lease ran out and another submitter took it over); not submitting")
+            if not held:
+                return [], ClaimResult("existing", current or version)  # a successor owns it now
+            return [Claim(style, version.number, claim.owner, phase, claim_at, lease_until, note)], None
+
+        result, decided = self._update(style, decide, True, False)
+        if decided is not None:
+            return decided.version
+        updated = result.document.version(version.number)
+        assert updated is not None
+        return updated
+
+    def _next_file_number(self, style: str) -> int:
+        """One past every version number a LoRA file names, a lone kohya file of a job that
+        died before its main upload included (its key belongs to that version's request)."""
+        numbers = [
+            (parse_lora_file(style, info.key.rsplit("/", 1)[-1]) or (0, None))[0]
+            for info in self.store.list(lora_prefix(style))
+        ]
+        return max(numbers, default=0) + 1
+
+    def _update(self, style: str, decide, update_index: bool, dry_run: bool):
+        """One optimistic read-merge-write (storage.documents.update_object does the loop).
+
+        ``decide(folded_document)`` returns (evidence, None), or ([], answer) to
+        answer without writing anything.
+        """
+        outcome: dict[str, Any] = {}
+
+        def rewrite(current: StoredObject | None) -> bytes | None:
+            stored = _parse(style, current)
+            old = stored.document
+            folded = merge(old, ())
+            evidence, existing = decide(folded)
+            outcome.update(existing=existing, result=ApplyResult(folded, False, [], stored.etag))
+            if existing is not None:
+                return None
+            new = merge(old, evidence)
+            if (stored.raw is None and not new.versions and not new.rejected_files) or (
+                stored.raw is not None and document_content(stored.raw) == document_content(new.to_dict(self.primary))
+            ):
+                outcome["result"] = ApplyResult(new, False, [], stored.etag)
+                return None
+            outcome["result"] = ApplyResult(new, True, diff_versions(old, new, self.primary), stored.etag)
+            if dry_run:
+                return None
+            new = replace(new, revision=old.revision + 1)
+            outcome["result"] = replace(outcome["result"], document=new)
+            if old.legacy and stored.data is not None:
+                self._backup(style, stored)
+            return new.to_json(self.primary)
+
+        written = update_object(self.store, registry_key(style), rewrite,
+                                max_attempts=self.max_attempts, content_type=JSON)
+        result: ApplyResult = outcome["result"]
+        if result.changed and not dry_run:
+            result = replace(result, etag=written.etag if written else None)
+            if update_index:
+                self.update_index([StyleSummary.of(result.document, result.etag, self.primary)])
+        return result, outcome["existing"]
+
+    def _backup(self, style: str, stored: StoredDocument) -> str:
+        """Keep the legacy bytes before the first rewrite (named by their ETag: idempotent)."""
+        backup = f"{REGISTRY}/{style}/backups/training_versions.legacy-{stored.etag}.json"
+        try:
+            self.store.put(backup, stored.data or b"", if_none_match=True, content_type="application/json")
+        except PreconditionFailed:
+            pass  # the same bytes are already kept
+        return backup
+
+    def update_index(self, summaries: Iterable[StyleSummary], *, remove: Iterable[str] = ()) -> bool:
+        """Put newer summaries into the index (optimistic loop). A summary older than the one
+        there (lower document revision) is skipped, so racing writers cannot roll it back.
+        Returns whether the index was written."""
+        summaries = list(summaries)
+        remove = set(remove)
+        wrote = False
+
+        def rewrite(current: StoredObject | None) -> bytes | None:
+            nonlocal wrote
+            index = parse_index(current)
+            styles = dict(index.styles)
+            for s in summaries:
+                known = styles.get(s.style)
+                if known is None or known.revision < s.revision or (known.revision == s.revision and known != s):
+                    styles[s.style] = s
+            for style in remove:
+                styles.pop(style, None)
+            wrote = styles != index.styles or current is None
+            return RegistryIndex(styles).to_json() if wrote else None
+
+        update_object(self.store, INDEX_KEY, rewrite, max_attempts=self.max_attempts, content_type=JSON)
+        return wrote
+
+
+def _parse(style: str, current: StoredObject | None) -> StoredDocument:
+    if current is None:
+        return StoredDocument(RegistryDocument(style), None, None, None)
+    document = RegistryDocument.from_json(current.data, style)
+    return StoredDocument(document, current.etag, json.loads(current.data), current.data)

@@ -1,0 +1,171 @@
+"""``registry/index.json``: derived from the documents, repairable.
+
+Styles, latest version, unfinished jobs and a fingerprint of each style's known
+files, so a webhook can be routed and a reconciliation can skip styles with nothing
+new. Each summary records the ETag of the document it was derived from, so a stale
+entry is found with one listing (``RegistryStore.fresh_index``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_pipeline.registry.jobids import base_job_id
+from lora_pipeline.registry.models import UNFINISHED_STATUSES, LoraFile, RegistryDocument
+from lora_pipeline.settings import get_settings
+from lora_pipeline.storage.base import StoredObject
+
+INDEX_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class UnfinishedJob:
+    """An unfinished version's job, as the index records it for routing and polling."""
+
+    job_id: str
+    version: str
+    job_status: str | None
+    created_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.job_id, "version": self.version, "jobStatus": self.job_status,
+                "createdAt": self.created_at}
+
+
+@dataclass(frozen=True)
+class StyleSummary:
+    """A style's line in the index, derived from its document."""
+
+    style: str
+    revision: int
+    latest_version: str | None
+    statuses: dict[str, int]
+    files_fingerprint: str
+    unfinished: dict[str, UnfinishedJob]
+    jobs: tuple[str, ...]  # every job base of the style
+    # version → claim time (ms) of unfinished versions with a submit claim but no job id: a
+    # POST whose answer was lost, or a submitter that stopped before sending. Reconciliation
+    # attaches their jobs from start markers, and fails them after the maximum job age.
+    submitting: dict[str, int] = field(default_factory=dict)
+    etag: str | None = None  # the document's ETag this summary was derived from
+
+    @classmethod
+    def of(cls, doc: RegistryDocument, etag: str | None = None, primary: str | None = None) -> StyleSummary:
+        """``primary``: the layout ``loraUrl`` names (default: the setting LORA_PRIMARY_FORMAT)."""
+        statuses: dict[str, int] = {}
+        for v in doc.versions:
+            statuses[v.status.value] = statuses.get(v.status.value, 0) + 1
+        unfinished = {
+            base_job_id(v.id): UnfinishedJob(v.id, v.name, v.job_status, v.created_at)
+            for v in doc.versions if v.id and v.status in UNFINISHED_STATUSES
+        }
+        return cls(
+            style=doc.style,
+            revision=doc.revision,
+            latest_version=doc.versions[-1].name if doc.versions else None,
+            statuses=statuses,
+            files_fingerprint=files_fingerprint(known_files(doc), primary),
+            unfinished=unfinished,
+            jobs=tuple(sorted({b for v in doc.versions for b in v.job_bases})),
+            submitting={
+                v.name: v.claim.at for v in doc.versions
+                if v.claim and not v.id and v.status in UNFINISHED_STATUSES
+            },
+            etag=etag,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "revision": self.revision, "latestVersion": self.latest_version, "statuses": self.statuses,
+            "filesFingerprint": self.files_fingerprint,
+            "unfinished": {b: j.to_dict() for b, j in sorted(self.unfinished.items())},
+            "jobs": list(self.jobs),
+            "etag": self.etag,
+        }
+        if self.submitting:
+            out["submitting"] = dict(sorted(self.submitting.items()))
+        return out
+
+    @classmethod
+    def from_dict(cls, style: str, raw: Mapping[str, Any]) -> StyleSummary:
+        return cls(
+            style=style,
+            revision=int(raw.get("revision") or 0),
+            latest_version=raw.get("latestVersion"),
+            statuses=dict(raw.get("statuses") or {}),
+            files_fingerprint=str(raw.get("filesFingerprint") or ""),
+            unfinished={
+                b: UnfinishedJob(j.get("id", b), j.get("version", ""), j.get("jobStatus"), j.get("createdAt"))
+                for b, j in (raw.get("unfinished") or {}).items()
+            },
+            jobs=tuple(raw.get("jobs") or ()),
+            submitting={str(k): int(v) for k, v in (raw.get("submitting") or {}).items()},
+            etag=raw.get("etag"),
+        )
+
+
+@dataclass(frozen=True)
+class RegistryIndex:
+    """``registry/index.json``: every style's summary and a job-base → style map."""
+
+    styles: dict[str, StyleSummary] = field(default_factory=dict)
+
+    @property
+    def jobs(self) -> dict[str, str]:
+        return {b: s.style for s in self.styles.values() for b in s.jobs}
+
+    def to_json(self) -> bytes:
+        body = {
+            "schemaVersion": INDEX_SCHEMA_VERSION,
+            "styles": {name: s.to_dict() for name, s in sorted(self.styles.items())},
+        }
+        return json.dumps(body, separators=(",", ":"), sort_keys=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RegistryIndex:
+        raw = json.loads(data)
+        styles = raw.get("styles") if isinstance(raw, dict) else None
+        if not isinstance(styles, dict):
+            return cls()
+        return cls({name: StyleSummary.from_dict(name, s) for name, s in styles.items()})
+
+
+def known_files(doc: RegistryDocument) -> dict[str, str]:
+    """key → ETag of every LoRA object the document accounts for: the latest entry per key
+    among the versions' files (main and other layouts), rejected files and superseded files.
+
+    A file recorded before layouts were (``layout`` None) does not count as known, so the
+    next reconciliation reads its header once more and records its layout and checksum.
+    """
+    latest: dict[str, Any] = {}
+    entries = [v.file for v in doc.versions if v.file] + [c for v in doc.versions for c in v.companions]
+    for entry in [*entries, *doc.rejected_files, *doc.superseded_files]:
+        current = latest.get(entry.key)
+        if current is None or entry.last_seen > current.last_seen:
+            latest[entry.key] = entry
+    return {key: entry.etag for key, entry in latest.items()
+            if not (isinstance(entry, LoraFile) and entry.layout is None)}
+
+
+def files_fingerprint(files: Mapping[str, str], primary: str | None = None) -> str:
+    """A short digest of key → ETag pairs and the primary layout (default: the setting
+    ``LORA_PRIMARY_FORMAT``): equal digests mean no new or changed file, and ``loraUrl`` already
+    names the right layout."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    digest.update(f"{primary or get_settings().primary_format}\n".encode())
+    for key in sorted(files):
+        digest.update(f"{key}\0{files[key]}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def parse_index(current: StoredObject | None) -> RegistryIndex:
+    if current is None:
+        return RegistryIndex()
+    try:
+        return RegistryIndex.from_json(current.data)
+    except (ValueError, AttributeError, TypeError):
+        return RegistryIndex()  # derived data: a broken index is rebuilt from the documents
