@@ -31,6 +31,7 @@ dev: install  ## set up and start the Dagster UI on the embedded defaults (local
 test: install  ## set up and run the checks and the whole test suite (what CI runs)
 	$(VENV)/bin/ruff check lora_pipeline lora_pipeline_tests benchmarks
 	$(VENV)/bin/lint-imports --no-cache --no-logo
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 # The fault campaign (tests/registry/test_fault_campaign.py) at length: many seeds, long runs.

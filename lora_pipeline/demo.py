@@ -10,13 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.registry.models import RegistryDocument
 from lora_pipeline.registry_store.documents import RegistryStore
+
+if TYPE_CHECKING:
+    from lora_pipeline.defs.resources import StorageResource
 
 
 class DemoStepFailed(RuntimeError):
@@ -85,7 +88,10 @@ def run_demo(
                 raise_on_error=False,
             ),
         )
-        store = defs.resources["storage"].get_store()  # type: ignore[union-attr]
+        resources = defs.resources
+        assert resources is not None  # the Definitions object names its resources
+        storage: StorageResource = resources["storage"]
+        store = storage.get_store()
         document, _ = RegistryStore(store).read(style)
     return DemoResult(style, job_id, document, time.monotonic() - started)
 
@@ -94,7 +100,7 @@ def _check(step: str, result: dg.ExecuteInProcessResult) -> None:
     if result.success:
         return
     failures = [
-        error_text(event.event_specific_data)  # type: ignore[arg-type]
+        error_text(event.event_specific_data)
         for event in result.all_events
         if event.is_step_failure and event.event_specific_data is not None
     ]

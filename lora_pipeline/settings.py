@@ -11,7 +11,7 @@ start and hand the values down; a bad value fails there with one line naming the
 Variables only third-party code reads (``DAGSTER_*`` by Dagster, ``HF_*`` by huggingface_hub)
 are not fields; they are listed in ``PASS_THROUGH`` for the README's table. Fields marked
 ``runs`` are what a Dagster run needs: the run launchers of deploy/ pass each of them to run
-containers (lora_pipeline_tests/test_settings.py checks the deploy files).
+containers (lora_pipeline_tests/deploy/test_deploy_files.py checks them).
 
 The README's configuration table is rendered from here::
 

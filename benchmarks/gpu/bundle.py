@@ -61,6 +61,8 @@ WHEELS = {
     "annotated-types": ("0.8.0", "pydantic"),
     "typing-inspection": ("0.4.5", "pydantic"),
     "typing-extensions": ("4.16.0", "pydantic-core needs a recent one"),
+    "pydantic-settings": ("2.16.3", "lora_pipeline.settings (every setting, read once)"),
+    "python-dotenv": ("1.2.4", "pydantic-settings"),
     "tenacity": ("9.2.1", "lora_pipeline.dataset.ingest (the sample images the benchmark trains on)"),
 }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -186,6 +187,31 @@ def run_chain(url: str) -> None:
           f"{[(v.get('name'), v.get('status')) for v in versions]}")
     files = versions[0].get("files") or {}
     check({"kohya", "diffusers"} <= set(files), f"with both files: {sorted(files)}")
+    settle_the_webhook(url)
+
+
+RUNS_QUERY = "{ runsOrError { ... on Runs { results { runId jobName status } } } }"
+
+
+def settle_the_webhook(url: str, timeout_s: float = 240) -> None:
+    """The local backend also dropped the job's status body in the store's inbox, as RunPod's
+    webhook would: the daemon's webhook sensor applies it. Nothing may run twice or fail."""
+    step("the job's webhook file, applied by the webhook sensor in the daemon")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        report = compose("run", "--rm", "init", capture=True)
+        waiting = int(re.search(r"webhook files waiting in the inbox[^:]*: (\d+)", report).group(1))
+        unfinished = int(re.search(r"unfinished jobs[^:]*: (\d+)", report).group(1))
+        if (waiting, unfinished) == (0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(10)
+    runs = graphql(url, RUNS_QUERY)["runsOrError"]["results"]
+    registry = json.loads(compose("exec", "-T", "webserver", "lora-pipeline", "registry", "show", STYLE,
+                                  "--json", capture=True))
+    check((waiting, unfinished) == (0, 0), f"inbox empty and no unfinished job (waiting {waiting}, unfinished {unfinished})")
+    check(all(r["status"] == "SUCCESS" for r in runs),
+          f"every run succeeded: {sorted((r['jobName'], r['status']) for r in runs)}")
+    check(len(registry.get("versions", [])) == 1, "still one version")
 
 
 def teardown() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -66,12 +66,7 @@ def poll_jobs(
     the lookups (RunPod allows 2000 /status calls per 10 s); a job still rate
     limited after the client's retries is left ``unfinished``, not an error.
     """
-    if max_workers < 1:
-        raise ValueError(f"max_workers must be at least 1, got {max_workers}")
-    if deadline_s <= 0:
-        raise ValueError(f"deadline_s must be positive, got {deadline_s}")
-    if max_rate_per_s is not None and max_rate_per_s <= 0:
-        raise ValueError(f"max_rate_per_s must be positive, got {max_rate_per_s}")
+    _check_limits(max_workers, deadline_s, max_rate_per_s)
     ids = list(dict.fromkeys(job_ids))
     result = PollResult()
     started = time.monotonic()
@@ -80,6 +75,40 @@ def poll_jobs(
     stop = threading.Event()
     pace = _Pacer(max_rate_per_s, started) if max_rate_per_s else None
     deadline = started + deadline_s
+    lookup = _lookup_worker(backend, stop, pace, deadline)
+    pool = ThreadPoolExecutor(max_workers=min(max_workers, len(ids)), thread_name_prefix="poll")
+    try:
+        futures: dict[Future[JobStatus | None], str] = {pool.submit(lookup, j): j for j in ids}
+        pending = _gather_answers(futures, deadline, result, stop)
+        stop.set()  # lookups queued but not yet started return at once: the pool drains
+        result.unfinished.extend(futures[f] for f in pending)
+        order = {job_id: i for i, job_id in enumerate(ids)}
+        result.unfinished.sort(key=order.__getitem__)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # never block the sensor tick on a slow lookup
+    result.elapsed_s = time.monotonic() - started
+    return result
+
+
+def _check_limits(max_workers: int, deadline_s: float, max_rate_per_s: float | None) -> None:
+    """Refuse limits that would make a pass hang or do nothing, before any thread starts."""
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+    if deadline_s <= 0:
+        raise ValueError(f"deadline_s must be positive, got {deadline_s}")
+    if max_rate_per_s is not None and max_rate_per_s <= 0:
+        raise ValueError(f"max_rate_per_s must be positive, got {max_rate_per_s}")
+
+
+def _lookup_worker(
+    backend: TrainingBackend, stop: threading.Event, pace: _Pacer | None, deadline: float
+) -> Callable[[str], JobStatus | None]:
+    """The task one pool thread runs per job: its status, or None to leave the job for the next tick.
+
+    The worker, not the caller, sets ``stop`` when the backend is unavailable: the
+    caller may be busy filing other answers, and every lookup that starts meanwhile
+    would wait out a timeout against a dead API.
+    """
 
     def lookup(job_id: str) -> JobStatus | None:
         if pace is not None and not pace.wait_turn(stop, deadline):
@@ -92,43 +121,57 @@ def poll_jobs(
             stop.set()  # here, in the worker: no further lookup starts, however busy the caller is
             raise
 
-    pool = ThreadPoolExecutor(max_workers=min(max_workers, len(ids)), thread_name_prefix="poll")
+    return lookup
+
+
+def _gather_answers(
+    futures: dict[Future[JobStatus | None], str],
+    deadline: float,
+    result: PollResult,
+    stop: threading.Event,
+) -> set[Future[JobStatus | None]]:
+    """File each lookup as it answers until all have or the deadline passes; returns those still out.
+
+    Waits on FIRST_COMPLETED rather than in submission order, so one slow job
+    cannot hold back the filing of the others before the deadline.
+    """
+    pending = set(futures)
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+        for future in done:
+            _file_answer(result, futures[future], future, stop)
+    return pending
+
+
+def _file_answer(
+    result: PollResult, job_id: str, future: Future[JobStatus | None], stop: threading.Event
+) -> None:
+    """Put one finished lookup into exactly one group of ``result``.
+
+    Rate limiting and an unavailable backend are the API's state, not the job's:
+    those jobs stay ``unfinished`` for the next tick rather than counting as errors.
+    """
     try:
-        futures: dict[Future[JobStatus | None], str] = {pool.submit(lookup, j): j for j in ids}
-        pending = set(futures)
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
-            for future in done:
-                job_id = futures[future]
-                try:
-                    status = future.result()
-                except JobNotFound:
-                    result.not_found.append(job_id)
-                except RunPodRateLimited:
-                    result.unfinished.append(job_id)
-                except RunPodUnavailable as exc:
-                    result.unavailable = True
-                    stop.set()
-                    result.unfinished.append(job_id)
-                    result.unavailable_reason = result.unavailable_reason or str(exc)
-                except Exception as exc:  # noqa: BLE001 - one bad job must not sink the pass
-                    result.errors[job_id] = f"{type(exc).__name__}: {exc}"
-                else:
-                    if status is None:
-                        result.unfinished.append(job_id)
-                    else:
-                        result.statuses[job_id] = status
+        status = future.result()
+    except JobNotFound:
+        result.not_found.append(job_id)
+    except RunPodRateLimited:
+        result.unfinished.append(job_id)
+    except RunPodUnavailable as exc:
+        result.unavailable = True
         stop.set()
-        result.unfinished.extend(futures[f] for f in pending)
-        order = {job_id: i for i, job_id in enumerate(ids)}
-        result.unfinished.sort(key=order.__getitem__)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    result.elapsed_s = time.monotonic() - started
-    return result
+        result.unfinished.append(job_id)
+        result.unavailable_reason = result.unavailable_reason or str(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad job must not sink the pass
+        result.errors[job_id] = f"{type(exc).__name__}: {exc}"
+    else:
+        if status is None:
+            result.unfinished.append(job_id)
+        else:
+            result.statuses[job_id] = status
 
 
 class _Pacer:

@@ -75,7 +75,7 @@ class RunPodClient:
     def __init__(
         self,
         api_key: str,
-        endpoint_id: str,
+        endpoint_id: str | None,  # None or "" raises ValueError naming RUNPOD_ENDPOINT_ID
         base_url: str | None = DEFAULT_BASE_URL,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
@@ -265,25 +265,14 @@ class RunPodClient:
         job_id: str | None,
         idempotent: bool,
     ) -> dict[str, Any]:
-        try:
-            self.breaker.before_call()
-        except StoreUnavailable as exc:
-            raise RunPodUnavailable(str(exc)) from None
-        try:
-            response = self._http.request(
-                method, path, json=json, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
-            )
-        except _NOT_SENT as exc:  # no connection, so RunPod saw nothing: always safe to repeat
-            self.breaker.record_failure(exc)
-            raise _Transient(f"{type(exc).__name__}: {exc}", api_down=True) from None
-        except httpx.TransportError as exc:
-            self.breaker.record_failure(exc)
-            if not idempotent:
-                raise SubmitOutcomeUnknown(
-                    f"RunPod {method} {path}: {type(exc).__name__} after the request was sent ({exc}); "
-                    "it may have been accepted, so it is not repeated"
-                ) from None
-            raise _Transient(f"{type(exc).__name__}: {exc}", api_down=True) from None
+        """One request and its verdict: the answer's payload, or the exception that decides a repeat.
+
+        ``_call`` repeats only ``_Transient``. For a request that is not idempotent
+        (``POST /run``, no idempotency key at RunPod) whatever may have reached
+        RunPod becomes SubmitOutcomeUnknown instead, so a job is never trained twice.
+        """
+        what = f"{method} {path}"
+        response = self._send(method, path, json, timeout, idempotent)
         if response.status_code >= 500:
             error = _Transient(
                 f"HTTP {response.status_code}: {_excerpt(response)}",
@@ -293,38 +282,40 @@ class RunPodClient:
             self.breaker.record_failure(error)
             if not idempotent:
                 raise SubmitOutcomeUnknown(
-                    f"RunPod {method} {path} answered HTTP {response.status_code} ({_excerpt(response)}); "
+                    f"RunPod {what} answered HTTP {response.status_code} ({_excerpt(response)}); "
                     "it may have been accepted, so it is not repeated"
                 )
             raise error
         self.breaker.record_success()  # it answered: whatever it said, the API is up
-        if response.status_code == 429:
-            raise _Transient("HTTP 429", retry_after_s=_retry_after(response), api_down=False)
-        if response.status_code in (401, 403):
-            raise RunPodAuthError(
-                f"RunPod refused the API key (HTTP {response.status_code}) for endpoint "
-                f"{self.endpoint_id}: check RUNPOD_API_KEY"
-            )
-        if response.status_code == 404:
-            if job_id is not None:
-                raise JobNotFound(job_id, _excerpt(response))
-            raise RunPodRequestError(
-                f"RunPod answered 404 for {method} {path}: is RUNPOD_ENDPOINT_ID "
-                f"{self.endpoint_id!r} right? ({_excerpt(response)})",
-                404,
-            )
-        if response.status_code >= 400:
-            raise RunPodRequestError(
-                f"RunPod refused {method} {path} (HTTP {response.status_code}): {_excerpt(response)}",
-                response.status_code,
-            )
+        refusal = _refusal(response, what, job_id=job_id, endpoint_id=self.endpoint_id)
+        if refusal is not None:
+            raise refusal
+        return _json_object(response, what)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        json: dict[str, Any] | None,
+        timeout: float | None,
+        idempotent: bool,
+    ) -> httpx.Response:
+        """Pass the breaker, then send; a transport failure counts against the API before it is classified.
+
+        An open breaker fails at once with RunPodUnavailable, so a dead API costs no
+        timeout per call.
+        """
         try:
-            payload = response.json()
-        except ValueError:
-            raise RunPodError(f"RunPod {method} {path} answered non-JSON: {_excerpt(response)}") from None
-        if not isinstance(payload, dict):
-            raise RunPodError(f"RunPod {method} {path} answered {type(payload).__name__}, not an object")
-        return payload
+            self.breaker.before_call()
+        except StoreUnavailable as exc:
+            raise RunPodUnavailable(str(exc)) from None
+        try:
+            return self._http.request(
+                method, path, json=json, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
+            )
+        except httpx.TransportError as exc:
+            self.breaker.record_failure(exc)
+            raise _transport_failure(exc, what=f"{method} {path}", idempotent=idempotent) from None
 
     def _wait(self, state: RetryCallState) -> float:
         """Retry-After when RunPod sends one, else exponential backoff with full jitter."""
@@ -349,6 +340,60 @@ def _status_body(payload: dict[str, Any], what: str, *, accepted: bool = False) 
 
 # Failures before any byte of the request reached RunPod (no connection was made).
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _transport_failure(
+    exc: httpx.TransportError, *, what: str, idempotent: bool
+) -> _Transient | SubmitOutcomeUnknown:
+    """A request that got no answer: repeatable, unless it may have reached RunPod and is not idempotent.
+
+    Only a failure to connect (``_NOT_SENT``) proves RunPod saw nothing; a read
+    timeout or a dropped connection may come after RunPod queued a ``/run``.
+    """
+    if isinstance(exc, _NOT_SENT) or idempotent:
+        return _Transient(f"{type(exc).__name__}: {exc}", api_down=True)
+    return SubmitOutcomeUnknown(
+        f"RunPod {what}: {type(exc).__name__} after the request was sent ({exc}); "
+        "it may have been accepted, so it is not repeated"
+    )
+
+
+def _refusal(
+    response: httpx.Response, what: str, *, job_id: str | None, endpoint_id: str
+) -> _Transient | RunPodError | None:
+    """The exception a 4xx answer (below 500) stands for, or None when the request succeeded.
+
+    429 is RunPod's pacing, repeated even for ``/run`` (RunPod queued nothing). A
+    404 on a job's path is the job (expired or unknown); elsewhere it is the endpoint.
+    """
+    code = response.status_code
+    if code == 429:
+        return _Transient("HTTP 429", retry_after_s=_retry_after(response), api_down=False)
+    if code in (401, 403):
+        return RunPodAuthError(
+            f"RunPod refused the API key (HTTP {code}) for endpoint {endpoint_id}: check RUNPOD_API_KEY"
+        )
+    if code == 404:
+        if job_id is not None:
+            return JobNotFound(job_id, _excerpt(response))
+        return RunPodRequestError(
+            f"RunPod answered 404 for {what}: is RUNPOD_ENDPOINT_ID {endpoint_id!r} right? ({_excerpt(response)})",
+            404,
+        )
+    if code >= 400:
+        return RunPodRequestError(f"RunPod refused {what} (HTTP {code}): {_excerpt(response)}", code)
+    return None
+
+
+def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+    """The answer's JSON object; anything else is a RunPodError, never a raw decoding error."""
+    try:
+        payload = response.json()
+    except ValueError:
+        raise RunPodError(f"RunPod {what} answered non-JSON: {_excerpt(response)}") from None
+    if not isinstance(payload, dict):
+        raise RunPodError(f"RunPod {what} answered {type(payload).__name__}, not an object")
+    return payload
 
 
 def _retry_after(response: httpx.Response) -> float | None:

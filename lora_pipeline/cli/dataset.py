@@ -124,7 +124,7 @@ def add(
 def list_command(as_json: bool) -> None:
     """Styles with a stored dataset and their current version."""
     store = _store()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for style in list_styles(store):
         pointer, _ = read_pointer(store, style)
         if pointer is not None:

@@ -121,9 +121,10 @@ def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout:
     else:
         if parse_version_name(version_name) is None:
             raise click.BadParameter(f"{version_name!r} is not a version name like V3", param_hint="VERSION")
-        version = document.version(version_name)
-        if version is None:
+        named = document.version(version_name)
+        if named is None:
             raise click.ClickException(f"{style} has no version {version_name}")
+        version = named
         if version.status is not VersionStatus.completed:
             raise click.ClickException(f"{style} {version.name} is {version.status.value}: it has no LoRA file")
     files = version.files()

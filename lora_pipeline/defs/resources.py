@@ -40,10 +40,10 @@ class LoraS3Resource(S3Resource):
     settings (``client_for``, through ``shared_store``).
     """
 
-    addressing_style: str | None = Field(None, description="auto, path or virtual (LORA_S3_ADDRESSING_STYLE).")
-    connect_timeout_s: float | None = Field(None, description="Connect timeout (LORA_S3_CONNECT_TIMEOUT, 5 s).")
-    read_timeout_s: float | None = Field(None, description="Read timeout (LORA_S3_READ_TIMEOUT, 60 s).")
-    retry_mode: str | None = Field(None, description="botocore retry mode (AWS_RETRY_MODE, standard).")
+    addressing_style: str | None = Field(default=None, description="auto, path or virtual (LORA_S3_ADDRESSING_STYLE).")
+    connect_timeout_s: float | None = Field(default=None, description="Connect timeout (LORA_S3_CONNECT_TIMEOUT, 5 s).")
+    read_timeout_s: float | None = Field(default=None, description="Read timeout (LORA_S3_READ_TIMEOUT, 60 s).")
+    retry_mode: str | None = Field(default=None, description="botocore retry mode (AWS_RETRY_MODE, standard).")
 
     def s3_options(self) -> S3Options:
         """The client options: these fields over the settings' (``S3Options.from_settings``)."""
@@ -91,12 +91,12 @@ class StorageResource(dg.ConfigurableResource):
     """
 
     storage_url: str | None = Field(
-        None, description="s3://bucket/prefix or a local directory; default: LORA_STORAGE_URL or .lora_store"
+        default=None, description="s3://bucket/prefix or a local directory; default: LORA_STORAGE_URL or .lora_store"
     )
     public_base_url: str | None = Field(
-        None, description="Base URL LoRA files are published under; default: LORA_PUBLIC_BASE_URL"
+        default=None, description="Base URL LoRA files are published under; default: LORA_PUBLIC_BASE_URL"
     )
-    use_accelerate_endpoint: bool = Field(False, description="Record S3 Transfer Acceleration URLs.")
+    use_accelerate_endpoint: bool = Field(default=False, description="Record S3 Transfer Acceleration URLs.")
     s3: LoraS3Resource = Field(default_factory=LoraS3Resource)
 
     _store: ObjectStore | None = PrivateAttr(None)
@@ -160,15 +160,15 @@ class TrainingBackendResource(dg.ConfigurableResource):
     subprocess that executes the same worker code RunPod runs.
     """
 
-    endpoint_id: str | None = Field(None, description="RunPod endpoint id; default RUNPOD_ENDPOINT_ID")
-    api_key: str | None = Field(None, description="RunPod API key; default RUNPOD_API_KEY")
-    base_url: str | None = Field(None, description="API base; default RUNPOD_ENDPOINT_BASE_URL")
+    endpoint_id: str | None = Field(default=None, description="RunPod endpoint id; default RUNPOD_ENDPOINT_ID")
+    api_key: str | None = Field(default=None, description="RunPod API key; default RUNPOD_API_KEY")
+    base_url: str | None = Field(default=None, description="API base; default RUNPOD_ENDPOINT_BASE_URL")
     local_state_dir: str | None = Field(
-        None, description="Where the local backend keeps job state; default LORA_LOCAL_JOBS_DIR "
+        default=None, description="Where the local backend keeps job state; default LORA_LOCAL_JOBS_DIR "
         "or .lora_jobs beside the local store"
     )
     webhook_url: str | None = Field(
-        None, description="Public URL of the webhook receiver (LORA_WEBHOOK_URL); the token is appended."
+        default=None, description="Public URL of the webhook receiver (LORA_WEBHOOK_URL); the token is appended."
     )
 
     def settings(self) -> Settings:

@@ -189,9 +189,9 @@ class _Run:
             self._gather_polls(index, work, status_lookup, max_job_age)
             self._gather_files(index, work)
         else:
-            for style, item in work.items():
-                if any(r.status == "COMPLETED" for _, r in item.inbox):
-                    item.files = self._list_style_files(style)
+            for style, style_work in work.items():
+                if any(r.status == "COMPLETED" for _, r in style_work.inbox):
+                    style_work.files = self._list_style_files(style)
         self.report.styles_seen = len(set(index.styles) | set(work))
         outcomes = self._settle_styles(work)
         summaries = []

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from lora_pipeline.registry.names import parse_version_name
 
+ClaimPhase = Literal["claimed", "posting", "released", "unknown"]  # models.CLAIM_PHASES
+
 
 @dataclass(frozen=True)
 class Submission:
@@ -131,7 +133,7 @@ class Claim:
     style: str
     version: str | int
     owner: str
-    phase: Literal["claimed", "posting", "released", "unknown"]
+    phase: ClaimPhase
     at: datetime  # when the claim was taken: the same for every phase of one claim
     lease_until: datetime
     note: str | None = None

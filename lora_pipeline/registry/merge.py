@@ -11,10 +11,10 @@ seen, is never lost. DESIGN.md "Rules the merge function enforces" is the spec.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from lora_pipeline.registry.evidence import (
     Claim,
@@ -40,6 +40,12 @@ from lora_pipeline.registry.models import (
 )
 from lora_pipeline.registry.names import companion_suffix, parse_lora_file
 from lora_pipeline.registry.urls import stable_url, url_sort_key
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsRichComparison
+
+_T = TypeVar("_T")
+_C = TypeVar("_C", bound="SupportsRichComparison")
 
 # Which source's word wins between fragments of equal status: for a completion the
 # file in the store is the proof; for a failure RunPod's own error message says most.
@@ -69,7 +75,8 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
         ledger.note(version.file)
         for companion in version.companions:
             ledger.note(companion)
-    for entry in (*doc.rejected_files, *doc.superseded_files):
+    entries: tuple[RejectedFile | LoraFile, ...] = (*doc.rejected_files, *doc.superseded_files)
+    for entry in entries:
         ledger.note(entry)
     job_only: list[Version] = []
     for item in evidence:
@@ -434,7 +441,12 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _max_present(a: Any, b: Any, key: Any = None) -> Any:
+@overload
+def _max_present(a: _C | None, b: _C | None, key: None = None) -> _C | None: ...
+@overload
+def _max_present(a: _T | None, b: _T | None, key: Callable[[_T], SupportsRichComparison]) -> _T | None: ...
+def _max_present(a: Any, b: Any, key: Callable[[Any], SupportsRichComparison] | None = None) -> Any:
+    """The larger of two values (by ``key``), a present one beating None."""
     if a is None:
         return b
     if b is None:

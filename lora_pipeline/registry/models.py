@@ -114,7 +114,9 @@ class LoraFile:
     def from_dict(cls, raw: Any) -> LoraFile | None:
         if not isinstance(raw, Mapping) or not isinstance(raw.get("key"), str):
             return None
-        metadata = raw.get("metadata") if isinstance(raw.get("metadata"), Mapping) else {}
+        metadata = raw.get("metadata")
+        if not isinstance(metadata, Mapping):
+            metadata = {}
         return cls(
             key=raw["key"],
             size=int(raw.get("size") or 0),
@@ -369,7 +371,8 @@ class Version:
         """
         if not isinstance(raw, Mapping):
             raise InvalidRecord(f"a version record must be an object, got {type(raw).__name__}")
-        number = parse_version_name(raw.get("name")) if isinstance(raw.get("name"), str) else None
+        name = raw.get("name")
+        number = parse_version_name(name) if isinstance(name, str) else None
         if number is None or number < 1:
             raise InvalidRecord(f"version record has no usable name (got {raw.get('name')!r}; expected V1, V2, …)")
         status_text = raw.get("status")
@@ -386,8 +389,12 @@ class Version:
         source = raw.get("source") if raw.get("source") in SOURCES else default_source
         extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS}
         main, lora_url, companions = _read_files(raw, extra)
-        training = raw.get("training") if isinstance(raw.get("training"), Mapping) else {}
-        params = raw.get("params") if isinstance(raw.get("params"), Mapping) else None
+        training = raw.get("training")
+        if not isinstance(training, Mapping):
+            training = {}
+        params = raw.get("params")
+        if not isinstance(params, Mapping):
+            params = None
         return cls(
             number=number,
             status=status,
@@ -426,14 +433,16 @@ def _read_files(
     """
     file_raw = raw.get("file")
     main = LoraFile.from_dict(file_raw)
-    if main is not None and "url" in file_raw:
+    if main is not None and isinstance(file_raw, Mapping) and "url" in file_raw:  # main: file_raw is a Mapping
         lora_url, main = main.url, replace(main, url=None)
     else:
         lora_url = stable_url(raw.get("loraUrl"))
         if lora_url and companion_suffix(lora_url.partition("?")[0]):
             extra.setdefault(LEGACY_COMPANION_URL, lora_url)
             lora_url = None
-    listed = raw.get("files") if isinstance(raw.get("files"), Mapping) else {}
+    listed = raw.get("files")
+    if not isinstance(listed, Mapping):
+        listed = {}
     companions = tuple(sorted(
         (f for f in map(LoraFile.from_dict, listed.values()) if f and (main is None or f.key != main.key)),
         key=lambda f: f.key,
@@ -550,8 +559,10 @@ def legacy_version_records(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
     version becomes the current one. The input is never modified.
     """
     current = raw.get("currentTraining")
-    job = current.get("jobId") if isinstance(current, Mapping) else None
-    records = []
+    if not isinstance(current, Mapping):
+        current = {}
+    job = current.get("jobId")
+    records: list[dict[str, Any]] = []
     for record in raw.get("versions") or []:
         if not isinstance(record, Mapping):
             records.append(record)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +59,7 @@ def header_length(prefix: bytes) -> int:
     """The header length in the first 8 bytes; raises InvalidLoraFile if implausible."""
     if len(prefix) < 8:
         raise InvalidLoraFile(f"file is {len(prefix)} bytes, shorter than the 8-byte header length")
-    (length,) = struct.unpack("<Q", prefix[:8])
+    length = int.from_bytes(prefix[:8], "little")  # the format's unsigned little-endian u64
     if length < 2 or length > MAX_HEADER_BYTES:
         raise InvalidLoraFile(f"header length {length} is outside 2..{MAX_HEADER_BYTES} bytes")
     return length

@@ -15,9 +15,9 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
-from lora_pipeline.registry.evidence import Claim, Evidence, Submission
+from lora_pipeline.registry.evidence import Claim, ClaimPhase, Evidence, Submission
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import merge, next_version_number
 from lora_pipeline.registry.models import (
@@ -56,6 +56,17 @@ class ClaimResult:
 
     kind: str
     version: Version
+
+
+class _Outcome(TypedDict, total=False):
+    """What ``_update``'s rewrite decided on its last read: the result, and an answer given
+    instead of a write."""
+
+    result: ApplyResult
+    existing: ClaimResult | None
+
+
+Decide = Callable[[RegistryDocument], tuple[list[Evidence], ClaimResult | None]]
 
 
 @dataclass(frozen=True)
@@ -219,7 +230,7 @@ class RegistryStore:
                        if v.claim is not None and v.claim.owner == owner and v.claim.at == now_ms)
         return ClaimResult("claimed", version)
 
-    def advance_claim(self, style: str, version: Version, phase: str, *, lease: timedelta | None = None,
+    def advance_claim(self, style: str, version: Version, phase: ClaimPhase, *, lease: timedelta | None = None,
                       note: str | None = None, at: datetime | None = None) -> Version:
         """Move this caller's claim on ``version`` to ``phase`` (posting, released or unknown).
 
@@ -235,17 +246,21 @@ class RegistryStore:
         lease_until = now + lease if lease is not None else datetime.fromtimestamp(claim.lease_until / 1000, UTC)
         claim_at = datetime.fromtimestamp(claim.at / 1000, UTC)
 
+        def lost() -> ClaimLost:
+            return ClaimLost(f"{style} {version.name}: the submit claim of {claim.owner} was lost "
+                             "(its lease ran out and another submitter took it over); not submitting")
+
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
             current = doc.version(version.number)
-            held = current is not None and current.claim is not None and (
-                current.claim.owner, current.claim.at) == (claim.owner, claim.at)
-            if phase == "posting" and held and current.claim.phase == "posting":
-                return [], ClaimResult("existing", current)  # our own write landed, its answer was lost
-            if phase == "posting" and not (held and current.claim.phase == "claimed" and current.claim.live(now_ms)):
-                raise ClaimLost(f"{style} {version.name}: the submit claim of {claim.owner} was lost "
-                                "(its lease ran out and another submitter took it over); not submitting")
-            if not held:
+            if current is None or current.claim is None or (
+                    current.claim.owner, current.claim.at) != (claim.owner, claim.at):  # not held
+                if phase == "posting":
+                    raise lost()
                 return [], ClaimResult("existing", current or version)  # a successor owns it now
+            if phase == "posting" and current.claim.phase == "posting":
+                return [], ClaimResult("existing", current)  # our own write landed, its answer was lost
+            if phase == "posting" and not (current.claim.phase == "claimed" and current.claim.live(now_ms)):
+                raise lost()
             return [Claim(style, version.number, claim.owner, phase, claim_at, lease_until, note)], None
 
         result, decided = self._update(style, decide, True, False)
@@ -264,20 +279,22 @@ class RegistryStore:
         ]
         return max(numbers, default=0) + 1
 
-    def _update(self, style: str, decide, update_index: bool, dry_run: bool):
+    def _update(self, style: str, decide: Decide, update_index: bool,
+                dry_run: bool) -> tuple[ApplyResult, ClaimResult | None]:
         """One optimistic read-merge-write (storage.documents.update_object does the loop).
 
         ``decide(folded_document)`` returns (evidence, None), or ([], answer) to
         answer without writing anything.
         """
-        outcome: dict[str, Any] = {}
+        outcome: _Outcome = {}
 
         def rewrite(current: StoredObject | None) -> bytes | None:
             stored = _parse(style, current)
             old = stored.document
             folded = merge(old, ())
             evidence, existing = decide(folded)
-            outcome.update(existing=existing, result=ApplyResult(folded, False, [], stored.etag))
+            outcome["existing"] = existing
+            outcome["result"] = ApplyResult(folded, False, [], stored.etag)
             if existing is not None:
                 return None
             new = merge(old, evidence)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_pipeline.registry.jobids import base_job_id
-from lora_pipeline.registry.models import UNFINISHED_STATUSES, LoraFile, RegistryDocument
+from lora_pipeline.registry.models import UNFINISHED_STATUSES, LoraFile, RegistryDocument, RejectedFile
 from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.base import StoredObject
 
@@ -141,8 +141,9 @@ def known_files(doc: RegistryDocument) -> dict[str, str]:
     A file recorded before layouts were (``layout`` None) does not count as known, so the
     next reconciliation reads its header once more and records its layout and checksum.
     """
-    latest: dict[str, Any] = {}
-    entries = [v.file for v in doc.versions if v.file] + [c for v in doc.versions for c in v.companions]
+    latest: dict[str, LoraFile | RejectedFile] = {}
+    entries: list[LoraFile | RejectedFile] = [v.file for v in doc.versions if v.file]
+    entries += [c for v in doc.versions for c in v.companions]
     for entry in [*entries, *doc.rejected_files, *doc.superseded_files]:
         current = latest.get(entry.key)
         if current is None or entry.last_seen > current.last_seen:

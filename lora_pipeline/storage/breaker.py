@@ -31,6 +31,7 @@ from lora_pipeline.storage.base import (
     InvalidKey,
     ObjectInfo,
     ObjectNotFound,
+    ObjectStore,
     PreconditionFailed,
     StorageError,
     StoredObject,
@@ -175,7 +176,7 @@ class BreakerStore:
     ``etag_for_file``, ``bucket``, ``root`` …) are forwarded to ``inner``.
     """
 
-    def __init__(self, inner: Any, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, inner: ObjectStore, breaker: CircuitBreaker | None = None) -> None:
         self.inner = inner
         self.breaker = breaker or CircuitBreaker(f"object store {inner.describe()}")
 

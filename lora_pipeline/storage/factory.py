@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_pipeline.settings import Settings, get_settings
 from lora_pipeline.settings import parse_storage_url as check_storage_url
@@ -19,6 +19,13 @@ from lora_pipeline.storage.base import ObjectStore, StorageError
 from lora_pipeline.storage.breaker import BreakerStore, CircuitBreaker, counts_as_failure
 from lora_pipeline.storage.local import LocalStore
 from lora_pipeline.storage.s3 import S3Options, S3Store, build_s3_client
+
+if TYPE_CHECKING:
+    from types_boto3_s3.client import S3Client
+
+
+class _Checkable(Protocol):
+    def check(self) -> object: ...
 
 
 def parse_storage_url(url: str) -> tuple[str, str, str]:
@@ -58,7 +65,7 @@ def shared_breaker(location: str, settings: Settings | None = None) -> CircuitBr
         return breaker
 
 
-def checked_with(store: Any, breaker: CircuitBreaker) -> None:
+def checked_with(store: _Checkable, breaker: CircuitBreaker) -> None:
     """Run ``store.check()`` through ``breaker``.
 
     An open breaker refuses at once (StoreUnavailable, nothing sent). A failed
@@ -85,15 +92,16 @@ def s3_location(bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix + '/' if prefix else ''}"
 
 
-_shared_stores: dict[tuple, ObjectStore] = {}
-_store_locks: dict[tuple, threading.Lock] = {}
+_StoreKey = tuple[str, str, S3Options, Hashable, str | None, bool]
+_shared_stores: dict[_StoreKey, ObjectStore] = {}
+_store_locks: dict[_StoreKey, threading.Lock] = {}
 
 
 def shared_store(
     url: str,
     *,
     options: S3Options | None = None,
-    make_client: Callable[[S3Options], Any] | None = None,
+    make_client: Callable[[S3Options], S3Client] | None = None,
     client_key: Hashable = None,
     public_base_url: str | None = None,
     accelerate: bool = False,
@@ -117,7 +125,7 @@ def shared_store(
     if scheme != "s3":
         return open_store(url, public_base_url=public_base_url, accelerate=accelerate)
     options = options or S3Options.from_settings()
-    key = (location, prefix, options, client_key, public_base_url, bool(accelerate))
+    key: _StoreKey = (location, prefix, options, client_key, public_base_url, bool(accelerate))
     with _shared_lock:
         store = _shared_stores.get(key)
         if store is not None:
@@ -140,7 +148,7 @@ def shared_store(
         return store
 
 
-def _s3_store(client: Any, bucket: str, prefix: str, options: S3Options, public_base_url: str | None,
+def _s3_store(client: S3Client, bucket: str, prefix: str, options: S3Options, public_base_url: str | None,
               accelerate: bool) -> S3Store:
     return S3Store(client, bucket, prefix, public_base_url=public_base_url,
                    accelerate=accelerate or options.accelerate, options=options)
@@ -157,7 +165,7 @@ def reset_shared_stores() -> None:
 def open_store(
     url: str,
     *,
-    s3_client: Any = None,
+    s3_client: S3Client | None = None,
     public_base_url: str | None = None,
     accelerate: bool = False,
     breaker: CircuitBreaker | bool = True,
@@ -181,19 +189,19 @@ def open_store(
     if scheme == "s3":
         options = S3Options.from_settings(settings, **s3_options)
         client = s3_client if s3_client is not None else build_s3_client(options)
-        store: Any = _s3_store(client, location, prefix, options, public_base_url, accelerate)
+        store: S3Store | LocalStore = _s3_store(client, location, prefix, options, public_base_url, accelerate)
     else:
         if s3_options:
             raise TypeError(f"S3 options {sorted(s3_options)} given for a local store {url!r}")
         store = LocalStore(Path(location), public_base_url=public_base_url)
         check = False  # nothing to check beyond what the constructor did
     if breaker is False:
-        if check:
+        if check and isinstance(store, S3Store):  # a local store has nothing to check (check is False)
             store.check()
         return store
     if breaker is True:
         breaker = shared_breaker(store.describe(), settings)
-    if check:
+    if check and isinstance(store, S3Store):
         checked_with(store, breaker)
     return BreakerStore(store, breaker)
 

@@ -26,9 +26,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, UTC
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 from lora_pipeline.storage.base import (
@@ -218,7 +219,7 @@ class LocalStore:
                     counts["tmp"] += 1
         return counts
 
-    def _write_via_rename(self, path: Path, fill) -> None:
+    def _write_via_rename(self, path: Path, fill: Callable[[IO[bytes]], object]) -> None:
         """Write into a temp file beside the store, fsync, and rename it into place."""
         fd, tmp = tempfile.mkstemp(dir=self._meta / "tmp", prefix="put-")
         try:
@@ -368,7 +369,7 @@ class LocalStore:
             raise FileNotFoundError(f"no such file to upload: {source}")
         digest = hashlib.md5(usedforsecurity=False)
 
-        def fill(handle) -> None:
+        def fill(handle: IO[bytes]) -> None:
             with open(source, "rb") as src:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)

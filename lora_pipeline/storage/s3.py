@@ -22,10 +22,10 @@ import os
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Unpack
 from urllib.parse import quote, urlsplit
 
 from lora_pipeline.settings import Settings, get_settings
@@ -40,7 +40,22 @@ from lora_pipeline.storage.base import (
 )
 from lora_pipeline.storage.local import RESERVED_DIR, validate_prefix
 
+if TYPE_CHECKING:  # stubs only (types-boto3[s3]); boto3 itself is imported where it is used
+    from boto3.s3.transfer import TransferConfig
+    from boto3.session import Session
+    from botocore.config import Config
+    from types_boto3_s3.client import S3Client
+    from types_boto3_s3.type_defs import (
+        GetObjectOutputTypeDef,
+        ListObjectsV2OutputTypeDef,
+        ListObjectsV2RequestPaginateTypeDef,
+    )
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+AddressingStyle = Literal["auto", "path", "virtual"]
+RetryMode = Literal["standard", "adaptive", "legacy"]
 
 MB = 1024 * 1024
 
@@ -61,6 +76,13 @@ _CREDENTIALS_HINT = (
 )
 
 
+class _WriteCondition(TypedDict, total=False):
+    """The conditional-write headers of a PutObject (the probe sends one at a time)."""
+
+    IfMatch: str
+    IfNoneMatch: str
+
+
 class ConditionalWritesUnsupported(UserWarning):
     """The endpoint ignores If-Match / If-None-Match: writers must be serialized elsewhere."""
 
@@ -77,8 +99,8 @@ class S3Options:
 
     endpoint_url: str | None = None  # AWS_ENDPOINT_URL_S3 (then AWS_ENDPOINT_URL)
     region: str | None = None  # AWS_REGION (then AWS_DEFAULT_REGION)
-    addressing_style: str = "auto"  # LORA_S3_ADDRESSING_STYLE: auto | path | virtual
-    retry_mode: str = "standard"  # AWS_RETRY_MODE: standard | adaptive | legacy
+    addressing_style: AddressingStyle = "auto"  # LORA_S3_ADDRESSING_STYLE: auto | path | virtual
+    retry_mode: RetryMode = "standard"  # AWS_RETRY_MODE: standard | adaptive | legacy
     max_attempts: int = 5  # AWS_MAX_ATTEMPTS (first try included)
     connect_timeout: float = 5.0  # LORA_S3_CONNECT_TIMEOUT, seconds
     read_timeout: float = 60.0  # LORA_S3_READ_TIMEOUT, seconds
@@ -163,7 +185,7 @@ class S3Options:
         backoff = sum(min(2.0 ** (i - 1), 20.0) + 5.0 for i in range(1, self.max_attempts))
         return self.max_attempts * max(self.connect_timeout, self.read_timeout) + backoff
 
-    def botocore_config(self):
+    def botocore_config(self) -> Config:
         """The botocore Config these options stand for (also usable with dagster-aws)."""
         from botocore.config import Config
 
@@ -181,7 +203,7 @@ class S3Options:
             response_checksum_validation="when_required",
         )
 
-    def transfer_config(self):
+    def transfer_config(self) -> TransferConfig:
         from boto3.s3.transfer import TransferConfig
 
         return TransferConfig(
@@ -192,7 +214,7 @@ class S3Options:
         )
 
 
-def build_s3_client(options: S3Options | None = None, *, session: Any = None, **client_kwargs: Any):
+def build_s3_client(options: S3Options | None = None, *, session: Session | None = None, **client_kwargs: Any) -> S3Client:
     """A boto3 S3 client with the options' retries, timeouts and addressing style.
 
     ``session``: a boto3 Session to build from (reusing one saves reloading the
@@ -211,7 +233,7 @@ def build_s3_client(options: S3Options | None = None, *, session: Any = None, **
     )
 
 
-def _error_code(exc: Exception) -> tuple[str, int | None, str]:
+def _error_code(exc: BaseException) -> tuple[str, int | None, str]:
     response = getattr(exc, "response", None) or {}
     error = response.get("Error", {})
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -223,7 +245,7 @@ class S3Store:
 
     def __init__(
         self,
-        client: Any,
+        client: S3Client,
         bucket: str,
         prefix: str = "",
         *,
@@ -281,7 +303,7 @@ class S3Store:
             return StorageError(f"S3 {op} {key or ''} failed: {code or status} {message}".rstrip())
         return StorageError(f"S3 {op} {key or ''} failed: {type(exc).__name__}: {exc}")
 
-    def _call(self, op: str, key: str | None, fn, **kwargs):
+    def _call(self, op: str, key: str | None, fn: Callable[..., T], **kwargs: Any) -> T:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -289,7 +311,7 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, op, key) from exc
 
-    def transfer_config(self):
+    def transfer_config(self) -> TransferConfig:
         return self.options.transfer_config()
 
     def etag_for_file(self, path: Path) -> str:
@@ -358,7 +380,7 @@ class S3Store:
         probe = f"{self.prefix}{RESERVED_DIR}/probe-{uuid.uuid4().hex}"
         stale_etag = '"00000000000000000000000000000000"'
 
-        def refused(**condition: str) -> bool:
+        def refused(**condition: Unpack[_WriteCondition]) -> bool:
             try:
                 self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"x", **condition)
             except ClientError as exc:
@@ -418,7 +440,7 @@ class S3Store:
         data = self._read_body(response, key)
         return StoredObject(key=key, data=data, etag=response["ETag"].strip('"'))
 
-    def _read_body(self, response: dict, key: str) -> bytes:
+    def _read_body(self, response: GetObjectOutputTypeDef, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError
 
         try:
@@ -440,7 +462,7 @@ class S3Store:
             return b""
         return self._read_body(response, key)
 
-    def _ranged_get(self, op: str, key: str, full: str, first: int, last: int) -> dict | None:
+    def _ranged_get(self, op: str, key: str, full: str, first: int, last: int) -> GetObjectOutputTypeDef | None:
         """GetObject for bytes ``first``–``last``; None when ``first`` is past the end
         (S3 answers 416 InvalidRange, e.g. for any range of an empty object)."""
         try:
@@ -525,7 +547,7 @@ class S3Store:
                 if item["Prefix"] != reserved:
                     yield item["Prefix"][len(self.prefix) :]
 
-    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[ListObjectsV2OutputTypeDef]:
         """ListObjectsV2 pages under ``prefix`` (never the reserved bookkeeping folder)."""
         validate_prefix(prefix)
         if prefix.split("/", 1)[0] == RESERVED_DIR:
@@ -533,7 +555,7 @@ class S3Store:
         from botocore.exceptions import BotoCoreError, ClientError
 
         paginator = self.client.get_paginator("list_objects_v2")
-        args = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        args: ListObjectsV2RequestPaginateTypeDef = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
         if delimiter:
             args["Delimiter"] = delimiter
         try:
@@ -643,7 +665,7 @@ class S3Store:
                 os.unlink(tmp)
             raise
 
-    def _download_small(self, key: str, full: str, handle) -> bool:
+    def _download_small(self, key: str, full: str, handle: IO[bytes]) -> bool:
         """Write the object to ``handle`` if it fits in one ranged GET; False if larger."""
         from botocore.exceptions import BotoCoreError
 

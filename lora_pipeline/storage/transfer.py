@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
@@ -31,6 +31,9 @@ from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.base import ObjectInfo, ObjectStore, StorageError, validate_key
 from lora_pipeline.storage.breaker import counts_as_failure
 from lora_pipeline.storage.local import md5_file, validate_prefix
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = [
     "FileFailure",
@@ -333,6 +336,9 @@ class _Sink:
     def flush(self) -> None:
         pass
 
+    def close(self) -> None:  # part of zipfile's writable-file protocol; ZipFile never closes a passed file
+        pass
+
     def drain(self) -> bytes:
         data = b"".join(self._parts)
         self._parts.clear()
@@ -402,7 +408,7 @@ class tqdm_progress:  # noqa: N801 - used like a function in a with statement
     def __init__(self, desc: str, **tqdm_kwargs: Any) -> None:
         self._desc = desc
         self._kwargs = tqdm_kwargs
-        self._bar = None
+        self._bar: tqdm[Any] | None = None
 
     def __enter__(self) -> ProgressCallback:
         return self

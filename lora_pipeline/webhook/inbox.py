@@ -219,9 +219,10 @@ def write_webhook(store: ObjectStore, body: bytes, *, received_at: datetime | No
     try:
         store.put(claim, marker, if_none_match=True, content_type="application/json")
     except PreconditionFailed:
-        key = _claimed_key(store, claim, default=key)
-        if key is None or _delivered(store, key):
+        claimed = _claimed_key(store, claim, default=key)
+        if claimed is None or _delivered(store, claimed):
             return None
+        key = claimed
     try:
         store.put(key, body, if_none_match=True, content_type="application/json")
     except PreconditionFailed:

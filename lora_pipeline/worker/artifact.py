@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,16 +240,20 @@ def write_lora_file(
             kwargs["text_encoder_lora_layers"] = {_with_text_model(k): v for k, v in text_encoder_lora.items()}
             if "text_encoder" in configs:
                 kwargs["text_encoder_lora_adapter_metadata"] = configs["text_encoder"]
+        save_lora_weights: Callable[..., None]  # the family's pipeline class's (signatures differ)
         if family == "sdxl":
-            from diffusers import StableDiffusionXLPipeline as Pipeline
+            from diffusers import StableDiffusionXLPipeline
 
+            save_lora_weights = StableDiffusionXLPipeline.save_lora_weights
             if text_encoder_2_lora:
                 kwargs["text_encoder_2_lora_layers"] = {_with_text_model(k): v for k, v in text_encoder_2_lora.items()}
                 if "text_encoder_2" in configs:
                     kwargs["text_encoder_2_lora_adapter_metadata"] = configs["text_encoder_2"]
         else:
-            from diffusers import StableDiffusionPipeline as Pipeline
-        Pipeline.save_lora_weights(tmp, weight_name="lora.safetensors", **kwargs)
+            from diffusers import StableDiffusionPipeline
+
+            save_lora_weights = StableDiffusionPipeline.save_lora_weights
+        save_lora_weights(tmp, weight_name="lora.safetensors", **kwargs)
         saved = Path(tmp) / "lora.safetensors"
         with safe_open(str(saved), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

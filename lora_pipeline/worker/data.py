@@ -160,7 +160,7 @@ def epoch_batches(buckets: Sequence[Size], batch_size: int, seed: int, epoch: in
     groups: dict[Size, list[int]] = {}
     for index, bucket in enumerate(buckets):
         groups.setdefault(bucket, []).append(index)
-    batches = []
+    batches: list[list[int]] = []
     for bucket in sorted(groups):
         members = groups[bucket]
         rng.shuffle(members)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import cast
 
 from lora_pipeline.contracts.training import FamilyChoice, ModelFamily
 from lora_pipeline.worker.errors import WorkerInputError
@@ -61,7 +60,7 @@ def check_family(detected: ModelFamily, requested: FamilyChoice) -> ModelFamily:
         raise WorkerInputError(
             f"model_family: request says {requested!r} but the base model is {detected!r}"
         )
-    return cast(ModelFamily, detected)
+    return detected
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -19,12 +19,15 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 
 from lora_pipeline.settings import get_settings
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +148,7 @@ def compile_kwargs(levers: SpeedLevers) -> dict[str, Any]:
     return kwargs
 
 
-def compile_unet(unet: torch.nn.Module, levers: SpeedLevers) -> torch.nn.Module:
+def compile_unet(unet: ModelMixin, levers: SpeedLevers) -> Callable[..., Any]:
     """The UNet to call: compiled whole, or with its transformer blocks compiled in place."""
     if levers.compile == "full":
         return torch.compile(unet, **compile_kwargs(levers))
@@ -280,6 +283,10 @@ class FusedProjection(torch.nn.Module):
     ``Σ B_i A_i x · s_i`` per part.
     """
 
+    weight: torch.Tensor  # buffers, registered in __init__
+    bias: torch.Tensor | None
+    _parts: tuple[torch.nn.Module, ...]  # set past nn.Module's __setattr__: not submodules
+
     def __init__(self, parts: list[torch.nn.Module]):
         super().__init__()
         bases = [_base_linear(part) for part in parts]
@@ -290,7 +297,7 @@ class FusedProjection(torch.nn.Module):
         for base in bases:
             rows = base.weight.shape[0]
             base.weight.data = weight[offset : offset + rows]
-            if has_bias:
+            if bias is not None:  # has_bias
                 base.bias.data = bias[offset : offset + rows]
             offset += rows
         self.register_buffer("weight", weight, persistent=False)
@@ -302,25 +309,26 @@ class FusedProjection(torch.nn.Module):
         if any(lora is False for lora in loras):  # a part peft would not run plainly: do as peft does
             return torch.cat([part(x) for part in self._parts], dim=-1)
         out = F.linear(x, self.weight, self.bias)
-        present = [lora for lora in loras if lora is not None]
+        present = [lora for lora in loras if isinstance(lora, tuple)]  # no False here: returned above
         if not present:
             return out
         lora_a = torch.cat([a.weight for a, _, _ in present])
         h = F.linear(x.to(lora_a.dtype), lora_a)
         blocks = []
         for part, lora in zip(self._parts, loras, strict=True):
-            if lora is None:
-                rows = _base_linear(part).weight.shape[0]
-                blocks.append(torch.zeros(rows, 0, dtype=lora_a.dtype, device=lora_a.device))
-            else:
+            if isinstance(lora, tuple):
                 _, lora_b, scaling = lora
                 blocks.append(lora_b.weight * scaling)
+            else:  # None: no LoRA on this part
+                rows = _base_linear(part).weight.shape[0]
+                blocks.append(torch.zeros(rows, 0, dtype=lora_a.dtype, device=lora_a.device))
         delta = F.linear(h, torch.block_diag(*blocks))
         return (out + delta).to(out.dtype)
 
 
 def _base_linear(module: torch.nn.Module) -> torch.nn.Linear:
-    return getattr(module, "base_layer", module)
+    """The layer under a peft LoRA (``base_layer``), else ``module``: a Linear where fuse_qkv checked so."""
+    return cast(torch.nn.Linear, getattr(module, "base_layer", module))
 
 
 def _active_lora(module: torch.nn.Module) -> tuple[Any, Any, float] | None | bool:
@@ -328,19 +336,20 @@ def _active_lora(module: torch.nn.Module) -> tuple[Any, Any, float] | None | boo
     False: a LoRA this fusion does not reproduce (dropout, DoRA, merged, several adapters)."""
     if not hasattr(module, "lora_A"):
         return None
-    if module.disable_adapters or module.merged:
+    layer: Any = module  # a peft LoraLayer: its adapter attributes are not nn.Module's
+    if layer.disable_adapters or layer.merged:
         return False
-    active = [name for name in module.active_adapters if name in module.lora_A]
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
     if not active:
         return None
     if len(active) != 1:
         return False
     name = active[0]
-    if name in getattr(module, "lora_variant", {}) or not isinstance(module.lora_dropout[name], torch.nn.Identity):
+    if name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return False
-    if module.lora_B[name].bias is not None:
+    if layer.lora_B[name].bias is not None:
         return False
-    return module.lora_A[name], module.lora_B[name], module.scaling[name]
+    return layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
 
 
 def fuse_qkv(unet: torch.nn.Module) -> int:
@@ -365,11 +374,10 @@ def fuse_qkv(unet: torch.nn.Module) -> int:
         if any(_active_lora(part) is False for part in parts):
             continue
         projection = FusedProjection(parts)
-        if module.is_cross_attention:
-            module.to_kv = projection
-        else:
-            module.to_qkv = projection
+        # Where diffusers' own fusion puts its fused nn.Linear; FusedProjection is called the same way.
+        setattr(module, "to_kv" if module.is_cross_attention else "to_qkv", projection)
         module.fused_projections = True
-        module.set_processor(FusedAttnProcessor2_0())
+        # diffusers annotates the parameter with the class AttnProcessor; any processor is accepted.
+        module.set_processor(FusedAttnProcessor2_0())  # type: ignore[arg-type]
         fused += 1
     return fused

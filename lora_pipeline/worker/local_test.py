@@ -43,4 +43,5 @@ def ingest_sample(url: str) -> str:
         open_store(url), SAMPLE_STYLE, sample_dataset_path(),
         options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD),
     )
+    assert report.manifest is not None, "the bundled sample always ingests"
     return report.manifest.dataset_hash

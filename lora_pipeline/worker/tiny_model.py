@@ -168,7 +168,7 @@ def build_random_model(folder: Path, spec: RandomModelSpec) -> None:
         )
 
     def text_config(kwargs: dict[str, Any]) -> CLIPTextConfig:
-        values = dict(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        values: dict[str, Any] = dict(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
                       vocab_size=vocab_size)
         values.update(kwargs)
         return CLIPTextConfig(**values)
@@ -183,7 +183,8 @@ def build_random_model(folder: Path, spec: RandomModelSpec) -> None:
     dtype = getattr(torch, spec.save_dtype)
     if dtype != torch.float32:
         for module in (unet, vae, text_encoder):
-            module.to(dtype)
+            # diffusers' ModelMixin.to is declared through functools.wraps: mypy sees no such method.
+            module.to(dtype)  # type: ignore[union-attr]
 
     if spec.family == "sdxl":
         from diffusers import StableDiffusionXLPipeline

@@ -152,7 +152,7 @@ def load_models(model_dir: Path, family: ModelFamily, device: torch.device, dtyp
     path = str(model_dir)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=True)]
-    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)]
+    text_encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)]
     if family == "sdxl":
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=True))
         text_encoders.append(
@@ -172,7 +172,8 @@ def add_lora(models: _Models, params: TrainingParams) -> list[torch.nn.Parameter
     """Attach peft LoRA adapters; return the trainable parameters (fp32), in a fixed order."""
     from peft import LoraConfig
 
-    alpha = params.effective_alpha
+    # peft annotates lora_alpha as int, but only divides by it: a float alpha is valid.
+    alpha: int = params.effective_alpha  # type: ignore[assignment]
     unet_config = LoraConfig(
         r=params.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(params.target_modules)
     )
@@ -211,7 +212,7 @@ def _inject_lora(model: Any, config: Any) -> None:
 
 def make_optimizer(params: TrainingParams, trainable: Sequence[torch.nn.Parameter], device: torch.device):
     check_optimizer_available(params.optimizer)
-    kwargs = dict(lr=params.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    kwargs: dict[str, Any] = dict(lr=params.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     if params.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -250,7 +251,14 @@ class _Prepared:
     time_ids: list[torch.Tensor]
     captions: list[str]
     prompt_embeds: list[torch.Tensor] | None
-    pooled_embeds: list[torch.Tensor] | None
+    pooled_embeds: list[torch.Tensor | None] | None  # None entries: a family without a pooled embedding
+
+    def pooled_at(self, index: int) -> torch.Tensor:
+        """SDXL's pooled prompt embedding of example ``index`` (cached with the prompt embeddings)."""
+        pooled = self.pooled_embeds[index] if self.pooled_embeds is not None else None
+        if pooled is None:
+            raise ValueError(f"no cached pooled prompt embedding for example {index}")
+        return pooled
 
 
 @torch.no_grad()
@@ -270,7 +278,8 @@ def prepare_cache(models: _Models, examples: Sequence[Example], params: Training
         w, h = example.image.size
         time_ids.append(torch.tensor([h, w, top, left, bucket[1], bucket[0]], dtype=dtype, device=device))
     captions = [with_trigger(e.caption, params.trigger_word) for e in examples]
-    prompt_embeds = pooled = None
+    prompt_embeds: list[torch.Tensor] | None = None
+    pooled: list[torch.Tensor | None] | None = None
     if not params.train_text_encoder:
         prompt_embeds, pooled = [], []
         for caption in captions:
@@ -333,7 +342,10 @@ class _Batches:
         self.time_ids = torch.stack(cache.time_ids)
         self.embeds = torch.stack(cache.prompt_embeds) if cache.prompt_embeds is not None else None
         pooled = cache.pooled_embeds
-        self.pooled = torch.stack(pooled) if pooled is not None and pooled[0] is not None else None
+        if pooled is not None and pooled[0] is not None:  # all tensors (SDXL), else all None
+            self.pooled: torch.Tensor | None = torch.stack([p for p in pooled if p is not None])
+        else:
+            self.pooled = None
         # The per-example tensors become views of the stacked ones: the cache is not held twice.
         for bucket, ids in members.items():
             for row, index in enumerate(ids):
@@ -374,6 +386,7 @@ class _Batches:
         """(latent mean, latent std, prompt embeds or None, pooled or None, SDXL time ids or None)."""
         cache, sdxl = self.cache, family == "sdxl"
         if self.on_device:
+            assert batch.rows is not None and batch.ids_on_device is not None  # set for an on-device cache
             mean = self.mean[batch.bucket].index_select(0, batch.rows)
             std = self.std[batch.bucket].index_select(0, batch.rows)
             embeds = self.embeds.index_select(0, batch.ids_on_device) if self.embeds is not None else None
@@ -386,7 +399,7 @@ class _Batches:
         embeds = pooled = time_ids = None
         if cache.prompt_embeds is not None:
             embeds = torch.stack([cache.prompt_embeds[i] for i in ids])
-            pooled = torch.stack([cache.pooled_embeds[i] for i in ids]) if sdxl else None
+            pooled = torch.stack([cache.pooled_at(i) for i in ids]) if sdxl else None
         if sdxl:
             time_ids = torch.stack([cache.time_ids[i] for i in ids])
         return mean, std, embeds, pooled, time_ids
@@ -456,7 +469,8 @@ def _train(
     n_steps = steps_for_batch(params, batches.per_epoch, batch_size)
     lr_scheduler = make_lr_scheduler(params, optimizer, n_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    start_step, losses = 0, []
+    start_step = 0
+    losses: list[float] = []
     if state is not None:
         start_step, losses = resume_from(state, trainable, optimizer, lr_scheduler, scaler)
 
@@ -663,16 +677,18 @@ def _train_steps(
     params, n_steps = run.params, run.n_steps
     images_seen = start_step * params.gradient_accumulation_steps * run.batch_size
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet on the host
+    log_every = run.levers.log_every
+    assert log_every is not None  # SpeedLevers.resolve decided it
     for step in range(start_step, n_steps):
         step_loss, images = optimisation_step(run, step)
         images_seen += images
         done = step + 1
         pending.append((done, step_loss))
         due = checkpoint_due(params, checkpointer, done, n_steps)
-        if not (due or done % run.levers.log_every == 0 or done == n_steps):
+        if not (due or done % log_every == 0 or done == n_steps):
             continue
         flushed = _flush_losses(pending, losses)
-        if due:
+        if due and checkpointer is not None:  # due: there is a checkpointer
             checkpointer.save(done, checkpoint_state(fingerprint, done, run.batch_size, run.trainable, run.optimizer,
                                                      run.lr_scheduler, run.scaler, losses))
         if progress:
@@ -694,6 +710,7 @@ def optimisation_step(run: _Run, step: int) -> tuple[torch.Tensor, int]:
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         images += len(batch.ids)
     _apply_gradients(run)
+    assert step_loss is not None  # gradient_accumulation_steps >= 1
     return step_loss, images
 
 
@@ -808,7 +825,7 @@ def _largest_fitting_batch(models: _Models, cache: _Prepared, params: TrainingPa
             with autocast:
                 if cache.prompt_embeds is not None:
                     embeds = cache.prompt_embeds[index].expand(batch, -1, -1)
-                    pooled = cache.pooled_embeds[index].expand(batch, -1) if models.family == "sdxl" else None
+                    pooled = cache.pooled_at(index).expand(batch, -1) if models.family == "sdxl" else None
                 else:
                     embeds, pooled = _encode_prompts(models, [cache.captions[index]] * batch, device)
                 added = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from lora_pipeline.backends.base import (
@@ -15,7 +16,13 @@ from lora_pipeline.backends.base import (
     RunPodUnavailable,
     SubmitOutcomeUnknown,
 )
-from lora_pipeline.backends.runpod_client import RunPodClient, RunPodRateLimited
+from lora_pipeline.backends.runpod_client import (
+    RunPodClient,
+    RunPodRateLimited,
+    _refusal,
+    _Transient,
+    _transport_failure,
+)
 from lora_pipeline.contracts.training import TrainingRequest
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.storage.breaker import CircuitBreaker
@@ -310,3 +317,36 @@ def test_an_unusable_answer_to_run_leaves_the_outcome_unknown(client, fake_runpo
     fake_runpod.script("run", 200, body={"status": "IN_QUEUE"})  # no id: which job is it?
     with pytest.raises(SubmitOutcomeUnknown, match="not a status body"):
         client.submit(request(), webhook_url=None, policy=POLICY)
+
+
+@pytest.mark.parametrize(
+    ("failure", "idempotent", "repeated"),
+    [
+        (httpx.ConnectError("refused"), False, True),  # no connection: RunPod saw nothing
+        (httpx.ConnectTimeout("slow"), False, True),
+        (httpx.PoolTimeout("busy"), False, True),
+        (httpx.ReadTimeout("no answer"), False, False),  # /run may have been queued
+        (httpx.RemoteProtocolError("dropped"), False, False),
+        (httpx.ReadTimeout("no answer"), True, True),  # a lookup is safe to repeat
+    ],
+)
+def test_only_a_request_that_never_left_is_repeated_unless_idempotent(failure, idempotent, repeated):
+    verdict = _transport_failure(failure, what="POST /run", idempotent=idempotent)
+    if repeated:
+        assert isinstance(verdict, _Transient) and verdict.api_down
+    else:
+        assert isinstance(verdict, SubmitOutcomeUnknown) and "not repeated" in str(verdict)
+
+
+def test_an_answer_below_500_is_classified_by_its_status_code():
+    def refusal(code: int, job_id: str | None = None, **kwargs):
+        return _refusal(httpx.Response(code, **kwargs), "GET /x", job_id=job_id, endpoint_id="ep")
+
+    paced = refusal(429, headers={"Retry-After": "3"})
+    assert isinstance(paced, _Transient) and not paced.api_down and paced.retry_after_s == 3.0
+    assert isinstance(refusal(401), RunPodAuthError) and isinstance(refusal(403), RunPodAuthError)
+    assert isinstance(refusal(404, job_id="j1"), JobNotFound)
+    wrong_endpoint = refusal(404)
+    assert isinstance(wrong_endpoint, RunPodRequestError) and "RUNPOD_ENDPOINT_ID" in str(wrong_endpoint)
+    assert isinstance(refusal(422), RunPodRequestError) and refusal(422).status_code == 422
+    assert refusal(200) is None and refusal(204) is None

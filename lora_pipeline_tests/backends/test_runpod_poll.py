@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 
-from lora_pipeline.backends.base import JobNotFound, RunPodUnavailable
-from lora_pipeline.backends.poll import poll_jobs
+from lora_pipeline.backends.base import JobNotFound, RunPodRateLimited, RunPodUnavailable
+from lora_pipeline.backends.poll import PollResult, _file_answer, _lookup_worker, poll_jobs
 from lora_pipeline.contracts.job_status import JobStatus
 
 
@@ -99,3 +100,42 @@ def test_pacing_leaves_what_does_not_fit_before_the_deadline():
     result = poll_jobs(backend, list(backend.script), max_workers=4, deadline_s=0.5, max_rate_per_s=20)
     assert 0 < len(result.statuses) < 100
     assert len(result.statuses) + len(result.unfinished) == 100
+
+
+def _finished(outcome: JobStatus | Exception | None) -> Future[JobStatus | None]:
+    future: Future[JobStatus | None] = Future()
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+    return future
+
+
+def test_each_kind_of_answer_is_filed_in_its_group():
+    result, stop = PollResult(), threading.Event()
+    answers = {
+        "done": JobStatus(id="done", status="COMPLETED"),
+        "gone": JobNotFound("gone"),
+        "paced": RunPodRateLimited("429"),
+        "skipped": None,
+        "broken": ValueError("bad body"),
+    }
+    for job_id, outcome in answers.items():
+        _file_answer(result, job_id, _finished(outcome), stop)
+    assert set(result.statuses) == {"done"} and result.not_found == ["gone"]
+    assert result.unfinished == ["paced", "skipped"] and set(result.errors) == {"broken"}
+    assert not result.unavailable and not stop.is_set()
+    _file_answer(result, "down", _finished(RunPodUnavailable("breaker open")), stop)
+    _file_answer(result, "down2", _finished(RunPodUnavailable("later")), stop)
+    assert result.unavailable and stop.is_set() and result.unavailable_reason == "breaker open"
+    assert result.unfinished[-2:] == ["down", "down2"]
+
+
+def test_the_worker_that_meets_an_unavailable_backend_stops_the_pass_itself():
+    stop = threading.Event()
+    backend = ScriptedBackend({"a": RunPodUnavailable("breaker open"), "b": "COMPLETED"})
+    lookup = _lookup_worker(backend, stop, None, deadline=float("inf"))
+    with pytest.raises(RunPodUnavailable):
+        lookup("a")
+    assert stop.is_set()
+    assert lookup("b") is None and backend.calls == ["a"]  # once stopped, no further call is made
