@@ -7,8 +7,11 @@ daemon: dataset → train_lora → a completion sensor notices → complete_trai
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +23,32 @@ from lora_pipeline.registry_store.documents import RegistryStore
 
 if TYPE_CHECKING:
     from lora_pipeline.defs.resources import StorageResource
+
+
+# Dagster's console logger prints every event at DEBUG to stderr, where the demo's own
+# "[n/4]" lines go: keep its warnings and errors only (a failed step is reported by _check).
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def quiet(run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``run_config`` with the console logger at WARNING."""
+    return {**(run_config or {}), **QUIET}
+
+
+@contextlib.contextmanager
+def quiet_dagster() -> Iterator[None]:
+    """Loading the definitions warns about beta APIs, and Dagster logs through the ``dagster``
+    logger: neither is the demo's progress. Warnings and errors still show."""
+    logger = logging.getLogger("dagster")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            warnings.simplefilter("ignore", dg.PreviewWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class DemoStepFailed(RuntimeError):
@@ -46,6 +75,11 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
     """Materialize the dataset, train, let a sensor notice completion, record it."""
+    with quiet_dagster():
+        return _run_demo(style, timeout_s=timeout_s, poll_interval_s=poll_interval_s, echo=echo)
+
+
+def _run_demo(style: str, *, timeout_s: float, poll_interval_s: float, echo: Callable[[str], None]) -> DemoResult:
     from lora_pipeline.definitions import defs
 
     started = time.monotonic()
@@ -59,6 +93,7 @@ def run_demo(
                 instance=instance,
                 partition_key=style,
                 asset_selection=[dg.AssetKey("training_dataset")],
+                run_config=quiet(),
                 raise_on_error=False,
             ),
         )
@@ -67,7 +102,7 @@ def run_demo(
         train = defs.resolve_job_def("train_lora").execute_in_process(
             instance=instance,
             partition_key=style,
-            run_config={"ops": {"submit_lora_training": {"config": {"wait_for_completion": False}}}},
+            run_config=quiet({"ops": {"submit_lora_training": {"config": {"wait_for_completion": False}}}}),
             raise_on_error=False,
         )
         _check("train_lora", train)
@@ -83,7 +118,7 @@ def run_demo(
             defs.resolve_job_def("complete_training").execute_in_process(
                 instance=instance,
                 partition_key=request.partition_key,
-                run_config=request.run_config,
+                run_config=quiet(request.run_config),
                 tags=request.tags,
                 raise_on_error=False,
             ),
@@ -128,6 +163,7 @@ def _wait_for_completion_request(defs, instance, timeout_s, poll_interval_s, ech
             with dg.build_sensor_context(
                 instance=instance, cursor=cursors.get(name), resources=resources, definitions=defs
             ) as context:
+                context.log.setLevel(logging.WARNING)  # its console handler prints INFO: not the demo's progress
                 result = sensor(context)
             cursors[name] = getattr(result, "cursor", None) or cursors.get(name)
             requests = [

@@ -38,6 +38,7 @@ DEFAULT_STORAGE_DIR = ".lora_store"
 DEFAULT_LOCAL_JOBS_DIR = ".lora_jobs"
 DEFAULT_RUNPOD_BASE_URL = "https://api.runpod.ai/v2"
 DEFAULT_RECONCILE_CRON = "0 * * * *"
+DEFAULT_HEALTH_CRON = "*/10 * * * *"
 MAX_RETENTION_DAYS = 36_500
 
 README_BEGIN = "<!-- BEGIN settings-table -->"
@@ -249,6 +250,40 @@ class Settings(BaseSettings):
     lock_retention_days: float = _env(
         1.0, "LORA_LOCK_RETENTION_DAYS", "local store: lock files unused this long are removed (never one in use)",
         expected=_DAYS, runs=True, gt=0, le=MAX_RETENTION_DAYS, allow_inf_nan=False)
+    keep_versions: int = _env(
+        0, "LORA_KEEP_VERSIONS", "reconciliation deletes each style's completed versions but the newest N and every "
+        "aliased one (a tombstone stays); 0 keeps all", expected="a whole number (0: keep all)", runs=True, ge=0)
+
+    # -- health checks (docs/operations.md#health-checks) -------------------------------------------
+    health_cron: str = _env(
+        DEFAULT_HEALTH_CRON, "LORA_HEALTH_CRON", "the `pipeline_health` schedule (the lag and health checks)",
+        expected="a cron expression of 5 fields, e.g. '*/10 * * * *'")
+    health_max_job_age_hours: float = _env(
+        6.0, "LORA_HEALTH_MAX_JOB_AGE_HOURS", "`oldest_unfinished_job` fails when a job is unfinished for longer",
+        expected="a number of hours above 0", runs=True, shown="`6` (h)", gt=0, allow_inf_nan=False)
+    health_max_waiting_jobs: int = _env(
+        50, "LORA_HEALTH_MAX_WAITING_JOBS",
+        "`jobs_waiting_for_status` fails when more jobs (and submissions without a job id) wait for a final status",
+        expected=_COUNT, runs=True, ge=1)
+    health_max_inbox_files: int = _env(
+        200, "LORA_HEALTH_MAX_INBOX_FILES", "`webhook_inbox` fails when the inbox holds more files",
+        expected=_COUNT, runs=True, ge=1)
+    health_max_inbox_age_minutes: float = _env(
+        30.0, "LORA_HEALTH_MAX_INBOX_AGE_MINUTES", "`webhook_inbox` fails when its oldest file waits longer",
+        expected="a number of minutes above 0", runs=True, shown="`30` (min)", gt=0, allow_inf_nan=False)
+    health_max_reconcile_age_hours: float = _env(
+        3.0, "LORA_HEALTH_MAX_RECONCILE_AGE_HOURS",
+        "`recent_reconciliation` fails when the last successful `reconcile_registry` run ended longer ago",
+        expected="a number of hours above 0", runs=True, shown="`3` (h)", gt=0, allow_inf_nan=False)
+
+    # -- training progress (docs/operations.md#training-progress-and-stalled-jobs) ------------------
+    stall_after_s: float = _env(
+        1800.0, "LORA_STALL_AFTER_S",
+        "a running job with no progress update (heartbeat) for longer is reported stalled",
+        expected=_SECONDS, runs=True, shown="`1800` (s)", gt=0, allow_inf_nan=False)
+    cancel_stalled: bool = _env(
+        False, "LORA_CANCEL_STALLED", "cancel a stalled job at the backend (its outcome is recorded as reported)",
+        expected="true or false", runs=True)
 
     # -- local backend ---------------------------------------------------------------------------
     local_jobs_dir: Path | None = _env(
@@ -299,7 +334,7 @@ class Settings(BaseSettings):
             raise ValueError(f"expected one of {', '.join(LAYOUTS)}")
         return value
 
-    @field_validator("reconcile_cron")
+    @field_validator("reconcile_cron", "health_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
         if not _CRON.match(value.strip()):

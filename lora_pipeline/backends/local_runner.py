@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.backends.local_state import JobStateDir, status_body, utcnow_iso
+from lora_pipeline.worker.progress import progress_sink
 
 DEFAULT_HANDLER = "lora_pipeline.worker.handler:handler"
 WEBHOOK_ATTEMPTS = 3  # RunPod: one delivery and up to 2 more
@@ -48,6 +49,20 @@ def outcome(result: Any) -> dict[str, Any]:
     if isinstance(result, dict) and "error" in result:
         return {"status": "FAILED", "error": _error_text(result["error"])}
     return {"status": "COMPLETED", "output": result}
+
+
+def record_progress(jobs: JobStateDir, job_id: str, update: dict[str, Any]) -> None:
+    """A progress update becomes the running job's ``output``, as RunPod's ``/status`` shows it
+    (``IN_PROGRESS`` with the update as ``output``); the final status replaces it."""
+    json.dumps(update)  # what RunPod could not serialise is refused here, as progress_update would
+
+    def change(state: dict[str, Any]) -> dict[str, Any] | None:
+        if state["status"] != "IN_PROGRESS":
+            return None
+        state["output"] = update
+        return state
+
+    jobs.update(job_id, change)
 
 
 def deliver_webhook(store_url: str, body: bytes, *, attempts: int, delay_s: float) -> str | None:
@@ -96,7 +111,8 @@ def run_job(
 
     try:
         handler = load_handler(state.get("handler") or DEFAULT_HANDLER)
-        fields = outcome(handler({"id": job_id, "input": state["input"]}))
+        with progress_sink(lambda _job, update: record_progress(jobs, job_id, update)):
+            fields = outcome(handler({"id": job_id, "input": state["input"]}))
         json.dumps(fields)  # an output RunPod could not serialise is a failure too
     except Exception as exc:  # noqa: BLE001 - the worker's failure becomes the job's error
         fields = {"status": "FAILED", "error": f"handler: {exc}\ntraceback: {traceback.format_exc()}"}

@@ -91,11 +91,12 @@ class JobStateDir:
             return new, True
 
     def finish(self, job_id: str, **fields: Any) -> tuple[dict[str, Any], bool]:
-        """Move a job to a final status unless it already has one."""
+        """Move a job to a final status unless it already has one (its progress output dropped)."""
 
         def change(state: dict[str, Any]) -> dict[str, Any] | None:
             if state["status"] in TERMINAL_STATUSES:
                 return None
+            state.pop("output", None)  # the last progress update: a final status carries its own output
             state.update(fields)
             state.setdefault("completedAt", utcnow_iso())
             if state.get("startedAt") is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -68,7 +68,7 @@ def add(
     source: str,
     trigger_word: str | None,
     min_side: int,
-    missing_captions: str,
+    missing_captions: Literal["fill", "reject"],  # click.Choice above
     prepend_trigger_word: bool,
     strict_encoding: bool,
     concurrency: int,
@@ -85,7 +85,7 @@ def add(
         options = IngestOptions(
             trigger_word=trigger_word,
             min_side=min_side,
-            missing_captions=missing_captions,  # type: ignore[arg-type]
+            missing_captions=missing_captions,
             prepend_trigger_word=prepend_trigger_word,
             legacy_caption_encodings=not strict_encoding,
             upload_concurrency=concurrency,

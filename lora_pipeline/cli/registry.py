@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
+from lora_pipeline.registry.aliases import AliasAction
 from lora_pipeline.registry.models import InvalidRecord, VersionStatus
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.settings import SettingsError, get_settings
@@ -87,9 +88,14 @@ def show(style: str, as_json: bool) -> None:
     if as_json:
         _echo_json(document.to_dict(primary))
         return
+    named = document.aliases
+    if named:
+        click.echo("aliases: " + ", ".join(f"{alias} → {name}" for alias, name in named.items()))
     for v in document.versions:
         main = v.download(primary)
         line = f"{v.name}\t{v.status.value}\t{v.id or '-'}\t{(main.url if main else v.lora_url) or '-'}"
+        if v.deletion is not None:
+            line += f"\tdeleted by {v.deletion.by}" + (f": {v.deletion.reason}" if v.deletion.reason else "")
         click.echo(line + (f"\terror: {v.error}" if v.error else ""))
         for layout, f in sorted(v.files().items()):
             click.echo(f"\t{layout}\t{f.key}\t{f.size} bytes\t{f.url or '-'}")
@@ -212,7 +218,7 @@ def url(style: str, version: str | None, layout: str | None, expires: int) -> No
 @click.option("--housekeeping/--no-housekeeping", default=True, show_default=True,
               help="Then prune settled jobs' old webhook files, finished versions' checkpoints and idle "
                    "lock files (LORA_WEBHOOK_RETENTION_DAYS, LORA_CHECKPOINT_RETENTION_DAYS, "
-                   "LORA_LOCK_RETENTION_DAYS).")
+                   "LORA_LOCK_RETENTION_DAYS), and completed versions beyond LORA_KEEP_VERSIONS.")
 def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool, housekeeping: bool) -> None:
     """Bring the registry in line with the store's LoRA files, the webhook inbox and RunPod."""
     from lora_pipeline.lifecycle.housekeeping import Retention, housekeep
@@ -232,8 +238,17 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
     pruned = housekeep(store, retention=retention, dry_run=dry_run) if retention is not None else None
+    kept = None
+    if housekeeping and settings.keep_versions:
+        from lora_pipeline.lifecycle.versions import prune_versions
+
+        try:
+            kept = prune_versions(store, settings.keep_versions, dry_run=dry_run)
+        except StorageError as exc:
+            raise click.ClickException(str(exc)) from None
     if as_json:
-        _echo_json({**report.to_dict(), **({"housekeeping": pruned.to_dict()} if pruned else {})})
+        _echo_json({**report.to_dict(), **({"housekeeping": pruned.to_dict()} if pruned else {}),
+                    **({"versionRetention": kept.to_dict()} if kept else {})})
         return
     verb = "would change" if dry_run else "changed"
     click.echo(f"{verb} {report.changed_versions} version(s) in {len({c.style for c in report.changes})} style(s)")
@@ -248,6 +263,12 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
             for key in (key for keys in pruned.deleted.values() for key in keys):
                 click.echo(f"  would delete {key}")
         for problem in pruned.problems:
+            click.echo(f"  problem: {problem}", err=True)
+    if kept is not None:
+        click.echo(kept.summary())
+        for style, names in sorted(kept.deleted.items()):
+            click.echo(f"  {'would delete' if dry_run else 'deleted'} {style} {', '.join(names)}")
+        for problem in kept.problems:
             click.echo(f"  problem: {problem}", err=True)
 
 
@@ -272,3 +293,107 @@ def import_legacy_command(directory: Path, as_json: bool) -> None:
             click.echo(f"  problem: {problem}", err=True)
     if report.problems and not report.imported:
         raise SystemExit(1)
+
+
+_BY_HELP = "Who does it, for the history (default: your OS user name)."
+
+
+def _by(value: str | None) -> str:
+    from lora_pipeline.lifecycle.versions import default_actor
+
+    return value or default_actor()
+
+
+@registry.command()
+@click.argument("style", callback=_style)
+@click.argument("version")
+@click.option("--alias", default="production", show_default=True, help="The alias to move (e.g. staging).")
+@click.option("--reason", default=None, help="Why, for the alias history.")
+@click.option("--by", default=None, help=_BY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: alias, version, previous, moved.")
+def promote(style: str, version: str, alias: str, reason: str | None, by: str | None, as_json: bool) -> None:
+    """Point ALIAS (default production) at a completed VERSION whose files parse; recorded in the
+    style's alias history with who, when and why."""
+    _move(style, alias, "promote", version, reason, by, as_json)
+
+
+@registry.command()
+@click.argument("style", callback=_style)
+@click.option("--alias", default="production", show_default=True, help="The alias to move back.")
+@click.option("--reason", default=None, help="Why, for the alias history.")
+@click.option("--by", default=None, help=_BY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: alias, version, previous, moved.")
+def rollback(style: str, alias: str, reason: str | None, by: str | None, as_json: bool) -> None:
+    """Point ALIAS back at the version it pointed at before its current one (from its history)."""
+    _move(style, alias, "rollback", None, reason, by, as_json)
+
+
+def _move(style: str, alias: str, action: AliasAction, version: str | None, reason: str | None, by: str | None,
+          as_json: bool) -> None:
+    from lora_pipeline.lifecycle.versions import Refused, move_alias
+
+    try:
+        result = move_alias(_open_store(), style, alias, action=action, version=version, by=_by(by), reason=reason)
+    except (Refused, StorageError, InvalidRecord) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        _echo_json({"style": style, "alias": result.alias, "version": result.version, "previous": result.previous,
+                    "moved": result.moved})
+    elif not result.moved:
+        click.echo(f"{style} {alias} already points at {result.version}; nothing changed")
+    else:
+        click.echo(f"{style} {alias}: {result.previous or '(new)'} → {result.version}")
+
+
+@registry.command()
+@click.argument("style", callback=_style)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: aliases (alias → version) and history.")
+def aliases(style: str, as_json: bool) -> None:
+    """A style's aliases and every move of them (who, when, why), oldest first."""
+    from lora_pipeline.registry_store.documents import RegistryStore
+
+    try:
+        document, etag = RegistryStore(_open_store()).read(style)
+    except (StorageError, InvalidRecord) as exc:
+        raise click.ClickException(str(exc)) from None
+    if etag is None:
+        raise click.ClickException(f"style {style!r} has no registry document")
+    if as_json:
+        _echo_json({"style": style, "aliases": document.aliases,
+                    "history": [e.to_dict() for e in document.alias_history]})
+        return
+    if not document.alias_history:
+        click.echo(f"{style} has no aliases")
+    for alias, name in document.aliases.items():
+        click.echo(f"{alias}\t{name}")
+    for e in document.alias_history:
+        when = datetime.fromtimestamp(e.at / 1000, UTC).isoformat(timespec="seconds")
+        click.echo(f"  #{e.seq}\t{when}\t{e.alias}\t{e.action}\t{e.previous or '(new)'} → {e.version}\tby {e.by}"
+                   + (f"\t{e.reason}" if e.reason else ""))
+
+
+@registry.command()
+@click.argument("style", callback=_style)
+@click.argument("version")
+@click.option("--reason", default=None, help="Why, kept in the version's tombstone.")
+@click.option("--by", default=None, help=_BY_HELP)
+@click.option("--dry-run", is_flag=True, help="List the files that would be deleted; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: version, removed objects, dry run.")
+def delete(style: str, version: str, reason: str | None, by: str | None, dry_run: bool, as_json: bool) -> None:
+    """Delete a version's files (every layout) and leave a tombstone: the version stays in the document
+    as deleted, is never brought back and its number never reused. An aliased version is refused."""
+    from lora_pipeline.lifecycle.versions import Refused, delete_version
+
+    try:
+        result = delete_version(_open_store(), style, version, by=_by(by), reason=reason, dry_run=dry_run)
+    except (Refused, StorageError, InvalidRecord) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        _echo_json({"style": style, "version": result.version, "removed": result.removed, "dryRun": dry_run,
+                    "alreadyDeleted": result.already_deleted})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    state = " (already deleted: leftover files)" if result.already_deleted else ""
+    click.echo(f"{style} {result.version}: {verb}{state}, {len(result.removed)} file(s)")
+    for key in result.removed:
+        click.echo(f"  {key}")

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from lora_pipeline.registry.evidence import JobReport
+from lora_pipeline.registry.evidence import JobProgressReport, JobReport
 from lora_pipeline.registry.jobids import base_job_id
 
 TERMINAL_STATUSES: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -147,3 +148,114 @@ def job_report_from_status(
         at=at,
         source=source,
     )
+
+
+PROGRESS_FIELDS = ("step", "total", "loss", "phase", "at")
+
+
+class InvalidProgress(ValueError):
+    """An IN_PROGRESS output that is not a usable progress update; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """A worker's progress update, as ``/status`` carries it while a job is IN_PROGRESS.
+
+    The worker (``lora_pipeline.worker.handler``) sends ``{"phase", "step", "total",
+    "loss", "at"}`` through ``runpod.serverless.progress_update``; RunPod (and the local
+    backend) answers ``/status`` with ``status: IN_PROGRESS`` and that dict as ``output``.
+    Every field is optional (a phase change carries no step); ``at`` is the worker's
+    clock (ISO 8601), None when the update carried none.
+    """
+
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    phase: str | None = None
+    at: datetime | None = None
+
+    def describe(self) -> str:
+        """One log line: ``step 40/100, loss 0.1234 (training)``."""
+        parts = []
+        if self.step is not None:
+            parts.append(f"step {self.step}/{self.total}" if self.total else f"step {self.step}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        text = ", ".join(parts) or (self.phase or "progress")
+        return f"{text} ({self.phase})" if parts and self.phase else text
+
+    def key(self) -> tuple[Any, ...]:
+        """What makes two updates the same update (for "log once per new progress")."""
+        return (self.step, self.total, self.loss, self.phase, self.at)
+
+
+def progress_of(status: JobStatus) -> TrainingProgress | None:
+    """The progress update an IN_PROGRESS status carries, or None when it carries none.
+
+    Raises InvalidProgress for an output that has progress fields of the wrong type
+    (a non-numeric loss, a negative step, an unreadable time): the caller logs it and
+    goes on; a bad update never stops a poll.
+    """
+    output = status.output
+    if status.status != "IN_PROGRESS" or not output:
+        return None
+    if not any(key in output for key in PROGRESS_FIELDS):
+        raise InvalidProgress(f"job {status.id}: output has none of {', '.join(PROGRESS_FIELDS)}: {_short(output)}")
+    return TrainingProgress(
+        step=_count(status.id, output, "step", minimum=0),
+        total=_count(status.id, output, "total", minimum=1),
+        loss=_loss(status.id, output.get("loss")),
+        phase=_phase(status.id, output.get("phase")),
+        at=_time(status.id, output.get("at")),
+    )
+
+
+def progress_report(status: JobStatus, progress: TrainingProgress, seen_at: datetime,
+                    stalled: str | None = None) -> JobProgressReport:
+    """Registry evidence of a progress update: its time is the worker's (else ``seen_at``)."""
+    return JobProgressReport(job_id=status.id, at=progress.at or seen_at, step=progress.step, total=progress.total,
+                             loss=progress.loss, phase=progress.phase, stalled=stalled)
+
+
+def _count(job_id: str, output: dict[str, Any], name: str, *, minimum: int) -> int | None:
+    value = output.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidProgress(f"job {job_id}: progress {name} {value!r} is not a whole number >= {minimum}")
+    return value
+
+
+def _loss(job_id: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidProgress(f"job {job_id}: progress loss {value!r} is not a finite number")
+    return float(value)
+
+
+def _phase(job_id: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidProgress(f"job {job_id}: progress phase {value!r} is not a string")
+    return value[:64]
+
+
+def _time(job_id: str, value: Any) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
+    except ValueError:
+        at = None
+    if at is None:
+        raise InvalidProgress(f"job {job_id}: progress time {value!r} is not an ISO 8601 time")
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."

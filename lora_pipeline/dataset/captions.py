@@ -15,6 +15,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import Any
 
 from lora_pipeline.dataset.sources import Refusal
 from lora_pipeline.dataset.validate import CaptionError, decode_caption, decode_text_file, normalise_caption
@@ -136,7 +137,7 @@ def parse_captions_csv(text: str, *, source_name: str = "captions.csv") -> tuple
     return rows, problems
 
 
-def _add_row(record: dict, where: str, rows: dict[str, str], problems: list[Refusal]) -> None:
+def _add_row(record: dict[str, Any], where: str, rows: dict[str, str], problems: list[Refusal]) -> None:
     file_name = next((record[c] for c in FILE_COLUMNS if isinstance(record.get(c), str)), None)
     caption = next((record[c] for c in CAPTION_COLUMNS if isinstance(record.get(c), str)), None)
     if not file_name:

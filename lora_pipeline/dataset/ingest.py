@@ -214,9 +214,9 @@ class IngestReport:
             "already_stored": dg.MetadataValue.int(self.skipped),
             "new_version": dg.MetadataValue.bool(self.new_version),
             "current_changed": dg.MetadataValue.bool(self.current_changed),
-            "shortest_side_px": dg.MetadataValue.json(stats.side_buckets),
-            "resolutions": dg.MetadataValue.json(stats.top_resolutions),
-            "formats": dg.MetadataValue.json(stats.formats),
+            "shortest_side_px": _count_table(dg, "shortest side (px)", stats.side_buckets),
+            "resolutions": _count_table(dg, "resolution", stats.top_resolutions),
+            "formats": _count_table(dg, "format", stats.formats),
             "thumbnails": dg.MetadataValue.md(self.thumbnails_markdown()),
             "rejected_files": dg.MetadataValue.table(
                 records=[dg.TableRecord(row) for row in self.rejected_rows()],
@@ -472,7 +472,8 @@ def _accept_images(
             continue
         seen[outcome.sha256] = name
         checked.entries.append(entry)
-        checked.paths[entry.file] = path  # type: ignore[assignment]
+        assert path is not None  # _check_image gives every accepted image its local file
+        checked.paths[entry.file] = path
         if entry.note:
             checked.notes.append(Note(name, entry.note))
         if outcome.thumbnail_png and len(checked.thumbnails) < options.thumbnails:
@@ -654,4 +655,12 @@ def _report(style: str, source: str, checked: _Checked, *, manifest: DatasetMani
         notes=checked.notes,
         thumbnails=checked.thumbnails,
         seconds=time.perf_counter() - started,
+    )
+
+
+def _count_table(dg: Any, what: str, counts: dict[str, int]) -> Any:
+    """A breakdown as a two-column table (``dg``: the dagster module, imported by the caller)."""
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({what: key, "images": n}) for key, n in counts.items()],
+        schema=dg.TableSchema(columns=[dg.TableColumn(what, "string"), dg.TableColumn("images", "int")]),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from lora_pipeline.dataset.manifest import DatasetManifest, ImageEntry, RejectedFile
 from lora_pipeline.dataset.validate import thumbnail_data_uri
@@ -56,7 +57,7 @@ class DatasetStats:
     filled_captions: int
     caption_coverage: float
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -96,7 +97,7 @@ class CheckOutcome:
 
     passed: bool
     description: str
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def check_min_images(manifest: DatasetManifest, n: int) -> CheckOutcome:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
+from typing import TypedDict
 
 from lora_pipeline.dataset.manifest import DatasetManifest
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
@@ -88,18 +89,26 @@ def read_pointer(store: ObjectStore, style: str) -> tuple[CurrentPointer | None,
     return CurrentPointer.from_json(stored.data), stored.etag
 
 
+class _Outcome(TypedDict, total=False):
+    """What set_current's update decided on its last read."""
+
+    previous: str | None
+    changed: bool
+
+
 def set_current(store: ObjectStore, manifest: DatasetManifest, *, now: datetime | None = None) -> tuple[bool, str | None]:
     """Make ``manifest`` the style's current version; returns (changed, previous hash).
 
     Setting the version that is already current writes nothing, so re-ingesting
     the same data leaves the pointer, and everything keyed on it, alone.
     """
-    outcome: dict[str, object] = {}
+    outcome: _Outcome = {}
 
     def apply(current: StoredObject | None) -> bytes | None:
         pointer = CurrentPointer.from_json(current.data) if current is not None else None
         previous = pointer.dataset_hash if pointer else None
-        outcome.update(previous=previous, changed=previous != manifest.dataset_hash)
+        outcome["previous"] = previous
+        outcome["changed"] = previous != manifest.dataset_hash
         if previous == manifest.dataset_hash:
             return None
         at = (now or datetime.now(UTC)).isoformat()
@@ -114,7 +123,7 @@ def set_current(store: ObjectStore, manifest: DatasetManifest, *, now: datetime 
         ).to_json()
 
     update_object(store, current_key(manifest.style), apply, content_type="application/json")
-    return bool(outcome["changed"]), outcome["previous"]  # type: ignore[return-value]
+    return bool(outcome["changed"]), outcome["previous"]
 
 
 def read_manifest(store: ObjectStore, style: str, dataset_hash: str) -> DatasetManifest:

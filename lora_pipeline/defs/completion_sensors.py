@@ -1,9 +1,11 @@
 """The completion sensors: notice finished training jobs by webhook file or by status poll.
 
 Both completion sensors turn a finished job into one ``complete_training`` run for
-its style, whichever of them sees it first: a run already queued or done for
-the job (tag ``lora_pipeline/job``) or a version already settled in the registry
-means nothing is requested again. Each tick does bounded work and keeps a
+its style, whichever of them sees it first: a run already queued, running or done
+for the job (tag ``lora_pipeline/job``: a completion run's, or a hand materialization
+of ``trained_lora`` waiting for the job), or a version already settled in the registry
+and, if completed, materialized, means nothing is requested again: one
+materialization per version. Each tick does bounded work and keeps a
 cursor, as Dagster advises, rather than asking for a longer tick timeout.
 """
 
@@ -14,20 +16,22 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from lora_pipeline.backends.base import RunPodUnavailable
+from lora_pipeline.backends.base import RunPodUnavailable, TrainingBackend
 from lora_pipeline.backends.poll import poll_jobs
 from lora_pipeline.contracts.job_status import JobStatus
-from lora_pipeline.defs.jobs import complete_training
+from lora_pipeline.defs.jobs import JOB_TAG, complete_training
 from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.lifecycle.reconcile import style_from_output
+from lora_pipeline.lifecycle.progress import record_progress, running_statuses
 from lora_pipeline.lifecycle.submit import job_run_key
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.base import ObjectStore, StorageError
 from lora_pipeline.storage.breaker import is_outage
 from lora_pipeline.webhook.inbox import (
@@ -40,7 +44,6 @@ from lora_pipeline.webhook.inbox import (
     webhook_status,
 )
 
-JOB_TAG = "lora_pipeline/job"
 ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -97,15 +100,41 @@ def _run_exists(instance: dg.DagsterInstance, job_id: str) -> bool:
     return bool(records)
 
 
-def _settled(registry: RegistryStore, style: str, status: JobStatus) -> bool:
-    """Whether the registry already holds this outcome (nothing left to record)."""
+def _settled(instance: dg.DagsterInstance, registry: RegistryStore, style: str, status: JobStatus) -> bool:
+    """Whether nothing is left to do for this outcome: the registry holds it and, for a completed
+    version, ``trained_lora`` was materialized for it (by a completion run, or by the hand
+    materialization that waited for the job) or a run for the job was already made (its run key
+    would not be run again). A version completed without either (reconciliation found its file)
+    still gets its one recording run."""
     document, _ = registry.read(style)
     version = find_version_by_job(document, status.id)
     if version is None:
         return False
     if version.status == VersionStatus.completed:
-        return True
+        return _materialized(instance, style, version.name) or _any_run(instance, status.id)
     return version.status == VersionStatus.failed and not status.succeeded
+
+
+def _any_run(instance: dg.DagsterInstance, job_id: str) -> bool:
+    """Whether any run, in any state, was made for the job."""
+    return bool(instance.get_run_records(filters=dg.RunsFilter(tags={JOB_TAG: base_job_id(job_id)}), limit=1))
+
+
+MATERIALIZATIONS_LOOKED_AT = 50
+
+
+def _materialized(instance: dg.DagsterInstance, style: str, version: str) -> bool:
+    """Whether one of the style's latest ``trained_lora`` materializations is of ``version``."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("trained_lora"), asset_partitions=[style]),
+        limit=MATERIALIZATIONS_LOOKED_AT,
+    ).records
+    for record in records:
+        materialization = record.asset_materialization
+        value = materialization.metadata.get("version") if materialization is not None else None
+        if value is not None and value.value == version:
+            return True
+    return False
 
 
 def unfinished_jobs(registry: RegistryStore) -> dict[str, str]:
@@ -162,7 +191,7 @@ def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageR
             if style is None:
                 notes.append(f"{item.key}: job {status.id} is not in the registry yet; kept for later")
                 continue
-            if _settled(registry, style, status):
+            if _settled(context.instance, registry, style, status):
                 mark_processed(store, item.key)
                 continue
             if _run_exists(context.instance, status.id):
@@ -267,10 +296,18 @@ def runpod_job_sensor(
             f"RunPod unavailable: no status answered within {POLL_DEADLINE_S:.0f} s "
             f"({len(batch)} jobs are polled again next tick)"), cursor=context.cursor)
     cursor = str((start + answered) % len(unfinished))
+    _track_progress(context, store, backend, result.statuses, unfinished)
     requests = []
+    registry = RegistryStore(store)
     for job_id, status in result.terminal.items():
-        if not _run_exists(context.instance, job_id):
-            requests.append(completion_request(unfinished[job_id], status, source="poll"))
+        if _run_exists(context.instance, job_id):
+            continue
+        try:  # recorded since the index was read (a hand materialization that waited for it)
+            if _settled(context.instance, registry, unfinished[job_id], status):
+                continue
+        except StorageError as exc:
+            return dg.SensorResult(skip_reason=store_outage_skip(exc))
+        requests.append(completion_request(unfinished[job_id], status, source="poll"))
     if result.not_found:
         requests.append(settle_expired_request(result.not_found, datetime.now(UTC)))
         context.log.info(
@@ -285,6 +322,35 @@ def runpod_job_sensor(
     if not requests:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"{len(unfinished)} jobs still running"), cursor=cursor)
     return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+
+def _track_progress(
+    context: dg.SensorEvaluationContext,
+    store: ObjectStore,
+    backend: TrainingBackend,
+    statuses: dict[str, JobStatus],
+    styles: dict[str, str],
+) -> None:
+    """Record running jobs' progress on their versions and flag (or cancel) stalled ones.
+
+    Best effort: a store failure here is logged and the tick goes on with its completions."""
+    running = running_statuses(statuses, styles)
+    if not running:
+        return
+    settings = get_settings()
+    try:
+        tick = record_progress(RegistryStore(store), backend, running, now=datetime.now(UTC),
+                               stall_after_s=settings.stall_after_s, cancel_stalled=settings.cancel_stalled)
+    except StorageError as exc:
+        context.log.warning(f"progress of {len(running)} running jobs not recorded this tick: {exc}")
+        return
+    for line in (*tick.stalled, *tick.problems):
+        context.log.warning(line)
+    for job_id, answer in tick.cancelled.items():
+        context.log.warning(f"job {job_id}: cancelled as stalled (LORA_CANCEL_STALLED); the backend reports "
+                            f"{answer.status}")
+    if tick.recorded:
+        context.log.info(f"recorded the progress of {len(tick.recorded)} running jobs")
 
 
 def _round_robin(jobs: list[str], cursor: str | None, limit: int) -> tuple[list[str], int]:

@@ -5,7 +5,9 @@ import dagster as dg
 from pydantic import Field, ValidationError
 
 from lora_pipeline.defs.config import TrainingConfig
+from lora_pipeline.defs.health import HEALTH_CHECK_KEYS
 from lora_pipeline.defs.partitions import styles_partitions
+from lora_pipeline.defs.presentation import backend_kind
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.lifecycle.submit import (
     NoDatasetError,
@@ -15,8 +17,12 @@ from lora_pipeline.lifecycle.submit import (
     training_params,
     wait_for_job,
 )
+from lora_pipeline.settings import get_settings
 
 GPU_POOL = "runpod_gpu"
+# The run tag naming the job (base UUID) a run records: a completion sensor requests no run for a job
+# a run with this tag is recording or recorded (its own, or a hand materialization waiting for the job).
+JOB_TAG = "lora_pipeline/job"
 
 
 class TrainLoraConfig(TrainingConfig):
@@ -27,7 +33,7 @@ class TrainLoraConfig(TrainingConfig):
     )
 
 
-@dg.op(pool=GPU_POOL, tags={"kind": "runpod"})
+@dg.op(pool=GPU_POOL, tags={"kind": backend_kind()})
 def submit_lora_training(
     context: dg.OpExecutionContext,
     config: TrainLoraConfig,
@@ -37,9 +43,9 @@ def submit_lora_training(
     """Submit the style's current dataset version for training; return the job id.
 
     The pending version is recorded in the registry before this returns. The
-    ``runpod_gpu`` concurrency pool caps how many of these hold a GPU job at
+    `runpod_gpu` concurrency pool caps how many of these hold a GPU job at
     once: set its limit to the endpoint's worker count
-    (``dagster instance concurrency set runpod_gpu N``).
+    (`dagster instance concurrency set runpod_gpu N`).
     """
     style = context.partition_key
     store = storage.get_store()
@@ -68,12 +74,17 @@ def submit_lora_training(
         f"→ {style} {submitted.version}"
     )
     if config.wait_for_completion and not submitted.reused:
+        settings = get_settings()
         final = wait_for_job(
             backend,
             submitted.job_id,
             timeout_s=config.wait_timeout_s,
             poll_interval_s=config.poll_interval_s,
             on_status=lambda s: context.log.info(f"job {s.id}: {s.status}"),
+            log=context.log.info,
+            warn=context.log.warning,
+            stall_after_s=settings.stall_after_s,
+            cancel_stalled=settings.cancel_stalled,
         )
         context.log.info(f"job {final.id} ended {final.status}; the completion sensors record it")
     return submitted.job_id
@@ -87,6 +98,8 @@ def train_lora() -> None:
 
 complete_training = dg.define_asset_job(
     "complete_training",
-    selection=["trained_lora", "lora_registry"],
+    # the two assets and their data checks; the registry's lag and health checks run on their own schedule
+    selection=dg.AssetSelection.assets("trained_lora", "lora_registry")
+    - dg.AssetSelection.checks(*HEALTH_CHECK_KEYS),
     description="Started by the completion sensors: verify a finished job's LoRA and record it.",
 )

@@ -15,9 +15,11 @@ from pydantic import Field
 from lora_pipeline.backends.base import RunPodError
 from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
+from lora_pipeline.defs.presentation import store_kind
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.lifecycle.housekeeping import HousekeepingReport, Retention, housekeep
 from lora_pipeline.lifecycle.reconcile import DEFAULT_MAX_JOB_AGE, ReconcileReport, reconcile
+from lora_pipeline.lifecycle.versions import prune_versions
 from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.base import StorageError
 from lora_pipeline.storage.breaker import CircuitBreaker
@@ -40,9 +42,12 @@ class ReconcileConfig(dg.Config):
         "LORA_CHECKPOINT_RETENTION_DAYS, 30); a completed version's go at once.")
     lock_retention_days: float | None = Field(
         None, description="Local store: remove lock files unused this long (default: LORA_LOCK_RETENTION_DAYS, 1).")
+    keep_versions: int | None = Field(
+        None, ge=0, description="With housekeeping: delete each style's completed versions but the newest N and "
+        "every aliased one, leaving tombstones (default: LORA_KEEP_VERSIONS; 0 keeps all; dry_run: only report).")
 
 
-@dg.op(tags={"kind": "s3"})
+@dg.op(tags={"kind": store_kind()})
 def reconcile_registry_op(
     context: dg.OpExecutionContext,
     config: ReconcileConfig,
@@ -71,7 +76,15 @@ def reconcile_registry_op(
         context.log.info(pruned.summary())
         for problem in pruned.problems:
             context.log.warning(problem)
-    context.add_output_metadata(_run_metadata(report, summary, pruned, dry_run=config.dry_run))
+    keep = config.keep_versions if config.keep_versions is not None else get_settings().keep_versions
+    metadata = _run_metadata(report, summary, pruned, dry_run=config.dry_run)
+    if config.housekeeping and keep:
+        kept = prune_versions(store, keep, dry_run=config.dry_run)
+        context.log.info(kept.summary())
+        for problem in kept.problems:
+            context.log.warning(problem)
+        metadata.update({"versions_deleted": kept.total, "version_retention": dg.MetadataValue.json(kept.to_dict())})
+    context.add_output_metadata(metadata)
     context.log.info(f"reconciliation: {report.changed_versions} versions changed")
     if config.dry_run:
         return
@@ -93,13 +106,27 @@ def _run_metadata(
             ),
         ),
         "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems) or "none"),
-        "summary": dg.MetadataValue.json(summary),
+        "stats": _count_table("what", summary["stats"]),
         **({
             "housekeeping_deleted": pruned.total,
             "housekeeping_kept_needed": sum(pruned.kept_needed.values()),
-            "housekeeping": dg.MetadataValue.json(pruned.to_dict()),
+            "housekeeping_by_kind": dg.MetadataValue.table(
+                records=[dg.TableRecord({"kind": kind, "deleted": n, "kept_needed": pruned.kept_needed.get(kind, 0)})
+                         for kind, n in pruned.counts.items()],
+                schema=dg.TableSchema(columns=[dg.TableColumn("kind", "string"), dg.TableColumn("deleted", "int"),
+                                               dg.TableColumn("kept_needed", "int")]),
+            ),
+            "housekeeping": dg.MetadataValue.json(pruned.to_dict()),  # the details: retention, keys, reasons
         } if pruned is not None else {}),
     }
+
+
+def _count_table(what: str, counts: dict[str, int]) -> dg.MetadataValue:
+    """A flat breakdown as a two-column table rather than a JSON blob."""
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({what: key, "count": int(n)}) for key, n in counts.items()],
+        schema=dg.TableSchema(columns=[dg.TableColumn(what, "string"), dg.TableColumn("count", "int")]),
+    )
 
 
 def _materialize_changed_styles(context: dg.OpExecutionContext, report: ReconcileReport) -> None:

@@ -295,7 +295,7 @@ def plan_checkpoints(
         reason: str | None
         if known is None:
             reason = UNKNOWN
-        elif known[0] is VersionStatus.completed:
+        elif known[0] in (VersionStatus.completed, VersionStatus.deleted):  # nothing will resume either
             reason = None
         elif known[0] is VersionStatus.failed:
             newest = max([i.last_modified for i in infos] + ([known[1]] if known[1] else []))

@@ -20,6 +20,7 @@ from lora_pipeline.backends.base import ExecutionPolicy, RunPodError, SubmitOutc
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
 from lora_pipeline.contracts.training import TrainingParams, TrainingRequest
 from lora_pipeline.dataset.versions import current_dataset
+from lora_pipeline.lifecycle.progress import ProgressWatch
 from lora_pipeline.registry.evidence import StoredLora, Submission
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job
@@ -245,16 +246,29 @@ def wait_for_job(
     timeout_s: float,
     poll_interval_s: float = 2.0,
     on_status: Callable[[JobStatus], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    stall_after_s: float | None = None,
+    cancel_stalled: bool = False,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> JobStatus:
     """Poll until the job is terminal or ``timeout_s`` passes (TimeoutError).
+
+    Each new progress update of the running job is one ``log`` line (step/total, loss);
+    a bad update is a ``warn`` line and is ignored. A job with no new update for
+    ``stall_after_s`` is reported stalled (``warn``, once) and, with ``cancel_stalled``,
+    cancelled: the backend's answer is returned as the job's outcome.
 
     If the wait is interrupted (the Dagster run is cancelled, Ctrl-C) the job is
     cancelled too: nobody would be waiting for it. A timeout or an error while
     polling leaves it running, for the sensors and reconciliation to finish.
     """
-    deadline = time.monotonic() + timeout_s
+    deadline = clock() + timeout_s
     last: str | None = None
+    say = log or (lambda _msg: None)
+    alarm = warn or say
+    watch = ProgressWatch(stall_after_s=stall_after_s, clock=clock)
     try:
         while True:
             status = backend.status(job_id)
@@ -263,7 +277,15 @@ def wait_for_job(
                 last = status.status
             if status.is_terminal:
                 return status
-            if time.monotonic() >= deadline:
+            stalled = watch.observe(status, say, alarm)
+            if stalled is not None:
+                alarm(stalled + ("; cancelling it (LORA_CANCEL_STALLED)" if cancel_stalled else ""))
+                if cancel_stalled:
+                    answer = backend.cancel(job_id)
+                    alarm(f"job {job_id}: the backend answered the cancel with {answer.status}")
+                    if answer.is_terminal:
+                        return answer
+            if clock() >= deadline:
                 raise TimeoutError(f"job {job_id} still {status.status} after {timeout_s:.0f}s")
             sleep(poll_interval_s)
     except Exception:
@@ -419,8 +441,15 @@ def submit_and_wait(
     storage_url: str | None = None,
     webhook_url: str | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    warn: Callable[[str], None] | None = None,
+    stall_after_s: float | None = None,
+    cancel_stalled: bool = False,
+    on_submitted: Callable[[Submitted], None] | None = None,
 ) -> tuple[Submitted, JobStatus | None]:
     """Submit (idempotently) and wait for the job to end; record nothing.
+
+    ``on_submitted`` is told the job before the wait starts (the Dagster step tags its run
+    with it, so the completion sensors leave the job to this run).
 
     The status is None when the submission reused a version that is already completed:
     there is no job to wait for (``completed_version`` reads its outcome). Recording is
@@ -443,12 +472,18 @@ def submit_and_wait(
     )
     if submitted.reused and completed_version(store, style, submitted.version) is not None:
         return submitted, None
+    if on_submitted is not None:
+        on_submitted(submitted)
     status = wait_for_job(
         backend,
         submitted.job_id,
         timeout_s=timeout_s,
         poll_interval_s=poll_interval_s,
         on_status=lambda s: log(f"job {s.id}: {s.status}"),
+        log=log,
+        warn=warn,
+        stall_after_s=stall_after_s,
+        cancel_stalled=cancel_stalled,
     )
     return submitted, status
 

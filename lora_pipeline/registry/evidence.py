@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from lora_pipeline.registry.aliases import AliasAction
 from lora_pipeline.registry.names import parse_version_name
 
 ClaimPhase = Literal["claimed", "posting", "released", "unknown"]  # models.CLAIM_PHASES
@@ -52,6 +53,21 @@ class JobReport:
     execution_time_ms: int | None
     at: datetime
     source: Literal["poll", "webhook"] = "poll"
+
+
+@dataclass(frozen=True)
+class JobProgressReport:
+    """A running job's heartbeat (its worker's last progress update), or the verdict that it
+    stalled (``stalled``: why). ``at`` is the heartbeat's time, not when it was polled, so
+    the same update seen on every poll is the same evidence and changes nothing."""
+
+    job_id: str
+    at: datetime
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    phase: str | None = None
+    stalled: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,8 +174,52 @@ class SubmissionLost:
         return _number(self.version)
 
 
+@dataclass(frozen=True)
+class AliasMove:
+    """An operator moved ``alias`` to ``version`` (promote, or rollback to the version before).
+
+    ``seq`` is one past the document's last alias move and ``previous`` where the alias
+    pointed, both read under the conditional write that records this (so racing moves
+    get consecutive numbers, and none is lost). Only ``RegistryStore.move_alias`` builds one:
+    it checks first that the version is completed and its files parse."""
+
+    style: str
+    alias: str
+    version: str | int
+    action: AliasAction
+    by: str
+    at: datetime
+    seq: int
+    previous: str | None = None
+    reason: str | None = None
+
+    @property
+    def version_number(self) -> int:
+        return _number(self.version)
+
+
+@dataclass(frozen=True)
+class VersionDeleted:
+    """An operator (or the retention policy) deleted a version's files: its tombstone.
+
+    ``files``: (key, ETag, last-modified ms) of every object removed. Outranks every other
+    evidence about the version, so nothing brings it back and its number is never reused."""
+
+    style: str
+    version: str | int
+    by: str
+    at: datetime
+    reason: str | None = None
+    files: tuple[tuple[str, str, int], ...] = ()
+
+    @property
+    def version_number(self) -> int:
+        return _number(self.version)
+
+
 Evidence = (Submission | JobReport | StoredLora | StoredCompanion | RejectedLora | LegacyRecord | JobExpired | Claim
-            | SubmissionLost)
+            | SubmissionLost | JobProgressReport
+            | AliasMove | VersionDeleted)
 
 
 def _number(version: str | int) -> int:

@@ -16,10 +16,13 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from lora_pipeline.registry.aliases import AliasEntry, join_history
 from lora_pipeline.registry.evidence import (
+    AliasMove,
     Claim,
     Evidence,
     JobExpired,
+    JobProgressReport,
     JobReport,
     LegacyRecord,
     RejectedLora,
@@ -27,10 +30,13 @@ from lora_pipeline.registry.evidence import (
     StoredLora,
     Submission,
     SubmissionLost,
+    VersionDeleted,
 )
 from lora_pipeline.registry.jobids import base_job_id, job_id_suffix
 from lora_pipeline.registry.layouts import UNKNOWN
 from lora_pipeline.registry.models import (
+    LEGACY_COMPANION_URL,
+    JobProgress,
     LoraFile,
     RegistryDocument,
     RejectedFile,
@@ -38,7 +44,8 @@ from lora_pipeline.registry.models import (
     Version,
     VersionStatus,
 )
-from lora_pipeline.registry.names import companion_suffix, parse_lora_file
+from lora_pipeline.registry.names import companion_suffix, parse_lora_file, version_name
+from lora_pipeline.registry.tombstones import DeletedObject, Deletion
 from lora_pipeline.registry.urls import stable_url, url_sort_key
 
 if TYPE_CHECKING:
@@ -79,10 +86,15 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
     for entry in entries:
         ledger.note(entry)
     job_only: list[Version] = []
+    moves: list[AliasEntry] = []
     for item in evidence:
         style = getattr(item, "style", None)
         if style is not None and style != doc.style:
             raise ValueError(f"evidence for style {style!r} given to the document of {doc.style!r}")
+        if isinstance(item, AliasMove):
+            moves.append(AliasEntry(item.seq, item.alias, version_name(item.version_number), item.action, item.by,
+                                    _ms(item.at), item.previous, item.reason))
+            continue
         if isinstance(item, RejectedLora):
             ledger.note(RejectedFile(item.key, item.etag, item.reason, _ms(item.at)))
             continue
@@ -98,9 +110,32 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
             job_only.append(fragment)
     for fragment in job_only:  # after every fragment that could introduce their job
         folder.add(fragment)
-    versions = ledger.attach_companions(tuple(folder.versions[n] for n in sorted(folder.versions)))
+    versions = tuple(folder.versions[n] for n in sorted(folder.versions))
+    versions = ledger.attach_companions(_bury(versions, ledger))
     rejected, superseded = ledger.split(versions)
-    return replace(doc, versions=versions, rejected_files=rejected, superseded_files=superseded)
+    history = join_history(doc.alias_history, moves) if moves else doc.alias_history
+    return replace(doc, versions=versions, rejected_files=rejected, superseded_files=superseded,
+                   alias_history=history)
+
+
+def _bury(versions: tuple[Version, ...], ledger: _FileLedger) -> tuple[Version, ...]:
+    """Deleted versions without files (whatever evidence named them), and the objects their
+    deletion removed out of the ledger: the document no longer accounts for them. An object
+    uploaded again under such a key is another entry, and stays (superseded)."""
+    if not any(v.deletion is not None for v in versions):
+        return versions
+    removed: set[DeletedObject] = set()
+    out = []
+    for v in versions:
+        if v.deletion is None:
+            out.append(v)
+            continue
+        removed.update(v.deletion.files)
+        extra = {k: x for k, x in v.extra.items() if k not in (LEGACY_COMPANION_URL, "loraUrl", "s3Key")}
+        out.append(replace(v, status=VersionStatus.deleted, file=None, lora_url=None, companions=(), claim=None,
+                           extra=extra))
+    ledger.forget(removed)
+    return tuple(out)
 
 
 class _FileLedger:
@@ -140,6 +175,15 @@ class _FileLedger:
             self.entries[entry.key] = entry
         elif current is not entry and entry.last_seen > current.last_seen:
             self.entries[entry.key] = entry
+
+    def forget(self, removed: set[DeletedObject]) -> None:
+        """Drop the entries that are exactly these (key, ETag, last-modified) objects."""
+        for key, etag, modified in removed:
+            entry = self.entries.get(key)
+            if entry is not None and (entry.etag, entry.last_modified) == (etag, modified):
+                del self.entries[key]
+                self.companion_numbers.pop(key, None)
+                self.best_url.pop(key, None)
 
     def attach_companions(self, versions: tuple[Version, ...]) -> tuple[Version, ...]:
         """Each completed version with its companions: per layout the newest valid file, unless
@@ -241,6 +285,27 @@ def fragment_of(item: Evidence) -> Version:
             source="reconcile",
             error=item.reason,
             updated_at=_ms(item.at),
+        )
+    if isinstance(item, JobProgressReport):
+        at = _ms(item.at)
+        return Version(
+            number=0,
+            status=VersionStatus.training,  # a worker that reports progress is running
+            source="poll",
+            job_ids=(item.job_id,),
+            updated_at=at,
+            job_status="IN_PROGRESS",
+            progress=JobProgress(at, item.step, item.total, item.loss, item.phase, item.stalled),
+        )
+    if isinstance(item, VersionDeleted):
+        at = _ms(item.at)
+        return Version(
+            number=item.version_number,
+            status=VersionStatus.deleted,
+            source="operator",
+            created_at=at,
+            updated_at=at,
+            deletion=Deletion(at, item.by, item.reason, tuple(sorted(set(item.files)))),
         )
     if isinstance(item, JobExpired):
         return Version(
@@ -383,11 +448,17 @@ def join(a: Version, b: Version) -> Version:
         claim=_max_present(a.claim, b.claim, key=_claim_order),
         extra=_join_mapping(a.extra, b.extra),
         companions=_join_companions(a.companions, b.companions),
+        deletion=a.deletion.join(b.deletion) if a.deletion is not None else b.deletion,
+        progress=_max_present(a.progress, b.progress, key=_progress_order),
     )
 
 
 def _claim_order(claim: SubmitClaim) -> tuple[int, int, str, str]:
     return claim.order
+
+
+def _progress_order(progress: JobProgress) -> tuple[int, bool, int, str]:
+    return progress.order
 
 
 def _status_order(v: Version) -> tuple[int, int, str, str]:

@@ -16,9 +16,11 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from lora_pipeline.registry.aliases import AliasEntry, current_aliases
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.layouts import DEFAULT_PRIMARY
 from lora_pipeline.registry.names import companion_suffix, parse_version_name, validate_style, version_name
+from lora_pipeline.registry.tombstones import Deletion
 from lora_pipeline.registry.urls import stable_url
 
 SCHEMA_VERSION = 1
@@ -32,6 +34,7 @@ class VersionStatus(str, Enum):
     training = "training"  # running (or finished, its file not yet verified)
     failed = "failed"
     completed = "completed"  # its LoRA file is in the store (or the legacy record said so)
+    deleted = "deleted"  # an operator deleted its files: a tombstone, above everything (registry/tombstones.py)
 
     @property
     def rank(self) -> int:
@@ -41,13 +44,13 @@ class VersionStatus(str, Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (VersionStatus.completed, VersionStatus.failed)
+        return self in (VersionStatus.completed, VersionStatus.failed, VersionStatus.deleted)
 
 
 _STATUS_RANK = {s: i for i, s in enumerate(VersionStatus)}
 UNFINISHED_STATUSES = frozenset({VersionStatus.pending, VersionStatus.starting, VersionStatus.training})
 
-SOURCES = ("submit", "webhook", "poll", "reconcile", "legacy")
+SOURCES = ("submit", "webhook", "poll", "reconcile", "legacy", "operator")  # operator: a deletion
 
 
 class InvalidRecord(ValueError):
@@ -228,11 +231,63 @@ class SubmitClaim:
                    str(raw["note"]) if raw.get("note") else None)
 
 
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """A running job's last heartbeat: what its worker last reported (RunPod progress update).
+
+    ``heartbeat_at`` (ms) is when the worker sent it (or, for an update without a time, when
+    it was first seen). ``stalled`` is the pipeline's verdict, with its reason, that no
+    heartbeat came for longer than ``LORA_STALL_AFTER_S``; a newer heartbeat clears it.
+    """
+
+    heartbeat_at: int
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    phase: str | None = None
+    stalled: str | None = None
+
+    @property
+    def order(self) -> tuple[int, bool, int, str]:
+        """Join order: the latest heartbeat wins; for one heartbeat, the stalled verdict."""
+        return (self.heartbeat_at, self.stalled is not None,
+                -1 if self.step is None else self.step, json.dumps(self.to_dict(), sort_keys=True))
+
+    def same_report(self, other: JobProgress | None) -> bool:
+        """Whether ``other`` carries the same worker report (the verdict aside)."""
+        return other is not None and replace(other, stalled=None) == replace(self, stalled=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"heartbeatAt": self.heartbeat_at, "stalled": self.stalled is not None}
+        optional = {"step": self.step, "total": self.total, "loss": self.loss, "phase": self.phase,
+                    "stalledReason": self.stalled}
+        out.update((k, v) for k, v in optional.items() if v is not None)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> JobProgress | None:
+        if not isinstance(raw, Mapping):
+            return None
+        heartbeat = to_millis(raw.get("heartbeatAt"))
+        if heartbeat is None:
+            return None
+        step, total, loss = raw.get("step"), raw.get("total"), raw.get("loss")
+        return cls(
+            heartbeat_at=heartbeat,
+            step=step if isinstance(step, int) and not isinstance(step, bool) else None,
+            total=total if isinstance(total, int) and not isinstance(total, bool) else None,
+            loss=float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None,
+            phase=str(raw["phase"]) if raw.get("phase") else None,
+            stalled=str(raw.get("stalledReason") or "stalled") if raw.get("stalled") else None,
+        )
+
+
 # JSON keys the Version knows; anything else in a record is kept in ``extra``.
 _KNOWN_KEYS = frozenset({
     "id", "name", "status", "loraUrl", "s3Key", "createdAt", "updatedAt", "completedAt", "error",
     "source", "jobIds", "jobStatus", "requestId", "datasetHash", "params", "training", "file",
-    "delayTimeMs", "executionTimeMs", "startTime", "estimatedDuration", "foldedNames", "claim", "files",
+    "delayTimeMs", "executionTimeMs", "startTime", "estimatedDuration", "foldedNames", "claim", "files", "deleted",
+    "progress",
 })
 # A legacy ``loraUrl`` that names a version's second file (``…_v4_kohya.safetensors``) is not
 # the main file's URL; it is kept under this key instead.
@@ -243,6 +298,7 @@ _LEGACY_STATUS = {
     "in_queue": VersionStatus.starting, "training": VersionStatus.training, "running": VersionStatus.training,
     "in_progress": VersionStatus.training, "completed": VersionStatus.completed,
     "failed": VersionStatus.failed, "cancelled": VersionStatus.failed, "timed_out": VersionStatus.failed,
+    "deleted": VersionStatus.deleted,
 }
 
 
@@ -285,6 +341,10 @@ class Version:
     # The version's files in its other layouts (``…_v4_kohya.safetensors``), each with its URL:
     # attached by the merge to completed versions only, at most one per layout.
     companions: tuple[LoraFile, ...] = ()
+    # Set on a deleted version (status ``deleted``): who, when, why, which objects went.
+    deletion: Deletion | None = None
+    # A running job's last heartbeat (step, total, loss, phase) and the stalled verdict.
+    progress: JobProgress | None = None
 
     @property
     def name(self) -> str:
@@ -358,6 +418,8 @@ class Version:
             "estimatedDuration": self.estimated_duration,
             "foldedNames": [version_name(n) for n in self.folded_names] or None,
             "claim": self.claim.to_dict() if self.claim else None,
+            "deleted": self.deletion.to_dict() if self.deletion else None,
+            "progress": self.progress.to_dict() if self.progress else None,
         }
         out.update((k, v) for k, v in optional.items() if v is not None)
         out.update((k, v) for k, v in self.extra.items() if k not in out)
@@ -417,8 +479,10 @@ class Version:
             estimated_duration=to_millis(raw.get("estimatedDuration")),
             folded_names=tuple(sorted(set(folded))),
             claim=SubmitClaim.from_dict(raw.get("claim")),
+            progress=JobProgress.from_dict(raw.get("progress")),
             extra=extra,
             companions=companions,
+            deletion=Deletion.from_dict(raw.get("deleted")),
         )
 
 
@@ -456,7 +520,7 @@ def _file_entry(f: LoraFile) -> dict[str, Any]:
 
 
 _DOC_KNOWN_KEYS = frozenset({"schemaVersion", "style", "revision", "versions", "currentTraining", "rejectedFiles",
-                             "supersededFiles"})
+                             "supersededFiles", "aliases", "aliasHistory"})
 
 
 @dataclass(frozen=True)
@@ -475,6 +539,8 @@ class RegistryDocument:
     extra: dict[str, Any] = field(default_factory=dict)
     revision: int = 0
     legacy: bool = field(default=False, compare=False)  # read from a file without schemaVersion
+    # Every move of an alias (production, staging…), in order; only ever added to (registry/aliases.py).
+    alias_history: tuple[AliasEntry, ...] = ()
 
     def __post_init__(self) -> None:
         validate_style(self.style)
@@ -493,6 +559,15 @@ class RegistryDocument:
             estimated_duration=latest.estimated_duration,
             status=latest.status,
         )
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """alias → the version name it points at now (replayed from ``alias_history``)."""
+        return current_aliases(self.alias_history)
+
+    def aliases_of(self, version: Version) -> list[str]:
+        """The aliases that point at ``version`` now."""
+        return [a for a, name in self.aliases.items() if self.version(name) is version]
 
     def version(self, name: str | int) -> Version | None:
         """The version named ``V4``/``v4``/``vV4`` (or numbered 4), folded names included."""
@@ -513,6 +588,9 @@ class RegistryDocument:
         }
         if self.rejected_files:
             out["rejectedFiles"] = [r.to_dict() for r in self.rejected_files]
+        if self.alias_history:
+            out["aliases"] = self.aliases
+            out["aliasHistory"] = [e.to_dict() for e in self.alias_history]
         if self.superseded_files:
             out["supersededFiles"] = [f.to_dict() for f in self.superseded_files]
         out.update((k, v) for k, v in self.extra.items() if k not in out)
@@ -539,11 +617,14 @@ class RegistryDocument:
         versions = tuple(Version.from_dict(v, default_source=source) for v in records)
         rejected = tuple(r for r in map(RejectedFile.from_dict, raw.get("rejectedFiles") or []) if r)
         superseded = tuple(f for f in map(LoraFile.from_dict, raw.get("supersededFiles") or []) if f)
+        history = raw.get("aliasHistory")
+        entries = tuple(e for e in map(AliasEntry.from_dict, history if isinstance(history, list) else []) if e)
         return cls(
             style=style,
             versions=versions,
             rejected_files=rejected,
             superseded_files=superseded,
+            alias_history=entries,
             extra={k: v for k, v in raw.items() if k not in _DOC_KNOWN_KEYS},
             revision=int(raw.get("revision") or 0),
             legacy=legacy,

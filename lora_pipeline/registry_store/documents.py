@@ -17,19 +17,24 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
-from lora_pipeline.registry.evidence import Claim, ClaimPhase, Evidence, Submission
+from lora_pipeline.registry.aliases import AliasAction, alias_stacks, validate_alias
+from lora_pipeline.registry.evidence import AliasMove, Claim, ClaimPhase, Evidence, Submission, VersionDeleted
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import merge, next_version_number
 from lora_pipeline.registry.models import (
     UNFINISHED_STATUSES,
     InvalidRecord,
+    LoraFile,
     RegistryDocument,
+    RejectedFile,
     Version,
     VersionStatus,
 )
-from lora_pipeline.registry.names import parse_lora_file, validate_style
+from lora_pipeline.registry.names import parse_lora_file, parse_version_name, validate_style
+from lora_pipeline.registry.tombstones import DeletedObject
 from lora_pipeline.registry_store.changes import VersionChange, diff_versions, document_content
 from lora_pipeline.registry_store.index import RegistryIndex, StyleSummary, parse_index
+from lora_pipeline.registry_store.lora_files import is_readable_lora
 from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.base import ObjectStore, PreconditionFailed, StoredObject
 from lora_pipeline.storage.documents import JSON, read_object, update_object
@@ -44,6 +49,35 @@ class ApplyResult:
     changed: bool
     changes: list[VersionChange] = field(default_factory=list)
     etag: str | None = None
+
+
+class Refused(ValueError):
+    """An operator's request the registry refuses (unknown version or alias, a version that
+    cannot be promoted or deleted…); the message says why, naming the style and version."""
+
+
+@dataclass(frozen=True)
+class AliasResult:
+    """What ``move_alias`` did: ``moved`` (False: the alias already pointed there), the
+    alias, where it points now and where it pointed before, and the document after."""
+
+    alias: str
+    version: str
+    previous: str | None
+    moved: bool
+    document: RegistryDocument
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """What ``delete_version`` did (or, ``dry_run``, would do): the objects removed, and
+    whether the version was already deleted (then only leftovers were removed)."""
+
+    style: str
+    version: str
+    removed: list[str]
+    already_deleted: bool
+    dry_run: bool
 
 
 class ClaimLost(RuntimeError):
@@ -205,8 +239,9 @@ class RegistryStore:
         now_ms = int(now.timestamp() * 1000)
 
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
-            match = next((v for v in reversed(doc.versions) if v.request_id == request_id or (
-                v.status in wanted and v.dataset_hash == dataset_hash and v.params == params)), None)
+            match = next((v for v in reversed(doc.versions) if v.status is not VersionStatus.deleted and (
+                v.request_id == request_id or (
+                v.status in wanted and v.dataset_hash == dataset_hash and v.params == params))), None)
             if match is not None:
                 claim = match.claim
                 if match.id or match.status == VersionStatus.completed:
@@ -269,6 +304,119 @@ class RegistryStore:
         updated = result.document.version(version.number)
         assert updated is not None
         return updated
+
+    def move_alias(self, style: str, alias: str, *, action: AliasAction, by: str, version: str | None = None,
+                   reason: str | None = None, at: datetime | None = None) -> AliasResult:
+        """Point ``alias`` at ``version`` (``promote``), or back at the version it pointed at before
+        its current one (``rollback``): one conditional write, recorded in the alias history.
+
+        Only a completed version whose files parse can be an alias's target. Raises Refused for an
+        unknown style, version or alias, a version that is not completed (or whose file is not
+        readable), and a rollback with nothing to roll back to."""
+        validate_style(style)
+        try:
+            validate_alias(alias)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        if action == "promote" and (version is None or parse_version_name(version) is None):
+            raise Refused(f"{version!r} is not a version name like V3")
+        now = at or self.clock()
+
+        def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
+            if not doc.versions:
+                raise Refused(f"style {style!r} has no registry document (or no versions)")
+            stack = alias_stacks(doc.alias_history).get(alias, [])
+            current = stack[-1] if stack else None
+            if action == "promote":
+                assert version is not None
+                target = doc.version(version)
+                if target is None:
+                    names = ", ".join(v.name for v in doc.versions)
+                    raise Refused(f"{style} has no version {version} (it has: {names})")
+            else:
+                if not stack:
+                    known = ", ".join(sorted(doc.aliases)) or "none"
+                    raise Refused(f"{style} has no alias {alias!r} to roll back (its aliases: {known})")
+                if len(stack) < 2:
+                    raise Refused(f"{style} {alias} has no earlier version to roll back to "
+                                  f"(it has only ever pointed at {current})")
+                target = doc.version(stack[-2])
+                if target is None:
+                    raise Refused(f"{style} {alias}: its earlier version {stack[-2]} is not in the document")
+            self._check_promotable(style, alias, target)
+            if current == target.name:
+                return [], ClaimResult("unchanged", target)
+            seq = max((e.seq for e in doc.alias_history), default=0) + 1
+            return [AliasMove(style, alias, target.number, action, by, now, seq, current, reason)], None
+
+        result, unchanged = self._update(style, decide, True, False)
+        if unchanged is not None:
+            return AliasResult(alias, unchanged.version.name, unchanged.version.name, False, result.document)
+        entry = next(e for e in reversed(result.document.alias_history) if e.alias == alias)
+        return AliasResult(alias, entry.version, entry.previous, True, result.document)
+
+    def _check_promotable(self, style: str, alias: str, version: Version) -> None:
+        if version.status is not VersionStatus.completed:
+            raise Refused(f"{style} {version.name} is {version.status.value}: only a completed version can be "
+                          f"{alias}'s version")
+        files = [f for f in (version.file, *version.companions) if f is not None]
+        if not files:
+            raise Refused(f"{style} {version.name} has no LoRA file recorded")
+        for f in files:
+            if not is_readable_lora(self.store, f.key):
+                raise Refused(f"{style} {version.name}: its file {f.key} is missing or not a readable "
+                              "safetensors LoRA; run `registry reconcile`, then try again")
+
+    def delete_version(self, style: str, version: str, *, by: str, reason: str | None = None,
+                       dry_run: bool = False, at: datetime | None = None) -> DeleteResult:
+        """Delete a version's files (every layout, every spelling of its name) and leave a tombstone.
+
+        The tombstone is written first (one conditional write, which refuses a version an alias
+        points at, or one still training), then the objects go; a crash in between leaves files the
+        next delete of the same version removes. Nothing brings a deleted version back, and its
+        number is never reused. Raises Refused."""
+        validate_style(style)
+        if parse_version_name(version) is None:
+            raise Refused(f"{version!r} is not a version name like V3")
+        now = at or self.clock()
+        listed: dict[int, list[DeletedObject]] = {}
+        for info in self.store.list(lora_prefix(style)):
+            parsed = parse_lora_file(style, info.key.rsplit("/", 1)[-1])
+            if parsed is not None and info.key.count("/") == 2:
+                listed.setdefault(parsed[0], []).append(
+                    (info.key, info.etag, int(info.last_modified.timestamp() * 1000)))
+        planned: list[DeletedObject] = []
+        chosen: list[str] = []
+
+        def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
+            target = doc.version(version)
+            if target is None:
+                names = ", ".join(v.name for v in doc.versions) or "none"
+                raise Refused(f"{style} has no version {version} (it has: {names})")
+            aliases = doc.aliases_of(target)
+            if aliases:
+                raise Refused(f"{style} {target.name} is what {', '.join(aliases)} point(s) at: promote another "
+                              "version (or roll back) first")
+            if target.status not in (VersionStatus.completed, VersionStatus.failed, VersionStatus.deleted):
+                raise Refused(f"{style} {target.name} is {target.status.value}: wait until it finishes")
+            objects: set[DeletedObject] = {o for n in target.numbers for o in listed.get(n, [])}
+            recorded: list[LoraFile | RejectedFile] = [f for f in (target.file, *target.companions) if f is not None]
+            others: list[LoraFile | RejectedFile] = [*doc.superseded_files, *doc.rejected_files]
+            recorded += [f for f in others
+                         if (parse_lora_file(style, f.key.rsplit("/", 1)[-1]) or (0, None))[0] in target.numbers]
+            objects.update((f.key, f.etag, f.last_modified) for f in recorded)
+            planned[:] = sorted(objects)
+            chosen[:] = [target.name]
+            if target.deletion is not None and objects <= set(target.deletion.files):
+                return [], ClaimResult("deleted", target)
+            return [VersionDeleted(style, target.number, by, now, reason, tuple(planned))], None
+
+        _, already = self._update(style, decide, True, dry_run)
+        keys = sorted({key for key, _, _ in planned})  # already deleted: the leftovers still listed
+        if not dry_run:
+            for key in keys:
+                self.store.delete(key)
+        return DeleteResult(style, chosen[0], keys, already is not None, dry_run)
 
     def _next_file_number(self, style: str) -> int:
         """One past every version number a LoRA file names, a lone kohya file of a job that

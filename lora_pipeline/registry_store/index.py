@@ -37,6 +37,47 @@ class UnfinishedJob:
 
 
 @dataclass(frozen=True)
+class AliasPointer:
+    """Where an alias points, with what an app needs to load it without reading the document:
+    the version, the URL and key of the file in the primary layout (``loraUrl``/``s3Key``, as
+    the document's record has them), every layout's file, and the move that set it."""
+
+    version: str
+    lora_url: str | None
+    s3_key: str | None
+    files: dict[str, dict[str, str | None]]  # layout → {"key", "url"}
+    since: int | None = None  # ms of the move that set it
+    by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "loraUrl": self.lora_url, "s3Key": self.s3_key,
+                "files": {layout: dict(f) for layout, f in sorted(self.files.items())},
+                "since": self.since, "by": self.by}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> AliasPointer | None:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("version"), str):
+            return None
+        files = _mapping(raw.get("files"))
+        return cls(raw["version"], _text(raw.get("loraUrl")), _text(raw.get("s3Key")),
+                   {str(k): {"key": _text(v.get("key")), "url": _text(v.get("url"))} for k, v in files.items()
+                    if isinstance(v, Mapping)},
+                   raw.get("since") if isinstance(raw.get("since"), int) else None,
+                   str(raw["by"]) if raw.get("by") else None)
+
+    @classmethod
+    def of(cls, doc: RegistryDocument, alias: str, name: str, primary: str | None) -> AliasPointer | None:
+        version = doc.version(name)
+        if version is None:
+            return None
+        record = version.to_dict(primary or get_settings().primary_format)
+        last = next((e for e in reversed(doc.alias_history) if e.alias == alias), None)
+        return cls(version.name, record.get("loraUrl"), record.get("s3Key"),
+                   {layout: {"key": f.key, "url": f.url} for layout, f in version.files().items()},
+                   last.at if last else None, last.by if last else None)
+
+
+@dataclass(frozen=True)
 class StyleSummary:
     """A style's line in the index, derived from its document."""
 
@@ -52,6 +93,8 @@ class StyleSummary:
     # attaches their jobs from start markers, and fails them after the maximum job age.
     submitting: dict[str, int] = field(default_factory=dict)
     etag: str | None = None  # the document's ETag this summary was derived from
+    # alias (production, staging…) → where it points, with the file URLs (index key ``aliases``)
+    aliases: dict[str, AliasPointer] = field(default_factory=dict)
 
     @classmethod
     def of(cls, doc: RegistryDocument, etag: str | None = None, primary: str | None = None) -> StyleSummary:
@@ -76,6 +119,8 @@ class StyleSummary:
                 if v.claim and not v.id and v.status in UNFINISHED_STATUSES
             },
             etag=etag,
+            aliases={alias: pointer for alias, name in doc.aliases.items()
+                     if (pointer := AliasPointer.of(doc, alias, name, primary)) is not None},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +133,8 @@ class StyleSummary:
         }
         if self.submitting:
             out["submitting"] = dict(sorted(self.submitting.items()))
+        if self.aliases:
+            out["aliases"] = {a: p.to_dict() for a, p in sorted(self.aliases.items())}
         return out
 
     @classmethod
@@ -105,6 +152,8 @@ class StyleSummary:
             jobs=tuple(raw.get("jobs") or ()),
             submitting={str(k): int(v) for k, v in (raw.get("submitting") or {}).items()},
             etag=raw.get("etag"),
+            aliases={str(a): p for a, p in ((a, AliasPointer.from_dict(r)) for a, r in _mapping(raw.get("aliases")).items())
+                     if p is not None},
         )
 
 
@@ -161,6 +210,14 @@ def files_fingerprint(files: Mapping[str, str], primary: str | None = None) -> s
     for key in sorted(files):
         digest.update(f"{key}\0{files[key]}\n".encode())
     return digest.hexdigest()[:20]
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def parse_index(current: StoredObject | None) -> RegistryIndex:

@@ -17,11 +17,14 @@ import json
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TypeAlias
 
 from lora_pipeline.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, StoredObject
 
 JSON = "application/json"
+
+# What json.loads gives back: the type of the documents read_json and update_json hand out.
+JsonValue: TypeAlias = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
 
 
 class TooManyConflicts(StorageError):
@@ -68,12 +71,12 @@ def update_object(
     raise TooManyConflicts(f"gave up updating {key!r} after {max_attempts} conflicting writes")
 
 
-def dump_json(doc: Any) -> bytes:
+def dump_json(doc: JsonValue) -> bytes:
     """Stable JSON bytes (sorted keys), so an unchanged document is byte-identical."""
     return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
 
 
-def read_json(store: ObjectStore, key: str) -> tuple[Any, str | None]:
+def read_json(store: ObjectStore, key: str) -> tuple[JsonValue, str | None]:
     """(document, etag), or (None, None) when the key does not exist."""
     current = read_object(store, key)
     if current is None:
@@ -81,9 +84,10 @@ def read_json(store: ObjectStore, key: str) -> tuple[Any, str | None]:
     return _load(current), current.etag
 
 
-def _load(stored: StoredObject) -> Any:
+def _load(stored: StoredObject) -> JsonValue:
     try:
-        return json.loads(stored.data)
+        doc: JsonValue = json.loads(stored.data)
+        return doc
     except ValueError as exc:
         raise StorageError(f"{stored.key!r} is not valid JSON: {exc}") from None
 
@@ -91,10 +95,10 @@ def _load(stored: StoredObject) -> Any:
 def update_json(
     store: ObjectStore,
     key: str,
-    fn: Callable[[Any], Any],
+    fn: Callable[[JsonValue], JsonValue],
     *,
     max_attempts: int = 50,
-) -> Any:
+) -> JsonValue:
     """Optimistically update a JSON document; returns the document now stored.
 
     ``fn`` receives a private copy of the current document (None when absent)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
@@ -48,6 +48,8 @@ __all__ = [
     "upload_tree",
     "write_zip",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_ATTEMPTS = 3
 ZIP_CHUNK = 8 * 1024 * 1024
@@ -113,7 +115,7 @@ def _retryable(exc: BaseException) -> bool:
     return counts_as_failure(exc) or isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
 
 
-def _with_retries(fn: Callable[[], Any], attempts: int) -> Any:
+def _with_retries(fn: Callable[[], T], attempts: int) -> T:
     for attempt in Retrying(
         stop=stop_after_attempt(attempts),
         wait=wait_random_exponential(multiplier=0.2, max=5.0),
@@ -122,6 +124,7 @@ def _with_retries(fn: Callable[[], Any], attempts: int) -> Any:
     ):
         with attempt:
             return fn()
+    raise AssertionError("unreachable: Retrying re-raises the last failure")
 
 
 def _expected_etag(store: ObjectStore, path: Path) -> str:

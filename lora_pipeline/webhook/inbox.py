@@ -230,14 +230,10 @@ def write_webhook(store: ObjectStore, body: bytes, *, received_at: datetime | No
     return key
 
 
-def list_inbox(store: ObjectStore) -> Iterator[InboxItem]:
-    """Every inbox file in arrival order, decoded, or with the problem that stops it.
-
-    Arrival is the stamp of a receiver-named file, else the object's last-modified
-    time; any ``.json`` file whose body is a status body is usable, whatever its
-    name. Dot-files (a copy or an upload in progress) and folder markers are
-    skipped; any other file is listed with its problem.
-    """
+def inbox_listing(store: ObjectStore) -> list[tuple[datetime, str, ObjectInfo]]:
+    """The inbox's files as (arrival, key, info) in arrival order, from one listing and no reads:
+    what ``list_inbox`` decodes, and what the health checks count. Dot-files (a copy or an
+    upload in progress) and folder markers are left out."""
     listed: list[tuple[datetime, str, ObjectInfo]] = []
     for info in store.list(WEBHOOK_INBOX + "/"):
         try:
@@ -248,7 +244,18 @@ def list_inbox(store: ObjectStore) -> Iterator[InboxItem]:
             continue
         listed.append((_arrival(name, info), info.key, info))
     listed.sort(key=lambda entry: (entry[0], entry[1]))
-    for received_at, key, info in listed:
+    return listed
+
+
+def list_inbox(store: ObjectStore) -> Iterator[InboxItem]:
+    """Every inbox file in arrival order, decoded, or with the problem that stops it.
+
+    Arrival is the stamp of a receiver-named file, else the object's last-modified
+    time; any ``.json`` file whose body is a status body is usable, whatever its
+    name. Dot-files (a copy or an upload in progress) and folder markers are
+    skipped; any other file is listed with its problem.
+    """
+    for received_at, key, info in inbox_listing(store):
         if not key.lower().endswith(".json"):
             yield InboxItem(key, None, "not a .json file: the inbox takes RunPod status bodies as <name>.json",
                             received_at)

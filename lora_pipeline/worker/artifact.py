@@ -102,6 +102,9 @@ def provenance_metadata(facts: ArtifactFacts) -> dict[str, str]:
     return {META_PREFIX + key: value for key, value in ours.items()}
 
 
+_FAMILIES: dict[str, ModelFamily] = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
+
+
 def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
     """The facts ``provenance_metadata`` wrote, read back from a header: everything the kohya
     file's header needs is in the diffusers file's, so that file alone determines it."""
@@ -111,9 +114,9 @@ def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
             raise ValueError(f"not a lora_pipeline LoRA: its header has no {META_PREFIX + key}")
         return found
 
-    family = value("family")
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"{META_PREFIX}family: unknown family {family!r}")
+    family = _FAMILIES.get(value("family"))
+    if family is None:
+        raise ValueError(f"{META_PREFIX}family: unknown family {value('family')!r}")
     return ArtifactFacts(
         style=value("style"),
         version=value("version"),
@@ -121,7 +124,7 @@ def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
         request_id=value("request_id"),
         dataset_hash=value("dataset_hash"),
         base_model=value("base_model"),
-        family=family,  # type: ignore[arg-type]
+        family=family,
         params=TrainingParams.model_validate_json(value("params")),
         steps=int(value("steps")),
         num_train_images=int(value("num_train_images")),

@@ -39,6 +39,7 @@ from lora_pipeline.registry.names import parse_version_name
 from lora_pipeline.settings import SettingsError, get_settings, settings_or_exit
 from lora_pipeline.storage.base import PreconditionFailed
 from lora_pipeline.worker.errors import WorkerInputError
+from lora_pipeline.worker.progress import Progress, runpod_progress
 
 if TYPE_CHECKING:  # each imports at run time where it is used: importing the handler stays torch-free
     from lora_pipeline.worker.artifact import ArtifactFacts
@@ -47,9 +48,7 @@ if TYPE_CHECKING:  # each imports at run time where it is used: importing the ha
     from lora_pipeline.worker.train import TrainOutcome
 
 log = logging.getLogger("lora_pipeline.worker")
-
-Progress = Callable[[dict[str, Any]], None]
-
+TRAINING_HEARTBEAT_S = 300.0  # a training update at least this often, however slow the steps (LORA_STALL_AFTER_S)
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:
     """RunPod entry point: train the requested LoRA; never raises."""
@@ -253,13 +252,20 @@ def train_job(checked: CheckedJob, report: Progress) -> TrainOutcome:
     )
 
 
-def training_progress(report: Progress, params: TrainingParams) -> Callable[[int, int, float], None]:
+def training_progress(
+    report: Progress, params: TrainingParams, *, heartbeat_s: float = TRAINING_HEARTBEAT_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[int, int, float], None]:
     """A progress callback that passes on about ten training updates, and always the last one:
-    a progress update per step would flood RunPod's status endpoint."""
+    a progress update per step would flood RunPod's status endpoint. A long run also passes one
+    every ``heartbeat_s``, so the orchestrator never takes slow steps for a stalled job."""
     every = max(1, _steps_hint(params) // 10)
+    last = [clock()]
 
     def on_step(step: int, total: int, loss: float) -> None:
-        if step == total or step % every == 0:
+        now = clock()
+        if step == total or step % every == 0 or now - last[0] >= heartbeat_s:
+            last[0] = now
             report({"phase": "training", "step": step, "total": total, "loss": round(loss, 6)})
 
     return on_step
@@ -499,27 +505,6 @@ def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str
 
 def _steps_hint(params: Any) -> int:
     return params.max_train_steps if params.num_train_epochs is None else 100
-
-
-def under_runpod() -> bool:
-    """True inside a deployed RunPod worker (the SDK's job-result URL is configured)."""
-    return get_settings().under_runpod
-
-
-def runpod_progress(job: dict[str, Any]) -> Progress:
-    """Progress updates through the SDK when deployed; a log line everywhere."""
-
-    def report(update: dict[str, Any]) -> None:
-        print(json.dumps({"progress": update, "job_id": job.get("id")}), file=sys.stderr, flush=True)
-        if under_runpod():
-            try:
-                import runpod
-
-                runpod.serverless.progress_update(job, update)
-            except Exception:  # noqa: BLE001 - progress is best effort, never fails the job
-                log.warning("progress update failed", exc_info=True)
-
-    return report
 
 
 def main() -> None:

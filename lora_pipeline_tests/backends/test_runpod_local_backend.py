@@ -186,3 +186,27 @@ def test_the_factory_picks_local_without_an_endpoint(store, tmp_path):
 
     chosen = open_training_backend(store, load_settings({}), state_dir=tmp_path / "jobs")
     assert isinstance(chosen, LocalBackend)
+
+
+def test_a_running_jobs_status_carries_its_last_progress_update_as_runpods_does(store, tmp_path):
+    release = tmp_path / "release"
+    b = backend(store, tmp_path, "report_progress_then_wait", env={"STUB_RELEASE": str(release)})
+    job_id = submit(b)
+    deadline = time.monotonic() + 60
+    status = b.status(job_id)
+    while status.output is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = b.status(job_id)
+    assert status.status == "IN_PROGRESS"
+    assert status.output == {"phase": "training", "step": 3, "total": 10, "loss": 0.25,
+                             "at": "2026-11-29T10:00:00+00:00"}
+    release.write_text("go")
+    final = b.wait(job_id, timeout_s=60)
+    assert final.status == "COMPLETED" and final.output["final_loss"] == 0.125  # its own output, not the update
+
+
+def test_a_final_status_drops_the_last_progress_update(tmp_path):
+    jobs = JobStateDir(tmp_path / "jobs")
+    jobs.create({"id": "j-u1", "status": "IN_PROGRESS", "createdAt": utcnow_iso(), "output": {"step": 3}})
+    state, _ = jobs.finish("j-u1", status="CANCELLED")
+    assert state["status"] == "CANCELLED" and "output" not in state

@@ -148,7 +148,8 @@ def test_a_completion_run_records_without_claiming_a_gpu_slot(store, instance, b
     steps = {e.step_key: e.event_type_value for e in result.all_events
              if e.event_type_value in ("STEP_SKIPPED", "STEP_SUCCESS", "STEP_FAILURE")}
     assert steps == {"trained_lora.take_training_request": "STEP_SUCCESS", "trained_lora.train_on_gpu": "STEP_SKIPPED",
-                     "trained_lora.record_trained_lora": "STEP_SUCCESS", "lora_registry": "STEP_SUCCESS"}
+                     "trained_lora.record_trained_lora": "STEP_SUCCESS", "lora_registry": "STEP_SUCCESS",
+                     "trained_lora_lora_file_matches_registry": "STEP_SUCCESS"}  # the file check, after it
     assert instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots == []
     [version] = RegistryStore(store).read(STYLE)[0].versions
     assert version.status is VersionStatus.completed

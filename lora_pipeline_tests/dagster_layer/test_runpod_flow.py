@@ -32,6 +32,7 @@ from lora_pipeline.dataset.ingest import SAMPLE_TRIGGER_WORD, IngestOptions, ing
 from lora_pipeline.definitions import defs
 from lora_pipeline.defs import resources as resources_module
 from lora_pipeline.defs.completion_sensors import JOB_TAG
+from lora_pipeline.defs.presentation import url_value
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import RegistryDocument, Version, VersionStatus
 from lora_pipeline.registry.names import parse_version_name
@@ -323,13 +324,14 @@ def test_webhook_completion_is_recorded_as_one_completed_version(flow: Flow):
     assert set(assets) == {"trained_lora", "lora_registry"}
     assert assets["trained_lora"].partition == STYLE
     kohya = companion_key(STYLE, 1, "kohya")
-    assert assets["trained_lora"].metadata["url"].value == flow.store.url(kohya)  # the primary layout's
+    # the primary layout's; a local store's file:// URL is shown as its path
+    assert assets["trained_lora"].metadata["url"].value == url_value(flow.store.url(kohya)).value
     assert assets["trained_lora"].metadata["kohya_file"].value == kohya
-    assert assets["trained_lora"].metadata["diffusers_url"].value == version.lora_url
+    assert assets["trained_lora"].metadata["diffusers_url"].value == url_value(version.lora_url).value
     assert assets["trained_lora"].metadata["steps"].value == 30
     assert assets["lora_registry"].metadata["latest_version"].value == "V1"
     checks = run.get_asset_check_evaluations()
-    assert len(checks) == 5 and all(check.passed for check in checks), checks
+    assert len(checks) == 6 and all(check.passed for check in checks), checks  # lora_registry's 5, trained_lora's 1
     assert flow.inbox() == [] and len(flow.processed()) == 1
     assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
     assert flow.daemon.tick("runpod_webhook_sensor").runs == []
@@ -574,3 +576,57 @@ def test_webhook_before_the_job_id_is_recorded_is_not_lost(flow: Flow, outcome: 
         assert "CUDA out of memory" in (version.error or "")
     assert flow.inbox() == [] and len(flow.processed()) == 1
     assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
+
+
+# -- progress while training ---------------------------------------------------------------------
+
+
+def _heartbeat(fake: FakeRunPod, job_id: str, step: int, at: str) -> None:
+    """What the worker's runpod.serverless.progress_update does on RunPod."""
+    fake.progress_update({"id": job_id}, {"phase": "training", "step": step, "total": 30, "loss": 0.5, "at": at})
+
+
+def test_the_poll_sensor_records_a_running_jobs_progress_once(flow: Flow):
+    fake = flow.start_runpod()
+    flow.add_dataset()
+    job_id = flow.train()
+    fake.start_job(job_id)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    _heartbeat(fake, job_id, 12, now)
+
+    assert flow.daemon.tick("runpod_job_sensor").skip_message == "1 jobs still running"
+    version = flow.only_version()
+    assert version.status == VersionStatus.training
+    assert version.progress is not None and (version.progress.step, version.progress.total) == (12, 30)
+    assert version.progress.stalled is None
+    etag = flow.registry.read(STYLE)[1]
+    flow.daemon.tick("runpod_job_sensor")  # the same update: no write
+    assert flow.registry.read(STYLE)[1] == etag
+
+    _heartbeat(fake, job_id, "twelve", now)  # a bad update: logged and ignored, the tick goes on
+    assert flow.daemon.tick("runpod_job_sensor").skip_message == "1 jobs still running"
+    assert flow.only_version().progress.step == 12
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_a_stalled_job_is_flagged_and_cancelled_only_with_the_setting(flow: Flow, cancel: bool):
+    flow.env.setenv("LORA_STALL_AFTER_S", "60")
+    if cancel:
+        flow.env.setenv("LORA_CANCEL_STALLED", "true")
+    fake = flow.start_runpod()
+    flow.add_dataset()
+    job_id = flow.train()
+    fake.start_job(job_id)
+    _heartbeat(fake, job_id, 3, time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 3600)))
+
+    flow.daemon.tick("runpod_job_sensor")
+
+    version = flow.only_version()
+    assert version.progress is not None and version.progress.stalled is not None
+    assert "(LORA_STALL_AFTER_S=60)" in version.progress.stalled
+    if cancel:
+        assert fake.job(job_id).status == "CANCELLED"
+        assert version.status == VersionStatus.failed and version.job_status == "CANCELLED"
+        assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
+    else:
+        assert fake.job(job_id).status == "IN_PROGRESS" and version.status == VersionStatus.training

@@ -88,5 +88,5 @@ def test_code_location_loads_with_the_whole_pipeline(webserver):
     assert [d["path"] for d in assets[("trained_lora",)]["dependencyKeys"]] == [["training_dataset"]]
     assert [d["path"] for d in assets[("lora_registry",)]["dependencyKeys"]] == [["trained_lora"]]
     assert {"train_lora", "reconcile_registry"} <= {j["name"] for j in repo["jobs"]}
-    assert {s["name"] for s in repo["schedules"]} == {"reconcile_registry_schedule"}
+    assert {s["name"] for s in repo["schedules"]} == {"reconcile_registry_schedule", "pipeline_health_schedule"}
     assert {"runpod_job_sensor", "runpod_webhook_sensor"} <= {s["name"] for s in repo["sensors"]}

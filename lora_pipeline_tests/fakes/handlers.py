@@ -48,3 +48,16 @@ def sleep_forever(job: dict[str, Any]) -> dict[str, Any]:
 def die(job: dict[str, Any]) -> dict[str, Any]:
     """The process vanishes without reporting (OOM killer, node loss)."""
     os._exit(9)
+
+
+def report_progress_then_wait(job: dict[str, Any]) -> dict[str, Any]:
+    """Send one progress update the way the real worker does, then wait for ``STUB_RELEASE``
+    (a file) to exist before finishing: a test reads the running job's status in between."""
+    from lora_pipeline.worker.progress import send_progress
+
+    send_progress(job, {"phase": "training", "step": 3, "total": 10, "loss": 0.25, "at": "2026-11-29T10:00:00+00:00"})
+    release = Path(os.environ["STUB_RELEASE"])
+    deadline = time.monotonic() + 60
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return succeed(job)

@@ -18,7 +18,9 @@ documented"):
   for "the API is down";
 * webhook delivery of the status body on completion, retried up to 2 more times
   (configurable spacing) on a non-200 answer;
-* outcomes from a script, or from a handler callable (the real worker's, or a stub).
+* outcomes from a script, or from a handler callable (the real worker's, or a stub);
+* progress updates (``progress_update``, the SDK's signature): ``/status`` answers
+  IN_PROGRESS with the last one as ``output`` until the job ends.
 """
 
 from __future__ import annotations
@@ -262,6 +264,17 @@ class FakeRunPod:
             job = self.job(job_id)
             job.status, job.started_at = "IN_PROGRESS", self.now()
             return job
+
+    def progress_update(self, job: dict[str, Any], progress: Any) -> None:
+        """What ``runpod.serverless.progress_update(job, progress)`` does on a worker: while the
+        job is IN_PROGRESS, ``/status`` answers with ``progress`` as its ``output`` (RunPod's
+        docs: "progress updates will be available when the status is polled"). Its final
+        status replaces it; an update for a job that is not running is dropped."""
+        json.dumps(progress)  # the SDK sends it as JSON
+        with self._lock:
+            fake = self.job(job["id"])
+            if fake.status == "IN_PROGRESS":
+                fake.output = progress
 
     def finish(self, job_id: str, outcome: Outcome) -> FakeJob:
         """End a job with ``outcome`` now, delivering its webhook."""

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from lora_pipeline.registry.evidence import (
     JobExpired,
+    JobProgressReport,
     JobReport,
     LegacyRecord,
     RejectedLora,
@@ -69,9 +70,15 @@ legacy = st.builds(
 )
 expiries = st.builds(lambda job, m, why: JobExpired(job, at(m), why), job_ids, minutes,
                      st.sampled_from(["expired", "no file"]))
+# A running job's heartbeat, or the verdict that it stalled: the latest heartbeat wins.
+heartbeats = st.builds(
+    lambda job, m, step, loss, stalled: JobProgressReport(job, at(m), step, 100, loss, "training", stalled),
+    job_ids, minutes, st.sampled_from([None, 10, 20]), st.sampled_from([None, 0.5, 0.25]),
+    st.sampled_from([None, "stalled: no progress update since …"]),
+)
 
 numbered = st.one_of(submissions, stored, legacy, rejected, companions)
-job_only = st.one_of(reports, expiries)
+job_only = st.one_of(reports, expiries, heartbeats)
 evidence_lists = st.lists(st.one_of(numbered, job_only), max_size=14)
 
 

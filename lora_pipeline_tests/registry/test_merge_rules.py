@@ -6,6 +6,7 @@ import pytest
 
 from lora_pipeline.registry.evidence import (
     JobExpired,
+    JobProgressReport,
     JobReport,
     LegacyRecord,
     RejectedLora,
@@ -196,3 +197,24 @@ def test_find_version_by_job_compares_base_uuids():
     doc = merge(empty(), [submission(job=f"{JOB}-e2")])
     assert find_version_by_job(doc, f"{JOB}-u1").name == "V1"
     assert find_version_by_job(doc, "11111111-1111-4111-8111-111111111111") is None
+
+
+def test_a_running_jobs_latest_heartbeat_wins_whatever_the_order_and_a_newer_one_clears_a_stall():
+    early = JobProgressReport(f"{JOB}-e2", at(2), 10, 100, 0.5, "training")
+    stalled = JobProgressReport(f"{JOB}-e2", at(2), 10, 100, 0.5, "training", "stalled: no progress update since …")
+    late = JobProgressReport(JOB, at(9), 60, 100, 0.25, "training")
+    for order in ([early, stalled, late], [late, stalled, early], [stalled, late, early]):
+        version = only(merge(empty(), [submission(), *order]))
+        assert version.status == VersionStatus.training and version.progress.step == 60
+        assert version.progress.stalled is None
+    flagged = only(merge(empty(), [submission(), early, stalled]))
+    assert flagged.progress.stalled is not None  # same heartbeat: the verdict is the more informative
+    assert only(merge(empty(), [submission(), stalled, report("COMPLETED")])).job_status == "COMPLETED"
+
+
+def test_progress_is_an_additive_key_of_the_version_record():
+    doc = merge(empty(), [submission(), JobProgressReport(JOB, at(3), 5, 10, 0.125, "training")])
+    record = json.loads(doc.to_json())["versions"][0]
+    assert record["progress"] == {"heartbeatAt": record["progress"]["heartbeatAt"], "stalled": False, "step": 5,
+                                  "total": 10, "loss": 0.125, "phase": "training"}
+    assert RegistryDocument.from_json(doc.to_json(), "s") == doc

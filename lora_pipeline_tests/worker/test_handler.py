@@ -309,6 +309,17 @@ def test_training_progress_passes_on_about_ten_updates_and_always_the_last() -> 
     assert updates[-1] == {"phase": "training", "step": 25, "total": 25, "loss": 0.123457}
 
 
+def test_slow_training_steps_still_send_a_heartbeat_every_few_minutes() -> None:
+    updates: list[dict] = []
+    now = [0.0]
+    on_step = training_progress(updates.append, quick_params(max_train_steps=1000), heartbeat_s=300,
+                                clock=lambda: now[0])
+    for step in range(1, 5):  # 4 steps of 200 s each: none is a tenth of the run
+        now[0] += 200
+        on_step(step, 1000, 0.5)
+    assert [u["step"] for u in updates] == [2, 4]
+
+
 def test_an_sdxl_unet_the_kohya_names_cannot_cover_is_refused_naming_the_base_model() -> None:
     with pytest.raises(WorkerInputError, match="base model: its UNet cannot be exported in the kohya layout"):
         check_kohya_layout({"down_block_types": ["DownBlock2D"], "up_block_types": []})

@@ -6,6 +6,7 @@ from dataclasses import replace
 import dagster as dg
 
 from lora_pipeline.defs.partitions import styles_partitions
+from lora_pipeline.defs.presentation import OWNERS, md_file_link, store_kind, url_value
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry import checks
 from lora_pipeline.registry.layouts import LAYOUTS
@@ -23,17 +24,28 @@ CHECKS = {
     "kohya) and its diffusers file; a warning: versions trained before both were published have one.",
 }
 WARN_ONLY = {"completed_versions_have_both_layouts"}
+# The columns of the `versions_table` metadata, one row per version (the document's fields behind them).
+VERSIONS_SCHEMA = dg.TableSchema(columns=[
+    dg.TableColumn("version", "string", description="`V1`, `V2`, … (`name`)"),
+    dg.TableColumn("status", "string", description="pending, starting, training, failed or completed"),
+    dg.TableColumn("job", "string", description="the RunPod job id's first 8 characters (`id`)"),
+    dg.TableColumn("kohya file", "string", description="for ComfyUI, A1111/Forge and kohya tools (`files.kohya`)"),
+    dg.TableColumn("diffusers file", "string", description="for diffusers' `load_lora_weights` (`files.diffusers`)"),
+    dg.TableColumn("other file", "string", description="a file of neither layout, or recorded before layouts were read"),
+])
 
 
 @dg.asset(
     partitions_def=styles_partitions,
     deps=["trained_lora"],
     group_name="lora",
-    kinds={"json"},
+    kinds={"json", store_kind()},
+    owners=OWNERS,
+    metadata={"dagster/column_schema": VERSIONS_SCHEMA},
     check_specs=[dg.AssetCheckSpec(name, asset="lora_registry", description=text) for name, text in CHECKS.items()],
 )
 def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """Publish the style's ``training_versions.json`` and check what users rely on."""
+    """Publish the style's `training_versions.json` and check what users rely on."""
     style = context.partition_key
     store = storage.get_store()
     registry = RegistryStore(store)
@@ -61,7 +73,7 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
             "versions": len(document.versions),
             "completed": len(completed),
             "latest_version": latest.name if latest else "",
-            "latest_url": dg.MetadataValue.url(latest_url) if latest_url else "",
+            "latest_url": url_value(latest_url),
             "primary_format": primary,
             "versions_table": dg.MetadataValue.md(versions_markdown(document)),
         },
@@ -70,7 +82,7 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
                 check_name=name,
                 passed=not found,
                 severity=dg.AssetCheckSeverity.WARN if name in WARN_ONLY else dg.AssetCheckSeverity.ERROR,
-                metadata={"problems": dg.MetadataValue.json(list(found))},
+                metadata={"problems": dg.MetadataValue.md("\n".join(f"- `{p}`" for p in found) or "none")},
             )
             for name, found in problems.items()
         ],
@@ -80,18 +92,19 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
 def versions_markdown(document: RegistryDocument) -> str:
     """One row per version: its kohya file (ComfyUI, A1111/Forge, kohya tools), its diffusers
     file, and any other file (a layout neither, or a file recorded before layouts were read)."""
-    rows = ["| version | status | job id | kohya file | diffusers file | other file |", "|---|---|---|---|---|---|"]
+    rows = ["| " + " | ".join(c.name for c in VERSIONS_SCHEMA.columns) + " |", "|---|---|---|---|---|---|"]
     for v in document.versions:
         files = v.files()
         others = [f for layout, f in files.items() if layout not in LAYOUTS]
         if v.file is not None and not v.file.layout:
             others.append(replace(v.file, url=v.lora_url))
         cells = [_link(files.get(layout)) for layout in LAYOUTS] + [", ".join(_link(f) for f in others)]
-        rows.append(f"| {v.name} | {v.status.value} | {v.id or ''} | " + " | ".join(cells) + " |")
+        job = f"`{v.id[:8]}`" if v.id else ""
+        rows.append(f"| {v.name} | {v.status.value} | {job} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def _link(f: LoraFile | None) -> str:
     if f is None:
         return ""
-    return f"[{f.key}]({f.url})" if f.url else f.key
+    return md_file_link(f.key, f.url)

@@ -8,7 +8,6 @@ steps, so that only the GPU step (skipped in the second way) holds a slot of the
 """
 
 
-import json
 
 import dagster as dg
 from pydantic import Field, ValidationError
@@ -16,8 +15,9 @@ from pydantic import Field, ValidationError
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
+from lora_pipeline.defs.presentation import OWNERS, backend_kind, url_value
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.defs.jobs import GPU_POOL
+from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG
 from lora_pipeline.lifecycle.submit import (
     Completion,
     NoDatasetError,
@@ -27,9 +27,17 @@ from lora_pipeline.lifecycle.submit import (
     record_completion,
     submit_and_wait,
 )
+from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.settings import get_settings
 from lora_pipeline.webhook.inbox import mark_processed
+
+
+# The table the asset emits (`lora_header`): the LoRA file's safetensors `__metadata__` entries.
+HEADER_SCHEMA = dg.TableSchema(columns=[
+    dg.TableColumn("key", "string", description="e.g. `lora_pipeline.steps`, `ss_network_dim`"),
+    dg.TableColumn("value", "string"),
+])
 
 
 class TrainedLoraConfig(TrainingConfig):
@@ -51,7 +59,7 @@ class TrainedLoraConfig(TrainingConfig):
 )
 def take_training_request(config: TrainedLoraConfig):  # noqa: ANN201 - yields one of two outputs
     """Route the run: a completion sensor's finished job goes straight to recording, so that
-    recording never waits for a ``runpod_gpu`` slot; anything else goes to the GPU step."""
+    recording never waits for a `runpod_gpu` slot; anything else goes to the GPU step."""
     if config.status_body:
         yield dg.Output(
             {"status_body": config.status_body, "source": config.source, "inbox_key": config.inbox_key}, "finished"
@@ -60,18 +68,19 @@ def take_training_request(config: TrainedLoraConfig):  # noqa: ANN201 - yields o
         yield dg.Output(config.model_dump(), "train")
 
 
-@dg.op(pool=GPU_POOL, tags={"kind": "runpod"})
+@dg.op(pool=GPU_POOL, tags={"kind": backend_kind()})
 def train_on_gpu(
     context: dg.OpExecutionContext,
     request: dict,
     storage: StorageResource,
     training_backend: TrainingBackendResource,
 ) -> dict:
-    """Submit the style's current dataset (idempotently) and hold a ``runpod_gpu`` slot
-    until the job ends: the same pool as ``train_lora``'s op."""
+    """Submit the style's current dataset (idempotently) and hold a `runpod_gpu` slot
+    until the job ends: the same pool as `train_lora`'s op."""
     style = context.partition_key
     config = TrainedLoraConfig.model_validate(request)
     store = storage.get_store()
+    settings = get_settings()
     try:
         submitted, status = submit_and_wait(
             store=store,
@@ -85,6 +94,10 @@ def train_on_gpu(
             storage_url=training_backend.storage_url_for_worker(storage),
             webhook_url=training_backend.webhook_url_for_jobs(),
             log=context.log.info,
+            warn=context.log.warning,
+            stall_after_s=settings.stall_after_s,
+            cancel_stalled=settings.cancel_stalled,
+            on_submitted=lambda submitted: _claim_job(context, submitted.job_id),
         )
     except (NoDatasetError, ValidationError, SubmissionInFlight) as exc:
         raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
@@ -98,11 +111,19 @@ def train_on_gpu(
     }
 
 
+def _claim_job(context: dg.OpExecutionContext, job_id: str) -> None:
+    """Tag this run with the job it waits for, as a completion sensor's run is tagged: the
+    sensors then request no second run for it (one materialization per version), unless this
+    run fails or is cancelled before recording."""
+    if job_id:
+        context.instance.add_run_tags(context.run_id, {JOB_TAG: base_job_id(job_id)})
+
+
 @dg.op(out=dg.Out(dg.Nothing))
 def record_trained_lora(context: dg.OpExecutionContext, outcomes: list[dict], storage: StorageResource):  # noqa: ANN201
-    """Record the finished job (verifying its file) and materialize ``trained_lora``.
+    """Record the finished job (verifying its file) and materialize `trained_lora`.
 
-    ``outcomes`` holds exactly one entry: the GPU step's, or the finished job a completion
+    `outcomes` holds exactly one entry: the GPU step's, or the finished job a completion
     sensor handed over (the other branch was skipped).
     """
     [outcome] = outcomes
@@ -125,7 +146,9 @@ def record_trained_lora(context: dg.OpExecutionContext, outcomes: list[dict], st
     partitions_def=styles_partitions,
     ins={"training_dataset": dg.AssetIn(dagster_type=dg.Nothing)},
     group_name="lora",
-    kinds={"pytorch", "runpod"},
+    kinds={"pytorch", backend_kind()},
+    owners=OWNERS,
+    metadata={"dagster/column_schema": HEADER_SCHEMA},
     # The run config stays `ops: {trained_lora: {config: ...}}`, as for a one-op asset.
     config=dg.ConfigMapping(
         config_schema=TrainedLoraConfig.to_config_schema(),
@@ -136,7 +159,7 @@ def trained_lora(training_dataset):  # noqa: ANN001, ANN201 - a graph's composit
     """Train (or record the training of) this style's LoRA and verify the file.
 
     Materialized by hand (or by automation) it submits a GPU job and waits for it, in
-    ``train_on_gpu``, the one step that holds a ``runpod_gpu`` slot. Started by a completion
+    `train_on_gpu`, the one step that holds a `runpod_gpu` slot. Started by a completion
     sensor with the job's final status it skips that step and only records: a finished job
     is never kept waiting for a GPU slot.
     """
@@ -164,7 +187,7 @@ def completion_result(completion: Completion, status: JobStatus | None) -> tuple
         "version": version.name,
         "job_id": version.id or (status.id if status is not None else ""),
         "lora_key": completion.lora_key or version.s3_key or "",
-        "url": dg.MetadataValue.url(url) if url else "",
+        "url": url_value(url),
         "primary_format": primary,
         "dataset_hash": version.dataset_hash or meta.get("lora_pipeline.dataset_hash", ""),
         "steps": int(meta["lora_pipeline.steps"]) if "lora_pipeline.steps" in meta else None,
@@ -172,11 +195,12 @@ def completion_result(completion: Completion, status: JobStatus | None) -> tuple
     }
     for layout, f in version.files().items():  # kohya_file, kohya_url, …, diffusers_file, …
         metadata[f"{layout}_file"] = f.key
-        metadata[f"{layout}_url"] = dg.MetadataValue.url(f.url) if f.url else ""
+        metadata[f"{layout}_url"] = url_value(f.url)
         metadata[f"{layout}_size"] = f.size
         metadata[f"{layout}_sha256"] = f.checksum or ""
     if status is not None:
         metadata["queue_delay_s"] = (status.delayTime or 0) / 1000
         metadata["execution_time_s"] = (status.executionTime or 0) / 1000
-    metadata["lora_header"] = dg.MetadataValue.json(json.loads(json.dumps(meta)))
+    metadata["lora_header"] = dg.MetadataValue.table(
+        records=[dg.TableRecord({"key": k, "value": str(v)}) for k, v in sorted(meta.items())], schema=HEADER_SCHEMA)
     return {k: v for k, v in metadata.items() if v is not None}, dg.DataVersion(version.s3_key or version.name)

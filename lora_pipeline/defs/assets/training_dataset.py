@@ -13,12 +13,18 @@ from lora_pipeline.dataset.ingest import (
 )
 from lora_pipeline.dataset.report import CheckOutcome, check_caption_coverage, check_min_images
 from lora_pipeline.defs.partitions import styles_partitions
+from lora_pipeline.defs.presentation import OWNERS, store_kind
 from lora_pipeline.defs.resources import StorageResource
 
 SAMPLE_STYLE = "sample_style"
 INCOMING_PREFIX = "incoming/"
 MIN_IMAGES = 4
 MIN_CAPTION_COVERAGE = 0.5
+# The table the asset emits (`rejected_files`): each file left out of the version and why.
+REJECTED_SCHEMA = dg.TableSchema(columns=[
+    dg.TableColumn("file", "string", description="the file's path in the source"),
+    dg.TableColumn("reason", "string", description="why it was rejected (unreadable, too small, no caption, …)"),
+])
 
 
 class DatasetConfig(dg.Config):
@@ -53,7 +59,9 @@ def resolve_source(style: str, config: DatasetConfig, store) -> str:
 @dg.asset(
     partitions_def=styles_partitions,
     group_name="lora",
-    kinds={"s3", "pillow"},
+    kinds={store_kind(), "pillow"},
+    owners=OWNERS,
+    metadata={"dagster/column_schema": REJECTED_SCHEMA},
     check_specs=[
         dg.AssetCheckSpec("enough_images", asset="training_dataset",
                           description=f"At least {MIN_IMAGES} accepted images."),
@@ -82,6 +90,8 @@ def training_dataset(
             options=IngestOptions(
                 trigger_word=trigger_word,
                 min_side=config.min_side,
+                # A str in the Dagster config (a Literal would change its schema to an enum);
+                # IngestOptions checks the value and raises naming the choices.
                 missing_captions=config.missing_captions,  # type: ignore[arg-type]
                 prepend_trigger_word=config.prepend_trigger_word,
             ),

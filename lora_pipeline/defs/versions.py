@@ -1,0 +1,80 @@
+"""Jobs that move aliases and delete versions: a click in the UI, each run in the run history.
+
+``promote_lora_version``: config ``style``, ``action`` (promote | rollback), ``version`` (for a
+promote), ``alias`` (default production), ``reason``. ``delete_lora_version``: ``style``,
+``version``, ``reason``, ``dry_run``. Who acted is the run's ``dagster/user`` tag when the UI
+set one (Dagster+), else ``dagster run <run id>``. A refusal (unknown version or alias, a
+version not completed, an aliased version to delete…) fails the run with its reason.
+"""
+
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from lora_pipeline.defs.resources import StorageResource
+from lora_pipeline.lifecycle.versions import Refused, delete_version, move_alias
+from lora_pipeline.storage.base import StorageError
+
+
+class AliasMoveConfig(dg.Config):
+    style: str = Field(description="The style, e.g. style_59.")
+    action: Literal["promote", "rollback"] = Field(
+        "promote", description="promote: point the alias at `version`; rollback: back to its previous version.")
+    version: str | None = Field(None, description="The version to promote, e.g. V3 (unused by rollback).")
+    alias: str = Field("production", description="The alias to move (production, staging…).")
+    reason: str | None = Field(None, description="Why, for the alias history.")
+
+
+class DeleteVersionConfig(dg.Config):
+    style: str = Field(description="The style, e.g. style_59.")
+    version: str = Field(description="The version to delete, e.g. V2 (refused while an alias points at it).")
+    reason: str | None = Field(None, description="Why, kept in the version's tombstone.")
+    dry_run: bool = Field(False, description="Report the files that would be deleted; change nothing.")
+
+
+def run_actor(context: dg.OpExecutionContext) -> str:
+    """Who started the run: its ``dagster/user`` tag, else the run id."""
+    return context.run.tags.get("dagster/user") or f"dagster run {context.run_id}"
+
+
+@dg.op(tags={"kind": "s3"})
+def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, storage: StorageResource) -> None:
+    """Move an alias of a style (one conditional write of its registry document)."""
+    try:
+        result = move_alias(storage.get_store(), config.style, config.alias, action=config.action,
+                            version=config.version, by=run_actor(context), reason=config.reason)
+    except (Refused, StorageError, ValueError) as exc:
+        raise dg.Failure(description=f"{config.action} refused: {exc}") from None
+    context.add_output_metadata({"style": config.style, "alias": result.alias, "version": result.version,
+                                 "previous": result.previous or "", "moved": result.moved})
+    context.log.info(f"{config.style} {result.alias}: {result.previous or '(new)'} → {result.version}"
+                     + ("" if result.moved else " (unchanged)"))
+
+
+@dg.op(tags={"kind": "s3"})
+def delete_lora_version_op(context: dg.OpExecutionContext, config: DeleteVersionConfig,
+                           storage: StorageResource) -> None:
+    """Delete a version's files and leave its tombstone."""
+    try:
+        result = delete_version(storage.get_store(), config.style, config.version, by=run_actor(context),
+                                reason=config.reason, dry_run=config.dry_run)
+    except (Refused, StorageError, ValueError) as exc:
+        raise dg.Failure(description=f"delete refused: {exc}") from None
+    context.add_output_metadata({"style": config.style, "version": result.version, "dry_run": config.dry_run,
+                                 "already_deleted": result.already_deleted,
+                                 "removed": dg.MetadataValue.json(result.removed)})
+    context.log.info(f"{config.style} {result.version}: {'would delete' if config.dry_run else 'deleted'} "
+                     f"{len(result.removed)} file(s)")
+
+
+@dg.job(tags={"lora_pipeline/kind": "registry"})
+def promote_lora_version() -> None:
+    """Promote a version to an alias (production by default), or roll the alias back."""
+    move_lora_alias()
+
+
+@dg.job(tags={"lora_pipeline/kind": "registry"})
+def delete_lora_version() -> None:
+    """Delete a version's files, leaving a tombstone (refused for an aliased version)."""
+    delete_lora_version_op()

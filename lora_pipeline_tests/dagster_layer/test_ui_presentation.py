@@ -1,0 +1,187 @@
+"""What a Dagster user sees: owners, kinds, schemas, code references, descriptions that render,
+readable tables, links a browser opens, and the trained_lora file check."""
+
+from __future__ import annotations
+
+import importlib
+
+import dagster as dg
+import pytest
+
+from lora_pipeline.contracts.job_status import JobStatus
+from lora_pipeline.definitions import defs
+from lora_pipeline.defs.assets.lora_registry import versions_markdown
+from lora_pipeline.defs.presentation import md_file_link, url_value
+from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline_tests.dagster_layer.conftest import submit_pending
+from lora_pipeline_tests.registry.lora_files import lora_bytes
+
+ASSETS = ("training_dataset", "trained_lora", "lora_registry")
+STYLE = "style_59"
+JOB = "26945dbf-4e87-4574-ad26-b1f71e865942"
+KEY = f"loras/{STYLE}/{STYLE}_v1.safetensors"
+
+
+def _config_descriptions(config_type, path):
+    from dagster._config import ConfigTypeKind
+
+    if ConfigTypeKind.has_fields(config_type.kind):
+        for name, field in config_type.fields.items():
+            yield f"{path}.{name}", field.description
+            yield from _config_descriptions(field.config_type, f"{path}.{name}")
+
+
+def all_descriptions():
+    repo = defs.get_repository_def()
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        yield f"asset {key.to_user_string()}", graph.get(key).description
+    for check in graph.asset_check_keys:
+        yield f"check {check.name}", graph.get(check).description
+    for job in repo.get_all_jobs():
+        yield f"job {job.name}", job.description
+        for node in job.graph.iterate_node_defs():
+            yield f"op {node.name}", node.description
+            if isinstance(node, dg.OpDefinition) and node.config_schema is not None:
+                yield from _config_descriptions(node.config_schema.config_type, f"op {node.name} config")
+    for sensor in repo.sensor_defs:
+        yield f"sensor {sensor.name}", sensor.description
+    for schedule in repo.schedule_defs:
+        yield f"schedule {schedule.name}", schedule.description
+    for name, resource in (defs.resources or {}).items():
+        for field, info in type(resource).model_fields.items():
+            yield f"resource {name}.{field}", info.description
+
+
+def test_no_description_the_ui_renders_has_rst_double_backticks():
+    raw = [where for where, text in all_descriptions() if text and "``" in text]
+    assert raw == [], "use Markdown single backticks in these docstrings/descriptions"
+
+
+def test_every_asset_has_owners_a_column_schema_and_a_code_reference():
+    graph = defs.resolve_asset_graph()
+    for name in ASSETS:
+        spec = graph.get(dg.AssetKey(name))
+        assert spec.owners == ["team:lora"], name
+        assert isinstance(spec.metadata["dagster/column_schema"], dg.TableSchema), name
+        [reference] = spec.metadata["dagster/code_references"].code_references
+        assert reference.file_path.endswith(".py") and reference.line_number > 0
+
+
+def reloaded_kinds(monkeypatch, storage_url: str) -> dict[str, set[str]]:
+    """The assets' kinds as Definitions built under ``storage_url`` have them (kinds are static)."""
+    from lora_pipeline.defs.assets import lora_registry, trained_lora, training_dataset
+
+    monkeypatch.setenv("LORA_STORAGE_URL", storage_url)
+    modules = [importlib.reload(m) for m in (training_dataset, trained_lora, lora_registry)]
+    try:
+        return {name: set(getattr(m, name).specs_by_key[dg.AssetKey(name)].kinds)
+                for name, m in zip(ASSETS, modules, strict=True)}
+    finally:
+        monkeypatch.delenv("LORA_STORAGE_URL")
+        for m in modules:
+            importlib.reload(m)
+
+
+def test_kinds_follow_the_configured_store(monkeypatch, tmp_path):
+    local = reloaded_kinds(monkeypatch, str(tmp_path))
+    assert local["training_dataset"] == {"file", "pillow"} and local["lora_registry"] == {"json", "file"}
+    assert "runpod" not in local["trained_lora"]  # the local backend
+    s3 = reloaded_kinds(monkeypatch, "s3://bucket/prefix")
+    assert s3["training_dataset"] == {"s3", "pillow"} and s3["lora_registry"] == {"json", "s3"}
+
+
+def test_a_local_file_url_is_shown_as_a_path_and_an_http_one_as_a_link():
+    assert url_value("file:///data/store/loras/a%20b.safetensors") == dg.MetadataValue.path(
+        "/data/store/loras/a b.safetensors")
+    assert url_value("https://cdn.example/x.safetensors") == dg.MetadataValue.url("https://cdn.example/x.safetensors")
+    assert url_value(None) == ""
+    assert md_file_link("loras/s/s_v1.safetensors", "file:///x/loras/s/s_v1.safetensors") == "`s_v1.safetensors`"
+    assert md_file_link("loras/s/s_v1.safetensors", "https://cdn/x") == "[s_v1.safetensors](https://cdn/x)"
+
+
+def complete_v1(store, instance) -> dg.ExecuteInProcessResult:
+    instance.add_dynamic_partitions("styles", [STYLE])
+    submit_pending(store, STYLE, JOB)
+    store.put(KEY, lora_bytes({"lora_pipeline.steps": "30"}))
+    status = JobStatus(id=JOB, status="COMPLETED", output={"lora_key": KEY})
+    return defs.resolve_job_def("complete_training").execute_in_process(
+        instance=instance, partition_key=STYLE,
+        run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}})
+
+
+def test_metadata_is_readable_tables_short_ids_and_no_file_urls(store, instance, backend):
+    result = complete_v1(store, instance)
+
+    assert result.success
+    events = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    lora, registry = events["trained_lora"], events["lora_registry"]
+    assert isinstance(lora["lora_header"], dg.TableMetadataValue)
+    assert not any(isinstance(v, dg.UrlMetadataValue) and v.url.startswith("file://") for m in events.values()
+                   for v in m.values())
+    assert isinstance(lora["url"], dg.PathMetadataValue)
+    table = registry["versions_table"].value
+    assert f"`{JOB[:8]}`" in table and JOB not in table and "file://" not in table
+    assert f"`{STYLE}_v1.safetensors`" in table and KEY not in table
+    problems = [e.metadata["problems"] for e in result.get_asset_check_evaluations() if "problems" in e.metadata]
+    assert problems and all(isinstance(p, dg.MarkdownMetadataValue) for p in problems)
+
+
+def test_the_trained_lora_check_passes_after_recording_and_fails_for_a_replaced_file(store, instance, backend):
+    result = complete_v1(store, instance)
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "lora_file_matches_registry"]
+    assert check.passed and isinstance(check.metadata["files"], dg.TableMetadataValue)
+
+    store.put(KEY, lora_bytes({"lora_pipeline.steps": "30"}, tensors=3))  # replaced after it was recorded
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_check_selection={dg.AssetCheckKey(dg.AssetKey("trained_lora"), "lora_file_matches_registry")},
+        asset_selection=set())
+    again = job.execute_in_process(instance=instance, raise_on_error=False)
+
+    [failed] = again.get_asset_check_evaluations()
+    assert not failed.passed
+    assert "ETag differs" in failed.description or "size differs" in failed.description
+    assert "reconcile_registry" in failed.description
+
+
+def test_the_versions_table_lists_a_version_without_a_job_id(store):
+    submit_pending(store, STYLE, JOB)
+    document, _ = RegistryStore(store).read(STYLE)
+    rows = versions_markdown(document).splitlines()
+    assert rows[0].startswith("| version | status | job |") and len(rows) == 3
+
+
+def test_the_demo_runs_steps_without_dagster_debug_events(store, instance, capfd):
+    from lora_pipeline.demo import quiet
+
+    instance.add_dynamic_partitions("styles", ["sample_style"])
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance, partition_key="sample_style", asset_selection=[dg.AssetKey("training_dataset")],
+        run_config=quiet())
+
+    assert result.success
+    err = capfd.readouterr().err
+    assert " - DEBUG - " not in err and "STEP_START" not in err
+
+
+def test_a_bad_configuration_fails_loading_with_one_line_naming_the_variable(monkeypatch):
+    from lora_pipeline.settings import SettingsError, get_settings
+
+    monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "abc123")
+    get_settings.cache_clear()
+    with pytest.raises(SettingsError) as raised:
+        get_settings()
+    [line] = str(raised.value).splitlines()
+    assert line.startswith("RUNPOD_ENDPOINT_ID='abc123': RUNPOD_API_KEY is not set")
+
+
+def test_reconciliation_reports_its_breakdowns_as_tables(store, instance, backend):
+    store.put(KEY, lora_bytes())
+
+    result = defs.resolve_job_def("reconcile_registry").execute_in_process(instance=instance)
+
+    [output] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    metadata = output.event_specific_data.metadata
+    assert isinstance(metadata["stats"], dg.TableMetadataValue)
+    assert isinstance(metadata["housekeeping_by_kind"], dg.TableMetadataValue)
+    assert {r.data["what"] for r in metadata["stats"].records} >= {"styles_seen", "headers_read"}
