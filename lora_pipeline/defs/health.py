@@ -42,19 +42,23 @@ HEALTH_CHECK_KEYS = [dg.AssetCheckKey(dg.AssetKey(ASSET), name) for name in HEAL
 COMPLETION_SENSORS = ("runpod_job_sensor", "runpod_webhook_sensor")
 OUTAGE_SKIPS = ("object store unavailable", "RunPod unavailable")
 
-_STYLE_SCHEMA = dg.TableSchema(columns=[
-    dg.TableColumn("style", "string"),
-    dg.TableColumn("unfinished_jobs", "int", description="versions with a job id, not completed or failed"),
-    dg.TableColumn("submitting", "int", description="versions claimed for submission, no job id yet"),
-    dg.TableColumn("oldest", "string", description="the oldest unfinished version (and its job, short)"),
-    dg.TableColumn("oldest_age_hours", "float"),
-])
-_BREAKER_SCHEMA = dg.TableSchema(columns=[
-    dg.TableColumn("breaker", "string"),
-    dg.TableColumn("seen_by", "string"),
-    dg.TableColumn("state", "string"),
-    dg.TableColumn("detail", "string"),
-])
+_STYLE_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("style", "string"),
+        dg.TableColumn("unfinished_jobs", "int", description="versions with a job id, not completed or failed"),
+        dg.TableColumn("submitting", "int", description="versions claimed for submission, no job id yet"),
+        dg.TableColumn("oldest", "string", description="the oldest unfinished version (and its job, short)"),
+        dg.TableColumn("oldest_age_hours", "float"),
+    ]
+)
+_BREAKER_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("breaker", "string"),
+        dg.TableColumn("seen_by", "string"),
+        dg.TableColumn("state", "string"),
+        dg.TableColumn("detail", "string"),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -86,51 +90,82 @@ def style_lags(index: RegistryIndex, now: datetime) -> list[StyleLag]:
             if age is not None:
                 aged.append((age, f"{version} (no job id yet)"))
         oldest = max(aged, default=None)
-        lags.append(StyleLag(style, len(summary.unfinished), len(summary.submitting),
-                             oldest[1] if oldest else "", round(oldest[0], 2) if oldest else None))
+        lags.append(
+            StyleLag(
+                style,
+                len(summary.unfinished),
+                len(summary.submitting),
+                oldest[1] if oldest else "",
+                round(oldest[0], 2) if oldest else None,
+            )
+        )
     return lags
 
 
 def _style_table(lags: list[StyleLag]) -> dg.MetadataValue:
     return dg.MetadataValue.table(
-        records=[dg.TableRecord({"style": lag.style, "unfinished_jobs": lag.unfinished, "submitting": lag.submitting,
-                                 "oldest": lag.oldest, "oldest_age_hours": lag.oldest_age_h})
-                 for lag in lags if lag.unfinished or lag.submitting],
+        records=[
+            dg.TableRecord(
+                {
+                    "style": lag.style,
+                    "unfinished_jobs": lag.unfinished,
+                    "submitting": lag.submitting,
+                    "oldest": lag.oldest,
+                    "oldest_age_hours": lag.oldest_age_h,
+                }
+            )
+            for lag in lags
+            if lag.unfinished or lag.submitting
+        ],
         schema=_STYLE_SCHEMA,
     )
 
 
-def _result(name: str, passed: bool, description: str, metadata: dict[str, Any],
-            severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
+def _result(
+    name: str,
+    passed: bool,
+    description: str,
+    metadata: dict[str, Any],
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
+) -> dg.AssetCheckResult:
     if not passed:
         description = f"{description} — runbook: {RUNBOOK}#{name}"
-    return dg.AssetCheckResult(asset_key=ASSET, check_name=name, passed=passed, severity=severity,
-                               description=description, metadata=metadata)
+    return dg.AssetCheckResult(
+        asset_key=ASSET, check_name=name, passed=passed, severity=severity, description=description, metadata=metadata
+    )
 
 
 def check_unfinished_jobs(lags: list[StyleLag], settings: Settings) -> Iterator[dg.AssetCheckResult]:
     """``oldest_unfinished_job`` and ``jobs_waiting_for_status``."""
     table = _style_table(lags)
     limit_h = settings.health_max_job_age_hours
-    oldest = max((lag for lag in lags if lag.oldest_age_h is not None),
-                 key=lambda lag: lag.oldest_age_h or 0.0, default=None)
+    oldest = max(
+        (lag for lag in lags if lag.oldest_age_h is not None), key=lambda lag: lag.oldest_age_h or 0.0, default=None
+    )
     age = oldest.oldest_age_h if oldest else None
     late = [lag.style for lag in lags if lag.oldest_age_h is not None and lag.oldest_age_h > limit_h]
     if oldest is None:
         text = "no unfinished job"
     elif late:
-        text = (f"{len(late)} style(s) have a job unfinished for over {limit_h:g} h "
-                f"(LORA_HEALTH_MAX_JOB_AGE_HOURS): {', '.join(late)}; the oldest is {oldest.style} "
-                f"{oldest.oldest} at {age:.1f} h. Look at it with `lora-pipeline registry show STYLE --json`, "
-                "then run reconcile_registry")
+        text = (
+            f"{len(late)} style(s) have a job unfinished for over {limit_h:g} h "
+            f"(LORA_HEALTH_MAX_JOB_AGE_HOURS): {', '.join(late)}; the oldest is {oldest.style} "
+            f"{oldest.oldest} at {age:.1f} h. Look at it with `lora-pipeline registry show STYLE --json`, "
+            "then run reconcile_registry"
+        )
     else:
         text = f"the oldest unfinished job is {oldest.style} {oldest.oldest}, {age:.1f} h old"
-    yield _result("oldest_unfinished_job", not late, text, {
-        "oldest_age_hours": dg.MetadataValue.float(age if age is not None else 0.0),
-        "limit_hours": dg.MetadataValue.float(limit_h),
-        "styles_over_limit": dg.MetadataValue.int(len(late)),
-        "by_style": table,
-    })
+    yield _result(
+        "oldest_unfinished_job",
+        not late,
+        text,
+        {
+            "oldest_age_hours": dg.MetadataValue.float(age if age is not None else 0.0),
+            "limit_hours": dg.MetadataValue.float(limit_h),
+            "styles_over_limit": dg.MetadataValue.int(len(late)),
+            "by_style": table,
+        },
+    )
     unfinished = sum(lag.unfinished for lag in lags)
     submitting = sum(lag.submitting for lag in lags)
     waiting = unfinished + submitting
@@ -138,14 +173,21 @@ def check_unfinished_jobs(lags: list[StyleLag], settings: Settings) -> Iterator[
     passed = waiting <= limit
     text = f"{waiting} jobs wait for a final status ({unfinished} with a job id, {submitting} without)"
     if not passed:
-        text += (f", over {limit} (LORA_HEALTH_MAX_WAITING_JOBS): the endpoint is not keeping up or the job "
-                 "sensor is not running; check its ticks under Automation and the endpoint's workers")
-    yield _result("jobs_waiting_for_status", passed, text, {
-        "waiting": dg.MetadataValue.int(waiting),
-        "without_job_id": dg.MetadataValue.int(submitting),
-        "limit": dg.MetadataValue.int(limit),
-        "by_style": table,
-    })
+        text += (
+            f", over {limit} (LORA_HEALTH_MAX_WAITING_JOBS): the endpoint is not keeping up or the job "
+            "sensor is not running; check its ticks under Automation and the endpoint's workers"
+        )
+    yield _result(
+        "jobs_waiting_for_status",
+        passed,
+        text,
+        {
+            "waiting": dg.MetadataValue.int(waiting),
+            "without_job_id": dg.MetadataValue.int(submitting),
+            "limit": dg.MetadataValue.int(limit),
+            "by_style": table,
+        },
+    )
 
 
 def check_inbox(store: ObjectStore, settings: Settings, now: datetime) -> dg.AssetCheckResult:
@@ -157,18 +199,27 @@ def check_inbox(store: ObjectStore, settings: Settings, now: datetime) -> dg.Ass
     if depth > settings.health_max_inbox_files:
         problems.append(f"{depth} files, over {settings.health_max_inbox_files} (LORA_HEALTH_MAX_INBOX_FILES)")
     if listed and oldest_min > settings.health_max_inbox_age_minutes:
-        problems.append(f"the oldest ({listed[0][1]}) waits {oldest_min:.0f} min, over "
-                        f"{settings.health_max_inbox_age_minutes:g} (LORA_HEALTH_MAX_INBOX_AGE_MINUTES)")
+        problems.append(
+            f"the oldest ({listed[0][1]}) waits {oldest_min:.0f} min, over "
+            f"{settings.health_max_inbox_age_minutes:g} (LORA_HEALTH_MAX_INBOX_AGE_MINUTES)"
+        )
     if problems:
-        text = ("webhook inbox: " + "; ".join(problems) + ". Is runpod_webhook_sensor running? A file for a job the "
-                "registry does not know stays until reconcile_registry applies it")
+        text = (
+            "webhook inbox: " + "; ".join(problems) + ". Is runpod_webhook_sensor running? A file for a job the "
+            "registry does not know stays until reconcile_registry applies it"
+        )
     else:
         text = f"{depth} webhook files waiting" + (f", the oldest {oldest_min:.0f} min" if listed else "")
-    return _result("webhook_inbox", not problems, text, {
-        "inbox_files": dg.MetadataValue.int(depth),
-        "oldest_file_age_minutes": dg.MetadataValue.float(round(oldest_min, 1)),
-        "oldest_file": dg.MetadataValue.text(listed[0][1] if listed else ""),
-    })
+    return _result(
+        "webhook_inbox",
+        not problems,
+        text,
+        {
+            "inbox_files": dg.MetadataValue.int(depth),
+            "oldest_file_age_minutes": dg.MetadataValue.float(round(oldest_min, 1)),
+            "oldest_file": dg.MetadataValue.text(listed[0][1] if listed else ""),
+        },
+    )
 
 
 def _breaker_row(name: str, breaker: CircuitBreaker | None) -> dict[str, str]:
@@ -201,25 +252,36 @@ def last_sensor_skips(instance: dg.DagsterInstance) -> dict[str, str]:
 
 def check_breakers(rows: list[dict[str, str]], skips: dict[str, str]) -> dg.AssetCheckResult:
     """``circuit_breakers``: open in this run's process, or the sensors' last tick skipped on an outage."""
-    rows = rows + [{"breaker": "sensor tick", "seen_by": name, "state": "skipped", "detail": reason}
-                   for name, reason in sorted(skips.items())]
+    rows = rows + [
+        {"breaker": "sensor tick", "seen_by": name, "state": "skipped", "detail": reason}
+        for name, reason in sorted(skips.items())
+    ]
     down = [r for r in rows if r["state"] in ("open", "half-open", "skipped")]
     if down:
-        text = ("outage: " + "; ".join(f"{r['breaker']} ({r['seen_by']}) {r['state']}: {r['detail']}" for r in down)
-                + ". Check the endpoint (S3 or RunPod); nothing needs doing once it is back")
+        text = (
+            "outage: "
+            + "; ".join(f"{r['breaker']} ({r['seen_by']}) {r['state']}: {r['detail']}" for r in down)
+            + ". Check the endpoint (S3 or RunPod); nothing needs doing once it is back"
+        )
     else:
         text = "every circuit breaker is closed"
-    return _result("circuit_breakers", not down, text, {
-        "open": dg.MetadataValue.int(len(down)),
-        "breakers": dg.MetadataValue.table(records=[dg.TableRecord(r) for r in rows], schema=_BREAKER_SCHEMA),
-    })
+    return _result(
+        "circuit_breakers",
+        not down,
+        text,
+        {
+            "open": dg.MetadataValue.int(len(down)),
+            "breakers": dg.MetadataValue.table(records=[dg.TableRecord(r) for r in rows], schema=_BREAKER_SCHEMA),
+        },
+    )
 
 
 def check_reconciliation(instance: dg.DagsterInstance, settings: Settings, now: datetime) -> dg.AssetCheckResult:
     """``recent_reconciliation``: how long ago the last successful ``reconcile_registry`` run ended.
     Before the first one, the instance's first run is the baseline: a new deployment is not late."""
     records = instance.get_run_records(
-        filters=dg.RunsFilter(job_name=reconcile_registry.name, statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1)
+        filters=dg.RunsFilter(job_name=reconcile_registry.name, statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1
+    )
     limit_h = settings.health_max_reconcile_age_hours
     ended = records[0].end_time if records else None
     if ended is None:
@@ -229,21 +291,33 @@ def check_reconciliation(instance: dg.DagsterInstance, settings: Settings, now: 
         text = f"no reconcile_registry run has succeeded yet (the first run here was {since_h:.1f} h ago)"
         if late:
             text += ": turn on reconcile_registry_schedule under Automation, or launch the job"
-        return _result("recent_reconciliation", not late, text, {
-            "hours_since": dg.MetadataValue.float(round(since_h, 2)),
-            "limit_hours": dg.MetadataValue.float(limit_h),
-        })
+        return _result(
+            "recent_reconciliation",
+            not late,
+            text,
+            {
+                "hours_since": dg.MetadataValue.float(round(since_h, 2)),
+                "limit_hours": dg.MetadataValue.float(limit_h),
+            },
+        )
     age_h = max(0.0, (now.timestamp() - ended) / 3600)
     passed = age_h <= limit_h
     text = f"the last successful reconciliation ended {age_h:.1f} h ago"
     if not passed:
-        text += (f", over {limit_h:g} h (LORA_HEALTH_MAX_RECONCILE_AGE_HOURS): is reconcile_registry_schedule on, "
-                 "and do its runs fail? Look at its latest run")
-    return _result("recent_reconciliation", passed, text, {
-        "hours_since": dg.MetadataValue.float(round(age_h, 2)),
-        "limit_hours": dg.MetadataValue.float(limit_h),
-        "last_run_id": dg.MetadataValue.text(records[0].dagster_run.run_id),
-    })
+        text += (
+            f", over {limit_h:g} h (LORA_HEALTH_MAX_RECONCILE_AGE_HOURS): is reconcile_registry_schedule on, "
+            "and do its runs fail? Look at its latest run"
+        )
+    return _result(
+        "recent_reconciliation",
+        passed,
+        text,
+        {
+            "hours_since": dg.MetadataValue.float(round(age_h, 2)),
+            "limit_hours": dg.MetadataValue.float(limit_h),
+            "last_run_id": dg.MetadataValue.text(records[0].dagster_run.run_id),
+        },
+    )
 
 
 def _store_down(name: str, exc: StorageError) -> dg.AssetCheckResult:
@@ -278,7 +352,9 @@ def evaluate_health(
 
 
 @dg.multi_asset_check(
-    specs=[dg.AssetCheckSpec(name, asset=ASSET, description=text, blocking=False) for name, text in HEALTH_CHECKS.items()],
+    specs=[
+        dg.AssetCheckSpec(name, asset=ASSET, description=text, blocking=False) for name, text in HEALTH_CHECKS.items()
+    ],
     can_subset=True,
     name="pipeline_health_checks",
 )

@@ -59,9 +59,10 @@ def finishing(store, monkeypatch) -> FinishingBackend:
 
 
 def tick(sensor, instance) -> dg.SensorResult:
-    with dg.build_sensor_context(instance=instance, resources={"storage": defs.resources["storage"],
-                                                                "training_backend": defs.resources["training_backend"]}
-                                 ) as context:
+    with dg.build_sensor_context(
+        instance=instance,
+        resources={"storage": defs.resources["storage"], "training_backend": defs.resources["training_backend"]},
+    ) as context:
         return sensor(context)
 
 
@@ -75,7 +76,8 @@ def materialize_selected(instance) -> dg.ExecuteInProcessResult:
 def materializations(instance, asset: str) -> list[str]:
     """The recorded version of each materialization of ``asset`` (the registry's latest one)."""
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[STYLE]), limit=100).records
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[STYLE]), limit=100
+    ).records
     field = "version" if asset == "trained_lora" else "latest_version"
     return [r.asset_materialization.metadata[field].value for r in records]
 
@@ -83,7 +85,8 @@ def materializations(instance, asset: str) -> list[str]:
 def test_sensor_ticks_while_the_ui_run_waits_request_no_second_recording(store, instance, finishing):
     seen: list[dg.SensorResult] = []
     finishing.during_wait = lambda: seen.extend(
-        [tick(runpod_webhook_sensor, instance), tick(runpod_job_sensor, instance)])
+        [tick(runpod_webhook_sensor, instance), tick(runpod_job_sensor, instance)]
+    )
 
     result = materialize_selected(instance)
     after = [tick(runpod_webhook_sensor, instance), tick(runpod_job_sensor, instance)]
@@ -122,7 +125,8 @@ def test_a_version_reconciliation_completed_still_gets_its_one_materialization(s
 
     [request] = tick(runpod_webhook_sensor, instance).run_requests
     run = defs.resolve_job_def("complete_training").execute_in_process(
-        instance=instance, partition_key=STYLE, run_config=request.run_config, tags=request.tags)
+        instance=instance, partition_key=STYLE, run_config=request.run_config, tags=request.tags
+    )
 
     assert run.success
     assert not tick(runpod_webhook_sensor, instance).run_requests
@@ -138,8 +142,8 @@ def test_a_job_whose_recording_run_failed_and_reconciliation_completed_is_archiv
     write_webhook(store, json.dumps({"id": job_id, "status": "COMPLETED", "output": {"lora_key": LORA_KEY}}).encode())
     [request] = tick(runpod_webhook_sensor, instance).run_requests
     failed = defs.resolve_job_def("complete_training").execute_in_process(
-        instance=instance, partition_key=STYLE, run_config=request.run_config, tags=request.tags,
-        raise_on_error=False)
+        instance=instance, partition_key=STYLE, run_config=request.run_config, tags=request.tags, raise_on_error=False
+    )
     assert not failed.success
     store.put(LORA_KEY, lora_bytes())
     assert defs.resolve_job_def("reconcile_registry").execute_in_process(instance=instance).success

@@ -75,8 +75,10 @@ def reloaded_kinds(monkeypatch, storage_url: str) -> dict[str, set[str]]:
     monkeypatch.setenv("LORA_STORAGE_URL", storage_url)
     modules = [importlib.reload(m) for m in (training_dataset, trained_lora, lora_registry)]
     try:
-        return {name: set(getattr(m, name).specs_by_key[dg.AssetKey(name)].kinds)
-                for name, m in zip(ASSETS, modules, strict=True)}
+        return {
+            name: set(getattr(m, name).specs_by_key[dg.AssetKey(name)].kinds)
+            for name, m in zip(ASSETS, modules, strict=True)
+        }
     finally:
         monkeypatch.delenv("LORA_STORAGE_URL")
         for m in modules:
@@ -93,7 +95,8 @@ def test_kinds_follow_the_configured_store(monkeypatch, tmp_path):
 
 def test_a_local_file_url_is_shown_as_a_path_and_an_http_one_as_a_link():
     assert url_value("file:///data/store/loras/a%20b.safetensors") == dg.MetadataValue.path(
-        "/data/store/loras/a b.safetensors")
+        "/data/store/loras/a b.safetensors"
+    )
     assert url_value("https://cdn.example/x.safetensors") == dg.MetadataValue.url("https://cdn.example/x.safetensors")
     assert url_value(None) == ""
     assert md_file_link("loras/s/s_v1.safetensors", "file:///x/loras/s/s_v1.safetensors") == "`s_v1.safetensors`"
@@ -106,8 +109,10 @@ def complete_v1(store, instance) -> dg.ExecuteInProcessResult:
     store.put(KEY, lora_bytes({"lora_pipeline.steps": "30"}))
     status = JobStatus(id=JOB, status="COMPLETED", output={"lora_key": KEY})
     return defs.resolve_job_def("complete_training").execute_in_process(
-        instance=instance, partition_key=STYLE,
-        run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}})
+        instance=instance,
+        partition_key=STYLE,
+        run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
+    )
 
 
 def test_metadata_is_readable_tables_short_ids_and_no_file_urls(store, instance, backend):
@@ -117,8 +122,9 @@ def test_metadata_is_readable_tables_short_ids_and_no_file_urls(store, instance,
     events = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
     lora, registry = events["trained_lora"], events["lora_registry"]
     assert isinstance(lora["lora_header"], dg.TableMetadataValue)
-    assert not any(isinstance(v, dg.UrlMetadataValue) and v.url.startswith("file://") for m in events.values()
-                   for v in m.values())
+    assert not any(
+        isinstance(v, dg.UrlMetadataValue) and v.url.startswith("file://") for m in events.values() for v in m.values()
+    )
     assert isinstance(lora["url"], dg.PathMetadataValue)
     table = registry["versions_table"].value
     assert f"`{JOB[:8]}`" in table and JOB not in table and "file://" not in table
@@ -135,7 +141,8 @@ def test_the_trained_lora_check_passes_after_recording_and_fails_for_a_replaced_
     store.put(KEY, lora_bytes({"lora_pipeline.steps": "30"}, tensors=3))  # replaced after it was recorded
     job = defs.resolve_implicit_global_asset_job_def().get_subset(
         asset_check_selection={dg.AssetCheckKey(dg.AssetKey("trained_lora"), "lora_file_matches_registry")},
-        asset_selection=set())
+        asset_selection=set(),
+    )
     again = job.execute_in_process(instance=instance, raise_on_error=False)
 
     [failed] = again.get_asset_check_evaluations()
@@ -156,8 +163,11 @@ def test_the_demo_runs_steps_without_dagster_debug_events(store, instance, capfd
 
     instance.add_dynamic_partitions("styles", ["sample_style"])
     result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        instance=instance, partition_key="sample_style", asset_selection=[dg.AssetKey("training_dataset")],
-        run_config=quiet())
+        instance=instance,
+        partition_key="sample_style",
+        asset_selection=[dg.AssetKey("training_dataset")],
+        run_config=quiet(),
+    )
 
     assert result.success
     err = capfd.readouterr().err

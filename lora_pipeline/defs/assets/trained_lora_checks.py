@@ -20,16 +20,18 @@ from lora_pipeline.registry_store.lora_files import read_header
 from lora_pipeline.storage.base import ObjectStore
 
 PARTITION_TAG = "dagster/partition"
-FILES_SCHEMA = dg.TableSchema(columns=[
-    dg.TableColumn("style", "string"),
-    dg.TableColumn("version", "string"),
-    dg.TableColumn("layout", "string"),
-    dg.TableColumn("file", "string", description="the file name (its key is in the registry)"),
-    dg.TableColumn("size", "string", description="recorded, and in the store when different"),
-    dg.TableColumn("etag", "string", description="ok, or recorded → stored"),
-    dg.TableColumn("sha256", "string", description="ok, not recorded, or recorded → declared by the header"),
-    dg.TableColumn("problem", "string"),
-])
+FILES_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("style", "string"),
+        dg.TableColumn("version", "string"),
+        dg.TableColumn("layout", "string"),
+        dg.TableColumn("file", "string", description="the file name (its key is in the registry)"),
+        dg.TableColumn("size", "string", description="recorded, and in the store when different"),
+        dg.TableColumn("etag", "string", description="ok, or recorded → stored"),
+        dg.TableColumn("sha256", "string", description="ok, not recorded, or recorded → declared by the header"),
+        dg.TableColumn("problem", "string"),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,16 @@ class FileComparison:
     problem: str
 
     def row(self) -> dict[str, str]:
-        return {"style": self.style, "version": self.version, "layout": self.layout,
-                "file": self.file.key.rsplit("/", 1)[-1], "size": self.size, "etag": self.etag,
-                "sha256": self.sha256, "problem": self.problem}
+        return {
+            "style": self.style,
+            "version": self.version,
+            "layout": self.layout,
+            "file": self.file.key.rsplit("/", 1)[-1],
+            "size": self.size,
+            "etag": self.etag,
+            "sha256": self.sha256,
+            "problem": self.problem,
+        }
 
 
 def _same_etag(a: str, b: str) -> bool:
@@ -111,13 +120,16 @@ def lora_file_matches_registry(context: dg.AssetCheckExecutionContext, storage: 
         if version is None:
             without.append(style)
             continue
-        compared += [compare_file(store, style, version.name, layout, f)
-                     for layout, f in sorted(recorded_files(version).items())]
+        compared += [
+            compare_file(store, style, version.name, layout, f) for layout, f in sorted(recorded_files(version).items())
+        ]
     bad = [c for c in compared if c.problem]
     if bad:
-        description = ("; ".join(f"{c.style} {c.version} {c.layout} `{c.file.key}`: {c.problem}" for c in bad)
-                       + ". Run reconcile_registry to record the store's files again, or re-run the version's "
-                       "completion (docs/operations.md#re-running-a-completion)")
+        description = (
+            "; ".join(f"{c.style} {c.version} {c.layout} `{c.file.key}`: {c.problem}" for c in bad)
+            + ". Run reconcile_registry to record the store's files again, or re-run the version's "
+            "completion (docs/operations.md#re-running-a-completion)"
+        )
     elif compared:
         description = f"{len(compared)} files of {len(styles) - len(without)} style(s) match the registry"
     else:
