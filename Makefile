@@ -29,7 +29,8 @@ dev: install  ## set up and start the Dagster UI on the embedded defaults (local
 	DAGSTER_HOME="$(DAGSTER_HOME)" $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
 
 test: install  ## set up and run the checks and the whole test suite (what CI runs)
-	$(VENV)/bin/ruff check lora_pipeline lora_pipeline_tests benchmarks
+	$(VENV)/bin/ruff check lora_pipeline lora_pipeline_tests benchmarks deploy
+	$(VENV)/bin/ruff format --check lora_pipeline lora_pipeline_tests benchmarks deploy
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(VENV)/bin/mypy
 	$(PY) -m pytest

@@ -101,8 +101,12 @@ def tick_times(instance, repeats: int = 5) -> dict[str, float]:
 def launch_rate(dep: LocalDeployment, instance, runs: int) -> float:
     client = DagsterGraphQLClient(dep.host, port_number=dep.web_port)
     started = time.perf_counter()
-    ids = [client.submit_job_execution("reconcile_registry", repository_location_name="lora_pipeline",
-                                       repository_name="__repository__") for _ in range(runs)]
+    ids = [
+        client.submit_job_execution(
+            "reconcile_registry", repository_location_name="lora_pipeline", repository_name="__repository__"
+        )
+        for _ in range(runs)
+    ]
     while not all(instance.get_run_by_id(r).status in DONE for r in ids):
         time.sleep(0.2)
     elapsed = time.perf_counter() - started
@@ -116,15 +120,28 @@ def asset_page(dep: LocalDeployment, instance, versions: int, repeats: int = 5) 
     style = "many_versions"
     instance.add_dynamic_partitions("styles", [style])
     for v in range(1, versions + 1):
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            asset_key="trained_lora", partition=style,
-            metadata={"version": f"V{v}", "job_id": f"job-{v}", "url": dg.MetadataValue.url(f"https://cdn/x/{v}"),
-                      "steps": 30, "final_loss": 0.1, "dataset_hash": "ab" * 32}))
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key="trained_lora",
+                partition=style,
+                metadata={
+                    "version": f"V{v}",
+                    "job_id": f"job-{v}",
+                    "url": dg.MetadataValue.url(f"https://cdn/x/{v}"),
+                    "steps": 30,
+                    "final_loss": 0.1,
+                    "dataset_hash": "ab" * 32,
+                },
+            )
+        )
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        answer = httpx.post(f"{dep.url}/graphql", timeout=120, json={
-            "query": ASSET_QUERY, "variables": {"key": {"path": ["trained_lora"]}, "p": [style]}}).json()
+        answer = httpx.post(
+            f"{dep.url}/graphql",
+            timeout=120,
+            json={"query": ASSET_QUERY, "variables": {"key": {"path": ["trained_lora"]}, "p": [style]}},
+        ).json()
         times.append(time.perf_counter() - started)
         assert len(answer["data"]["assetOrError"]["assetMaterializations"]) == versions, answer
     return statistics.median(times)
@@ -132,8 +149,14 @@ def asset_page(dep: LocalDeployment, instance, versions: int, repeats: int = 5) 
 
 def measure(kind: str, root: Path, store: Path, styles: list[str], args) -> dict[str, float]:
     yaml_path = DEPLOY / "dagster.yaml" if kind == "postgres" else sqlite_yaml(root)
-    dep = LocalDeployment(root / kind, pg_port=free_port(), code_port=free_port(), web_port=free_port(),
-                          instance_yaml=yaml_path, extra_env={"LORA_STORAGE_URL": str(store)})
+    dep = LocalDeployment(
+        root / kind,
+        pg_port=free_port(),
+        code_port=free_port(),
+        web_port=free_port(),
+        instance_yaml=yaml_path,
+        extra_env={"LORA_STORAGE_URL": str(store)},
+    )
     dep.root.mkdir(parents=True)
     env = {k: v for k, v in dep.env().items() if os.environ.get(k) != v}
     with mock.patch.dict(os.environ, env):

@@ -190,7 +190,15 @@ def run_naive(store, folder: Path) -> dict:
         store.upload_file(f"{prefix}images/{sha}.jpg", path)
         uploaded += 1
         entries.append(
-            ImageEntry(file=f"images/{sha}.jpg", sha256=sha, width=width, height=height, size=len(data), caption=caption, source=path.name)
+            ImageEntry(
+                file=f"images/{sha}.jpg",
+                sha256=sha,
+                width=width,
+                height=height,
+                size=len(data),
+                caption=caption,
+                source=path.name,
+            )
         )
     manifest = DatasetManifest(style=STYLE, dataset_hash=dataset_hash(entries), created_at="-", images=entries)
     store.put(prefix + "manifest.json", manifest.to_json())
@@ -263,7 +271,9 @@ def main() -> None:
     parser.add_argument("--size-kb", type=int, default=300)
     parser.add_argument("--scaling", action="store_true", help="also ingest count/4 images to compare peak memory")
     parser.add_argument("--workdir", type=Path, help="where to write the images (default: a temp folder, removed)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternate naive/ingest this many times; keep each one's fastest")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate naive/ingest this many times; keep each one's fastest"
+    )
     parser.add_argument(
         "--rtt-ms", type=float, default=0.0, help="delay added to every request (simulated network round trip)"
     )

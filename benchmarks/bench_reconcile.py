@@ -113,8 +113,13 @@ def generate_local(root: Path, styles: int, versions: int) -> None:
 def generate_s3(client, bucket: str, styles: int, versions: int) -> None:
     data = lora_bytes({"lora_pipeline.dataset_hash": "ab" * 8, "ss_network_dim": "4"})
     with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=f"lora/{k}", Body=data),
-                      keys(styles, versions), chunksize=64))
+        list(
+            pool.map(
+                lambda k: client.put_object(Bucket=bucket, Key=f"lora/{k}", Body=data),
+                keys(styles, versions),
+                chunksize=64,
+            )
+        )
 
 
 def measure(label: str, run, counts) -> dict:
@@ -186,8 +191,11 @@ def moto_server():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -212,8 +220,14 @@ def bench_s3(styles: int, versions: int, workers: int) -> list[dict]:
     from lora_pipeline.storage.s3 import S3Options, S3Store, build_s3_client
 
     with moto_server() as endpoint:
-        options = S3Options(endpoint_url=endpoint, region="us-east-1", addressing_style="path",
-                            max_attempts=3, connect_timeout=5.0, read_timeout=60.0)
+        options = S3Options(
+            endpoint_url=endpoint,
+            region="us-east-1",
+            addressing_style="path",
+            max_attempts=3,
+            connect_timeout=5.0,
+            read_timeout=60.0,
+        )
         client = build_s3_client(options)
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         client.create_bucket(Bucket=bucket)
@@ -229,8 +243,19 @@ def bench_s3(styles: int, versions: int, workers: int) -> list[dict]:
 
 def bench_merge(total: int = 100_000) -> dict:
     at = datetime(2026, 1, 1, tzinfo=UTC)
-    evidence = [StoredLora("s", f"loras/s/s_v{n}.safetensors", n, f"https://cdn.example.com/loras/s/s_v{n}.safetensors",
-                           592, "e", {"lora_pipeline.dataset_hash": "ab"}, at) for n in range(1, total + 1)]
+    evidence = [
+        StoredLora(
+            "s",
+            f"loras/s/s_v{n}.safetensors",
+            n,
+            f"https://cdn.example.com/loras/s/s_v{n}.safetensors",
+            592,
+            "e",
+            {"lora_pipeline.dataset_hash": "ab"},
+            at,
+        )
+        for n in range(1, total + 1)
+    ]
     row: dict = {"run": f"pure merge of {total} versions (one document)"}
     doc = RegistryDocument("s")
     for label in ("new", "again (no-op)"):  # the second pass merges the same evidence into the result
@@ -238,8 +263,10 @@ def bench_merge(total: int = 100_000) -> dict:
         doc = merge(doc, evidence)
         row[f"{label} wall_s"] = round(time.perf_counter() - wall, 3)
         row[f"{label} cpu_s"] = round(time.process_time() - cpu, 3)
-    per_style = [[StoredLora(f"s{i}", f"loras/s{i}/s{i}_v{n}.safetensors", n, None, 592, "e", {}, at)
-                  for n in range(1, 11)] for i in range(total // 10)]
+    per_style = [
+        [StoredLora(f"s{i}", f"loras/s{i}/s{i}_v{n}.safetensors", n, None, 592, "e", {}, at) for n in range(1, 11)]
+        for i in range(total // 10)
+    ]
     cpu, wall = time.process_time(), time.perf_counter()
     for i, batch in enumerate(per_style):
         merge(RegistryDocument(f"s{i}"), batch)

@@ -66,8 +66,9 @@ class Double:
         self.process.join(5)
 
 
-def concurrent_pass(double: Double, ids: list[str], workers: int, deadline_s: float,
-                    rate: float | None = None) -> dict[str, Any]:
+def concurrent_pass(
+    double: Double, ids: list[str], workers: int, deadline_s: float, rate: float | None = None
+) -> dict[str, Any]:
     client = double.client(max_connections=workers)
     before = double.status_requests()
     started = time.perf_counter()
@@ -90,8 +91,13 @@ def sequential_pass(double: Double, ids: list[str]) -> dict[str, Any]:
     answered = sum(1 for job_id in ids if client.status(job_id))
     wall = time.perf_counter() - started
     client.close()
-    return {"wall_s": wall, "requests": double.status_requests() - before, "answered": answered,
-            "unfinished": 0, "errors": 0}
+    return {
+        "wall_s": wall,
+        "requests": double.status_requests() - before,
+        "answered": answered,
+        "unfinished": 0,
+        "errors": 0,
+    }
 
 
 def main() -> None:
@@ -100,8 +106,9 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--deadline-s", type=float, default=50.0)
-    parser.add_argument("--sequential-max", type=int, default=5000,
-                        help="skip the sequential baseline above this many jobs")
+    parser.add_argument(
+        "--sequential-max", type=int, default=5000, help="skip the sequential baseline above this many jobs"
+    )
     parser.add_argument("--no-rate-limited-row", action="store_true")
     parser.add_argument("--rate-limited-only", action="store_true")
     parser.add_argument("--pace", type=float, default=190.0, help="max_rate_per_s of the paced row")
@@ -125,17 +132,27 @@ def main() -> None:
         for mode, rate in (("limited, unpaced", None), (f"limited, {args.pace:.0f}/s", args.pace)):
             limited = Double(size, latency_s, rate_limited=True)
             try:
-                rows.append((mode, size, str(args.workers[0]),
-                             concurrent_pass(limited, limited.ids, args.workers[0], args.deadline_s, rate)))
+                rows.append(
+                    (
+                        mode,
+                        size,
+                        str(args.workers[0]),
+                        concurrent_pass(limited, limited.ids, args.workers[0], args.deadline_s, rate),
+                    )
+                )
             finally:
                 limited.close()
 
     print(f"poll pass over pending jobs; RunPod double with {args.latency_ms:.0f} ms added latency per call")
-    print(f"{'mode':<17} {'jobs':>5} {'workers':>7} {'wall s':>8} {'requests':>8} {'jobs/s':>8} "
-          f"{'answered':>8} {'left':>5} {'errors':>6}")
+    print(
+        f"{'mode':<17} {'jobs':>5} {'workers':>7} {'wall s':>8} {'requests':>8} {'jobs/s':>8} "
+        f"{'answered':>8} {'left':>5} {'errors':>6}"
+    )
     for mode, size, workers, r in rows:
-        print(f"{mode:<17} {size:>5} {workers:>7} {r['wall_s']:>8.2f} {r['requests']:>8} "
-              f"{r['answered'] / r['wall_s']:>8.0f} {r['answered']:>8} {r['unfinished']:>5} {r['errors']:>6}")
+        print(
+            f"{mode:<17} {size:>5} {workers:>7} {r['wall_s']:>8.2f} {r['requests']:>8} "
+            f"{r['answered'] / r['wall_s']:>8.0f} {r['answered']:>8} {r['unfinished']:>5} {r['errors']:>6}"
+        )
 
 
 if __name__ == "__main__":

@@ -52,12 +52,31 @@ sys.path.insert(0, str(REPO))
 H100_BF16_TFLOPS = 989.0
 LORA_STEP_FACTOR = 2.1
 
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                     max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+OPENCLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    max_position_embeddings=77,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+)
 
 
 @dataclass(frozen=True)
@@ -85,8 +104,9 @@ def model_spec(name: str):
     if name == "sd15":
         return RandomModelSpec(
             family="sd1",
-            unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                      block_out_channels=(320, 640, 1280, 1280)),
+            unet=dict(
+                sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280)
+            ),
             vae=dict(SD_VAE, sample_size=512),
             text_encoder=CLIP_L,
         )
@@ -94,12 +114,17 @@ def model_spec(name: str):
         return RandomModelSpec(
             family="sdxl",
             unet=dict(
-                sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-                block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                sample_size=128,
+                cross_attention_dim=2048,
+                attention_head_dim=(5, 10, 20),
+                block_out_channels=(320, 640, 1280),
+                transformer_layers_per_block=(1, 2, 10),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816, use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+                use_linear_projection=True,
             ),
             vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025),
             text_encoder=CLIP_L,
@@ -156,12 +181,21 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     data = Path(args.data)
     records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line]
-    examples = [Example(decode_image((data / r["file_name"]).read_bytes(), r["file_name"]), r["text"], r["file_name"])
-                for r in records]
+    examples = [
+        Example(decode_image((data / r["file_name"]).read_bytes(), r["file_name"]), r["text"], r["file_name"])
+        for r in records
+    ]
     params = TrainingParams(
-        rank=args.rank, resolution=args.resolution, train_batch_size=args.batch_size,
-        max_train_steps=args.steps, learning_rate=1e-4, seed=0, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, enable_bucketing=False, compile=args.compile,
+        rank=args.rank,
+        resolution=args.resolution,
+        train_batch_size=args.batch_size,
+        max_train_steps=args.steps,
+        learning_rate=1e-4,
+        seed=0,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        enable_bucketing=False,
+        compile=args.compile,
     )
     stamps: list[float] = []
 
@@ -262,9 +296,26 @@ def _no_tracker() -> None:
 
 def run_child(side: str, config: BenchConfig, model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     command = [
-        sys.executable, __file__, "--child", side, "--config", config.name, "--model", str(model), "--data", str(data),
-        "--steps", str(args.steps), "--resolution", str(config.resolution), "--batch-size", str(config.batch_size),
-        "--rank", str(config.rank), "--mixed-precision", args.mixed_precision,
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--config",
+        config.name,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--steps",
+        str(args.steps),
+        "--resolution",
+        str(config.resolution),
+        "--batch-size",
+        str(config.batch_size),
+        "--rank",
+        str(config.rank),
+        "--mixed-precision",
+        args.mixed_precision,
     ]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
@@ -283,7 +334,7 @@ def run_child(side: str, config: BenchConfig, model: Path, data: Path, args: arg
     if done.returncode != 0 or not lines:
         tail = (done.stdout + done.stderr)[-3000:]
         return {"side": side, "error": f"exit {done.returncode}: {tail}"}
-    return json.loads(lines[-1][len(marker):])
+    return json.loads(lines[-1][len(marker) :])
 
 
 def summarise(side: str, config: BenchConfig, raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -340,7 +391,11 @@ def main() -> None:
         torch.manual_seed(0)
         raw = child_ours(args) if args.child == "ours" else child_reference(args)
         mem, kind = peak_memory_mb()
-        raw.update(peak_mem_mb=mem, mem_kind=kind, device="cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+        raw.update(
+            peak_mem_mb=mem,
+            mem_kind=kind,
+            device="cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        )
         print("BENCH_RESULT " + json.dumps(raw), flush=True)
         return
 
@@ -358,8 +413,12 @@ def main() -> None:
     for name in names:
         base = CONFIGS[name]
         config = BenchConfig(
-            name, args.resolution or base.resolution, args.batch_size or base.batch_size, args.rank or base.rank,
-            base.tflop_per_sample if not args.resolution else None, base.reference_script,
+            name,
+            args.resolution or base.resolution,
+            args.batch_size or base.batch_size,
+            args.rank or base.rank,
+            base.tflop_per_sample if not args.resolution else None,
+            base.reference_script,
         )
         args.steps = args.steps or (30 if name == "tiny" else 25)
         started = time.perf_counter()
@@ -374,7 +433,11 @@ def main() -> None:
             for side in sides:
                 row = summarise(side, config, run_child(side, config, model, data, args), args)
                 print(json.dumps(row), file=sys.stderr)
-                if side not in best or "error" in best[side] or row.get("steps_per_s", 0) > best[side].get("steps_per_s", 0):
+                if (
+                    side not in best
+                    or "error" in best[side]
+                    or row.get("steps_per_s", 0) > best[side].get("steps_per_s", 0)
+                ):
                     best[side] = row
         rows.extend(best[side] for side in sides)
     _print_table(rows, args)
@@ -392,13 +455,17 @@ def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             print(f"{row['config']:7} {row['side']:10} ERROR {row['error'][:500]}")
             continue
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"
-        print(f"{row['config']:7} {row['side']:10} {row['steps_per_s']:9.3f} {row['images_per_s']:9.3f} "
-              f"{row['peak_mem_mb']:9.0f} {row['wall_s']:7.1f} {mfu:>6}  {row['device']} ({row['mem_kind']})")
+        print(
+            f"{row['config']:7} {row['side']:10} {row['steps_per_s']:9.3f} {row['images_per_s']:9.3f} "
+            f"{row['peak_mem_mb']:9.0f} {row['wall_s']:7.1f} {mfu:>6}  {row['device']} ({row['mem_kind']})"
+        )
     for name, sides in by_config.items():
         ours, ref = sides.get("ours"), sides.get("reference")
         if ours and ref and "error" not in ours and "error" not in ref:
-            print(f"{name}: ours/reference steps/s = {ours['steps_per_s'] / ref['steps_per_s']:.2f}x, "
-                  f"peak memory = {ours['peak_mem_mb'] / ref['peak_mem_mb']:.2f}x")
+            print(
+                f"{name}: ours/reference steps/s = {ours['steps_per_s'] / ref['steps_per_s']:.2f}x, "
+                f"peak memory = {ours['peak_mem_mb'] / ref['peak_mem_mb']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -134,8 +134,12 @@ def main() -> None:
         def layer() -> dict[str, float]:
             out = work / "out_layer"
             times = {
-                "small up": timed(lambda: upload_tree(store, small_dir, "small", concurrency=args.concurrency).raise_for_failures()),
-                "small down": timed(lambda: download_prefix(store, "small", out, concurrency=args.concurrency).raise_for_failures()),
+                "small up": timed(
+                    lambda: upload_tree(store, small_dir, "small", concurrency=args.concurrency).raise_for_failures()
+                ),
+                "small down": timed(
+                    lambda: download_prefix(store, "small", out, concurrency=args.concurrency).raise_for_failures()
+                ),
                 "big up": timed(lambda: store.upload_file("big/big.bin", big)),
                 "big down": timed(lambda: store.download_file("big/big.bin", out / "big.bin")),
             }
@@ -176,10 +180,7 @@ def main() -> None:
                 subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
             out = work / f"out_{argv_for.__name__}"
-            return {
-                phase: timed(lambda cmd=cmd: run(*cmd))
-                for phase, cmd in argv_for(out).items()
-            }
+            return {phase: timed(lambda cmd=cmd: run(*cmd)) for phase, cmd in argv_for(out).items()}
 
         aws = shutil.which("aws") or str(Path(sys.executable).with_name("aws"))
         s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).with_name("s5cmd"))
@@ -243,9 +244,7 @@ def main() -> None:
         for base in ("naive", "awscli"):
             if base not in methods or "layer" not in methods:
                 continue
-            ratios = "  ".join(
-                f"{phase}: {methods[base][phase] / methods['layer'][phase]:.2f}x" for phase in phases
-            )
+            ratios = "  ".join(f"{phase}: {methods[base][phase] / methods['layer'][phase]:.2f}x" for phase in phases)
             print(f"layer vs {base}: {ratios}")
     finally:
         proc.terminate()

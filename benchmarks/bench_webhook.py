@@ -39,9 +39,20 @@ def free_port() -> int:
 def start_receiver(store_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "LORA_STORAGE_URL": str(store_dir), "LORA_WEBHOOK_TOKEN": TOKEN}
     process = subprocess.Popen(
-        [sys.executable, "-c", "from lora_pipeline.cli import main; main()", "webhook", "serve",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            "from lora_pipeline.cli import main; main()",
+            "webhook",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -58,11 +69,17 @@ def bodies(n: int, run: int, duplicate_every: int) -> list[bytes]:
     out = []
     for i in range(n):
         k = i - 1 if duplicate_every and i % duplicate_every == 0 and i else i
-        out.append(json.dumps({
-            "id": f"{run:08x}-0000-4000-8000-{k:012d}-u1", "status": "COMPLETED",
-            "delayTime": 812, "executionTime": 1534021,
-            "output": {"lora_key": f"loras/style_{k}/style_{k}_v1.safetensors", "steps": 1000},
-        }).encode())
+        out.append(
+            json.dumps(
+                {
+                    "id": f"{run:08x}-0000-4000-8000-{k:012d}-u1",
+                    "status": "COMPLETED",
+                    "delayTime": 812,
+                    "executionTime": 1534021,
+                    "output": {"lora_key": f"loras/style_{k}/style_{k}_v1.safetensors", "steps": 1000},
+                }
+            ).encode()
+        )
     return out
 
 
@@ -123,9 +140,11 @@ def main() -> None:
     print(f"every {args.duplicate_every}th a duplicate delivery")
     print(f"{'in flight':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'codes':>14}")
     for concurrency, wall, latencies, codes, _distinct in rows:
-        print(f"{concurrency:>9} {len(latencies) / wall:>8.0f} {percentile(latencies, 50) * 1000:>8.1f} "
-              f"{percentile(latencies, 99) * 1000:>8.1f} {max(latencies) * 1000:>8.1f} "
-              f"{' '.join(f'{c}x{n}' for c, n in sorted(codes.items())):>14}")
+        print(
+            f"{concurrency:>9} {len(latencies) / wall:>8.0f} {percentile(latencies, 50) * 1000:>8.1f} "
+            f"{percentile(latencies, 99) * 1000:>8.1f} {max(latencies) * 1000:>8.1f} "
+            f"{' '.join(f'{c}x{n}' for c, n in sorted(codes.items())):>14}"
+        )
     expected = 50 + sum(row[4] for row in rows)
     print(f"inbox files: {landed} (expected {expected}: one per distinct job and status)")
 

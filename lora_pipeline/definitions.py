@@ -41,8 +41,14 @@ def _with_code_references(assets: list[dg.AssetsDefinition]) -> list[Any]:
 defs = dg.Definitions(
     assets=_with_code_references([training_dataset, trained_lora, lora_registry]),
     asset_checks=[pipeline_health_checks, lora_file_matches_registry],
-    jobs=[train_lora, complete_training, reconcile_registry, pipeline_health, promote_lora_version,
-          delete_lora_version],
+    jobs=[
+        train_lora,
+        complete_training,
+        reconcile_registry,
+        pipeline_health,
+        promote_lora_version,
+        delete_lora_version,
+    ],
     schedules=[reconcile_registry_schedule, pipeline_health_schedule],
     sensors=[runpod_job_sensor, runpod_webhook_sensor, style_discovery_sensor, new_dataset_version_sensor],
     resources={

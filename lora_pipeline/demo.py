@@ -166,9 +166,7 @@ def _wait_for_completion_request(defs, instance, timeout_s, poll_interval_s, ech
                 context.log.setLevel(logging.WARNING)  # its console handler prints INFO: not the demo's progress
                 result = sensor(context)
             cursors[name] = getattr(result, "cursor", None) or cursors.get(name)
-            requests = [
-                r for r in getattr(result, "run_requests", None) or [] if r.job_name == "complete_training"
-            ]
+            requests = [r for r in getattr(result, "run_requests", None) or [] if r.job_name == "complete_training"]
             if requests:
                 echo(f"      {name} requested a run for job {requests[0].tags.get('lora_pipeline/job')}")
                 return requests[0]

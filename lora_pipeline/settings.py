@@ -103,8 +103,7 @@ def _env(
         validation_alias=AliasChoices(name, *also) if also else name,
         description=description,
         repr=not secret,
-        json_schema_extra={"env": [name, *also], "expected": expected, "runs": runs, "secret": secret,
-                           "shown": shown},
+        json_schema_extra={"env": [name, *also], "expected": expected, "runs": runs, "secret": secret, "shown": shown},
         **constraints,
     )
 
@@ -130,187 +129,416 @@ class Settings(BaseSettings):
 
     # -- store ---------------------------------------------------------------------------------
     storage_url: str = _env(
-        DEFAULT_STORAGE_DIR, "LORA_STORAGE_URL",
+        DEFAULT_STORAGE_DIR,
+        "LORA_STORAGE_URL",
         "where everything is kept: `s3://bucket/prefix`, a local directory, or a `file://` URL (absolute path)",
-        expected="s3://bucket/prefix, a local directory or a file:// URL", runs=True)
+        expected="s3://bucket/prefix, a local directory or a file:// URL",
+        runs=True,
+    )
     public_base_url: str | None = _env(
-        None, "LORA_PUBLIC_BASE_URL",
+        None,
+        "LORA_PUBLIC_BASE_URL",
         "http(s) URL the store's root is published under (a CDN or S3 Transfer Acceleration endpoint); "
-        "recorded URLs become `<base>/<key>`", expected=_HTTP_URL, runs=True)
+        "recorded URLs become `<base>/<key>`",
+        expected=_HTTP_URL,
+        runs=True,
+    )
     primary_format: str = _env(
-        DEFAULT_PRIMARY, "LORA_PRIMARY_FORMAT",
+        DEFAULT_PRIMARY,
+        "LORA_PRIMARY_FORMAT",
         "`kohya` or `diffusers`: the layout the registry's `loraUrl`/`s3Key`, and `registry download`/`url` "
-        "without `--format`, name", expected=f"one of {', '.join(LAYOUTS)}", runs=True)
+        "without `--format`, name",
+        expected=f"one of {', '.join(LAYOUTS)}",
+        runs=True,
+    )
 
     # -- S3 client (boto3 reads the AWS_* ones too) ----------------------------------------------
     s3_endpoint_url: str | None = _env(
-        None, "AWS_ENDPOINT_URL_S3", "S3-compatible endpoint, e.g. `https://s3api-eu-ro-1.runpod.io`",
-        also=("AWS_ENDPOINT_URL",), expected=_HTTP_URL, runs=True, shown="AWS")
+        None,
+        "AWS_ENDPOINT_URL_S3",
+        "S3-compatible endpoint, e.g. `https://s3api-eu-ro-1.runpod.io`",
+        also=("AWS_ENDPOINT_URL",),
+        expected=_HTTP_URL,
+        runs=True,
+        shown="AWS",
+    )
     aws_region: str | None = _env(
-        None, "AWS_REGION", "region, e.g. `eu-ro-1` for RunPod", also=("AWS_DEFAULT_REGION",),
-        expected="a region name", runs=True, shown="from the AWS config")
+        None,
+        "AWS_REGION",
+        "region, e.g. `eu-ro-1` for RunPod",
+        also=("AWS_DEFAULT_REGION",),
+        expected="a region name",
+        runs=True,
+        shown="from the AWS config",
+    )
     s3_addressing_style: Literal["auto", "path", "virtual"] = _env(
-        "auto", "LORA_S3_ADDRESSING_STYLE", "`path` (RunPod's S3 API needs it), `virtual` or `auto`",
-        expected="one of auto, path, virtual", runs=True)
+        "auto",
+        "LORA_S3_ADDRESSING_STYLE",
+        "`path` (RunPod's S3 API needs it), `virtual` or `auto`",
+        expected="one of auto, path, virtual",
+        runs=True,
+    )
     aws_retry_mode: Literal["standard", "adaptive", "legacy"] = _env(
-        "standard", "AWS_RETRY_MODE", "botocore retry mode: `standard`, `adaptive`, `legacy`",
-        expected="one of standard, adaptive, legacy", runs=True)
+        "standard",
+        "AWS_RETRY_MODE",
+        "botocore retry mode: `standard`, `adaptive`, `legacy`",
+        expected="one of standard, adaptive, legacy",
+        runs=True,
+    )
     aws_max_attempts: int = _env(
-        5, "AWS_MAX_ATTEMPTS", "attempts per S3 request, the first included", expected=_COUNT, runs=True, ge=1)
+        5, "AWS_MAX_ATTEMPTS", "attempts per S3 request, the first included", expected=_COUNT, runs=True, ge=1
+    )
     s3_connect_timeout: float = _env(
-        5.0, "LORA_S3_CONNECT_TIMEOUT", "S3 connect timeout", expected=_SECONDS, runs=True, shown="`5` (s)",
-        gt=0, allow_inf_nan=False)
+        5.0,
+        "LORA_S3_CONNECT_TIMEOUT",
+        "S3 connect timeout",
+        expected=_SECONDS,
+        runs=True,
+        shown="`5` (s)",
+        gt=0,
+        allow_inf_nan=False,
+    )
     s3_read_timeout: float = _env(
-        60.0, "LORA_S3_READ_TIMEOUT", "S3 read timeout: a stalled response fails the attempt", expected=_SECONDS,
-        runs=True, shown="`60` (s)", gt=0, allow_inf_nan=False)
+        60.0,
+        "LORA_S3_READ_TIMEOUT",
+        "S3 read timeout: a stalled response fails the attempt",
+        expected=_SECONDS,
+        runs=True,
+        shown="`60` (s)",
+        gt=0,
+        allow_inf_nan=False,
+    )
     s3_tick_connect_timeout: float = _env(
-        2.0, "LORA_S3_TICK_CONNECT_TIMEOUT",
+        2.0,
+        "LORA_S3_TICK_CONNECT_TIMEOUT",
         "connect timeout in sensor ticks and schedule evaluations (never above `LORA_S3_CONNECT_TIMEOUT`)",
-        expected=_SECONDS, runs=True, shown="`2` (s)", gt=0, allow_inf_nan=False)
+        expected=_SECONDS,
+        runs=True,
+        shown="`2` (s)",
+        gt=0,
+        allow_inf_nan=False,
+    )
     s3_tick_read_timeout: float = _env(
-        5.0, "LORA_S3_TICK_READ_TIMEOUT", "read timeout in ticks (never above `LORA_S3_READ_TIMEOUT`)",
-        expected=_SECONDS, runs=True, shown="`5` (s)", gt=0, allow_inf_nan=False)
+        5.0,
+        "LORA_S3_TICK_READ_TIMEOUT",
+        "read timeout in ticks (never above `LORA_S3_READ_TIMEOUT`)",
+        expected=_SECONDS,
+        runs=True,
+        shown="`5` (s)",
+        gt=0,
+        allow_inf_nan=False,
+    )
     s3_tick_max_attempts: int = _env(
-        2, "LORA_S3_TICK_MAX_ATTEMPTS",
+        2,
+        "LORA_S3_TICK_MAX_ATTEMPTS",
         "attempts per request in ticks (never above `AWS_MAX_ATTEMPTS`); with the two above a failing request "
-        "ends within 16 s", expected=_COUNT, runs=True, ge=1)
+        "ends within 16 s",
+        expected=_COUNT,
+        runs=True,
+        ge=1,
+    )
     s3_max_pool_connections: int = _env(
-        64, "LORA_S3_MAX_POOL_CONNECTIONS", "HTTP connections kept per S3 client", expected=_COUNT, runs=True, ge=1)
+        64, "LORA_S3_MAX_POOL_CONNECTIONS", "HTTP connections kept per S3 client", expected=_COUNT, runs=True, ge=1
+    )
     s3_multipart_threshold_mb: int = _env(
-        16, "LORA_S3_MULTIPART_THRESHOLD_MB", "files from this size go up and down in parts",
-        expected="a whole number of MB, at least 1", runs=True, ge=1)
+        16,
+        "LORA_S3_MULTIPART_THRESHOLD_MB",
+        "files from this size go up and down in parts",
+        expected="a whole number of MB, at least 1",
+        runs=True,
+        ge=1,
+    )
     s3_multipart_chunksize_mb: int = _env(
-        16, "LORA_S3_MULTIPART_CHUNKSIZE_MB", "part size", expected="a whole number of MB, at least 1",
-        runs=True, ge=1)
+        16, "LORA_S3_MULTIPART_CHUNKSIZE_MB", "part size", expected="a whole number of MB, at least 1", runs=True, ge=1
+    )
     transfer_concurrency: int = _env(
-        16, "LORA_TRANSFER_CONCURRENCY", "files in flight in batch transfers, and parts in flight per large file",
-        expected=_COUNT, runs=True, ge=1)
+        16,
+        "LORA_TRANSFER_CONCURRENCY",
+        "files in flight in batch transfers, and parts in flight per large file",
+        expected=_COUNT,
+        runs=True,
+        ge=1,
+    )
     s3_accelerate: bool = _env(
-        False, "LORA_S3_ACCELERATE", "record S3 Transfer Acceleration URLs (when `LORA_PUBLIC_BASE_URL` is unset)",
-        expected="true or false", runs=True)
+        False,
+        "LORA_S3_ACCELERATE",
+        "record S3 Transfer Acceleration URLs (when `LORA_PUBLIC_BASE_URL` is unset)",
+        expected="true or false",
+        runs=True,
+    )
     store_breaker_failures: int = _env(
-        5, "LORA_STORE_BREAKER_FAILURES", "consecutive failed store calls that open the circuit breaker",
-        expected=_COUNT, runs=True, ge=1)
+        5,
+        "LORA_STORE_BREAKER_FAILURES",
+        "consecutive failed store calls that open the circuit breaker",
+        expected=_COUNT,
+        runs=True,
+        ge=1,
+    )
     store_breaker_reset_s: float = _env(
-        30.0, "LORA_STORE_BREAKER_RESET_S", "seconds before an open breaker lets a probe through",
-        expected=_SECONDS, runs=True, gt=0, allow_inf_nan=False)
+        30.0,
+        "LORA_STORE_BREAKER_RESET_S",
+        "seconds before an open breaker lets a probe through",
+        expected=_SECONDS,
+        runs=True,
+        gt=0,
+        allow_inf_nan=False,
+    )
 
     # -- AWS credentials: boto3 reads them; the project only fingerprints them (a cached store
     # is never reused for other credentials) ------------------------------------------------------
     aws_access_key_id: str | None = _env(
-        None, "AWS_ACCESS_KEY_ID", "S3 access key id (read by boto3)", expected="a key id",
-        runs=True, secret=True, shown="the AWS credential chain")
+        None,
+        "AWS_ACCESS_KEY_ID",
+        "S3 access key id (read by boto3)",
+        expected="a key id",
+        runs=True,
+        secret=True,
+        shown="the AWS credential chain",
+    )
     aws_secret_access_key: str | None = _env(
-        None, "AWS_SECRET_ACCESS_KEY", "S3 secret key (read by boto3)", expected="a secret key", runs=True, secret=True,
-        shown="the AWS credential chain")
+        None,
+        "AWS_SECRET_ACCESS_KEY",
+        "S3 secret key (read by boto3)",
+        expected="a secret key",
+        runs=True,
+        secret=True,
+        shown="the AWS credential chain",
+    )
     aws_session_token: str | None = _env(
-        None, "AWS_SESSION_TOKEN", "S3 session token, for temporary credentials (read by boto3)", expected="a token", secret=True)
-    aws_profile: str | None = _env(None, "AWS_PROFILE", "the AWS profile credentials come from (read by boto3)",
-                                   expected="a profile name")
-    aws_config_file: str | None = _env(None, "AWS_CONFIG_FILE", "the AWS config file (read by boto3)", expected="a path",
-                                       shown="`~/.aws/config`")
+        None,
+        "AWS_SESSION_TOKEN",
+        "S3 session token, for temporary credentials (read by boto3)",
+        expected="a token",
+        secret=True,
+    )
+    aws_profile: str | None = _env(
+        None, "AWS_PROFILE", "the AWS profile credentials come from (read by boto3)", expected="a profile name"
+    )
+    aws_config_file: str | None = _env(
+        None, "AWS_CONFIG_FILE", "the AWS config file (read by boto3)", expected="a path", shown="`~/.aws/config`"
+    )
     aws_shared_credentials_file: str | None = _env(
-        None, "AWS_SHARED_CREDENTIALS_FILE", "the AWS credentials file (read by boto3)", expected="a path",
-        shown="`~/.aws/credentials`")
+        None,
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "the AWS credentials file (read by boto3)",
+        expected="a path",
+        shown="`~/.aws/credentials`",
+    )
 
     # -- RunPod ----------------------------------------------------------------------------------
     runpod_endpoint_id: str | None = _env(
-        None, "RUNPOD_ENDPOINT_ID",
+        None,
+        "RUNPOD_ENDPOINT_ID",
         "the RunPod Serverless endpoint to train on (needs an `s3://` store); unset → the local backend",
-        expected="an endpoint id (no '/' or spaces)", runs=True, pattern=r"^[^/\s]+$")
+        expected="an endpoint id (no '/' or spaces)",
+        runs=True,
+        pattern=r"^[^/\s]+$",
+    )
     runpod_api_key: str | None = _env(
-        None, "RUNPOD_API_KEY", "RunPod API key; required with an endpoint", expected="an API key",
-        runs=True, secret=True)
+        None,
+        "RUNPOD_API_KEY",
+        "RunPod API key; required with an endpoint",
+        expected="an API key",
+        runs=True,
+        secret=True,
+    )
     runpod_base_url: str = _env(
-        DEFAULT_RUNPOD_BASE_URL, "RUNPOD_ENDPOINT_BASE_URL", "RunPod API base (as the `runpod` SDK reads it)",
-        expected=_HTTP_URL, runs=True)
+        DEFAULT_RUNPOD_BASE_URL,
+        "RUNPOD_ENDPOINT_BASE_URL",
+        "RunPod API base (as the `runpod` SDK reads it)",
+        expected=_HTTP_URL,
+        runs=True,
+    )
 
     # -- webhook ---------------------------------------------------------------------------------
     webhook_url: str | None = _env(
-        None, "LORA_WEBHOOK_URL",
+        None,
+        "LORA_WEBHOOK_URL",
         "public http(s) URL of the webhook receiver's route, given to RunPod with `?token=` appended; "
-        "unset → polling only", expected=_HTTP_URL, runs=True)
+        "unset → polling only",
+        expected=_HTTP_URL,
+        runs=True,
+    )
     webhook_token: str | None = _env(
-        None, "LORA_WEBHOOK_TOKEN",
+        None,
+        "LORA_WEBHOOK_TOKEN",
         "the receiver's shared secret; `webhook serve` refuses to start without it unless `--insecure-no-token`",
-        expected="a secret", runs=True, secret=True)
+        expected="a secret",
+        runs=True,
+        secret=True,
+    )
 
     # -- reconciliation and retention --------------------------------------------------------------
     reconcile_cron: str = _env(
-        DEFAULT_RECONCILE_CRON, "LORA_RECONCILE_CRON", "the reconciliation schedule",
-        expected="a cron expression of 5 fields, e.g. '0 * * * *'")
+        DEFAULT_RECONCILE_CRON,
+        "LORA_RECONCILE_CRON",
+        "the reconciliation schedule",
+        expected="a cron expression of 5 fields, e.g. '0 * * * *'",
+    )
     webhook_retention_days: float = _env(
-        30.0, "LORA_WEBHOOK_RETENTION_DAYS",
-        "settled jobs' webhook claims, applied bodies and start markers, and rejected bodies, are deleted "
-        "once older", expected=_DAYS, runs=True, gt=0, le=MAX_RETENTION_DAYS, allow_inf_nan=False)
+        30.0,
+        "LORA_WEBHOOK_RETENTION_DAYS",
+        "settled jobs' webhook claims, applied bodies and start markers, and rejected bodies, are deleted once older",
+        expected=_DAYS,
+        runs=True,
+        gt=0,
+        le=MAX_RETENTION_DAYS,
+        allow_inf_nan=False,
+    )
     checkpoint_retention_days: float = _env(
-        30.0, "LORA_CHECKPOINT_RETENTION_DAYS",
+        30.0,
+        "LORA_CHECKPOINT_RETENTION_DAYS",
         "a failed version's checkpoints are kept this long (a completed version's go at once, an unfinished "
-        "one's never)", expected=_DAYS, runs=True, gt=0, le=MAX_RETENTION_DAYS, allow_inf_nan=False)
+        "one's never)",
+        expected=_DAYS,
+        runs=True,
+        gt=0,
+        le=MAX_RETENTION_DAYS,
+        allow_inf_nan=False,
+    )
     lock_retention_days: float = _env(
-        1.0, "LORA_LOCK_RETENTION_DAYS", "local store: lock files unused this long are removed (never one in use)",
-        expected=_DAYS, runs=True, gt=0, le=MAX_RETENTION_DAYS, allow_inf_nan=False)
+        1.0,
+        "LORA_LOCK_RETENTION_DAYS",
+        "local store: lock files unused this long are removed (never one in use)",
+        expected=_DAYS,
+        runs=True,
+        gt=0,
+        le=MAX_RETENTION_DAYS,
+        allow_inf_nan=False,
+    )
     keep_versions: int = _env(
-        0, "LORA_KEEP_VERSIONS", "reconciliation deletes each style's completed versions but the newest N and every "
-        "aliased one (a tombstone stays); 0 keeps all", expected="a whole number (0: keep all)", runs=True, ge=0)
+        0,
+        "LORA_KEEP_VERSIONS",
+        "reconciliation deletes each style's completed versions but the newest N and every "
+        "aliased one (a tombstone stays); 0 keeps all",
+        expected="a whole number (0: keep all)",
+        runs=True,
+        ge=0,
+    )
 
     # -- health checks (docs/operations.md#health-checks) -------------------------------------------
     health_cron: str = _env(
-        DEFAULT_HEALTH_CRON, "LORA_HEALTH_CRON", "the `pipeline_health` schedule (the lag and health checks)",
-        expected="a cron expression of 5 fields, e.g. '*/10 * * * *'")
+        DEFAULT_HEALTH_CRON,
+        "LORA_HEALTH_CRON",
+        "the `pipeline_health` schedule (the lag and health checks)",
+        expected="a cron expression of 5 fields, e.g. '*/10 * * * *'",
+    )
     health_max_job_age_hours: float = _env(
-        6.0, "LORA_HEALTH_MAX_JOB_AGE_HOURS", "`oldest_unfinished_job` fails when a job is unfinished for longer",
-        expected="a number of hours above 0", runs=True, shown="`6` (h)", gt=0, allow_inf_nan=False)
+        6.0,
+        "LORA_HEALTH_MAX_JOB_AGE_HOURS",
+        "`oldest_unfinished_job` fails when a job is unfinished for longer",
+        expected="a number of hours above 0",
+        runs=True,
+        shown="`6` (h)",
+        gt=0,
+        allow_inf_nan=False,
+    )
     health_max_waiting_jobs: int = _env(
-        50, "LORA_HEALTH_MAX_WAITING_JOBS",
+        50,
+        "LORA_HEALTH_MAX_WAITING_JOBS",
         "`jobs_waiting_for_status` fails when more jobs (and submissions without a job id) wait for a final status",
-        expected=_COUNT, runs=True, ge=1)
+        expected=_COUNT,
+        runs=True,
+        ge=1,
+    )
     health_max_inbox_files: int = _env(
-        200, "LORA_HEALTH_MAX_INBOX_FILES", "`webhook_inbox` fails when the inbox holds more files",
-        expected=_COUNT, runs=True, ge=1)
+        200,
+        "LORA_HEALTH_MAX_INBOX_FILES",
+        "`webhook_inbox` fails when the inbox holds more files",
+        expected=_COUNT,
+        runs=True,
+        ge=1,
+    )
     health_max_inbox_age_minutes: float = _env(
-        30.0, "LORA_HEALTH_MAX_INBOX_AGE_MINUTES", "`webhook_inbox` fails when its oldest file waits longer",
-        expected="a number of minutes above 0", runs=True, shown="`30` (min)", gt=0, allow_inf_nan=False)
+        30.0,
+        "LORA_HEALTH_MAX_INBOX_AGE_MINUTES",
+        "`webhook_inbox` fails when its oldest file waits longer",
+        expected="a number of minutes above 0",
+        runs=True,
+        shown="`30` (min)",
+        gt=0,
+        allow_inf_nan=False,
+    )
     health_max_reconcile_age_hours: float = _env(
-        3.0, "LORA_HEALTH_MAX_RECONCILE_AGE_HOURS",
+        3.0,
+        "LORA_HEALTH_MAX_RECONCILE_AGE_HOURS",
         "`recent_reconciliation` fails when the last successful `reconcile_registry` run ended longer ago",
-        expected="a number of hours above 0", runs=True, shown="`3` (h)", gt=0, allow_inf_nan=False)
+        expected="a number of hours above 0",
+        runs=True,
+        shown="`3` (h)",
+        gt=0,
+        allow_inf_nan=False,
+    )
 
     # -- training progress (docs/operations.md#training-progress-and-stalled-jobs) ------------------
     stall_after_s: float = _env(
-        1800.0, "LORA_STALL_AFTER_S",
+        1800.0,
+        "LORA_STALL_AFTER_S",
         "a running job with no progress update (heartbeat) for longer is reported stalled",
-        expected=_SECONDS, runs=True, shown="`1800` (s)", gt=0, allow_inf_nan=False)
+        expected=_SECONDS,
+        runs=True,
+        shown="`1800` (s)",
+        gt=0,
+        allow_inf_nan=False,
+    )
     cancel_stalled: bool = _env(
-        False, "LORA_CANCEL_STALLED", "cancel a stalled job at the backend (its outcome is recorded as reported)",
-        expected="true or false", runs=True)
+        False,
+        "LORA_CANCEL_STALLED",
+        "cancel a stalled job at the backend (its outcome is recorded as reported)",
+        expected="true or false",
+        runs=True,
+    )
 
     # -- local backend ---------------------------------------------------------------------------
     local_jobs_dir: Path | None = _env(
-        None, "LORA_LOCAL_JOBS_DIR", "the local backend's job state and logs", expected="a directory",
-        runs=True, shown="`.lora_jobs` beside the local store")
+        None,
+        "LORA_LOCAL_JOBS_DIR",
+        "the local backend's job state and logs",
+        expected="a directory",
+        runs=True,
+        shown="`.lora_jobs` beside the local store",
+    )
 
     # -- worker and training -----------------------------------------------------------------------
     pipeline_cache: Path | None = _env(
-        None, "LORA_PIPELINE_CACHE",
+        None,
+        "LORA_PIPELINE_CACHE",
         "base models (the tiny one included); the worker image sets `/runpod-volume/lora_pipeline/cache`",
-        expected="a directory", runs=True, shown="`~/.cache/lora_pipeline`")
+        expected="a directory",
+        runs=True,
+        shown="`~/.cache/lora_pipeline`",
+    )
     train_levers: str = _env(
-        "", "LORA_TRAIN_LEVERS",
+        "",
+        "LORA_TRAIN_LEVERS",
         "worker speed levers, e.g. `fuse_qkv=1,compile=regional` ([docs/worker.md](docs/worker.md#speed-levers))",
-        expected="comma-separated name=value pairs", runs=True, shown="— (the levers' defaults)")
+        expected="comma-separated name=value pairs",
+        runs=True,
+        shown="— (the levers' defaults)",
+    )
     runpod_pod_id: str | None = _env(None, "RUNPOD_POD_ID", f"the worker's pod ({_HOST})", expected="a pod id")
     runpod_webhook_post_output: str | None = _env(
-        None, "RUNPOD_WEBHOOK_POST_OUTPUT", f"where the SDK posts job results ({_HOST}); with `RUNPOD_POD_ID`: "
-        "the worker runs on RunPod", expected="a URL")
+        None,
+        "RUNPOD_WEBHOOK_POST_OUTPUT",
+        f"where the SDK posts job results ({_HOST}); with `RUNPOD_POD_ID`: the worker runs on RunPod",
+        expected="a URL",
+    )
     runpod_webhook_get_job: str | None = _env(
-        None, "RUNPOD_WEBHOOK_GET_JOB", f"where the SDK takes jobs ({_HOST}); unset → `python handler.py` runs "
-        "its local test", expected="a URL")
+        None,
+        "RUNPOD_WEBHOOK_GET_JOB",
+        f"where the SDK takes jobs ({_HOST}); unset → `python handler.py` runs its local test",
+        expected="a URL",
+    )
 
     # -- Dagster deployment ------------------------------------------------------------------------
     gpu_pool_limit: int = _env(
-        2, "LORA_GPU_POOL_LIMIT", "`deploy init`: slots of the `runpod_gpu` pool (GPU jobs in flight)",
-        expected="a whole number from 1 to 10000", ge=1, le=10_000)
+        2,
+        "LORA_GPU_POOL_LIMIT",
+        "`deploy init`: slots of the `runpod_gpu` pool (GPU jobs in flight)",
+        expected="a whole number from 1 to 10000",
+        ge=1,
+        le=10_000,
+    )
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -353,8 +581,10 @@ class Settings(BaseSettings):
     def _runpod_needs_a_key(self) -> Settings:
         # On a RunPod worker the platform sets RUNPOD_ENDPOINT_ID itself; the worker needs no key.
         if self.runpod_endpoint_id and not self.runpod_api_key and not self.runpod_pod_id:
-            raise ValueError(f"RUNPOD_ENDPOINT_ID={self.runpod_endpoint_id!r}: RUNPOD_API_KEY is not set "
-                             "(the RunPod backend needs a key)")
+            raise ValueError(
+                f"RUNPOD_ENDPOINT_ID={self.runpod_endpoint_id!r}: RUNPOD_API_KEY is not set "
+                "(the RunPod backend needs a key)"
+            )
         return self
 
     # -- derived values --------------------------------------------------------------------------
@@ -395,9 +625,17 @@ class Settings(BaseSettings):
 
     def aws_credentials_fingerprint(self) -> tuple[tuple[str, str | None], ...]:
         """The AWS credential variables as given (for a cache key; hash it before showing it)."""
-        return tuple((name, getattr(self, name)) for name in (
-            "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_profile",
-            "aws_config_file", "aws_shared_credentials_file"))
+        return tuple(
+            (name, getattr(self, name))
+            for name in (
+                "aws_access_key_id",
+                "aws_secret_access_key",
+                "aws_session_token",
+                "aws_profile",
+                "aws_config_file",
+                "aws_shared_credentials_file",
+            )
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -517,11 +755,16 @@ def run_fields() -> list[str]:
 
 # Variables read only by third-party code: documented, not fields.
 PASS_THROUGH: tuple[tuple[str, str, str], ...] = (
-    ("`HF_HOME`, `HF_TOKEN`", "the hub's defaults",
-     "worker, hub base models: cache folder and token for gated models (read by huggingface_hub)"),
-    ("`DAGSTER_HOME`, `DAGSTER_PG_HOST`/`_PORT`/`_USERNAME`/`_PASSWORD`/`_DB`, "
-     "`DAGSTER_CODE_SERVER_HOST`/`_PORT`", "—",
-     "past one machine: the Dagster instance and code server ([docs/deploy.md](docs/deploy.md); read by Dagster)"),
+    (
+        "`HF_HOME`, `HF_TOKEN`",
+        "the hub's defaults",
+        "worker, hub base models: cache folder and token for gated models (read by huggingface_hub)",
+    ),
+    (
+        "`DAGSTER_HOME`, `DAGSTER_PG_HOST`/`_PORT`/`_USERNAME`/`_PASSWORD`/`_DB`, `DAGSTER_CODE_SERVER_HOST`/`_PORT`",
+        "—",
+        "past one machine: the Dagster instance and code server ([docs/deploy.md](docs/deploy.md); read by Dagster)",
+    ),
 )
 
 

@@ -21,7 +21,11 @@ def lint_imports(cwd: Path, config: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(cwd)}  # the package under cwd, not the installed one
     return subprocess.run(
         [str(LINT_IMPORTS), "--no-cache", "--no-logo", str(config)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -32,8 +36,9 @@ def test_the_package_keeps_every_import_contract() -> None:
 
 
 def test_an_upward_import_is_reported(tmp_path: Path) -> None:
-    shutil.copytree(ROOT / "lora_pipeline", tmp_path / "lora_pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "lora_pipeline", tmp_path / "lora_pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     names = tmp_path / "lora_pipeline" / "registry" / "names.py"
     names.write_text(names.read_text() + "\nfrom lora_pipeline.storage.base import ObjectStore  # noqa: E402\n")

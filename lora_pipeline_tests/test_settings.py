@@ -33,24 +33,40 @@ REPO = Path(__file__).resolve().parents[1]
 BAD = {
     "number": ({"LORA_S3_READ_TIMEOUT": "abc"}, "LORA_S3_READ_TIMEOUT='abc': expected a number of seconds above 0"),
     "whole-number": ({"AWS_MAX_ATTEMPTS": "many"}, "AWS_MAX_ATTEMPTS='many': expected a whole number of at least 1"),
-    "url": ({"LORA_PUBLIC_BASE_URL": "cdn.example.com"},
-            "LORA_PUBLIC_BASE_URL='cdn.example.com': expected an http(s) URL"),
-    "url-fallback-name": ({"AWS_ENDPOINT_URL": "s3.example.com"},
-                          "AWS_ENDPOINT_URL='s3.example.com': expected an http(s) URL"),
-    "storage-url": ({"LORA_STORAGE_URL": "ftp://somewhere"},
-                    "LORA_STORAGE_URL='ftp://somewhere': unsupported scheme: use s3://, file:// or a plain path"),
-    "enum": ({"LORA_S3_ADDRESSING_STYLE": "sideways"},
-             "LORA_S3_ADDRESSING_STYLE='sideways': expected one of auto, path, virtual"),
+    "url": (
+        {"LORA_PUBLIC_BASE_URL": "cdn.example.com"},
+        "LORA_PUBLIC_BASE_URL='cdn.example.com': expected an http(s) URL",
+    ),
+    "url-fallback-name": (
+        {"AWS_ENDPOINT_URL": "s3.example.com"},
+        "AWS_ENDPOINT_URL='s3.example.com': expected an http(s) URL",
+    ),
+    "storage-url": (
+        {"LORA_STORAGE_URL": "ftp://somewhere"},
+        "LORA_STORAGE_URL='ftp://somewhere': unsupported scheme: use s3://, file:// or a plain path",
+    ),
+    "enum": (
+        {"LORA_S3_ADDRESSING_STYLE": "sideways"},
+        "LORA_S3_ADDRESSING_STYLE='sideways': expected one of auto, path, virtual",
+    ),
     "layout": ({"LORA_PRIMARY_FORMAT": "ckpt"}, "LORA_PRIMARY_FORMAT='ckpt': expected one of kohya, diffusers"),
     "boolean": ({"LORA_S3_ACCELERATE": "maybe"}, "LORA_S3_ACCELERATE='maybe': expected true or false"),
-    "range": ({"LORA_WEBHOOK_RETENTION_DAYS": "0"},
-              "LORA_WEBHOOK_RETENTION_DAYS='0': expected a number of days above 0 (up to 36500)"),
-    "range-high": ({"LORA_GPU_POOL_LIMIT": "20000"},
-                   "LORA_GPU_POOL_LIMIT='20000': expected a whole number from 1 to 10000"),
-    "cron": ({"LORA_RECONCILE_CRON": "hourly"},
-             "LORA_RECONCILE_CRON='hourly': expected a cron expression of 5 fields, e.g. '0 * * * *'"),
-    "endpoint-without-key": ({"RUNPOD_ENDPOINT_ID": "abc123"},
-                             "RUNPOD_ENDPOINT_ID='abc123': RUNPOD_API_KEY is not set (the RunPod backend needs a key)"),
+    "range": (
+        {"LORA_WEBHOOK_RETENTION_DAYS": "0"},
+        "LORA_WEBHOOK_RETENTION_DAYS='0': expected a number of days above 0 (up to 36500)",
+    ),
+    "range-high": (
+        {"LORA_GPU_POOL_LIMIT": "20000"},
+        "LORA_GPU_POOL_LIMIT='20000': expected a whole number from 1 to 10000",
+    ),
+    "cron": (
+        {"LORA_RECONCILE_CRON": "hourly"},
+        "LORA_RECONCILE_CRON='hourly': expected a cron expression of 5 fields, e.g. '0 * * * *'",
+    ),
+    "endpoint-without-key": (
+        {"RUNPOD_ENDPOINT_ID": "abc123"},
+        "RUNPOD_ENDPOINT_ID='abc123': RUNPOD_API_KEY is not set (the RunPod backend needs a key)",
+    ),
 }
 PYDANTIC_WORDING = ("Value error", "Input should", "validation error", "pydantic", "Traceback")
 
@@ -84,7 +100,10 @@ def test_defaults_are_the_ones_the_code_had():
     assert S3Options.from_settings(settings) == S3Options()
     assert Retention.from_settings(settings) == Retention()
     assert (settings.storage_url, settings.primary_format, settings.runpod_base_url) == (
-        ".lora_store", DEFAULT_PRIMARY, DEFAULT_BASE_URL)
+        ".lora_store",
+        DEFAULT_PRIMARY,
+        DEFAULT_BASE_URL,
+    )
     assert (settings.reconcile_cron, settings.gpu_pool_limit, settings.transfer_concurrency) == ("0 * * * *", 2, 16)
     assert (settings.store_breaker_failures, settings.store_breaker_reset_s) == (5, 30.0)
     assert settings.cache_dir == Path.home() / ".cache" / "lora_pipeline"
@@ -96,12 +115,19 @@ def test_defaults_are_the_ones_the_code_had():
 def test_an_empty_value_means_the_default_and_a_fallback_name_is_read():
     assert load_settings({"LORA_S3_READ_TIMEOUT": "", "AWS_MAX_ATTEMPTS": ""}).s3_read_timeout == 60.0
     assert load_settings({"AWS_ENDPOINT_URL": "http://a"}).s3_endpoint_url == "http://a"
-    assert load_settings({"AWS_ENDPOINT_URL_S3": "http://b", "AWS_ENDPOINT_URL": "http://a"}).s3_endpoint_url == "http://b"
+    assert (
+        load_settings({"AWS_ENDPOINT_URL_S3": "http://b", "AWS_ENDPOINT_URL": "http://a"}).s3_endpoint_url == "http://b"
+    )
 
 
 def test_on_a_runpod_worker_the_platforms_endpoint_id_needs_no_key():
-    settings = load_settings({"RUNPOD_ENDPOINT_ID": "abc123", "RUNPOD_POD_ID": "pod",
-                              "RUNPOD_WEBHOOK_POST_OUTPUT": "https://api.runpod.ai/v2/x"})
+    settings = load_settings(
+        {
+            "RUNPOD_ENDPOINT_ID": "abc123",
+            "RUNPOD_POD_ID": "pod",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": "https://api.runpod.ai/v2/x",
+        }
+    )
     assert settings.under_runpod
 
 
@@ -146,7 +172,11 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
     env, line = BAD["number"]
     result = subprocess.run(
         [sys.executable, "-c", "from lora_pipeline.cli import main; main()", "dataset", "list"],
-        capture_output=True, text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        timeout=120,
     )
     assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "")
 
@@ -164,8 +194,14 @@ def test_loading_the_definitions_fails_with_the_line(monkeypatch, kind):
 
 def test_loading_the_definitions_in_a_fresh_process_fails_with_the_line(tmp_path):
     env, line = BAD["storage-url"]
-    result = subprocess.run([sys.executable, "-c", "import lora_pipeline.definitions"], capture_output=True,
-                            text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", "import lora_pipeline.definitions"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"lora_pipeline.settings.SettingsError: {line}"
 
@@ -189,14 +225,22 @@ def _environment_reads(tree: ast.AST) -> list[int]:
     variable, is not reading a setting)."""
 
     def is_environ(node: ast.AST) -> bool:
-        return isinstance(node, ast.Attribute) and node.attr == "environ" and \
-            isinstance(node.value, ast.Name) and node.value.id == "os"
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr == "environ"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        )
 
     lines = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
-            (node.func.attr in ("get", "setdefault", "pop") and is_environ(node.func.value))
-            or (node.func.attr == "getenv" and isinstance(node.func.value, ast.Name) and node.func.value.id == "os")
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and (
+                (node.func.attr in ("get", "setdefault", "pop") and is_environ(node.func.value))
+                or (node.func.attr == "getenv" and isinstance(node.func.value, ast.Name) and node.func.value.id == "os")
+            )
         ):
             lines.append(node.lineno)
         elif isinstance(node, ast.Subscript) and is_environ(node.value) and isinstance(node.ctx, ast.Load):

@@ -105,8 +105,13 @@ GPU = Scale(
         "sd15": Config("sd15", "sd1", 512, 4, 16, "train_text_to_image_lora.py", 0.80, 60, 20, 8),
         "sdxl": Config("sdxl", "sdxl", 1024, 2, 16, "train_dreambooth_lora_sdxl.py", 6.8, 40, 10, 8),
     },
-    log_every=10, compile_backend="inductor", mixed_precision="bf16", ragged_images=10, max_batch_images=32,
-    run_timeout_s=150, compile_timeout_s=240,
+    log_every=10,
+    compile_backend="inductor",
+    mixed_precision="bf16",
+    ragged_images=10,
+    max_batch_images=32,
+    run_timeout_s=150,
+    compile_timeout_s=240,
 )
 DRY = Scale(
     configs={
@@ -114,8 +119,13 @@ DRY = Scale(
         "sdxl": Config("sdxl", "sdxl", 32, 2, 4, "train_dreambooth_lora_sdxl.py", None, 6, 2, 4),
     },
     # fp32: bf16 kernels on a CPU without bf16 units are ~20× slower; autocast is one flag either way.
-    log_every=2, compile_backend="eager", mixed_precision="no", ragged_images=5, max_batch_images=6,
-    run_timeout_s=180, compile_timeout_s=180,
+    log_every=2,
+    compile_backend="eager",
+    mixed_precision="no",
+    ragged_images=5,
+    max_batch_images=6,
+    run_timeout_s=180,
+    compile_timeout_s=180,
 )
 
 
@@ -143,48 +153,154 @@ def plan(scale: Scale) -> list[Run]:
     runs = [
         # The four eager comparisons.
         Run("sd15/ours", "sd15", "ours", note="default levers"),
-        Run("sd15/ours+all", "sd15", "ours", on, lever="fuse_qkv", baseline="sd15/ours",
-            note="all levers, eager (defaults + fused QKV)"),
+        Run(
+            "sd15/ours+all",
+            "sd15",
+            "ours",
+            on,
+            lever="fuse_qkv",
+            baseline="sd15/ours",
+            note="all levers, eager (defaults + fused QKV)",
+        ),
         Run("sd15/reference", "sd15", "reference"),
         Run("sdxl/ours", "sdxl", "ours", note="default levers"),
-        Run("sdxl/ours+all", "sdxl", "ours", on, lever="fuse_qkv", baseline="sdxl/ours",
-            note="all levers, eager (defaults + fused QKV)"),
+        Run(
+            "sdxl/ours+all",
+            "sdxl",
+            "ours",
+            on,
+            lever="fuse_qkv",
+            baseline="sdxl/ours",
+            note="all levers, eager (defaults + fused QKV)",
+        ),
         Run("sdxl/reference", "sdxl", "reference"),
         # SD1.5 compiled, then each lever alone (one process).
-        Run("sd15/ours+compile", "sd15", "ours", compiled, lever="compile (regional)", baseline="sd15/ours+all",
-            note=f"all levers, regional compile, {mode}"),
-        Run("sd15/ours+all-log_every", "sd15", "ours", dict(on, log_every=1), lever="log_every",
-            baseline="sd15/ours+all", lever_on=False, note="loss .item() every step"),
-        Run("sd15/ours+all-device_cache", "sd15", "ours", dict(on, device_cache=False), lever="device_cache",
-            baseline="sd15/ours+all", lever_on=False, note="torch.stack + host noise per step"),
+        Run(
+            "sd15/ours+compile",
+            "sd15",
+            "ours",
+            compiled,
+            lever="compile (regional)",
+            baseline="sd15/ours+all",
+            note=f"all levers, regional compile, {mode}",
+        ),
+        Run(
+            "sd15/ours+all-log_every",
+            "sd15",
+            "ours",
+            dict(on, log_every=1),
+            lever="log_every",
+            baseline="sd15/ours+all",
+            lever_on=False,
+            note="loss .item() every step",
+        ),
+        Run(
+            "sd15/ours+all-device_cache",
+            "sd15",
+            "ours",
+            dict(on, device_cache=False),
+            lever="device_cache",
+            baseline="sd15/ours+all",
+            lever_on=False,
+            note="torch.stack + host noise per step",
+        ),
         Run("sd15/ours+all+tf32", "sd15", "ours", dict(on, tf32=True), note="TF32 on for fp32 matmuls and convs"),
-        Run("sd15/ours+all-tf32", "sd15", "ours", dict(on, tf32=False), lever="tf32 off",
-            baseline="sd15/ours+all+tf32", note="TF32 off for fp32 matmuls and convs"),
-        Run("sd15/ours+max_batch", "sd15", "ours", dict(on, max_batch=True, max_batch_cap=scale.max_batch_images),
-            images=scale.max_batch_images, lever="max_batch", baseline="sd15/ours+all", metric="images_per_s",
-            note="largest batch that fits"),
+        Run(
+            "sd15/ours+all-tf32",
+            "sd15",
+            "ours",
+            dict(on, tf32=False),
+            lever="tf32 off",
+            baseline="sd15/ours+all+tf32",
+            note="TF32 off for fp32 matmuls and convs",
+        ),
+        Run(
+            "sd15/ours+max_batch",
+            "sd15",
+            "ours",
+            dict(on, max_batch=True, max_batch_cap=scale.max_batch_images),
+            images=scale.max_batch_images,
+            lever="max_batch",
+            baseline="sd15/ours+all",
+            metric="images_per_s",
+            note="largest batch that fits",
+        ),
         # SDXL compiled; the references compiled.
-        Run("sdxl/ours+compile", "sdxl", "ours", compiled, lever="compile (regional)", baseline="sdxl/ours+all",
-            note=f"all levers, regional compile, {mode}"),
+        Run(
+            "sdxl/ours+compile",
+            "sdxl",
+            "ours",
+            compiled,
+            lever="compile (regional)",
+            baseline="sdxl/ours+all",
+            note=f"all levers, regional compile, {mode}",
+        ),
         # accelerate's regional compilation wraps the UNet's leaf modules too, and diffusers'
         # `if self.conv_norm_out:` then fails (TypeError: GroupNorm does not support len()):
         # the reference compiles whole, as accelerate does by default.
-        Run("sd15/reference+compile", "sd15", "reference", compile="full", note="accelerate torch.compile, default mode"),
-        Run("sdxl/reference+compile", "sdxl", "reference", compile="full", note="accelerate torch.compile, default mode"),
+        Run(
+            "sd15/reference+compile", "sd15", "reference", compile="full", note="accelerate torch.compile, default mode"
+        ),
+        Run(
+            "sdxl/reference+compile", "sdxl", "reference", compile="full", note="accelerate torch.compile, default mode"
+        ),
         # What is left: SDXL levers, whole-UNet compile, static shapes on a short last batch.
-        Run("sdxl/ours+all-log_every", "sdxl", "ours", dict(on, log_every=1), lever="log_every",
-            baseline="sdxl/ours+all", lever_on=False, note="loss .item() every step"),
-        Run("sdxl/ours+all-device_cache", "sdxl", "ours", dict(on, device_cache=False), lever="device_cache",
-            baseline="sdxl/ours+all", lever_on=False, note="torch.stack + host noise per step"),
-        Run("sd15/ours+compile-autotune", "sd15", "ours", dict(compiled, compile_mode=AUTOTUNE_MODE),
-            lever=f"compile {AUTOTUNE_MODE}", baseline="sd15/ours+compile",
-            note=f"all levers, regional compile, {AUTOTUNE_MODE}"),
-        Run("sd15/ours+compile-full", "sd15", "ours", dict(compiled, compile="full"), lever="compile full vs regional",
-            baseline="sd15/ours+compile", note=f"all levers, whole-UNet compile, {mode}"),
-        Run("sd15/ours+compile-ragged", "sd15", "ours", compiled, images=scale.ragged_images, lever="static_shapes",
-            baseline="sd15/ours+compile-ragged-dynamic", note="short last batch topped up (one shape)"),
-        Run("sd15/ours+compile-ragged-dynamic", "sd15", "ours", dict(compiled, static_shapes=False),
-            images=scale.ragged_images, note="short last batch kept (a second shape)"),
+        Run(
+            "sdxl/ours+all-log_every",
+            "sdxl",
+            "ours",
+            dict(on, log_every=1),
+            lever="log_every",
+            baseline="sdxl/ours+all",
+            lever_on=False,
+            note="loss .item() every step",
+        ),
+        Run(
+            "sdxl/ours+all-device_cache",
+            "sdxl",
+            "ours",
+            dict(on, device_cache=False),
+            lever="device_cache",
+            baseline="sdxl/ours+all",
+            lever_on=False,
+            note="torch.stack + host noise per step",
+        ),
+        Run(
+            "sd15/ours+compile-autotune",
+            "sd15",
+            "ours",
+            dict(compiled, compile_mode=AUTOTUNE_MODE),
+            lever=f"compile {AUTOTUNE_MODE}",
+            baseline="sd15/ours+compile",
+            note=f"all levers, regional compile, {AUTOTUNE_MODE}",
+        ),
+        Run(
+            "sd15/ours+compile-full",
+            "sd15",
+            "ours",
+            dict(compiled, compile="full"),
+            lever="compile full vs regional",
+            baseline="sd15/ours+compile",
+            note=f"all levers, whole-UNet compile, {mode}",
+        ),
+        Run(
+            "sd15/ours+compile-ragged",
+            "sd15",
+            "ours",
+            compiled,
+            images=scale.ragged_images,
+            lever="static_shapes",
+            baseline="sd15/ours+compile-ragged-dynamic",
+            note="short last batch topped up (one shape)",
+        ),
+        Run(
+            "sd15/ours+compile-ragged-dynamic",
+            "sd15",
+            "ours",
+            dict(compiled, static_shapes=False),
+            images=scale.ragged_images,
+            note="short last batch kept (a second shape)",
+        ),
     ]
     return runs
 
@@ -224,8 +340,14 @@ def _round_up(value: int, multiple: int) -> int:
 # --------------------------------------------------------------------------- models and data
 
 
-TINY_SDXL_UNET = dict(addition_embed_type="text_time", addition_time_embed_dim=8, cross_attention_dim=64,
-                      projection_class_embeddings_input_dim=80, use_linear_projection=True, attention_head_dim=(2, 4))
+TINY_SDXL_UNET = dict(
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    cross_attention_dim=64,
+    projection_class_embeddings_input_dim=80,
+    use_linear_projection=True,
+    attention_head_dim=(2, 4),
+)
 
 
 def model_spec(config: Config, dry_run: bool):
@@ -236,8 +358,9 @@ def model_spec(config: Config, dry_run: bool):
         return dataclasses.replace(cpu_bench.model_spec(config.name), save_dtype="bfloat16")
     if config.family == "sd1":
         return TINY_SD1
-    return RandomModelSpec(family="sdxl", unet=dict(TINY_SD1.unet, **TINY_SDXL_UNET), vae=TINY_SD1.vae,
-                           text_encoder=TINY_SD1.text_encoder)
+    return RandomModelSpec(
+        family="sdxl", unet=dict(TINY_SD1.unet, **TINY_SDXL_UNET), vae=TINY_SD1.vae, text_encoder=TINY_SD1.text_encoder
+    )
 
 
 def write_data(work: Path, config: Config, count: int) -> Path:
@@ -263,9 +386,17 @@ def build_models(wanted: dict[str, list[int]], work: Path, dry_run: bool, refere
         started = time.perf_counter()
         model = ensure_random_model(model_spec(config, dry_run), work / f"model-{name}-{'tiny' if dry_run else 'full'}")
         data = {str(count): str(write_data(work, config, count)) for count in counts}
-        built.append({"config": name, "model": str(model), "data": data,
-                      "build_s": round(time.perf_counter() - started, 1), "versions": package_versions(),
-                      "environment": environment_check(reference_deps), "imports": imported_distributions()})
+        built.append(
+            {
+                "config": name,
+                "model": str(model),
+                "data": data,
+                "build_s": round(time.perf_counter() - started, 1),
+                "versions": package_versions(),
+                "environment": environment_check(reference_deps),
+                "imports": imported_distributions(),
+            }
+        )
     return built
 
 
@@ -320,8 +451,10 @@ def child_ours(args: argparse.Namespace) -> None:
         config = (DRY if args.dry_run else GPU).configs[variant["config"]]
         data = Path(variant["data"])
         records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line]
-        examples = [Example(decode_image((data / r["file_name"]).read_bytes(), r["file_name"]), r["text"],
-                            r["file_name"]) for r in records]
+        examples = [
+            Example(decode_image((data / r["file_name"]).read_bytes(), r["file_name"]), r["text"], r["file_name"])
+            for r in records
+        ]
         _reset_device(torch)
         started = time.perf_counter()
         try:
@@ -331,9 +464,15 @@ def child_ours(args: argparse.Namespace) -> None:
             if levers.max_batch:  # the same images at a larger batch: ask for enough to time
                 steps = math.ceil(config.steps * levers.max_batch_cap / config.batch_size)
             params = TrainingParams(
-                rank=config.rank, resolution=config.resolution, train_batch_size=config.batch_size,
-                max_train_steps=steps, learning_rate=1e-4, seed=0, mixed_precision=args.mixed_precision,
-                enable_bucketing=False, lr_scheduler="constant",
+                rank=config.rank,
+                resolution=config.resolution,
+                train_batch_size=config.batch_size,
+                max_train_steps=steps,
+                learning_rate=1e-4,
+                seed=0,
+                mixed_precision=args.mixed_precision,
+                enable_bucketing=False,
+                lr_scheduler="constant",
             )
             stamps: dict[int, float] = {}
 
@@ -342,14 +481,22 @@ def child_ours(args: argparse.Namespace) -> None:
                     _synchronize(torch)
                     stamps[step] = time.perf_counter()
 
-            outcome = train_lora(params, config.family, Path(variant["model"]), examples, progress=progress,
-                                 levers=levers, device=device)
+            outcome = train_lora(
+                params, config.family, Path(variant["model"]), examples, progress=progress, levers=levers, device=device
+            )
             if warmup not in stamps or outcome.steps not in stamps or outcome.steps <= warmup:
                 raise RuntimeError(f"no steady state: {outcome.steps} steps, warm-up {warmup}, stamps {sorted(stamps)}")
             rate = (outcome.steps - warmup) / (stamps[outcome.steps] - stamps[warmup])
-            row = {"status": "ok", "steps_per_s": rate, "batch_size": outcome.batch_size, "steps": outcome.steps,
-                   "warmup": warmup, "warmup_s": stamps[warmup] - started, "levers": outcome.levers,
-                   "final_loss": outcome.final_loss}
+            row = {
+                "status": "ok",
+                "steps_per_s": rate,
+                "batch_size": outcome.batch_size,
+                "steps": outcome.steps,
+                "warmup": warmup,
+                "warmup_s": stamps[warmup] - started,
+                "levers": outcome.levers,
+                "final_loss": outcome.final_loss,
+            }
         except Exception as exc:  # noqa: BLE001 - one variant's failure is a row, not the end of the run
             row = {"status": "error", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"}
         row.update(id=variant["id"], wall_s=time.perf_counter() - started, **_memory(torch), **_device(torch))
@@ -397,8 +544,10 @@ def reference_env(compile_choice: str, mode: str | None, backend: str) -> dict[s
     """accelerate's own switches for torch.compile (the script is not changed)."""
     if compile_choice == "off":
         return {"ACCELERATE_DYNAMO_BACKEND": "no"}
-    env = {"ACCELERATE_DYNAMO_BACKEND": backend,
-           "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true" if compile_choice == "regional" else "false"}
+    env = {
+        "ACCELERATE_DYNAMO_BACKEND": backend,
+        "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true" if compile_choice == "regional" else "false",
+    }
     if mode and backend == "inductor":
         env["ACCELERATE_DYNAMO_MODE"] = mode
     return env
@@ -429,11 +578,22 @@ def child_reference(args: argparse.Namespace) -> None:
                 stamps[count] = time.perf_counter()
             if count >= config.steps:  # steps timed: the script's saving and final pipeline are not ours to time
                 rate = (config.steps - config.warmup) / (stamps[config.steps] - stamps[config.warmup])
-                row = {"id": args.run_id, "status": "ok", "steps_per_s": rate, "batch_size": config.batch_size,
-                       "steps": config.steps, "warmup": config.warmup, "warmup_s": stamps[config.warmup] - started,
-                       "wall_s": time.perf_counter() - started, "argv": argv[1:], "torchvision": shim,
-                       "compile": os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no"),
-                       **_memory(torch), **_device(torch), "imports": imported_distributions()}
+                row = {
+                    "id": args.run_id,
+                    "status": "ok",
+                    "steps_per_s": rate,
+                    "batch_size": config.batch_size,
+                    "steps": config.steps,
+                    "warmup": config.warmup,
+                    "warmup_s": stamps[config.warmup] - started,
+                    "wall_s": time.perf_counter() - started,
+                    "argv": argv[1:],
+                    "torchvision": shim,
+                    "compile": os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no"),
+                    **_memory(torch),
+                    **_device(torch),
+                    "imports": imported_distributions(),
+                }
                 _emit(row)
                 raise StepsTimed
         return result
@@ -536,8 +696,19 @@ def package_versions() -> dict[str, str | None]:
     import platform
 
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "huggingface-hub",
-                 "safetensors", "pyarrow", "torchvision", "triton"):
+    for name in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "peft",
+        "accelerate",
+        "datasets",
+        "huggingface-hub",
+        "safetensors",
+        "pyarrow",
+        "torchvision",
+        "triton",
+    ):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -566,8 +737,10 @@ def groups_of(runs: list[Run], scale: Scale, *, merge: bool = False) -> list[Gro
     for run in runs:
         timeout = scale.compile_timeout_s if _compiles(run) else scale.run_timeout_s
         candidates = groups if merge else groups[-1:]
-        target = next((g for g in candidates if run.side == "ours" and g.side == "ours"
-                       and (merge or g.config == run.config)), None)
+        target = next(
+            (g for g in candidates if run.side == "ours" and g.side == "ours" and (merge or g.config == run.config)),
+            None,
+        )
         if target:
             target.runs.append(run)
             target.timeout_s += timeout
@@ -584,8 +757,9 @@ def run_child(command: list[str], timeout_s: float, log: Path, env: dict[str, st
     """Run one child; its results as they came, and 'ok', 'timeout' or 'exit N'."""
     lines: list[str] = []
     with log.open("w") as stderr:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, start_new_session=True
+        )
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
         reader.start()
         try:
@@ -596,7 +770,7 @@ def run_child(command: list[str], timeout_s: float, log: Path, env: dict[str, st
             proc.wait()
             status = "timeout"
         reader.join(timeout=10)
-    rows = [json.loads(line[len(MARKER):]) for line in lines if line.startswith(MARKER)]
+    rows = [json.loads(line[len(MARKER) :]) for line in lines if line.startswith(MARKER)]
     return rows, status
 
 
@@ -643,26 +817,45 @@ class Bench:
     def _reference_problem(self) -> str | None:
         if self.reference_dir is None:
             return "no --reference-dir given"
-        missing = [c.reference_script for c in self.scale.configs.values()
-                   if not (self.reference_dir / c.reference_script).is_file()]
+        missing = [
+            c.reference_script
+            for c in self.scale.configs.values()
+            if not (self.reference_dir / c.reference_script).is_file()
+        ]
         if missing:
-            return (f"{self.reference_dir} lacks {', '.join(sorted(set(missing)))}: `make gpu-bundle` copies the "
-                    "reference scripts there from a local diffusers snapshot")
+            return (
+                f"{self.reference_dir} lacks {', '.join(sorted(set(missing)))}: `make gpu-bundle` copies the "
+                "reference scripts there from a local diffusers snapshot"
+            )
         return None
 
     def env(self) -> dict[str, str]:
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         # The GPU machine has no network: nothing may wait on a hub (datasets' imagefolder, telemetry).
-        offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                   "HF_HUB_DISABLE_TELEMETRY": "1"}
+        offline = {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
         return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", **offline)
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
     def base_command(self, child: str, config: str) -> list[str]:
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--config", config,
-                   "--mixed-precision", self.scale.mixed_precision, "--out", str(self.out)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            child,
+            "--config",
+            config,
+            "--mixed-precision",
+            self.scale.mixed_precision,
+            "--out",
+            str(self.out),
+        ]
         return command + (["--dry-run"] if self.dry_run else [])
 
     def build(self, name: str, runs: list[Run]) -> dict[str, Any]:
@@ -670,8 +863,9 @@ class Bench:
         if name in self.built:
             return self.built[name]
         names = sorted({run.config for run in runs}) if self.dry_run else [name]
-        wanted = {n: sorted({run.images or self.scale.configs[n].images for run in runs if run.config == n})
-                  for n in names}
+        wanted = {
+            n: sorted({run.images or self.scale.configs[n].images for run in runs if run.config == n}) for n in names
+        }
         log = self.logs / f"build-{'-'.join(names)}.log"
         if self.dry_run:  # tiny models build in seconds: here, not in a process that imports everything again
             rows, status = build_models(wanted, self.work, True, self.args.reference_deps), "ok"
@@ -701,17 +895,30 @@ class Bench:
             return
         log = self.logs / f"{group.runs[0].id.replace('/', '_')}.log"
         if group.side == "ours":
-            variants = [{"id": run.id, "config": run.config, "levers": run.levers, "model": built[run.config]["model"],
-                         "data": built[run.config]["data"][str(run.images or self.scale.configs[run.config].images)]}
-                        for run in group.runs]
+            variants = [
+                {
+                    "id": run.id,
+                    "config": run.config,
+                    "levers": run.levers,
+                    "model": built[run.config]["model"],
+                    "data": built[run.config]["data"][str(run.images or self.scale.configs[run.config].images)],
+                }
+                for run in group.runs
+            ]
             command = self.base_command("ours", group.config) + ["--variants", json.dumps(variants)]
             env = self.env()
         else:
             run = group.runs[0]
             command = self.base_command("reference", group.config) + [
-                "--model", built[run.config]["model"], "--data", built[run.config]["data"][str(config.images)],
-                "--run-id", run.id,
-                "--reference-dir", str(self.reference_dir)]
+                "--model",
+                built[run.config]["model"],
+                "--data",
+                built[run.config]["data"][str(config.images)],
+                "--run-id",
+                run.id,
+                "--reference-dir",
+                str(self.reference_dir),
+            ]
             if self.args.reference_deps:
                 command += ["--reference-deps", self.args.reference_deps]
             env = dict(self.env(), **reference_env(run.compile, run.compile_mode, self.scale.compile_backend))
@@ -736,13 +943,25 @@ class Bench:
         for group in groups_of(runs, self.scale, merge=self.dry_run):
             if group.side == "reference" and self.reference_skip:
                 for run in group.runs:
-                    self.rows[run.id] = {"id": run.id, "config": run.config, "side": run.side, "note": run.note,
-                                         "status": "skipped", "error": f"reference: {self.reference_skip}"}
+                    self.rows[run.id] = {
+                        "id": run.id,
+                        "config": run.config,
+                        "side": run.side,
+                        "note": run.note,
+                        "status": "skipped",
+                        "error": f"reference: {self.reference_skip}",
+                    }
                 continue
             if self.remaining() < self.args.min_run_s:
                 for run in group.runs:
-                    self.rows[run.id] = {"id": run.id, "config": run.config, "side": run.side, "note": run.note,
-                                         "status": "skipped", "error": "time budget spent"}
+                    self.rows[run.id] = {
+                        "id": run.id,
+                        "config": run.config,
+                        "side": run.side,
+                        "note": run.note,
+                        "status": "skipped",
+                        "error": "time budget spent",
+                    }
                 continue
             self.run_group(group, runs)
         self.write()
@@ -763,10 +982,20 @@ def comparisons(rows: dict[str, dict[str, Any]], scale: Scale) -> list[dict[str,
     result = []
     for name, config in scale.configs.items():
         ref = _ok(rows.get(f"{name}/reference"))
-        ref_best = max(filter(None, [ref, _ok(rows.get(f"{name}/reference+compile"))]),
-                       key=lambda r: r["steps_per_s"], default=None)
-        ours = [r for r in rows.values() if r.get("config") == name and r.get("side") == "ours" and _ok(r)
-                and r.get("batch_size") == config.batch_size and "ragged" not in r["id"]]
+        ref_best = max(
+            filter(None, [ref, _ok(rows.get(f"{name}/reference+compile"))]),
+            key=lambda r: r["steps_per_s"],
+            default=None,
+        )
+        ours = [
+            r
+            for r in rows.values()
+            if r.get("config") == name
+            and r.get("side") == "ours"
+            and _ok(r)
+            and r.get("batch_size") == config.batch_size
+            and "ragged" not in r["id"]
+        ]
         best = max(ours, key=lambda r: r["steps_per_s"], default=None)
         default = _ok(rows.get(f"{name}/ours"))
         entry: dict[str, Any] = {"config": name, "ours_best": best and best["id"], "reference": ref and ref["id"]}
@@ -793,13 +1022,21 @@ def lever_gains(rows: dict[str, dict[str, Any]], runs: dict[str, Run]) -> list[d
         if not run.lever or not run.baseline:
             continue
         this, base = _ok(rows.get(run_id)), _ok(rows.get(run.baseline))
-        entry: dict[str, Any] = {"lever": run.lever, "config": run.config, "run": run_id, "baseline": run.baseline,
-                                 "metric": run.metric}
+        entry: dict[str, Any] = {
+            "lever": run.lever,
+            "config": run.config,
+            "run": run_id,
+            "baseline": run.baseline,
+            "metric": run.metric,
+        }
         if this and base:
             with_lever, without = (this, base) if run.lever_on else (base, this)
-            entry.update(gain=with_lever[run.metric] / without[run.metric],
-                         memory_ratio=with_lever["peak_mem_mb"] / without["peak_mem_mb"],
-                         with_lever=with_lever[run.metric], without=without[run.metric])
+            entry.update(
+                gain=with_lever[run.metric] / without[run.metric],
+                memory_ratio=with_lever["peak_mem_mb"] / without["peak_mem_mb"],
+                with_lever=with_lever[run.metric],
+                without=without[run.metric],
+            )
         gains.append(entry)
     return gains
 
@@ -807,9 +1044,13 @@ def lever_gains(rows: dict[str, dict[str, Any]], runs: dict[str, Run]) -> list[d
 # Imported here only because this machine has them; absent on the GPU machine, nothing asks for them.
 OPTIONAL_HERE = {
     "boto3": "accelerate imports it for its SageMaker config only when installed",
-    "botocore": "boto3", "jmespath": "boto3", "s3transfer": "boto3",
+    "botocore": "boto3",
+    "jmespath": "boto3",
+    "s3transfer": "boto3",
     "httpx2": "huggingface_hub 2.x here; the GPU machine's hub 1.x uses httpx",
-    "httpcore2": "httpx2", "brotli": "httpx2", "truststore": "httpx2",
+    "httpcore2": "httpx2",
+    "brotli": "httpx2",
+    "truststore": "httpx2",
     "pytz": "pandas imports it only when installed",
 }
 
@@ -844,8 +1085,9 @@ def gpu_name() -> dict[str, Any]:
     smi = shutil.which("nvidia-smi")
     if not smi:
         return {"nvidia_smi": None}
-    done = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], capture_output=True, text=True
+    )
     return {"nvidia_smi": done.stdout.strip() or done.stderr.strip()}
 
 
@@ -865,36 +1107,54 @@ def markdown(report: dict[str, Any]) -> str:
     gpu = report["gpu"].get("nvidia_smi") or "no GPU"
     versions = report.get("versions") or {}
     lines = [
-        f"# GPU training benchmark ({report['mode']})", "",
+        f"# GPU training benchmark ({report['mode']})",
+        "",
         f"GPU: {gpu}. Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
         f"Elapsed {report['elapsed_s']} s of a {report['budget_s']} s budget; MFU against "
-        f"{report['peak_tflops']:.0f} TFLOP/s (DESIGN.md's convention).", "",
+        f"{report['peak_tflops']:.0f} TFLOP/s (DESIGN.md's convention).",
+        "",
     ]
     if report.get("reference_skipped"):
         lines += [f"**Reference skipped**: {report['reference_skipped']}.", ""]
-    lines += ["| run | steps/s | images/s | peak MB | MFU | warm-up s | status | what |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines += [
+        "| run | steps/s | images/s | peak MB | MFU | warm-up s | status | what |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
     for row in report["runs"]:
         status = row.get("status")
         if status != "ok":
             status = f"{status}: {(row.get('error') or '').strip().splitlines()[0][:80] if row.get('error') else ''}"
-        lines.append(f"| {row['id']} | {_fmt(row.get('steps_per_s'))} | {_fmt(row.get('images_per_s'))} | "
-                     f"{_fmt(row.get('peak_mem_mb'))} | {_fmt(row.get('mfu'), '%')} | {_fmt(row.get('warmup_s'))} | "
-                     f"{status} | {row.get('note', '')} |")
-    lines += ["", "| model | ours (best) vs reference | defaults vs reference | vs reference's best | "
-              "peak memory vs reference | MFU | goals met |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines.append(
+            f"| {row['id']} | {_fmt(row.get('steps_per_s'))} | {_fmt(row.get('images_per_s'))} | "
+            f"{_fmt(row.get('peak_mem_mb'))} | {_fmt(row.get('mfu'), '%')} | {_fmt(row.get('warmup_s'))} | "
+            f"{status} | {row.get('note', '')} |"
+        )
+    lines += [
+        "",
+        "| model | ours (best) vs reference | defaults vs reference | vs reference's best | "
+        "peak memory vs reference | MFU | goals met |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for c in report["comparisons"]:
         met = [k for k in ("meets_speed", "meets_memory", "meets_mfu") if c.get(k)]
         missed = [k for k in ("meets_speed", "meets_memory", "meets_mfu") if c.get(k) is False]
         goals = ", ".join([m.removeprefix("meets_") for m in met] + [f"not {m.removeprefix('meets_')}" for m in missed])
-        lines.append(f"| {c['config']} ({c.get('ours_best') or '-'}) | {_fmt(c.get('speedup'), 'x')} | "
-                     f"{_fmt(c.get('speedup_defaults'), 'x')} | {_fmt(c.get('speedup_vs_best_reference'), 'x')} | "
-                     f"{_fmt(c.get('memory_ratio'), 'x')} | {_fmt(c.get('mfu'), '%')} | {goals or '-'} |")
-    lines += ["", "| lever | model | gain | peak memory | with / without | runs |", "| --- | --- | ---: | ---: | --- | --- |"]
+        lines.append(
+            f"| {c['config']} ({c.get('ours_best') or '-'}) | {_fmt(c.get('speedup'), 'x')} | "
+            f"{_fmt(c.get('speedup_defaults'), 'x')} | {_fmt(c.get('speedup_vs_best_reference'), 'x')} | "
+            f"{_fmt(c.get('memory_ratio'), 'x')} | {_fmt(c.get('mfu'), '%')} | {goals or '-'} |"
+        )
+    lines += [
+        "",
+        "| lever | model | gain | peak memory | with / without | runs |",
+        "| --- | --- | ---: | ---: | --- | --- |",
+    ]
     for g in report["levers"]:
-        lines.append(f"| {g['lever']} | {g['config']} | {_fmt(g.get('gain'), 'x')} ({g['metric']}) | "
-                     f"{_fmt(g.get('memory_ratio'), 'x')} | {_fmt(g.get('with_lever'))} / {_fmt(g.get('without'))} | "
-                     f"{g['run']} vs {g['baseline']} |")
+        lines.append(
+            f"| {g['lever']} | {g['config']} | {_fmt(g.get('gain'), 'x')} ({g['metric']}) | "
+            f"{_fmt(g.get('memory_ratio'), 'x')} | {_fmt(g.get('with_lever'))} / {_fmt(g.get('without'))} | "
+            f"{g['run']} vs {g['baseline']} |"
+        )
     check = report["import_check"]
     lines += ["", f"Import check: missing on the GPU machine: {', '.join(check['missing_on_device']) or 'none'}."]
     if report.get("environment_warnings"):
@@ -909,10 +1169,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same plan on the CPU, tiny models, few steps")
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting runs after this (GPU: 450)")
     parser.add_argument("--min-run-s", type=float, default=20.0, help="don't start a run with less time left")
-    parser.add_argument("--reference-dir", default=None, help="folder with the reference scripts "
-                        "(default: .gpu_bundle/reference)")
-    parser.add_argument("--reference-deps", default=None, help="extra import path for the reference (datasets …) "
-                        f"on this machine (default: {DEFAULT_REFERENCE_DEPS} if present)")
+    parser.add_argument(
+        "--reference-dir", default=None, help="folder with the reference scripts (default: .gpu_bundle/reference)"
+    )
+    parser.add_argument(
+        "--reference-deps",
+        default=None,
+        help="extra import path for the reference (datasets …) "
+        f"on this machine (default: {DEFAULT_REFERENCE_DEPS} if present)",
+    )
     parser.add_argument("--only", action="append", help="run only these run ids (repeatable)")
     parser.add_argument("--work-dir", help="where models and data are built (default: a temporary folder)")
     parser.add_argument("--child", choices=["build", "ours", "reference"], help=argparse.SUPPRESS)

@@ -69,7 +69,8 @@ WHEELS = {
 # The GPU machine's Python packages, as the workplace's device notes list them
 # (image 'cuda', read 2026-11-17). The dry run checks every distribution our code
 # and the reference scripts import against this list plus WHEELS.
-DEVICE_PACKAGES = frozenset("""
+DEVICE_PACKAGES = frozenset(
+    """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
 certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
 cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
@@ -91,19 +92,27 @@ sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server 
 tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
 torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop
 wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
-""".split())
+""".split()
+)
 
 # For the dry run of the reference on this machine (its own Python, not 3.12): what
 # train_text_to_image_lora.py imports beyond .venv. The GPU machine has the last three.
 LOCAL_REFERENCE_DEPS = {name: WHEELS[name][0] for name in ("datasets", "dill", "multiprocess")} | {
-    "pyarrow": "26.0.1", "pandas": "3.1.1", "xxhash": "4.1.0",
+    "pyarrow": "26.0.1",
+    "pandas": "3.1.1",
+    "xxhash": "4.1.0",
 }
 LOCAL_DEPS_DIR = Path(os.environ.get("LORA_PIPELINE_CACHE") or Path.home() / ".cache" / "lora_pipeline") / (
     f"reference-deps-cp{sys.version_info.major}{sys.version_info.minor}"
 )
 
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 DEVICE_COMMAND = "bash benchmarks/gpu/run_on_gpu.sh"
 
 
@@ -138,8 +147,9 @@ def read_reference_sources(source: Path, ref: str | None) -> dict[str, bytes]:
             f"DIFFUSERS_SRC={source} is neither a diffusers source tree (with examples/) nor a git mirror of one"
         )
     for name, relative in REFERENCE_SCRIPTS.items():
-        done = subprocess.run(["git", f"--git-dir={git_dir}", "show", f"{ref or 'HEAD'}:{relative}"],
-                              capture_output=True)
+        done = subprocess.run(
+            ["git", f"--git-dir={git_dir}", "show", f"{ref or 'HEAD'}:{relative}"], capture_output=True
+        )
         if done.returncode != 0:
             raise SystemExit(f"{git_dir} has no {relative} at {ref or 'HEAD'}: {done.stderr.decode().strip()}")
         files[name] = done.stdout
@@ -195,11 +205,27 @@ def download_wheels(dest: Path, python: str = sys.executable) -> list[Path]:
         name, version = _wheel_name_version(stale)
         if wanted.get(name) != version:
             stale.unlink()  # one version of each: two stop the install on the machine
-    missing = [f"{name}=={version}" for name, version in wanted.items()
-               if not any(_wheel_name_version(p) == (name, version) for p in dest.glob("*.whl"))]
+    missing = [
+        f"{name}=={version}"
+        for name, version in wanted.items()
+        if not any(_wheel_name_version(p) == (name, version) for p in dest.glob("*.whl"))
+    ]
     if missing:
-        command = [python, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   "--python-version", "3.12", "--implementation", "cp", "--dest", str(dest)]
+        command = [
+            python,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            "--dest",
+            str(dest),
+        ]
         for platform in PLATFORMS:
             command += ["--platform", platform]
         subprocess.run(command + missing, check=True)
@@ -211,9 +237,17 @@ def download_wheels(dest: Path, python: str = sys.executable) -> list[Path]:
     return wheels
 
 
-DEVICE_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-                  "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-                  "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+DEVICE_MARKERS = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
 
 
 def unmet_requirements(wheels: list[Path]) -> list[str]:
@@ -249,8 +283,10 @@ def install_local_reference_deps(target: Path = LOCAL_DEPS_DIR) -> Path:
     if marker.is_file() and json.loads(marker.read_text()) == LOCAL_REFERENCE_DEPS:
         return target
     pins = [f"{name}=={version}" for name, version in LOCAL_REFERENCE_DEPS.items()]
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
-                    str(target), *pins], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(target), *pins],
+        check=True,
+    )
     marker.write_text(json.dumps(LOCAL_REFERENCE_DEPS))
     return target
 
@@ -272,15 +308,21 @@ def build(bundle: Path, source: Path, ref: str | None, *, wheels: bool = True) -
     wheel_files = download_wheels(bundle / "wheels") if wheels else sorted((bundle / "wheels").glob("*.whl"))
     unmet = unmet_requirements(wheel_files)
     if unmet:
-        raise SystemExit("the GPU machine would lack what these carried wheels need; add it to WHEELS:\n  "
-                         + "\n  ".join(unmet))
+        raise SystemExit(
+            "the GPU machine would lack what these carried wheels need; add it to WHEELS:\n  " + "\n  ".join(unmet)
+        )
     manifest = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "diffusers": DIFFUSERS_VERSION,
         "reference_source": {"path": str(source), "ref": ref, "commit": _commit(source, ref)},
-        "reference_scripts": {name: {"sha256": sha256(data), "from": REFERENCE_SCRIPTS[name],
-                                     "min_diffusers": min_diffusers_version(data.decode())}
-                              for name, data in files.items()},
+        "reference_scripts": {
+            name: {
+                "sha256": sha256(data),
+                "from": REFERENCE_SCRIPTS[name],
+                "min_diffusers": min_diffusers_version(data.decode()),
+            }
+            for name, data in files.items()
+        },
         "wheels": [p.name for p in wheel_files],
         "python": "cp312 manylinux x86_64",
         "command": DEVICE_COMMAND,
@@ -293,8 +335,9 @@ def _commit(source: Path, ref: str | None) -> str | None:
     git_dir = source / ".git" if (source / ".git").exists() else source
     if not (git_dir / "HEAD").is_file():
         return None
-    done = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", f"{ref or 'HEAD'}^{{commit}}"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", f"--git-dir={git_dir}", "rev-parse", f"{ref or 'HEAD'}^{{commit}}"], capture_output=True, text=True
+    )
     return done.stdout.strip() or None
 
 
@@ -304,26 +347,37 @@ def size_mb(folder: Path) -> float:
 
 def instructions(bundle: Path) -> str:
     relative = os.path.relpath(bundle, REPO)
-    return "\n".join([
-        f"GPU bundle ready: {relative}/ ({size_mb(bundle):.1f} MiB), ignored by git.",
-        "On the GPU machine, from the checkout's root, with this folder beside the code:",
-        f"    folders it needs there: {relative}/ (the workplace's device tool: carry=[\"{relative}\"])",
-        f"    command:                {DEVICE_COMMAND}",
-        "It installs the wheels into /tmp/site, runs SD1.5 and SDXL, ours and the reference, eager and",
-        "compiled, under 8 minutes, and writes gpu_bench.json and gpu_bench.md to $OUT (default ./gpu-bench-out).",
-    ])
+    return "\n".join(
+        [
+            f"GPU bundle ready: {relative}/ ({size_mb(bundle):.1f} MiB), ignored by git.",
+            "On the GPU machine, from the checkout's root, with this folder beside the code:",
+            f'    folders it needs there: {relative}/ (the workplace\'s device tool: carry=["{relative}"])',
+            f"    command:                {DEVICE_COMMAND}",
+            "It installs the wheels into /tmp/site, runs SD1.5 and SDXL, ours and the reference, eager and",
+            "compiled, under 8 minutes, and writes gpu_bench.json and gpu_bench.md to $OUT (default ./gpu-bench-out).",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--diffusers-src", default=os.environ.get("DIFFUSERS_SRC"),
-                        help="a diffusers source tree or a local git mirror of one (env DIFFUSERS_SRC)")
-    parser.add_argument("--diffusers-ref", default=os.environ.get("DIFFUSERS_REF") or None,
-                        help="the tag or commit to read from a git mirror (env DIFFUSERS_REF; default HEAD)")
+    parser.add_argument(
+        "--diffusers-src",
+        default=os.environ.get("DIFFUSERS_SRC"),
+        help="a diffusers source tree or a local git mirror of one (env DIFFUSERS_SRC)",
+    )
+    parser.add_argument(
+        "--diffusers-ref",
+        default=os.environ.get("DIFFUSERS_REF") or None,
+        help="the tag or commit to read from a git mirror (env DIFFUSERS_REF; default HEAD)",
+    )
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--no-wheels", action="store_true", help="reuse the wheels already in the bundle")
-    parser.add_argument("--local-reference-deps", action="store_true",
-                        help=f"only install the reference's packages for this Python into {LOCAL_DEPS_DIR}")
+    parser.add_argument(
+        "--local-reference-deps",
+        action="store_true",
+        help=f"only install the reference's packages for this Python into {LOCAL_DEPS_DIR}",
+    )
     args = parser.parse_args(argv)
     if args.local_reference_deps:
         print(install_local_reference_deps())

@@ -94,9 +94,22 @@ def build_images() -> None:
     step("base images (base-image.sh: debootstrap + docker import; kept if present)")
     sh("bash", "deploy/test/base-image.sh", env={**os.environ, "PY": sys.executable})
     step(f"project image {IMAGE} (deploy/Dockerfile, EXTRAS=deploy,train, BASE_IMAGE=lora-pipeline-base:bookworm)")
-    sh("docker", "build", "-q", "--network", "host", "-f", "deploy/Dockerfile",
-       "--build-arg", "BASE_IMAGE=lora-pipeline-base:bookworm", "--build-arg", "EXTRAS=deploy,train",
-       "-t", IMAGE, ".")
+    sh(
+        "docker",
+        "build",
+        "-q",
+        "--network",
+        "host",
+        "-f",
+        "deploy/Dockerfile",
+        "--build-arg",
+        "BASE_IMAGE=lora-pipeline-base:bookworm",
+        "--build-arg",
+        "EXTRAS=deploy,train",
+        "-t",
+        IMAGE,
+        ".",
+    )
 
 
 def graphql(url: str, query: str, **variables) -> dict:
@@ -128,8 +141,11 @@ def launch_chain(url: str) -> str:
     while True:  # the code server may still be loading the location
         try:
             return client.submit_job_execution(
-                "__ASSET_JOB", repository_location_name="lora_pipeline", repository_name="__repository__",
-                run_config=RUN_CONFIG, tags={"dagster/partition": STYLE},
+                "__ASSET_JOB",
+                repository_location_name="lora_pipeline",
+                repository_name="__repository__",
+                run_config=RUN_CONFIG,
+                tags={"dagster/partition": STYLE},
                 asset_selection=[dg.AssetKey(a) for a in CHAIN],
             )
         except Exception as exc:  # noqa: BLE001 - retried until the deadline, then shown
@@ -163,18 +179,37 @@ def check(condition: bool, text: str) -> None:
 
 def run_chain(url: str) -> None:
     step(f"ingest the bundled sample into the S3 store as {STYLE}")
-    compose("exec", "-T", "webserver", "lora-pipeline", "dataset", "add", STYLE,
-            "/app/lora_pipeline/sample_data/sample_style", "--trigger-word", "geoshapes style")
+    compose(
+        "exec",
+        "-T",
+        "webserver",
+        "lora-pipeline",
+        "dataset",
+        "add",
+        STYLE,
+        "/app/lora_pipeline/sample_data/sample_style",
+        "--trigger-word",
+        "geoshapes style",
+    )
     step("lora-pipeline deploy init again: the style's partition from the store")
     compose("run", "--rm", "init")
     step("launch training_dataset, trained_lora, lora_registry for sample_style through GraphQL")
     run_id = launch_chain(url)
     run = wait_for_run(url, run_id)
     materialized = sorted({"/".join(m["assetKey"]["path"]) for m in run["assetMaterializations"]})
-    containers = sh("docker", "ps", "-a", "--filter", f"label=dagster/run_id={run_id}",
-                    "--format", "{{.Names}} {{.Image}} {{.Status}}", capture=True).strip()
-    registry = json.loads(compose("exec", "-T", "webserver", "lora-pipeline", "registry", "show", STYLE,
-                                  "--json", capture=True))
+    containers = sh(
+        "docker",
+        "ps",
+        "-a",
+        "--filter",
+        f"label=dagster/run_id={run_id}",
+        "--format",
+        "{{.Names}} {{.Image}} {{.Status}}",
+        capture=True,
+    ).strip()
+    registry = json.loads(
+        compose("exec", "-T", "webserver", "lora-pipeline", "registry", "show", STYLE, "--json", capture=True)
+    )
     versions = registry.get("versions", [])
     step("checks")
     if run["status"] != "SUCCESS":
@@ -182,9 +217,10 @@ def run_chain(url: str) -> None:
     check(run["status"] == "SUCCESS", f"the run succeeded ({run['status']})")
     check(materialized == sorted(CHAIN), f"it materialized {', '.join(materialized)}")
     check(bool(containers) and IMAGE in containers, f"DockerRunLauncher ran it in its own container: {containers}")
-    check(len(versions) == 1 and versions[0].get("status") == "completed",
-          f"the registry (in S3) holds one completed version: "
-          f"{[(v.get('name'), v.get('status')) for v in versions]}")
+    check(
+        len(versions) == 1 and versions[0].get("status") == "completed",
+        f"the registry (in S3) holds one completed version: {[(v.get('name'), v.get('status')) for v in versions]}",
+    )
     files = versions[0].get("files") or {}
     check({"kohya", "diffusers"} <= set(files), f"with both files: {sorted(files)}")
     settle_the_webhook(url)
@@ -206,11 +242,17 @@ def settle_the_webhook(url: str, timeout_s: float = 240) -> None:
             break
         time.sleep(10)
     runs = graphql(url, RUNS_QUERY)["runsOrError"]["results"]
-    registry = json.loads(compose("exec", "-T", "webserver", "lora-pipeline", "registry", "show", STYLE,
-                                  "--json", capture=True))
-    check((waiting, unfinished) == (0, 0), f"inbox empty and no unfinished job (waiting {waiting}, unfinished {unfinished})")
-    check(all(r["status"] == "SUCCESS" for r in runs),
-          f"every run succeeded: {sorted((r['jobName'], r['status']) for r in runs)}")
+    registry = json.loads(
+        compose("exec", "-T", "webserver", "lora-pipeline", "registry", "show", STYLE, "--json", capture=True)
+    )
+    check(
+        (waiting, unfinished) == (0, 0),
+        f"inbox empty and no unfinished job (waiting {waiting}, unfinished {unfinished})",
+    )
+    check(
+        all(r["status"] == "SUCCESS" for r in runs),
+        f"every run succeeded: {sorted((r['jobName'], r['status']) for r in runs)}",
+    )
     check(len(registry.get("versions", [])) == 1, "still one version")
 
 
@@ -224,10 +266,15 @@ def teardown() -> None:
 
 
 def main() -> int:
-    if shutil.which("docker-compose") is None or subprocess.run(
-            ["docker", "info"], capture_output=True, check=False).returncode != 0:
-        print("make deploy-test needs a running Docker engine and docker-compose "
-              "(here: dockerd --bridge=none --iptables=false)", file=sys.stderr)
+    if (
+        shutil.which("docker-compose") is None
+        or subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0
+    ):
+        print(
+            "make deploy-test needs a running Docker engine and docker-compose "
+            "(here: dockerd --bridge=none --iptables=false)",
+            file=sys.stderr,
+        )
         return 2
     WORK.mkdir(exist_ok=True)
     ui_port, webhook_port = free_port(), free_port()

@@ -120,10 +120,7 @@ class ExecutionPolicy:
         if max_train_steps < 1:
             raise ValueError(f"max_train_steps must be at least 1, got {max_train_steps}")
         if seconds_per_step <= 0 or setup_s < 0 or safety_factor < 1 or queue_allowance_s < 0:
-            raise ValueError(
-                "seconds_per_step must be > 0, setup_s and queue_allowance_s >= 0, "
-                "safety_factor >= 1"
-            )
+            raise ValueError("seconds_per_step must be > 0, setup_s and queue_allowance_s >= 0, safety_factor >= 1")
         execution_s = (setup_s + max_train_steps * seconds_per_step) * safety_factor
         execution_ms = int(min(max(execution_s * 1000, MIN_EXECUTION_TIMEOUT_MS), MAX_POLICY_MS))
         ttl_ms = int(min(execution_ms + queue_allowance_s * 1000, MAX_POLICY_MS))
@@ -138,9 +135,7 @@ class ExecutionPolicy:
 class TrainingBackend(Protocol):
     """Where training jobs run: RunPod Serverless, or this machine."""
 
-    def submit(
-        self, request: TrainingRequest, *, webhook_url: str | None, policy: ExecutionPolicy
-    ) -> str:
+    def submit(self, request: TrainingRequest, *, webhook_url: str | None, policy: ExecutionPolicy) -> str:
         """Queue a training job; return its id exactly as the backend returned it."""
         ...
 

@@ -238,9 +238,7 @@ class LocalBackend:
             else "the local worker process was never started"
         )
         # Re-read under the lock: the runner may have finished since we looked.
-        state, failed = self.jobs.finish(
-            job_id, status="FAILED", error=f"{reason} (log: {self.jobs.log_path(job_id)})"
-        )
+        state, failed = self.jobs.finish(job_id, status="FAILED", error=f"{reason} (log: {self.jobs.log_path(job_id)})")
         if failed:
             # As RunPod would: a failed job's webhook. Best effort; polling is the backstop.
             try:

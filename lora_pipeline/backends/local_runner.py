@@ -127,9 +127,7 @@ def run_job(
 
 
 def _time_out(jobs: JobStateDir, job_id: str, timeout_ms: int) -> None:
-    _, timed_out = jobs.finish(
-        job_id, status="TIMED_OUT", error=f"execution timeout of {timeout_ms} ms exceeded"
-    )
+    _, timed_out = jobs.finish(job_id, status="TIMED_OUT", error=f"execution timeout of {timeout_ms} ms exceeded")
     if timed_out:
         os._exit(124)
 

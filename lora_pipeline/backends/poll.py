@@ -146,9 +146,7 @@ def _gather_answers(
     return pending
 
 
-def _file_answer(
-    result: PollResult, job_id: str, future: Future[JobStatus | None], stop: threading.Event
-) -> None:
+def _file_answer(result: PollResult, job_id: str, future: Future[JobStatus | None], stop: threading.Event) -> None:
     """Put one finished lookup into exactly one group of ``result``.
 
     Rate limiting and an unavailable backend are the API's state, not the job's:

@@ -197,7 +197,8 @@ class RunPodClient:
         if policy is not None:
             body["policy"] = policy.to_api()
         return _status_body(
-            self._call("POST", "/runsync", json=body, timeout=timeout_s, idempotent=False), "POST /runsync",
+            self._call("POST", "/runsync", json=body, timeout=timeout_s, idempotent=False),
+            "POST /runsync",
             accepted=True,
         )
 
@@ -342,9 +343,7 @@ def _status_body(payload: dict[str, Any], what: str, *, accepted: bool = False) 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
-def _transport_failure(
-    exc: httpx.TransportError, *, what: str, idempotent: bool
-) -> _Transient | SubmitOutcomeUnknown:
+def _transport_failure(exc: httpx.TransportError, *, what: str, idempotent: bool) -> _Transient | SubmitOutcomeUnknown:
     """A request that got no answer: repeatable, unless it may have reached RunPod and is not idempotent.
 
     Only a failure to connect (``_NOT_SENT``) proves RunPod saw nothing; a read

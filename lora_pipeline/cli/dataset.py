@@ -56,12 +56,36 @@ def dataset() -> None:
 @dataset.command("add")
 @click.argument("style")
 @click.argument("source")
-@click.option("--trigger-word", help="Caption for images without one (default: the style name); recorded in the manifest.")
-@click.option("--min-side", type=click.IntRange(min=1), default=IngestOptions.min_side, show_default=True, help="Reject images whose shortest side is smaller (px).")
-@click.option("--missing-captions", type=click.Choice(["fill", "reject"]), default="fill", show_default=True, help="Fill missing/empty captions with the trigger word, or reject those images.")
+@click.option(
+    "--trigger-word", help="Caption for images without one (default: the style name); recorded in the manifest."
+)
+@click.option(
+    "--min-side",
+    type=click.IntRange(min=1),
+    default=IngestOptions.min_side,
+    show_default=True,
+    help="Reject images whose shortest side is smaller (px).",
+)
+@click.option(
+    "--missing-captions",
+    type=click.Choice(["fill", "reject"]),
+    default="fill",
+    show_default=True,
+    help="Fill missing/empty captions with the trigger word, or reject those images.",
+)
 @click.option("--prepend-trigger-word", is_flag=True, help="Put the trigger word in front of captions that lack it.")
-@click.option("--strict-encoding", is_flag=True, help="Reject captions that are not UTF-8/UTF-16 instead of reading them as cp1252.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=IngestOptions.upload_concurrency, show_default=True, help="Uploads in flight.")
+@click.option(
+    "--strict-encoding",
+    is_flag=True,
+    help="Reject captions that are not UTF-8/UTF-16 instead of reading them as cp1252.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=IngestOptions.upload_concurrency,
+    show_default=True,
+    help="Uploads in flight.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the ingest report as JSON.")
 def add(
     style: str,
@@ -129,8 +153,13 @@ def list_command(as_json: bool) -> None:
         pointer, _ = read_pointer(store, style)
         if pointer is not None:
             rows.append(
-                {"style": style, "datasetHash": pointer.dataset_hash, "images": pointer.image_count,
-                 "updatedAt": pointer.updated_at, "versions": len(pointer.history)}
+                {
+                    "style": style,
+                    "datasetHash": pointer.dataset_hash,
+                    "images": pointer.image_count,
+                    "updatedAt": pointer.updated_at,
+                    "versions": len(pointer.history),
+                }
             )
     if as_json:
         click.echo(json.dumps(rows, indent=2))

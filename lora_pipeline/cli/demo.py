@@ -8,7 +8,9 @@ import click
 
 
 @click.command()
-@click.option("--style", default="sample_style", show_default=True, help="Style to train (the bundled sample by default).")
+@click.option(
+    "--style", default="sample_style", show_default=True, help="Style to train (the bundled sample by default)."
+)
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds to wait for training.")
 def demo(style: str, timeout_s: float) -> None:
     """Materialize the sample dataset, train it, let the sensors notice completion,

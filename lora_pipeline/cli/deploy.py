@@ -13,8 +13,12 @@ def deploy() -> None:
 
 
 @deploy.command()
-@click.option("--gpu-pool-limit", type=click.IntRange(1, 10_000), default=None,
-              help="Slots of the runpod_gpu pool (GPU jobs in flight) [default: LORA_GPU_POOL_LIMIT or 2].")
+@click.option(
+    "--gpu-pool-limit",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    help="Slots of the runpod_gpu pool (GPU jobs in flight) [default: LORA_GPU_POOL_LIMIT or 2].",
+)
 def init(gpu_pool_limit: int | None) -> None:
     """Prepare the instance in DAGSTER_HOME before the deployment serves; safe to re-run.
 
@@ -46,13 +50,23 @@ def _deployment(root: str, pg_port: int, code_port: int, web_port: int, host: st
     from lora_pipeline.deploy.local import LocalDeployment
     from lora_pipeline.settings import get_settings
 
-    return LocalDeployment(Path(root).resolve(), pg_port=pg_port, code_port=code_port, web_port=web_port,
-                           host=host, gpu_pool_limit=get_settings().gpu_pool_limit)
+    return LocalDeployment(
+        Path(root).resolve(),
+        pg_port=pg_port,
+        code_port=code_port,
+        web_port=web_port,
+        host=host,
+        gpu_pool_limit=get_settings().gpu_pool_limit,
+    )
 
 
 _options = [
-    click.option("--root", default=".dagster_prod", show_default=True,
-                 help="Postgres data, DAGSTER_HOME, logs and process-group ids."),
+    click.option(
+        "--root",
+        default=".dagster_prod",
+        show_default=True,
+        help="Postgres data, DAGSTER_HOME, logs and process-group ids.",
+    ),
     click.option("--pg-port", default=5433, show_default=True),
     click.option("--code-port", default=4266, show_default=True),
     click.option("--port", "web_port", default=3000, show_default=True),
@@ -77,8 +91,10 @@ def up(root, pg_port, code_port, web_port, host) -> None:
         deployment.up()
     except DeploymentError as exc:
         raise click.ClickException(f"{exc}\n(logs: {deployment.root / 'logs'}; stop: make prod-stop)") from None
-    click.echo(f"Dagster UI on {deployment.url} (Postgres on 127.0.0.1:{pg_port}, code server on :{code_port}); "
-               f"logs in {deployment.root / 'logs'}; stop with `make prod-stop`")
+    click.echo(
+        f"Dagster UI on {deployment.url} (Postgres on 127.0.0.1:{pg_port}, code server on :{code_port}); "
+        f"logs in {deployment.root / 'logs'}; stop with `make prod-stop`"
+    )
 
 
 @local.command()

@@ -58,10 +58,12 @@ def list_styles(as_json: bool) -> None:
     except (StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        _echo_json({
-            s: {"latestVersion": v.latest_version, "statuses": v.statuses, "unfinishedJobs": len(v.unfinished)}
-            for s, v in summaries.items()
-        })
+        _echo_json(
+            {
+                s: {"latestVersion": v.latest_version, "statuses": v.statuses, "unfinishedJobs": len(v.unfinished)}
+                for s, v in summaries.items()
+            }
+        )
         return
     if not summaries:
         click.echo("no styles in the registry")
@@ -72,8 +74,13 @@ def list_styles(as_json: bool) -> None:
 
 @registry.command()
 @click.argument("style", callback=_style)
-@click.option("--json", "as_json", is_flag=True, help="The document as JSON with duplicates folded, as the registry reads it "
-              "(not byte for byte the stored training_versions.json).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="The document as JSON with duplicates folded, as the registry reads it "
+    "(not byte for byte the stored training_versions.json).",
+)
 def show(style: str, as_json: bool) -> None:
     """One style's versions: status, job id, URL, error."""
     from lora_pipeline.registry_store.documents import RegistryStore
@@ -101,8 +108,10 @@ def show(style: str, as_json: bool) -> None:
             click.echo(f"\t{layout}\t{f.key}\t{f.size} bytes\t{f.url or '-'}")
 
 
-_FORMAT_HELP = ("kohya: ComfyUI, AUTOMATIC1111/Forge, kohya's tools; diffusers: load_lora_weights. "
-                "Default: LORA_PRIMARY_FORMAT (kohya).")
+_FORMAT_HELP = (
+    "kohya: ComfyUI, AUTOMATIC1111/Forge, kohya's tools; diffusers: load_lora_weights. "
+    "Default: LORA_PRIMARY_FORMAT (kohya)."
+)
 
 
 def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout: str | None):
@@ -155,8 +164,13 @@ def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout:
 @click.argument("style", callback=_style)
 @click.argument("version", required=False)
 @click.option("--format", "layout", type=click.Choice(["kohya", "diffusers"]), default=None, help=_FORMAT_HELP)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="File to write, or an existing directory; default: the file's own name here.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File to write, or an existing directory; default: the file's own name here.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: path, layout, size, checksums.")
 def download(style: str, version: str | None, layout: str | None, output: Path | None, as_json: bool) -> None:
     """Download a version's LoRA file (default: the latest completed one) in the layout your tool
@@ -174,29 +188,44 @@ def download(style: str, version: str | None, layout: str | None, output: Path |
         header, tensors_sha, file_sha = verify_local_file(partial)
         for source, expected in (("the registry", f.checksum), ("the file's header", header.checksum)):
             if expected and expected != tensors_sha:
-                raise InvalidLoraFile(f"checksum mismatch: its tensor data hashes to {tensors_sha}, "
-                                      f"{source} says {expected}")
+                raise InvalidLoraFile(
+                    f"checksum mismatch: its tensor data hashes to {tensors_sha}, {source} says {expected}"
+                )
     except (InvalidLoraFile, StorageError, OSError) as exc:
         partial.unlink(missing_ok=True)
         raise click.ClickException(f"{f.key}: download failed: {exc}") from None
     partial.replace(target)
-    result = {"style": style, "version": chosen_version.name, "layout": f.layout, "key": f.key, "path": str(target),
-              "size": target.stat().st_size, "tensorsSha256": tensors_sha, "sha256": file_sha,
-              "verified": bool(f.checksum or header.checksum)}
+    result = {
+        "style": style,
+        "version": chosen_version.name,
+        "layout": f.layout,
+        "key": f.key,
+        "path": str(target),
+        "size": target.stat().st_size,
+        "tensorsSha256": tensors_sha,
+        "sha256": file_sha,
+        "verified": bool(f.checksum or header.checksum),
+    }
     if as_json:
         _echo_json(result)
         return
     check = "checksum verified" if result["verified"] else "no checksum recorded to verify"
-    click.echo(f"{target}\t{style} {chosen_version.name} {f.layout}\t{result['size']} bytes\t{check}\t"
-               f"sha256 {file_sha}")
+    click.echo(
+        f"{target}\t{style} {chosen_version.name} {f.layout}\t{result['size']} bytes\t{check}\tsha256 {file_sha}"
+    )
 
 
 @registry.command()
 @click.argument("style", callback=_style)
 @click.argument("version", required=False)
 @click.option("--format", "layout", type=click.Choice(["kohya", "diffusers"]), default=None, help=_FORMAT_HELP)
-@click.option("--expires", type=click.IntRange(min=1, max=7 * 24 * 3600), default=3600, show_default=True,
-              help="Seconds the URL stays valid.")
+@click.option(
+    "--expires",
+    type=click.IntRange(min=1, max=7 * 24 * 3600),
+    default=3600,
+    show_default=True,
+    help="Seconds the URL stays valid.",
+)
 def url(style: str, version: str | None, layout: str | None, expires: int) -> None:
     """Print a presigned (temporary) download URL of a version's LoRA file (default: the latest
     completed one) in the layout your tool loads. Never stored in the registry."""
@@ -211,14 +240,27 @@ def url(style: str, version: str | None, layout: str | None, expires: int) -> No
 @registry.command()
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with changed_versions and details.")
-@click.option("--max-job-age-hours", type=click.FloatRange(min=0, min_open=True), default=25.0,
-              show_default=True, help="A job RunPod no longer knows is failed only after this age.")
-@click.option("--poll/--no-poll", default=True, show_default=True,
-              help="Poll RunPod for unfinished jobs (when RUNPOD_ENDPOINT_ID is set).")
-@click.option("--housekeeping/--no-housekeeping", default=True, show_default=True,
-              help="Then prune settled jobs' old webhook files, finished versions' checkpoints and idle "
-                   "lock files (LORA_WEBHOOK_RETENTION_DAYS, LORA_CHECKPOINT_RETENTION_DAYS, "
-                   "LORA_LOCK_RETENTION_DAYS), and completed versions beyond LORA_KEEP_VERSIONS.")
+@click.option(
+    "--max-job-age-hours",
+    type=click.FloatRange(min=0, min_open=True),
+    default=25.0,
+    show_default=True,
+    help="A job RunPod no longer knows is failed only after this age.",
+)
+@click.option(
+    "--poll/--no-poll",
+    default=True,
+    show_default=True,
+    help="Poll RunPod for unfinished jobs (when RUNPOD_ENDPOINT_ID is set).",
+)
+@click.option(
+    "--housekeeping/--no-housekeeping",
+    default=True,
+    show_default=True,
+    help="Then prune settled jobs' old webhook files, finished versions' checkpoints and idle "
+    "lock files (LORA_WEBHOOK_RETENTION_DAYS, LORA_CHECKPOINT_RETENTION_DAYS, "
+    "LORA_LOCK_RETENTION_DAYS), and completed versions beyond LORA_KEEP_VERSIONS.",
+)
 def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool, housekeeping: bool) -> None:
     """Bring the registry in line with the store's LoRA files, the webhook inbox and RunPod."""
     from lora_pipeline.lifecycle.housekeeping import Retention, housekeep
@@ -233,8 +275,9 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
 
         status_lookup = RunPodClient.from_settings(settings).status
     try:
-        report = run_reconcile(store, status_lookup=status_lookup, dry_run=dry_run,
-                               max_job_age=timedelta(hours=max_job_age_hours))
+        report = run_reconcile(
+            store, status_lookup=status_lookup, dry_run=dry_run, max_job_age=timedelta(hours=max_job_age_hours)
+        )
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
     pruned = housekeep(store, retention=retention, dry_run=dry_run) if retention is not None else None
@@ -247,14 +290,21 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
         except StorageError as exc:
             raise click.ClickException(str(exc)) from None
     if as_json:
-        _echo_json({**report.to_dict(), **({"housekeeping": pruned.to_dict()} if pruned else {}),
-                    **({"versionRetention": kept.to_dict()} if kept else {})})
+        _echo_json(
+            {
+                **report.to_dict(),
+                **({"housekeeping": pruned.to_dict()} if pruned else {}),
+                **({"versionRetention": kept.to_dict()} if kept else {}),
+            }
+        )
         return
     verb = "would change" if dry_run else "changed"
     click.echo(f"{verb} {report.changed_versions} version(s) in {len({c.style for c in report.changes})} style(s)")
     for row in report.rows():
-        click.echo(f"  {row['style']} {row['version']}: {row['change']} "
-                   f"({row['status_before'] or 'new'} → {row['status_after']}) {row['fields']}")
+        click.echo(
+            f"  {row['style']} {row['version']}: {row['change']} "
+            f"({row['status_before'] or 'new'} → {row['status_after']}) {row['fields']}"
+        )
     for problem in report.problems:
         click.echo(f"  problem: {problem}", err=True)
     if pruned is not None:
@@ -328,8 +378,9 @@ def rollback(style: str, alias: str, reason: str | None, by: str | None, as_json
     _move(style, alias, "rollback", None, reason, by, as_json)
 
 
-def _move(style: str, alias: str, action: AliasAction, version: str | None, reason: str | None, by: str | None,
-          as_json: bool) -> None:
+def _move(
+    style: str, alias: str, action: AliasAction, version: str | None, reason: str | None, by: str | None, as_json: bool
+) -> None:
     from lora_pipeline.lifecycle.versions import Refused, move_alias
 
     try:
@@ -337,8 +388,15 @@ def _move(style: str, alias: str, action: AliasAction, version: str | None, reas
     except (Refused, StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        _echo_json({"style": style, "alias": result.alias, "version": result.version, "previous": result.previous,
-                    "moved": result.moved})
+        _echo_json(
+            {
+                "style": style,
+                "alias": result.alias,
+                "version": result.version,
+                "previous": result.previous,
+                "moved": result.moved,
+            }
+        )
     elif not result.moved:
         click.echo(f"{style} {alias} already points at {result.version}; nothing changed")
     else:
@@ -359,8 +417,9 @@ def aliases(style: str, as_json: bool) -> None:
     if etag is None:
         raise click.ClickException(f"style {style!r} has no registry document")
     if as_json:
-        _echo_json({"style": style, "aliases": document.aliases,
-                    "history": [e.to_dict() for e in document.alias_history]})
+        _echo_json(
+            {"style": style, "aliases": document.aliases, "history": [e.to_dict() for e in document.alias_history]}
+        )
         return
     if not document.alias_history:
         click.echo(f"{style} has no aliases")
@@ -368,8 +427,10 @@ def aliases(style: str, as_json: bool) -> None:
         click.echo(f"{alias}\t{name}")
     for e in document.alias_history:
         when = datetime.fromtimestamp(e.at / 1000, UTC).isoformat(timespec="seconds")
-        click.echo(f"  #{e.seq}\t{when}\t{e.alias}\t{e.action}\t{e.previous or '(new)'} → {e.version}\tby {e.by}"
-                   + (f"\t{e.reason}" if e.reason else ""))
+        click.echo(
+            f"  #{e.seq}\t{when}\t{e.alias}\t{e.action}\t{e.previous or '(new)'} → {e.version}\tby {e.by}"
+            + (f"\t{e.reason}" if e.reason else "")
+        )
 
 
 @registry.command()
@@ -389,8 +450,15 @@ def delete(style: str, version: str, reason: str | None, by: str | None, dry_run
     except (Refused, StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        _echo_json({"style": style, "version": result.version, "removed": result.removed, "dryRun": dry_run,
-                    "alreadyDeleted": result.already_deleted})
+        _echo_json(
+            {
+                "style": style,
+                "version": result.version,
+                "removed": result.removed,
+                "dryRun": dry_run,
+                "alreadyDeleted": result.already_deleted,
+            }
+        )
         return
     verb = "would delete" if dry_run else "deleted"
     state = " (already deleted: leftover files)" if result.already_deleted else ""

@@ -126,9 +126,7 @@ class JobStatus(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
-def job_report_from_status(
-    status: JobStatus, at: datetime, source: Literal["poll", "webhook"] = "poll"
-) -> JobReport:
+def job_report_from_status(status: JobStatus, at: datetime, source: Literal["poll", "webhook"] = "poll") -> JobReport:
     """Evidence of what RunPod said about a job at ``at``.
 
     A handler's ``{"error": …}`` inside a COMPLETED output is surfaced as the
@@ -210,11 +208,19 @@ def progress_of(status: JobStatus) -> TrainingProgress | None:
     )
 
 
-def progress_report(status: JobStatus, progress: TrainingProgress, seen_at: datetime,
-                    stalled: str | None = None) -> JobProgressReport:
+def progress_report(
+    status: JobStatus, progress: TrainingProgress, seen_at: datetime, stalled: str | None = None
+) -> JobProgressReport:
     """Registry evidence of a progress update: its time is the worker's (else ``seen_at``)."""
-    return JobProgressReport(job_id=status.id, at=progress.at or seen_at, step=progress.step, total=progress.total,
-                             loss=progress.loss, phase=progress.phase, stalled=stalled)
+    return JobProgressReport(
+        job_id=status.id,
+        at=progress.at or seen_at,
+        step=progress.step,
+        total=progress.total,
+        loss=progress.loss,
+        phase=progress.phase,
+        stalled=stalled,
+    )
 
 
 def _count(job_id: str, output: dict[str, Any], name: str, *, minimum: int) -> int | None:

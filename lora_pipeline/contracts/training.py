@@ -36,15 +36,15 @@ class TrainingParams(BaseModel):
     lr_warmup_steps: int = Field(0, ge=0)
     max_train_steps: int = Field(1000, ge=1, le=1_000_000)
     num_train_epochs: int | None = Field(
-        None, ge=1, le=100_000,
+        None,
+        ge=1,
+        le=100_000,
         description="Train for this many passes over the dataset instead of max_train_steps.",
     )
     train_batch_size: int = Field(1, ge=1, le=256)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     resolution: int = Field(512, ge=8, le=4096)
-    enable_bucketing: bool = Field(
-        True, description="Group images into aspect-ratio buckets instead of square crops."
-    )
+    enable_bucketing: bool = Field(True, description="Group images into aspect-ratio buckets instead of square crops.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 = off.")
     seed: int = Field(0, ge=0)
     mixed_precision: MixedPrecision = "no"
@@ -88,8 +88,9 @@ class TrainingRequest(BaseModel):
     )
     params: TrainingParams = Field(default_factory=TrainingParams)
     storage_url: str | None = Field(
-        None, description="Object store to read the dataset from and write the LoRA to; "
-        "defaults to the worker's LORA_STORAGE_URL."
+        None,
+        description="Object store to read the dataset from and write the LoRA to; "
+        "defaults to the worker's LORA_STORAGE_URL.",
     )
     request_id: str = Field(description="Our id for the submission (idempotency, provenance).")
 
@@ -107,8 +108,9 @@ class TrainingResult(BaseModel):
     lora_key: str
     dataset_hash: str
     request_id: str | None = Field(
-        None, description="The request this job ran: lets the registry attach a job whose id it never "
-        "learned (an ambiguous /run) to the version that request reserved."
+        None,
+        description="The request this job ran: lets the registry attach a job whose id it never "
+        "learned (an ambiguous /run) to the version that request reserved.",
     )
     steps: int
     final_loss: float | None = None

@@ -75,7 +75,9 @@ def build_caption_index(
     for name, data in sorted(sidecar_files.items()):
         try:
             caption = decode_caption(data, allow_legacy_encodings=allow_legacy_encodings, name=name)
-            index.sidecars[stem_key(name)] = Caption(caption.text, "sidecar", caption.note and f"{name}: {caption.note}")
+            index.sidecars[stem_key(name)] = Caption(
+                caption.text, "sidecar", caption.note and f"{name}: {caption.note}"
+            )
         except CaptionError as exc:
             index.sidecars[stem_key(name)] = exc
     for name, data in sorted(metadata_files.items()):
@@ -145,7 +147,9 @@ def _add_row(record: dict[str, Any], where: str, rows: dict[str, str], problems:
         return
     file_name = file_name.strip().replace("\\", "/").removeprefix("./")
     if caption is None:
-        problems.append(Refusal(where, f"no caption column ({'/'.join(CAPTION_COLUMNS)}) for {file_name!r}; row ignored"))
+        problems.append(
+            Refusal(where, f"no caption column ({'/'.join(CAPTION_COLUMNS)}) for {file_name!r}; row ignored")
+        )
         return
     if file_name in rows:
         problems.append(Refusal(where, f"second row for {file_name!r}; the first one is used"))

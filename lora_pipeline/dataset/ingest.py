@@ -220,17 +220,13 @@ class IngestReport:
             "thumbnails": dg.MetadataValue.md(self.thumbnails_markdown()),
             "rejected_files": dg.MetadataValue.table(
                 records=[dg.TableRecord(row) for row in self.rejected_rows()],
-                schema=dg.TableSchema(
-                    columns=[dg.TableColumn("file", "string"), dg.TableColumn("reason", "string")]
-                ),
+                schema=dg.TableSchema(columns=[dg.TableColumn("file", "string"), dg.TableColumn("reason", "string")]),
             ),
             "source": dg.MetadataValue.text(self.source),
             "location": dg.MetadataValue.text(self.location),
         }
         if self.notes:
-            metadata["notes"] = dg.MetadataValue.md(
-                "\n".join(f"- `{n.source}`: {n.message}" for n in self.notes[:200])
-            )
+            metadata["notes"] = dg.MetadataValue.md("\n".join(f"- `{n.source}`: {n.message}" for n in self.notes[:200]))
         return metadata
 
     def to_dict(self) -> dict[str, Any]:
@@ -628,7 +624,9 @@ def _store_version(
     )
     transfer.raise_for_failures()
     try:
-        store.put(dataset_manifest_key(style, digest), manifest.to_json(), if_none_match=True, content_type="application/json")
+        store.put(
+            dataset_manifest_key(style, digest), manifest.to_json(), if_none_match=True, content_type="application/json"
+        )
         new = True
     except PreconditionFailed:
         manifest, new = read_manifest(store, style, digest), False  # a concurrent ingest of the same data won
@@ -644,7 +642,9 @@ def _nothing_accepted(description: str, rejected: list[RejectedFile], shown: int
     return f"no usable images in {description} ({files} rejected: {reasons}{more})"
 
 
-def _report(style: str, source: str, checked: _Checked, *, manifest: DatasetManifest | None, started: float) -> IngestReport:
+def _report(
+    style: str, source: str, checked: _Checked, *, manifest: DatasetManifest | None, started: float
+) -> IngestReport:
     return IngestReport(
         style=style,
         source=source,

@@ -203,10 +203,21 @@ def recheck_known(
     checked = _size_and_name(name, real_format, width, height, limits)
     if isinstance(checked, Rejection):
         return checked
-    return ImageFacts(sha256=sha256, size=size, format=real_format, extension=extension, width=width, height=height, mode="", note=checked[1])
+    return ImageFacts(
+        sha256=sha256,
+        size=size,
+        format=real_format,
+        extension=extension,
+        width=width,
+        height=height,
+        mode="",
+        note=checked[1],
+    )
 
 
-def _size_and_name(name: str, real_format: str, width: int, height: int, limits: ImageLimits) -> tuple[str, str | None] | Rejection:
+def _size_and_name(
+    name: str, real_format: str, width: int, height: int, limits: ImageLimits
+) -> tuple[str, str | None] | Rejection:
     """The shortest-side rule, and the stored extension with a note when the name lies."""
     if min(width, height) < limits.min_side:
         return Rejection(
@@ -306,9 +317,7 @@ def _decode_text(data: bytes, *, allow_legacy_encodings: bool, name: str) -> tup
     except UnicodeDecodeError as exc:
         problem = f"byte 0x{data[exc.start]:02x} at offset {exc.start}"
         if not allow_legacy_encodings:
-            raise CaptionError(
-                f"{name} is not valid UTF-8 ({problem}); save it as UTF-8"
-            ) from None
+            raise CaptionError(f"{name} is not valid UTF-8 ({problem}); save it as UTF-8") from None
     for legacy in ("cp1252", "latin-1"):
         try:
             return data.decode(legacy), f"not valid UTF-8 ({problem}); decoded as {legacy}"
@@ -321,7 +330,9 @@ def _strict(data: bytes, encoding: str, name: str) -> str:
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise CaptionError(f"{name} starts with a {encoding} byte-order mark but is not valid {encoding} ({exc.reason})") from None
+        raise CaptionError(
+            f"{name} starts with a {encoding} byte-order mark but is not valid {encoding} ({exc.reason})"
+        ) from None
 
 
 # -- helpers --------------------------------------------------------------------

@@ -96,7 +96,9 @@ class _Outcome(TypedDict, total=False):
     changed: bool
 
 
-def set_current(store: ObjectStore, manifest: DatasetManifest, *, now: datetime | None = None) -> tuple[bool, str | None]:
+def set_current(
+    store: ObjectStore, manifest: DatasetManifest, *, now: datetime | None = None
+) -> tuple[bool, str | None]:
     """Make ``manifest`` the style's current version; returns (changed, previous hash).
 
     Setting the version that is already current writes nothing, so re-ingesting

@@ -9,7 +9,6 @@ materialization per version. Each tick does bounded work and keeps a
 cursor, as Dagster advises, rather than asking for a longer tick timeout.
 """
 
-
 import hashlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -284,17 +283,22 @@ def runpod_job_sensor(
     backend = training_backend.get_backend(store)
     batch, start = _round_robin(sorted(unfinished), context.cursor, MAX_POLLS_PER_TICK)
     try:
-        result = poll_jobs(backend, batch, max_workers=POLL_WORKERS, deadline_s=POLL_DEADLINE_S,
-                           max_rate_per_s=POLL_RATE_PER_S)
+        result = poll_jobs(
+            backend, batch, max_workers=POLL_WORKERS, deadline_s=POLL_DEADLINE_S, max_rate_per_s=POLL_RATE_PER_S
+        )
     except RunPodUnavailable as exc:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"RunPod unavailable: {exc}"))
     if result.unavailable:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"RunPod unavailable: {result.unavailable_reason}"))
     answered = len(result.statuses) + len(result.not_found) + len(result.errors)
     if not answered:  # stalled (or rate limited): the pass gave up at its deadline, so does the tick
-        return dg.SensorResult(skip_reason=dg.SkipReason(
-            f"RunPod unavailable: no status answered within {POLL_DEADLINE_S:.0f} s "
-            f"({len(batch)} jobs are polled again next tick)"), cursor=context.cursor)
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(
+                f"RunPod unavailable: no status answered within {POLL_DEADLINE_S:.0f} s "
+                f"({len(batch)} jobs are polled again next tick)"
+            ),
+            cursor=context.cursor,
+        )
     cursor = str((start + answered) % len(unfinished))
     _track_progress(context, store, backend, result.statuses, unfinished)
     requests = []
@@ -339,16 +343,23 @@ def _track_progress(
         return
     settings = get_settings()
     try:
-        tick = record_progress(RegistryStore(store), backend, running, now=datetime.now(UTC),
-                               stall_after_s=settings.stall_after_s, cancel_stalled=settings.cancel_stalled)
+        tick = record_progress(
+            RegistryStore(store),
+            backend,
+            running,
+            now=datetime.now(UTC),
+            stall_after_s=settings.stall_after_s,
+            cancel_stalled=settings.cancel_stalled,
+        )
     except StorageError as exc:
         context.log.warning(f"progress of {len(running)} running jobs not recorded this tick: {exc}")
         return
     for line in (*tick.stalled, *tick.problems):
         context.log.warning(line)
     for job_id, answer in tick.cancelled.items():
-        context.log.warning(f"job {job_id}: cancelled as stalled (LORA_CANCEL_STALLED); the backend reports "
-                            f"{answer.status}")
+        context.log.warning(
+            f"job {job_id}: cancelled as stalled (LORA_CANCEL_STALLED); the backend reports {answer.status}"
+        )
     if tick.recorded:
         context.log.info(f"recorded the progress of {len(tick.recorded)} running jobs")
 

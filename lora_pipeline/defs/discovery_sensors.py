@@ -64,7 +64,7 @@ def _incoming_fingerprints(store: ObjectStore) -> dict[str, str]:
     """Per style under incoming/: a fingerprint of its files, so a change re-ingests it."""
     digests: dict[str, hashlib._Hash] = {}
     for info in store.list(INCOMING_PREFIX):
-        name = info.key[len(INCOMING_PREFIX):].split("/", 1)[0]
+        name = info.key[len(INCOMING_PREFIX) :].split("/", 1)[0]
         try:
             validate_style(name)
         except InvalidStyleName:

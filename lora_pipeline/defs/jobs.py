@@ -1,6 +1,5 @@
 """Jobs: train a style's LoRA on the GPU backend, complete finished jobs, reconcile the registry."""
 
-
 import dagster as dg
 from pydantic import Field, ValidationError
 
@@ -66,12 +65,15 @@ def submit_lora_training(
     except SubmissionUnknown as exc:
         raise dg.Failure(description=str(exc), metadata={"version": exc.version.name}) from None
     context.add_output_metadata(
-        {"job_id": submitted.job_id, "version": submitted.version, "reused": submitted.reused,
-         "dataset_hash": submitted.dataset_hash}
+        {
+            "job_id": submitted.job_id,
+            "version": submitted.version,
+            "reused": submitted.reused,
+            "dataset_hash": submitted.dataset_hash,
+        }
     )
     context.log.info(
-        f"{'reused' if submitted.reused else 'submitted'} job {submitted.job_id} "
-        f"→ {style} {submitted.version}"
+        f"{'reused' if submitted.reused else 'submitted'} job {submitted.job_id} → {style} {submitted.version}"
     )
     if config.wait_for_completion and not submitted.reused:
         settings = get_settings()
@@ -99,7 +101,6 @@ def train_lora() -> None:
 complete_training = dg.define_asset_job(
     "complete_training",
     # the two assets and their data checks; the registry's lag and health checks run on their own schedule
-    selection=dg.AssetSelection.assets("trained_lora", "lora_registry")
-    - dg.AssetSelection.checks(*HEALTH_CHECK_KEYS),
+    selection=dg.AssetSelection.assets("trained_lora", "lora_registry") - dg.AssetSelection.checks(*HEALTH_CHECK_KEYS),
     description="Started by the completion sensors: verify a finished job's LoRA and record it.",
 )

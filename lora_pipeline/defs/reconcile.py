@@ -5,7 +5,6 @@ with the LoRA files in the store, the webhook inbox and the status of unfinished
 jobs. Changed styles are reported as ``lora_registry`` materializations.
 """
 
-
 from collections import Counter
 from datetime import timedelta
 
@@ -29,22 +28,33 @@ from lora_pipeline.storage.keys import INDEX_KEY
 class ReconcileConfig(dg.Config):
     dry_run: bool = Field(False, description="Report what would change; write nothing.")
     max_job_age_hours: float = Field(
-        DEFAULT_MAX_JOB_AGE.total_seconds() / 3600, description="An unfinished job RunPod no longer knows, with no file in the store, "
+        DEFAULT_MAX_JOB_AGE.total_seconds() / 3600,
+        description="An unfinished job RunPod no longer knows, with no file in the store, "
         "is marked failed only after this long.",
     )
     poll_status: bool = Field(True, description="Ask the backend about unfinished jobs.")
-    housekeeping: bool = Field(True, description="Then prune old webhook claims and bodies, finished "
-                               "versions' checkpoints and idle lock files (dry_run: only report).")
+    housekeeping: bool = Field(
+        True,
+        description="Then prune old webhook claims and bodies, finished "
+        "versions' checkpoints and idle lock files (dry_run: only report).",
+    )
     webhook_retention_days: float | None = Field(
-        None, description="Keep settled jobs' webhook files this long (default: LORA_WEBHOOK_RETENTION_DAYS, 30).")
+        None, description="Keep settled jobs' webhook files this long (default: LORA_WEBHOOK_RETENTION_DAYS, 30)."
+    )
     checkpoint_retention_days: float | None = Field(
-        None, description="Keep a failed version's checkpoints this long (default: "
-        "LORA_CHECKPOINT_RETENTION_DAYS, 30); a completed version's go at once.")
+        None,
+        description="Keep a failed version's checkpoints this long (default: "
+        "LORA_CHECKPOINT_RETENTION_DAYS, 30); a completed version's go at once.",
+    )
     lock_retention_days: float | None = Field(
-        None, description="Local store: remove lock files unused this long (default: LORA_LOCK_RETENTION_DAYS, 1).")
+        None, description="Local store: remove lock files unused this long (default: LORA_LOCK_RETENTION_DAYS, 1)."
+    )
     keep_versions: int | None = Field(
-        None, ge=0, description="With housekeeping: delete each style's completed versions but the newest N and "
-        "every aliased one, leaving tombstones (default: LORA_KEEP_VERSIONS; 0 keeps all; dry_run: only report).")
+        None,
+        ge=0,
+        description="With housekeeping: delete each style's completed versions but the newest N and "
+        "every aliased one, leaving tombstones (default: LORA_KEEP_VERSIONS; 0 keeps all; dry_run: only report).",
+    )
 
 
 @dg.op(tags={"kind": store_kind()})
@@ -56,12 +66,16 @@ def reconcile_registry_op(
 ) -> None:
     """Sync LoRA files, inbox files and job statuses into the registry; dedupe versions."""
     store = storage.get_store()
-    retention = Retention.from_settings(  # a bad config value fails here, before anything is written
-        get_settings(),
-        webhooks_days=config.webhook_retention_days,
-        failed_checkpoints_days=config.checkpoint_retention_days,
-        locks_days=config.lock_retention_days,
-    ) if config.housekeeping else None
+    retention = (
+        Retention.from_settings(  # a bad config value fails here, before anything is written
+            get_settings(),
+            webhooks_days=config.webhook_retention_days,
+            failed_checkpoints_days=config.checkpoint_retention_days,
+            locks_days=config.lock_retention_days,
+        )
+        if config.housekeeping
+        else None
+    )
     backend = training_backend.get_backend(store) if config.poll_status else None
     report = reconcile(
         store,
@@ -91,9 +105,7 @@ def reconcile_registry_op(
     _materialize_changed_styles(context, report)
 
 
-def _run_metadata(
-    report: ReconcileReport, summary: dict, pruned: HousekeepingReport | None, *, dry_run: bool
-) -> dict:
+def _run_metadata(report: ReconcileReport, summary: dict, pruned: HousekeepingReport | None, *, dry_run: bool) -> dict:
     """The run's output metadata: what changed as a table, problems, and what housekeeping pruned."""
     return {
         "changed_versions": report.changed_versions,
@@ -101,23 +113,36 @@ def _run_metadata(
         "changes": dg.MetadataValue.table(
             records=[dg.TableRecord(row) for row in report.rows()],
             schema=dg.TableSchema(
-                columns=[dg.TableColumn(name, "string") for name in
-                         ("style", "version", "change", "fields", "status_before", "status_after")]
+                columns=[
+                    dg.TableColumn(name, "string")
+                    for name in ("style", "version", "change", "fields", "status_before", "status_after")
+                ]
             ),
         ),
         "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems) or "none"),
         "stats": _count_table("what", summary["stats"]),
-        **({
-            "housekeeping_deleted": pruned.total,
-            "housekeeping_kept_needed": sum(pruned.kept_needed.values()),
-            "housekeeping_by_kind": dg.MetadataValue.table(
-                records=[dg.TableRecord({"kind": kind, "deleted": n, "kept_needed": pruned.kept_needed.get(kind, 0)})
-                         for kind, n in pruned.counts.items()],
-                schema=dg.TableSchema(columns=[dg.TableColumn("kind", "string"), dg.TableColumn("deleted", "int"),
-                                               dg.TableColumn("kept_needed", "int")]),
-            ),
-            "housekeeping": dg.MetadataValue.json(pruned.to_dict()),  # the details: retention, keys, reasons
-        } if pruned is not None else {}),
+        **(
+            {
+                "housekeeping_deleted": pruned.total,
+                "housekeeping_kept_needed": sum(pruned.kept_needed.values()),
+                "housekeeping_by_kind": dg.MetadataValue.table(
+                    records=[
+                        dg.TableRecord({"kind": kind, "deleted": n, "kept_needed": pruned.kept_needed.get(kind, 0)})
+                        for kind, n in pruned.counts.items()
+                    ],
+                    schema=dg.TableSchema(
+                        columns=[
+                            dg.TableColumn("kind", "string"),
+                            dg.TableColumn("deleted", "int"),
+                            dg.TableColumn("kept_needed", "int"),
+                        ]
+                    ),
+                ),
+                "housekeeping": dg.MetadataValue.json(pruned.to_dict()),  # the details: retention, keys, reasons
+            }
+            if pruned is not None
+            else {}
+        ),
     }
 
 
@@ -136,10 +161,7 @@ def _materialize_changed_styles(context: dg.OpExecutionContext, report: Reconcil
     changed_by_style = Counter(change.style for change in report.changes)
     changed_styles = sorted(changed_by_style)
     if changed_styles:
-        missing = [
-            s for s in changed_styles
-            if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, s)
-        ]
+        missing = [s for s in changed_styles if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, s)]
         if missing:
             context.instance.add_dynamic_partitions(STYLES_PARTITIONS_NAME, missing)
     for style in changed_styles:

@@ -164,8 +164,9 @@ class TrainingBackendResource(dg.ConfigurableResource):
     api_key: str | None = Field(default=None, description="RunPod API key; default RUNPOD_API_KEY")
     base_url: str | None = Field(default=None, description="API base; default RUNPOD_ENDPOINT_BASE_URL")
     local_state_dir: str | None = Field(
-        default=None, description="Where the local backend keeps job state; default LORA_LOCAL_JOBS_DIR "
-        "or .lora_jobs beside the local store"
+        default=None,
+        description="Where the local backend keeps job state; default LORA_LOCAL_JOBS_DIR "
+        "or .lora_jobs beside the local store",
     )
     webhook_url: str | None = Field(
         default=None, description="Public URL of the webhook receiver (LORA_WEBHOOK_URL); the token is appended."

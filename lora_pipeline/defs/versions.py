@@ -20,7 +20,8 @@ from lora_pipeline.storage.base import StorageError
 class AliasMoveConfig(dg.Config):
     style: str = Field(description="The style, e.g. style_59.")
     action: Literal["promote", "rollback"] = Field(
-        "promote", description="promote: point the alias at `version`; rollback: back to its previous version.")
+        "promote", description="promote: point the alias at `version`; rollback: back to its previous version."
+    )
     version: str | None = Field(None, description="The version to promote, e.g. V3 (unused by rollback).")
     alias: str = Field("production", description="The alias to move (production, staging…).")
     reason: str | None = Field(None, description="Why, for the alias history.")
@@ -42,30 +43,61 @@ def run_actor(context: dg.OpExecutionContext) -> str:
 def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, storage: StorageResource) -> None:
     """Move an alias of a style (one conditional write of its registry document)."""
     try:
-        result = move_alias(storage.get_store(), config.style, config.alias, action=config.action,
-                            version=config.version, by=run_actor(context), reason=config.reason)
+        result = move_alias(
+            storage.get_store(),
+            config.style,
+            config.alias,
+            action=config.action,
+            version=config.version,
+            by=run_actor(context),
+            reason=config.reason,
+        )
     except (Refused, StorageError, ValueError) as exc:
         raise dg.Failure(description=f"{config.action} refused: {exc}") from None
-    context.add_output_metadata({"style": config.style, "alias": result.alias, "version": result.version,
-                                 "previous": result.previous or "", "moved": result.moved})
-    context.log.info(f"{config.style} {result.alias}: {result.previous or '(new)'} → {result.version}"
-                     + ("" if result.moved else " (unchanged)"))
+    context.add_output_metadata(
+        {
+            "style": config.style,
+            "alias": result.alias,
+            "version": result.version,
+            "previous": result.previous or "",
+            "moved": result.moved,
+        }
+    )
+    context.log.info(
+        f"{config.style} {result.alias}: {result.previous or '(new)'} → {result.version}"
+        + ("" if result.moved else " (unchanged)")
+    )
 
 
 @dg.op(tags={"kind": "s3"})
-def delete_lora_version_op(context: dg.OpExecutionContext, config: DeleteVersionConfig,
-                           storage: StorageResource) -> None:
+def delete_lora_version_op(
+    context: dg.OpExecutionContext, config: DeleteVersionConfig, storage: StorageResource
+) -> None:
     """Delete a version's files and leave its tombstone."""
     try:
-        result = delete_version(storage.get_store(), config.style, config.version, by=run_actor(context),
-                                reason=config.reason, dry_run=config.dry_run)
+        result = delete_version(
+            storage.get_store(),
+            config.style,
+            config.version,
+            by=run_actor(context),
+            reason=config.reason,
+            dry_run=config.dry_run,
+        )
     except (Refused, StorageError, ValueError) as exc:
         raise dg.Failure(description=f"delete refused: {exc}") from None
-    context.add_output_metadata({"style": config.style, "version": result.version, "dry_run": config.dry_run,
-                                 "already_deleted": result.already_deleted,
-                                 "removed": dg.MetadataValue.json(result.removed)})
-    context.log.info(f"{config.style} {result.version}: {'would delete' if config.dry_run else 'deleted'} "
-                     f"{len(result.removed)} file(s)")
+    context.add_output_metadata(
+        {
+            "style": config.style,
+            "version": result.version,
+            "dry_run": config.dry_run,
+            "already_deleted": result.already_deleted,
+            "removed": dg.MetadataValue.json(result.removed),
+        }
+    )
+    context.log.info(
+        f"{config.style} {result.version}: {'would delete' if config.dry_run else 'deleted'} "
+        f"{len(result.removed)} file(s)"
+    )
 
 
 @dg.job(tags={"lora_pipeline/kind": "registry"})

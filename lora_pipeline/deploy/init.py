@@ -46,7 +46,8 @@ class InitReport:
         return [
             f"pool limits: {pools}",
             f"style partitions: {self.partitions_total} ({len(self.partitions_added)} added"
-            + (f": {', '.join(self.partitions_added[:20])}" if self.partitions_added else "") + ")",
+            + (f": {', '.join(self.partitions_added[:20])}" if self.partitions_added else "")
+            + ")",
             f"unfinished jobs the job sensor will poll: {self.unfinished_jobs}",
             f"webhook files waiting in the inbox (the webhook sensor applies them): {self.inbox_files}",
         ]
@@ -60,7 +61,7 @@ def stored_styles(store: ObjectStore) -> set[str]:
             if store.head(document_key(style)) is not None:
                 styles.add(style)
     for name in store.list_prefixes(INCOMING_PREFIX):
-        name = name[len(INCOMING_PREFIX):].strip("/")
+        name = name[len(INCOMING_PREFIX) :].strip("/")
         try:
             styles.add(validate_style(name))
         except InvalidStyleName:

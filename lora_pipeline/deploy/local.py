@@ -100,10 +100,28 @@ class LocalDeployment:
         bindir = Path(sys.executable).parent
         workspace = str(DEPLOY / "workspace.yaml")
         return {
-            "code-server": [str(bindir / "dagster"), "code-server", "start", "-m", "lora_pipeline.definitions",
-                            "--location-name", "lora_pipeline", "-h", self.host, "-p", str(self.code_port)],
-            "webserver": [str(bindir / "dagster-webserver"), "-w", workspace, "-h", self.host,
-                          "-p", str(self.web_port)],
+            "code-server": [
+                str(bindir / "dagster"),
+                "code-server",
+                "start",
+                "-m",
+                "lora_pipeline.definitions",
+                "--location-name",
+                "lora_pipeline",
+                "-h",
+                self.host,
+                "-p",
+                str(self.code_port),
+            ],
+            "webserver": [
+                str(bindir / "dagster-webserver"),
+                "-w",
+                workspace,
+                "-h",
+                self.host,
+                "-p",
+                str(self.web_port),
+            ],
             "daemon": [str(bindir / "dagster-daemon"), "run", "-w", workspace],
         }[name]
 
@@ -137,7 +155,11 @@ class LocalDeployment:
         """``lora-pipeline deploy init`` in its own process, as the Compose init service runs it."""
         result = subprocess.run(
             [str(Path(sys.executable).parent / "lora-pipeline"), "deploy", "init"],
-            cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=300,
+            cwd=REPO,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if result.returncode != 0:
             raise DeploymentError(f"deploy init failed: {result.stderr[-3000:]}")
@@ -181,8 +203,13 @@ class LocalDeployment:
         self._pidfile(name).parent.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                self.command(name), cwd=REPO, env=self.env(), stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                self.command(name),
+                cwd=REPO,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self._procs[name] = proc
         self._pidfile(name).write_text(str(proc.pid))

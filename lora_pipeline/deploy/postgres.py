@@ -73,20 +73,49 @@ class LocalPostgres:
             entry = pwd.getpwnam(user)
             os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run([_bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "--encoding=utf8",
-                       "-U", PG_USER], user)
+            self._run(
+                [_bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "--encoding=utf8", "-U", PG_USER], user
+            )
         if not self.running():
-            self._run([_bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60",
-                       "-l", str(self.data_dir / "server.log"),
-                       "-o", f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c max_connections=200",
-                       "start"], user, timeout=90, stdin=subprocess.DEVNULL)
+            self._run(
+                [
+                    _bin("pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-l",
+                    str(self.data_dir / "server.log"),
+                    "-o",
+                    f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c max_connections=200",
+                    "start",
+                ],
+                user,
+                timeout=90,
+                stdin=subprocess.DEVNULL,
+            )
         exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{self.db_name}'", db="postgres")
         if exists.strip() != "1":
             self.psql(f'CREATE DATABASE "{self.db_name}"', db="postgres")
 
     def psql(self, sql: str, db: str | None = None) -> str:
-        return self._run([_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER,
-                          "-d", db or self.db_name, "-tAc", sql], None).stdout
+        return self._run(
+            [
+                _bin("psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                PG_USER,
+                "-d",
+                db or self.db_name,
+                "-tAc",
+                sql,
+            ],
+            None,
+        ).stdout
 
     def _reopen_path(self) -> str | None:
         """The system user to run as, with the data directory's parents traversable again.
@@ -103,16 +132,21 @@ class LocalPostgres:
         return user
 
     def running(self) -> bool:
-        result = subprocess.run([_bin("pg_ctl"), "-D", str(self.data_dir), "status"],
-                                capture_output=True, user=self._reopen_path())
+        result = subprocess.run(
+            [_bin("pg_ctl"), "-D", str(self.data_dir), "status"], capture_output=True, user=self._reopen_path()
+        )
         return result.returncode == 0
 
     def stop(self, timeout_s: float = 60) -> None:
         """pg_ctl's fast shutdown; failing that, SIGINT (the same) to the postmaster itself."""
         if not (self.data_dir / "PG_VERSION").exists():
             return
-        result = subprocess.run([_bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-m", "fast", "stop"],
-                                capture_output=True, user=self._reopen_path(), timeout=timeout_s)
+        result = subprocess.run(
+            [_bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-m", "fast", "stop"],
+            capture_output=True,
+            user=self._reopen_path(),
+            timeout=timeout_s,
+        )
         pidfile = self.data_dir / "postmaster.pid"
         if result.returncode == 0 or not pidfile.exists():
             return

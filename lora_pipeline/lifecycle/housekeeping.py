@@ -73,7 +73,14 @@ RETENTION_SETTINGS = {
 
 # Kinds of things pruned (keys of the report's counts).
 SEEN, PROCESSED, REJECTED, RUN_MARKERS, CHECKPOINT, LOCKS, TMP = (
-    "seen", "processed", "rejected", "run_markers", "checkpoints", "locks", "tmp")
+    "seen",
+    "processed",
+    "rejected",
+    "run_markers",
+    "checkpoints",
+    "locks",
+    "tmp",
+)
 KINDS = (SEEN, PROCESSED, REJECTED, RUN_MARKERS, CHECKPOINT, LOCKS, TMP)
 
 # Why something old enough stays. The first four are "needed".
@@ -114,13 +121,15 @@ class Retention:
         checked there), each overridden by the matching argument when given (the Dagster job
         config; SettingsError naming it for a bad value)."""
         settings = settings or get_settings()
-        given = {"webhooks": webhooks_days, "failed_checkpoints": failed_checkpoints_days,
-                 "locks": locks_days}
-        return cls(**{
-            name: _days(given[name], f"{name} retention") if given[name] is not None
-            else timedelta(days=getattr(settings, field))
-            for name, field in RETENTION_SETTINGS.items()
-        })
+        given = {"webhooks": webhooks_days, "failed_checkpoints": failed_checkpoints_days, "locks": locks_days}
+        return cls(
+            **{
+                name: _days(given[name], f"{name} retention")
+                if given[name] is not None
+                else timedelta(days=getattr(settings, field))
+                for name, field in RETENTION_SETTINGS.items()
+            }
+        )
 
     def to_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) / timedelta(days=1) for name in RETENTION_SETTINGS}
@@ -162,7 +171,9 @@ class RegistryFacts:
                 updated = datetime.fromtimestamp(v.updated_at / 1000, UTC) if v.updated_at else None
                 for number in v.numbers:
                     versions[(doc.style, checkpoint_version_segment(doc.style, version_name(number)))] = (
-                        v.status, updated)
+                        v.status,
+                        updated,
+                    )
         return cls(jobs, versions)
 
 
@@ -180,7 +191,7 @@ def claim_job_ids(key: str) -> list[str]:
     stem = name[: -len(".json")]
     found = []
     for i, char in enumerate(stem):
-        if char == "_" and _JOB_ID.match(stem[:i]) and _STATUS.match(stem[i + 1:]):
+        if char == "_" and _JOB_ID.match(stem[:i]) and _STATUS.match(stem[i + 1 :]):
             found.append(stem[:i])
     return found
 
@@ -246,8 +257,7 @@ def plan_webhooks(
     return plan
 
 
-def _webhook_keep_reason(item: WebhookFile, facts: RegistryFacts, now: datetime,
-                         retention: timedelta) -> str | None:
+def _webhook_keep_reason(item: WebhookFile, facts: RegistryFacts, now: datetime, retention: timedelta) -> str | None:
     if not is_old(item.info, now, retention):
         return YOUNG
     if item.job_id is None:
@@ -339,8 +349,11 @@ class HousekeepingReport:
     @property
     def kept_needed(self) -> dict[str, int]:
         """Per kind, old enough to go but kept because something may still need it."""
-        return {kind: sum(n for r, n in reasons.items() if r in NEEDED)
-                for kind, reasons in self.kept.items() if any(r in NEEDED for r in reasons)}
+        return {
+            kind: sum(n for r, n in reasons.items() if r in NEEDED)
+            for kind, reasons in self.kept.items()
+            if any(r in NEEDED for r in reasons)
+        }
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -395,10 +408,13 @@ def _plan(store: ObjectStore, report: HousekeepingReport, retention: Retention, 
     from lora_pipeline.registry_store.documents import RegistryStore
 
     old = retention.webhooks
-    seen = [WebhookFile(i, _claim_job(store, i) if is_old(i, now, old) else None)
-            for i in store.list(WEBHOOK_SEEN + "/")]
-    processed = [WebhookFile(i, _body_job(store, i) if is_old(i, now, old) else None)
-                 for i in store.list(WEBHOOK_PROCESSED + "/")]
+    seen = [
+        WebhookFile(i, _claim_job(store, i) if is_old(i, now, old) else None) for i in store.list(WEBHOOK_SEEN + "/")
+    ]
+    processed = [
+        WebhookFile(i, _body_job(store, i) if is_old(i, now, old) else None)
+        for i in store.list(WEBHOOK_PROCESSED + "/")
+    ]
     rejected = list(store.list(WEBHOOK_REJECTED + "/"))
     markers = [WebhookFile(i, marker_job(i.key)) for i in store.list(RUNS + "/")]
     checkpoints = list(store.list(CHECKPOINTS + "/"))
@@ -424,7 +440,8 @@ def _plan(store: ObjectStore, report: HousekeepingReport, retention: Retention, 
             documents.append(doc)
     facts = RegistryFacts.of(documents)
     return plan_webhooks(seen, processed, rejected, facts, now=now, retention=old, markers=markers).extend(
-        plan_checkpoints(checkpoints, facts, now=now, retention=retention.failed_checkpoints))
+        plan_checkpoints(checkpoints, facts, now=now, retention=retention.failed_checkpoints)
+    )
 
 
 def marker_job(key: str) -> str | None:

@@ -113,7 +113,5 @@ def _read_records(path: Path, style: str, report: ImportReport) -> list[dict[str
             continue
         numbers[version.number] += 1
         good.append(record)
-    report.folded.extend(
-        FoldedRecords(style, f"V{n}", count) for n, count in sorted(numbers.items()) if count > 1
-    )
+    report.folded.extend(FoldedRecords(style, f"V{n}", count) for n, count in sorted(numbers.items()) if count > 1)
     return good

@@ -89,9 +89,12 @@ class ReconcileReport:
             "details": [c.to_dict() for c in self.changes],
             "problems": list(self.problems),
             "stats": {
-                "styles_seen": self.styles_seen, "styles_read": self.styles_read,
-                "styles_written": self.styles_written, "headers_read": self.headers_read,
-                "polls": self.polls, "webhooks_applied": len(self.webhooks_applied),
+                "styles_seen": self.styles_seen,
+                "styles_read": self.styles_read,
+                "styles_written": self.styles_written,
+                "headers_read": self.headers_read,
+                "polls": self.polls,
+                "webhooks_applied": len(self.webhooks_applied),
                 "webhooks_waiting": len(self.webhooks_waiting),
                 "webhooks_rejected": len(self.webhooks_rejected),
                 "index_rebuilt": len(self.index_rebuilt),
@@ -101,8 +104,14 @@ class ReconcileReport:
     def rows(self) -> list[dict[str, str]]:
         """One row per changed version, for a Dagster table (TableRecord(**row))."""
         return [
-            {"style": c.style, "version": c.version, "change": c.kind, "fields": ", ".join(c.fields),
-             "status_before": c.before or "", "status_after": c.after}
+            {
+                "style": c.style,
+                "version": c.version,
+                "change": c.kind,
+                "fields": ", ".join(c.fields),
+                "status_before": c.before or "",
+                "status_after": c.after,
+            }
             for c in self.changes
         ]
 
@@ -265,8 +274,13 @@ class _Run:
             if style not in by_style and summary.files_fingerprint != files_fingerprint({}, self.registry.primary):
                 work[style].files = {}  # files the document knows have gone: recheck
 
-    def _gather_polls(self, index: RegistryIndex, work: dict[str, _StyleWork],
-                      status_lookup: StatusLookup | None, max_job_age: timedelta) -> None:
+    def _gather_polls(
+        self,
+        index: RegistryIndex,
+        work: dict[str, _StyleWork],
+        status_lookup: StatusLookup | None,
+        max_job_age: timedelta,
+    ) -> None:
         reported = {base_job_id(r.job_id) for w in work.values() for _, r in w.inbox}
         for style, summary in index.styles.items():
             for base, job in summary.unfinished.items():
@@ -289,14 +303,20 @@ class _Run:
                     continue
                 age = self.now - datetime.fromtimestamp(job.created_at / 1000, UTC) if job.created_at else None
                 if age is None or age > max_job_age:
-                    why = ("RunPod no longer knows it (results expire 30 minutes after completion)"
-                           if status_lookup is not None else "no status lookup is configured")
-                    work[style].evidence.append(JobExpired(
-                        job.job_id, self.now,
-                        f"job {job.job_id} never reported an end: {why}, and no LoRA file for "
-                        f"{style} {job.version} appeared in the store within the maximum job age "
-                        f"({max_job_age})",
-                    ))
+                    why = (
+                        "RunPod no longer knows it (results expire 30 minutes after completion)"
+                        if status_lookup is not None
+                        else "no status lookup is configured"
+                    )
+                    work[style].evidence.append(
+                        JobExpired(
+                            job.job_id,
+                            self.now,
+                            f"job {job.job_id} never reported an end: {why}, and no LoRA file for "
+                            f"{style} {job.version} appeared in the store within the maximum job age "
+                            f"({max_job_age})",
+                        )
+                    )
                 if job.job_status == "COMPLETED":
                     work[style].verify = True  # finished at RunPod: is its file there?
             if summary.submitting:
@@ -361,8 +381,14 @@ class _Run:
                 outcome.waiting.append(item)
         return outcome
 
-    def _file_evidence(self, style: str, doc: RegistryDocument, files: dict[str, ObjectInfo],
-                       outcome: _StyleOutcome, headers: dict[tuple[str, str], Evidence]) -> list[Evidence]:
+    def _file_evidence(
+        self,
+        style: str,
+        doc: RegistryDocument,
+        files: dict[str, ObjectInfo],
+        outcome: _StyleOutcome,
+        headers: dict[tuple[str, str], Evidence],
+    ) -> list[Evidence]:
         """Evidence for each file the document does not account for yet (ranged header reads)."""
         known = known_files(doc)
         found: list[Evidence] = []
@@ -387,8 +413,9 @@ class _Run:
             return RejectedLora(style, key, info.etag, str(exc), info.last_modified)
         return stored_evidence(self.store, style, key, parsed, header, info)
 
-    def _started_jobs(self, style: str, doc: RegistryDocument,
-                      markers: dict[str, list[tuple[str, str, datetime]]]) -> list[Evidence]:
+    def _started_jobs(
+        self, style: str, doc: RegistryDocument, markers: dict[str, list[tuple[str, str, datetime]]]
+    ) -> list[Evidence]:
         """The job of each version submitted with an unknown id, from the start marker its
         worker wrote (``runs/<style>/<version>/<job>.json``), when the request ids agree."""
         found: list[Evidence] = []
@@ -399,8 +426,11 @@ class _Run:
                 markers[v.name] = self._read_markers(style, v.name)
             for job_id, request_id, started in markers[v.name]:
                 if request_id == v.request_id:
-                    found.append(Submission(style, v.number, request_id, job_id, v.dataset_hash or "",
-                                            dict(v.params or {}), started))
+                    found.append(
+                        Submission(
+                            style, v.number, request_id, job_id, v.dataset_hash or "", dict(v.params or {}), started
+                        )
+                    )
         return found
 
     def _read_markers(self, style: str, version: str) -> list[tuple[str, str, datetime]]:
@@ -422,38 +452,71 @@ class _Run:
         now_ms = int(self.now.timestamp() * 1000)
         for v in merged.versions:
             if v.status in UNFINISHED_STATUSES and v.job_status == "COMPLETED" and v.id and v.file is None:
-                verdicts.append(JobExpired(
-                    v.id, self.now,
-                    f"RunPod reported job {v.id} COMPLETED but no readable LoRA file for "
-                    f"{style} {v.name} is in the store",
-                ))
+                verdicts.append(
+                    JobExpired(
+                        v.id,
+                        self.now,
+                        f"RunPod reported job {v.id} COMPLETED but no readable LoRA file for "
+                        f"{style} {v.name} is in the store",
+                    )
+                )
             claim = v.claim
-            if (v.status in UNFINISHED_STATUSES and not v.id and claim is not None and not claim.live(now_ms)
-                    and now_ms - claim.at > self.max_job_age.total_seconds() * 1000):
+            if (
+                v.status in UNFINISHED_STATUSES
+                and not v.id
+                and claim is not None
+                and not claim.live(now_ms)
+                and now_ms - claim.at > self.max_job_age.total_seconds() * 1000
+            ):
                 if claim.maybe_submitted:
-                    why = (f"the submission of {style} {v.name} had an unknown outcome "
-                           f"({claim.note or 'its submitter stopped while posting'})")
+                    why = (
+                        f"the submission of {style} {v.name} had an unknown outcome "
+                        f"({claim.note or 'its submitter stopped while posting'})"
+                    )
                 else:
-                    why = (f"{style} {v.name} was reserved but never sent to RunPod "
-                           f"({claim.note or 'its submitter stopped before posting'})")
-                verdicts.append(SubmissionLost(
-                    style, v.number, self.now,
-                    f"{why}, and no job, webhook or LoRA file appeared within the maximum job age "
-                    f"({self.max_job_age}); submit again to train a new version",
-                ))
+                    why = (
+                        f"{style} {v.name} was reserved but never sent to RunPod "
+                        f"({claim.note or 'its submitter stopped before posting'})"
+                    )
+                verdicts.append(
+                    SubmissionLost(
+                        style,
+                        v.number,
+                        self.now,
+                        f"{why}, and no job, webhook or LoRA file appeared within the maximum job age "
+                        f"({self.max_job_age}); submit again to train a new version",
+                    )
+                )
         return verdicts
 
 
-def stored_evidence(store: ObjectStore, style: str, key: str, parsed: tuple[int, str | None],
-                    header: SafetensorsHeader, info: ObjectInfo) -> StoredLora | StoredCompanion:
+def stored_evidence(
+    store: ObjectStore,
+    style: str,
+    key: str,
+    parsed: tuple[int, str | None],
+    header: SafetensorsHeader,
+    info: ObjectInfo,
+) -> StoredLora | StoredCompanion:
     """What a readable LoRA file in the store proves: a version's main file (``parsed`` from
     ``parse_lora_file``: no suffix) completes it; a file in its other layout is attached to it."""
     number, suffix = parsed
     if suffix is None:
-        return StoredLora(style, key, number, store.url(key), info.size, info.etag, header.metadata,
-                          info.last_modified, header.layout, header.checksum)
-    return StoredCompanion(style, key, number, store.url(key), info.size, info.etag, header.layout,
-                           header.checksum, info.last_modified)
+        return StoredLora(
+            style,
+            key,
+            number,
+            store.url(key),
+            info.size,
+            info.etag,
+            header.metadata,
+            info.last_modified,
+            header.layout,
+            header.checksum,
+        )
+    return StoredCompanion(
+        style, key, number, store.url(key), info.size, info.etag, header.layout, header.checksum, info.last_modified
+    )
 
 
 def style_from_output(output: dict[str, Any] | None) -> str | None:

@@ -120,6 +120,8 @@ def submit_training(
     lease runs out; a POST whose answer was lost is recorded as "submitted, id
     unknown" (SubmissionUnknown) and never repeated.
     """
+    # Long only in lines: a keyword-only signature and docstring of 25 lines; claim and post are
+    # named steps (_claim_version, _post_job).
     manifest = current_dataset(store, style)
     if manifest is None:
         raise NoDatasetError(
@@ -129,8 +131,17 @@ def submit_training(
     registry = RegistryStore(store)
     param_dict = params.model_dump(mode="json")
     owner = uuid.uuid4().hex
-    claimed = _claim_version(registry, style, manifest.dataset_hash, param_dict, owner=owner, force=force,
-                             claim_lease=claim_lease, wait_for_other_s=wait_for_other_s, sleep=sleep)
+    claimed = _claim_version(
+        registry,
+        style,
+        manifest.dataset_hash,
+        param_dict,
+        owner=owner,
+        force=force,
+        claim_lease=claim_lease,
+        wait_for_other_s=wait_for_other_s,
+        sleep=sleep,
+    )
     version = claimed.version
     if claimed.kind == "existing":
         return Submitted(style, version.name, version.id or "", manifest.dataset_hash, reused=True)
@@ -143,12 +154,21 @@ def submit_training(
         storage_url=storage_url,
         request_id=version.request_id or owner,
     )
-    job_id, version = _post_job(registry, backend, style, version, request, params,
-                                webhook_url=webhook_url, posting_lease=posting_lease)
-    _record_submission(registry, Submission(
-        style=style, version=version.name, request_id=request.request_id, job_id=job_id,
-        dataset_hash=manifest.dataset_hash, params=param_dict, at=_now(),
-    ))
+    job_id, version = _post_job(
+        registry, backend, style, version, request, params, webhook_url=webhook_url, posting_lease=posting_lease
+    )
+    _record_submission(
+        registry,
+        Submission(
+            style=style,
+            version=version.name,
+            request_id=request.request_id,
+            job_id=job_id,
+            dataset_hash=manifest.dataset_hash,
+            params=param_dict,
+            at=_now(),
+        ),
+    )
     return Submitted(style, version.name, job_id, manifest.dataset_hash, reused=False)
 
 
@@ -173,8 +193,13 @@ def _claim_version(
     deadline = time.monotonic() + wait_for_other_s
     while True:
         claimed = registry.claim_version(
-            style, request_id=uuid.uuid4().hex, dataset_hash=dataset_hash, params=param_dict,
-            owner=owner, lease=claim_lease, reuse_completed=not force,
+            style,
+            request_id=uuid.uuid4().hex,
+            dataset_hash=dataset_hash,
+            params=param_dict,
+            owner=owner,
+            lease=claim_lease,
+            reuse_completed=not force,
         )
         version = claimed.version
         if claimed.kind in ("existing", "claimed"):
@@ -384,7 +409,7 @@ def _companion_evidence(store: ObjectStore, style: str, number: int, output: obj
             named.extend(output["files"].values())
     found = []
     for key in dict.fromkeys(k for k in named if isinstance(k, str)):
-        name = key[len(lora_prefix(style)):] if key.startswith(lora_prefix(style)) else ""
+        name = key[len(lora_prefix(style)) :] if key.startswith(lora_prefix(style)) else ""
         parsed = parse_lora_file(style, name) if "/" not in name else None
         if parsed is None or parsed[1] is None or parsed[0] != number:
             continue

@@ -19,8 +19,16 @@ from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry_store.documents import AliasResult, DeleteResult, Refused, RegistryStore
 from lora_pipeline.storage.base import ObjectStore
 
-__all__ = ["AliasResult", "DeleteResult", "PruneReport", "Refused", "default_actor", "delete_version",
-           "move_alias", "prune_versions"]
+__all__ = [
+    "AliasResult",
+    "DeleteResult",
+    "PruneReport",
+    "Refused",
+    "default_actor",
+    "delete_version",
+    "move_alias",
+    "prune_versions",
+]
 
 
 def default_actor() -> str:
@@ -32,16 +40,31 @@ def default_actor() -> str:
         return "unknown"
 
 
-def move_alias(store: ObjectStore, style: str, alias: str, *, action: AliasAction, by: str,
-               version: str | None = None, reason: str | None = None,
-               at: datetime | None = None) -> AliasResult:
+def move_alias(
+    store: ObjectStore,
+    style: str,
+    alias: str,
+    *,
+    action: AliasAction,
+    by: str,
+    version: str | None = None,
+    reason: str | None = None,
+    at: datetime | None = None,
+) -> AliasResult:
     """Promote ``version`` to ``alias``, or roll ``alias`` back to its previous version. Raises Refused."""
-    return RegistryStore(store).move_alias(style, alias, action=action, by=by, version=version, reason=reason,
-                                           at=at)
+    return RegistryStore(store).move_alias(style, alias, action=action, by=by, version=version, reason=reason, at=at)
 
 
-def delete_version(store: ObjectStore, style: str, version: str, *, by: str, reason: str | None = None,
-                   dry_run: bool = False, at: datetime | None = None) -> DeleteResult:
+def delete_version(
+    store: ObjectStore,
+    style: str,
+    version: str,
+    *,
+    by: str,
+    reason: str | None = None,
+    dry_run: bool = False,
+    at: datetime | None = None,
+) -> DeleteResult:
     """Delete ``version``'s files and leave its tombstone. Raises Refused (e.g. an aliased version)."""
     return RegistryStore(store).delete_version(style, version, by=by, reason=reason, dry_run=dry_run, at=at)
 
@@ -63,17 +86,26 @@ class PruneReport:
         return sum(len(v) for v in self.deleted.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"keep": self.keep, "dryRun": self.dry_run, "deleted": self.deleted, "removedObjects": self.removed,
-                "keptAliased": self.kept_aliased, "problems": self.problems}
+        return {
+            "keep": self.keep,
+            "dryRun": self.dry_run,
+            "deleted": self.deleted,
+            "removedObjects": self.removed,
+            "keptAliased": self.kept_aliased,
+            "problems": self.problems,
+        }
 
     def summary(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
-        return (f"version retention (keep {self.keep}): {verb} {self.total} version(s) in {len(self.deleted)} "
-                f"style(s), {len(self.removed)} object(s)")
+        return (
+            f"version retention (keep {self.keep}): {verb} {self.total} version(s) in {len(self.deleted)} "
+            f"style(s), {len(self.removed)} object(s)"
+        )
 
 
-def prune_versions(store: ObjectStore, keep: int, *, by: str = "retention", dry_run: bool = False,
-                   at: datetime | None = None) -> PruneReport:
+def prune_versions(
+    store: ObjectStore, keep: int, *, by: str = "retention", dry_run: bool = False, at: datetime | None = None
+) -> PruneReport:
     """Delete every completed version of each style but the ``keep`` newest, and those an alias
     points at (``keep`` 0: keep everything). Styles with at most ``keep`` completed versions
     (index counts) are not read."""
@@ -88,8 +120,9 @@ def prune_versions(store: ObjectStore, keep: int, *, by: str = "retention", dry_
             continue
         doc, _ = registry.read(style)
         aliased = set(doc.aliases.values())
-        completed = sorted((v for v in doc.versions if v.status is VersionStatus.completed),
-                           key=lambda v: v.number, reverse=True)
+        completed = sorted(
+            (v for v in doc.versions if v.status is VersionStatus.completed), key=lambda v: v.number, reverse=True
+        )
         for version in completed[keep:]:
             if version.name in aliased:
                 report.kept_aliased.setdefault(style, []).append(version.name)

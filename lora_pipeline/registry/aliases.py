@@ -52,24 +52,46 @@ class AliasEntry:
     @property
     def order(self) -> tuple[int, int, str, str, str, str, str, str]:
         """History order: by sequence number (write order), then by content (a total order)."""
-        return (self.seq, self.at, self.alias, self.version, self.action, self.by, self.previous or "",
-                self.reason or "")
+        return (
+            self.seq,
+            self.at,
+            self.alias,
+            self.version,
+            self.action,
+            self.by,
+            self.previous or "",
+            self.reason or "",
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "alias": self.alias, "action": self.action, "version": self.version,
-                "previous": self.previous, "by": self.by, "at": self.at, "reason": self.reason}
+        return {
+            "seq": self.seq,
+            "alias": self.alias,
+            "action": self.action,
+            "version": self.version,
+            "previous": self.previous,
+            "by": self.by,
+            "at": self.at,
+            "reason": self.reason,
+        }
 
     @classmethod
     def from_dict(cls, raw: Any) -> AliasEntry | None:
         if not isinstance(raw, Mapping) or raw.get("action") not in ALIAS_ACTIONS:
             return None
         alias, version, seq, at = raw.get("alias"), raw.get("version"), raw.get("seq"), raw.get("at")
-        if not (isinstance(alias, str) and isinstance(version, str) and isinstance(seq, int)
-                and isinstance(at, int)):
+        if not (isinstance(alias, str) and isinstance(version, str) and isinstance(seq, int) and isinstance(at, int)):
             return None
-        return cls(seq, alias, version, raw["action"], str(raw.get("by") or ""), at,
-                   str(raw["previous"]) if raw.get("previous") else None,
-                   str(raw["reason"]) if raw.get("reason") else None)
+        return cls(
+            seq,
+            alias,
+            version,
+            raw["action"],
+            str(raw.get("by") or ""),
+            at,
+            str(raw["previous"]) if raw.get("previous") else None,
+            str(raw["reason"]) if raw.get("reason") else None,
+        )
 
 
 def join_history(*histories: Iterable[AliasEntry]) -> tuple[AliasEntry, ...]:

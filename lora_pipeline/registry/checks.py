@@ -53,8 +53,9 @@ def completed_without_both_layouts(doc: RegistryDocument) -> list[str]:
         have = v.files()
         missing = [layout for layout in LAYOUTS if layout not in have]
         if missing and v.file.layout is not None:  # an unclassified file is read on the next reconcile
-            problems.append(f"{doc.style} {v.name}: no {' or '.join(missing)} file "
-                            f"(has: {', '.join(sorted(have)) or 'none'})")
+            problems.append(
+                f"{doc.style} {v.name}: no {' or '.join(missing)} file (has: {', '.join(sorted(have)) or 'none'})"
+            )
     return problems
 
 
@@ -77,10 +78,14 @@ def stored_presigned_urls(data: bytes) -> list[str]:
         if isinstance(r.get("file"), dict):
             urls.append(("file.url", r["file"].get("url")))
         if isinstance(r.get("files"), dict):
-            urls += [(f"files.{layout}.url", f.get("url")) for layout, f in sorted(r["files"].items())
-                     if isinstance(f, dict)]
-        problems += [f"{r.get('name')}: {where} is a presigned URL (it expires; store the plain URL)"
-                     for where, url in urls if isinstance(url, str) and is_presigned(url)]
+            urls += [
+                (f"files.{layout}.url", f.get("url")) for layout, f in sorted(r["files"].items()) if isinstance(f, dict)
+            ]
+        problems += [
+            f"{r.get('name')}: {where} is a presigned URL (it expires; store the plain URL)"
+            for where, url in urls
+            if isinstance(url, str) and is_presigned(url)
+        ]
     return problems
 
 

@@ -217,9 +217,20 @@ class VersionDeleted:
         return _number(self.version)
 
 
-Evidence = (Submission | JobReport | StoredLora | StoredCompanion | RejectedLora | LegacyRecord | JobExpired | Claim
-            | SubmissionLost | JobProgressReport
-            | AliasMove | VersionDeleted)
+Evidence = (
+    Submission
+    | JobReport
+    | StoredLora
+    | StoredCompanion
+    | RejectedLora
+    | LegacyRecord
+    | JobExpired
+    | Claim
+    | SubmissionLost
+    | JobProgressReport
+    | AliasMove
+    | VersionDeleted
+)
 
 
 def _number(version: str | int) -> int:
@@ -227,4 +238,3 @@ def _number(version: str | int) -> int:
     if number is None or number < 1:
         raise ValueError(f"invalid version {version!r}: expected V1, V2, … or a positive number")
     return number
-

@@ -61,4 +61,3 @@ def check_layout(value: str, what: str | None = None) -> str:
     if value not in LAYOUTS:
         raise ValueError(f"{what + ': ' if what else ''}expected one of {', '.join(LAYOUTS)}, got {value!r}")
     return value
-

@@ -92,15 +92,17 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
         if style is not None and style != doc.style:
             raise ValueError(f"evidence for style {style!r} given to the document of {doc.style!r}")
         if isinstance(item, AliasMove):
-            moves.append(AliasEntry(item.seq, item.alias, version_name(item.version_number), item.action, item.by,
-                                    _ms(item.at), item.previous, item.reason))
+            moves.append(_alias_entry(item))
             continue
         if isinstance(item, RejectedLora):
             ledger.note(RejectedFile(item.key, item.etag, item.reason, _ms(item.at)))
             continue
         if isinstance(item, StoredCompanion):
-            ledger.note(LoraFile(item.key, item.size, item.etag, _ms(item.at), {}, item.layout, item.checksum,
-                                 stable_url(item.url)))
+            ledger.note(
+                LoraFile(
+                    item.key, item.size, item.etag, _ms(item.at), {}, item.layout, item.checksum, stable_url(item.url)
+                )
+            )
             continue
         fragment = fragment_of(item)
         ledger.note(fragment.file)
@@ -114,8 +116,7 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
     versions = ledger.attach_companions(_bury(versions, ledger))
     rejected, superseded = ledger.split(versions)
     history = join_history(doc.alias_history, moves) if moves else doc.alias_history
-    return replace(doc, versions=versions, rejected_files=rejected, superseded_files=superseded,
-                   alias_history=history)
+    return replace(doc, versions=versions, rejected_files=rejected, superseded_files=superseded, alias_history=history)
 
 
 def _bury(versions: tuple[Version, ...], ledger: _FileLedger) -> tuple[Version, ...]:
@@ -132,8 +133,9 @@ def _bury(versions: tuple[Version, ...], ledger: _FileLedger) -> tuple[Version, 
             continue
         removed.update(v.deletion.files)
         extra = {k: x for k, x in v.extra.items() if k not in (LEGACY_COMPANION_URL, "loraUrl", "s3Key")}
-        out.append(replace(v, status=VersionStatus.deleted, file=None, lora_url=None, companions=(), claim=None,
-                           extra=extra))
+        out.append(
+            replace(v, status=VersionStatus.deleted, file=None, lora_url=None, companions=(), claim=None, extra=extra)
+        )
     ledger.forget(removed)
     return tuple(out)
 
@@ -217,9 +219,7 @@ class _FileLedger:
         if not self.entries:
             return (), ()
         files = [v.file for v in versions if v.file] + [c for v in versions for c in v.companions]
-        if not self.any_rejected and len(files) == len(self.entries) and self.entries.keys() == {
-            f.key for f in files
-        }:
+        if not self.any_rejected and len(files) == len(self.entries) and self.entries.keys() == {f.key for f in files}:
             return (), ()  # every object is exactly one version's file (one key, one number)
         in_use = {(f.key, f.last_seen) for f in files}
         rejected, superseded = [], []
@@ -244,8 +244,24 @@ def next_version_number(doc: RegistryDocument) -> int:
     return max((n for v in doc.versions for n in v.numbers), default=0) + 1
 
 
+def _alias_entry(item: AliasMove) -> AliasEntry:
+    """The alias history entry an alias move adds (the merge joins them in ``seq`` order)."""
+    return AliasEntry(
+        item.seq,
+        item.alias,
+        version_name(item.version_number),
+        item.action,
+        item.by,
+        _ms(item.at),
+        item.previous,
+        item.reason,
+    )
+
+
 def fragment_of(item: Evidence) -> Version:
     """The version fragment a piece of evidence asserts. Number 0 means "job only"."""
+    # Long on purpose: one branch per evidence type, each a single Version(...) with a field per
+    # line, so the whole mapping from evidence to fragment is read in one place.
     if type(item) is StoredLora:  # by far the most common evidence: test it first
         return _stored_fragment(item)
     if isinstance(item, Submission):

@@ -101,7 +101,10 @@ class LoraFile:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "key": self.key, "size": self.size, "etag": self.etag, "lastModified": self.last_modified
+            "key": self.key,
+            "size": self.size,
+            "etag": self.etag,
+            "lastModified": self.last_modified,
         }
         if self.layout:
             out["layout"] = self.layout
@@ -142,7 +145,6 @@ class RejectedFile:
         """Order among entries for one key: newer upload first, a valid file over a broken one."""
         return (self.last_modified, self.etag, 0, self.reason)
 
-
     key: str
     etag: str
     reason: str
@@ -155,8 +157,12 @@ class RejectedFile:
     def from_dict(cls, raw: Any) -> RejectedFile | None:
         if not isinstance(raw, Mapping) or not isinstance(raw.get("key"), str):
             return None
-        return cls(raw["key"], str(raw.get("etag") or ""), str(raw.get("reason") or ""),
-                   to_millis(raw.get("lastModified")) or 0)
+        return cls(
+            raw["key"],
+            str(raw.get("etag") or ""),
+            str(raw.get("reason") or ""),
+            to_millis(raw.get("lastModified")) or 0,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +231,19 @@ class SubmitClaim:
 
     @classmethod
     def from_dict(cls, raw: Any) -> SubmitClaim | None:
-        if not isinstance(raw, Mapping) or raw.get("phase") not in CLAIM_PHASES or not isinstance(raw.get("owner"), str):
+        if (
+            not isinstance(raw, Mapping)
+            or raw.get("phase") not in CLAIM_PHASES
+            or not isinstance(raw.get("owner"), str)
+        ):
             return None
-        return cls(raw["owner"], raw["phase"], to_millis(raw.get("at")) or 0, to_millis(raw.get("leaseUntil")) or 0,
-                   str(raw["note"]) if raw.get("note") else None)
+        return cls(
+            raw["owner"],
+            raw["phase"],
+            to_millis(raw.get("at")) or 0,
+            to_millis(raw.get("leaseUntil")) or 0,
+            str(raw["note"]) if raw.get("note") else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,8 +265,12 @@ class JobProgress:
     @property
     def order(self) -> tuple[int, bool, int, str]:
         """Join order: the latest heartbeat wins; for one heartbeat, the stalled verdict."""
-        return (self.heartbeat_at, self.stalled is not None,
-                -1 if self.step is None else self.step, json.dumps(self.to_dict(), sort_keys=True))
+        return (
+            self.heartbeat_at,
+            self.stalled is not None,
+            -1 if self.step is None else self.step,
+            json.dumps(self.to_dict(), sort_keys=True),
+        )
 
     def same_report(self, other: JobProgress | None) -> bool:
         """Whether ``other`` carries the same worker report (the verdict aside)."""
@@ -259,8 +278,13 @@ class JobProgress:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"heartbeatAt": self.heartbeat_at, "stalled": self.stalled is not None}
-        optional = {"step": self.step, "total": self.total, "loss": self.loss, "phase": self.phase,
-                    "stalledReason": self.stalled}
+        optional = {
+            "step": self.step,
+            "total": self.total,
+            "loss": self.loss,
+            "phase": self.phase,
+            "stalledReason": self.stalled,
+        }
         out.update((k, v) for k, v in optional.items() if v is not None)
         return out
 
@@ -283,21 +307,52 @@ class JobProgress:
 
 
 # JSON keys the Version knows; anything else in a record is kept in ``extra``.
-_KNOWN_KEYS = frozenset({
-    "id", "name", "status", "loraUrl", "s3Key", "createdAt", "updatedAt", "completedAt", "error",
-    "source", "jobIds", "jobStatus", "requestId", "datasetHash", "params", "training", "file",
-    "delayTimeMs", "executionTimeMs", "startTime", "estimatedDuration", "foldedNames", "claim", "files", "deleted",
-    "progress",
-})
+_KNOWN_KEYS = frozenset(
+    {
+        "id",
+        "name",
+        "status",
+        "loraUrl",
+        "s3Key",
+        "createdAt",
+        "updatedAt",
+        "completedAt",
+        "error",
+        "source",
+        "jobIds",
+        "jobStatus",
+        "requestId",
+        "datasetHash",
+        "params",
+        "training",
+        "file",
+        "delayTimeMs",
+        "executionTimeMs",
+        "startTime",
+        "estimatedDuration",
+        "foldedNames",
+        "claim",
+        "files",
+        "deleted",
+        "progress",
+    }
+)
 # A legacy ``loraUrl`` that names a version's second file (``…_v4_kohya.safetensors``) is not
 # the main file's URL; it is kept under this key instead.
 LEGACY_COMPANION_URL = "legacyLoraUrl"
 
 _LEGACY_STATUS = {
-    "pending": VersionStatus.pending, "queued": VersionStatus.starting, "starting": VersionStatus.starting,
-    "in_queue": VersionStatus.starting, "training": VersionStatus.training, "running": VersionStatus.training,
-    "in_progress": VersionStatus.training, "completed": VersionStatus.completed,
-    "failed": VersionStatus.failed, "cancelled": VersionStatus.failed, "timed_out": VersionStatus.failed,
+    "pending": VersionStatus.pending,
+    "queued": VersionStatus.starting,
+    "starting": VersionStatus.starting,
+    "in_queue": VersionStatus.starting,
+    "training": VersionStatus.training,
+    "running": VersionStatus.training,
+    "in_progress": VersionStatus.training,
+    "completed": VersionStatus.completed,
+    "failed": VersionStatus.failed,
+    "cancelled": VersionStatus.failed,
+    "timed_out": VersionStatus.failed,
     "deleted": VersionStatus.deleted,
 }
 
@@ -445,7 +500,8 @@ class Version:
         if isinstance(raw.get("id"), str) and raw["id"].strip():
             job_ids.insert(0, raw["id"].strip())
         folded = tuple(
-            n for n in (parse_version_name(x) for x in raw.get("foldedNames") or [] if isinstance(x, str))
+            n
+            for n in (parse_version_name(x) for x in raw.get("foldedNames") or [] if isinstance(x, str))
             if n and n != number
         )
         source = raw.get("source") if raw.get("source") in SOURCES else default_source
@@ -507,10 +563,12 @@ def _read_files(
     listed = raw.get("files")
     if not isinstance(listed, Mapping):
         listed = {}
-    companions = tuple(sorted(
-        (f for f in map(LoraFile.from_dict, listed.values()) if f and (main is None or f.key != main.key)),
-        key=lambda f: f.key,
-    ))
+    companions = tuple(
+        sorted(
+            (f for f in map(LoraFile.from_dict, listed.values()) if f and (main is None or f.key != main.key)),
+            key=lambda f: f.key,
+        )
+    )
     return main, lora_url, companions
 
 
@@ -519,8 +577,19 @@ def _file_entry(f: LoraFile) -> dict[str, Any]:
     return {k: v for k, v in f.to_dict().items() if k != "metadata"}
 
 
-_DOC_KNOWN_KEYS = frozenset({"schemaVersion", "style", "revision", "versions", "currentTraining", "rejectedFiles",
-                             "supersededFiles", "aliases", "aliasHistory"})
+_DOC_KNOWN_KEYS = frozenset(
+    {
+        "schemaVersion",
+        "style",
+        "revision",
+        "versions",
+        "currentTraining",
+        "rejectedFiles",
+        "supersededFiles",
+        "aliases",
+        "aliasHistory",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -649,8 +718,10 @@ def legacy_version_records(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
             records.append(record)
             continue
         record = dict(record)
-        if isinstance(job, str) and isinstance(record.get("id"), str) and (
-            base_job_id(record["id"]) == base_job_id(job)
+        if (
+            isinstance(job, str)
+            and isinstance(record.get("id"), str)
+            and (base_job_id(record["id"]) == base_job_id(job))
         ):
             for key in ("startTime", "estimatedDuration"):
                 if record.get(key) is None and current.get(key) is not None:

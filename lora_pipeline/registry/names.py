@@ -21,8 +21,7 @@ def validate_style(style: str) -> str:
     """Return ``style`` unchanged if it is a safe style id, else raise InvalidStyleName."""
     if not isinstance(style, str) or not _STYLE.match(style) or ".." in style:
         raise InvalidStyleName(
-            f"invalid style name {style!r}: use 1 to 64 letters, digits, '_', '-' or '.', "
-            "never '..'"
+            f"invalid style name {style!r}: use 1 to 64 letters, digits, '_', '-' or '.', never '..'"
         )
     return style
 

@@ -18,8 +18,21 @@ from lora_pipeline.registry.layouts import layout_of, tensors_checksum
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
 _DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 
 
@@ -103,8 +116,10 @@ def _validate(header: dict[str, Any]) -> None:
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise InvalidLoraFile(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
         if (
-            not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
         ):
             raise InvalidLoraFile(f"tensor {name!r}: data_offsets {offsets!r} are invalid")
         if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:

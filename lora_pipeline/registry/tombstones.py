@@ -40,15 +40,22 @@ class Deletion:
         return Deletion(first.at, first.by, first.reason, tuple(sorted({*self.files, *other.files})))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"at": self.at, "by": self.by, "reason": self.reason,
-                "files": [{"key": k, "etag": e, "lastModified": m} for k, e, m in self.files]}
+        return {
+            "at": self.at,
+            "by": self.by,
+            "reason": self.reason,
+            "files": [{"key": k, "etag": e, "lastModified": m} for k, e, m in self.files],
+        }
 
     @classmethod
     def from_dict(cls, raw: Any) -> Deletion | None:
         if not isinstance(raw, Mapping) or not isinstance(raw.get("at"), int):
             return None
-        files = tuple(sorted(
-            (str(f["key"]), str(f.get("etag") or ""), int(f.get("lastModified") or 0))
-            for f in raw.get("files") or [] if isinstance(f, Mapping) and isinstance(f.get("key"), str)
-        ))
+        files = tuple(
+            sorted(
+                (str(f["key"]), str(f.get("etag") or ""), int(f.get("lastModified") or 0))
+                for f in raw.get("files") or []
+                if isinstance(f, Mapping) and isinstance(f.get("key"), str)
+            )
+        )
         return cls(raw["at"], str(raw.get("by") or ""), str(raw["reason"]) if raw.get("reason") else None, files)

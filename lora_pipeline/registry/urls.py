@@ -13,8 +13,15 @@ from enum import IntEnum
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 _SIGNING_PARAMS = frozenset(
-    {"x-amz-signature", "x-amz-credential", "x-amz-expires", "x-amz-security-token",
-     "signature", "expires", "awsaccesskeyid"}
+    {
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-expires",
+        "x-amz-security-token",
+        "signature",
+        "expires",
+        "awsaccesskeyid",
+    }
 )
 
 

@@ -23,8 +23,12 @@ class VersionChange:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "style": self.style, "version": self.version, "change": self.kind,
-            "fields": list(self.fields), "statusBefore": self.before, "statusAfter": self.after,
+            "style": self.style,
+            "version": self.version,
+            "change": self.kind,
+            "fields": list(self.fields),
+            "statusBefore": self.before,
+            "statusAfter": self.after,
             "foldedRecords": self.folded,
         }
 
@@ -46,11 +50,13 @@ def diff_versions(old: RegistryDocument, new: RegistryDocument, primary: str | N
         before = _comparable(olds[0].to_dict(primary))
         fields = tuple(k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k))
         if len(olds) > 1:
-            changes.append(VersionChange(new.style, v.name, "folded", fields, olds[0].status.value,
-                                         v.status.value, folded=len(olds)))
+            changes.append(
+                VersionChange(
+                    new.style, v.name, "folded", fields, olds[0].status.value, v.status.value, folded=len(olds)
+                )
+            )
         elif fields:
-            changes.append(VersionChange(new.style, v.name, "updated", fields, olds[0].status.value,
-                                         v.status.value))
+            changes.append(VersionChange(new.style, v.name, "updated", fields, olds[0].status.value, v.status.value))
     return changes
 
 
@@ -61,7 +67,5 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
 def document_content(document: Mapping[str, Any]) -> dict[str, Any]:
     """A stored document minus what does not count as a change (revision, updatedAt)."""
     out = {k: v for k, v in document.items() if k != "revision"}
-    out["versions"] = [
-        _comparable(v) if isinstance(v, dict) else v for v in document.get("versions") or []
-    ]
+    out["versions"] = [_comparable(v) if isinstance(v, dict) else v for v in document.get("versions") or []]
     return out

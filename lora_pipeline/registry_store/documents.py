@@ -116,8 +116,14 @@ class StoredDocument:
 class RegistryStore:
     """The registry on top of an ObjectStore. Safe to share between threads."""
 
-    def __init__(self, store: ObjectStore, *, max_attempts: int = 100,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), primary: str | None = None) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        max_attempts: int = 100,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        primary: str | None = None,
+    ) -> None:
         """``primary``: the layout documents' ``loraUrl`` names (default: the setting LORA_PRIMARY_FORMAT)."""
         self.store = store
         self.primary = primary or get_settings().primary_format
@@ -173,8 +179,7 @@ class RegistryStore:
         index, _ = self.read_index()  # before the listing: a style it names was listed too
         listed = self.document_etags()
         stale = sorted(
-            style for style, etag in listed.items()
-            if style not in index.styles or index.styles[style].etag != etag
+            style for style, etag in listed.items() if style not in index.styles or index.styles[style].etag != etag
         )
         gone = [style for style in index.styles if style not in listed]  # documents removed by hand
         summaries = []
@@ -199,23 +204,39 @@ class RegistryStore:
 
     # -- writing ---------------------------------------------------------------------
 
-    def apply(self, style: str, evidence: Iterable[Evidence], *, update_index: bool = True,
-              dry_run: bool = False) -> ApplyResult:
+    def apply(
+        self, style: str, evidence: Iterable[Evidence], *, update_index: bool = True, dry_run: bool = False
+    ) -> ApplyResult:
         """Merge ``evidence`` into the style's document and write it if it changed."""
         evidence = list(evidence)
         return self.apply_with(style, lambda _doc: evidence, update_index=update_index, dry_run=dry_run)
 
-    def apply_with(self, style: str, gather: Callable[[RegistryDocument], list[Evidence]], *,
-                   update_index: bool = True, dry_run: bool = False) -> ApplyResult:
+    def apply_with(
+        self,
+        style: str,
+        gather: Callable[[RegistryDocument], list[Evidence]],
+        *,
+        update_index: bool = True,
+        dry_run: bool = False,
+    ) -> ApplyResult:
         """Like ``apply``, with evidence that depends on the document (``gather(current)``;
         called again on the newer document after a lost race), e.g. headers of the files
         the document does not know yet."""
         result, _ = self._update(style, lambda doc: (gather(doc), None), update_index, dry_run)
         return result
 
-    def claim_version(self, style: str, *, request_id: str, dataset_hash: str, params: dict[str, Any],
-                      owner: str, lease: timedelta, reuse_completed: bool = False,
-                      at: datetime | None = None) -> ClaimResult:
+    def claim_version(
+        self,
+        style: str,
+        *,
+        request_id: str,
+        dataset_hash: str,
+        params: dict[str, Any],
+        owner: str,
+        lease: timedelta,
+        reuse_completed: bool = False,
+        at: datetime | None = None,
+    ) -> ClaimResult:
         """Find or reserve the version for this training, and claim the right to submit it:
         one conditional write, so of any number of concurrent submitters one holds the claim.
 
@@ -232,6 +253,7 @@ class RegistryStore:
           so nobody submits it again (the webhook, the job's output and reconciliation
           settle it).
         """
+        # Long only in lines: a keyword-only signature and docstring of 27 lines; the decision is `decide`.
         validate_style(style)
         wanted = {VersionStatus.completed} if reuse_completed else set()
         wanted |= UNFINISHED_STATUSES
@@ -239,9 +261,18 @@ class RegistryStore:
         now_ms = int(now.timestamp() * 1000)
 
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
-            match = next((v for v in reversed(doc.versions) if v.status is not VersionStatus.deleted and (
-                v.request_id == request_id or (
-                v.status in wanted and v.dataset_hash == dataset_hash and v.params == params))), None)
+            match = next(
+                (
+                    v
+                    for v in reversed(doc.versions)
+                    if v.status is not VersionStatus.deleted
+                    and (
+                        v.request_id == request_id
+                        or (v.status in wanted and v.dataset_hash == dataset_hash and v.params == params)
+                    )
+                ),
+                None,
+            )
             if match is not None:
                 claim = match.claim
                 if match.id or match.status == VersionStatus.completed:
@@ -261,12 +292,23 @@ class RegistryStore:
         result, decided = self._update(style, decide, True, False)
         if decided is not None:
             return decided
-        version = next(v for v in result.document.versions
-                       if v.claim is not None and v.claim.owner == owner and v.claim.at == now_ms)
+        version = next(
+            v
+            for v in result.document.versions
+            if v.claim is not None and v.claim.owner == owner and v.claim.at == now_ms
+        )
         return ClaimResult("claimed", version)
 
-    def advance_claim(self, style: str, version: Version, phase: ClaimPhase, *, lease: timedelta | None = None,
-                      note: str | None = None, at: datetime | None = None) -> Version:
+    def advance_claim(
+        self,
+        style: str,
+        version: Version,
+        phase: ClaimPhase,
+        *,
+        lease: timedelta | None = None,
+        note: str | None = None,
+        at: datetime | None = None,
+    ) -> Version:
         """Move this caller's claim on ``version`` to ``phase`` (posting, released or unknown).
 
         ``posting`` is written only while the claim is still this caller's and live (the
@@ -282,13 +324,18 @@ class RegistryStore:
         claim_at = datetime.fromtimestamp(claim.at / 1000, UTC)
 
         def lost() -> ClaimLost:
-            return ClaimLost(f"{style} {version.name}: the submit claim of {claim.owner} was lost "
-                             "(its lease ran out and another submitter took it over); not submitting")
+            return ClaimLost(
+                f"{style} {version.name}: the submit claim of {claim.owner} was lost "
+                "(its lease ran out and another submitter took it over); not submitting"
+            )
 
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
             current = doc.version(version.number)
-            if current is None or current.claim is None or (
-                    current.claim.owner, current.claim.at) != (claim.owner, claim.at):  # not held
+            if (
+                current is None
+                or current.claim is None
+                or (current.claim.owner, current.claim.at) != (claim.owner, claim.at)
+            ):  # not held
                 if phase == "posting":
                     raise lost()
                 return [], ClaimResult("existing", current or version)  # a successor owns it now
@@ -305,8 +352,17 @@ class RegistryStore:
         assert updated is not None
         return updated
 
-    def move_alias(self, style: str, alias: str, *, action: AliasAction, by: str, version: str | None = None,
-                   reason: str | None = None, at: datetime | None = None) -> AliasResult:
+    def move_alias(
+        self,
+        style: str,
+        alias: str,
+        *,
+        action: AliasAction,
+        by: str,
+        version: str | None = None,
+        reason: str | None = None,
+        at: datetime | None = None,
+    ) -> AliasResult:
         """Point ``alias`` at ``version`` (``promote``), or back at the version it pointed at before
         its current one (``rollback``): one conditional write, recorded in the alias history.
 
@@ -338,8 +394,10 @@ class RegistryStore:
                     known = ", ".join(sorted(doc.aliases)) or "none"
                     raise Refused(f"{style} has no alias {alias!r} to roll back (its aliases: {known})")
                 if len(stack) < 2:
-                    raise Refused(f"{style} {alias} has no earlier version to roll back to "
-                                  f"(it has only ever pointed at {current})")
+                    raise Refused(
+                        f"{style} {alias} has no earlier version to roll back to "
+                        f"(it has only ever pointed at {current})"
+                    )
                 target = doc.version(stack[-2])
                 if target is None:
                     raise Refused(f"{style} {alias}: its earlier version {stack[-2]} is not in the document")
@@ -357,24 +415,36 @@ class RegistryStore:
 
     def _check_promotable(self, style: str, alias: str, version: Version) -> None:
         if version.status is not VersionStatus.completed:
-            raise Refused(f"{style} {version.name} is {version.status.value}: only a completed version can be "
-                          f"{alias}'s version")
+            raise Refused(
+                f"{style} {version.name} is {version.status.value}: only a completed version can be {alias}'s version"
+            )
         files = [f for f in (version.file, *version.companions) if f is not None]
         if not files:
             raise Refused(f"{style} {version.name} has no LoRA file recorded")
         for f in files:
             if not is_readable_lora(self.store, f.key):
-                raise Refused(f"{style} {version.name}: its file {f.key} is missing or not a readable "
-                              "safetensors LoRA; run `registry reconcile`, then try again")
+                raise Refused(
+                    f"{style} {version.name}: its file {f.key} is missing or not a readable "
+                    "safetensors LoRA; run `registry reconcile`, then try again"
+                )
 
-    def delete_version(self, style: str, version: str, *, by: str, reason: str | None = None,
-                       dry_run: bool = False, at: datetime | None = None) -> DeleteResult:
+    def delete_version(
+        self,
+        style: str,
+        version: str,
+        *,
+        by: str,
+        reason: str | None = None,
+        dry_run: bool = False,
+        at: datetime | None = None,
+    ) -> DeleteResult:
         """Delete a version's files (every layout, every spelling of its name) and leave a tombstone.
 
         The tombstone is written first (one conditional write, which refuses a version an alias
         points at, or one still training), then the objects go; a crash in between leaves files the
         next delete of the same version removes. Nothing brings a deleted version back, and its
         number is never reused. Raises Refused."""
+        # Long only in lines: the signature and docstring take 17; the rest is one decide + the file removal.
         validate_style(style)
         if parse_version_name(version) is None:
             raise Refused(f"{version!r} is not a version name like V3")
@@ -384,7 +454,8 @@ class RegistryStore:
             parsed = parse_lora_file(style, info.key.rsplit("/", 1)[-1])
             if parsed is not None and info.key.count("/") == 2:
                 listed.setdefault(parsed[0], []).append(
-                    (info.key, info.etag, int(info.last_modified.timestamp() * 1000)))
+                    (info.key, info.etag, int(info.last_modified.timestamp() * 1000))
+                )
         planned: list[DeletedObject] = []
         chosen: list[str] = []
 
@@ -395,15 +466,20 @@ class RegistryStore:
                 raise Refused(f"{style} has no version {version} (it has: {names})")
             aliases = doc.aliases_of(target)
             if aliases:
-                raise Refused(f"{style} {target.name} is what {', '.join(aliases)} point(s) at: promote another "
-                              "version (or roll back) first")
+                raise Refused(
+                    f"{style} {target.name} is what {', '.join(aliases)} point(s) at: promote another "
+                    "version (or roll back) first"
+                )
             if target.status not in (VersionStatus.completed, VersionStatus.failed, VersionStatus.deleted):
                 raise Refused(f"{style} {target.name} is {target.status.value}: wait until it finishes")
             objects: set[DeletedObject] = {o for n in target.numbers for o in listed.get(n, [])}
             recorded: list[LoraFile | RejectedFile] = [f for f in (target.file, *target.companions) if f is not None]
             others: list[LoraFile | RejectedFile] = [*doc.superseded_files, *doc.rejected_files]
-            recorded += [f for f in others
-                         if (parse_lora_file(style, f.key.rsplit("/", 1)[-1]) or (0, None))[0] in target.numbers]
+            recorded += [
+                f
+                for f in others
+                if (parse_lora_file(style, f.key.rsplit("/", 1)[-1]) or (0, None))[0] in target.numbers
+            ]
             objects.update((f.key, f.etag, f.last_modified) for f in recorded)
             planned[:] = sorted(objects)
             chosen[:] = [target.name]
@@ -427,8 +503,9 @@ class RegistryStore:
         ]
         return max(numbers, default=0) + 1
 
-    def _update(self, style: str, decide: Decide, update_index: bool,
-                dry_run: bool) -> tuple[ApplyResult, ClaimResult | None]:
+    def _update(
+        self, style: str, decide: Decide, update_index: bool, dry_run: bool
+    ) -> tuple[ApplyResult, ClaimResult | None]:
         """One optimistic read-merge-write (storage.documents.update_object does the loop).
 
         ``decide(folded_document)`` returns (evidence, None), or ([], answer) to
@@ -460,8 +537,9 @@ class RegistryStore:
                 self._backup(style, stored)
             return new.to_json(self.primary)
 
-        written = update_object(self.store, registry_key(style), rewrite,
-                                max_attempts=self.max_attempts, content_type=JSON)
+        written = update_object(
+            self.store, registry_key(style), rewrite, max_attempts=self.max_attempts, content_type=JSON
+        )
         result: ApplyResult = outcome["result"]
         if result.changed and not dry_run:
             result = replace(result, etag=written.etag if written else None)

@@ -32,8 +32,7 @@ class UnfinishedJob:
     created_at: int | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.job_id, "version": self.version, "jobStatus": self.job_status,
-                "createdAt": self.created_at}
+        return {"id": self.job_id, "version": self.version, "jobStatus": self.job_status, "createdAt": self.created_at}
 
 
 @dataclass(frozen=True)
@@ -50,20 +49,32 @@ class AliasPointer:
     by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "loraUrl": self.lora_url, "s3Key": self.s3_key,
-                "files": {layout: dict(f) for layout, f in sorted(self.files.items())},
-                "since": self.since, "by": self.by}
+        return {
+            "version": self.version,
+            "loraUrl": self.lora_url,
+            "s3Key": self.s3_key,
+            "files": {layout: dict(f) for layout, f in sorted(self.files.items())},
+            "since": self.since,
+            "by": self.by,
+        }
 
     @classmethod
     def from_dict(cls, raw: Any) -> AliasPointer | None:
         if not isinstance(raw, Mapping) or not isinstance(raw.get("version"), str):
             return None
         files = _mapping(raw.get("files"))
-        return cls(raw["version"], _text(raw.get("loraUrl")), _text(raw.get("s3Key")),
-                   {str(k): {"key": _text(v.get("key")), "url": _text(v.get("url"))} for k, v in files.items()
-                    if isinstance(v, Mapping)},
-                   raw.get("since") if isinstance(raw.get("since"), int) else None,
-                   str(raw["by"]) if raw.get("by") else None)
+        return cls(
+            raw["version"],
+            _text(raw.get("loraUrl")),
+            _text(raw.get("s3Key")),
+            {
+                str(k): {"key": _text(v.get("key")), "url": _text(v.get("url"))}
+                for k, v in files.items()
+                if isinstance(v, Mapping)
+            },
+            raw.get("since") if isinstance(raw.get("since"), int) else None,
+            str(raw["by"]) if raw.get("by") else None,
+        )
 
     @classmethod
     def of(cls, doc: RegistryDocument, alias: str, name: str, primary: str | None) -> AliasPointer | None:
@@ -72,9 +83,14 @@ class AliasPointer:
             return None
         record = version.to_dict(primary or get_settings().primary_format)
         last = next((e for e in reversed(doc.alias_history) if e.alias == alias), None)
-        return cls(version.name, record.get("loraUrl"), record.get("s3Key"),
-                   {layout: {"key": f.key, "url": f.url} for layout, f in version.files().items()},
-                   last.at if last else None, last.by if last else None)
+        return cls(
+            version.name,
+            record.get("loraUrl"),
+            record.get("s3Key"),
+            {layout: {"key": f.key, "url": f.url} for layout, f in version.files().items()},
+            last.at if last else None,
+            last.by if last else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,8 @@ class StyleSummary:
             statuses[v.status.value] = statuses.get(v.status.value, 0) + 1
         unfinished = {
             base_job_id(v.id): UnfinishedJob(v.id, v.name, v.job_status, v.created_at)
-            for v in doc.versions if v.id and v.status in UNFINISHED_STATUSES
+            for v in doc.versions
+            if v.id and v.status in UNFINISHED_STATUSES
         }
         return cls(
             style=doc.style,
@@ -115,17 +132,21 @@ class StyleSummary:
             unfinished=unfinished,
             jobs=tuple(sorted({b for v in doc.versions for b in v.job_bases})),
             submitting={
-                v.name: v.claim.at for v in doc.versions
-                if v.claim and not v.id and v.status in UNFINISHED_STATUSES
+                v.name: v.claim.at for v in doc.versions if v.claim and not v.id and v.status in UNFINISHED_STATUSES
             },
             etag=etag,
-            aliases={alias: pointer for alias, name in doc.aliases.items()
-                     if (pointer := AliasPointer.of(doc, alias, name, primary)) is not None},
+            aliases={
+                alias: pointer
+                for alias, name in doc.aliases.items()
+                if (pointer := AliasPointer.of(doc, alias, name, primary)) is not None
+            },
         )
 
     def to_dict(self) -> dict[str, Any]:
         out = {
-            "revision": self.revision, "latestVersion": self.latest_version, "statuses": self.statuses,
+            "revision": self.revision,
+            "latestVersion": self.latest_version,
+            "statuses": self.statuses,
             "filesFingerprint": self.files_fingerprint,
             "unfinished": {b: j.to_dict() for b, j in sorted(self.unfinished.items())},
             "jobs": list(self.jobs),
@@ -152,8 +173,11 @@ class StyleSummary:
             jobs=tuple(raw.get("jobs") or ()),
             submitting={str(k): int(v) for k, v in (raw.get("submitting") or {}).items()},
             etag=raw.get("etag"),
-            aliases={str(a): p for a, p in ((a, AliasPointer.from_dict(r)) for a, r in _mapping(raw.get("aliases")).items())
-                     if p is not None},
+            aliases={
+                str(a): p
+                for a, p in ((a, AliasPointer.from_dict(r)) for a, r in _mapping(raw.get("aliases")).items())
+                if p is not None
+            },
         )
 
 
@@ -197,8 +221,9 @@ def known_files(doc: RegistryDocument) -> dict[str, str]:
         current = latest.get(entry.key)
         if current is None or entry.last_seen > current.last_seen:
             latest[entry.key] = entry
-    return {key: entry.etag for key, entry in latest.items()
-            if not (isinstance(entry, LoraFile) and entry.layout is None)}
+    return {
+        key: entry.etag for key, entry in latest.items() if not (isinstance(entry, LoraFile) and entry.layout is None)
+    }
 
 
 def files_fingerprint(files: Mapping[str, str], primary: str | None = None) -> str:

@@ -42,8 +42,7 @@ def parse_storage_url(url: str) -> tuple[str, str, str]:
 def breaker_from_settings(name: str, settings: Settings | None = None) -> CircuitBreaker:
     """A breaker with LORA_STORE_BREAKER_FAILURES and LORA_STORE_BREAKER_RESET_S."""
     settings = settings or get_settings()
-    return CircuitBreaker(name, fail_max=settings.store_breaker_failures,
-                          reset_timeout=settings.store_breaker_reset_s)
+    return CircuitBreaker(name, fail_max=settings.store_breaker_failures, reset_timeout=settings.store_breaker_reset_s)
 
 
 _shared_breakers: dict[str, CircuitBreaker] = {}
@@ -139,8 +138,9 @@ def shared_store(
         breaker = shared_breaker(s3_location(location, prefix))
         if breaker.is_open:
             breaker.before_call()  # raises StoreUnavailable: no client built, nothing sent
-        inner = _s3_store((make_client or build_s3_client)(options), location, prefix, options,
-                          public_base_url, accelerate)
+        inner = _s3_store(
+            (make_client or build_s3_client)(options), location, prefix, options, public_base_url, accelerate
+        )
         checked_with(inner, breaker)
         store = BreakerStore(inner, breaker)
         with _shared_lock:
@@ -148,10 +148,17 @@ def shared_store(
         return store
 
 
-def _s3_store(client: S3Client, bucket: str, prefix: str, options: S3Options, public_base_url: str | None,
-              accelerate: bool) -> S3Store:
-    return S3Store(client, bucket, prefix, public_base_url=public_base_url,
-                   accelerate=accelerate or options.accelerate, options=options)
+def _s3_store(
+    client: S3Client, bucket: str, prefix: str, options: S3Options, public_base_url: str | None, accelerate: bool
+) -> S3Store:
+    return S3Store(
+        client,
+        bucket,
+        prefix,
+        public_base_url=public_base_url,
+        accelerate=accelerate or options.accelerate,
+        options=options,
+    )
 
 
 def reset_shared_stores() -> None:

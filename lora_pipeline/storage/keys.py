@@ -69,11 +69,15 @@ def checkpoint_prefix(style: str, version: str, request_id: str) -> str:
 
     Keyed by the request, never by the job id: a RunPod retry (``-e2`` …) of the same
     request resumes from them, possibly on another machine."""
-    rid = request_id if _CHECKPOINT_SEGMENT.match(request_id) and request_id not in (".", "..") else (
-        "h-" + hashlib.sha256(request_id.encode()).hexdigest()[:32]
+    rid = (
+        request_id
+        if _CHECKPOINT_SEGMENT.match(request_id) and request_id not in (".", "..")
+        else ("h-" + hashlib.sha256(request_id.encode()).hexdigest()[:32])
     )
-    safe_version = version if _CHECKPOINT_SEGMENT.match(version) and version not in (".", "..") else (
-        "h-" + hashlib.sha256(version.encode()).hexdigest()[:16]
+    safe_version = (
+        version
+        if _CHECKPOINT_SEGMENT.match(version) and version not in (".", "..")
+        else ("h-" + hashlib.sha256(version.encode()).hexdigest()[:16])
     )
     return f"{CHECKPOINTS}/{validate_style(style)}/{safe_version}/{rid}/"
 

@@ -105,9 +105,7 @@ class LocalStore:
             (self._meta / "tmp").mkdir(parents=True, exist_ok=True)
             (self._meta / "locks").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(
-                f"cannot use local store directory {self.root} (LORA_STORAGE_URL): {exc}"
-            ) from exc
+            raise StorageError(f"cannot use local store directory {self.root} (LORA_STORAGE_URL): {exc}") from exc
         # ETags cost a full read; remember them per (inode, size, mtime).
         self._etag_cache: dict[tuple[str, int, int, int], str] = {}
         self._cache_lock = threading.Lock()

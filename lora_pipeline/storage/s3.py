@@ -71,9 +71,7 @@ _AUTH = {
     "InvalidToken",
     "AuthorizationHeaderMalformed",
 }
-_CREDENTIALS_HINT = (
-    "check the AWS credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
-)
+_CREDENTIALS_HINT = "check the AWS credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
 
 
 class _WriteCondition(TypedDict, total=False):
@@ -145,13 +143,9 @@ class S3Options:
     def validate(self) -> None:
         """Check values given directly or as overrides (the settings' own are checked already)."""
         if self.addressing_style not in {"auto", "path", "virtual"}:
-            raise StorageError(
-                f"LORA_S3_ADDRESSING_STYLE must be auto, path or virtual, got {self.addressing_style!r}"
-            )
+            raise StorageError(f"LORA_S3_ADDRESSING_STYLE must be auto, path or virtual, got {self.addressing_style!r}")
         if self.retry_mode not in {"standard", "adaptive", "legacy"}:
-            raise StorageError(
-                f"AWS_RETRY_MODE must be standard, adaptive or legacy, got {self.retry_mode!r}"
-            )
+            raise StorageError(f"AWS_RETRY_MODE must be standard, adaptive or legacy, got {self.retry_mode!r}")
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise StorageError(f"AWS_ENDPOINT_URL_S3 must be an http(s) URL, got {self.endpoint_url!r}")
 
@@ -214,7 +208,9 @@ class S3Options:
         )
 
 
-def build_s3_client(options: S3Options | None = None, *, session: Session | None = None, **client_kwargs: Any) -> S3Client:
+def build_s3_client(
+    options: S3Options | None = None, *, session: Session | None = None, **client_kwargs: Any
+) -> S3Client:
     """A boto3 S3 client with the options' retries, timeouts and addressing style.
 
     ``session``: a boto3 Session to build from (reusing one saves reloading the
@@ -297,9 +293,7 @@ class S3Store:
                     f"{self.client.meta.endpoint_url} (check LORA_STORAGE_URL)"
                 )
             if code in _AUTH or status == 403:
-                return StorageError(
-                    f"S3 refused {op} on {self.describe()}: {code} {message}; {_CREDENTIALS_HINT}"
-                )
+                return StorageError(f"S3 refused {op} on {self.describe()}: {code} {message}; {_CREDENTIALS_HINT}")
             return StorageError(f"S3 {op} {key or ''} failed: {code or status} {message}".rstrip())
         return StorageError(f"S3 {op} {key or ''} failed: {type(exc).__name__}: {exc}")
 
@@ -360,8 +354,7 @@ class S3Store:
                 ) from None
             if code in _AUTH or status in (401, 403):
                 raise StorageError(
-                    f"S3 refused access to bucket {self.bucket!r} ({code or status}); "
-                    f"{_CREDENTIALS_HINT}"
+                    f"S3 refused access to bucket {self.bucket!r} ({code or status}); {_CREDENTIALS_HINT}"
                 ) from None
             raise StorageError(f"cannot reach S3 bucket {self.bucket!r}: {code} {message}") from None
         except BotoCoreError as exc:
@@ -404,9 +397,7 @@ class S3Store:
             if status is not None and status >= 500 and status != 501:
                 # Still failing after the retries: the endpoint is unwell, not saying "unsupported".
                 answering = False
-                raise StorageError(
-                    f"S3 test write to {self.describe()} failed: {code or status} {message}"
-                ) from None
+                raise StorageError(f"S3 test write to {self.describe()} failed: {code or status} {message}") from None
             # Anything else (e.g. NotImplemented for the header) means: not supported.
             log.debug("conditional write probe failed: %s %s", code, message)
             honoured = False
@@ -585,7 +576,12 @@ class S3Store:
         if size < self.options.multipart_threshold:
             with open(source, "rb") as body:
                 response = self._call(
-                    "upload", key, self.client.put_object, Bucket=self.bucket, Key=full, Body=body,
+                    "upload",
+                    key,
+                    self.client.put_object,
+                    Bucket=self.bucket,
+                    Key=full,
+                    Body=body,
                     **conditional,
                 )
             return response["ETag"].strip('"')
@@ -621,13 +617,27 @@ class S3Store:
             with open(source, "rb") as handle:
                 number = 1
                 while chunk := handle.read(self.options.multipart_chunksize):
-                    part = self._call("upload", key, self.client.upload_part, Bucket=self.bucket, Key=full,
-                                      UploadId=upload_id, PartNumber=number, Body=chunk)
+                    part = self._call(
+                        "upload",
+                        key,
+                        self.client.upload_part,
+                        Bucket=self.bucket,
+                        Key=full,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=chunk,
+                    )
                     parts.append({"ETag": part["ETag"], "PartNumber": number})
                     number += 1
             response = self._call(
-                "upload", key, self.client.complete_multipart_upload, Bucket=self.bucket, Key=full,
-                UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*",
+                "upload",
+                key,
+                self.client.complete_multipart_upload,
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
             )
         except BaseException:
             with contextlib.suppress(Exception):

@@ -235,9 +235,7 @@ def upload_files(
     existing: dict[str, ObjectInfo] = {}
     if skip_existing and pairs:
         wanted = {key for key, _ in pairs}
-        existing = {
-            info.key: info for info in store.list(_common_dir(sorted(wanted))) if info.key in wanted
-        }
+        existing = {info.key: info for info in store.list(_common_dir(sorted(wanted))) if info.key in wanted}
 
     def work(key: str, path: Path) -> str:
         if skip_existing and _same_content(store, existing.get(key), path):
@@ -420,9 +418,7 @@ class tqdm_progress:  # noqa: N801 - used like a function in a with statement
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(
-                total=event.bytes_total, desc=self._desc, unit="B", unit_scale=True, **self._kwargs
-            )
+            self._bar = tqdm(total=event.bytes_total, desc=self._desc, unit="B", unit_scale=True, **self._kwargs)
         self._bar.update(event.size)
         if event.outcome == "failed":
             self._bar.write(f"failed: {event.key}")
@@ -432,9 +428,7 @@ class tqdm_progress:  # noqa: N801 - used like a function in a with statement
             self._bar.close()
 
 
-def logging_progress(
-    logger: logging.Logger | Any, *, every: int = 100, label: str = "transfer"
-) -> ProgressCallback:
+def logging_progress(logger: logging.Logger | Any, *, every: int = 100, label: str = "transfer") -> ProgressCallback:
     """A callback logging every ``every`` files, every failure, and the last file.
 
     ``logger`` may be a logging.Logger or Dagster's ``context.log``.

@@ -42,9 +42,7 @@ def create_app(store: ObjectStore, token: str | None, *, max_body_bytes: int = M
         try:
             body = await _read_limited(request, max_body_bytes)
         except _TooLarge:
-            return JSONResponse(
-                {"error": f"body over the {max_body_bytes}-byte limit"}, status_code=413
-            )
+            return JSONResponse({"error": f"body over the {max_body_bytes}-byte limit"}, status_code=413)
         try:
             decoded = parse_webhook_body(body)
         except InvalidWebhook as exc:

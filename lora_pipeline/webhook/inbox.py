@@ -178,7 +178,7 @@ def inbox_key(job_id: str, received_at: datetime) -> str:
 def inbox_name(key: str) -> str:
     """``key`` below ``webhooks/inbox/``, whatever its form; ValueError outside the inbox."""
     prefix = WEBHOOK_INBOX + "/"
-    name = key[len(prefix):] if key.startswith(prefix) else ""
+    name = key[len(prefix) :] if key.startswith(prefix) else ""
     if not name or name.endswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
         raise ValueError(f"not an inbox key: {key!r}")
     return name
@@ -257,12 +257,12 @@ def list_inbox(store: ObjectStore) -> Iterator[InboxItem]:
     """
     for received_at, key, info in inbox_listing(store):
         if not key.lower().endswith(".json"):
-            yield InboxItem(key, None, "not a .json file: the inbox takes RunPod status bodies as <name>.json",
-                            received_at)
+            yield InboxItem(
+                key, None, "not a .json file: the inbox takes RunPod status bodies as <name>.json", received_at
+            )
             continue
         if info.size > MAX_BODY_BYTES:  # not read: it could be anything, of any size
-            yield InboxItem(key, None, f"body is {info.size} bytes, over the {MAX_BODY_BYTES}-byte limit",
-                            received_at)
+            yield InboxItem(key, None, f"body is {info.size} bytes, over the {MAX_BODY_BYTES}-byte limit", received_at)
             continue
         try:
             data = store.get(key).data

@@ -39,8 +39,11 @@ LAYOUT_KEY = META_PREFIX + "layout"  # kohya | diffusers: which file of the pair
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # sd-scripts' implementation URL for an SDXL LoRA (its SGM UNet); "diffusers" for SD 1/2.
 _SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-_OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw_fused": "torch.optim.adamw.AdamW",
-                      "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
+_OPTIMIZER_CLASSES = {
+    "adamw": "torch.optim.adamw.AdamW",
+    "adamw_fused": "torch.optim.adamw.AdamW",
+    "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ _FAMILIES: dict[str, ModelFamily] = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
 def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
     """The facts ``provenance_metadata`` wrote, read back from a header: everything the kohya
     file's header needs is in the diffusers file's, so that file alone determines it."""
+
     def value(key: str) -> str:
         found = metadata.get(META_PREFIX + key)
         if found is None:
@@ -141,15 +145,23 @@ def kohya_metadata(facts: ArtifactFacts) -> dict[str, str]:
     """kohya's ``ss_*`` and SAI's ``modelspec.*`` keys, valued as sd-scripts' ``train_network.py``
     writes them (``str()`` of its values: alpha as a float, timestamps in seconds with their
     fraction, the base model's folder name), for the kohya layout only."""
+    # Long on purpose: one line per kohya/modelspec key, the whole table sd-scripts writes in one view.
     p = facts.params
     family = facts.family
     v_pred = facts.prediction_type == "v_prediction"
     if family == "sdxl":
-        base_version, architecture, implementation = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM_IMPLEMENTATION
+        base_version, architecture, implementation = (
+            "sdxl_base_v1-0",
+            "stable-diffusion-xl-v1-base",
+            _SGM_IMPLEMENTATION,
+        )
     else:
         base_version = ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_pred else "")
-        architecture = ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512") if family == "sd2" \
+        architecture = (
+            ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512")
+            if family == "sd2"
             else "stable-diffusion-v1"
+        )
         implementation = "diffusers"
     lr = str(float(p.learning_rate))
     metadata = {
@@ -210,7 +222,7 @@ def base_model_name(base_model: str) -> str:
         source = "local"
     if source == "hub":
         return base_model
-    path = base_model[len(STORE_SCHEME):] if source == "store" else base_model
+    path = base_model[len(STORE_SCHEME) :] if source == "store" else base_model
     return Path(path.rstrip("/")).name or base_model
 
 
@@ -312,9 +324,12 @@ def write_kohya_file(diffusers_file: Path, path: Path, *, unet_config: Mapping[s
 
 
 _LORA_SUFFIXES = {
-    ".lora.down.weight": "down", ".lora.up.weight": "up",
-    ".lora_A.weight": "down", ".lora_B.weight": "up",
-    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
 }
 
 
@@ -338,8 +353,9 @@ def _with_text_model(key: str) -> str:
     return key if key.startswith("text_model.") else "text_model." + key
 
 
-def _save_with_checksum(tensors: Mapping[str, Any], path: Path, header: dict[str, str], *,
-                        digest: str | None = None) -> Path:
+def _save_with_checksum(
+    tensors: Mapping[str, Any], path: Path, header: dict[str, str], *, digest: str | None = None
+) -> Path:
     """Save ``tensors`` with ``header`` plus the SHA-256 of their tensor data (the bytes after
     the header, which the header does not change; ``digest`` when already known), checked
     once written."""

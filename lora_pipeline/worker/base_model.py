@@ -25,7 +25,7 @@ def describe_source(base_model: str) -> str:
     if base_model == "tiny":
         return "tiny"
     if base_model.startswith(STORE_SCHEME):
-        if not base_model[len(STORE_SCHEME):].strip("/"):
+        if not base_model[len(STORE_SCHEME) :].strip("/"):
             raise WorkerInputError("base_model: 'store:' needs a key prefix, e.g. 'store:models/sd15'")
         return "store"
     if Path(base_model).expanduser().is_dir():
@@ -50,7 +50,7 @@ def resolve_base_model(base_model: str, store: ObjectStore | None, cache_dir: Pa
     if source == "store":
         if store is None:
             raise WorkerInputError("base_model: 'store:' needs an object store")
-        return _from_store(store, base_model[len(STORE_SCHEME):].strip("/") + "/", cache)
+        return _from_store(store, base_model[len(STORE_SCHEME) :].strip("/") + "/", cache)
     return _from_hub(base_model, cache)
 
 

@@ -43,8 +43,7 @@ def load_manifest(store: ObjectStore, style: str, dataset_hash: str) -> DatasetM
         raw = store.get(key).data
     except ObjectNotFound:
         raise WorkerInputError(
-            f"dataset_hash: no dataset {dataset_hash} for style {style!r} in "
-            f"{store.describe()} (missing {key})"
+            f"dataset_hash: no dataset {dataset_hash} for style {style!r} in {store.describe()} (missing {key})"
         ) from None
     try:
         manifest = DatasetManifest.model_validate_json(raw)
@@ -55,9 +54,7 @@ def load_manifest(store: ObjectStore, style: str, dataset_hash: str) -> DatasetM
     return manifest
 
 
-def fetch_examples(
-    store: ObjectStore, manifest: DatasetManifest, style: str, dataset_hash: str
-) -> list[Example]:
+def fetch_examples(store: ObjectStore, manifest: DatasetManifest, style: str, dataset_hash: str) -> list[Example]:
     """Download and decode every image; verify its content hash; refuse corrupt files."""
     prefix = dataset_prefix(style, dataset_hash)
     examples = []
@@ -68,9 +65,7 @@ def fetch_examples(
         except ObjectNotFound:
             raise WorkerInputError(f"dataset image {entry.source!r} is missing from the store ({key})") from None
         if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise WorkerInputError(
-                f"dataset image {entry.source!r} ({key}) does not match its manifest sha256"
-            )
+            raise WorkerInputError(f"dataset image {entry.source!r} ({key}) does not match its manifest sha256")
         examples.append(Example(decode_image(data, entry.source), entry.caption, entry.source))
     return examples
 

@@ -25,9 +25,7 @@ def detect_family(model_dir: Path) -> ModelFamily:
     pipeline = index.get("_class_name")
     if pipeline in _SDXL_PIPELINES or unet.get("addition_embed_type") == "text_time":
         if "text_encoder_2" not in index:
-            raise WorkerInputError(
-                f"base model at {model_dir} looks like SDXL but has no text_encoder_2"
-            )
+            raise WorkerInputError(f"base model at {model_dir} looks like SDXL but has no text_encoder_2")
         return "sdxl"
     if pipeline in _SD_PIPELINES:
         # SD 2.x: OpenCLIP ViT-H text encoder (1024-wide cross-attention).
@@ -57,9 +55,7 @@ def unet_config(model_dir: Path) -> dict:
 def check_family(detected: ModelFamily, requested: FamilyChoice) -> ModelFamily:
     """The detected family, unless the request named a different one."""
     if requested != "auto" and requested != detected:
-        raise WorkerInputError(
-            f"model_family: request says {requested!r} but the base model is {detected!r}"
-        )
+        raise WorkerInputError(f"model_family: request says {requested!r} but the base model is {detected!r}")
     return detected
 
 

@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # each imports at run time where it is used: importing the ha
 log = logging.getLogger("lora_pipeline.worker")
 TRAINING_HEARTBEAT_S = 300.0  # a training update at least this often, however slow the steps (LORA_STALL_AFTER_S)
 
+
 def handler(job: dict[str, Any]) -> dict[str, Any]:
     """RunPod entry point: train the requested LoRA; never raises."""
     try:
@@ -176,8 +177,9 @@ def check_job(request: TrainingRequest, job_id: str, store: Any, key: str, repor
     from lora_pipeline.worker.checkpoint import StoreCheckpointer
 
     checkpointer = StoreCheckpointer(store, checkpoint_prefix(request.style, request.version, request.request_id))
-    return CheckedJob(request, job_id, store, key, params, examples, model_dir, family, unet_layout, device,
-                      checkpointer)
+    return CheckedJob(
+        request, job_id, store, key, params, examples, model_dir, family, unet_layout, device, checkpointer
+    )
 
 
 def check_dataset(request: TrainingRequest, store: Any) -> tuple[TrainingParams, list[Example]]:
@@ -244,7 +246,10 @@ def train_job(checked: CheckedJob, report: Progress) -> TrainOutcome:
     on_step = training_progress(report, params)
     report({"phase": "training", "step": 0})
     return train_lora(
-        params, checked.family, checked.model_dir, checked.examples,
+        params,
+        checked.family,
+        checked.model_dir,
+        checked.examples,
         fingerprint=run_fingerprint(params, checked.family, request.base_model, request.dataset_hash),
         checkpointer=checked.checkpointer if params.checkpoint_every else None,
         progress=on_step,
@@ -253,7 +258,10 @@ def train_job(checked: CheckedJob, report: Progress) -> TrainOutcome:
 
 
 def training_progress(
-    report: Progress, params: TrainingParams, *, heartbeat_s: float = TRAINING_HEARTBEAT_S,
+    report: Progress,
+    params: TrainingParams,
+    *,
+    heartbeat_s: float = TRAINING_HEARTBEAT_S,
     clock: Callable[[], float] = time.monotonic,
 ) -> Callable[[int, int, float], None]:
     """A progress callback that passes on about ten training updates, and always the last one:
@@ -279,8 +287,12 @@ def publish_job(checked: CheckedJob, outcome: TrainOutcome, started_at: datetime
     metadata = provenance_metadata(artifact_facts(checked, outcome, started_at))
     with tempfile.TemporaryDirectory(prefix="lora-job-") as tmp:
         lora_file = write_lora_file(
-            Path(tmp) / "lora.safetensors", checked.family, outcome.unet_lora, metadata,
-            text_encoder_lora=outcome.text_encoder_lora, text_encoder_2_lora=outcome.text_encoder_2_lora,
+            Path(tmp) / "lora.safetensors",
+            checked.family,
+            outcome.unet_lora,
+            metadata,
+            text_encoder_lora=outcome.text_encoder_lora,
+            text_encoder_2_lora=outcome.text_encoder_2_lora,
             adapter_configs=outcome.adapter_configs,
         )
         sample_keys = publish_samples(checked, lora_file, report)
@@ -328,8 +340,9 @@ def publish_samples(checked: CheckedJob, lora_file: Path, report: Progress) -> l
 
     report({"phase": "samples"})
     stem = checked.key.rsplit("/", 1)[0] + "/" + Path(checked.key).stem
-    prompts = sample_prompts([with_trigger(e.caption, params.trigger_word) for e in checked.examples],
-                             params.num_sample_images)
+    prompts = sample_prompts(
+        [with_trigger(e.caption, params.trigger_word) for e in checked.examples], params.num_sample_images
+    )
     sample_keys: list[str] = []
     images = generate_samples(checked.model_dir, checked.family, lora_file, prompts, params, checked.device)
     for index, png in enumerate(images):
@@ -455,16 +468,18 @@ def _publish_companion(store: Any, key: str, path: Path, request: TrainingReques
     store.upload_file(key, path)  # this request's own earlier attempt: its weights are superseded
 
 
-def _republish_companion(store: Any, key: str, kohya_key: str, unet_layout: dict, request: TrainingRequest,
-                         tmp: Path) -> None:
+def _republish_companion(
+    store: Any, key: str, kohya_key: str, unet_layout: dict, request: TrainingRequest, tmp: Path
+) -> None:
     """The kohya file derived from the diffusers file published at ``key`` (by a twin job of this
     request), uploaded in place of whatever this job put there."""
     from lora_pipeline.worker.artifact import write_kohya_file
 
     published = tmp / "published.safetensors"
     store.download_file(key, published)
-    _publish_companion(store, kohya_key, write_kohya_file(published, tmp / "republished.safetensors",
-                                                          unet_config=unet_layout), request)
+    _publish_companion(
+        store, kohya_key, write_kohya_file(published, tmp / "republished.safetensors", unet_config=unet_layout), request
+    )
 
 
 def _already_trained(store: Any, key: str, request: TrainingRequest) -> dict[str, Any] | None:

@@ -43,8 +43,12 @@ _TOP_LEVEL_SGM = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
-_TEXT_PREFIXES = {("sd1", "text_encoder"): "lora_te", ("sd2", "text_encoder"): "lora_te",
-                  ("sdxl", "text_encoder"): "lora_te1", ("sdxl", "text_encoder_2"): "lora_te2"}
+_TEXT_PREFIXES = {
+    ("sd1", "text_encoder"): "lora_te",
+    ("sd2", "text_encoder"): "lora_te",
+    ("sdxl", "text_encoder"): "lora_te1",
+    ("sdxl", "text_encoder_2"): "lora_te2",
+}
 
 
 class KohyaNameError(ValueError):

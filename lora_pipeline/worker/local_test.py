@@ -40,7 +40,9 @@ def ingest_sample(url: str) -> str:
     from lora_pipeline.storage.factory import open_store
 
     report = ingest_dataset(
-        open_store(url), SAMPLE_STYLE, sample_dataset_path(),
+        open_store(url),
+        SAMPLE_STYLE,
+        sample_dataset_path(),
         options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD),
     )
     assert report.manifest is not None, "the bundled sample always ingests"

@@ -36,8 +36,10 @@ def generate_samples(
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    dtype = torch.bfloat16 if params.mixed_precision == "bf16" else (
-        torch.float16 if params.mixed_precision == "fp16" else torch.float32
+    dtype = (
+        torch.bfloat16
+        if params.mixed_precision == "bf16"
+        else (torch.float16 if params.mixed_precision == "fp16" else torch.float32)
     )
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family != "sdxl" else {}
     pipe = pipeline_cls.from_pretrained(str(model_dir), dtype=dtype, **kwargs)

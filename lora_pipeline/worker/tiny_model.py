@@ -36,8 +36,12 @@ class RandomModelSpec:
     text_encoder_2: dict[str, Any] | None = None
     scheduler: dict[str, Any] = field(
         default_factory=lambda: dict(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            num_train_timesteps=1000, clip_sample=False, steps_offset=1,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            clip_sample=False,
+            steps_offset=1,
         )
     )
     seed: int = 0
@@ -124,9 +128,7 @@ def ensure_random_model(spec: RandomModelSpec, target: Path) -> Path:
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte → printable character map."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = printable[:]
     extra = 0
@@ -155,6 +157,7 @@ def write_tiny_tokenizer_files(folder: Path) -> int:
 
 def build_random_model(folder: Path, spec: RandomModelSpec) -> None:
     """Save a whole diffusers pipeline folder for ``spec`` (seeded random weights)."""
+    # Long on purpose: the published configs of the tiny UNet, VAE and text encoder, one keyword per line.
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -168,8 +171,9 @@ def build_random_model(folder: Path, spec: RandomModelSpec) -> None:
         )
 
     def text_config(kwargs: dict[str, Any]) -> CLIPTextConfig:
-        values: dict[str, Any] = dict(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-                      vocab_size=vocab_size)
+        values: dict[str, Any] = dict(
+            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, vocab_size=vocab_size
+        )
         values.update(kwargs)
         return CLIPTextConfig(**values)
 
@@ -192,15 +196,26 @@ def build_random_model(folder: Path, spec: RandomModelSpec) -> None:
         torch.manual_seed(spec.seed)
         text_encoder_2 = CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or spec.text_encoder)).to(dtype)
         pipeline: Any = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer(),
-            tokenizer_2=tokenizer(), unet=unet, scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer(),
+            tokenizer_2=tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
         )
     else:
         from diffusers import StableDiffusionPipeline
 
         pipeline = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer(), unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     pipeline.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(tokenizer_dir)

@@ -155,9 +155,7 @@ def load_models(model_dir: Path, family: ModelFamily, device: torch.device, dtyp
     text_encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)]
     if family == "sdxl":
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=True))
-        text_encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
-        )
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype))
     # The VAE only encodes each image once, so fp32 costs little and avoids the SDXL
     # VAE's fp16 overflow.
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch.float32)
@@ -223,7 +221,9 @@ def make_optimizer(params: TrainingParams, trainable: Sequence[torch.nn.Paramete
     return torch.optim.AdamW(trainable, foreach=True, **kwargs)
 
 
-def _encode_prompts(models: _Models, captions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _encode_prompts(
+    models: _Models, captions: Sequence[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt embeddings (and SDXL's pooled embedding), the way each family's training script does."""
     if models.family != "sdxl":
         ids = _tokenize(models.tokenizers[0], captions, device)
@@ -238,8 +238,11 @@ def _encode_prompts(models: _Models, captions: Sequence[str], device: torch.devi
 
 def _tokenize(tokenizer: Any, captions: Sequence[str], device: torch.device) -> torch.Tensor:
     return tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids.to(device)
 
 
@@ -262,7 +265,9 @@ class _Prepared:
 
 
 @torch.no_grad()
-def prepare_cache(models: _Models, examples: Sequence[Example], params: TrainingParams, device: torch.device, dtype: torch.dtype) -> _Prepared:
+def prepare_cache(
+    models: _Models, examples: Sequence[Example], params: TrainingParams, device: torch.device, dtype: torch.dtype
+) -> _Prepared:
     """Encode every image once (latent mean/std) and, unless the text encoder trains, every caption."""
     import numpy as np
 
@@ -321,8 +326,9 @@ class _Batches:
     instead of a ``torch.stack`` of cached tensors every step.
     """
 
-    def __init__(self, cache: _Prepared, batch_size: int, seed: int, *, static: bool, on_device: bool,
-                 device: torch.device):
+    def __init__(
+        self, cache: _Prepared, batch_size: int, seed: int, *, static: bool, on_device: bool, device: torch.device
+    ):
         self.cache, self.batch_size, self.seed = cache, batch_size, seed
         self.static, self.on_device, self.device = static, on_device, device
         self.per_epoch = batches_per_epoch(cache.buckets, batch_size)
@@ -431,8 +437,9 @@ def train_lora(
     check_optimizer_available(params.optimizer)
     levers = (levers if levers is not None else SpeedLevers.from_env()).resolve(device, params.compile)
     with training_settings(levers):
-        return _train(params, family, model_dir, examples, fingerprint, checkpointer, progress, device, dtype,
-                      levers, started)
+        return _train(
+            params, family, model_dir, examples, fingerprint, checkpointer, progress, device, dtype, levers, started
+        )
 
 
 def _train(
@@ -450,6 +457,8 @@ def _train(
 ) -> TrainOutcome:
     """Prepare, resume, run the steps, export: each step below keeps the RNG draws in the order
     an uninterrupted run makes them, which is what makes a resumed run exact."""
+    # Long only in lines: each step is a named function; the formatter puts each argument of _Run
+    # and TrainOutcome on its own line.
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     models = load_models(model_dir, family, device, dtype)
@@ -464,8 +473,9 @@ def _train(
         batch_size = _largest_fitting_batch(models, cache, params, levers, trainable, device, dtype)
     else:
         batch_size = params.train_batch_size
-    batches = _Batches(cache, batch_size, params.seed, static=bool(levers.static_shapes),
-                       on_device=levers.device_cache, device=device)
+    batches = _Batches(
+        cache, batch_size, params.seed, static=bool(levers.static_shapes), on_device=levers.device_cache, device=device
+    )
     n_steps = steps_for_batch(params, batches.per_epoch, batch_size)
     lr_scheduler = make_lr_scheduler(params, optimizer, n_steps)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -474,8 +484,22 @@ def _train(
     if state is not None:
         start_step, losses = resume_from(state, trainable, optimizer, lr_scheduler, scaler)
 
-    run = _Run(params, models, enter_training_mode(models, params, levers), cache, batches, trainable, optimizer,
-               lr_scheduler, scaler, levers, device, dtype, batch_size, n_steps)
+    run = _Run(
+        params,
+        models,
+        enter_training_mode(models, params, levers),
+        cache,
+        batches,
+        trainable,
+        optimizer,
+        lr_scheduler,
+        scaler,
+        levers,
+        device,
+        dtype,
+        batch_size,
+        n_steps,
+    )
     images_seen = _train_steps(run, start_step, losses, fingerprint, checkpointer, progress)
 
     unet_lora, te_lora, te2_lora = _lora_layers(models, params)
@@ -534,8 +558,10 @@ def make_lr_scheduler(params: TrainingParams, optimizer: Any, n_steps: int) -> A
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
-        params.lr_scheduler, optimizer=optimizer,
-        num_warmup_steps=params.lr_warmup_steps, num_training_steps=n_steps,
+        params.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=params.lr_warmup_steps,
+        num_training_steps=n_steps,
     )
 
 
@@ -689,8 +715,19 @@ def _train_steps(
             continue
         flushed = _flush_losses(pending, losses)
         if due and checkpointer is not None:  # due: there is a checkpointer
-            checkpointer.save(done, checkpoint_state(fingerprint, done, run.batch_size, run.trainable, run.optimizer,
-                                                     run.lr_scheduler, run.scaler, losses))
+            checkpointer.save(
+                done,
+                checkpoint_state(
+                    fingerprint,
+                    done,
+                    run.batch_size,
+                    run.trainable,
+                    run.optimizer,
+                    run.lr_scheduler,
+                    run.scaler,
+                    losses,
+                ),
+            )
         if progress:
             for flushed_step, value in flushed:
                 progress(flushed_step, n_steps, value)
@@ -720,8 +757,17 @@ def _micro_batch_loss(run: _Run, batch: _Batch, step: int, micro: int) -> torch.
     mean, std, embeds, pooled, time_ids = run.batches.tensors(batch, family)
     scheduler = models.noise_scheduler
     latents, noise, timesteps = sample_noisy_inputs(
-        mean, std, len(batch.ids), seed=run.params.seed, step=step, micro=micro, num_timesteps=run.num_timesteps,
-        scaling=run.scaling, shift=run.shift, device=run.device, device_gen=run.device_gen,
+        mean,
+        std,
+        len(batch.ids),
+        seed=run.params.seed,
+        step=step,
+        micro=micro,
+        num_timesteps=run.num_timesteps,
+        scaling=run.scaling,
+        shift=run.shift,
+        device=run.device,
+        device_gen=run.device_gen,
     )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if run.levers.channels_last:
@@ -812,8 +858,15 @@ def _flush_losses(pending: list[tuple[int, torch.Tensor]], losses: list[float]) 
     return flushed
 
 
-def _largest_fitting_batch(models: _Models, cache: _Prepared, params: TrainingParams, levers: SpeedLevers,
-                           trainable: Sequence[torch.nn.Parameter], device: torch.device, dtype: torch.dtype) -> int:
+def _largest_fitting_batch(
+    models: _Models,
+    cache: _Prepared,
+    params: TrainingParams,
+    levers: SpeedLevers,
+    trainable: Sequence[torch.nn.Parameter],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> int:
     """Probe forward+backward at the largest bucket with growing batches; keep the largest that fits."""
     index = max(range(len(cache.buckets)), key=lambda i: cache.buckets[i][0] * cache.buckets[i][1])
     latent = cache.latent_mean[index]
@@ -843,8 +896,9 @@ def _largest_fitting_batch(models: _Models, cache: _Prepared, params: TrainingPa
 
     fits = memory_probe(device, step, levers.memory_fraction)
     if fits is None:
-        log.warning("levers.max_batch: %s memory cannot be measured; keeping batch %d", device.type,
-                    params.train_batch_size)
+        log.warning(
+            "levers.max_batch: %s memory cannot be measured; keeping batch %d", device.type, params.train_batch_size
+        )
         return params.train_batch_size
     # A batch comes from one bucket: more than its largest bucket holds would only repeat images.
     cap = min(levers.max_batch_cap, max(Counter(cache.buckets).values()))

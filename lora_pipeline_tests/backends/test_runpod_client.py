@@ -171,8 +171,9 @@ def test_a_run_that_answers_5xx_is_not_repeated(client, fake_runpod, sleeps):
 
 def test_a_run_that_times_out_is_not_repeated_though_the_job_was_queued(fake_runpod):
     fake_runpod.latency_s = 0.5
-    client = RunPodClient(fake_runpod.api_key, fake_runpod.endpoint_id, base_url=fake_runpod.base_url,
-                          timeout=0.1, sleep=lambda s: None)
+    client = RunPodClient(
+        fake_runpod.api_key, fake_runpod.endpoint_id, base_url=fake_runpod.base_url, timeout=0.1, sleep=lambda s: None
+    )
     with pytest.raises(SubmitOutcomeUnknown, match="not repeated"):
         client.submit(request(), webhook_url=None, policy=POLICY)
     assert fake_runpod.requests["run"] == 1
@@ -195,8 +196,13 @@ def test_a_run_that_could_not_connect_is_repeated(fake_runpod, sleeps):
         with httpx.Client() as real:
             return real.send(request)
 
-    client = RunPodClient(fake_runpod.api_key, fake_runpod.endpoint_id, base_url=fake_runpod.base_url,
-                          transport=httpx.MockTransport(refuse_then_forward), sleep=sleeps.append)
+    client = RunPodClient(
+        fake_runpod.api_key,
+        fake_runpod.endpoint_id,
+        base_url=fake_runpod.base_url,
+        transport=httpx.MockTransport(refuse_then_forward),
+        sleep=sleeps.append,
+    )
     assert client.submit(request(), webhook_url=None, policy=POLICY)
     assert len(attempts) == 3 and fake_runpod.requests["run"] == 1 and len(fake_runpod.jobs) == 1
 
@@ -289,8 +295,13 @@ def test_the_factory_picks_runpod_when_an_endpoint_is_set(fake_runpod, local_sto
     from lora_pipeline.backends.factory import open_training_backend
     from lora_pipeline.settings import load_settings
 
-    settings = load_settings({"RUNPOD_API_KEY": fake_runpod.api_key, "RUNPOD_ENDPOINT_ID": fake_runpod.endpoint_id,
-                              "RUNPOD_ENDPOINT_BASE_URL": fake_runpod.base_url})
+    settings = load_settings(
+        {
+            "RUNPOD_API_KEY": fake_runpod.api_key,
+            "RUNPOD_ENDPOINT_ID": fake_runpod.endpoint_id,
+            "RUNPOD_ENDPOINT_BASE_URL": fake_runpod.base_url,
+        }
+    )
     chosen = open_training_backend(local_store, settings)
     assert isinstance(chosen, RunPodClient) and "jobs" in chosen.health()
 

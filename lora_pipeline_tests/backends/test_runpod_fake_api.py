@@ -57,9 +57,7 @@ def test_a_runsync_result_expires_after_a_minute():
     assert response.status_code == 404 and response.json() == {"error": "redis err: client is nil"}
 
 
-@pytest.mark.parametrize(
-    "lookup, suffixed, bare", [("either", 200, 200), ("full", 200, 404), ("base", 404, 200)]
-)
+@pytest.mark.parametrize("lookup, suffixed, bare", [("either", 200, 200), ("full", 200, 404), ("base", 404, 200)])
 def test_status_accepts_the_id_forms_it_is_configured_for(lookup, suffixed, bare):
     with FakeRunPod(status_lookup=lookup) as fake:
         job = fake.add_job({})

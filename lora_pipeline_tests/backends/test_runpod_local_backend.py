@@ -26,9 +26,7 @@ def store(local_store):
 
 
 def backend(store, tmp_path, handler: str, **kwargs) -> LocalBackend:
-    return LocalBackend(
-        store, tmp_path / "jobs", handler=f"{STUBS}:{handler}", webhook_retry_delay_s=0.1, **kwargs
-    )
+    return LocalBackend(store, tmp_path / "jobs", handler=f"{STUBS}:{handler}", webhook_retry_delay_s=0.1, **kwargs)
 
 
 def request() -> TrainingRequest:
@@ -135,8 +133,15 @@ def test_a_job_past_its_execution_timeout_ends_timed_out(tmp_path):
         }
     )
     subprocess.run(
-        [sys.executable, "-m", "lora_pipeline.backends.local_runner", "--state-dir", str(jobs.root),
-         "--job-id", job_id],
+        [
+            sys.executable,
+            "-m",
+            "lora_pipeline.backends.local_runner",
+            "--state-dir",
+            str(jobs.root),
+            "--job-id",
+            job_id,
+        ],
         timeout=60,
         check=False,
     )
@@ -162,13 +167,20 @@ def test_a_job_recorded_in_another_process_table_is_neither_failed_nor_signalled
     job id). Seen from this side, the job is not declared dead, and cancelling it marks it
     cancelled without signalling that process."""
     job_id = "60902e6c-08a1-426e-9cb9-9eaec90f5e2b-u1"
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", job_id],
-                                 start_new_session=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", job_id], start_new_session=True)
     try:
         JobStateDir(tmp_path / "jobs").create(
-            {"id": job_id, "status": "IN_PROGRESS", "input": {}, "policy": {"executionTimeout": 600_000},
-             "handler": f"{STUBS}:succeed", "createdAt": utcnow_iso(), "startedAt": utcnow_iso(),
-             "pid": bystander.pid, "host": "another-container:pid:[4026531836]"}
+            {
+                "id": job_id,
+                "status": "IN_PROGRESS",
+                "input": {},
+                "policy": {"executionTimeout": 600_000},
+                "handler": f"{STUBS}:succeed",
+                "createdAt": utcnow_iso(),
+                "startedAt": utcnow_iso(),
+                "pid": bystander.pid,
+                "host": "another-container:pid:[4026531836]",
+            }
         )
         here = backend(store, tmp_path, "succeed")
         assert here.status(job_id).status == "IN_PROGRESS"
@@ -198,8 +210,13 @@ def test_a_running_jobs_status_carries_its_last_progress_update_as_runpods_does(
         time.sleep(0.05)
         status = b.status(job_id)
     assert status.status == "IN_PROGRESS"
-    assert status.output == {"phase": "training", "step": 3, "total": 10, "loss": 0.25,
-                             "at": "2026-11-29T10:00:00+00:00"}
+    assert status.output == {
+        "phase": "training",
+        "step": 3,
+        "total": 10,
+        "loss": 0.25,
+        "at": "2026-11-29T10:00:00+00:00",
+    }
     release.write_text("go")
     final = b.wait(job_id, timeout_s=60)
     assert final.status == "COMPLETED" and final.output["final_loss"] == 0.125  # its own output, not the update

@@ -25,8 +25,14 @@ def test_results_are_keyed_by_the_id_the_caller_holds(client, fake_runpod):
 
 def test_api_down_makes_the_pass_stop_early_and_lose_nothing(fake_runpod):
     jobs = [fake_runpod.add_job({}).id for _ in range(200)]
-    client = RunPodClient(fake_runpod.api_key, fake_runpod.endpoint_id, base_url=fake_runpod.base_url,
-                          max_attempts=2, breaker_fail_max=3, sleep=lambda s: None)
+    client = RunPodClient(
+        fake_runpod.api_key,
+        fake_runpod.endpoint_id,
+        base_url=fake_runpod.base_url,
+        max_attempts=2,
+        breaker_fail_max=3,
+        sleep=lambda s: None,
+    )
     fake_runpod.down = True
     result = poll_jobs(client, jobs, max_workers=8, deadline_s=30)
     assert result.unavailable

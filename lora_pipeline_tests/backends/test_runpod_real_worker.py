@@ -36,11 +36,18 @@ def _tiny_model_cache(_hermetic_env, model_cache, monkeypatch) -> None:
 
 
 def training_request(store, version: str) -> TrainingRequest:
-    report = ingest_dataset(store, "sample_style", sample_dataset_path(),
-                            options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD))
+    report = ingest_dataset(
+        store, "sample_style", sample_dataset_path(), options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD)
+    )
     params = TrainingParams(rank=4, resolution=64, max_train_steps=2, learning_rate=1e-3)
-    return TrainingRequest(style="sample_style", version=version, dataset_hash=report.manifest.dataset_hash,
-                           params=params, storage_url=store.describe(), request_id=f"test-{version}")
+    return TrainingRequest(
+        style="sample_style",
+        version=version,
+        dataset_hash=report.manifest.dataset_hash,
+        params=params,
+        storage_url=store.describe(),
+        request_id=f"test-{version}",
+    )
 
 
 def test_local_backend_trains_and_drops_the_webhook(local_store, tmp_path):

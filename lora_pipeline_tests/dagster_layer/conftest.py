@@ -76,6 +76,5 @@ def submit_pending(store: LocalStore, style: str, job_id: str, version: int = 1)
     """A version submitted to RunPod and not finished yet, as the training op leaves it."""
     RegistryStore(store).apply(
         style,
-        [Submission(style, version, f"req-{version}", job_id, "ab" * 32, {"rank": 4},
-                    datetime.now(UTC))],
+        [Submission(style, version, f"req-{version}", job_id, "ab" * 32, {"rank": 4}, datetime.now(UTC))],
     )

@@ -41,6 +41,8 @@ def test_importing_definitions_loads_no_gpu_library():
 def test_dagster_cli_validates_the_workspace(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "lora_pipeline.definitions"],
-        capture_output=True, text=True, env={**__import__("os").environ, "DAGSTER_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "DAGSTER_HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr[-2000:]

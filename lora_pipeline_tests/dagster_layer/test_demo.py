@@ -47,8 +47,9 @@ def _pipeline_output_changes(lora: Path, cache: Path) -> bool:
 
     def render():
         generator = torch.Generator().manual_seed(0)
-        return pipe("geoshapes style", num_inference_steps=2, generator=generator,
-                    height=32, width=32, output_type="np").images
+        return pipe(
+            "geoshapes style", num_inference_steps=2, generator=generator, height=32, width=32, output_type="np"
+        ).images
 
     before = render()
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)

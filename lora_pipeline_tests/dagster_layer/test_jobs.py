@@ -22,8 +22,9 @@ NO_WAIT = {"ops": {"submit_lora_training": {"config": {"wait_for_completion": Fa
 
 @pytest.fixture
 def dataset(store) -> str:
-    report = ingest_dataset(store, STYLE, sample_dataset_path(),
-                            options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD))
+    report = ingest_dataset(
+        store, STYLE, sample_dataset_path(), options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD)
+    )
     return report.dataset_hash
 
 
@@ -63,8 +64,7 @@ def test_train_lora_without_a_dataset_fails_naming_the_remedy(store, instance, b
 
 
 def test_train_lora_rejects_a_bad_hyperparameter_before_submitting(store, instance, backend, dataset):
-    config = {"ops": {"submit_lora_training": {"config": {"wait_for_completion": False,
-                                                          "params": {"rank": 0}}}}}
+    config = {"ops": {"submit_lora_training": {"config": {"wait_for_completion": False, "params": {"rank": 0}}}}}
     result = run_train_lora(instance, config)
 
     assert not result.success
@@ -111,11 +111,17 @@ def test_complete_training_run_records_a_finished_job(store, instance, backend, 
     """What a completion sensor's run does: verify the file, complete the version, materialize."""
     job_id = run_train_lora(instance).output_for_node("submit_lora_training")
     store.put("loras/sample_style/sample_style_v1.safetensors", lora_bytes({"lora_pipeline.steps": "30"}))
-    status = JobStatus(id=job_id, status="COMPLETED", delayTime=800, executionTime=90000,
-                       output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"})
+    status = JobStatus(
+        id=job_id,
+        status="COMPLETED",
+        delayTime=800,
+        executionTime=90000,
+        output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"},
+    )
 
     result = defs.resolve_job_def("complete_training").execute_in_process(
-        instance=instance, partition_key=STYLE,
+        instance=instance,
+        partition_key=STYLE,
         run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
     )
 
@@ -136,20 +142,30 @@ def test_a_completion_run_records_without_claiming_a_gpu_slot(store, instance, b
     block a claim for ever), while a materialization from the UI claims one."""
     job_id = run_train_lora(instance).output_for_node("submit_lora_training")
     store.put("loras/sample_style/sample_style_v1.safetensors", lora_bytes({"lora_pipeline.steps": "30"}))
-    status = JobStatus(id=job_id, status="COMPLETED", output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"})
+    status = JobStatus(
+        id=job_id, status="COMPLETED", output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"}
+    )
     instance.event_log_storage.set_concurrency_slots(GPU_POOL, 0)
 
     result = defs.resolve_job_def("complete_training").execute_in_process(
-        instance=instance, partition_key=STYLE,
+        instance=instance,
+        partition_key=STYLE,
         run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
     )
 
     assert result.success
-    steps = {e.step_key: e.event_type_value for e in result.all_events
-             if e.event_type_value in ("STEP_SKIPPED", "STEP_SUCCESS", "STEP_FAILURE")}
-    assert steps == {"trained_lora.take_training_request": "STEP_SUCCESS", "trained_lora.train_on_gpu": "STEP_SKIPPED",
-                     "trained_lora.record_trained_lora": "STEP_SUCCESS", "lora_registry": "STEP_SUCCESS",
-                     "trained_lora_lora_file_matches_registry": "STEP_SUCCESS"}  # the file check, after it
+    steps = {
+        e.step_key: e.event_type_value
+        for e in result.all_events
+        if e.event_type_value in ("STEP_SKIPPED", "STEP_SUCCESS", "STEP_FAILURE")
+    }
+    assert steps == {
+        "trained_lora.take_training_request": "STEP_SUCCESS",
+        "trained_lora.train_on_gpu": "STEP_SKIPPED",
+        "trained_lora.record_trained_lora": "STEP_SUCCESS",
+        "lora_registry": "STEP_SUCCESS",
+        "trained_lora_lora_file_matches_registry": "STEP_SUCCESS",
+    }  # the file check, after it
     assert instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots == []
     [version] = RegistryStore(store).read(STYLE)[0].versions
     assert version.status is VersionStatus.completed
@@ -159,10 +175,14 @@ def test_complete_training_fails_when_the_completed_job_left_no_readable_file(st
     """RunPod can say COMPLETED for a worker that wrote nothing: that is no LoRA."""
     job_id = run_train_lora(instance).output_for_node("submit_lora_training")
     store.put("loras/sample_style/sample_style_v1.safetensors", b"\x00\x01 not a safetensors file")
-    status = JobStatus(id=job_id, status="COMPLETED", output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"})
+    status = JobStatus(
+        id=job_id, status="COMPLETED", output={"lora_key": "loras/sample_style/sample_style_v1.safetensors"}
+    )
 
     result = defs.resolve_job_def("complete_training").execute_in_process(
-        instance=instance, partition_key=STYLE, raise_on_error=False,
+        instance=instance,
+        partition_key=STYLE,
+        raise_on_error=False,
         run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
     )
 

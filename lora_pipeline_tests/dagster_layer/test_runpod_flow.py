@@ -189,8 +189,9 @@ class Flow:
         return [info.key for info in self.store.list(WEBHOOK_PROCESSED + "/")]
 
     def add_dataset(self) -> str:
-        report = ingest_dataset(self.store, STYLE, sample_dataset_path(),
-                                options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD))
+        report = ingest_dataset(
+            self.store, STYLE, sample_dataset_path(), options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD)
+        )
         return report.dataset_hash
 
     def train(self, run_config: dict | None = None) -> str:
@@ -213,8 +214,12 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
 
 
 @pytest.fixture
-def flow(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-         dagster_instance: dg.DagsterInstance) -> Iterator[Flow]:
+def flow(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dagster_instance: dg.DagsterInstance,
+) -> Iterator[Flow]:
     """The Definitions on a local store by default; ``@pytest.mark.parametrize('flow', ['s3'],
     indirect=True)`` puts them on the moto S3 server instead."""
     if getattr(request, "param", "local") == "s3":
@@ -285,10 +290,7 @@ def assert_completed_with_url(flow: Flow, job_id: str) -> Version:
 
 
 def materialized(run: dg.ExecuteInProcessResult) -> dict[str, dg.AssetMaterialization]:
-    return {
-        event.asset_key.to_user_string(): event.materialization
-        for event in run.get_asset_materialization_events()
-    }
+    return {event.asset_key.to_user_string(): event.materialization for event in run.get_asset_materialization_events()}
 
 
 # -- the scenarios -------------------------------------------------------------------------
@@ -306,8 +308,9 @@ def test_webhook_completion_is_recorded_as_one_completed_version(flow: Flow):
         flow.env.setenv("LORA_WEBHOOK_URL", receiver_url)
         flow.env.setenv("LORA_WEBHOOK_TOKEN", TOKEN)
         dataset_hash = flow.add_dataset()
-        job_id = flow.train({"ops": {"submit_lora_training": {"config": {"poll_interval_s": 0.05,
-                                                                          "wait_timeout_s": 30}}}})
+        job_id = flow.train(
+            {"ops": {"submit_lora_training": {"config": {"poll_interval_s": 0.05, "wait_timeout_s": 30}}}}
+        )
         [attempt] = fake.wait_for_webhooks(1)
     assert fake.job(job_id).webhook == webhook_url(receiver_url, TOKEN)
     assert attempt.status_code == 200
@@ -373,8 +376,12 @@ def test_job_whose_status_expired_is_completed_by_reconciliation(flow: Flow):
     job_id = flow.train()
     fake.process(job_id)
     fake.advance(61)
-    assert httpx.get(f"{fake.base_url}/{fake.endpoint_id}/status/{job_id}",
-                     headers={"Authorization": f"Bearer {fake.api_key}"}).status_code == 404
+    assert (
+        httpx.get(
+            f"{fake.base_url}/{fake.endpoint_id}/status/{job_id}", headers={"Authorization": f"Bearer {fake.api_key}"}
+        ).status_code
+        == 404
+    )
 
     tick = flow.daemon.tick("runpod_job_sensor")
 
@@ -455,7 +462,9 @@ def test_failed_attempt_then_completed_retry_is_one_completed_version(flow: Flow
     [run] = completed.runs
     assert run.success
     assert [r.run_key for t in (failed, completed) for r in t.requests] == [
-        f"complete:{base_job_id(job_id)}:FAILED", f"complete:{base_job_id(job_id)}:COMPLETED"]
+        f"complete:{base_job_id(job_id)}:FAILED",
+        f"complete:{base_job_id(job_id)}:COMPLETED",
+    ]
     version = flow.only_version()
     assert version.status is VersionStatus.completed
     assert base_job_id(version.id or "") == base_job_id(job_id)

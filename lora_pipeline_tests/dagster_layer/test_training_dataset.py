@@ -11,8 +11,11 @@ from lora_pipeline.definitions import defs
 def materialize(instance, style, config=None) -> dg.ExecuteInProcessResult:
     instance.add_dynamic_partitions("styles", [style])
     return defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        instance=instance, partition_key=style, asset_selection=[dg.AssetKey("training_dataset")],
-        run_config={"ops": {"training_dataset": {"config": config or {}}}}, raise_on_error=False,
+        instance=instance,
+        partition_key=style,
+        asset_selection=[dg.AssetKey("training_dataset")],
+        run_config={"ops": {"training_dataset": {"config": config or {}}}},
+        raise_on_error=False,
     )
 
 

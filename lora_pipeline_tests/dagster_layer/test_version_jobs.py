@@ -14,7 +14,8 @@ from lora_pipeline_tests.registry.test_aliases_and_tombstones import S, main_key
 
 def run(instance, job: str, op: str, config: dict, tags: dict | None = None) -> dg.ExecuteInProcessResult:
     return defs.resolve_job_def(job).execute_in_process(
-        instance=instance, run_config={"ops": {op: {"config": config}}}, raise_on_error=False, tags=tags)
+        instance=instance, run_config={"ops": {op: {"config": config}}}, raise_on_error=False, tags=tags
+    )
 
 
 def promote(instance, **config) -> dg.ExecuteInProcessResult:
@@ -30,8 +31,13 @@ def test_promote_then_rollback_records_the_run_as_who(store, instance):
     seed(store)
     first = promote(instance, version="V1", reason="first cut")
     assert first.success
-    second = run(instance, "promote_lora_version", "move_lora_alias", {"style": S, "version": "V2"},
-                 tags={"dagster/user": "ana@example.com"})
+    second = run(
+        instance,
+        "promote_lora_version",
+        "move_lora_alias",
+        {"style": S, "version": "V2"},
+        tags={"dagster/user": "ana@example.com"},
+    )
     assert second.success
     back = promote(instance, action="rollback", reason="regression")
     assert back.success
@@ -42,13 +48,16 @@ def test_promote_then_rollback_records_the_run_as_who(store, instance):
     assert [e.reason for e in doc.alias_history] == ["first cut", None, "regression"]
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    ({"version": "V9"}, "promote refused: geo has no version V9"),
-    ({"version": "V4"}, "promote refused: geo V4 is failed"),
-    ({"version": "V1", "alias": "Bad Alias"}, "invalid alias name 'Bad Alias'"),
-    ({"action": "rollback"}, "rollback refused: geo has no alias 'production' to roll back"),
-    ({"action": "rollback", "alias": "staging"}, "rollback refused: geo has no alias 'staging'"),
-])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"version": "V9"}, "promote refused: geo has no version V9"),
+        ({"version": "V4"}, "promote refused: geo V4 is failed"),
+        ({"version": "V1", "alias": "Bad Alias"}, "invalid alias name 'Bad Alias'"),
+        ({"action": "rollback"}, "rollback refused: geo has no alias 'production' to roll back"),
+        ({"action": "rollback", "alias": "staging"}, "rollback refused: geo has no alias 'staging'"),
+    ],
+)
 def test_promote_job_refusals_fail_the_run_with_the_reason(store, instance, config, message):
     seed(store)
     result = promote(instance, **config)
@@ -62,11 +71,11 @@ def test_delete_job_refuses_an_aliased_version_and_deletes_another(store, instan
     assert promote(instance, version="V2").success
     refused = run(instance, "delete_lora_version", "delete_lora_version_op", {"style": S, "version": "V2"})
     assert not refused.success and "V2 is what production point" in failure(refused)
-    dry = run(instance, "delete_lora_version", "delete_lora_version_op",
-              {"style": S, "version": "V1", "dry_run": True})
+    dry = run(instance, "delete_lora_version", "delete_lora_version_op", {"style": S, "version": "V1", "dry_run": True})
     assert dry.success and store.head(main_key(1)) is not None
-    done = run(instance, "delete_lora_version", "delete_lora_version_op",
-               {"style": S, "version": "V1", "reason": "off-brand"})
+    done = run(
+        instance, "delete_lora_version", "delete_lora_version_op", {"style": S, "version": "V1", "reason": "off-brand"}
+    )
     assert done.success and store.head(main_key(1)) is None
     v1 = RegistryStore(store).read(S)[0].version("V1")
     assert v1 is not None and v1.status is VersionStatus.deleted and v1.deletion is not None

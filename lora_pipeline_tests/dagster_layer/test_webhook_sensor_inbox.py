@@ -56,7 +56,8 @@ def inbox_keys_requested(result) -> list[str]:
     ids=["delayTime-soon", "output-5", "not-json", "array"],
 )
 def test_a_poisoned_file_ahead_of_good_ones_is_rejected_and_the_good_ones_are_requested(
-        store, instance, resources, poison, problem):
+    store, instance, resources, poison, problem
+):
     submit_pending(store, "style_59", f"{JOB}-e1")
     submit_pending(store, "style_7", f"{OTHER}-u1")
     poisoned = f"{WEBHOOK_INBOX}/20260101T000000000000Z_{JOB}.json"
@@ -87,8 +88,9 @@ def test_a_tick_of_only_bad_files_skips_and_says_so(store, instance, resources):
 
     assert not result.run_requests and "2 rejected" in result.skip_reason.skip_message
     assert keys(store, WEBHOOK_INBOX) == []
-    assert keys(store, WEBHOOK_REJECTED) == [f"{WEBHOOK_REJECTED}/{n}" for n in
-                                             ("a.json", "a.json.reason.txt", "b.txt", "b.txt.reason.txt")]
+    assert keys(store, WEBHOOK_REJECTED) == [
+        f"{WEBHOOK_REJECTED}/{n}" for n in ("a.json", "a.json.reason.txt", "b.txt", "b.txt.reason.txt")
+    ]
 
 
 @pytest.mark.parametrize("name", [f"{JOB}.json", "anything.json"])
@@ -106,8 +108,10 @@ def test_a_foreign_named_status_body_requests_its_run(store, instance, resources
 
 def test_a_foreign_named_body_already_recorded_moves_to_processed_under_its_name(store, instance, resources):
     submit_pending(store, "style_59", f"{JOB}-e1")
-    RegistryStore(store).apply("style_59", [
-        JobReport(f"{JOB}-e1", "FAILED", None, "CUDA out of memory", None, None, datetime.now(UTC), "poll")])
+    RegistryStore(store).apply(
+        "style_59",
+        [JobReport(f"{JOB}-e1", "FAILED", None, "CUDA out of memory", None, None, datetime.now(UTC), "poll")],
+    )
     store.put(f"{WEBHOOK_INBOX}/anything.json", body(JOB, "FAILED", error="CUDA out of memory"))
 
     result = evaluate(runpod_webhook_sensor, instance, resources)
@@ -118,7 +122,8 @@ def test_a_foreign_named_body_already_recorded_moves_to_processed_under_its_name
 
 
 def test_ticks_walk_the_inbox_in_arrival_order_with_foreign_names_by_object_time(
-        store, instance, resources, monkeypatch):
+    store, instance, resources, monkeypatch
+):
     monkeypatch.setattr(completion_sensors, "MAX_WEBHOOKS_PER_TICK", 1)
     for n, job in enumerate((JOB, OTHER, THIRD), start=1):
         submit_pending(store, f"style_{n}", job)

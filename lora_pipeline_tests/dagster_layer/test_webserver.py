@@ -52,9 +52,19 @@ def webserver(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "LORA_STORAGE_URL": str(home / "store")}
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster-webserver")), "-w", "workspace.yaml",
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            str(Path(sys.executable).with_name("dagster-webserver")),
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -11,7 +11,9 @@ from pathlib import Path
 from PIL import Image
 
 
-def image_bytes(size: tuple[int, int] = (96, 80), colour: tuple[int, int, int] = (200, 40, 40), fmt: str = "PNG", **save) -> bytes:
+def image_bytes(
+    size: tuple[int, int] = (96, 80), colour: tuple[int, int, int] = (200, 40, 40), fmt: str = "PNG", **save
+) -> bytes:
     """A flat-colour image with a corner mark (so two colours give two different files)."""
     image = Image.new("RGB", size, colour)
     image.putpixel((0, 0), (colour[2], colour[0], colour[1]))

@@ -34,7 +34,9 @@ def _keys(store, prefix: str = "") -> list[str]:
 
 
 def test_the_sample_is_stored_byte_for_byte_with_its_captions(store) -> None:
-    report = ingest_dataset(store, "sample", sample_dataset_path(), options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD))
+    report = ingest_dataset(
+        store, "sample", sample_dataset_path(), options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD)
+    )
     manifest = current_dataset(store, "sample")
     assert manifest is not None and manifest.dataset_hash == report.dataset_hash
     assert len(manifest.images) == 8 and report.rejected == []
@@ -126,7 +128,9 @@ def test_every_bad_file_is_rejected_with_its_reason_and_the_rest_is_stored(tmp_p
     assert len(stored) == 5  # four images and the manifest
 
 
-def test_a_zip_with_escaping_paths_stores_the_rest_and_writes_nothing_outside(tmp_path: Path, store, monkeypatch) -> None:
+def test_a_zip_with_escaping_paths_stores_the_rest_and_writes_nothing_outside(
+    tmp_path: Path, store, monkeypatch
+) -> None:
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -170,7 +174,9 @@ def test_missing_captions_are_filled_with_the_trigger_word(tmp_path: Path, local
     files = good_images(2)
     del files["img_000.txt"]
     files["img_001.txt"] = "   "
-    report = ingest_dataset(local_store, "s", write_files(tmp_path / "src", files), options=IngestOptions(trigger_word="zzstyle"))
+    report = ingest_dataset(
+        local_store, "s", write_files(tmp_path / "src", files), options=IngestOptions(trigger_word="zzstyle")
+    )
     assert [e.caption for e in report.manifest.images] == ["zzstyle", "zzstyle"]
     assert report.stats.caption_coverage == 0.0 and report.stats.filled_captions == 2
     assert "filled with the trigger word" in report.manifest.images[0].note
@@ -198,9 +204,14 @@ def test_a_non_utf8_caption_rejects_its_image_when_legacy_encodings_are_off(tmp_
 
 def test_captions_come_from_metadata_jsonl(tmp_path: Path, local_store) -> None:
     files = {k: v for k, v in good_images(2).items() if k.endswith(".png")}
-    files["metadata.jsonl"] = '{"file_name": "img_000.png", "text": "zero"}\n{"file_name": "img_001.png", "text": "one"}\n{"file_name": "gone.png", "text": "?"}\n'
+    files["metadata.jsonl"] = (
+        '{"file_name": "img_000.png", "text": "zero"}\n{"file_name": "img_001.png", "text": "one"}\n{"file_name": "gone.png", "text": "?"}\n'
+    )
     report = ingest_dataset(local_store, "s", write_files(tmp_path / "src", files))
-    assert [(e.caption, e.caption_source) for e in report.manifest.images] == [("zero", "metadata.jsonl"), ("one", "metadata.jsonl")]
+    assert [(e.caption, e.caption_source) for e in report.manifest.images] == [
+        ("zero", "metadata.jsonl"),
+        ("one", "metadata.jsonl"),
+    ]
     assert [r.source for r in report.rejected] == ["gone.png"]
 
 
@@ -211,7 +222,12 @@ def test_an_unsafe_style_name_is_refused_before_anything_is_read(tmp_path: Path,
 
 def test_progress_reports_both_stages_to_their_totals(local_store) -> None:
     seen: dict[str, tuple[int, int]] = {}
-    ingest_dataset(local_store, "s", sample_dataset_path(), progress=lambda stage, done, total: seen.__setitem__(stage, (max(done, seen.get(stage, (0, 0))[0]), total)))
+    ingest_dataset(
+        local_store,
+        "s",
+        sample_dataset_path(),
+        progress=lambda stage, done, total: seen.__setitem__(stage, (max(done, seen.get(stage, (0, 0))[0]), total)),
+    )
     assert seen == {"check": (8, 8), "upload": (8, 8)}
 
 
@@ -259,7 +275,9 @@ def test_reingest_does_not_decode_images_the_current_version_holds(local_store, 
     from lora_pipeline.dataset import ingest as ingest_module
 
     real = ingest_module.inspect_image
-    monkeypatch.setattr(ingest_module, "inspect_image", lambda data, **kw: decoded.append(kw["name"]) or real(data, **kw))
+    monkeypatch.setattr(
+        ingest_module, "inspect_image", lambda data, **kw: decoded.append(kw["name"]) or real(data, **kw)
+    )
     again = ingest_dataset(local_store, "sample", sample_dataset_path(), options=IngestOptions(thumbnails=0))
     assert decoded == [] and again.uploaded == 0
 
@@ -280,7 +298,9 @@ def test_dagster_metadata_carries_the_hash_thumbnails_and_rejected_table(tmp_pat
     assert len(metadata["dataset_hash"].value) == 64 and metadata["images"].value == 8
     assert metadata["thumbnails"].value.count("data:image/png;base64,") == 4
     assert isinstance(metadata["rejected_files"], dg.TableMetadataValue)
-    assert [r.data for r in metadata["rejected_files"].records] == [{"file": "zero.png", "reason": "empty file (0 bytes)"}]
+    assert [r.data for r in metadata["rejected_files"].records] == [
+        {"file": "zero.png", "reason": "empty file (0 bytes)"}
+    ]
     dg.MaterializeResult(metadata=metadata)  # Dagster accepts every value
 
 
@@ -322,8 +342,11 @@ def _facts(sha: str) -> ImageFacts:
 
 def test_an_exact_duplicate_is_kept_once_under_its_first_name() -> None:
     sha = "ab" * 32
-    outcomes = [("a.png", _facts(sha), Path("staged-a")), ("copy.png", _facts(sha), Path("staged-b")),
-                ("bad.png", Rejection("corrupt image data (truncated)"), None)]
+    outcomes = [
+        ("a.png", _facts(sha), Path("staged-a")),
+        ("copy.png", _facts(sha), Path("staged-b")),
+        ("bad.png", Rejection("corrupt image data (truncated)"), None),
+    ]
     checked = _accept_images(outcomes, build_caption_index({}, {}), IngestOptions(), "geo", rejected=[])
     assert [e.source for e in checked.entries] == ["a.png"] and checked.entries[0].caption == "geo"
     assert checked.paths == {f"images/{sha}.png": Path("staged-a")}
@@ -335,7 +358,8 @@ def test_an_exact_duplicate_is_kept_once_under_its_first_name() -> None:
 
 def test_an_image_without_a_caption_stays_out_when_captions_are_required() -> None:
     outcomes = [("a.png", _facts("cd" * 32), Path("staged-a"))]
-    checked = _accept_images(outcomes, build_caption_index({}, {}), IngestOptions(missing_captions="reject"), "geo",
-                             rejected=[])
+    checked = _accept_images(
+        outcomes, build_caption_index({}, {}), IngestOptions(missing_captions="reject"), "geo", rejected=[]
+    )
     assert checked.entries == [] and checked.paths == {}
     assert "no caption" in checked.rejected[0].reason and "reject" in checked.rejected[0].reason

@@ -8,8 +8,14 @@ from lora_pipeline.dataset.report import check_caption_coverage, check_min_image
 
 def _entry(i: int, w: int, h: int, caption_source: str = "sidecar") -> ImageEntry:
     return ImageEntry(
-        file=f"images/{i:064x}.png", sha256=f"{i:064x}", width=w, height=h, size=1000,
-        caption="c", source=f"{i}.png", caption_source=caption_source,
+        file=f"images/{i:064x}.png",
+        sha256=f"{i:064x}",
+        width=w,
+        height=h,
+        size=1000,
+        caption="c",
+        source=f"{i}.png",
+        caption_source=caption_source,
     )
 
 

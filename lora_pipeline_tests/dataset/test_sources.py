@@ -30,7 +30,9 @@ def test_an_oversized_zip_member_is_refused_before_it_is_inflated(tmp_path: Path
 
 
 def test_hidden_and_system_files_are_listed_as_refused_not_dropped(tmp_path: Path) -> None:
-    root = write_files(tmp_path / "src", {"a.png": image_bytes(), ".DS_Store": b"x", ".git/config": b"x", "Thumbs.db": b"x"})
+    root = write_files(
+        tmp_path / "src", {"a.png": image_bytes(), ".DS_Store": b"x", ".git/config": b"x", "Thumbs.db": b"x"}
+    )
     listing = FolderSource(root).listing()
     assert [f.name for f in listing.files] == ["a.png"]
     assert sorted(r.name for r in listing.refused) == [".DS_Store", ".git/", "Thumbs.db"]

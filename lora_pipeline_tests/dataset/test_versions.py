@@ -10,10 +10,20 @@ from lora_pipeline.dataset.versions import current_dataset, discover_incoming, l
 
 def _manifest(style: str, n: int) -> DatasetManifest:
     images = [
-        ImageEntry(file=f"images/{i:064x}.png", sha256=f"{i:064x}", width=64, height=64, size=1, caption=f"c{n}", source=f"{i}.png")
+        ImageEntry(
+            file=f"images/{i:064x}.png",
+            sha256=f"{i:064x}",
+            width=64,
+            height=64,
+            size=1,
+            caption=f"c{n}",
+            source=f"{i}.png",
+        )
         for i in range(n)
     ]
-    return DatasetManifest(style=style, dataset_hash=dataset_hash(images), created_at="2024-01-01T00:00:00+00:00", images=images)
+    return DatasetManifest(
+        style=style, dataset_hash=dataset_hash(images), created_at="2024-01-01T00:00:00+00:00", images=images
+    )
 
 
 def test_setting_the_current_version_twice_writes_once(store) -> None:

@@ -30,11 +30,18 @@ def deployment(tmp_path_factory):
     store = root / "store"
     cache = tmp_path_factory.getbasetemp() / "demo-model-cache"  # shared with test_demo
     dep = LocalDeployment(
-        root, pg_port=free_port(), code_port=free_port(), web_port=free_port(), gpu_pool_limit=1,
+        root,
+        pg_port=free_port(),
+        code_port=free_port(),
+        web_port=free_port(),
+        gpu_pool_limit=1,
         # The processes keep these; the test's own environment is cleared of LORA_* for each test
         # (lora_pipeline_tests/conftest.py), so tests read them from here.
-        extra_env={"LORA_STORAGE_URL": str(store), "LORA_LOCAL_JOBS_DIR": str(root / "jobs"),
-                   "LORA_PIPELINE_CACHE": str(cache)},
+        extra_env={
+            "LORA_STORAGE_URL": str(store),
+            "LORA_LOCAL_JOBS_DIR": str(root / "jobs"),
+            "LORA_PIPELINE_CACHE": str(cache),
+        },
     )
     env = {k: v for k, v in dep.env().items() if k not in os.environ or os.environ[k] != v}
     with mock.patch.dict(os.environ, env):

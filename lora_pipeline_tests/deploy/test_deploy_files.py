@@ -23,9 +23,15 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S_VERSION = "1.37.0"
 SECRET = "lora-pipeline-env"
-PG_ENV = {"DAGSTER_PG_HOST": "db", "DAGSTER_PG_PORT": "5432", "DAGSTER_PG_USERNAME": "u",
-          "DAGSTER_PG_PASSWORD": "p", "DAGSTER_PG_DB": "d",
-          "DAGSTER_CODE_SERVER_HOST": "code-server", "DAGSTER_CODE_SERVER_PORT": "4266"}
+PG_ENV = {
+    "DAGSTER_PG_HOST": "db",
+    "DAGSTER_PG_PORT": "5432",
+    "DAGSTER_PG_USERNAME": "u",
+    "DAGSTER_PG_PASSWORD": "p",
+    "DAGSTER_PG_DB": "d",
+    "DAGSTER_CODE_SERVER_HOST": "code-server",
+    "DAGSTER_CODE_SERVER_PORT": "4266",
+}
 SECRET_NAMES = {"DAGSTER_PG_PASSWORD", "AWS_SECRET_ACCESS_KEY", "RUNPOD_API_KEY", "LORA_WEBHOOK_TOKEN"}
 
 
@@ -115,13 +121,17 @@ def test_every_gpu_path_holds_the_pool_and_init_sets_every_pool():
     assert defs.resolve_job_def("train_lora").graph.node_named("submit_lora_training").definition.pool == GPU_POOL
     graph = defs.get_assets_def("trained_lora").node_def  # materialized from the UI: only its GPU step
     assert {node.name: node.definition.pool for node in graph.nodes} == {
-        "take_training_request": None, "train_on_gpu": GPU_POOL, "record_trained_lora": None}
+        "take_training_request": None,
+        "train_on_gpu": GPU_POOL,
+        "record_trained_lora": None,
+    }
     named = set()
-    for job in [defs.resolve_implicit_global_asset_job_def(), *(defs.resolve_job_def(n) for n in
-                                                                ("train_lora", "complete_training"))]:
+    for job in [
+        defs.resolve_implicit_global_asset_job_def(),
+        *(defs.resolve_job_def(n) for n in ("train_lora", "complete_training")),
+    ]:
         named |= {op.pool for op in job.graph.iterate_op_defs() if op.pool}
     assert named == set(POOLS)  # deploy init sets each explicitly
-
 
 
 # -- Compose -------------------------------------------------------------------------------------
@@ -141,8 +151,12 @@ def test_compose_file_is_valid():
     """`docker-compose config -q` where Compose is installed; else the Compose Specification's schema."""
     cli = _compose_cli()
     if cli is not None:
-        result = subprocess.run([*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                                env={**os.environ, **COMPOSE_ENV})
+        result = subprocess.run(
+            [*cli, "-f", str(COMPOSE), "config", "-q"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **COMPOSE_ENV},
+        )
         assert result.returncode == 0, result.stderr
     schema = json.loads((DEPLOY / "schemas/compose-spec.json").read_text())
     jsonschema.Draft7Validator(schema).validate(load(COMPOSE))
@@ -194,14 +208,20 @@ def test_run_launcher_job_rendered_by_dagster_k8s_passes_and_carries_secrets_by_
     [deployment] = values["dagster-user-deployments"]["deployments"]
     image = f"{deployment['image']['repository']}:{deployment['image']['tag']}"
     config = DagsterK8sJobConfig(
-        job_image=image, dagster_home="/opt/dagster/dagster_home", instance_config_map="dagster-instance",
-        image_pull_policy=launcher["imagePullPolicy"], env_secrets=[s["name"] for s in launcher["envSecrets"]],
+        job_image=image,
+        dagster_home="/opt/dagster/dagster_home",
+        instance_config_map="dagster-instance",
+        image_pull_policy=launcher["imagePullPolicy"],
+        env_secrets=[s["name"] for s in launcher["envSecrets"]],
         service_account_name=values["global"]["serviceAccountName"],
     )
     job = construct_dagster_k8s_job(
-        config, ["dagster", "api", "execute_run", "{}"], "dagster-run-0123456789abcdef",
+        config,
+        ["dagster", "api", "execute_run", "{}"],
+        "dagster-run-0123456789abcdef",
         user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(
-            {"container_config": launcher["runK8sConfig"]["containerConfig"]}),
+            {"container_config": launcher["runK8sConfig"]["containerConfig"]}
+        ),
         component="run_worker",
     )
     manifest = ApiClient().sanitize_for_serialization(job)
@@ -216,8 +236,12 @@ def test_helm_values_use_one_secret_and_our_code_location():
     values = load(DEPLOY / "k8s/values.yaml")
     [deployment] = values["dagster-user-deployments"]["deployments"]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "lora_pipeline.definitions"]
-    assert deployment["envSecrets"] == values["dagsterDaemon"]["envSecrets"] == \
-        values["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"] == [{"name": SECRET}]
+    assert (
+        deployment["envSecrets"]
+        == values["dagsterDaemon"]["envSecrets"]
+        == values["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"]
+        == [{"name": SECRET}]
+    )
     assert values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     assert values["dagsterDaemon"]["runCoordinator"]["type"] == "QueuedRunCoordinator"
@@ -253,8 +277,9 @@ def _without_external_refs(node):
     raw.githubusercontent.com): its target counts as the permissive {}, while the sibling keywords
     and every local #/$defs reference still apply."""
     if isinstance(node, dict):
-        return {k: _without_external_refs(v) for k, v in node.items()
-                if not (k == "$ref" and not str(v).startswith("#"))}
+        return {
+            k: _without_external_refs(v) for k, v in node.items() if not (k == "$ref" and not str(v).startswith("#"))
+        }
     if isinstance(node, list):
         return [_without_external_refs(v) for v in node]
     return node
@@ -281,8 +306,10 @@ def _walk_refs(node):
 
 def _helm_errors(validator, values: dict) -> list[tuple[str, str]]:
     """(path, message) of every failure, the branches of an anyOf (`X | None` fields) included."""
+
     def leaves(error):
         return [leaf for sub in error.context for leaf in leaves(sub)] if error.context else [error]
+
     return [(e.json_path, e.message) for top in validator.iter_errors(values) for e in leaves(top)]
 
 
@@ -308,19 +335,38 @@ def _drop_deployment_port(values: dict) -> None:
     del values["dagster-user-deployments"]["deployments"][0]["port"]
 
 
-@pytest.mark.parametrize(("patch", "path", "needle"), [
-    ({"dagsterDaemon": {"runCoordinator": {"config": {"queuedRunCoordinator": {"maxConcurentRuns": 10}}}}},
-     "$.dagsterDaemon.runCoordinator.config.queuedRunCoordinator", "'maxConcurentRuns' was unexpected"),
-    ({"dagsterDaemon": {"runCoordinator": {"typ": "QueuedRunCoordinator"}}},
-     "$.dagsterDaemon.runCoordinator", "'typ' was unexpected"),
-    ({"dagsterWebserver": {"replicaCount": "2"}}, "$.dagsterWebserver.replicaCount", "not of type 'integer'"),
-    ({"runLauncher": {"type": "K8sRunLaucher"}}, "$.runLauncher.type", "is not one of"),
-    ({"runLauncher": {"config": {"k8sRunLauncher": {"imagePullPolicy": "ifNotPresent"}}}},
-     "$.runLauncher.config.k8sRunLauncher.imagePullPolicy", "is not one of"),
-    # the deployments list replaces the chart's, so our entry alone must carry every required key
-    (_drop_deployment_port, "$['dagster-user-deployments'].deployments[0]", "'port' is a required property"),
-], ids=["misspelled-queue-key", "misspelled-coordinator-key", "replicas-as-string", "launcher-typo",
-        "pull-policy-case", "deployment-without-port"])
+@pytest.mark.parametrize(
+    ("patch", "path", "needle"),
+    [
+        (
+            {"dagsterDaemon": {"runCoordinator": {"config": {"queuedRunCoordinator": {"maxConcurentRuns": 10}}}}},
+            "$.dagsterDaemon.runCoordinator.config.queuedRunCoordinator",
+            "'maxConcurentRuns' was unexpected",
+        ),
+        (
+            {"dagsterDaemon": {"runCoordinator": {"typ": "QueuedRunCoordinator"}}},
+            "$.dagsterDaemon.runCoordinator",
+            "'typ' was unexpected",
+        ),
+        ({"dagsterWebserver": {"replicaCount": "2"}}, "$.dagsterWebserver.replicaCount", "not of type 'integer'"),
+        ({"runLauncher": {"type": "K8sRunLaucher"}}, "$.runLauncher.type", "is not one of"),
+        (
+            {"runLauncher": {"config": {"k8sRunLauncher": {"imagePullPolicy": "ifNotPresent"}}}},
+            "$.runLauncher.config.k8sRunLauncher.imagePullPolicy",
+            "is not one of",
+        ),
+        # the deployments list replaces the chart's, so our entry alone must carry every required key
+        (_drop_deployment_port, "$['dagster-user-deployments'].deployments[0]", "'port' is a required property"),
+    ],
+    ids=[
+        "misspelled-queue-key",
+        "misspelled-coordinator-key",
+        "replicas-as-string",
+        "launcher-typo",
+        "pull-policy-case",
+        "deployment-without-port",
+    ],
+)
 def test_helm_schema_rejects_a_broken_values_file_naming_the_path(helm_validator, patch, path, needle):
     ours = load(DEPLOY / "k8s/values.yaml")
     if callable(patch):

@@ -21,8 +21,14 @@ def _laptop_store(path) -> LocalStore:
     """What a laptop's store holds: a dataset, a registry with a job in flight, an incoming drop."""
     store = LocalStore(path)
     ingest_dataset(store, "alpha", sample_dataset_path())
-    RegistryStore(store).apply("beta", [Submission("beta", 1, "req-1", "11111111-2222-4333-8444-555566667777-u1",
-                                                   "ab" * 32, {"rank": 4}, datetime.now(UTC))])
+    RegistryStore(store).apply(
+        "beta",
+        [
+            Submission(
+                "beta", 1, "req-1", "11111111-2222-4333-8444-555566667777-u1", "ab" * 32, {"rank": 4}, datetime.now(UTC)
+            )
+        ],
+    )
     store.put("incoming/gamma/a.png", b"not checked here")
     store.put("incoming/x..y/a.png", b"x")
     return store
@@ -40,7 +46,11 @@ def test_init_sets_the_pool_and_recreates_partitions_idempotently(tmp_path, monk
     assert "4 added" in first.output and "unfinished jobs the job sensor will poll: 1" in first.output
     with dg.DagsterInstance.get() as instance:
         assert sorted(instance.get_dynamic_partitions(STYLES_PARTITIONS_NAME)) == [
-            "alpha", "beta", "gamma", "sample_style"]
+            "alpha",
+            "beta",
+            "gamma",
+            "sample_style",
+        ]
         info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
         assert (info.slot_count, info.using_default_limit) == (3, False)
 

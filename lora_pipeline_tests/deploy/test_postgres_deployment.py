@@ -54,8 +54,12 @@ def store(deployment) -> LocalStore:
 def submit(dep, job: str, style: str, run_config: dict | None = None, assets: list[str] | None = None) -> str:
     client = DagsterGraphQLClient(dep.host, port_number=dep.web_port)
     return client.submit_job_execution(
-        job, repository_location_name=LOCATION, repository_name=REPOSITORY, run_config=run_config or {},
-        tags={"dagster/partition": style}, asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
+        job,
+        repository_location_name=LOCATION,
+        repository_name=REPOSITORY,
+        run_config=run_config or {},
+        tags={"dagster/partition": style},
+        asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
     )
 
 
@@ -84,8 +88,11 @@ def event_types(instance, run_id: str) -> list[str]:
 
 
 def step_interval(instance, run_id: str, step: str) -> tuple[float, float]:
-    times = {e.dagster_event.event_type_value: e.timestamp for e in events(instance, run_id)
-             if e.step_key == step and e.dagster_event.event_type_value in ("STEP_START", "STEP_SUCCESS")}
+    times = {
+        e.dagster_event.event_type_value: e.timestamp
+        for e in events(instance, run_id)
+        if e.step_key == step and e.dagster_event.event_type_value in ("STEP_START", "STEP_SUCCESS")
+    }
     return times["STEP_START"], times["STEP_SUCCESS"]
 
 
@@ -105,8 +112,10 @@ def test_instance_is_postgres_with_the_pool_set_explicitly(deployment, instance)
     assert (info.slot_count, info.using_default_limit) == (1, False)
     assert instance.get_dynamic_partitions(STYLES_PARTITIONS_NAME) == ["sample_style"]
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-    pids = {name: int((deployment.root / "pids" / f"{name}.pgid").read_text()) for name in
-            ("code-server", "webserver", "daemon")}
+    pids = {
+        name: int((deployment.root / "pids" / f"{name}.pgid").read_text())
+        for name in ("code-server", "webserver", "daemon")
+    }
     assert len(set(pids.values()) | {os.getpid()}) == 4
 
 
@@ -119,8 +128,11 @@ def test_sample_chain_runs_through_the_queue(deployment, instance, store):
     types = event_types(instance, run_id)
     # enqueued by the webserver (QueuedRunCoordinator), then launched by the daemon
     assert types.index("PIPELINE_ENQUEUED") < types.index("PIPELINE_STARTING") < types.index("PIPELINE_START")
-    materialized = {e.dagster_event.asset_key.to_user_string() for e in events(instance, run_id)
-                    if e.dagster_event.event_type_value == "ASSET_MATERIALIZATION"}
+    materialized = {
+        e.dagster_event.asset_key.to_user_string()
+        for e in events(instance, run_id)
+        if e.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+    }
     assert materialized == set(CHAIN)
     [version] = versions(store, "sample_style")
     assert version.status is VersionStatus.completed
@@ -141,8 +153,7 @@ def test_two_runs_race_for_a_gpu_pool_of_one_across_a_webserver_and_daemon_resta
         info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
         statuses = {instance.get_run_by_id(r).status for r in (a, b)}
         assert info.active_slot_count <= 1
-        return info.active_slot_count == 1 and (
-            info.pending_step_count > 0 or dg.DagsterRunStatus.QUEUED in statuses)
+        return info.active_slot_count == 1 and (info.pending_step_count > 0 or dg.DagsterRunStatus.QUEUED in statuses)
 
     deadline = time.monotonic() + 180
     while not waiting():
@@ -165,14 +176,20 @@ def test_two_runs_race_for_a_gpu_pool_of_one_across_a_webserver_and_daemon_resta
         assert wait_done(instance, run_id).status == dg.DagsterRunStatus.SUCCESS, event_types(instance, run_id)
         types = event_types(instance, run_id)
         assert types.count("PIPELINE_STARTING") == types.count("PIPELINE_START") == 1, types
-    (a0, a1), (b0, b1) = step_interval(instance, a, "submit_lora_training"), step_interval(instance, b, "trained_lora.train_on_gpu")
+    (a0, a1), (b0, b1) = (
+        step_interval(instance, a, "submit_lora_training"),
+        step_interval(instance, b, "trained_lora.train_on_gpu"),
+    )
     assert a1 <= b0 or b1 <= a0, "the two GPU steps ran at the same time"
 
 
 def _sensor_id(dep, name: str) -> str:
-    data = gql(dep, """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
+    data = gql(
+        dep,
+        """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
         __typename ... on Sensor { id } } }""",
-               s={"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": name})
+        s={"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": name},
+    )
     return data["sensorOrError"]["id"]
 
 
@@ -180,9 +197,12 @@ def test_webhook_file_starts_complete_training_in_the_daemon(deployment, instanc
     """A RunPod webhook POSTed to the receiver (its own process) lands in the inbox; the
     webhook sensor, ticking in the daemon, requests the complete_training run that records it.
     The job sensor is stopped so that only the webhook can complete the job."""
-    data = gql(deployment, """mutation($id: String) { stopSensor(id: $id) { __typename
+    data = gql(
+        deployment,
+        """mutation($id: String) { stopSensor(id: $id) { __typename
         ... on StopSensorMutationResult { instigationState { status } } } }""",
-               id=_sensor_id(deployment, "runpod_job_sensor"))
+        id=_sensor_id(deployment, "runpod_job_sensor"),
+    )
     assert data["stopSensor"]["instigationState"]["status"] == "STOPPED"
     add_style(instance, store, "hooked")
     config = {**FAST, "wait_for_completion": False}
@@ -201,7 +221,9 @@ def test_webhook_file_starts_complete_training_in_the_daemon(deployment, instanc
     token, port = "deploy-test-token-0123456789", free_port()
     receiver = subprocess.Popen(
         [str(Path(sys.executable).with_name("lora-pipeline")), "webhook", "serve", "--port", str(port)],
-        env={**deployment.env(), "LORA_WEBHOOK_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**deployment.env(), "LORA_WEBHOOK_TOKEN": token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     try:
@@ -213,8 +235,12 @@ def test_webhook_file_starts_complete_training_in_the_daemon(deployment, instanc
             except httpx.HTTPError:
                 assert receiver.poll() is None and time.monotonic() < deadline, "receiver did not start"
                 time.sleep(0.3)
-        answer = httpx.post(f"http://127.0.0.1:{port}/webhooks/runpod", params={"token": token},
-                            content=status.model_dump_json(), headers={"content-type": "application/json"})
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/webhooks/runpod",
+            params={"token": token},
+            content=status.model_dump_json(),
+            headers={"content-type": "application/json"},
+        )
         assert answer.status_code == 200, answer.text
     finally:
         receiver.terminate()
@@ -222,8 +248,7 @@ def test_webhook_file_starts_complete_training_in_the_daemon(deployment, instanc
 
     deadline = time.monotonic() + 120
     while True:
-        runs = instance.get_runs(dg.RunsFilter(job_name="complete_training",
-                                               tags={"dagster/partition": "hooked"}))
+        runs = instance.get_runs(dg.RunsFilter(job_name="complete_training", tags={"dagster/partition": "hooked"}))
         if runs and all(r.status in DONE for r in runs):
             break
         assert time.monotonic() < deadline, "no complete_training run from the webhook"
@@ -242,8 +267,7 @@ def test_nothing_ran_twice_and_every_job_is_recorded_once(deployment, instance, 
     every = instance.get_runs()
     keys = [r.tags["dagster/run_key"] for r in every if "dagster/run_key" in r.tags]
     assert len(keys) == len(set(keys)), "a sensor requested the same run twice"
-    assert not [(r.job_name, r.tags.get("dagster/partition")) for r in every
-                if r.status == dg.DagsterRunStatus.FAILURE]
+    assert not [(r.job_name, r.tags.get("dagster/partition")) for r in every if r.status == dg.DagsterRunStatus.FAILURE]
     for style in ("sample_style", "pool_a", "pool_b", "hooked"):
         found = versions(store, style)
         assert len(found) == 1 and found[0].id, (style, found)

@@ -45,9 +45,13 @@ RUNPOD_RATE_LIMITS: dict[str, tuple[int, float]] = {"run": (1000, 10.0), "status
 EXPIRED_BODY = {"error": "redis err: client is nil"}
 UNKNOWN_BODY = {"error": "request does not exist"}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
-_PATH = re.compile(r"^/v2/(?P<endpoint>[^/]+)/(?P<op>run|runsync|status|cancel|retry|health|purge-queue|stream)(?:/(?P<job>[^/?]+))?/?$")
+_PATH = re.compile(
+    r"^/v2/(?P<endpoint>[^/]+)/(?P<op>run|runsync|status|cancel|retry|health|purge-queue|stream)(?:/(?P<job>[^/?]+))?/?$"
+)
 
-Outcome = dict[str, Any]  # {"status": "COMPLETED", "output": …} | {"status": "FAILED", "error": …} | {"status": "TIMED_OUT"}
+Outcome = dict[
+    str, Any
+]  # {"status": "COMPLETED", "output": …} | {"status": "FAILED", "error": …} | {"status": "TIMED_OUT"}
 
 
 @dataclass
@@ -207,16 +211,29 @@ class FakeRunPod:
         with self._lock:
             self._clock_offset += seconds
 
-    def script(self, op: str, status: int, count: int = 1, *, retry_after: float | str | None = None,
-               body: dict[str, Any] | None = None) -> None:
+    def script(
+        self,
+        op: str,
+        status: int,
+        count: int = 1,
+        *,
+        retry_after: float | str | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
         """The next ``count`` requests to ``op`` (``"status"``, ``"run"``… or ``"*"``) answer ``status``."""
         with self._lock:
             self._scripted.append(
                 _Scripted(op, status, count, None if retry_after is None else str(retry_after), body or {})
             )
 
-    def add_job(self, input: dict[str, Any] | None = None, *, webhook: str | None = None,
-                policy: dict[str, Any] | None = None, job_id: str | None = None) -> FakeJob:
+    def add_job(
+        self,
+        input: dict[str, Any] | None = None,
+        *,
+        webhook: str | None = None,
+        policy: dict[str, Any] | None = None,
+        job_id: str | None = None,
+    ) -> FakeJob:
         """Queue a job directly (as if /run had been called), e.g. 5,000 for a benchmark."""
         with self._lock:
             base = str(uuid.uuid4())
@@ -334,8 +351,9 @@ class FakeRunPod:
             if attempt and self._stopping.wait(self.webhook_retry_delay_s):
                 return
             try:
-                response = httpx.post(url, content=payload, headers={"Content-Type": "application/json"},
-                                      timeout=self.webhook_timeout_s)
+                response = httpx.post(
+                    url, content=payload, headers={"Content-Type": "application/json"}, timeout=self.webhook_timeout_s
+                )
                 record = WebhookAttempt(url, body["id"], attempt + 1, response.status_code)
             except httpx.HTTPError as exc:
                 record = WebhookAttempt(url, body["id"], attempt + 1, None, f"{type(exc).__name__}: {exc}")
@@ -373,7 +391,9 @@ class FakeRunPod:
 
     # -- the HTTP API ------------------------------------------------------------
 
-    def handle(self, method: str, path: str, auth: str | None, body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def handle(
+        self, method: str, path: str, auth: str | None, body: bytes
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """One request → (status code, JSON body, extra headers)."""
         match = _PATH.match(path.split("?", 1)[0])
         op = match.group("op") if match else "unknown"
@@ -395,8 +415,16 @@ class FakeRunPod:
         if scripted is not None:
             headers = {"Retry-After": scripted.retry_after} if scripted.retry_after is not None else {}
             return scripted.status, scripted.body or {"error": f"scripted {scripted.status}"}, headers
-        expected = {"run": "POST", "runsync": "POST", "status": "GET", "cancel": "POST", "retry": "POST",
-                    "health": "GET", "purge-queue": "POST", "stream": "GET"}[op]
+        expected = {
+            "run": "POST",
+            "runsync": "POST",
+            "status": "GET",
+            "cancel": "POST",
+            "retry": "POST",
+            "health": "GET",
+            "purge-queue": "POST",
+            "stream": "GET",
+        }[op]
         if method != expected and not (op == "status" and method == "POST"):
             return 405, {"error": f"{method} not allowed on /{op}"}, {}
         if op in ("run", "runsync"):
@@ -448,7 +476,9 @@ class FakeRunPod:
         if not isinstance(request, dict) or not isinstance(request.get("input"), dict):
             return 400, {"error": "body must be an object with an 'input' object"}, {}
         policy = request.get("policy") or {}
-        if not isinstance(policy, dict) or any(not isinstance(policy.get(k, 0), int) for k in ("executionTimeout", "ttl")):
+        if not isinstance(policy, dict) or any(
+            not isinstance(policy.get(k, 0), int) for k in ("executionTimeout", "ttl")
+        ):
             return 400, {"error": "policy must hold integer executionTimeout and ttl (ms)"}, {}
         job = self.add_job(request["input"], webhook=request.get("webhook"), policy=policy)
         job.sync = sync

@@ -58,8 +58,13 @@ UNKNOWN = "44444444-4444-4444-8444-444444444444-e1"  # no document holds it
 LATER = timedelta(days=40)  # past the default 30-day retention
 
 BODIES = {
-    DONE: {"id": DONE, "status": "COMPLETED", "delayTime": 800, "executionTime": 90000,
-           "output": {"lora_key": f"loras/{STYLE}/{STYLE}_v1.safetensors"}},
+    DONE: {
+        "id": DONE,
+        "status": "COMPLETED",
+        "delayTime": 800,
+        "executionTime": 90000,
+        "output": {"lora_key": f"loras/{STYLE}/{STYLE}_v1.safetensors"},
+    },
     FAILED: {"id": FAILED, "status": "FAILED", "error": "CUDA out of memory"},
     RUNNING: {"id": RUNNING, "status": "IN_PROGRESS"},
     UNKNOWN: {"id": UNKNOWN, "status": "FAILED", "error": "boom"},
@@ -84,15 +89,13 @@ def settled(store):
     job no document holds; reconciled, so the known jobs' bodies sit in processed/."""
     registry = RegistryStore(store)
     for number, job in ((1, DONE), (2, FAILED), (3, RUNNING)):
-        registry.apply(STYLE, [Submission(STYLE, number, f"req-{number}", job, "ab", {},
-                                          now() - timedelta(hours=1))])
+        registry.apply(STYLE, [Submission(STYLE, number, f"req-{number}", job, "ab", {}, now() - timedelta(hours=1))])
     store.put(f"loras/{STYLE}/{STYLE}_v1.safetensors", lora_bytes())
     for job in BODIES:
         assert deliver(store, job) is not None
     reconcile(store)
     doc, _ = registry.read(STYLE)
-    assert [v.status for v in doc.versions] == [VersionStatus.completed, VersionStatus.failed,
-                                                VersionStatus.training]
+    assert [v.status for v in doc.versions] == [VersionStatus.completed, VersionStatus.failed, VersionStatus.training]
     assert len(keys(store, WEBHOOK_PROCESSED)) == 3 and len(keys(store, WEBHOOK_INBOX)) == 1
     return store
 
@@ -104,8 +107,7 @@ def test_old_files_of_settled_jobs_go_and_those_of_unfinished_and_unknown_jobs_s
     store = settled
     report = housekeep(store, now=now() + LATER)
 
-    assert sorted(keys(store, WEBHOOK_SEEN)) == sorted(
-        [seen_key(RUNNING, "IN_PROGRESS"), seen_key(UNKNOWN, "FAILED")])
+    assert sorted(keys(store, WEBHOOK_SEEN)) == sorted([seen_key(RUNNING, "IN_PROGRESS"), seen_key(UNKNOWN, "FAILED")])
     [processed] = keys(store, WEBHOOK_PROCESSED)
     assert processed.endswith(f"_{RUNNING}.json")
     assert len(keys(store, WEBHOOK_INBOX)) == 1  # the unknown job's body: never pruned
@@ -140,7 +142,8 @@ def test_a_bad_retention_fails_naming_the_variable(monkeypatch, value):
 
 def test_retention_from_config_overrides_the_environment():
     retention = Retention.from_settings(
-        load_settings({"LORA_WEBHOOK_RETENTION_DAYS": "7", "LORA_LOCK_RETENTION_DAYS": "0.5"}), webhooks_days=3)
+        load_settings({"LORA_WEBHOOK_RETENTION_DAYS": "7", "LORA_LOCK_RETENTION_DAYS": "0.5"}), webhooks_days=3
+    )
     assert retention == Retention(webhooks=timedelta(days=3), locks=timedelta(hours=12))
 
 
@@ -164,12 +167,16 @@ def test_a_dry_run_deletes_nothing_and_lists_what_would_go(settled):
     assert "would delete" in report.summary()
 
 
-@pytest.mark.parametrize("job, body", [
-    (DONE, BODIES[DONE]),
-    (FAILED, BODIES[FAILED]),
-    (DONE, {"id": DONE, "status": "IN_PROGRESS"}),  # a stale report, redelivered late
-    (DONE, {"id": DONE.removesuffix("-e1"), "status": "FAILED", "error": "late"}),  # unsuffixed
-], ids=["completed", "failed", "stale-in-progress", "late-failure"])
+@pytest.mark.parametrize(
+    "job, body",
+    [
+        (DONE, BODIES[DONE]),
+        (FAILED, BODIES[FAILED]),
+        (DONE, {"id": DONE, "status": "IN_PROGRESS"}),  # a stale report, redelivered late
+        (DONE, {"id": DONE.removesuffix("-e1"), "status": "FAILED", "error": "late"}),  # unsuffixed
+    ],
+    ids=["completed", "failed", "stale-in-progress", "late-failure"],
+)
 def test_a_redelivery_after_its_claim_was_pruned_leaves_the_registry_unchanged(settled, job, body):
     store = settled
     if body is BODIES[job]:
@@ -323,8 +330,7 @@ def test_housekeep_reports_lock_files_on_the_local_store_only(store):
     assert report.counts["locks"] == (1 if isinstance(store, LocalStore) else 0)
 
 
-def test_a_writer_that_opened_a_lock_file_just_before_it_was_pruned_retries_on_the_new_one(
-        local_store, monkeypatch):
+def test_a_writer_that_opened_a_lock_file_just_before_it_was_pruned_retries_on_the_new_one(local_store, monkeypatch):
     """The interleaving that would give two holders: A opens the lock file, the pruner
     unlinks it, B creates a new one and locks it, A locks the unlinked one. A must notice
     and wait for B, so exactly one of the two conditional writes wins."""
@@ -402,12 +408,14 @@ def test_lock_pruning_racing_conditional_writers_never_lets_two_writes_win(local
 
     def increment():
         for _ in range(15):
-            update_json(local_store, "race/counter.json", lambda d: {"n": (d or {"n": 0})["n"] + 1},
-                        max_attempts=10_000)
+            update_json(
+                local_store, "race/counter.json", lambda d: {"n": (d or {"n": 0})["n"] + 1}, max_attempts=10_000
+            )
 
     pruners = [threading.Thread(target=prune) for _ in range(2)]
     writers = [threading.Thread(target=create) for _ in range(4)] + [
-        threading.Thread(target=increment) for _ in range(4)]
+        threading.Thread(target=increment) for _ in range(4)
+    ]
     for t in pruners + writers:
         t.start()
     for t in writers:
@@ -443,10 +451,12 @@ def test_the_reconcile_job_prunes_and_reports_counts_in_its_metadata(failed_job_
 
     with dg.instance_for_test() as instance:
         dry = defs.resolve_job_def("reconcile_registry").execute_in_process(
-            instance=instance, run_config={"ops": {"reconcile_registry_op": {"config": {**config, "dry_run": True}}}})
+            instance=instance, run_config={"ops": {"reconcile_registry_op": {"config": {**config, "dry_run": True}}}}
+        )
         assert len(keys(store, WEBHOOK_SEEN)) == 1
         result = defs.resolve_job_def("reconcile_registry").execute_in_process(
-            instance=instance, run_config={"ops": {"reconcile_registry_op": {"config": config}}})
+            instance=instance, run_config={"ops": {"reconcile_registry_op": {"config": config}}}
+        )
 
     assert dry.success and result.success
     assert output_metadata(dry)["housekeeping"].value["would_delete"][SEEN] == [seen_key(FAILED, "FAILED")]
@@ -538,6 +548,7 @@ def test_start_markers_go_once_their_jobs_version_is_finished(settled):
     assert housekeep(settled, now=now()).counts[RUN_MARKERS] == 0  # young: all stay
     report = housekeep(settled, now=now() + LATER)
     assert sorted(keys(settled, "runs")) == sorted(
-        [run_marker_key(STYLE, "V3", RUNNING), run_marker_key(STYLE, "V4", UNKNOWN)])
+        [run_marker_key(STYLE, "V3", RUNNING), run_marker_key(STYLE, "V4", UNKNOWN)]
+    )
     assert report.counts[RUN_MARKERS] == 2
     assert report.kept[RUN_MARKERS] == {"unfinished": 1, "unknown": 1}

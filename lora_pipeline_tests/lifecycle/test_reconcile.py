@@ -51,8 +51,10 @@ def test_files_in_the_store_create_completed_versions(store):
     store.put("loras/s/s_v2.safetensors", lora_bytes())
     report = reconcile(store)
     doc, _ = RegistryStore(store).read("s")
-    assert [(v.name, v.status) for v in doc.versions] == [("V1", VersionStatus.completed),
-                                                         ("V2", VersionStatus.completed)]
+    assert [(v.name, v.status) for v in doc.versions] == [
+        ("V1", VersionStatus.completed),
+        ("V2", VersionStatus.completed),
+    ]
     assert report.changed_versions == 2
     assert doc.version("V1").lora_url == store.url("loras/s/s_vV1.safetensors")
 
@@ -135,8 +137,10 @@ def test_an_unparseable_webhook_file_moves_to_rejected_with_its_reason(local_sto
     local_store.put(f"{WEBHOOK_INBOX}/20260101T000000000000Z_{JOB}.json", b"{broken")
     report = reconcile(local_store)
     keys = [i.key for i in local_store.list(WEBHOOK_REJECTED + "/")]
-    assert keys == [f"{WEBHOOK_REJECTED}/20260101T000000000000Z_{JOB}.json",
-                    f"{WEBHOOK_REJECTED}/20260101T000000000000Z_{JOB}.json.reason.txt"]
+    assert keys == [
+        f"{WEBHOOK_REJECTED}/20260101T000000000000Z_{JOB}.json",
+        f"{WEBHOOK_REJECTED}/20260101T000000000000Z_{JOB}.json.reason.txt",
+    ]
     assert b"not JSON" in local_store.get(keys[1]).data
     assert len(report.webhooks_rejected) == 1
 
@@ -218,6 +222,8 @@ def test_two_files_for_one_version_are_both_accounted_for_and_not_re_read(local_
     doc, _ = RegistryStore(local_store).read("s")
     assert len(doc.versions) == 1
     assert {doc.versions[0].s3_key, *(f.key for f in doc.superseded_files)} == {
-        "loras/s/s_vV1.safetensors", "loras/s/s_v1.safetensors"}
+        "loras/s/s_vV1.safetensors",
+        "loras/s/s_v1.safetensors",
+    }
     counting = CountingStore(local_store)
     assert reconcile(counting).headers_read == 0 and counting.doc_reads == []

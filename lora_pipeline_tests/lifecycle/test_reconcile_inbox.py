@@ -21,8 +21,10 @@ from lora_pipeline_tests.registry.lora_files import at
 
 JOB = "26945dbf-4e87-4574-ad26-b1f71e865942"
 OTHER = "c3d1f7aa-5b0e-4e0f-8d55-7a4e3b2c9f10"
-PASSES = {"reconcile": lambda store: reconcile(store, now=at(60)),
-          "process_inbox": lambda store: process_inbox(store, now=at(60))}
+PASSES = {
+    "reconcile": lambda store: reconcile(store, now=at(60)),
+    "process_inbox": lambda store: process_inbox(store, now=at(60)),
+}
 
 
 def submit(store, style: str, job: str) -> None:

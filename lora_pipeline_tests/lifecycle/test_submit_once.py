@@ -48,8 +48,9 @@ def fake() -> FakeRunPod:
 
 
 def client_for(fake: FakeRunPod, **kwargs) -> RunPodClient:
-    return RunPodClient(fake.api_key, fake.endpoint_id, base_url=fake.base_url, backoff_base_s=0.01,
-                        sleep=lambda s: None, **kwargs)
+    return RunPodClient(
+        fake.api_key, fake.endpoint_id, base_url=fake.base_url, backoff_base_s=0.01, sleep=lambda s: None, **kwargs
+    )
 
 
 def submit(store, backend, **kwargs):
@@ -90,8 +91,13 @@ def test_concurrent_submitters_send_one_job(store, fake):
 def test_a_claim_whose_holder_died_before_posting_is_taken_over(store, fake):
     registry = RegistryStore(store)
     dead = registry.claim_version(
-        STYLE, request_id="dead", dataset_hash=_current_hash(store), params=PARAMS.model_dump(mode="json"),
-        owner="dead-run", lease=timedelta(seconds=60), at=datetime.now(UTC) - timedelta(minutes=5),
+        STYLE,
+        request_id="dead",
+        dataset_hash=_current_hash(store),
+        params=PARAMS.model_dump(mode="json"),
+        owner="dead-run",
+        lease=timedelta(seconds=60),
+        at=datetime.now(UTC) - timedelta(minutes=5),
     )
     assert dead.kind == "claimed"
     submitted = submit(store, client_for(fake), wait_for_other_s=0)
@@ -104,8 +110,12 @@ def test_a_claim_whose_holder_died_before_posting_is_taken_over(store, fake):
 def test_a_live_claim_makes_others_wait_and_reuse_its_job(store, fake):
     registry = RegistryStore(store)
     held = registry.claim_version(
-        STYLE, request_id="holder", dataset_hash=_current_hash(store), params=PARAMS.model_dump(mode="json"),
-        owner="holder", lease=timedelta(seconds=60),
+        STYLE,
+        request_id="holder",
+        dataset_hash=_current_hash(store),
+        params=PARAMS.model_dump(mode="json"),
+        owner="holder",
+        lease=timedelta(seconds=60),
     ).version
     with pytest.raises(SubmissionInFlight, match="being submitted by another run"):
         submit(store, client_for(fake), wait_for_other_s=0)
@@ -116,8 +126,20 @@ def test_a_live_claim_makes_others_wait_and_reuse_its_job(store, fake):
         posting = registry.advance_claim(STYLE, held, "posting", lease=timedelta(seconds=60))
         from lora_pipeline.registry.evidence import Submission
 
-        registry.apply(STYLE, [Submission(STYLE, posting.name, posting.request_id, "abc-123-u1",
-                                          posting.dataset_hash, posting.params, datetime.now(UTC))])
+        registry.apply(
+            STYLE,
+            [
+                Submission(
+                    STYLE,
+                    posting.name,
+                    posting.request_id,
+                    "abc-123-u1",
+                    posting.dataset_hash,
+                    posting.params,
+                    datetime.now(UTC),
+                )
+            ],
+        )
 
     thread = threading.Thread(target=holder_finishes)
     thread.start()
@@ -129,11 +151,23 @@ def test_a_live_claim_makes_others_wait_and_reuse_its_job(store, fake):
 def test_a_holder_whose_lease_was_taken_over_does_not_post(store):
     registry = RegistryStore(store)
     params = PARAMS.model_dump(mode="json")
-    slow = registry.claim_version(STYLE, request_id="slow", dataset_hash=_current_hash(store), params=params,
-                                  owner="slow", lease=timedelta(seconds=1),
-                                  at=datetime.now(UTC) - timedelta(seconds=30))
-    successor = registry.claim_version(STYLE, request_id="next", dataset_hash=_current_hash(store), params=params,
-                                       owner="next", lease=timedelta(seconds=60))
+    slow = registry.claim_version(
+        STYLE,
+        request_id="slow",
+        dataset_hash=_current_hash(store),
+        params=params,
+        owner="slow",
+        lease=timedelta(seconds=1),
+        at=datetime.now(UTC) - timedelta(seconds=30),
+    )
+    successor = registry.claim_version(
+        STYLE,
+        request_id="next",
+        dataset_hash=_current_hash(store),
+        params=params,
+        owner="next",
+        lease=timedelta(seconds=60),
+    )
     assert (slow.kind, successor.kind) == ("claimed", "claimed")
     assert successor.version.name == slow.version.name
     with pytest.raises(ClaimLost, match="not submitting"):

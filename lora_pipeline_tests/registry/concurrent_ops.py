@@ -53,11 +53,23 @@ def op_submit(spec: tuple, start_at: float, request_id: str) -> tuple[str, str]:
     store = open_spec(spec)
     registry = RegistryStore(store)
     _wait(start_at)
-    version = registry.claim_version(STYLE, request_id=request_id, dataset_hash=uuid.uuid4().hex[:16],
-                                      params={"rank": 4}, owner=request_id, lease=timedelta(seconds=60)).version
+    version = registry.claim_version(
+        STYLE,
+        request_id=request_id,
+        dataset_hash=uuid.uuid4().hex[:16],
+        params={"rank": 4},
+        owner=request_id,
+        lease=timedelta(seconds=60),
+    ).version
     job_id = f"{uuid.uuid4()}-e1"
-    registry.apply(STYLE, [Submission(STYLE, version.name, request_id, job_id, version.dataset_hash or "",
-                                      {"rank": 4}, datetime.now(UTC))])
+    registry.apply(
+        STYLE,
+        [
+            Submission(
+                STYLE, version.name, request_id, job_id, version.dataset_hash or "", {"rank": 4}, datetime.now(UTC)
+            )
+        ],
+    )
     return version.name, job_id
 
 

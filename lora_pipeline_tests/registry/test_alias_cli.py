@@ -41,8 +41,11 @@ def test_promote_rollback_and_aliases(store):
     shown = json.loads(cli("aliases", S, "--json").output)
     assert shown["aliases"] == {"production": "V1", "staging": "V3"}
     assert [(e["seq"], e["action"], e["version"], e["by"], e["reason"]) for e in shown["history"]] == [
-        (1, "promote", "V1", "oscar", "first cut"), (2, "promote", "V2", "ana", None),
-        (3, "promote", "V3", "oscar", None), (4, "rollback", "V1", "oscar", "regression")]
+        (1, "promote", "V1", "oscar", "first cut"),
+        (2, "promote", "V2", "ana", None),
+        (3, "promote", "V3", "oscar", None),
+        (4, "rollback", "V1", "oscar", "regression"),
+    ]
     text = cli("aliases", S).output
     assert "production\tV1" in text and "#4\t" in text and "V2 → V1\tby oscar\tregression" in text
     assert "aliases: production → V1, staging → V3" in cli("show", S).output
@@ -50,16 +53,19 @@ def test_promote_rollback_and_aliases(store):
     assert document["aliases"] == {"production": "V1", "staging": "V3"} and len(document["aliasHistory"]) == 4
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("promote", S, "V9"), "geo has no version V9 (it has: V1, V2, V3, V4)"),
-    (("promote", S, "V4"), "geo V4 is failed: only a completed version can be production's version"),
-    (("promote", S, "next"), "'next' is not a version name like V3"),
-    (("promote", S, "V1", "--alias", "PROD"), "invalid alias name 'PROD'"),
-    (("promote", "nobody", "V1"), "style 'nobody' has no registry document"),
-    (("rollback", S), "geo has no alias 'production' to roll back (its aliases: none)"),
-    (("delete", S, "V9"), "geo has no version V9"),
-    (("aliases", "nobody"), "style 'nobody' has no registry document"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("promote", S, "V9"), "geo has no version V9 (it has: V1, V2, V3, V4)"),
+        (("promote", S, "V4"), "geo V4 is failed: only a completed version can be production's version"),
+        (("promote", S, "next"), "'next' is not a version name like V3"),
+        (("promote", S, "V1", "--alias", "PROD"), "invalid alias name 'PROD'"),
+        (("promote", "nobody", "V1"), "style 'nobody' has no registry document"),
+        (("rollback", S), "geo has no alias 'production' to roll back (its aliases: none)"),
+        (("delete", S, "V9"), "geo has no version V9"),
+        (("aliases", "nobody"), "style 'nobody' has no registry document"),
+    ],
+)
 def test_bad_input_is_refused_with_a_clear_message(store, args, message):
     result = cli(*args)
     assert result.exit_code == 1, result.output
@@ -80,8 +86,13 @@ def test_delete_refuses_an_aliased_version_and_deletes_with_a_dry_run_first(stor
     assert dry.exit_code == 0 and "would delete, 2 file(s)" in dry.output and main_key(1) in dry.output
     assert store.head(main_key(1)) is not None
     done = json.loads(cli("delete", S, "V1", "--reason", "off-brand", "--json").output)
-    assert done == {"style": S, "version": "V1", "removed": [main_key(1), kohya_key(1)], "dryRun": False,
-                    "alreadyDeleted": False}
+    assert done == {
+        "style": S,
+        "version": "V1",
+        "removed": [main_key(1), kohya_key(1)],
+        "dryRun": False,
+        "alreadyDeleted": False,
+    }
     assert store.head(main_key(1)) is None and store.head(kohya_key(1)) is None
     assert "V1\tdeleted\t" in cli("show", S).output and "deleted by oscar: off-brand" in cli("show", S).output
     record = json.loads(cli("show", S, "--json").output)["versions"][0]

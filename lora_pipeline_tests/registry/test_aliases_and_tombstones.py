@@ -61,20 +61,32 @@ def read(store) -> RegistryDocument:
 
 def test_promote_records_who_when_why_and_the_index_carries_the_urls(local_store):
     seed(local_store)
-    result = move_alias(local_store, S, "production", action="promote", version="v2", by="ana", reason="best FID",
-                        at=at(60))
+    result = move_alias(
+        local_store, S, "production", action="promote", version="v2", by="ana", reason="best FID", at=at(60)
+    )
     assert (result.version, result.previous, result.moved) == ("V2", None, True)
     stored = json.loads(local_store.get(registry_key(S)).data)
     assert stored["aliases"] == {"production": "V2"}
-    assert stored["aliasHistory"] == [{"seq": 1, "alias": "production", "action": "promote", "version": "V2",
-                                       "previous": None, "by": "ana", "at": int(at(60).timestamp() * 1000),
-                                       "reason": "best FID"}]
+    assert stored["aliasHistory"] == [
+        {
+            "seq": 1,
+            "alias": "production",
+            "action": "promote",
+            "version": "V2",
+            "previous": None,
+            "by": "ana",
+            "at": int(at(60).timestamp() * 1000),
+            "reason": "best FID",
+        }
+    ]
     index, _ = RegistryStore(local_store).fresh_index()
     pointer = index.styles[S].aliases["production"]
     assert pointer.version == "V2" and pointer.by == "ana"
     assert pointer.s3_key == kohya_key(2) and pointer.lora_url and pointer.lora_url.endswith(kohya_key(2))
-    assert {layout: f["key"] for layout, f in pointer.files.items()} == {"diffusers": main_key(2),
-                                                                          "kohya": kohya_key(2)}
+    assert {layout: f["key"] for layout, f in pointer.files.items()} == {
+        "diffusers": main_key(2),
+        "kohya": kohya_key(2),
+    }
     raw_index = json.loads(local_store.get("registry/index.json").data)["styles"][S]
     assert raw_index["aliases"]["production"]["version"] == "V2"
     assert raw_index["latestVersion"] == "V4" and raw_index["statuses"] == {"completed": 3, "failed": 1}
@@ -88,12 +100,15 @@ def test_promote_again_to_the_same_version_writes_nothing(local_store):
     assert not again.moved and local_store.head(registry_key(S)).etag == etag
 
 
-@pytest.mark.parametrize(("alias", "version", "message"), [
-    ("production", "V9", "geo has no version V9 (it has: V1, V2, V3, V4)"),
-    ("production", "latest", "'latest' is not a version name"),
-    ("production", "V4", "geo V4 is failed: only a completed version"),
-    ("Prod!", "V1", "invalid alias name 'Prod!'"),
-])
+@pytest.mark.parametrize(
+    ("alias", "version", "message"),
+    [
+        ("production", "V9", "geo has no version V9 (it has: V1, V2, V3, V4)"),
+        ("production", "latest", "'latest' is not a version name"),
+        ("production", "V4", "geo V4 is failed: only a completed version"),
+        ("Prod!", "V1", "invalid alias name 'Prod!'"),
+    ],
+)
 def test_promote_refuses_with_a_clear_message(local_store, alias, version, message):
     seed(local_store)
     with pytest.raises(Refused, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -222,8 +237,9 @@ def test_delete_removes_every_file_and_leaves_a_tombstone_nothing_resurrects(loc
     assert sorted(f.key for f in doc.superseded_files) == [main_key(1), kohya_key(1)]  # accounted, not V1's
     # Its number is never reused.
     assert next_version_number(doc) == 5
-    claim = registry.claim_version(S, request_id="r1", dataset_hash="ab", params={"rank": 1}, owner="me",
-                                   lease=at(1) - at(0))
+    claim = registry.claim_version(
+        S, request_id="r1", dataset_hash="ab", params={"rank": 1}, owner="me", lease=at(1) - at(0)
+    )
     assert claim.kind == "claimed" and claim.version.number == 5
 
 
@@ -313,8 +329,14 @@ def test_the_tombstone_wins_in_every_order():
     later = StoredLora(S, main_key(1), 1, "https://x/" + main_key(1), 100, "e2", {}, at(9), "diffusers", None)
     tomb = VersionDeleted(S, 1, "ana", at(5), "why", ((main_key(1), "e1", int(at(1).timestamp() * 1000)),))
     move = AliasMove(S, "production", 1, "promote", "ana", at(2), 1)
-    evidence = [Submission(S, 1, "r1", job(1), "ab", {}, at(0)), stored, tomb, later, move,
-                JobReport(job(1), "COMPLETED", None, None, 1, 2, at(8), "webhook")]
+    evidence = [
+        Submission(S, 1, "r1", job(1), "ab", {}, at(0)),
+        stored,
+        tomb,
+        later,
+        move,
+        JobReport(job(1), "COMPLETED", None, None, 1, 2, at(8), "webhook"),
+    ]
     docs = [merge(base, order) for order in (evidence, evidence[::-1], evidence[2:] + evidence[:2])]
     assert docs[0] == docs[1] == docs[2]
     (v1,) = docs[0].versions
@@ -346,14 +368,28 @@ def test_retention_keeps_the_last_n_completed_and_every_aliased_version(local_st
 
 tombstones = st.builds(
     lambda n, m, spelling, etag, m2, by: VersionDeleted(
-        P_STYLE, n, by, at(m), "why", ((f"loras/{P_STYLE}/{P_STYLE}_{spelling}{n}.safetensors", etag,
-                                        int(at(m2).timestamp() * 1000)),)),
-    numbers, minutes, st.sampled_from(["v", "vV"]), st.sampled_from(["e1", "e2"]), minutes, st.sampled_from(["a", "b"]),
+        P_STYLE,
+        n,
+        by,
+        at(m),
+        "why",
+        ((f"loras/{P_STYLE}/{P_STYLE}_{spelling}{n}.safetensors", etag, int(at(m2).timestamp() * 1000)),),
+    ),
+    numbers,
+    minutes,
+    st.sampled_from(["v", "vV"]),
+    st.sampled_from(["e1", "e2"]),
+    minutes,
+    st.sampled_from(["a", "b"]),
 )
 alias_moves = st.builds(
     lambda alias, n, action, m, seq, previous: AliasMove(P_STYLE, alias, n, action, "ana", at(m), seq, previous),
-    st.sampled_from(["production", "staging"]), numbers, st.sampled_from(["promote", "rollback"]), minutes,
-    st.integers(1, 4), st.sampled_from([None, "V1", "V2"]),
+    st.sampled_from(["production", "staging"]),
+    numbers,
+    st.sampled_from(["promote", "rollback"]),
+    minutes,
+    st.integers(1, 4),
+    st.sampled_from([None, "V1", "V2"]),
 )
 operator_lists = st.builds(lambda a, b: a + b, evidence_lists, st.lists(st.one_of(tombstones, alias_moves), max_size=4))
 
@@ -404,8 +440,7 @@ def test_a_completed_webhook_through_the_inbox_after_the_delete_leaves_the_versi
 def test_a_deleted_legacy_version_names_no_url():
     from lora_pipeline.registry.evidence import LegacyRecord
 
-    record = {"id": job(1), "name": "V1", "status": "completed",
-              "loraUrl": f"https://x.example.com/{kohya_key(1)}"}
+    record = {"id": job(1), "name": "V1", "status": "completed", "loraUrl": f"https://x.example.com/{kohya_key(1)}"}
     doc = merge(RegistryDocument(S), [LegacyRecord(S, record), VersionDeleted(S, 1, "ana", at(5))])
     stored = doc.to_dict()["versions"][0]
     assert stored["status"] == "deleted" and stored["loraUrl"] is None and "legacyLoraUrl" not in stored

@@ -19,30 +19,44 @@ def stored(*records) -> bytes:
 
 
 def test_duplicate_names_are_found_in_a_stored_document():
-    doc = RegistryDocument.from_json(stored({"name": "V4", "status": "training"},
-                                            {"name": "vV4", "status": "completed"}), "s")
+    doc = RegistryDocument.from_json(
+        stored({"name": "V4", "status": "training"}, {"name": "vV4", "status": "completed"}), "s"
+    )
     assert duplicate_names(doc) == ["s: V4 appears in 2 records"]
 
 
 def test_duplicate_job_ids_are_compared_without_suffix():
-    doc = RegistryDocument.from_json(stored({"id": f"{JOB}-e1", "name": "V1", "status": "completed"},
-                                            {"id": JOB, "name": "V2", "status": "failed"}), "s")
+    doc = RegistryDocument.from_json(
+        stored({"id": f"{JOB}-e1", "name": "V1", "status": "completed"}, {"id": JOB, "name": "V2", "status": "failed"}),
+        "s",
+    )
     assert duplicate_job_ids(doc) == [f"s: job {JOB} appears in 2 records"]
 
 
 def test_a_completed_version_needs_a_readable_file():
-    doc = RegistryDocument.from_json(stored(
-        {"name": "V1", "status": "completed"},
-        {"name": "V2", "status": "completed", "file": {"key": "loras/s/s_v2.safetensors"}},
-        {"name": "V3", "status": "completed", "file": {"key": "loras/s/s_v3.safetensors"}}), "s")
+    doc = RegistryDocument.from_json(
+        stored(
+            {"name": "V1", "status": "completed"},
+            {"name": "V2", "status": "completed", "file": {"key": "loras/s/s_v2.safetensors"}},
+            {"name": "V3", "status": "completed", "file": {"key": "loras/s/s_v3.safetensors"}},
+        ),
+        "s",
+    )
     problems = completed_without_readable_file(doc, readable=lambda key: key.endswith("v3.safetensors"))
-    assert problems == ["s V1: completed but no LoRA file is recorded",
-                        "s V2: completed but loras/s/s_v2.safetensors is missing or unreadable"]
+    assert problems == [
+        "s V1: completed but no LoRA file is recorded",
+        "s V2: completed but loras/s/s_v2.safetensors is missing or unreadable",
+    ]
 
 
 def test_a_stored_presigned_url_is_reported():
-    data = stored({"name": "V1", "status": "completed",
-                   "loraUrl": "https://b.s3.amazonaws.com/k?X-Amz-Signature=abc&X-Amz-Expires=60"})
+    data = stored(
+        {
+            "name": "V1",
+            "status": "completed",
+            "loraUrl": "https://b.s3.amazonaws.com/k?X-Amz-Signature=abc&X-Amz-Expires=60",
+        }
+    )
     assert stored_presigned_urls(data) == ["V1: loraUrl is a presigned URL (it expires; store the plain URL)"]
 
 

@@ -22,10 +22,11 @@ SUBMITTERS = 4
 def _prepare(store) -> None:
     """V1 trained (its file is in the store, not yet recorded); V2–V4 running, about to fail."""
     registry = RegistryStore(store)
-    registry.apply(STYLE, [Submission(STYLE, "V1", "r1", "26945dbf-4e87-4574-ad26-b1f71e865942-e2", "aa",
-                                      {}, at(0))])
-    registry.apply(STYLE, [Submission(STYLE, f"V{i + 2}", f"f{i}", f"{job}-e1", "bb", {}, at(1))
-                           for i, job in enumerate(FAILED_JOBS)])
+    registry.apply(STYLE, [Submission(STYLE, "V1", "r1", "26945dbf-4e87-4574-ad26-b1f71e865942-e2", "aa", {}, at(0))])
+    registry.apply(
+        STYLE,
+        [Submission(STYLE, f"V{i + 2}", f"f{i}", f"{job}-e1", "bb", {}, at(1)) for i, job in enumerate(FAILED_JOBS)],
+    )
     store.put(f"loras/{STYLE}/{STYLE}_vV1.safetensors", lora_bytes())
 
 
@@ -40,9 +41,12 @@ def _spec(kind: str, request):
 def _run_all(executor, spec) -> list:
     start_at = time.time() + 1.0
     futures = [executor.submit(op_reconcile, spec, start_at)]
-    futures += [executor.submit(op_webhook, spec, start_at,
-                                json.dumps({"id": job, "status": "FAILED", "error": f"oom {job[-1]}"}).encode())
-                for job in FAILED_JOBS]
+    futures += [
+        executor.submit(
+            op_webhook, spec, start_at, json.dumps({"id": job, "status": "FAILED", "error": f"oom {job[-1]}"}).encode()
+        )
+        for job in FAILED_JOBS
+    ]
     futures += [executor.submit(op_submit, spec, start_at, f"new-{i}") for i in range(SUBMITTERS)]
     return [f.result(timeout=120) for f in futures]
 
@@ -70,7 +74,7 @@ def test_concurrent_writers_in_threads_lose_nothing(kind, request):
     _prepare(store)
     with ThreadPoolExecutor(1 + len(FAILED_JOBS) + SUBMITTERS) as pool:
         results = _run_all(pool, spec)
-    _assert_nothing_lost(store, results[1 + len(FAILED_JOBS):])
+    _assert_nothing_lost(store, results[1 + len(FAILED_JOBS) :])
 
 
 @pytest.mark.slow
@@ -83,4 +87,4 @@ def test_concurrent_writers_in_processes_lose_nothing(kind, request):
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         list(pool.map(warm, [1.0] * workers))
         results = _run_all(pool, spec)
-    _assert_nothing_lost(store, results[1 + len(FAILED_JOBS):])
+    _assert_nothing_lost(store, results[1 + len(FAILED_JOBS) :])

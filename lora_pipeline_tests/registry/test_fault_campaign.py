@@ -117,8 +117,14 @@ class World:
     crashes: int = 0
 
     def __post_init__(self) -> None:
-        self.client = RunPodClient(self.fake.api_key, self.fake.endpoint_id, base_url=self.fake.base_url,
-                                   timeout=5.0, backoff_base_s=0.001, sleep=lambda s: None)
+        self.client = RunPodClient(
+            self.fake.api_key,
+            self.fake.endpoint_id,
+            base_url=self.fake.base_url,
+            timeout=5.0,
+            backoff_base_s=0.001,
+            sleep=lambda s: None,
+        )
 
     def maybe_crashing(self, chance: float = 0.3) -> Any:
         if self.rng.random() < chance:
@@ -135,12 +141,20 @@ class World:
         client = self.client
         if lost_answer:  # RunPod queues the job but the answer is lost (read timeout)
             self.fake.latency_s = 0.3
-            client = RunPodClient(self.fake.api_key, self.fake.endpoint_id, base_url=self.fake.base_url,
-                                  timeout=0.1, sleep=lambda s: None)
+            client = RunPodClient(
+                self.fake.api_key, self.fake.endpoint_id, base_url=self.fake.base_url, timeout=0.1, sleep=lambda s: None
+            )
         try:
-            submit_training(store=store or self.maybe_crashing(), backend=client, style=style, params=params,
-                            claim_lease=timedelta(milliseconds=50), posting_lease=timedelta(milliseconds=100),
-                            wait_for_other_s=0.3, force=force)
+            submit_training(
+                store=store or self.maybe_crashing(),
+                backend=client,
+                style=style,
+                params=params,
+                claim_lease=timedelta(milliseconds=50),
+                posting_lease=timedelta(milliseconds=100),
+                wait_for_other_s=0.3,
+                force=force,
+            )
         except (SubmissionInFlight, SubmissionUnknown, RunPodError, StorageError):
             pass
         finally:
@@ -182,17 +196,30 @@ class World:
         number = int(request.version[1:])
         key = lora_key(request.style, number)
         path = self.tmp / f"{job_id}.safetensors"
-        path.write_bytes(lora_bytes({"lora_pipeline.request_id": request.request_id,
-                                     "lora_pipeline.job_id": job_id,
-                                     "lora_pipeline.dataset_hash": request.dataset_hash}))
+        path.write_bytes(
+            lora_bytes(
+                {
+                    "lora_pipeline.request_id": request.request_id,
+                    "lora_pipeline.job_id": job_id,
+                    "lora_pipeline.dataset_hash": request.dataset_hash,
+                }
+            )
+        )
         try:
             store.upload_file(key, path, if_none_match=True)  # create-only, as the worker does
         except PreconditionFailed:
             return {"status": "FAILED", "error": f"{key} already exists"}
-        return {"status": "COMPLETED", "output": {
-            "style": request.style, "version": request.version, "lora_key": key,
-            "dataset_hash": request.dataset_hash, "request_id": request.request_id, "steps": 1,
-        }}
+        return {
+            "status": "COMPLETED",
+            "output": {
+                "style": request.style,
+                "version": request.version,
+                "lora_key": key,
+                "dataset_hash": request.dataset_hash,
+                "request_id": request.request_id,
+                "steps": 1,
+            },
+        }
 
     def deliver(self, store: Any = None, job: Any = None) -> None:
         finished = [j for j in self.fake.jobs.values() if j.status in ("COMPLETED", "FAILED")]
@@ -235,8 +262,20 @@ class World:
         import_legacy(self.maybe_crashing(), LEGACY / "style_images")
 
     def step(self) -> None:
-        actions = [self.submit, self.submit, self.burst, self.work, self.work, self.deliver, self.deliver,
-                   self.poison, self.poll, self.inbox, self.reconcile, self.legacy]
+        actions = [
+            self.submit,
+            self.submit,
+            self.burst,
+            self.work,
+            self.work,
+            self.deliver,
+            self.deliver,
+            self.poison,
+            self.poll,
+            self.inbox,
+            self.reconcile,
+            self.legacy,
+        ]
         try:
             self.rng.choice(actions)()
         except Crash:
@@ -284,7 +323,8 @@ def check_invariants(world: World) -> None:
         except InvalidLoraFile:
             parses = False
         assert (version.status is VersionStatus.completed) == parses, (
-            f"{style} {name}: {version.status.value}, file parses: {parses}, job {job.status}")
+            f"{style} {name}: {version.status.value}, file parses: {parses}, job {job.status}"
+        )
     for v in ours:  # the drain settles every version: a job's end, or no job within the maximum age
         assert v.status.finished, f"{v.name} is left {v.status.value} (claim {v.claim})"
 

@@ -49,8 +49,11 @@ ORDERS = [list(p) for p in itertools.permutations(STEPS)] + [
 
 
 def fixture_digest() -> dict[str, tuple[str, int]]:
-    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in FIXTURE.rglob("*") if p.is_file()}
+    return {
+        str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in FIXTURE.rglob("*")
+        if p.is_file()
+    }
 
 
 def assert_expected(store) -> None:
@@ -70,8 +73,7 @@ def assert_expected(store) -> None:
     assert len(bases) == len(set(bases))
     assert all(not v.folded_names for v in s59.versions)
     s7, _ = registry.read("style_7")
-    assert [(v.name, v.status) for v in s7.versions] == [("V1", VersionStatus.completed),
-                                                         ("V2", VersionStatus.failed)]
+    assert [(v.name, v.status) for v in s7.versions] == [("V1", VersionStatus.completed), ("V2", VersionStatus.failed)]
     assert s7.versions[0].s3_key == "loras/style_7/style_7_v1.safetensors"
     assert s7.versions[1].error == "CUDA out of memory"
 

@@ -40,8 +40,9 @@ SHA_D, SHA_K = "d" * 64, "c" * 64
 
 
 def main_file(minute=5, url=REGULAR, key=MAIN, layout="diffusers", etag="e1", number=3):
-    return StoredLora(S, key, number, url + key, 100, etag, {"lora_pipeline.dataset_hash": "ab"}, at(minute),
-                      layout, SHA_D)
+    return StoredLora(
+        S, key, number, url + key, 100, etag, {"lora_pipeline.dataset_hash": "ab"}, at(minute), layout, SHA_D
+    )
 
 
 def companion(minute=4, url=REGULAR, key=KOHYA, layout="kohya", etag="k1", number=3, checksum=SHA_K):
@@ -60,13 +61,20 @@ def record(document: RegistryDocument, primary: str = "kohya") -> dict:
 # -- names -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "parsed"), [
-    ("geo_v3.safetensors", (3, None)), ("geo_vV3.safetensors", (3, None)),
-    ("geo_v3_kohya.safetensors", (3, "kohya")), ("geo_VV3_Kohya.safetensors", (3, "kohya")),
-    ("geo_v3_diffusers.safetensors", (3, "diffusers")),
-    ("geo_v3_sample_0.safetensors", None), ("geo_kohya.safetensors", None), ("ge_v3_kohya.safetensors", None),
-    ("geo_v3_kohya.png", None),
-])
+@pytest.mark.parametrize(
+    ("name", "parsed"),
+    [
+        ("geo_v3.safetensors", (3, None)),
+        ("geo_vV3.safetensors", (3, None)),
+        ("geo_v3_kohya.safetensors", (3, "kohya")),
+        ("geo_VV3_Kohya.safetensors", (3, "kohya")),
+        ("geo_v3_diffusers.safetensors", (3, "diffusers")),
+        ("geo_v3_sample_0.safetensors", None),
+        ("geo_kohya.safetensors", None),
+        ("ge_v3_kohya.safetensors", None),
+        ("geo_v3_kohya.png", None),
+    ],
+)
 def test_a_file_name_says_which_version_and_which_file_of_it(name, parsed) -> None:
     assert parse_lora_file(S, name) == parsed
 
@@ -85,10 +93,24 @@ def test_both_files_of_a_completed_version_are_recorded_and_lora_url_names_the_p
     assert kohya_first["status"] == "completed"
     assert kohya_first["loraUrl"] == REGULAR + KOHYA and kohya_first["s3Key"] == KOHYA
     assert kohya_first["files"] == {
-        "diffusers": {"key": MAIN, "size": 100, "etag": "e1", "lastModified": kohya_first["files"]["diffusers"][
-            "lastModified"], "layout": "diffusers", "tensorsSha256": SHA_D, "url": REGULAR + MAIN},
-        "kohya": {"key": KOHYA, "size": 90, "etag": "k1", "lastModified": kohya_first["files"]["kohya"]["lastModified"],
-                  "layout": "kohya", "tensorsSha256": SHA_K, "url": REGULAR + KOHYA},
+        "diffusers": {
+            "key": MAIN,
+            "size": 100,
+            "etag": "e1",
+            "lastModified": kohya_first["files"]["diffusers"]["lastModified"],
+            "layout": "diffusers",
+            "tensorsSha256": SHA_D,
+            "url": REGULAR + MAIN,
+        },
+        "kohya": {
+            "key": KOHYA,
+            "size": 90,
+            "etag": "k1",
+            "lastModified": kohya_first["files"]["kohya"]["lastModified"],
+            "layout": "kohya",
+            "tensorsSha256": SHA_K,
+            "url": REGULAR + KOHYA,
+        },
     }
     assert kohya_first["file"]["key"] == MAIN and kohya_first["file"]["url"] == REGULAR + MAIN
     diffusers_first = record(document, "diffusers")
@@ -154,8 +176,9 @@ def test_a_kohya_files_url_is_never_downgraded(order: int) -> None:
 
 
 def test_a_presigned_kohya_url_is_stored_plain() -> None:
-    signed = StoredCompanion(S, KOHYA, 3, REGULAR + KOHYA + "?X-Amz-Signature=abc&X-Amz-Expires=60", 90, "k1",
-                             "kohya", SHA_K, at(4))
+    signed = StoredCompanion(
+        S, KOHYA, 3, REGULAR + KOHYA + "?X-Amz-Signature=abc&X-Amz-Expires=60", 90, "k1", "kohya", SHA_K, at(4)
+    )
     data = doc(main_file(), signed).to_json("kohya")
     assert b"X-Amz-Signature" not in data and stored_presigned_urls(data) == []
 
@@ -169,9 +192,20 @@ def test_the_pair_survives_the_json_round_trip() -> None:
 
 
 def test_a_document_written_before_pairs_reads_as_it_was() -> None:
-    old = {"schemaVersion": 1, "style": S, "versions": [{
-        "id": None, "name": "V3", "status": "completed", "loraUrl": CDN + MAIN, "s3Key": MAIN,
-        "file": {"key": MAIN, "size": 100, "etag": "e1", "lastModified": 5}}]}
+    old = {
+        "schemaVersion": 1,
+        "style": S,
+        "versions": [
+            {
+                "id": None,
+                "name": "V3",
+                "status": "completed",
+                "loraUrl": CDN + MAIN,
+                "s3Key": MAIN,
+                "file": {"key": MAIN, "size": 100, "etag": "e1", "lastModified": 5},
+            }
+        ],
+    }
     version = RegistryDocument.from_json(json.dumps(old).encode(), S).versions[0]
     assert version.lora_url == CDN + MAIN and version.file.layout is None and version.files() == {}
     assert record(merge(RegistryDocument(S, (version,)), []))["loraUrl"] == CDN + MAIN
@@ -203,11 +237,13 @@ def test_the_checks_look_at_both_files() -> None:
     assert completed_without_both_layouts(paired) == []
     assert completed_without_both_layouts(single) == ["geo V3: no kohya file (has: diffusers)"]
     assert completed_without_readable_file(paired, readable=lambda key: key != KOHYA) == [
-        f"geo V3: completed but {KOHYA} is missing or unreadable"]
+        f"geo V3: completed but {KOHYA} is missing or unreadable"
+    ]
     raw = json.loads(paired.to_json("kohya"))
     raw["versions"][0]["files"]["kohya"]["url"] += "?X-Amz-Signature=abc"
     assert stored_presigned_urls(json.dumps(raw).encode()) == [
-        "V3: files.kohya.url is a presigned URL (it expires; store the plain URL)"]
+        "V3: files.kohya.url is a presigned URL (it expires; store the plain URL)"
+    ]
 
 
 # -- reconciliation, completion, legacy import (a store) -------------------------------------------
@@ -240,8 +276,9 @@ def test_reconciliation_records_both_files_and_a_second_run_reads_nothing(store)
 def test_a_new_version_number_skips_a_lone_kohya_file(local_store) -> None:
     """Its key belongs to the request that died: a new version must not collide with it."""
     local_store.put(f"loras/{S}/{S}_v7_kohya.safetensors", pair_bytes("kohya"))
-    claimed = RegistryStore(local_store).claim_version(S, request_id="r", dataset_hash="ab", params={}, owner="o",
-                                                       lease=timedelta(seconds=60))
+    claimed = RegistryStore(local_store).claim_version(
+        S, request_id="r", dataset_hash="ab", params={}, owner="o", lease=timedelta(seconds=60)
+    )
     assert claimed.version.number == 8
 
 
@@ -278,9 +315,17 @@ def test_changing_the_primary_rewrites_lora_url_on_the_next_reconciliation(local
 def test_a_completion_records_both_files_the_job_output_names(local_store) -> None:
     RegistryStore(local_store).apply(S, [Submission(S, 3, "req", "job-1-e1", "ab", {}, at(0))])
     _publish(local_store, 3)
-    status = JobStatus(id="job-1-e1", status="COMPLETED", output={
-        "lora_key": MAIN, "kohya_key": KOHYA, "files": {"kohya": KOHYA, "diffusers": MAIN},
-        "style": S, "version": "V3"})
+    status = JobStatus(
+        id="job-1-e1",
+        status="COMPLETED",
+        output={
+            "lora_key": MAIN,
+            "kohya_key": KOHYA,
+            "files": {"kohya": KOHYA, "diffusers": MAIN},
+            "style": S,
+            "version": "V3",
+        },
+    )
     completion = record_completion(local_store, S, status, source="webhook")
     assert completion.version.status is VersionStatus.completed
     assert sorted(completion.version.files()) == ["diffusers", "kohya"]
@@ -291,9 +336,15 @@ def test_a_completion_never_attaches_a_file_of_another_version_or_style(local_st
     _publish(local_store, 3, kohya=False)
     _publish(local_store, 4)
     local_store.put("loras/other/other_v3_kohya.safetensors", pair_bytes("kohya"))
-    status = JobStatus(id="job-1-e1", status="COMPLETED", output={
-        "lora_key": MAIN, "kohya_key": f"loras/{S}/{S}_v4_kohya.safetensors",
-        "files": {"kohya": "loras/other/other_v3_kohya.safetensors"}})
+    status = JobStatus(
+        id="job-1-e1",
+        status="COMPLETED",
+        output={
+            "lora_key": MAIN,
+            "kohya_key": f"loras/{S}/{S}_v4_kohya.safetensors",
+            "files": {"kohya": "loras/other/other_v3_kohya.safetensors"},
+        },
+    )
     completion = record_completion(local_store, S, status, source="poll")
     assert completion.version.status is VersionStatus.completed and completion.version.companions == ()
 
@@ -313,11 +364,26 @@ def test_completion_metadata_shows_both_files() -> None:
 def test_legacy_import_then_reconciliation_understands_the_pair(tmp_path, local_store) -> None:
     legacy = tmp_path / "legacy" / S / "training_versions.json"
     legacy.parent.mkdir(parents=True)
-    legacy.write_text(json.dumps({"versions": [
-        {"id": "5f0e8a52-1111-4c1e-9b0a-9e0c3f1a0001-e1", "name": "V3", "status": "completed",
-         "loraUrl": f"https://loras-prod.s3-accelerate.amazonaws.com/{MAIN}"},
-        {"id": "5f0e8a52-2222-4c1e-9b0a-9e0c3f1a0002-e1", "name": "V4", "status": "completed",
-         "loraUrl": f"https://loras-prod.s3-accelerate.amazonaws.com/loras/{S}/{S}_v4_kohya.safetensors"}]}))
+    legacy.write_text(
+        json.dumps(
+            {
+                "versions": [
+                    {
+                        "id": "5f0e8a52-1111-4c1e-9b0a-9e0c3f1a0001-e1",
+                        "name": "V3",
+                        "status": "completed",
+                        "loraUrl": f"https://loras-prod.s3-accelerate.amazonaws.com/{MAIN}",
+                    },
+                    {
+                        "id": "5f0e8a52-2222-4c1e-9b0a-9e0c3f1a0002-e1",
+                        "name": "V4",
+                        "status": "completed",
+                        "loraUrl": f"https://loras-prod.s3-accelerate.amazonaws.com/loras/{S}/{S}_v4_kohya.safetensors",
+                    },
+                ]
+            }
+        )
+    )
     _publish(local_store, 3)
     _publish(local_store, 4)
     import_legacy(local_store, tmp_path / "legacy")
@@ -405,8 +471,9 @@ def test_url_prints_a_temporary_url_of_either_file(cli, local_store) -> None:
     _publish(local_store, 3)
     reconcile(local_store)
     assert cli("url", S).output.strip() == local_store.presigned_url(KOHYA)
-    assert cli("url", S, "V3", "--format", "diffusers", "--expires", "60").output.strip() == \
-        local_store.presigned_url(MAIN)
+    assert cli("url", S, "V3", "--format", "diffusers", "--expires", "60").output.strip() == local_store.presigned_url(
+        MAIN
+    )
 
 
 def test_url_of_an_s3_file_is_presigned(s3_store, monkeypatch) -> None:

@@ -20,11 +20,19 @@ from lora_pipeline.registry.models import RegistryDocument
 from .lora_files import at
 
 STYLE = "style_59"
-BASES = ["26945dbf-4e87-4574-ad26-b1f71e865942", "0b7c3c1e-9d7a-4f36-9a43-2f6f1d0c8a11",
-         "c3d1f7aa-5b0e-4e0f-8d55-7a4e3b2c9f10"]
-URLS = [None, "https://b.s3-accelerate.amazonaws.com/k", "https://b.s3.us-west-1.amazonaws.com/k",
-        "https://s3.us-west-1.amazonaws.com/b/k", "https://b.s3.us-west-1.amazonaws.com/k?X-Amz-Signature=x",
-        "file:///tmp/k"]
+BASES = [
+    "26945dbf-4e87-4574-ad26-b1f71e865942",
+    "0b7c3c1e-9d7a-4f36-9a43-2f6f1d0c8a11",
+    "c3d1f7aa-5b0e-4e0f-8d55-7a4e3b2c9f10",
+]
+URLS = [
+    None,
+    "https://b.s3-accelerate.amazonaws.com/k",
+    "https://b.s3.us-west-1.amazonaws.com/k",
+    "https://s3.us-west-1.amazonaws.com/b/k",
+    "https://b.s3.us-west-1.amazonaws.com/k?X-Amz-Signature=x",
+    "file:///tmp/k",
+]
 
 numbers = st.integers(1, 4)
 minutes = st.integers(0, 100)
@@ -33,47 +41,97 @@ maybe_job = st.one_of(st.none(), job_ids)
 
 submissions = st.builds(
     lambda n, job, m, req, ds: Submission(STYLE, n, req, job, ds, {"rank": 4}, at(m)),
-    numbers, maybe_job, minutes, st.sampled_from(["r1", "r2"]), st.sampled_from(["aa", "bb"]),
+    numbers,
+    maybe_job,
+    minutes,
+    st.sampled_from(["r1", "r2"]),
+    st.sampled_from(["aa", "bb"]),
 )
 reports = st.builds(
     lambda job, status, err, m, src, out: JobReport(job, status, out, err, m, m * 2, at(m), src),
-    job_ids, st.sampled_from(["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]),
-    st.sampled_from([None, "CUDA out of memory", "boom"]), minutes, st.sampled_from(["poll", "webhook"]),
+    job_ids,
+    st.sampled_from(["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]),
+    st.sampled_from([None, "CUDA out of memory", "boom"]),
+    minutes,
+    st.sampled_from(["poll", "webhook"]),
     st.sampled_from([None, {"lora_key": "loras/style_59/style_59_v1.safetensors", "steps": 30}, {"error": "x"}]),
 )
 LAYOUTS = [None, "diffusers", "kohya", "unknown"]
 stored = st.builds(
     lambda n, spelling, url, etag, m, layout: StoredLora(
-        STYLE, f"loras/{STYLE}/{STYLE}_{spelling}{n}.safetensors", n, url, 10, etag, {"k": etag}, at(m),
-        layout, None if layout is None else etag * 32),
-    numbers, st.sampled_from(["v", "vV", "VV"]), st.sampled_from(URLS), st.sampled_from(["e1", "e2"]), minutes,
+        STYLE,
+        f"loras/{STYLE}/{STYLE}_{spelling}{n}.safetensors",
+        n,
+        url,
+        10,
+        etag,
+        {"k": etag},
+        at(m),
+        layout,
+        None if layout is None else etag * 32,
+    ),
+    numbers,
+    st.sampled_from(["v", "vV", "VV"]),
+    st.sampled_from(URLS),
+    st.sampled_from(["e1", "e2"]),
+    minutes,
     st.sampled_from(LAYOUTS),
 )
 # A version's file in its other layout: attached only once its version is completed.
 companions = st.builds(
     lambda n, spelling, suffix, url, etag, m, layout: StoredCompanion(
-        STYLE, f"loras/{STYLE}/{STYLE}_{spelling}{n}_{suffix}.safetensors", n, url, 9, etag, layout, None, at(m)),
-    numbers, st.sampled_from(["v", "vV"]), st.sampled_from(["kohya", "diffusers"]), st.sampled_from(URLS),
-    st.sampled_from(["k1", "k2"]), minutes, st.sampled_from(["kohya", "diffusers", "unknown"]),
+        STYLE, f"loras/{STYLE}/{STYLE}_{spelling}{n}_{suffix}.safetensors", n, url, 9, etag, layout, None, at(m)
+    ),
+    numbers,
+    st.sampled_from(["v", "vV"]),
+    st.sampled_from(["kohya", "diffusers"]),
+    st.sampled_from(URLS),
+    st.sampled_from(["k1", "k2"]),
+    minutes,
+    st.sampled_from(["kohya", "diffusers", "unknown"]),
 )
 rejected = st.builds(
-    lambda n, suffix, etag, m: RejectedLora(STYLE, f"loras/{STYLE}/{STYLE}_v{n}{suffix}.safetensors", etag, "bad",
-                                            at(m)),
-    numbers, st.sampled_from(["", "", "_kohya"]), st.sampled_from(["e0", "e3"]), minutes,
+    lambda n, suffix, etag, m: RejectedLora(
+        STYLE, f"loras/{STYLE}/{STYLE}_v{n}{suffix}.safetensors", etag, "bad", at(m)
+    ),
+    numbers,
+    st.sampled_from(["", "", "_kohya"]),
+    st.sampled_from(["e0", "e3"]),
+    minutes,
 )
 legacy = st.builds(
-    lambda n, job, status, url, created, note: LegacyRecord(STYLE, {
-        k: v for k, v in {"id": job, "name": f"V{n}", "status": status, "loraUrl": url,
-                          "createdAt": created, "note": note}.items() if v is not None}),
-    numbers, maybe_job, st.sampled_from(["pending", "training", "completed", "failed"]), st.sampled_from(URLS),
-    st.one_of(st.none(), st.integers(1759000000000, 1759900000000)), st.sampled_from([None, "a", "b"]),
+    lambda n, job, status, url, created, note: LegacyRecord(
+        STYLE,
+        {
+            k: v
+            for k, v in {
+                "id": job,
+                "name": f"V{n}",
+                "status": status,
+                "loraUrl": url,
+                "createdAt": created,
+                "note": note,
+            }.items()
+            if v is not None
+        },
+    ),
+    numbers,
+    maybe_job,
+    st.sampled_from(["pending", "training", "completed", "failed"]),
+    st.sampled_from(URLS),
+    st.one_of(st.none(), st.integers(1759000000000, 1759900000000)),
+    st.sampled_from([None, "a", "b"]),
 )
-expiries = st.builds(lambda job, m, why: JobExpired(job, at(m), why), job_ids, minutes,
-                     st.sampled_from(["expired", "no file"]))
+expiries = st.builds(
+    lambda job, m, why: JobExpired(job, at(m), why), job_ids, minutes, st.sampled_from(["expired", "no file"])
+)
 # A running job's heartbeat, or the verdict that it stalled: the latest heartbeat wins.
 heartbeats = st.builds(
     lambda job, m, step, loss, stalled: JobProgressReport(job, at(m), step, 100, loss, "training", stalled),
-    job_ids, minutes, st.sampled_from([None, 10, 20]), st.sampled_from([None, 0.5, 0.25]),
+    job_ids,
+    minutes,
+    st.sampled_from([None, 10, 20]),
+    st.sampled_from([None, 0.5, 0.25]),
     st.sampled_from([None, "stalled: no progress update since …"]),
 )
 

@@ -29,8 +29,15 @@ def empty(style: str = "s") -> RegistryDocument:
 
 
 def submission(version="V1", job=f"{JOB}-e2", minute=0, style="s", **kw):
-    return Submission(style, version, kw.get("request_id", "r1"), job, kw.get("dataset_hash", "ab"),
-                      kw.get("params", {"rank": 4}), at(minute))
+    return Submission(
+        style,
+        version,
+        kw.get("request_id", "r1"),
+        job,
+        kw.get("dataset_hash", "ab"),
+        kw.get("params", {"rank": 4}),
+        at(minute),
+    )
 
 
 def report(status, job=JOB, minute=1, error=None, output=None, source="webhook"):
@@ -38,8 +45,16 @@ def report(status, job=JOB, minute=1, error=None, output=None, source="webhook")
 
 
 def stored(version=1, url=REGULAR, key=None, style="s", minute=5, etag="e1"):
-    return StoredLora(style, key or f"loras/{style}/{style}_v{version}.safetensors", version, url, 100, etag,
-                      {"lora_pipeline.dataset_hash": "ab"}, at(minute))
+    return StoredLora(
+        style,
+        key or f"loras/{style}/{style}_v{version}.safetensors",
+        version,
+        url,
+        100,
+        etag,
+        {"lora_pipeline.dataset_hash": "ab"},
+        at(minute),
+    )
 
 
 def only(doc: RegistryDocument):
@@ -130,8 +145,13 @@ def test_a_lower_ranked_url_never_replaces_a_higher_one(first, second, kept):
 
 def test_a_presigned_url_is_never_stored():
     signed = REGULAR + "?X-Amz-Signature=abc&X-Amz-Expires=3600&X-Amz-Credential=k"
-    doc = merge(empty(), [stored(url=signed), LegacyRecord("s", {"name": "V2", "status": "completed",
-                                                                  "loraUrl": signed.replace("v1", "v2")})])
+    doc = merge(
+        empty(),
+        [
+            stored(url=signed),
+            LegacyRecord("s", {"name": "V2", "status": "completed", "loraUrl": signed.replace("v1", "v2")}),
+        ],
+    )
     assert all("Signature" not in (v.lora_url or "") for v in doc.versions)
     assert doc.version("V1").lora_url == REGULAR
 
@@ -139,16 +159,24 @@ def test_a_presigned_url_is_never_stored():
 def test_duplicate_records_fold_keeping_the_most_informative_values():
     records = [
         {"id": f"{JOB}-e1", "name": "V4", "status": "training", "createdAt": 1759300000000},
-        {"id": f"{JOB}-e1", "name": "V4", "status": "completed", "loraUrl": ACCEL, "createdAt": 1759300000000,
-         "note": "kept"},
+        {
+            "id": f"{JOB}-e1",
+            "name": "V4",
+            "status": "completed",
+            "loraUrl": ACCEL,
+            "createdAt": 1759300000000,
+            "note": "kept",
+        },
     ]
     version = only(merge(empty(), [LegacyRecord("s", r) for r in records]))
     assert (version.status, version.lora_url, version.extra["note"]) == (VersionStatus.completed, ACCEL, "kept")
 
 
 def test_records_sharing_a_job_id_fold_into_one_version_keeping_both_names():
-    records = [{"id": f"{JOB}-e1", "name": "V3", "status": "training"},
-               {"id": JOB, "name": "V4", "status": "completed"}]
+    records = [
+        {"id": f"{JOB}-e1", "name": "V3", "status": "training"},
+        {"id": JOB, "name": "V4", "status": "completed"},
+    ]
     doc = merge(empty(), [LegacyRecord("s", r) for r in records])
     version = only(doc)
     assert version.name == "V3" and version.folded_names == (4,)
@@ -167,10 +195,11 @@ def test_a_report_and_its_submission_in_one_batch_match_whatever_their_order():
 
 
 def test_legacy_keys_are_kept_so_the_old_dashboard_still_reads_the_document():
-    legacy = {"versions": [{"id": f"{JOB}-e2", "name": "V3", "status": "pending", "createdAt": 1, "custom": [1]}],
-              "currentTraining": {"jobId": f"{JOB}-e2", "startTime": 5, "estimatedDuration": 7,
-                                  "status": "pending"},
-              "dashboardSetting": True}
+    legacy = {
+        "versions": [{"id": f"{JOB}-e2", "name": "V3", "status": "pending", "createdAt": 1, "custom": [1]}],
+        "currentTraining": {"jobId": f"{JOB}-e2", "startTime": 5, "estimatedDuration": 7, "status": "pending"},
+        "dashboardSetting": True,
+    }
     doc = merge(RegistryDocument.from_json(json.dumps(legacy).encode(), "s"), [])
     out = json.loads(doc.to_json())
     record = out["versions"][0]
@@ -187,8 +216,13 @@ def test_a_rejected_file_is_recorded_but_never_completes_a_version():
 
 
 def test_a_valid_upload_after_a_rejected_one_clears_the_rejection():
-    doc = merge(empty(), [RejectedLora("s", "loras/s/s_v1.safetensors", "e0", "truncated", at(3)),
-                          stored(version=1, key="loras/s/s_v1.safetensors", minute=4)])
+    doc = merge(
+        empty(),
+        [
+            RejectedLora("s", "loras/s/s_v1.safetensors", "e0", "truncated", at(3)),
+            stored(version=1, key="loras/s/s_v1.safetensors", minute=4),
+        ],
+    )
     assert doc.rejected_files == ()
     assert only(doc).status is VersionStatus.completed
 
@@ -215,6 +249,12 @@ def test_a_running_jobs_latest_heartbeat_wins_whatever_the_order_and_a_newer_one
 def test_progress_is_an_additive_key_of_the_version_record():
     doc = merge(empty(), [submission(), JobProgressReport(JOB, at(3), 5, 10, 0.125, "training")])
     record = json.loads(doc.to_json())["versions"][0]
-    assert record["progress"] == {"heartbeatAt": record["progress"]["heartbeatAt"], "stalled": False, "step": 5,
-                                  "total": 10, "loss": 0.125, "phase": "training"}
+    assert record["progress"] == {
+        "heartbeatAt": record["progress"]["heartbeatAt"],
+        "stalled": False,
+        "step": 5,
+        "total": 10,
+        "loss": 0.125,
+        "phase": "training",
+    }
     assert RegistryDocument.from_json(doc.to_json(), "s") == doc

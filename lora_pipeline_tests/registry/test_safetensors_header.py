@@ -24,7 +24,7 @@ def test_parse_header_returns_tensors_and_metadata():
         (struct.pack("<Q", 10**12) + b"{}", "header length"),
         (struct.pack("<Q", 20) + b"not json at all....", "truncated"),
         (struct.pack("<Q", 8) + b"[1,2,3] ", "JSON object"),
-        (struct.pack("<Q", 8) + b"{\"a\":1} ", "not an object"),
+        (struct.pack("<Q", 8) + b'{"a":1} ', "not an object"),
         (struct.pack("<Q", 2) + b"{}", "no tensors"),
     ],
 )

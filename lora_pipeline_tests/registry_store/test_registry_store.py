@@ -79,8 +79,7 @@ def test_a_lost_conditional_write_is_re_read_and_re_merged(store):
     RegistryStore(racing).apply("s", [JobReport(JOB, "FAILED", None, "oom", 1, 2, at(3), "webhook")])
     doc, _ = RegistryStore(store).read("s")
     assert racing.lost == 1
-    assert [(v.name, v.status) for v in doc.versions] == [
-        ("V1", VersionStatus.failed), ("V2", VersionStatus.pending)]
+    assert [(v.name, v.status) for v in doc.versions] == [("V1", VersionStatus.failed), ("V2", VersionStatus.pending)]
 
 
 def test_reserve_version_takes_the_next_free_number(store):
@@ -102,8 +101,10 @@ def test_reserve_version_reuses_a_completed_version_only_when_asked(store):
     registry = RegistryStore(store)
     v1 = _reserve(registry, "s", request_id="a", dataset_hash="aa", params={"rank": 4})
     registry.apply("s", [StoredLora("s", "loras/s/s_v1.safetensors", 1, None, 1, "e", {}, at(2))])
-    assert _reserve(registry, "s", request_id="b", dataset_hash="aa", params={"rank": 4},
-          reuse_completed=True).name == v1.name
+    assert (
+        _reserve(registry, "s", request_id="b", dataset_hash="aa", params={"rank": 4}, reuse_completed=True).name
+        == v1.name
+    )
     assert _reserve(registry, "s", request_id="c", dataset_hash="aa", params={"rank": 4}).name == "V2"
 
 
@@ -133,8 +134,13 @@ def test_the_index_never_goes_back_to_an_older_revision(local_store):
 
 def test_the_index_lists_unfinished_jobs_for_routing_and_polling(local_store):
     registry = RegistryStore(local_store)
-    registry.apply("s", [submit(), LegacyRecord("s", {"id": "0b7c3c1e-9d7a-4f36-9a43-2f6f1d0c8a11",
-                                                       "name": "V2", "status": "completed"})])
+    registry.apply(
+        "s",
+        [
+            submit(),
+            LegacyRecord("s", {"id": "0b7c3c1e-9d7a-4f36-9a43-2f6f1d0c8a11", "name": "V2", "status": "completed"}),
+        ],
+    )
     summary = registry.read_index()[0].styles["s"]
     assert list(summary.unfinished) == [JOB]
     assert summary.unfinished[JOB].job_id == f"{JOB}-e2"

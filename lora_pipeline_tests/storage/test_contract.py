@@ -213,8 +213,7 @@ def test_local_conditional_writes_hold_across_processes(local_store, tmp_path: P
         "except PreconditionFailed:\n    print('lost')\n"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE, text=True)
-        for i in range(4)
+        subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE, text=True) for i in range(4)
     ]
     results = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(results) == ["lost", "lost", "lost", "won"]
@@ -324,8 +323,14 @@ def test_s3_large_conditional_upload_is_multipart_and_refused_over_an_object(
 
 
 def test_list_prefixes_names_the_folders_one_level_down_in_order(store):
-    for key in ("datasets/b/current.json", "datasets/a/1/img.png", "datasets/a/2/deep/er.png",
-                "datasets/B/x.png", "datasets/top.json", "registry/s/doc.json"):
+    for key in (
+        "datasets/b/current.json",
+        "datasets/a/1/img.png",
+        "datasets/a/2/deep/er.png",
+        "datasets/B/x.png",
+        "datasets/top.json",
+        "registry/s/doc.json",
+    ):
         store.put(key, b"x")
     assert list(store.list_prefixes("datasets/")) == ["datasets/B/", "datasets/a/", "datasets/b/"]
     assert list(store.list_prefixes("datasets/a/")) == ["datasets/a/1/", "datasets/a/2/"]

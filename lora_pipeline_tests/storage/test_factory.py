@@ -116,17 +116,19 @@ def test_bad_client_settings_fail_naming_the_variable(name, value):
 
 
 def test_client_settings_come_from_the_environment():
-    options = S3Options.from_settings(load_settings(
-        {
-            "AWS_ENDPOINT_URL_S3": "https://s3api-eu-ro-1.runpod.io",
-            "AWS_REGION": "eu-ro-1",
-            "LORA_S3_ADDRESSING_STYLE": "path",
-            "AWS_MAX_ATTEMPTS": "8",
-            "LORA_S3_CONNECT_TIMEOUT": "3",
-            "LORA_S3_READ_TIMEOUT": "120",
-            "LORA_S3_ACCELERATE": "true",
-        }
-    ))
+    options = S3Options.from_settings(
+        load_settings(
+            {
+                "AWS_ENDPOINT_URL_S3": "https://s3api-eu-ro-1.runpod.io",
+                "AWS_REGION": "eu-ro-1",
+                "LORA_S3_ADDRESSING_STYLE": "path",
+                "AWS_MAX_ATTEMPTS": "8",
+                "LORA_S3_CONNECT_TIMEOUT": "3",
+                "LORA_S3_READ_TIMEOUT": "120",
+                "LORA_S3_ACCELERATE": "true",
+            }
+        )
+    )
     client = build_s3_client(options)
     config = client.meta.config
     assert client.meta.endpoint_url == "https://s3api-eu-ro-1.runpod.io"

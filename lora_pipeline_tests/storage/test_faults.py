@@ -103,9 +103,7 @@ def test_sustained_faults_open_the_breaker_which_recovers_after_a_probe(store_vi
 def test_an_interrupted_multipart_upload_leaves_no_object_and_no_open_upload(
     store_via, fault_proxy, s3_bucket, s3_client, tmp_path: Path
 ):
-    store = store_via(
-        fault_proxy, s3_bucket, max_attempts=2, multipart_threshold=5 * MB, multipart_chunksize=5 * MB
-    )
+    store = store_via(fault_proxy, s3_bucket, max_attempts=2, multipart_threshold=5 * MB, multipart_chunksize=5 * MB)
     source = tmp_path / "big.safetensors"
     source.write_bytes(b"\x07" * (11 * MB))
     fault_proxy.always("500", match=lambda r: r.method == "PUT" and "partNumber=2" in r.path)
@@ -134,8 +132,11 @@ def test_concurrent_updates_under_faults_lose_and_duplicate_nothing(store_via, f
         update_json(
             store,
             "jobs/state.json",
-            lambda doc: (doc or {"items": []}) if item in (doc or {"items": []})["items"]
-            else {"items": (doc or {"items": []})["items"] + [item]},
+            lambda doc: (
+                (doc or {"items": []})
+                if item in (doc or {"items": []})["items"]
+                else {"items": (doc or {"items": []})["items"] + [item]}
+            ),
         )
 
     with ThreadPoolExecutor(4) as pool:

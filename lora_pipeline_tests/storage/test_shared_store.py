@@ -64,16 +64,15 @@ def test_other_client_settings_get_their_own_store_but_share_the_breaker(proxy, 
     assert head_buckets(proxy, s3_bucket) == 2
 
 
-def test_a_stalled_endpoint_fails_the_check_within_the_tick_bound_and_opens_the_breaker(
-    proxy, s3_bucket, boto_session
-):
+def test_a_stalled_endpoint_fails_the_check_within_the_tick_bound_and_opens_the_breaker(proxy, s3_bucket, boto_session):
     options = tick_options(proxy.endpoint)
     proxy.always("stall")
 
     started = time.monotonic()
     with pytest.raises(StorageError, match="AWS_ENDPOINT_URL_S3"):
-        shared_store(f"s3://{s3_bucket}/lora", options=options,
-                     make_client=lambda o: build_s3_client(o, session=boto_session))
+        shared_store(
+            f"s3://{s3_bucket}/lora", options=options, make_client=lambda o: build_s3_client(o, session=boto_session)
+        )
     elapsed = time.monotonic() - started
 
     assert options.failure_bound_s() < 10  # 2 attempts x 0.5 s + backoff
@@ -82,8 +81,9 @@ def test_a_stalled_endpoint_fails_the_check_within_the_tick_bound_and_opens_the_
     # Open: the next attempt is refused at once, with nothing sent.
     sent = len(proxy.requests)
     with pytest.raises(StoreUnavailable, match="unavailable since"):
-        shared_store(f"s3://{s3_bucket}/lora", options=options,
-                     make_client=lambda o: build_s3_client(o, session=boto_session))
+        shared_store(
+            f"s3://{s3_bucket}/lora", options=options, make_client=lambda o: build_s3_client(o, session=boto_session)
+        )
     assert len(proxy.requests) == sent
 
 
@@ -93,8 +93,11 @@ def test_a_refusing_endpoint_fails_the_check_and_opens_the_breaker(moto_server, 
     proxy.stop()  # nothing listens there now: connection refused
 
     def open_once():
-        return shared_store(f"s3://{s3_bucket}/lora", options=tick_options(endpoint),
-                            make_client=lambda o: build_s3_client(o, session=boto_session))
+        return shared_store(
+            f"s3://{s3_bucket}/lora",
+            options=tick_options(endpoint),
+            make_client=lambda o: build_s3_client(o, session=boto_session),
+        )
 
     with pytest.raises(StorageError, match="cannot reach"):
         open_once()
@@ -103,9 +106,7 @@ def test_a_refusing_endpoint_fails_the_check_and_opens_the_breaker(moto_server, 
         open_once()
 
 
-def test_a_failed_check_is_not_kept_and_runs_again_after_the_reset_period(
-    proxy, s3_bucket, boto_session, monkeypatch
-):
+def test_a_failed_check_is_not_kept_and_runs_again_after_the_reset_period(proxy, s3_bucket, boto_session, monkeypatch):
     monkeypatch.setenv("LORA_STORE_BREAKER_RESET_S", "0.3")
     proxy.always("500")
     with pytest.raises(StorageError):
@@ -130,8 +131,11 @@ def test_a_stall_during_the_write_probe_is_a_failure_not_unsupported_writes(prox
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConditionalWritesUnsupported)
         with pytest.raises(StorageError, match="test write"):
-            shared_store(f"s3://{s3_bucket}/lora", options=tick_options(proxy.endpoint),
-                         make_client=lambda o: build_s3_client(o, session=boto_session))
+            shared_store(
+                f"s3://{s3_bucket}/lora",
+                options=tick_options(proxy.endpoint),
+                make_client=lambda o: build_s3_client(o, session=boto_session),
+            )
 
     assert shared_breaker(s3_location(s3_bucket, "lora")).is_open
     assert not [r for r in proxy.requests if r.method == "DELETE"]
@@ -143,8 +147,11 @@ def test_5xx_during_the_write_probe_is_a_failure_not_unsupported_writes(proxy, s
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConditionalWritesUnsupported)
         with pytest.raises(StorageError, match="SlowDown"):
-            shared_store(f"s3://{s3_bucket}/lora", options=tick_options(proxy.endpoint),
-                         make_client=lambda o: build_s3_client(o, session=boto_session))
+            shared_store(
+                f"s3://{s3_bucket}/lora",
+                options=tick_options(proxy.endpoint),
+                make_client=lambda o: build_s3_client(o, session=boto_session),
+            )
 
 
 def test_tick_options_cap_timeouts_and_attempts_and_bound_a_failing_request():
@@ -159,16 +166,22 @@ def test_tick_options_cap_timeouts_and_attempts_and_bound_a_failing_request():
     # Never longer than the step settings, and configurable.
     short = S3Options(read_timeout=1.0, max_attempts=1).for_ticks()
     assert (short.read_timeout, short.max_attempts) == (1.0, 1)
-    env = S3Options.from_settings(load_settings({"LORA_S3_TICK_READ_TIMEOUT": "3", "LORA_S3_TICK_MAX_ATTEMPTS": "3",
-                                                 "LORA_S3_TICK_CONNECT_TIMEOUT": "1"})).for_ticks()
+    env = S3Options.from_settings(
+        load_settings(
+            {"LORA_S3_TICK_READ_TIMEOUT": "3", "LORA_S3_TICK_MAX_ATTEMPTS": "3", "LORA_S3_TICK_CONNECT_TIMEOUT": "1"}
+        )
+    ).for_ticks()
     assert (env.connect_timeout, env.read_timeout, env.max_attempts) == (1.0, 3.0, 3)
 
 
-@pytest.mark.parametrize("name", ["LORA_S3_TICK_READ_TIMEOUT", "LORA_S3_TICK_MAX_ATTEMPTS",
-                                  "LORA_S3_TICK_CONNECT_TIMEOUT"])
+@pytest.mark.parametrize(
+    "name", ["LORA_S3_TICK_READ_TIMEOUT", "LORA_S3_TICK_MAX_ATTEMPTS", "LORA_S3_TICK_CONNECT_TIMEOUT"]
+)
 def test_bad_tick_settings_fail_naming_the_variable(name):
-    with pytest.raises(SettingsError, match=f"^{name}='0': expected a whole number of at least 1$|"
-                                            f"^{name}='0': expected a number of seconds above 0$"):
+    with pytest.raises(
+        SettingsError,
+        match=f"^{name}='0': expected a whole number of at least 1$|^{name}='0': expected a number of seconds above 0$",
+    ):
         load_settings({name: "0"})
 
 

@@ -106,9 +106,7 @@ def test_download_prefix_recreates_the_tree_and_skips_what_is_there(store, datas
     assert (out / "images" / "img07.png").read_bytes() == (dataset / "images" / "img07.png").read_bytes()
     second = download_prefix(store, "d/", out)
     assert len(second.skipped) == 24 and not second.transferred
-    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
-        p.name for p in (dataset / "images").iterdir()
-    )
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(p.name for p in (dataset / "images").iterdir())
 
 
 def test_write_zip_streams_a_prefix_into_a_valid_zip(store, dataset):

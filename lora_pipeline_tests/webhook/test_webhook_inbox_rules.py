@@ -47,10 +47,14 @@ POISON = [
     pytest.param(body(output="loras/s/s_v1.safetensors"), "output", id="output-string"),
     pytest.param(body(executionTime=[1]), "executionTime", id="executionTime-list"),
     pytest.param(body(delayTime=True), "delayTime", id="delayTime-bool"),
-    pytest.param(b'{"id": "%s", "status": "COMPLETED", "delayTime": Infinity}' % JOB.encode(), "delayTime",
-                 id="delayTime-infinity"),
-    pytest.param(b'{"id": "%s", "status": "COMPLETED", "workerId": "\\ud800"}' % JOB.encode(), "status body",
-                 id="lone-surrogate"),
+    pytest.param(
+        b'{"id": "%s", "status": "COMPLETED", "delayTime": Infinity}' % JOB.encode(),
+        "delayTime",
+        id="delayTime-infinity",
+    ),
+    pytest.param(
+        b'{"id": "%s", "status": "COMPLETED", "workerId": "\\ud800"}' % JOB.encode(), "status body", id="lone-surrogate"
+    ),
     pytest.param(b"[" * 200_000 + b"]" * 200_000, "nested too deeply", id="deep-nesting"),
 ]
 
@@ -87,7 +91,8 @@ def test_a_status_body_under_any_json_name_is_usable_and_moves_to_processed(stor
     assert item.received_at == store.head(key).last_modified.astimezone(UTC)
     assert mark_processed(store, key) == f"{WEBHOOK_PROCESSED}/{name}"
     assert keys(store, WEBHOOK_INBOX) == [] and store.get(f"{WEBHOOK_PROCESSED}/{name}").data == body(
-        output={"lora_key": "loras/s/s_v1.safetensors"})
+        output={"lora_key": "loras/s/s_v1.safetensors"}
+    )
 
 
 def test_files_are_ordered_by_stamp_or_else_by_object_time(local_store):
@@ -148,8 +153,10 @@ def test_a_reject_interrupted_before_the_delete_is_finished_by_the_next_pass(sto
     store.put(key, b"{bad")
     store.put(f"{WEBHOOK_REJECTED}/status.json", b"{bad")  # the copy made before a crash
     assert reject(store, key, "bad") == f"{WEBHOOK_REJECTED}/status.json"
-    assert keys(store, WEBHOOK_REJECTED) == [f"{WEBHOOK_REJECTED}/status.json",
-                                             f"{WEBHOOK_REJECTED}/status.json.reason.txt"]
+    assert keys(store, WEBHOOK_REJECTED) == [
+        f"{WEBHOOK_REJECTED}/status.json",
+        f"{WEBHOOK_REJECTED}/status.json.reason.txt",
+    ]
     assert keys(store, WEBHOOK_INBOX) == []
 
 

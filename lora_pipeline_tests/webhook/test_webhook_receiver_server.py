@@ -18,8 +18,9 @@ TOKEN = "s3cret-token-0123456789"
 
 
 def job_body(i: int) -> bytes:
-    return json.dumps({"id": f"00000000-0000-4000-8000-{i:012d}-u1", "status": "COMPLETED",
-                       "output": {"n": i}}).encode()
+    return json.dumps(
+        {"id": f"00000000-0000-4000-8000-{i:012d}-u1", "status": "COMPLETED", "output": {"n": i}}
+    ).encode()
 
 
 def test_200_concurrent_deliveries_land_exactly_once(local_store):

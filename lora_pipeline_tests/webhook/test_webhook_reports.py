@@ -16,8 +16,13 @@ AT = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
 
 
 def test_a_completed_body_becomes_a_webhook_report():
-    body = {"id": "26945dbf-4e87-4574-ad26-b1f71e865942", "status": "COMPLETED", "delayTime": 812,
-            "executionTime": 1534021, "output": {"lora_key": "loras/style_59/style_59_vV3.safetensors"}}
+    body = {
+        "id": "26945dbf-4e87-4574-ad26-b1f71e865942",
+        "status": "COMPLETED",
+        "delayTime": 812,
+        "executionTime": 1534021,
+        "output": {"lora_key": "loras/style_59/style_59_vV3.safetensors"},
+    }
     report = job_report_from_body(body, AT)
     assert (report.job_id, report.status, report.source) == (body["id"], "COMPLETED", "webhook")
     assert (report.delay_time_ms, report.execution_time_ms) == (812, 1534021)

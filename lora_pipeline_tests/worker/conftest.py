@@ -75,13 +75,23 @@ def put_dataset(store: LocalStore, files: Sequence[tuple[str, bytes, str]], styl
             width, height = Image.open(io.BytesIO(data)).size
         except Exception:  # noqa: BLE001 - corrupt on purpose
             width = height = 1
-        entries.append(ImageEntry(file=f"images/{sha}{Path(name).suffix}", sha256=sha, width=width,
-                                  height=height, size=len(data), caption=caption, source=name))
+        entries.append(
+            ImageEntry(
+                file=f"images/{sha}{Path(name).suffix}",
+                sha256=sha,
+                width=width,
+                height=height,
+                size=len(data),
+                caption=caption,
+                source=name,
+            )
+        )
     digest = dataset_hash(entries) if entries else "0" * 64
     for entry, (_, data, _) in zip(entries, files, strict=True):
         store.put(dataset_prefix(style, digest) + entry.file, data)
-    manifest = DatasetManifest(style=style, dataset_hash=digest,
-                               created_at=datetime.now(UTC).isoformat(), images=entries)
+    manifest = DatasetManifest(
+        style=style, dataset_hash=digest, created_at=datetime.now(UTC).isoformat(), images=entries
+    )
     store.put(dataset_manifest_key(style, digest), manifest.to_json())
     return digest
 
@@ -107,12 +117,17 @@ def request_dict(store: LocalStore, digest: str, **overrides) -> dict:
     params = overrides.pop("params", {})
     base = dict(rank=4, resolution=32, max_train_steps=8, train_batch_size=2, learning_rate=1e-3, seed=7)
     base.update(params)
-    values = dict(style=STYLE, version="V1", dataset_hash=digest, base_model="tiny",
-                  params=base, storage_url=str(store.root), request_id="req-1")
+    values = dict(
+        style=STYLE,
+        version="V1",
+        dataset_hash=digest,
+        base_model="tiny",
+        params=base,
+        storage_url=str(store.root),
+        request_id="req-1",
+    )
     values.update(overrides)
     return values
-
-
 
 
 @pytest.fixture(scope="session")
@@ -122,9 +137,15 @@ def tiny_sdxl_model(model_cache: Path) -> Path:
 
     spec = RandomModelSpec(
         family="sdxl",
-        unet=dict(TINY_SD1.unet, cross_attention_dim=64, addition_embed_type="text_time",
-                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-                  use_linear_projection=True, attention_head_dim=(2, 4)),
+        unet=dict(
+            TINY_SD1.unet,
+            cross_attention_dim=64,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,
+            use_linear_projection=True,
+            attention_head_dim=(2, 4),
+        ),
         vae=TINY_SD1.vae,
         text_encoder=TINY_SD1.text_encoder,
     )

@@ -17,31 +17,66 @@ from dataclasses import dataclass
 from typing import Any
 
 SD15_UNET: dict[str, Any] = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu",
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
 )
 SDXL_UNET: dict[str, Any] = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
     block_out_channels=(320, 640, 1280),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu",
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    act_fn="silu",
 )
 CLIP_L: dict[str, Any] = dict(  # SD 1.5's text encoder and SDXL's first
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
 )
 CLIP_G: dict[str, Any] = dict(  # SDXL's second (OpenCLIP ViT-bigG/14)
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
-    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
 )
 SPECS = {"sd1": (SD15_UNET, [CLIP_L]), "sdxl": (SDXL_UNET, [CLIP_L, CLIP_G])}
 _POOL = 16_000_000  # ≥ every UNet/encoder layer but the token embeddings (SDXL's ff: 13.1 M)
@@ -84,7 +119,7 @@ def _fill(modules: list[Any], seed: int) -> None:
             for p_name, param in list(owner.named_parameters(recurse=False)):
                 offset = zlib.crc32(f"{m_index}:{name}.{p_name}".encode()) % _OFFSETS
                 if param.numel() <= _POOL:
-                    window = pool[offset: offset + param.numel()].view(param.shape)
+                    window = pool[offset : offset + param.numel()].view(param.shape)
                 else:  # token embeddings, SD 1.5's widest convs: overlapping rows, each a window
                     rows, width = param.shape[0], param[0].numel()
                     inner = torch.empty(param.shape[1:], device="meta").stride()

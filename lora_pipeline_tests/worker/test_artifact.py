@@ -29,8 +29,9 @@ from lora_pipeline.worker.train import TrainOutcome, train_lora
 from lora_pipeline_tests.worker.conftest import quick_params, sample_images
 
 # alpha ≠ rank on purpose: the scale alpha/rank must survive both file layouts.
-PARAMS = quick_params(train_text_encoder=True, max_train_steps=4, learning_rate=5e-2, alpha=8,
-                      trigger_word="geoshapes style")
+PARAMS = quick_params(
+    train_text_encoder=True, max_train_steps=4, learning_rate=5e-2, alpha=8, trigger_word="geoshapes style"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,20 @@ def outcome(tiny_model: Path) -> TrainOutcome:
 def _facts(outcome: TrainOutcome) -> ArtifactFacts:
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     return ArtifactFacts(
-        style="geo", version="V3", job_id="job-123-e1", request_id="req-9", dataset_hash="ab" * 32,
-        base_model="tiny", family="sd1", params=PARAMS, steps=outcome.steps, num_train_images=8,
-        tag_frequency={"geoshapes style": 8}, training_seconds=12.5, started_at=now, finished_at=now,
+        style="geo",
+        version="V3",
+        job_id="job-123-e1",
+        request_id="req-9",
+        dataset_hash="ab" * 32,
+        base_model="tiny",
+        family="sd1",
+        params=PARAMS,
+        steps=outcome.steps,
+        num_train_images=8,
+        tag_frequency={"geoshapes style": 8},
+        training_seconds=12.5,
+        started_at=now,
+        finished_at=now,
         final_loss=outcome.final_loss,
     )
 
@@ -52,20 +64,34 @@ def _facts(outcome: TrainOutcome) -> ArtifactFacts:
 @pytest.fixture(scope="module")
 def lora_file(outcome: TrainOutcome, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("artifact") / "geo_v3.safetensors"
-    return write_lora_file(path, "sd1", outcome.unet_lora, provenance_metadata(_facts(outcome)),
-                           text_encoder_lora=outcome.text_encoder_lora, adapter_configs=outcome.adapter_configs)
+    return write_lora_file(
+        path,
+        "sd1",
+        outcome.unet_lora,
+        provenance_metadata(_facts(outcome)),
+        text_encoder_lora=outcome.text_encoder_lora,
+        adapter_configs=outcome.adapter_configs,
+    )
 
 
 @pytest.fixture(scope="module")
 def kohya_file(lora_file: Path, tiny_model: Path) -> Path:
     from lora_pipeline.worker.family import unet_config
 
-    return write_kohya_file(lora_file, lora_file.with_name("geo_v3_kohya.safetensors"), unet_config=unet_config(tiny_model))
+    return write_kohya_file(
+        lora_file, lora_file.with_name("geo_v3_kohya.safetensors"), unet_config=unet_config(tiny_model)
+    )
 
 
 def _render(pipe) -> torch.Tensor:
-    out = pipe("geoshapes style, a red circle", num_inference_steps=2, height=32, width=32,
-               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    out = pipe(
+        "geoshapes style, a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     return out
 
 
@@ -112,9 +138,16 @@ def test_the_kohya_header_has_sd_scripts_keys_and_the_same_provenance(lora_file:
     meta = header.metadata
     ours = {k: v for k, v in verify_local_file(lora_file)[0].metadata.items() if k.startswith("lora_pipeline.")}
     assert {k: v for k, v in meta.items() if k.startswith("lora_pipeline.")} == {
-        **ours, "lora_pipeline.layout": "kohya", "lora_pipeline.tensors_sha256": tensors_sha}
+        **ours,
+        "lora_pipeline.layout": "kohya",
+        "lora_pipeline.tensors_sha256": tensors_sha,
+    }
     assert header.layout == "kohya" and meta["sshs_model_hash"] == tensors_sha
-    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "4", "8.0")
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == (
+        "networks.lora",
+        "4",
+        "8.0",
+    )
     assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_sd_model_name"]) == ("sd_v1", "False", "tiny")
     assert (meta["ss_steps"], meta["ss_num_train_images"]) == ("4", "8")
     assert json.loads(meta["ss_tag_frequency"]) == {"geo": {"geoshapes style": 8}}
@@ -126,8 +159,9 @@ def test_the_kohya_header_has_sd_scripts_keys_and_the_same_provenance(lora_file:
     assert "lora_adapter_metadata" not in meta
 
 
-def test_the_kohya_file_is_a_function_of_the_diffusers_file(lora_file: Path, kohya_file: Path, tiny_model: Path,
-                                                           tmp_path: Path) -> None:
+def test_the_kohya_file_is_a_function_of_the_diffusers_file(
+    lora_file: Path, kohya_file: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     """A twin job that lost the race derives the winner's kohya file again from its diffusers file."""
     from lora_pipeline.worker.family import unet_config
 
@@ -165,23 +199,47 @@ def test_kohya_file_and_diffusers_file_give_the_same_image(tiny_model: Path, lor
 
 def _facts_for(family: str, prediction: str, **changes) -> ArtifactFacts:
     now = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-    values = dict(style="geo", version="V12", job_id="j", request_id="r", dataset_hash="cd" * 32,
-                  base_model="stabilityai/stable-diffusion-2", family=family, params=PARAMS, steps=7,
-                  num_train_images=3, tag_frequency={"a": 1}, training_seconds=2.0, started_at=now,
-                  finished_at=now, final_loss=None, prediction_type=prediction)
+    values = dict(
+        style="geo",
+        version="V12",
+        job_id="j",
+        request_id="r",
+        dataset_hash="cd" * 32,
+        base_model="stabilityai/stable-diffusion-2",
+        family=family,
+        params=PARAMS,
+        steps=7,
+        num_train_images=3,
+        tag_frequency={"a": 1},
+        training_seconds=2.0,
+        started_at=now,
+        finished_at=now,
+        final_loss=None,
+        prediction_type=prediction,
+    )
     values.update(changes)
     return ArtifactFacts(**values)
 
 
-@pytest.mark.parametrize(("family", "prediction", "base", "architecture", "implementation", "predicts"), [
-    ("sd1", "epsilon", "sd_v1", "stable-diffusion-v1/lora", "diffusers", "epsilon"),
-    ("sd2", "epsilon", "sd_v2", "stable-diffusion-v2-512/lora", "diffusers", "epsilon"),
-    ("sd2", "v_prediction", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "diffusers", "v"),
-    ("sdxl", "epsilon", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora",
-     "https://github.com/Stability-AI/generative-models", "epsilon"),
-])
-def test_kohya_metadata_names_the_base_model_as_sd_scripts_does(family, prediction, base, architecture,
-                                                                implementation, predicts) -> None:
+@pytest.mark.parametrize(
+    ("family", "prediction", "base", "architecture", "implementation", "predicts"),
+    [
+        ("sd1", "epsilon", "sd_v1", "stable-diffusion-v1/lora", "diffusers", "epsilon"),
+        ("sd2", "epsilon", "sd_v2", "stable-diffusion-v2-512/lora", "diffusers", "epsilon"),
+        ("sd2", "v_prediction", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "diffusers", "v"),
+        (
+            "sdxl",
+            "epsilon",
+            "sdxl_base_v1-0",
+            "stable-diffusion-xl-v1-base/lora",
+            "https://github.com/Stability-AI/generative-models",
+            "epsilon",
+        ),
+    ],
+)
+def test_kohya_metadata_names_the_base_model_as_sd_scripts_does(
+    family, prediction, base, architecture, implementation, predicts
+) -> None:
     meta = kohya_metadata(_facts_for(family, prediction))
     assert meta["ss_base_model_version"] == base
     assert meta["ss_v2"] == str(family == "sd2")
@@ -197,10 +255,15 @@ def test_kohya_metadata_without_a_trigger_word_has_no_trigger_phrase() -> None:
     assert kohya_metadata(_facts_for("sd1", "epsilon"))["modelspec.trigger_phrase"] == "geoshapes style"
 
 
-@pytest.mark.parametrize(("base_model", "name"), [
-    ("tiny", "tiny"), ("store:models/sd15", "sd15"), ("store:models/sdxl/", "sdxl"),
-    ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
-])
+@pytest.mark.parametrize(
+    ("base_model", "name"),
+    [
+        ("tiny", "tiny"),
+        ("store:models/sd15", "sd15"),
+        ("store:models/sdxl/", "sdxl"),
+        ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ],
+)
 def test_the_base_model_name_is_a_folder_name_or_the_hub_id(base_model: str, name: str) -> None:
     assert base_model_name(base_model) == name
 
@@ -229,13 +292,32 @@ def test_sdxl_lora_with_both_text_encoders_loads_and_changes_the_output(tiny_sdx
     params = quick_params(train_text_encoder=True, max_train_steps=2, learning_rate=5e-2, resolution=64)
     outcome = train_lora(params, "sdxl", tiny_sdxl_model, examples)
     now = datetime(2026, 1, 2, tzinfo=UTC)
-    facts = ArtifactFacts(style="xl", version="V1", job_id="j", request_id="r", dataset_hash="ab" * 32,
-                          base_model="tiny", family="sdxl", params=params, steps=2, num_train_images=4,
-                          tag_frequency={}, training_seconds=1.0, started_at=now, finished_at=now, final_loss=None)
-    path = write_lora_file(tmp_path / "xl.safetensors", "sdxl", outcome.unet_lora, provenance_metadata(facts),
-                           text_encoder_lora=outcome.text_encoder_lora,
-                           text_encoder_2_lora=outcome.text_encoder_2_lora,
-                           adapter_configs=outcome.adapter_configs)
+    facts = ArtifactFacts(
+        style="xl",
+        version="V1",
+        job_id="j",
+        request_id="r",
+        dataset_hash="ab" * 32,
+        base_model="tiny",
+        family="sdxl",
+        params=params,
+        steps=2,
+        num_train_images=4,
+        tag_frequency={},
+        training_seconds=1.0,
+        started_at=now,
+        finished_at=now,
+        final_loss=None,
+    )
+    path = write_lora_file(
+        tmp_path / "xl.safetensors",
+        "sdxl",
+        outcome.unet_lora,
+        provenance_metadata(facts),
+        text_encoder_lora=outcome.text_encoder_lora,
+        text_encoder_2_lora=outcome.text_encoder_2_lora,
+        adapter_configs=outcome.adapter_configs,
+    )
     from lora_pipeline.worker.family import unet_config
 
     kohya = write_kohya_file(path, tmp_path / "xl_kohya.safetensors", unet_config=unet_config(tiny_sdxl_model))

@@ -43,8 +43,17 @@ CI_SUBSET = ["sd15/ours", "sd15/ours+all", "sd15/reference", "sdxl/ours+all", "s
 def test_dry_run_trains_both_models_through_the_gpu_runs_code_and_writes_the_report(tmp_path: Path) -> None:
     # A subset of the plan that takes each path once (defaults, every eager lever, SDXL,
     # regional compile with static shapes, a skipped reference); `make gpu-dry-run` runs it all.
-    command = [sys.executable, str(GPU_DIR / "bench_gpu.py"), "--dry-run", "--out", str(tmp_path / "out"),
-               "--work-dir", str(tmp_path / "work"), "--reference-dir", str(tmp_path / "no-bundle")]
+    command = [
+        sys.executable,
+        str(GPU_DIR / "bench_gpu.py"),
+        "--dry-run",
+        "--out",
+        str(tmp_path / "out"),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--reference-dir",
+        str(tmp_path / "no-bundle"),
+    ]
     for run_id in CI_SUBSET:
         command += ["--only", run_id]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -71,7 +80,7 @@ def test_dry_run_trains_both_models_through_the_gpu_runs_code_and_writes_the_rep
     assert "| sdxl/ours+compile |" in markdown and "**Reference skipped**" in markdown
 
 
-STAND_IN = '''
+STAND_IN = """
 import argparse
 import time
 from tqdm.auto import tqdm
@@ -87,7 +96,7 @@ for step in range({updates}):
     time.sleep(0.02)
     bar.update(1)
 open({marker!r}, "w").write("the script ran past its steps")
-'''
+"""
 
 
 def _stand_in(folder: Path, config, updates: int) -> Path:
@@ -107,8 +116,16 @@ def isolated_reference(monkeypatch: pytest.MonkeyPatch):
 
 
 def _reference_args(tmp_path: Path, config: str = "sd15") -> Namespace:
-    return Namespace(dry_run=True, config=config, reference_deps=None, reference_dir=str(tmp_path / "ref"),
-                     model="m", data="d", mixed_precision="no", run_id=f"{config}/reference")
+    return Namespace(
+        dry_run=True,
+        config=config,
+        reference_deps=None,
+        reference_dir=str(tmp_path / "ref"),
+        model="m",
+        data="d",
+        mixed_precision="no",
+        run_id=f"{config}/reference",
+    )
 
 
 def test_reference_runner_times_the_steps_bar_and_stops_the_script_after_the_last_step(
@@ -121,8 +138,11 @@ def test_reference_runner_times_the_steps_bar_and_stops_the_script_after_the_las
     original_update, argv = tqdm.auto.tqdm.update, list(sys.argv)
     bench.child_reference(_reference_args(tmp_path))
 
-    rows = [json.loads(line[len(bench.MARKER):]) for line in capsys.readouterr().out.splitlines()
-            if line.startswith(bench.MARKER)]
+    rows = [
+        json.loads(line[len(bench.MARKER) :])
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(bench.MARKER)
+    ]
     assert len(rows) == 1
     row = rows[0]
     assert row["status"] == "ok" and row["id"] == "sd15/reference"
@@ -151,19 +171,24 @@ def test_reference_compiles_through_accelerates_own_settings(monkeypatch: pytest
         monkeypatch.setenv(key, value)
     plugin = TorchDynamoPlugin()
     assert (plugin.backend.value, plugin.mode, plugin.use_regional_compilation) == (
-        "INDUCTOR", "max-autotune-no-cudagraphs", False)
+        "INDUCTOR",
+        "max-autotune-no-cudagraphs",
+        False,
+    )
     assert bench.reference_env("off", None, "inductor") == {"ACCELERATE_DYNAMO_BACKEND": "no"}
     assert "ACCELERATE_DYNAMO_MODE" not in bench.reference_env("full", "max-autotune", "eager")
 
 
 def test_reference_flags_are_checked_against_the_scripts_own_parser(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent('''
+    script.write_text(
+        textwrap.dedent("""
         import argparse
         parser = argparse.ArgumentParser()
         parser.add_argument("--rank", type=int)
         parser.add_argument("--center_crop", action="store_true")
-    '''))
+    """)
+    )
     assert bundle.unknown_flags(script, ["--rank=4", "--center_crop"]) == []
     assert bundle.unknown_flags(script, ["--rank=4", "--centre_crop", "--seed=0"]) == ["--centre_crop", "--seed"]
 
@@ -181,28 +206,59 @@ def test_plan_puts_the_comparisons_first_and_isolates_every_lever() -> None:
     runs = bench.plan(bench.GPU)
     bench.check_plan(runs, bench.GPU)
     bench.check_plan(bench.plan(bench.DRY), bench.DRY)
-    assert [r.id for r in runs[:6]] == ["sd15/ours", "sd15/ours+all", "sd15/reference", "sdxl/ours",
-                                        "sdxl/ours+all", "sdxl/reference"]
+    assert [r.id for r in runs[:6]] == [
+        "sd15/ours",
+        "sd15/ours+all",
+        "sd15/reference",
+        "sdxl/ours",
+        "sdxl/ours+all",
+        "sdxl/reference",
+    ]
     levers = {r.lever for r in runs if r.lever}
-    assert {"log_every", "device_cache", "static_shapes", "compile (regional)", "fuse_qkv", "tf32 off",
-            "max_batch", "compile max-autotune-no-cudagraphs", "compile full vs regional"} <= levers
+    assert {
+        "log_every",
+        "device_cache",
+        "static_shapes",
+        "compile (regional)",
+        "fuse_qkv",
+        "tf32 off",
+        "max_batch",
+        "compile max-autotune-no-cudagraphs",
+        "compile full vs regional",
+    } <= levers
     assert {(r.config, r.compile != "off") for r in runs if r.side == "reference"} == {
-        ("sd15", False), ("sd15", True), ("sdxl", False), ("sdxl", True)}
+        ("sd15", False),
+        ("sd15", True),
+        ("sdxl", False),
+        ("sdxl", True),
+    }
 
 
 def test_a_typo_in_the_plan_fails_before_anything_runs() -> None:
     bad = bench.plan(bench.GPU) + [bench.Run("sd15/typo", "sd15", "ours", {"fuse_qvk": True})]
     with pytest.raises(SystemExit, match="sd15/typo"):
         bench.check_plan(bad, bench.GPU)
-    bad = bench.plan(bench.GPU) + [bench.Run("sd15/mode", "sd15", "ours",
-                                             {"compile": "full", "compile_mode": "max-autotune-no-cudagrahps"})]
+    bad = bench.plan(bench.GPU) + [
+        bench.Run("sd15/mode", "sd15", "ours", {"compile": "full", "compile_mode": "max-autotune-no-cudagrahps"})
+    ]
     with pytest.raises(SystemExit, match="compile_mode"):
         bench.check_plan(bad, bench.GPU)
 
 
 def test_a_spent_budget_skips_runs_and_still_writes_the_report(tmp_path: Path) -> None:
-    code = bench.main(["--dry-run", "--budget-s", "0", "--out", str(tmp_path), "--work-dir", str(tmp_path / "w"),
-                       "--reference-dir", str(tmp_path / "none")])
+    code = bench.main(
+        [
+            "--dry-run",
+            "--budget-s",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--reference-dir",
+            str(tmp_path / "none"),
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert {row["status"] for row in report["runs"]} == {"skipped"}
@@ -211,8 +267,10 @@ def test_a_spent_budget_skips_runs_and_still_writes_the_report(tmp_path: Path) -
 
 
 def test_a_child_past_its_time_is_killed_and_its_finished_results_kept(tmp_path: Path) -> None:
-    child = ("import sys, time; print('BENCH_RESULT {\"id\": \"a\", \"status\": \"ok\"}', flush=True); "
-             "print('starting b', file=sys.stderr, flush=True); time.sleep(60)")
+    child = (
+        'import sys, time; print(\'BENCH_RESULT {"id": "a", "status": "ok"}\', flush=True); '
+        "print('starting b', file=sys.stderr, flush=True); time.sleep(60)"
+    )
     started = time.monotonic()
     rows, status = bench.run_child([sys.executable, "-c", child], 1.5, tmp_path / "log", dict(os.environ))
     assert time.monotonic() - started < 20
@@ -221,18 +279,32 @@ def test_a_child_past_its_time_is_killed_and_its_finished_results_kept(tmp_path:
 
 
 def _row(run_id: str, side: str, rate: float, mem: float, batch: int = 4, **extra):
-    return {"id": run_id, "config": run_id.split("/")[0], "side": side, "status": "ok", "steps_per_s": rate,
-            "images_per_s": rate * batch, "peak_mem_mb": mem, "batch_size": batch, **extra}
+    return {
+        "id": run_id,
+        "config": run_id.split("/")[0],
+        "side": side,
+        "status": "ok",
+        "steps_per_s": rate,
+        "images_per_s": rate * batch,
+        "peak_mem_mb": mem,
+        "batch_size": batch,
+        **extra,
+    }
 
 
 def test_comparisons_hold_ours_best_against_the_reference_and_the_goals() -> None:
-    rows = {r["id"]: r for r in [
-        _row("sd15/ours", "ours", 9.0, 9000), _row("sd15/ours+compile", "ours", 12.0, 8000, mfu=0.16),
-        _row("sd15/ours+max_batch", "ours", 3.0, 60000, batch=32),
-        _row("sd15/reference", "reference", 5.0, 10000), _row("sd15/reference+compile", "reference", 6.0, 9500),
-        _row("sdxl/ours", "ours", 2.0, 30000, batch=2, mfu=0.2), _row("sdxl/reference", "reference", 1.2, 25000,
-                                                                       batch=2),
-    ]}
+    rows = {
+        r["id"]: r
+        for r in [
+            _row("sd15/ours", "ours", 9.0, 9000),
+            _row("sd15/ours+compile", "ours", 12.0, 8000, mfu=0.16),
+            _row("sd15/ours+max_batch", "ours", 3.0, 60000, batch=32),
+            _row("sd15/reference", "reference", 5.0, 10000),
+            _row("sd15/reference+compile", "reference", 6.0, 9500),
+            _row("sdxl/ours", "ours", 2.0, 30000, batch=2, mfu=0.2),
+            _row("sdxl/reference", "reference", 1.2, 25000, batch=2),
+        ]
+    }
     sd15, sdxl = bench.comparisons(rows, bench.GPU)
     assert sd15["ours_best"] == "sd15/ours+compile"  # the larger-batch run is compared on its own
     assert sd15["speedup"] == pytest.approx(2.4) and sd15["speedup_defaults"] == pytest.approx(1.8)
@@ -242,16 +314,37 @@ def test_comparisons_hold_ours_best_against_the_reference_and_the_goals() -> Non
 
 
 def test_lever_gain_is_with_over_without_whichever_run_has_it() -> None:
-    runs = {r.id: r for r in [
-        bench.Run("sd15/ours+all", "sd15", "ours"),
-        bench.Run("sd15/ours+all-device_cache", "sd15", "ours", lever="device_cache", baseline="sd15/ours+all",
-                  lever_on=False),
-        bench.Run("sd15/ours+max_batch", "sd15", "ours", lever="max_batch", baseline="sd15/ours+all",
-                  metric="images_per_s"),
-        bench.Run("sd15/ours+lost", "sd15", "ours", lever="tf32 on", baseline="sd15/ours+all"),
-    ]}
-    rows = {r["id"]: r for r in [_row("sd15/ours+all", "ours", 10.0, 8000), _row(
-        "sd15/ours+all-device_cache", "ours", 8.0, 8000), _row("sd15/ours+max_batch", "ours", 3.0, 40000, batch=32)]}
+    runs = {
+        r.id: r
+        for r in [
+            bench.Run("sd15/ours+all", "sd15", "ours"),
+            bench.Run(
+                "sd15/ours+all-device_cache",
+                "sd15",
+                "ours",
+                lever="device_cache",
+                baseline="sd15/ours+all",
+                lever_on=False,
+            ),
+            bench.Run(
+                "sd15/ours+max_batch",
+                "sd15",
+                "ours",
+                lever="max_batch",
+                baseline="sd15/ours+all",
+                metric="images_per_s",
+            ),
+            bench.Run("sd15/ours+lost", "sd15", "ours", lever="tf32 on", baseline="sd15/ours+all"),
+        ]
+    }
+    rows = {
+        r["id"]: r
+        for r in [
+            _row("sd15/ours+all", "ours", 10.0, 8000),
+            _row("sd15/ours+all-device_cache", "ours", 8.0, 8000),
+            _row("sd15/ours+max_batch", "ours", 3.0, 40000, batch=32),
+        ]
+    }
     gains = {g["lever"]: g for g in bench.lever_gains(rows, runs)}
     assert gains["device_cache"]["gain"] == pytest.approx(1.25)
     assert gains["max_batch"]["gain"] == pytest.approx(96 / 40) and gains["max_batch"]["memory_ratio"] == 5
@@ -356,8 +449,13 @@ def test_the_gpu_command_installs_the_carried_wheels_and_runs_the_benchmark(tmp_
     target = tmp_path / "bundle"
     (target / "wheels").mkdir(parents=True)
     (target / "wheels" / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"w")
-    env = dict(os.environ, PYTHON=str(fake_python), GPU_BUNDLE=str(target), OUT=str(tmp_path / "out"),
-               GPU_SITE=str(tmp_path / "site"))
+    env = dict(
+        os.environ,
+        PYTHON=str(fake_python),
+        GPU_BUNDLE=str(target),
+        OUT=str(tmp_path / "out"),
+        GPU_SITE=str(tmp_path / "site"),
+    )
     script = str(GPU_DIR / "run_on_gpu.sh")
 
     missing = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
@@ -369,8 +467,9 @@ def test_the_gpu_command_installs_the_carried_wheels_and_runs_the_benchmark(tmp_
     install, run = calls.read_text().splitlines()
     assert install.startswith("-m pip install") and "--no-index --no-deps" in install
     assert f"--target {tmp_path / 'site'} {target}/wheels/diffusers-0.42.1-py3-none-any.whl" in install
-    assert run == (f"benchmarks/gpu/bench_gpu.py --out {tmp_path / 'out'} --reference-dir {target}/reference "
-                   "--only sd15/ours")
+    assert run == (
+        f"benchmarks/gpu/bench_gpu.py --out {tmp_path / 'out'} --reference-dir {target}/reference --only sd15/ours"
+    )
 
 
 def test_bundle_refuses_scripts_that_do_not_take_the_benchmarks_flags(tmp_path: Path) -> None:
@@ -384,8 +483,10 @@ def _wheel(folder: Path, name: str, requires: list[str]) -> Path:
 
     path = folder / f"{name}-1.0-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{name}-1.0.dist-info/METADATA",
-                         "Name: {}\n".format(name) + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        archive.writestr(
+            f"{name}-1.0.dist-info/METADATA",
+            "Name: {}\n".format(name) + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        )
     return path
 
 

@@ -27,9 +27,12 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_handler_trains_and_stores_the_lora_with_its_facts(store, sample_dataset: str) -> None:
     # export_kohya is retired: an old orchestrator's false is accepted, and both files are written.
-    job = {"id": "job-abc-e1", "input": request_dict(store, sample_dataset, params={"export_kohya": False,
-                                                                                  "num_sample_images": 1,
-                                                                                  "sample_inference_steps": 2})}
+    job = {
+        "id": "job-abc-e1",
+        "input": request_dict(
+            store, sample_dataset, params={"export_kohya": False, "num_sample_images": 1, "sample_inference_steps": 2}
+        ),
+    }
     result = TrainingResult.model_validate(handler(job))
 
     assert result.lora_key == "loras/geo/geo_v1.safetensors"
@@ -58,6 +61,7 @@ def test_retried_job_resumes_from_the_last_checkpoint(store, sample_dataset: str
         def progress(step, total, loss):
             if step == 4:
                 raise RuntimeError("worker lost")
+
         kwargs["progress"] = progress
         return real_train(*args, **kwargs)
 
@@ -160,7 +164,9 @@ def test_importing_the_handler_does_not_import_torch() -> None:
 def _minimal_safetensors(metadata: dict[str, str]) -> bytes:
     import struct
 
-    header = json.dumps({"__metadata__": metadata, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header = json.dumps(
+        {"__metadata__": metadata, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    ).encode()
     return struct.pack("<Q", len(header)) + header + b"\0\0\0\0"
 
 
@@ -182,9 +188,7 @@ def test_a_lora_published_by_another_request_during_training_is_not_replaced(
     assert store.get("loras/geo/geo_v1.safetensors").data == theirs
 
 
-def test_a_second_job_of_the_same_request_returns_the_first_ones_file(
-    store, sample_dataset: str, monkeypatch
-) -> None:
+def test_a_second_job_of_the_same_request_returns_the_first_ones_file(store, sample_dataset: str, monkeypatch) -> None:
     """Two jobs of one request (a repeated /run) race to publish: one file, one result."""
     real_train = train_module.train_lora
     request = request_dict(store, sample_dataset)
@@ -219,8 +223,9 @@ def _kohya_tensors_of(store, key: str) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         store.download_file(key, Path(tmp) / "d.safetensors")
-        derived = write_kohya_file(Path(tmp) / "d.safetensors", Path(tmp) / "k.safetensors",
-                                   unet_config=unet_config(ensure_tiny_model()))
+        derived = write_kohya_file(
+            Path(tmp) / "d.safetensors", Path(tmp) / "k.safetensors", unet_config=unet_config(ensure_tiny_model())
+        )
         return verify_local_file(derived)[1]
 
 
@@ -247,8 +252,9 @@ def test_the_kohya_file_goes_up_first_and_the_main_file_never_without_it(
             return getattr(self.inner, name)
 
     request = request_dict(store, sample_dataset, params={"max_train_steps": 2})
-    monkeypatch.setattr(handler_module, "open_request_store",
-                        lambda r: Recording(store, fail_on="loras/geo/geo_v1_kohya.safetensors"))
+    monkeypatch.setattr(
+        handler_module, "open_request_store", lambda r: Recording(store, fail_on="loras/geo/geo_v1_kohya.safetensors")
+    )
     assert "SlowDown" in handler({"id": "j-e1", "input": request})["error"]
     assert uploads == ["loras/geo/geo_v1_kohya.safetensors"] and store.head("loras/geo/geo_v1.safetensors") is None
 
@@ -312,8 +318,9 @@ def test_training_progress_passes_on_about_ten_updates_and_always_the_last() -> 
 def test_slow_training_steps_still_send_a_heartbeat_every_few_minutes() -> None:
     updates: list[dict] = []
     now = [0.0]
-    on_step = training_progress(updates.append, quick_params(max_train_steps=1000), heartbeat_s=300,
-                                clock=lambda: now[0])
+    on_step = training_progress(
+        updates.append, quick_params(max_train_steps=1000), heartbeat_s=300, clock=lambda: now[0]
+    )
     for step in range(1, 5):  # 4 steps of 200 s each: none is a tenth of the run
         now[0] += 200
         on_step(step, 1000, 0.5)

@@ -75,8 +75,10 @@ def _inputs(family: str) -> dict[str, Any]:
         "encoder_hidden_states": torch.randn(1, 8, unet_config["cross_attention_dim"], generator=gen),
     }
     if family == "sdxl":
-        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, clips[1]["projection_dim"], generator=gen),
-                                       "time_ids": torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]])}
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, clips[1]["projection_dim"], generator=gen),
+            "time_ids": torch.tensor([[512.0, 512.0, 0.0, 0.0, 512.0, 512.0]]),
+        }
     return inputs
 
 
@@ -96,11 +98,25 @@ def _pipeline(components: Components):
 
     if components.family == "sdxl":
         te1, te2 = components.text_encoders
-        return StableDiffusionXLPipeline(vae=None, text_encoder=te1, text_encoder_2=te2, tokenizer=None,
-                                         tokenizer_2=None, unet=components.unet, scheduler=_scheduler())
-    return StableDiffusionPipeline(vae=None, text_encoder=components.text_encoders[0], tokenizer=None,
-                                   unet=components.unet, scheduler=_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        return StableDiffusionXLPipeline(
+            vae=None,
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=components.unet,
+            scheduler=_scheduler(),
+        )
+    return StableDiffusionPipeline(
+        vae=None,
+        text_encoder=components.text_encoders[0],
+        tokenizer=None,
+        unet=components.unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _modules(components: Components) -> dict[str, Any]:
@@ -116,8 +132,9 @@ def _loaded_deltas(components: Components) -> Deltas:
             adapters = list(getattr(layer, "lora_A", {}) or {})
             if adapters:
                 (adapter,) = adapters
-                found[name] = _sketch(layer.lora_B[adapter].weight, layer.lora_A[adapter].weight,
-                                      layer.scaling[adapter])
+                found[name] = _sketch(
+                    layer.lora_B[adapter].weight, layer.lora_A[adapter].weight, layer.scaling[adapter]
+                )
         out[component] = found
     return out
 
@@ -127,8 +144,12 @@ def _trained_deltas(layers: dict[str, dict[str, torch.Tensor]]) -> Deltas:
     for component, state in layers.items():
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
-            for suffix, role in ((".lora.down.weight", "down"), (".lora.up.weight", "up"),
-                                 (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up")):
+            for suffix, role in (
+                (".lora.down.weight", "down"),
+                (".lora.up.weight", "up"),
+                (".lora_linear_layer.down.weight", "down"),
+                (".lora_linear_layer.up.weight", "up"),
+            ):
                 if key.endswith(suffix):
                     modules.setdefault(key[: -len(suffix)], {})[role] = tensor
         out[component] = {m: _sketch(p["up"], p["down"], SCALE) for m, p in modules.items()}
@@ -154,23 +175,43 @@ def published(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
     unet_layers, te_layers, te2_layers = _lora_layers(models, PARAMS)
     layers = {"unet": unet_layers, "text_encoder": te_layers}
-    configs = {"unet": trained.unet.peft_config["default"].to_dict(),
-               "text_encoder": trained.text_encoders[0].peft_config["default"].to_dict()}
+    configs = {
+        "unet": trained.unet.peft_config["default"].to_dict(),
+        "text_encoder": trained.text_encoders[0].peft_config["default"].to_dict(),
+    }
     if family == "sdxl":
         layers["text_encoder_2"] = te2_layers
         configs["text_encoder_2"] = trained.text_encoders[1].peft_config["default"].to_dict()
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     facts = ArtifactFacts(
-        style="geo", version="V3", job_id="job-1-e1", request_id="req-1", dataset_hash="ab" * 32,
-        base_model="store:models/real", family=family, params=PARAMS, steps=10, num_train_images=8,
-        tag_frequency={"geoshapes style": 8}, training_seconds=1.0, started_at=now, finished_at=now, final_loss=0.1,
+        style="geo",
+        version="V3",
+        job_id="job-1-e1",
+        request_id="req-1",
+        dataset_hash="ab" * 32,
+        base_model="store:models/real",
+        family=family,
+        params=PARAMS,
+        steps=10,
+        num_train_images=8,
+        tag_frequency={"geoshapes style": 8},
+        training_seconds=1.0,
+        started_at=now,
+        finished_at=now,
+        final_loss=0.1,
     )
     diffusers_file = write_lora_file(
-        folder / "geo_v3.safetensors", family, unet_layers, provenance_metadata(facts),
-        text_encoder_lora=te_layers, text_encoder_2_lora=te2_layers, adapter_configs=configs,
+        folder / "geo_v3.safetensors",
+        family,
+        unet_layers,
+        provenance_metadata(facts),
+        text_encoder_lora=te_layers,
+        text_encoder_2_lora=te2_layers,
+        adapter_configs=configs,
     )
-    kohya_file = write_kohya_file(diffusers_file, folder / "geo_v3_kohya.safetensors",
-                                  unet_config=dict(trained.unet.config))
+    kohya_file = write_kohya_file(
+        diffusers_file, folder / "geo_v3_kohya.safetensors", unet_config=dict(trained.unet.config)
+    )
     del trained, models
 
     loaded = {}
@@ -195,8 +236,12 @@ def test_diffusers_consumes_every_key_of_each_file(published: Published, layout:
         assert expected, f"{component}: the LoRA has no module to check"
         got = loaded[component]
         assert sorted(got) == sorted(expected), f"{layout} file, {component}: modules differ"
-        torch.testing.assert_close(torch.cat([got[m] for m in sorted(expected)]),
-                                   torch.cat([expected[m] for m in sorted(expected)]), atol=1e-8, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.cat([got[m] for m in sorted(expected)]),
+            torch.cat([expected[m] for m in sorted(expected)]),
+            atol=1e-8,
+            rtol=1e-5,
+        )
 
 
 def test_the_kohya_file_loads_whole_under_comfyuis_rules(published: Published) -> None:
@@ -205,8 +250,11 @@ def test_the_kohya_file_loads_whole_under_comfyuis_rules(published: Published) -
     patches, not_loaded = comfy_rules.load_lora(lora, comfy_rules.lora_key_map(config, clip))
     assert not_loaded == []
     assert len(patches) * 3 == len(lora)
-    to_diffusers = {f"diffusion_model.{s}": d[: -len(".weight")]
-                    for d, s in comfy_rules.unet_to_sgm(config).items() if s.endswith(".weight")}
+    to_diffusers = {
+        f"diffusion_model.{s}": d[: -len(".weight")]
+        for d, s in comfy_rules.unet_to_sgm(config).items()
+        if s.endswith(".weight")
+    }
     clip_components = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
     model = build(published.family, meta=True)
     shapes = {c: {k[: -len(".weight")]: v.shape for k, v in m.state_dict().items()} for c, m in _modules(model).items()}
@@ -219,11 +267,16 @@ def test_the_kohya_file_loads_whole_under_comfyuis_rules(published: Published) -
             if component == "text_encoder":  # transformers 5's CLIPTextModel has no text_model level
                 module = module.removeprefix("text_model.")
         assert module in published.expected[component], f"{target}: not a module the LoRA trained"
-        torch.testing.assert_close(_sketch(patch.up, patch.down, patch.alpha / patch.down.shape[0]),
-                                   published.expected[component][module], atol=1e-8, rtol=1e-5)
+        torch.testing.assert_close(
+            _sketch(patch.up, patch.down, patch.alpha / patch.down.shape[0]),
+            published.expected[component][module],
+            atol=1e-8,
+            rtol=1e-5,
+        )
         shape = shapes[component][module]
         assert (patch.up.shape[0], patch.down.flatten(1).shape[1]) == (shape[0], shape[1:].numel()), (
-            f"{target}: the LoRA's shape is another layer's")
+            f"{target}: the LoRA's shape is another layer's"
+        )
 
 
 def test_the_kohya_and_the_diffusers_file_give_the_same_unet_output(published: Published) -> None:
@@ -246,7 +299,10 @@ def test_each_header_tells_the_truth_about_its_file(published: Published) -> Non
     diffusers, kohya = headers["diffusers"], headers["kohya"]
     ours = {k: v for k, v in diffusers.items() if k.startswith("lora_pipeline.")}
     assert {k: v for k, v in kohya.items() if k.startswith("lora_pipeline.")} == {
-        **ours, "lora_pipeline.layout": "kohya", "lora_pipeline.tensors_sha256": kohya["sshs_model_hash"]}
+        **ours,
+        "lora_pipeline.layout": "kohya",
+        "lora_pipeline.tensors_sha256": kohya["sshs_model_hash"],
+    }
     assert not [k for k in diffusers if k.startswith(("ss_", "modelspec.", "sshs_"))]
     adapters = json.loads(diffusers["lora_adapter_metadata"])
     assert adapters["unet.lora_alpha"] == 2 and adapters["unet.r"] == 4
@@ -255,9 +311,12 @@ def test_each_header_tells_the_truth_about_its_file(published: Published) -> Non
     assert (kohya["ss_network_dim"], kohya["ss_network_alpha"]) == ("4", "2.0")
     assert kohya["ss_base_model_version"] == ("sdxl_base_v1-0" if sdxl else "sd_v1")
     assert kohya["ss_sd_model_name"] == "real"
-    assert kohya["modelspec.architecture"] == ("stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora")
+    assert kohya["modelspec.architecture"] == (
+        "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora"
+    )
     assert kohya["modelspec.implementation"] == (
-        "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers")
+        "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers"
+    )
     assert kohya["modelspec.prediction_type"] == "epsilon"
     assert kohya["modelspec.trigger_phrase"] == "geoshapes style"
     assert kohya["modelspec.title"] == kohya["ss_output_name"] == "geo_v3"

@@ -26,16 +26,21 @@ def _run_handler_py(args: list[str], env_extra: dict[str, str]) -> subprocess.Co
     env.update(env_extra)
     env["PYTHONPATH"] = str(REPO_ROOT)
     return subprocess.run(
-        [sys.executable, "handler.py", *args], cwd=WORKER_DIR, env=env,
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "handler.py", *args],
+        cwd=WORKER_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
 def test_test_input_names_the_bundled_sample_dataset(store) -> None:
     """test_input.json carries the sample's hash; it must match what ingest computes today."""
     request = TrainingRequest.model_validate(json.loads(TEST_INPUT.read_text())["input"])
-    report = ingest_dataset(store, request.style, sample_dataset_path(),
-                            options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD))
+    report = ingest_dataset(
+        store, request.style, sample_dataset_path(), options=IngestOptions(trigger_word=SAMPLE_TRIGGER_WORD)
+    )
     assert request.dataset_hash == report.dataset_hash
     assert request.base_model == "tiny" and request.storage_url is None
 
@@ -43,9 +48,10 @@ def test_test_input_names_the_bundled_sample_dataset(store) -> None:
 @pytest.mark.slow
 def test_sdk_local_mode_runs_a_job_given_on_the_command_line(store, sample_dataset: str) -> None:
     job = {"input": request_dict(store, sample_dataset, params={"max_train_steps": 3}, storage_url=None)}
-    done = _run_handler_py(["--test_input", json.dumps(job)],
-                           {"LORA_STORAGE_URL": str(store.root),
-                            "LORA_PIPELINE_CACHE": os.environ["LORA_PIPELINE_CACHE"]})
+    done = _run_handler_py(
+        ["--test_input", json.dumps(job)],
+        {"LORA_STORAGE_URL": str(store.root), "LORA_PIPELINE_CACHE": os.environ["LORA_PIPELINE_CACHE"]},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "completed successfully" in done.stdout + done.stderr
     assert store.head(lora_key("geo", 1)) is not None

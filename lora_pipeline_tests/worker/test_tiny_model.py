@@ -17,8 +17,14 @@ def test_tiny_model_loads_as_a_stable_diffusion_pipeline(tiny_model: Path) -> No
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    image = pipe("a red circle", num_inference_steps=2, height=32, width=32,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    image = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (32, 32, 3)
 
 

@@ -42,7 +42,10 @@ def _assert_same_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 def test_loss_falls_when_overfitting_a_few_images(tiny_model: Path, examples: list[Example]) -> None:
     params = quick_params(
-        rank=8, learning_rate=1e-2, max_train_steps=60, train_batch_size=4,
+        rank=8,
+        learning_rate=1e-2,
+        max_train_steps=60,
+        train_batch_size=4,
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
     )
     losses = train_lora(params, "sd1", tiny_model, examples).losses
@@ -76,8 +79,9 @@ def test_interrupted_and_resumed_run_ends_at_the_uninterrupted_weights(
             raise Crash
 
     with pytest.raises(Crash):
-        train_lora(params, "sd1", tiny_model, examples, fingerprint="f", checkpointer=checkpointer,
-                   progress=crash_after_step_5)
+        train_lora(
+            params, "sd1", tiny_model, examples, fingerprint="f", checkpointer=checkpointer, progress=crash_after_step_5
+        )
     assert checkpointer.steps() == [3]
 
     resumed = train_lora(params, "sd1", tiny_model, examples, fingerprint="f", checkpointer=checkpointer)
@@ -88,10 +92,22 @@ def test_interrupted_and_resumed_run_ends_at_the_uninterrupted_weights(
 
 def test_checkpoint_of_other_settings_is_not_resumed(tiny_model: Path, examples: list[Example], store) -> None:
     checkpointer = StoreCheckpointer(store, checkpoint_prefix("geo", "V1", "req-2"))
-    train_lora(quick_params(max_train_steps=4, checkpoint_every=2), "sd1", tiny_model, examples,
-               fingerprint="old", checkpointer=checkpointer)
-    outcome = train_lora(quick_params(max_train_steps=4, checkpoint_every=2), "sd1", tiny_model, examples,
-                         fingerprint="new", checkpointer=checkpointer)
+    train_lora(
+        quick_params(max_train_steps=4, checkpoint_every=2),
+        "sd1",
+        tiny_model,
+        examples,
+        fingerprint="old",
+        checkpointer=checkpointer,
+    )
+    outcome = train_lora(
+        quick_params(max_train_steps=4, checkpoint_every=2),
+        "sd1",
+        tiny_model,
+        examples,
+        fingerprint="new",
+        checkpointer=checkpointer,
+    )
     assert outcome.resumed_from is None
 
 
@@ -211,8 +227,16 @@ def test_a_micro_steps_draws_depend_on_the_seed_step_and_micro_step_alone() -> N
     mean, std = torch.zeros(2, 4, 4, 4), torch.ones(2, 4, 4, 4)
 
     def draw(**overrides):
-        args = dict(seed=7, step=3, micro=0, num_timesteps=1000, scaling=0.18, shift=0.0,
-                    device=torch.device("cpu"), device_gen=None)
+        args = dict(
+            seed=7,
+            step=3,
+            micro=0,
+            num_timesteps=1000,
+            scaling=0.18,
+            shift=0.0,
+            device=torch.device("cpu"),
+            device_gen=None,
+        )
         args.update(overrides)
         return sample_noisy_inputs(mean, std, 2, **args)
 

@@ -41,8 +41,14 @@ def examples() -> list[Example]:
 @pytest.fixture(scope="module")
 def plain_run(tiny_model: Path, examples: list[Example]):
     calls: list[tuple[int, int, float]] = []
-    outcome = train_lora(quick_params(max_train_steps=6), "sd1", tiny_model, examples, levers=PLAIN,
-                         progress=lambda *call: calls.append(call))
+    outcome = train_lora(
+        quick_params(max_train_steps=6),
+        "sd1",
+        tiny_model,
+        examples,
+        levers=PLAIN,
+        progress=lambda *call: calls.append(call),
+    )
     return outcome, calls
 
 
@@ -62,8 +68,14 @@ def test_losses_reach_the_host_every_n_steps_with_the_same_values_and_progress(
     plain, plain_calls = plain_run
     params = quick_params(max_train_steps=6)
     calls: list[tuple[int, int, float]] = []
-    batched = train_lora(params, "sd1", tiny_model, examples, levers=SpeedLevers(log_every=4, device_cache=False),
-                         progress=lambda *call: calls.append(call))
+    batched = train_lora(
+        params,
+        "sd1",
+        tiny_model,
+        examples,
+        levers=SpeedLevers(log_every=4, device_cache=False),
+        progress=lambda *call: calls.append(call),
+    )
     assert batched.losses == plain.losses
     assert calls == plain_calls  # every step reported once, in order, with its own loss
     assert [step for step, _, _ in calls] == [1, 2, 3, 4, 5, 6]
@@ -78,10 +90,25 @@ def test_losses_reach_the_host_every_n_steps_with_the_same_values_and_progress(
             raise Crash
 
     with pytest.raises(Crash):
-        train_lora(resumable, "sd1", tiny_model, examples, fingerprint="f", checkpointer=checkpointer,
-                   progress=crash_at_5, levers=SpeedLevers(log_every=4, device_cache=False))
-    resumed = train_lora(resumable, "sd1", tiny_model, examples, fingerprint="f", checkpointer=checkpointer,
-                         levers=SpeedLevers(log_every=4, device_cache=False))
+        train_lora(
+            resumable,
+            "sd1",
+            tiny_model,
+            examples,
+            fingerprint="f",
+            checkpointer=checkpointer,
+            progress=crash_at_5,
+            levers=SpeedLevers(log_every=4, device_cache=False),
+        )
+    resumed = train_lora(
+        resumable,
+        "sd1",
+        tiny_model,
+        examples,
+        fingerprint="f",
+        checkpointer=checkpointer,
+        levers=SpeedLevers(log_every=4, device_cache=False),
+    )
     assert resumed.resumed_from == 3
     assert resumed.losses == pytest.approx(plain.losses, abs=1e-6)
     _same_lora(resumed.unet_lora, plain.unet_lora, atol=1e-6)
@@ -89,8 +116,9 @@ def test_losses_reach_the_host_every_n_steps_with_the_same_values_and_progress(
 
 def test_cache_kept_on_the_device_draws_the_same_numbers(tiny_model: Path, examples: list[Example], plain_run) -> None:
     plain, _ = plain_run
-    indexed = train_lora(quick_params(max_train_steps=6), "sd1", tiny_model, examples,
-                         levers=SpeedLevers(log_every=1, device_cache=True))
+    indexed = train_lora(
+        quick_params(max_train_steps=6), "sd1", tiny_model, examples, levers=SpeedLevers(log_every=1, device_cache=True)
+    )
     assert indexed.losses == plain.losses
     _same_lora(indexed.unet_lora, plain.unet_lora)
 
@@ -152,8 +180,9 @@ def _lora_unet(tiny_model: Path):
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     with torch.no_grad():  # B starts at zero; give it values so the LoRA path counts
         for name, param in unet.named_parameters():
             if "lora_B" in name:
@@ -195,8 +224,13 @@ def test_fused_qkv_computes_what_separate_projections_compute(tiny_model: Path) 
 
 def test_fused_qkv_trains_the_same_lora(tiny_model: Path, examples: list[Example], plain_run) -> None:
     plain, _ = plain_run
-    fused = train_lora(quick_params(max_train_steps=6), "sd1", tiny_model, examples,
-                       levers=SpeedLevers(log_every=1, device_cache=False, fuse_qkv=True))
+    fused = train_lora(
+        quick_params(max_train_steps=6),
+        "sd1",
+        tiny_model,
+        examples,
+        levers=SpeedLevers(log_every=1, device_cache=False, fuse_qkv=True),
+    )
     _same_lora(fused.unet_lora, plain.unet_lora, atol=1e-5)
     assert fused.losses == pytest.approx(plain.losses, abs=1e-5)
 
@@ -210,7 +244,9 @@ def test_compile_lever_compiles_the_whole_unet_or_its_transformer_blocks(tiny_mo
         return SpeedLevers(compile=choice, compile_backend="eager").resolve(cpu, params_compile=False)
 
     def compiled_blocks(unet) -> list[bool]:
-        return [m._compiled_call_impl is not None for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        return [
+            m._compiled_call_impl is not None for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"
+        ]
 
     unet = _lora_unet(tiny_model)
     assert compile_unet(unet, resolved("regional")) is unet
@@ -224,9 +260,14 @@ def test_compile_lever_compiles_the_whole_unet_or_its_transformer_blocks(tiny_mo
 def test_tf32_lever_applies_while_training_and_is_restored(tiny_model: Path, examples: list[Example]) -> None:
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     seen = []
-    train_lora(quick_params(max_train_steps=1), "sd1", tiny_model, examples, levers=SpeedLevers(tf32=True),
-               progress=lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32,
-                                                torch.backends.cudnn.allow_tf32)))
+    train_lora(
+        quick_params(max_train_steps=1),
+        "sd1",
+        tiny_model,
+        examples,
+        levers=SpeedLevers(tf32=True),
+        progress=lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)),
+    )
     assert seen == [(True, True)]
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     with training_settings(SpeedLevers(tf32=False).resolve(torch.device("cpu"), False)):
@@ -262,6 +303,7 @@ def test_max_batch_trains_at_the_largest_batch_on_the_same_images(
             step(batch)  # the real probe step (forward + backward) runs, here on the CPU
             probed.append(batch)
             return batch <= 5
+
         return fits
 
     monkeypatch.setattr(train_module, "memory_probe", fake_probe)
@@ -273,18 +315,27 @@ def test_max_batch_trains_at_the_largest_batch_on_the_same_images(
 
 
 def test_max_batch_without_a_gpu_keeps_the_requested_batch(tiny_model: Path, examples: list[Example]) -> None:
-    outcome = train_lora(quick_params(max_train_steps=2), "sd1", tiny_model, examples,
-                         levers=SpeedLevers(max_batch=True))
+    outcome = train_lora(
+        quick_params(max_train_steps=2), "sd1", tiny_model, examples, levers=SpeedLevers(max_batch=True)
+    )
     assert outcome.batch_size == 2 and outcome.steps == 2
 
 
 def test_levers_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(levers_module.LEVERS_ENV,
-                       "fuse_qkv=1, compile=regional, compile_mode=max-autotune-no-cudagraphs, log_every=5, "
-                       "static_shapes=auto, tf32=off")
+    monkeypatch.setenv(
+        levers_module.LEVERS_ENV,
+        "fuse_qkv=1, compile=regional, compile_mode=max-autotune-no-cudagraphs, log_every=5, "
+        "static_shapes=auto, tf32=off",
+    )
     levers = SpeedLevers.from_env()
-    assert levers == SpeedLevers(fuse_qkv=True, compile="regional", compile_mode="max-autotune-no-cudagraphs",
-                                 log_every=5, static_shapes=None, tf32=False)
+    assert levers == SpeedLevers(
+        fuse_qkv=True,
+        compile="regional",
+        compile_mode="max-autotune-no-cudagraphs",
+        log_every=5,
+        static_shapes=None,
+        tf32=False,
+    )
     with pytest.raises(ValueError, match="not name=value"):
         SpeedLevers.parse("fuse_qvk=1")
     with pytest.raises(ValueError, match="not a boolean"):

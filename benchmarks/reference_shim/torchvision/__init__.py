@@ -6,4 +6,3 @@ build matches the installed torch (this repository's CPU development machines),
 transforms follow torchvision's semantics for PIL images; on a GPU machine install
 the real torchvision that matches torch and this is not used.
 """
-

@@ -25,14 +25,20 @@ CHECKS = {
 }
 WARN_ONLY = {"completed_versions_have_both_layouts"}
 # The columns of the `versions_table` metadata, one row per version (the document's fields behind them).
-VERSIONS_SCHEMA = dg.TableSchema(columns=[
-    dg.TableColumn("version", "string", description="`V1`, `V2`, … (`name`)"),
-    dg.TableColumn("status", "string", description="pending, starting, training, failed or completed"),
-    dg.TableColumn("job", "string", description="the RunPod job id's first 8 characters (`id`)"),
-    dg.TableColumn("kohya file", "string", description="for ComfyUI, A1111/Forge and kohya tools (`files.kohya`)"),
-    dg.TableColumn("diffusers file", "string", description="for diffusers' `load_lora_weights` (`files.diffusers`)"),
-    dg.TableColumn("other file", "string", description="a file of neither layout, or recorded before layouts were read"),
-])
+VERSIONS_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("version", "string", description="`V1`, `V2`, … (`name`)"),
+        dg.TableColumn("status", "string", description="pending, starting, training, failed or completed"),
+        dg.TableColumn("job", "string", description="the RunPod job id's first 8 characters (`id`)"),
+        dg.TableColumn("kohya file", "string", description="for ComfyUI, A1111/Forge and kohya tools (`files.kohya`)"),
+        dg.TableColumn(
+            "diffusers file", "string", description="for diffusers' `load_lora_weights` (`files.diffusers`)"
+        ),
+        dg.TableColumn(
+            "other file", "string", description="a file of neither layout, or recorded before layouts were read"
+        ),
+    ]
+)
 
 
 @dg.asset(

@@ -7,8 +7,6 @@ steps, so that only the GPU step (skipped in the second way) holds a slot of the
 ``runpod_gpu`` pool.
 """
 
-
-
 import dagster as dg
 from pydantic import Field, ValidationError
 
@@ -34,10 +32,12 @@ from lora_pipeline.webhook.inbox import mark_processed
 
 
 # The table the asset emits (`lora_header`): the LoRA file's safetensors `__metadata__` entries.
-HEADER_SCHEMA = dg.TableSchema(columns=[
-    dg.TableColumn("key", "string", description="e.g. `lora_pipeline.steps`, `ss_network_dim`"),
-    dg.TableColumn("value", "string"),
-])
+HEADER_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("key", "string", description="e.g. `lora_pipeline.steps`, `ss_network_dim`"),
+        dg.TableColumn("value", "string"),
+    ]
+)
 
 
 class TrainedLoraConfig(TrainingConfig):
@@ -202,5 +202,6 @@ def completion_result(completion: Completion, status: JobStatus | None) -> tuple
         metadata["queue_delay_s"] = (status.delayTime or 0) / 1000
         metadata["execution_time_s"] = (status.executionTime or 0) / 1000
     metadata["lora_header"] = dg.MetadataValue.table(
-        records=[dg.TableRecord({"key": k, "value": str(v)}) for k, v in sorted(meta.items())], schema=HEADER_SCHEMA)
+        records=[dg.TableRecord({"key": k, "value": str(v)}) for k, v in sorted(meta.items())], schema=HEADER_SCHEMA
+    )
     return {k: v for k, v in metadata.items() if v is not None}, dg.DataVersion(version.s3_key or version.name)

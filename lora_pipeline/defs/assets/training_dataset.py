@@ -1,6 +1,5 @@
 """``training_dataset``: a style's images and captions, checked, content-hashed and stored."""
 
-
 import dagster as dg
 from pydantic import Field
 
@@ -21,10 +20,12 @@ INCOMING_PREFIX = "incoming/"
 MIN_IMAGES = 4
 MIN_CAPTION_COVERAGE = 0.5
 # The table the asset emits (`rejected_files`): each file left out of the version and why.
-REJECTED_SCHEMA = dg.TableSchema(columns=[
-    dg.TableColumn("file", "string", description="the file's path in the source"),
-    dg.TableColumn("reason", "string", description="why it was rejected (unreadable, too small, no caption, …)"),
-])
+REJECTED_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("file", "string", description="the file's path in the source"),
+        dg.TableColumn("reason", "string", description="why it was rejected (unreadable, too small, no caption, …)"),
+    ]
+)
 
 
 class DatasetConfig(dg.Config):
@@ -63,10 +64,14 @@ def resolve_source(style: str, config: DatasetConfig, store) -> str:
     owners=OWNERS,
     metadata={"dagster/column_schema": REJECTED_SCHEMA},
     check_specs=[
-        dg.AssetCheckSpec("enough_images", asset="training_dataset",
-                          description=f"At least {MIN_IMAGES} accepted images."),
-        dg.AssetCheckSpec("caption_coverage", asset="training_dataset",
-                          description=f"At least {MIN_CAPTION_COVERAGE:.0%} of images have their own caption."),
+        dg.AssetCheckSpec(
+            "enough_images", asset="training_dataset", description=f"At least {MIN_IMAGES} accepted images."
+        ),
+        dg.AssetCheckSpec(
+            "caption_coverage",
+            asset="training_dataset",
+            description=f"At least {MIN_CAPTION_COVERAGE:.0%} of images have their own caption.",
+        ),
     ],
 )
 def training_dataset(

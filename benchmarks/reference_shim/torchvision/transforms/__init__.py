@@ -128,5 +128,15 @@ class Normalize:
         return (tensor - self.mean) / self.std
 
 
-__all__ = ["Compose", "Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip", "Lambda", "ToTensor",
-           "Normalize", "InterpolationMode", "random"]
+__all__ = [
+    "Compose",
+    "Resize",
+    "CenterCrop",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "Lambda",
+    "ToTensor",
+    "Normalize",
+    "InterpolationMode",
+    "random",
+]
