@@ -263,7 +263,10 @@ class LocalStore:
             return None
         if not path.is_file():
             return None
-        return self._info(key, path, stat)
+        try:
+            return self._info(key, path, stat)
+        except FileNotFoundError:  # deleted between the stat and the hash
+            return None
 
     def _info(self, key: str, path: Path, stat: os.stat_result) -> ObjectInfo:
         return ObjectInfo(
@@ -336,11 +339,11 @@ class LocalStore:
                     found.append((key, Path(dirpath) / name))
         found.sort(key=lambda item: item[0].encode())
         for key, path in found:
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # deleted while listing
+            try:  # a file deleted while listing (before its stat or its hash) is not listed
+                info = self._info(key, path, path.stat())
+            except FileNotFoundError:
                 continue
-            yield self._info(key, path, stat)
+            yield info
 
     def list_prefixes(self, prefix: str = "") -> Iterator[str]:
         """Sub-folders one level below ``prefix`` holding at least one file (as S3 has no

@@ -198,6 +198,27 @@ def test_local_store_hides_its_bookkeeping_from_listings(local_store):
     assert [o.key for o in local_store.list()] == ["doc.json"]
 
 
+def test_a_local_file_deleted_between_its_stat_and_its_hash_is_simply_absent(local_store, monkeypatch):
+    """Listing and head stat a file and then hash it; a concurrent delete (a webhook
+    inbox entry consumed by another worker) between the two must not fail the reader."""
+    import lora_pipeline.storage.local as local_module
+
+    local_store.put("inbox/a.json", b"a")
+    local_store.put("inbox/b.json", b"b")
+    real_md5 = local_module.md5_file
+
+    def delete_then_hash(path):
+        if path.name == "a.json":
+            path.unlink()
+        return real_md5(path)
+
+    monkeypatch.setattr(local_module, "md5_file", delete_then_hash)
+    assert [o.key for o in local_store.list("inbox/")] == ["inbox/b.json"]
+    local_store.put("inbox/a.json", b"a")
+    assert local_store.head("inbox/a.json") is None
+    assert local_store.head("inbox/b.json").size == 1
+
+
 def test_local_conditional_writes_hold_across_processes(local_store, tmp_path: Path):
     """The lock is an flock, so separate processes (workers, sensors) get one winner too."""
     import subprocess
