@@ -21,6 +21,7 @@ from lora_pipeline.defs.assets.lora_registry import lora_registry
 from lora_pipeline.defs.assets.trained_lora import trained_lora
 from lora_pipeline.defs.assets.trained_lora_checks import lora_file_matches_registry
 from lora_pipeline.defs.assets.training_dataset import training_dataset
+from lora_pipeline.defs.compare import compare_lora_versions
 from lora_pipeline.defs.completion_sensors import runpod_job_sensor, runpod_webhook_sensor
 from lora_pipeline.defs.discovery_sensors import new_dataset_version_sensor, style_discovery_sensor
 from lora_pipeline.defs.health import pipeline_health, pipeline_health_checks, pipeline_health_schedule
@@ -48,6 +49,7 @@ defs = dg.Definitions(
         pipeline_health,
         promote_lora_version,
         delete_lora_version,
+        compare_lora_versions,
     ],
     schedules=[reconcile_registry_schedule, pipeline_health_schedule],
     sensors=[runpod_job_sensor, runpod_webhook_sensor, style_discovery_sensor, new_dataset_version_sensor],

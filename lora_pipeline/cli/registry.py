@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from lora_pipeline.registry.aliases import AliasAction
-from lora_pipeline.registry.models import InvalidRecord, VersionStatus
+from lora_pipeline.registry.models import InvalidRecord, JobProgress, VersionStatus
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.settings import SettingsError, get_settings
 from lora_pipeline.storage.base import ObjectStore, StorageError
@@ -45,7 +45,7 @@ def registry() -> None:
 @registry.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: style → summary.")
 def list_styles(as_json: bool) -> None:
-    """Every style with its latest version and version counts by status."""
+    """Every style with its latest version, version counts by status and aliases (alias → version)."""
     from lora_pipeline.registry_store.documents import RegistryStore
 
     reg = RegistryStore(_open_store())
@@ -60,7 +60,12 @@ def list_styles(as_json: bool) -> None:
     if as_json:
         _echo_json(
             {
-                s: {"latestVersion": v.latest_version, "statuses": v.statuses, "unfinishedJobs": len(v.unfinished)}
+                s: {
+                    "latestVersion": v.latest_version,
+                    "statuses": v.statuses,
+                    "unfinishedJobs": len(v.unfinished),
+                    "aliases": {a: p.version for a, p in sorted(v.aliases.items())},
+                }
                 for s, v in summaries.items()
             }
         )
@@ -69,7 +74,8 @@ def list_styles(as_json: bool) -> None:
         click.echo("no styles in the registry")
     for style, s in summaries.items():
         counts = ", ".join(f"{n} {status}" for status, n in sorted(s.statuses.items()))
-        click.echo(f"{style}\tlatest {s.latest_version or '-'}\t{counts}")
+        named = ", ".join(f"{a} → {p.version}" for a, p in sorted(s.aliases.items()))
+        click.echo(f"{style}\tlatest {s.latest_version or '-'}\t{counts}" + (f"\taliases: {named}" if named else ""))
 
 
 @registry.command()
@@ -104,8 +110,26 @@ def show(style: str, as_json: bool) -> None:
         if v.deletion is not None:
             line += f"\tdeleted by {v.deletion.by}" + (f": {v.deletion.reason}" if v.deletion.reason else "")
         click.echo(line + (f"\terror: {v.error}" if v.error else ""))
+        if v.progress is not None:
+            click.echo(f"\tprogress\t{_progress_line(v.progress)}")
         for layout, f in sorted(v.files().items()):
             click.echo(f"\t{layout}\t{f.key}\t{f.size} bytes\t{f.url or '-'}")
+
+
+def _progress_line(progress: JobProgress, now: datetime | None = None) -> str:
+    """A version's last heartbeat: step/total, loss, phase, heartbeat age, stalled (with why)."""
+    parts = []
+    if progress.step is not None:
+        parts.append(f"step {progress.step}" + (f"/{progress.total}" if progress.total is not None else ""))
+    if progress.loss is not None:
+        parts.append(f"loss {progress.loss:.4g}")
+    if progress.phase:
+        parts.append(progress.phase)
+    age = max(0, int((now or datetime.now(UTC)).timestamp() - progress.heartbeat_at / 1000))
+    parts.append(f"heartbeat {age}s ago")
+    if progress.stalled is not None:
+        parts.append(f"STALLED: {progress.stalled}")
+    return "\t".join(parts)
 
 
 _FORMAT_HELP = (
@@ -305,6 +329,8 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
             f"  {row['style']} {row['version']}: {row['change']} "
             f"({row['status_before'] or 'new'} → {row['status_after']}) {row['fields']}"
         )
+    for key in report.leftovers_removed:
+        click.echo(f"  {'would remove' if dry_run else 'removed'} {key} (left behind by an interrupted delete)")
     for problem in report.problems:
         click.echo(f"  problem: {problem}", err=True)
     if pruned is not None:
@@ -378,6 +404,18 @@ def rollback(style: str, alias: str, reason: str | None, by: str | None, as_json
     _move(style, alias, "rollback", None, reason, by, as_json)
 
 
+@registry.command()
+@click.argument("style", callback=_style)
+@click.argument("alias")
+@click.option("--reason", default=None, help="Why, for the alias history.")
+@click.option("--by", default=None, help=_BY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: alias, removed (the version it pointed at).")
+def unalias(style: str, alias: str, reason: str | None, by: str | None, as_json: bool) -> None:
+    """Remove ALIAS: it points at no version any more (recorded in the alias history). A removal is
+    not rolled back: `promote` a version to set the alias again."""
+    _move(style, alias, "remove", None, reason, by, as_json)
+
+
 def _move(
     style: str, alias: str, action: AliasAction, version: str | None, reason: str | None, by: str | None, as_json: bool
 ) -> None:
@@ -387,6 +425,12 @@ def _move(
         result = move_alias(_open_store(), style, alias, action=action, version=version, by=_by(by), reason=reason)
     except (Refused, StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
+    if action == "remove":
+        if as_json:
+            _echo_json({"style": style, "alias": result.alias, "removed": result.version})
+        else:
+            click.echo(f"{style} {alias}: removed (it pointed at {result.version})")
+        return
     if as_json:
         _echo_json(
             {
@@ -428,7 +472,9 @@ def aliases(style: str, as_json: bool) -> None:
     for e in document.alias_history:
         when = datetime.fromtimestamp(e.at / 1000, UTC).isoformat(timespec="seconds")
         click.echo(
-            f"  #{e.seq}\t{when}\t{e.alias}\t{e.action}\t{e.previous or '(new)'} → {e.version}\tby {e.by}"
+            f"  #{e.seq}\t{when}\t{e.alias}\t{e.action}\t{e.previous or '(new)'} → "
+            + ("(removed)" if e.action == "remove" else e.version)
+            + f"\tby {e.by}"
             + (f"\t{e.reason}" if e.reason else "")
         )
 
@@ -465,3 +511,32 @@ def delete(style: str, version: str, reason: str | None, by: str | None, dry_run
     click.echo(f"{style} {result.version}: {verb}{state}, {len(result.removed)} file(s)")
     for key in result.removed:
         click.echo(f"  {key}")
+
+
+@registry.command()
+@click.argument("style", callback=_style)
+@click.argument("first")
+@click.argument("second")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable). Default: V1's sample prompts.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="The seed of every image.")
+@click.option("--steps", default=None, type=click.IntRange(1, 200), help="Inference steps (default: the training's).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: key, url, size, prompts, seed.")
+def compare(
+    style: str, first: str, second: str, prompts: tuple[str, ...], seed: int, steps: int | None, as_json: bool
+) -> None:
+    """Render two versions on the same prompts and seed, side by side in one image in the store
+    (comparisons/<style>/<V1>_vs_<V2>.png): loads their base model (needs the `train` extra)."""
+    from lora_pipeline.worker.compare import ComparisonError, comparison_json, render_comparison
+
+    try:
+        result = render_comparison(_open_store(), style, first, second, prompts=prompts, seed=seed, steps=steps)
+    except (ComparisonError, StorageError, InvalidRecord) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        _echo_json(comparison_json(result))
+        return
+    click.echo(
+        f"{style} {result.versions[0]} vs {result.versions[1]}: {len(result.prompts)} prompt(s), seed {result.seed}"
+    )
+    click.echo(result.key)
+    click.echo(result.url)

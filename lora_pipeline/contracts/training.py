@@ -100,6 +100,15 @@ class TrainingRequest(BaseModel):
         return validate_style(value)
 
 
+class SampleImage(BaseModel):
+    """One sample image the worker rendered with the new LoRA: where it is and how to render it again."""
+
+    key: str
+    prompt: str | None = None
+    seed: int | None = None
+    url: str | None = Field(None, description="The store's stable URL of the image (never a presigned one).")
+
+
 class TrainingResult(BaseModel):
     """What the worker returns as the job's ``output`` on success."""
 
@@ -116,6 +125,9 @@ class TrainingResult(BaseModel):
     final_loss: float | None = None
     duration_s: float
     sample_keys: list[str] = Field(default_factory=list)
+    samples: list[SampleImage] = Field(
+        default_factory=list, description="The sample images with their prompts and seeds (``sample_keys``, described)."
+    )
     kohya_key: str | None = Field(None, description="The kohya-layout file (ComfyUI, A1111/Forge, kohya tools).")
     files: dict[str, str] = Field(
         default_factory=dict, description="layout (kohya, diffusers) → key of the version's file in it."

@@ -77,6 +77,9 @@ class ReconcileReport:
     webhooks_waiting: list[str] = field(default_factory=list)
     webhooks_rejected: list[str] = field(default_factory=list)
     index_rebuilt: list[str] = field(default_factory=list)  # styles whose index entry lagged
+    # objects a deleted version's tombstone names (same key and ETag) still in the store: a delete
+    # interrupted between its tombstone and the removals; removed (dry run: would be)
+    leftovers_removed: list[str] = field(default_factory=list)
 
     @property
     def changed_versions(self) -> int:
@@ -88,6 +91,7 @@ class ReconcileReport:
             "dry_run": self.dry_run,
             "details": [c.to_dict() for c in self.changes],
             "problems": list(self.problems),
+            "leftovers_removed": list(self.leftovers_removed),
             "stats": {
                 "styles_seen": self.styles_seen,
                 "styles_read": self.styles_read,
@@ -98,6 +102,7 @@ class ReconcileReport:
                 "webhooks_waiting": len(self.webhooks_waiting),
                 "webhooks_rejected": len(self.webhooks_rejected),
                 "index_rebuilt": len(self.index_rebuilt),
+                "leftovers_removed": len(self.leftovers_removed),
             },
         }
 
@@ -134,6 +139,7 @@ class _StyleOutcome:
     written: bool = False
     headers_read: int = 0
     documents_read: int = 0
+    leftovers: list[str] = field(default_factory=list)  # keys a tombstone names, still listed
     matched: list[InboxItem] = field(default_factory=list)
     waiting: list[InboxItem] = field(default_factory=list)
 
@@ -211,6 +217,7 @@ class _Run:
             self.report.headers_read += outcome.headers_read
             self.report.styles_read += outcome.documents_read
             self.report.styles_written += outcome.written
+            self._remove_leftovers(outcome)
             if outcome.summary is not None:
                 summaries.append(outcome.summary)
             for item in outcome.matched:
@@ -330,6 +337,18 @@ class _Run:
                 files[info.key] = info
         return files
 
+    def _remove_leftovers(self, outcome: _StyleOutcome) -> None:
+        """Finish an interrupted delete: remove the objects its tombstone names, once the
+        document holding the tombstone is read (deleting a missing key is no error)."""
+        for key in outcome.leftovers:
+            if not self.dry_run:
+                try:
+                    self.store.delete(key)
+                except StorageError as exc:
+                    self.report.problems.append(f"{key}: left behind by a delete, not removed: {exc}")
+                    continue
+            self.report.leftovers_removed.append(key)
+
     def _reject(self, item: InboxItem, reason: str) -> None:
         """Move an unusable inbox file to webhooks/rejected/, its reason beside it; never delete."""
         self.report.webhooks_rejected.append(item.key)
@@ -361,6 +380,7 @@ class _Run:
             outcome.problems.clear()
             evidence = list(work.evidence)
             if work.files is not None:
+                outcome.leftovers[:] = _leftovers(doc, work.files)
                 evidence += self._file_evidence(style, doc, work.files, outcome, headers)
             if self.full:
                 evidence += self._started_jobs(style, doc, markers)
@@ -488,6 +508,17 @@ class _Run:
                     )
                 )
         return verdicts
+
+
+def _leftovers(doc: RegistryDocument, files: dict[str, ObjectInfo]) -> list[str]:
+    """Listed objects a deleted version's tombstone names (same key, ETag and last-modified time):
+    left behind by a delete that stopped after its tombstone. An object uploaded again under such a
+    key (another ETag or time) is not one: it stays, among the superseded files (docs/registry.md,
+    tombstones)."""
+    removed = {f for v in doc.versions if v.deletion is not None for f in v.deletion.files}
+    return sorted(
+        key for key, info in files.items() if (key, info.etag, int(info.last_modified.timestamp() * 1000)) in removed
+    )
 
 
 def stored_evidence(

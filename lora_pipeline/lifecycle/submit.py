@@ -320,6 +320,24 @@ def wait_for_job(
         raise
 
 
+def _with_sample_urls(store: ObjectStore, status: JobStatus) -> JobStatus:
+    """``status`` with the store's stable URL on each sample image its output lists without one
+    (an older worker's bare ``sample_keys`` become ``samples`` entries), so the registry links them."""
+    output = status.output if isinstance(status.output, dict) else None
+    if not output or not (output.get("samples") or output.get("sample_keys")):
+        return status
+    listed = output.get("samples") or [{"key": k} for k in output.get("sample_keys") or [] if isinstance(k, str)]
+    samples = []
+    for entry in listed:
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+            try:
+                entry = {**entry, "url": entry.get("url") or store.url(entry["key"])}
+            except ValueError:  # a key the store refuses stays without a URL
+                pass
+        samples.append(entry)
+    return status.model_copy(update={"output": {**output, "samples": samples}})
+
+
 def record_completion(
     store: ObjectStore,
     style: str,
@@ -335,7 +353,7 @@ def record_completion(
     """
     registry = RegistryStore(store)
     at = _now()
-    report = job_report_from_status(status, at=at, source=source)
+    report = job_report_from_status(_with_sample_urls(store, status), at=at, source=source)
     document, _ = registry.read(style)
     known = find_version_by_job(document, report.job_id)
     key = _expected_lora_key(style, status, known)

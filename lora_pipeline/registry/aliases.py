@@ -6,7 +6,9 @@ is an ``AliasEntry`` in the document's ``aliasHistory``: who, when, why, from wh
 version to which. The history is a set ordered by ``seq`` (assigned under the
 document's conditional write, so two racing moves get consecutive numbers); the
 merge only ever adds to it, and where an alias points is derived from it by
-replaying it: a promote pushes a version, a rollback pops back to the one before.
+replaying it: a promote pushes a version, a rollback pops back to the one before, a
+remove ends the alias (its entry names the version it pointed at) and starts its stack
+afresh: a rollback right after a removal is refused, a later promote sets it again.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-AliasAction = Literal["promote", "rollback"]
-ALIAS_ACTIONS: tuple[AliasAction, ...] = ("promote", "rollback")
+AliasAction = Literal["promote", "rollback", "remove"]
+ALIAS_ACTIONS: tuple[AliasAction, ...] = ("promote", "rollback", "remove")
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
@@ -38,7 +40,8 @@ def validate_alias(alias: str) -> str:
 @dataclass(frozen=True, slots=True)
 class AliasEntry:
     """One move of an alias: ``alias`` now points at ``version`` (a name, ``V3``), it pointed at
-    ``previous`` before (None: it was new); ``by`` whom, ``at`` when (ms), ``reason`` why."""
+    ``previous`` before (None: it was new); ``by`` whom, ``at`` when (ms), ``reason`` why.
+    A ``remove`` ends the alias: ``version`` and ``previous`` name the version it pointed at."""
 
     seq: int
     alias: str
@@ -101,11 +104,14 @@ def join_history(*histories: Iterable[AliasEntry]) -> tuple[AliasEntry, ...]:
 
 def alias_stacks(history: Iterable[AliasEntry]) -> dict[str, list[str]]:
     """alias → the versions it pointed at, oldest first, the current one last, by replaying the
-    history: a promote pushes its version, a rollback pops back to the version it names."""
+    history: a promote pushes its version, a rollback pops back to the version it names, a
+    remove empties the stack (the alias is gone; what it pointed at before stays in the history)."""
     stacks: dict[str, list[str]] = {}
     for entry in sorted(history, key=lambda e: e.order):
         stack = stacks.setdefault(entry.alias, [])
-        if entry.action == "rollback" and stack:
+        if entry.action == "remove":
+            stack.clear()
+        elif entry.action == "rollback" and stack:
             stack.pop()
             if not stack or stack[-1] != entry.version:
                 stack.append(entry.version)

@@ -40,9 +40,11 @@ from lora_pipeline.registry.models import (
     LoraFile,
     RegistryDocument,
     RejectedFile,
+    SampleImage,
     SubmitClaim,
     Version,
     VersionStatus,
+    read_samples,
 )
 from lora_pipeline.registry.names import companion_suffix, parse_lora_file, version_name
 from lora_pipeline.registry.tombstones import DeletedObject, Deletion
@@ -383,7 +385,16 @@ def _report_fragment(report: JobReport) -> Version:
         training=training,
         delay_time_ms=report.delay_time_ms,
         execution_time_ms=report.execution_time_ms,
+        samples=_report_samples(output),
     )
+
+
+def _report_samples(output: Mapping[str, Any]) -> tuple[SampleImage, ...]:
+    """The job's sample images: ``samples`` (key, prompt, seed, url), or the bare ``sample_keys``
+    of a worker from before ``samples`` existed."""
+    samples = output.get("samples")
+    listed = samples if isinstance(samples, list) and samples else output.get("sample_keys")
+    return read_samples(listed)
 
 
 class _Folder:
@@ -466,6 +477,7 @@ def join(a: Version, b: Version) -> Version:
         companions=_join_companions(a.companions, b.companions),
         deletion=a.deletion.join(b.deletion) if a.deletion is not None else b.deletion,
         progress=_max_present(a.progress, b.progress, key=_progress_order),
+        samples=_join_samples(a.samples, b.samples),
     )
 
 
@@ -518,6 +530,24 @@ def _join_companions(a: tuple[LoraFile, ...], b: tuple[LoraFile, ...]) -> tuple[
         newest = max(current, f, key=_file_order)
         best[f.key] = newest if newest.url == url else replace(newest, url=url)
     return tuple(best[k] for k in sorted(best))
+
+
+def _join_samples(a: tuple[SampleImage, ...], b: tuple[SampleImage, ...]) -> tuple[SampleImage, ...]:
+    """Every key of both; per key the entry that says most (prompt, seed, URL present), then the
+    canonical maximum, so the join stays commutative."""
+    if a == b or not b:
+        return a
+    if not a:
+        return b
+    best: dict[str, SampleImage] = {s.key: s for s in a}
+    for sample in b:
+        held = best.get(sample.key)
+        best[sample.key] = sample if held is None else max(held, sample, key=_sample_order)
+    return tuple(best[k] for k in sorted(best))
+
+
+def _sample_order(s: SampleImage) -> tuple[int, str]:
+    return (sum(v is not None for v in (s.prompt, s.seed, s.url)), _canonical(s.to_dict()))
 
 
 def _runpod_order(status: str) -> tuple[int, str]:

@@ -306,6 +306,43 @@ class JobProgress:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SampleImage:
+    """A sample image rendered with the version's LoRA (``samples`` in the JSON): its key, the
+    prompt and seed it was rendered from (None when the worker did not say), its stable URL."""
+
+    key: str
+    prompt: str | None = None
+    seed: int | None = None
+    url: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "prompt": self.prompt, "seed": self.seed, "url": self.url}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> SampleImage | None:
+        """A ``samples`` entry (or a bare key, as ``sample_keys`` lists them); None if unusable."""
+        if isinstance(raw, str):
+            raw = {"key": raw}
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("key"), str) or not raw["key"]:
+            return None
+        seed = raw.get("seed")
+        return cls(
+            key=raw["key"],
+            prompt=str(raw["prompt"]) if raw.get("prompt") is not None else None,
+            seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+            url=stable_url(raw["url"]) if isinstance(raw.get("url"), str) else None,
+        )
+
+
+def read_samples(raw: Any) -> tuple[SampleImage, ...]:
+    """The usable entries of a ``samples`` list, sorted by key."""
+    if not isinstance(raw, list):
+        return ()
+    found = {s.key: s for s in map(SampleImage.from_dict, raw) if s is not None}
+    return tuple(found[k] for k in sorted(found))
+
+
 # JSON keys the Version knows; anything else in a record is kept in ``extra``.
 _KNOWN_KEYS = frozenset(
     {
@@ -335,6 +372,7 @@ _KNOWN_KEYS = frozenset(
         "files",
         "deleted",
         "progress",
+        "samples",
     }
 )
 # A legacy ``loraUrl`` that names a version's second file (``…_v4_kohya.safetensors``) is not
@@ -400,6 +438,8 @@ class Version:
     deletion: Deletion | None = None
     # A running job's last heartbeat (step, total, loss, phase) and the stalled verdict.
     progress: JobProgress | None = None
+    # The sample images the worker rendered with the LoRA, sorted by key.
+    samples: tuple[SampleImage, ...] = ()
 
     @property
     def name(self) -> str:
@@ -475,6 +515,7 @@ class Version:
             "claim": self.claim.to_dict() if self.claim else None,
             "deleted": self.deletion.to_dict() if self.deletion else None,
             "progress": self.progress.to_dict() if self.progress else None,
+            "samples": [s.to_dict() for s in self.samples] or None,
         }
         out.update((k, v) for k, v in optional.items() if v is not None)
         out.update((k, v) for k, v in self.extra.items() if k not in out)
@@ -539,6 +580,7 @@ class Version:
             extra=extra,
             companions=companions,
             deletion=Deletion.from_dict(raw.get("deleted")),
+            samples=read_samples(raw.get("samples")),
         )
 
 

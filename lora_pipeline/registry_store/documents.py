@@ -363,12 +363,14 @@ class RegistryStore:
         reason: str | None = None,
         at: datetime | None = None,
     ) -> AliasResult:
-        """Point ``alias`` at ``version`` (``promote``), or back at the version it pointed at before
-        its current one (``rollback``): one conditional write, recorded in the alias history.
+        """Point ``alias`` at ``version`` (``promote``), back at the version it pointed at before
+        its current one (``rollback``), or nowhere (``remove``: the alias ends): one conditional
+        write, recorded in the alias history.
 
         Only a completed version whose files parse can be an alias's target. Raises Refused for an
         unknown style, version or alias, a version that is not completed (or whose file is not
-        readable), and a rollback with nothing to roll back to."""
+        readable), and a rollback with nothing to roll back to (a removal starts an alias's
+        history afresh: nothing before it is rolled back to)."""
         validate_style(style)
         try:
             validate_alias(alias)
@@ -383,6 +385,14 @@ class RegistryStore:
                 raise Refused(f"style {style!r} has no registry document (or no versions)")
             stack = alias_stacks(doc.alias_history).get(alias, [])
             current = stack[-1] if stack else None
+            seq = max((e.seq for e in doc.alias_history), default=0) + 1
+            if action == "remove":
+                if current is None:
+                    known = ", ".join(sorted(doc.aliases)) or "none"
+                    raise Refused(f"{style} has no alias {alias!r} to remove (its aliases: {known})")
+                pointed = doc.version(current)
+                assert pointed is not None  # an alias points at a version of the document
+                return [AliasMove(style, alias, pointed.number, action, by, now, seq, current, reason)], None
             if action == "promote":
                 assert version is not None
                 target = doc.version(version)
@@ -392,6 +402,12 @@ class RegistryStore:
             else:
                 if not stack:
                     known = ", ".join(sorted(doc.aliases)) or "none"
+                    removed = next((e for e in reversed(doc.alias_history) if e.alias == alias), None)
+                    if removed is not None and removed.action == "remove":
+                        raise Refused(
+                            f"{style} {alias} was removed (it pointed at {removed.version}); a removal is not "
+                            f"rolled back: promote a version to set it again (its aliases: {known})"
+                        )
                     raise Refused(f"{style} has no alias {alias!r} to roll back (its aliases: {known})")
                 if len(stack) < 2:
                     raise Refused(
@@ -404,7 +420,6 @@ class RegistryStore:
             self._check_promotable(style, alias, target)
             if current == target.name:
                 return [], ClaimResult("unchanged", target)
-            seq = max((e.seq for e in doc.alias_history), default=0) + 1
             return [AliasMove(style, alias, target.number, action, by, now, seq, current, reason)], None
 
         result, unchanged = self._update(style, decide, True, False)

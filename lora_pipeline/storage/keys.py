@@ -22,6 +22,7 @@ WEBHOOK_PROCESSED = "webhooks/processed"
 WEBHOOK_SEEN = "webhooks/seen"  # delivery claims (webhook/inbox.py)
 WEBHOOK_REJECTED = "webhooks/rejected"  # unusable bodies, each with a .reason.txt
 CHECKPOINTS = "checkpoints"  # training checkpoints, per request (worker/checkpoint.py)
+COMPARISONS = "comparisons"  # side-by-side renders of two versions (worker/compare.py)
 RUNS = "runs"  # start markers the worker writes: which job runs which request (healing unknown ids)
 INDEX_KEY = f"{REGISTRY}/index.json"
 
@@ -80,6 +81,14 @@ def checkpoint_prefix(style: str, version: str, request_id: str) -> str:
         else ("h-" + hashlib.sha256(version.encode()).hexdigest()[:16])
     )
     return f"{CHECKPOINTS}/{validate_style(style)}/{safe_version}/{rid}/"
+
+
+def comparison_key(style: str, first: str, second: str) -> str:
+    """``comparisons/<style>/<V1>_vs_<V2>.png``: two versions rendered side by side."""
+    for version in (first, second):
+        if not _RUN_SEGMENT.match(version):
+            raise ValueError(f"invalid version name {version!r} for a comparison")
+    return f"{COMPARISONS}/{validate_style(style)}/{first}_vs_{second}.png"
 
 
 def registry_key(style: str) -> str:

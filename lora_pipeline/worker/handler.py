@@ -34,7 +34,7 @@ if __name__ == "__main__":  # `python handler.py`: keep this folder's modules of
 
 from pydantic import ValidationError
 
-from lora_pipeline.contracts.training import ModelFamily, TrainingParams, TrainingRequest, TrainingResult
+from lora_pipeline.contracts.training import ModelFamily, SampleImage, TrainingParams, TrainingRequest, TrainingResult
 from lora_pipeline.registry.names import parse_version_name
 from lora_pipeline.settings import SettingsError, get_settings, settings_or_exit
 from lora_pipeline.storage.base import PreconditionFailed
@@ -142,7 +142,7 @@ class CheckedJob:
 class Published:
     """What publishing left in the store, or the result of a twin job that published first."""
 
-    sample_keys: list[str]
+    samples: list[SampleImage]
     metadata: dict[str, str]
     deferred_to: dict[str, Any] | None = None
 
@@ -295,12 +295,12 @@ def publish_job(checked: CheckedJob, outcome: TrainOutcome, started_at: datetime
             text_encoder_2_lora=outcome.text_encoder_2_lora,
             adapter_configs=outcome.adapter_configs,
         )
-        sample_keys = publish_samples(checked, lora_file, report)
+        samples = publish_samples(checked, lora_file, report)
         report({"phase": "uploading"})
         deferred_to = publish_files(checked, lora_file, Path(tmp))
         if deferred_to is not None:
             report({"phase": "done", "note": "another job of this request published first"})
-    return Published(sample_keys, metadata, deferred_to)
+    return Published(samples, metadata, deferred_to)
 
 
 def artifact_facts(checked: CheckedJob, outcome: TrainOutcome, started_at: datetime) -> ArtifactFacts:
@@ -330,8 +330,9 @@ def artifact_facts(checked: CheckedJob, outcome: TrainOutcome, started_at: datet
     )
 
 
-def publish_samples(checked: CheckedJob, lora_file: Path, report: Progress) -> list[str]:
-    """Generate the requested sample images with the trained LoRA and store them beside it."""
+def publish_samples(checked: CheckedJob, lora_file: Path, report: Progress) -> list[SampleImage]:
+    """Generate the requested sample images with the trained LoRA and store them beside it,
+    each with its prompt and seed (``generate_samples`` seeds image ``i`` with ``seed + i``)."""
     params = checked.params
     if not params.num_sample_images:
         return []
@@ -343,13 +344,17 @@ def publish_samples(checked: CheckedJob, lora_file: Path, report: Progress) -> l
     prompts = sample_prompts(
         [with_trigger(e.caption, params.trigger_word) for e in checked.examples], params.num_sample_images
     )
-    sample_keys: list[str] = []
+    samples: list[SampleImage] = []
     images = generate_samples(checked.model_dir, checked.family, lora_file, prompts, params, checked.device)
     for index, png in enumerate(images):
         sample_key = f"{stem}_sample_{index}.png"
         checked.store.put(sample_key, png, content_type="image/png")
-        sample_keys.append(sample_key)
-    return sample_keys
+        samples.append(
+            SampleImage(
+                key=sample_key, prompt=prompts[index], seed=params.seed + index, url=checked.store.url(sample_key)
+            )
+        )
+    return samples
 
 
 def publish_files(checked: CheckedJob, lora_file: Path, tmp: Path) -> dict[str, Any] | None:
@@ -391,7 +396,8 @@ def job_result(
         steps=outcome.steps,
         final_loss=outcome.final_loss,
         duration_s=duration_s,
-        sample_keys=published.sample_keys,
+        sample_keys=[s.key for s in published.samples],
+        samples=published.samples,
         kohya_key=kohya_key,
         files={"kohya": kohya_key, "diffusers": key},
         metadata={k: v for k, v in metadata.items() if k.startswith("lora_pipeline.") and k != "lora_pipeline.params"},

@@ -258,7 +258,8 @@ def test_an_interrupted_delete_is_finished_by_deleting_again(local_store):
     assert v1 is not None and v1.file is not None
     files = tuple((f.key, f.etag, f.last_modified) for f in (v1.file, *v1.companions))
     registry.apply(S, [VersionDeleted(S, 1, "ana", at(70), "crashed before the files went", files)])
-    reconcile(local_store)  # lists the files still there: they are the deleted ones
+    # lists the files still there: they are the deleted ones (a real run removes them: test_registry_product_cli)
+    assert reconcile(local_store, dry_run=True).leftovers_removed == [main_key(1), kohya_key(1)]
     assert read(local_store).version("V1").status is VersionStatus.deleted  # type: ignore[union-attr]
     result = delete_version(local_store, S, "V1", by="bo")
     assert result.already_deleted and result.removed == [main_key(1), kohya_key(1)]

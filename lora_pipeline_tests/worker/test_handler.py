@@ -48,6 +48,9 @@ def test_handler_trains_and_stores_the_lora_with_its_facts(store, sample_dataset
     assert header.checksum and kohya.checksum and header.checksum != kohya.checksum
     assert result.sample_keys == ["loras/geo/geo_v1_sample_0.png"]
     assert store.get(result.sample_keys[0]).data.startswith(b"\x89PNG")
+    [sample] = result.samples  # described: prompt (a caption with the trigger word), seed, URL
+    assert (sample.key, sample.seed, sample.url) == (result.sample_keys[0], 7, store.url(result.sample_keys[0]))
+    assert sample.prompt
     assert list(store.list("checkpoints/")) == []  # cleared once the LoRA is stored
 
 

@@ -16,6 +16,7 @@ from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, backend_kind, url_value
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG
+from lora_pipeline.lifecycle.samples import samples_markdown
 from lora_pipeline.lifecycle.submit import (
     Completion,
     NoDatasetError,
@@ -28,6 +29,7 @@ from lora_pipeline.lifecycle.submit import (
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.settings import get_settings
+from lora_pipeline.storage import ObjectStore
 from lora_pipeline.webhook.inbox import mark_processed
 
 
@@ -138,7 +140,7 @@ def record_trained_lora(context: dg.OpExecutionContext, outcomes: list[dict], st
         completion = completed_version(store, style, outcome["version"]) or Completion(
             style, None, "missing", None, {}, problem=f"version {outcome['version']} is no longer completed"
         )
-    metadata, data_version = completion_result(completion, status)
+    metadata, data_version = completion_result(completion, status, store=store)
     yield dg.Output(None, metadata=metadata, data_version=data_version)
 
 
@@ -167,9 +169,11 @@ def trained_lora(training_dataset):  # noqa: ANN001, ANN201 - a graph's composit
     return record_trained_lora([train_on_gpu(request.train), request.finished])
 
 
-def completion_result(completion: Completion, status: JobStatus | None) -> tuple[dict, dg.DataVersion]:
+def completion_result(
+    completion: Completion, status: JobStatus | None, *, store: ObjectStore | None = None
+) -> tuple[dict, dg.DataVersion]:
     """Materialization metadata a user wants and the data version, or a Failure that says
-    why there is no LoRA."""
+    why there is no LoRA. With ``store``, the version's sample images inline (``samples``)."""
     version = completion.version
     if version is None or version.status != VersionStatus.completed:
         reason = completion.problem or (version.error if version else None) or completion.status
@@ -201,6 +205,9 @@ def completion_result(completion: Completion, status: JobStatus | None) -> tuple
     if status is not None:
         metadata["queue_delay_s"] = (status.delayTime or 0) / 1000
         metadata["execution_time_s"] = (status.executionTime or 0) / 1000
+    if store is not None:
+        metadata["samples"] = dg.MetadataValue.md(samples_markdown(store, version.samples))
+    metadata["sample_count"] = len(version.samples)
     metadata["lora_header"] = dg.MetadataValue.table(
         records=[dg.TableRecord({"key": k, "value": str(v)}) for k, v in sorted(meta.items())], schema=HEADER_SCHEMA
     )

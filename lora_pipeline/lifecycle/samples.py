@@ -1,0 +1,92 @@
+"""A version's sample images as something a UI shows inline: a Markdown grid and table.
+
+Dagster's UI renders Markdown images only from http(s) URLs or data URIs. A store with a
+public (CDN) base URL is linked as it is; anything else (a local store, a private bucket) is
+embedded as small PNG thumbnails, within a total budget so the event log stays light.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+
+from lora_pipeline.registry.models import SampleImage
+from lora_pipeline.storage import ObjectStore
+
+THUMBNAIL_PX = 128  # the longer side of an embedded thumbnail
+EMBED_BUDGET_BYTES = 512 * 1024  # all data URIs of one grid together
+GRID_COLUMNS = 4
+
+
+def public_image_url(store: ObjectStore, sample: SampleImage) -> str | None:
+    """The sample's URL when a browser can load it: the store has a public base URL and the
+    recorded URL is http(s). Else None (embed a thumbnail)."""
+    url = sample.url or _store_url(store, sample.key)
+    if getattr(store, "public_base_url", None) and url and url.startswith(("https://", "http://")):
+        return url
+    return None
+
+
+def thumbnail_data_uri(png: bytes, size: int = THUMBNAIL_PX) -> str:
+    """A ``data:image/png;base64,…`` URI of ``png`` scaled down to ``size`` px on its longer side."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as source:
+        image = source.convert("RGB")
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_sources(
+    store: ObjectStore, samples: Sequence[SampleImage], *, budget: int = EMBED_BUDGET_BYTES
+) -> list[str | None]:
+    """Per sample: its public URL, or a thumbnail data URI, or None (unreadable, or over budget)."""
+    sources: list[str | None] = []
+    spent = 0
+    for sample in samples:
+        url = public_image_url(store, sample)
+        if url is not None:
+            sources.append(url)
+            continue
+        try:
+            uri = thumbnail_data_uri(store.get(sample.key).data)
+        except Exception:  # noqa: BLE001 - a missing or broken image leaves a gap, not a failed run
+            sources.append(None)
+            continue
+        if spent + len(uri) > budget:
+            sources.append(None)
+            continue
+        spent += len(uri)
+        sources.append(uri)
+    return sources
+
+
+def samples_markdown(store: ObjectStore, samples: Sequence[SampleImage], *, columns: int = GRID_COLUMNS) -> str:
+    """A grid of every sample image (inline), then a table of prompt, seed and key."""
+    if not samples:
+        return "No sample images (the request asked for none: `num_sample_images`)."
+    sources = image_sources(store, samples)
+    cells = [
+        f"![sample {i}]({src})" if src else f"(sample {i}: not embedded, see its key)" for i, src in enumerate(sources)
+    ]
+    width = max(1, min(columns, len(cells)))
+    lines = ["| " + " | ".join(f"#{i}" for i in range(width)) + " |", "|" + " --- |" * width]
+    for start in range(0, len(cells), width):
+        row = cells[start : start + width]
+        lines.append("| " + " | ".join(row + [""] * (width - len(row))) + " |")
+    lines += ["", "| # | prompt | seed | key |", "| --- | --- | --- | --- |"]
+    for i, sample in enumerate(samples):
+        prompt = (sample.prompt or "").replace("|", "\\|").replace("\n", " ")
+        seed = "" if sample.seed is None else str(sample.seed)
+        lines.append(f"| {i} | {prompt} | {seed} | `{sample.key}` |")
+    return "\n".join(lines)
+
+
+def _store_url(store: ObjectStore, key: str) -> str | None:
+    try:
+        return store.url(key)
+    except ValueError:
+        return None

@@ -1,0 +1,318 @@
+"""The README's UI walk-through, clicked through in a real headless Chromium.
+
+`dagster dev` (webserver + daemon, as `make dev` starts it) runs on a temporary DAGSTER_HOME,
+store and jobs folder; Playwright drives Debian's `chromium` through the launchpad to materialize
+`training_dataset`, `trained_lora` and `lora_registry` for `sample_style` (with a few training
+steps), waits for the run to succeed, and reads `V1`, its checks and its samples off the asset
+pages. With LORA_UPDATE_SCREENSHOTS=1 it also writes the README's screenshots to docs/images/.
+
+The browser is Debian's `chromium` (Playwright's own download cannot be reached here): found on
+PATH, else installed with apt-get when running as root; the test is skipped, saying why, only
+where neither works.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lora_pipeline_tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "docs" / "images"
+STYLE = "sample_style"
+VIEWPORT = {"width": 1280, "height": 800}
+# What the launchpad's editor is set to: a few training steps (seconds on a CPU) and two small
+# sample images; everything else keeps its default.
+RUN_CONFIG_YAML = """\
+ops:
+  trained_lora:
+    config:
+      params:
+        max_train_steps: 4
+        num_sample_images: 2
+        sample_inference_steps: 2
+      poll_interval_s: 0.5
+"""
+RUN_TIMEOUT_S = 240
+# Read at import: the hermetic-environment fixture clears every LORA_* variable before each test.
+UPDATE_SCREENSHOTS = os.environ.get("LORA_UPDATE_SCREENSHOTS") == "1"
+CHECKS = ["unique_version_names", "unique_job_ids", "completed_versions_have_files", "no_presigned_urls"]
+
+
+def _find_or_install_chromium() -> str | None:
+    for candidate in (shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Debian's chromium: on PATH, else `apt-get install chromium` as root, else a skip saying why."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the `dev` extra)")
+    found = _find_or_install_chromium()
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        pytest.skip(
+            "no chromium on PATH and it cannot be installed here (needs root and apt-get: apt-get install chromium)"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        done = subprocess.run(
+            [apt, "install", "-y", "-q", "chromium"], env=env, capture_output=True, text=True, timeout=600
+        )
+        if done.returncode != 0:  # a stale package list: update once, then try again
+            subprocess.run([apt, "update", "-q"], env=env, capture_output=True, timeout=300)
+            done = subprocess.run(
+                [apt, "install", "-y", "-q", "chromium"], env=env, capture_output=True, text=True, timeout=600
+            )
+    except subprocess.TimeoutExpired:
+        pytest.skip("no chromium on PATH and `apt-get install chromium` did not finish within its timeout")
+    found = _find_or_install_chromium()
+    if found is None:
+        pytest.skip(f"no chromium on PATH and `apt-get install chromium` failed: {done.stderr[-500:]}")
+    return found
+
+
+@pytest.fixture
+def browser(chromium_path: str):
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium's sandbox refuses to run as root
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium_path, headless=True, args=args)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path):
+    """`dagster dev` on a temporary instance and store, with `sample_style` already a partition."""
+    import dagster as dg
+
+    from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "LORA_STORAGE_URL": (tmp_path / "store").as_uri(),
+        "LORA_LOCAL_JOBS_DIR": str(tmp_path / "jobs"),
+    }
+    # What style_discovery_sensor does within seconds of start-up, done before it, so that the
+    # test does not wait for a tick.
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions(STYLES_PARTITIONS_NAME, [STYLE])
+    port = free_port()
+    log = (tmp_path / "dagster_dev.log").open("wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml"]
+        + ["-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the webserver, daemon and code servers go with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"dagster dev exited: {(tmp_path / 'dagster_dev.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/server_info", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("dagster dev's webserver did not answer within 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        # The whole group; `dagster dev` sometimes hangs on SIGTERM, and its instance is thrown away.
+        for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace_s)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+
+def _gql(url: str, query: str, **variables) -> dict:
+    answer = httpx.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=60).json()
+    assert "errors" not in answer, answer
+    return answer["data"]
+
+
+def _runs(url: str) -> list[dict]:
+    data = _gql(url, "{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }")
+    return data["runsOrError"]["results"]
+
+
+def _wait_for_run(url: str, timeout_s: float) -> dict:
+    """The run the launchpad started, once it has finished."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for run in _runs(url):
+            if {"key": "dagster/partition", "value": STYLE} in run["tags"] and run["status"] in (
+                "SUCCESS",
+                "FAILURE",
+                "CANCELED",
+            ):
+                return run
+        time.sleep(1)
+    pytest.fail(f"no finished run for {STYLE} after {timeout_s} s: {_runs(url)}")
+
+
+def _latest_metadata_labels(url: str, asset: str) -> set[str]:
+    data = _gql(
+        url,
+        """query($key: AssetKeyInput!, $p: [String!]) { assetOrError(assetKey: $key) {
+        ... on Asset { assetMaterializations(partitions: $p, limit: 1) { metadataEntries { label } } } } }""",
+        key={"path": [asset]},
+        p=[STYLE],
+    )
+    [materialization] = data["assetOrError"]["assetMaterializations"]
+    return {entry["label"] for entry in materialization["metadataEntries"]}
+
+
+def _screenshot(page, name: str) -> None:
+    """docs/images/<name>, only when asked (LORA_UPDATE_SCREENSHOTS=1): CI leaves the repo alone."""
+    if UPDATE_SCREENSHOTS:
+        page.mouse.move(0, 0)  # no hover effects in the picture
+        page.wait_for_timeout(3000)  # the live status (the graph's colours) arrives after the page
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(IMAGES / name))
+
+
+def _skip_welcome_dialog(page) -> None:
+    """A fresh instance greets the first visit with a 'Join the Dagster community' dialog."""
+    skip = page.get_by_role("button", name="Skip")
+    try:
+        skip.wait_for(timeout=5000)
+    except Exception:  # noqa: BLE001 - no dialog this time
+        return
+    skip.click()
+
+
+def test_the_readme_walk_through_in_a_browser(dagster_dev: str, browser, tmp_path: Path):
+    """Launch the three assets for sample_style from the UI; the registry page shows V1 and its checks."""
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(60_000)
+    try:
+        _walk_through(page, dagster_dev)
+    except BaseException:
+        page.screenshot(path=str(tmp_path / "failure.png"))  # what the browser showed, for the report
+        print(f"the page at the failure: {tmp_path / 'failure.png'} ({page.url})")
+        raise
+
+
+def _walk_through(page, dagster_dev: str) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+    from playwright.sync_api import expect
+
+    # 1. Assets → the lora group's lineage: the three assets.
+    page.goto(f"{dagster_dev}/asset-groups/lora")
+    _skip_welcome_dialog(page)
+    for asset in ("training_dataset", "trained_lora", "lora_registry"):
+        expect(page.get_by_text(asset, exact=True).first).to_be_visible()
+
+    # 2. Materialize all… ▾ → Open launchpad: partition sample_style, a short training.
+    materialize = page.get_by_role("button", name="Materialize all…")
+    materialize.locator("xpath=../..").get_by_role("button").last.click()  # the ▾ beside it
+    page.get_by_role("menuitem", name="Open launchpad").click()
+    dialog = page.get_by_role("dialog").filter(has=page.get_by_text("Launchpad (configure assets)"))
+    expect(dialog).to_be_visible()
+    expect(dialog.get_by_text("wait_timeout_s")).to_be_visible()  # loaded; else the input is reset
+    partition, option = dialog.get_by_placeholder("Partition"), page.get_by_role("menuitem", name=STYLE)
+    for _ in range(5):
+        partition.fill(STYLE)
+        try:
+            option.wait_for(timeout=5000)
+            break
+        except PlaywrightTimeoutError:
+            continue
+    option.click()
+    # Choosing the partition fills the editor with the partition's default config: set the
+    # short training after that (the launchpad's YAML editor is a CodeMirror).
+    expect(dialog.get_by_text(f"partition: {STYLE}")).to_be_visible()
+    editor = dialog.locator(".CodeMirror").first
+    expect(editor).to_contain_text("wait_timeout_s")
+    editor.evaluate("(element, yaml) => element.CodeMirror.setValue(yaml)", RUN_CONFIG_YAML)
+    expect(editor).to_contain_text("max_train_steps")
+    expect(dialog.get_by_text("No errors")).to_be_visible()
+    dialog.get_by_role("button", name=re.compile(r"Materialize$")).click()
+
+    # 3. The run succeeds; its page says so.
+    run = _wait_for_run(dagster_dev, RUN_TIMEOUT_S)
+    assert run["status"] == "SUCCESS", run
+    page.goto(f"{dagster_dev}/runs/{run['runId']}")
+    expect(page.get_by_text("Success").first).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^Finished execution of run")).first).to_be_visible()
+    _screenshot(page, "ui-run-success.png")
+
+    # The lineage after the run: every asset materialized (green) in the sidebar's list.
+    page.goto(f"{dagster_dev}/asset-groups/lora")
+    for asset in ("training_dataset", "trained_lora", "lora_registry"):
+        expect(page.get_by_text(asset, exact=True).first).to_be_visible()
+    _screenshot(page, "ui-asset-graph.png")
+
+    # 4. lora_registry for sample_style: V1 completed in the versions table.
+    page.goto(f"{dagster_dev}/assets/lora_registry?view=partitions&partition={STYLE}")
+    expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
+    expect(_row(page, "latest_version")).to_contain_text("V1")
+    versions_table = _row(page, "versions_table")
+    expect(versions_table).to_contain_text("V1")
+    expect(versions_table).to_contain_text("completed")
+    expect(versions_table).to_contain_text(f"{STYLE}_v1_kohya.safetensors")
+    _screenshot(page, "ui-registry-v1.png")
+
+    # Its checks, each passed on this materialization.
+    page.goto(f"{dagster_dev}/assets/lora_registry?view=checks")
+    for check in CHECKS:
+        # the list's row for the check: the nearest element around its name that has a status
+        row = page.get_by_text(check, exact=True).first.locator(
+            "xpath=ancestor::*[contains(., 'Succeeded') or contains(., 'Failed') or contains(., 'Warning')][1]"
+        )
+        expect(row).to_contain_text("Succeeded")
+
+    # 5. Its samples, on trained_lora's materialization (the `samples` Markdown, images inline).
+    # Conditional: the sample images arrived with a later change to the worker and trained_lora;
+    # on a tree without it the materialization has no `samples` entry and there is nothing to show.
+    if "samples" in _latest_metadata_labels(dagster_dev, "trained_lora"):
+        page.goto(f"{dagster_dev}/assets/trained_lora?view=partitions&partition={STYLE}")
+        expect(_row(page, "sample_count")).to_contain_text("2")
+        _row(page, "samples").get_by_text("[Show Markdown]").click()
+        samples = page.get_by_role("dialog").locator("img")
+        expect(samples).to_have_count(2)
+        expect(page.get_by_role("dialog")).to_contain_text(f"{STYLE}_v1_sample_0.png")
+        widths = samples.evaluate_all("images => images.map(image => image.naturalWidth)")
+        assert all(width > 0 for width in widths), widths  # the images decode, not broken icons
+
+
+def _row(page, label: str):
+    """The metadata table's row for ``label``."""
+    return page.locator("tr", has=page.get_by_text(label, exact=True))
