@@ -111,7 +111,7 @@ def test_a_tick_against_a_failing_endpoint_skips_in_bounded_time_and_opens_the_b
     assert shared_breaker(s3_location(s3_bucket, "lora")).is_open
 
     # The next tick (a new resource, as Dagster builds per tick) skips at once, sending nothing.
-    sent = len(proxy.requests)
+    sent = proxy.settled()
     skipped, _ = tick(evaluation, instance, s3_resources(proxy, s3_bucket))
     assert skipped is not None and "unavailable since" in skipped
     assert len(proxy.requests) == sent
@@ -135,7 +135,7 @@ def test_an_outage_after_a_healthy_start_skips_each_tick_until_the_breaker_opens
         assert time.monotonic() - started < WELL_UNDER_A_TICK_S
 
     assert shared_breaker(s3_location(s3_bucket, "lora")).is_open
-    sent = len(proxy.requests)
+    sent = proxy.settled()
     skipped, _ = tick(evaluation, instance, s3_resources(proxy, s3_bucket))
     assert skipped is not None and "unavailable since" in skipped
     assert len(proxy.requests) == sent

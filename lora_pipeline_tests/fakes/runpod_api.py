@@ -26,6 +26,7 @@ documented"):
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import re
 import threading
@@ -161,6 +162,9 @@ class FakeRunPod:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._work = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._last_started = 0.0
+        self._idle = threading.Condition(self._lock)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -391,10 +395,38 @@ class FakeRunPod:
 
     # -- the HTTP API ------------------------------------------------------------
 
+    def wait_idle(self, timeout_s: float = 10.0, quiet_s: float = 0.2) -> None:
+        """Wait until no request is being handled and none has started for ``quiet_s`` (one
+        still in the listen backlog): a POST /run whose client gave up (a lost answer) still
+        queues its job, as RunPod does, and only then does the job exist."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while True:
+                quiet_for = time.monotonic() - self._last_started
+                if self._in_flight == 0 and quiet_for >= quiet_s:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self._in_flight} request(s) still in flight after {timeout_s}s")
+                self._idle.wait(min(left, max(quiet_s - quiet_for, 0.01)))
+
     def handle(
         self, method: str, path: str, auth: str | None, body: bytes
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """One request → (status code, JSON body, extra headers)."""
+        with self._lock:
+            self._in_flight += 1
+            self._last_started = time.monotonic()
+        try:
+            return self._handle(method, path, auth, body)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _handle(
+        self, method: str, path: str, auth: str | None, body: bytes
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         match = _PATH.match(path.split("?", 1)[0])
         op = match.group("op") if match else "unknown"
         with self._lock:
@@ -564,7 +596,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+            self.wfile.write(data)
 
     def do_GET(self) -> None:
         self._serve("GET")

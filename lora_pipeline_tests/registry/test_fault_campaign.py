@@ -284,7 +284,11 @@ class World:
             pass  # a store fault that outlasted its retries: the call failed, as a real one would
 
     def drain(self) -> None:
-        """No more crashes: every job ends, every webhook is delivered, reconcile now and later."""
+        """No more crashes: every job ends, every webhook is delivered, reconcile now and later.
+
+        A POST whose answer was lost may still be queuing its job in the fake; RunPod would
+        run that job, so the drain waits for it to exist before working every job."""
+        self.fake.wait_idle()
         self.work(finish_all=True)
         for job in list(self.fake.jobs.values()):
             self.deliver(store=self.store, job=job)

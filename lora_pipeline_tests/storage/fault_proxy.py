@@ -58,6 +58,7 @@ class FaultProxy:
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
         self.requests: list[Request] = []
+        self._last_request_at = 0.0
         # Request headers removed before forwarding (e.g. {"if-match", "if-none-match"}
         # to play an endpoint that ignores conditional writes).
         self.drop_headers: set[str] = set()
@@ -107,9 +108,25 @@ class FaultProxy:
         with self._lock:
             self._rules.clear()
 
+    def settled(self, quiet_s: float = 0.5, timeout_s: float = 10.0) -> int:
+        """The number of requests seen, once none has arrived for ``quiet_s``.
+
+        A request is recorded when its handler reads it, which under load can be after the
+        client gave up on it; counting before and after a step is sound only from a settled
+        count, else a late request of the step before is blamed on the step measured."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                quiet_for = time.monotonic() - self._last_request_at
+                if quiet_for >= quiet_s:
+                    return len(self.requests)
+            time.sleep(max(quiet_s - quiet_for, 0.01))
+        raise TimeoutError(f"the proxy kept receiving requests for {timeout_s}s")
+
     def _take_fault(self, request: Request) -> str | None:
         with self._lock:
             self.requests.append(request)
+            self._last_request_at = time.monotonic()
             for rule in self._rules:
                 if rule.remaining > 0 and (rule.match is None or rule.match(request)):
                     rule.remaining -= 1
