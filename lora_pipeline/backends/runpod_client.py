@@ -35,6 +35,7 @@ import httpx
 from pydantic import ValidationError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
+from lora_pipeline.contracts.problems import describe_validation_error
 from lora_pipeline.backends.base import (
     ExecutionPolicy,
     JobNotFound,
@@ -334,7 +335,7 @@ def _status_body(payload: dict[str, Any], what: str, *, accepted: bool = False) 
     try:
         return JobStatus.model_validate(payload)
     except ValidationError as exc:
-        problem = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        problem = describe_validation_error(exc)
         error = SubmitOutcomeUnknown if accepted else RunPodError
         raise error(f"RunPod {what} answered a body that is not a status body ({problem})") from None
 

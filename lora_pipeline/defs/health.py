@@ -17,7 +17,7 @@ from typing import Any
 
 import dagster as dg
 
-from lora_pipeline.defs.reconcile import _runpod_breaker, reconcile_registry
+from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.registry_store.index import RegistryIndex
@@ -368,7 +368,7 @@ def pipeline_health_checks(
     except StorageError as exc:
         yield from (_store_down(name, exc) for name in HEALTH_CHECKS if name in selected)
         return
-    results = evaluate_health(store, context.instance, runpod_breaker=_runpod_breaker(training_backend, store))
+    results = evaluate_health(store, context.instance, runpod_breaker=training_backend.runpod_breaker(store))
     yield from (r for r in results if r.check_name in selected)
 
 

@@ -11,7 +11,6 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from lora_pipeline.backends.base import RunPodError
 from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.presentation import store_kind
@@ -21,7 +20,6 @@ from lora_pipeline.lifecycle.reconcile import DEFAULT_MAX_JOB_AGE, ReconcileRepo
 from lora_pipeline.lifecycle.versions import prune_versions
 from lora_pipeline.settings import get_settings
 from lora_pipeline.storage.base import StorageError
-from lora_pipeline.storage.breaker import CircuitBreaker
 from lora_pipeline.storage.keys import INDEX_KEY
 
 
@@ -207,20 +205,8 @@ def reconcile_registry_schedule(
         store.head(INDEX_KEY)
     except StorageError as exc:
         return store_outage_skip(exc)
-    breaker = _runpod_breaker(training_backend, store)
+    breaker = training_backend.runpod_breaker(store)
     if breaker is not None and breaker.is_open:
         since = breaker.unavailable_since.isoformat(timespec="seconds") if breaker.unavailable_since else "?"
         return dg.SkipReason(f"RunPod unavailable since {since} (last: {breaker.last_error})")
     return dg.RunRequest()
-
-
-def _runpod_breaker(training_backend: TrainingBackendResource, store) -> CircuitBreaker | None:
-    """The RunPod client's breaker, or None for the local backend or a misconfigured one
-    (the run itself then says what is wrong)."""
-    if training_backend.settings().training_backend != "runpod":
-        return None
-    try:
-        backend = training_backend.get_backend(store)
-    except (dg.DagsterInvariantViolationError, RunPodError, ValueError):
-        return None
-    return getattr(backend, "breaker", None)

@@ -18,12 +18,13 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
-from lora_pipeline.backends.base import TrainingBackend
+from lora_pipeline.backends.base import RunPodError, TrainingBackend
 from lora_pipeline.backends.factory import open_training_backend
 from lora_pipeline.backends.runpod_client import DEFAULT_BASE_URL as DEFAULT_RUNPOD_BASE_URL
 from lora_pipeline.backends.runpod_client import RunPodClient
 from lora_pipeline.settings import Settings, get_settings
 from lora_pipeline.storage import ObjectStore
+from lora_pipeline.storage.breaker import CircuitBreaker
 from lora_pipeline.storage.factory import open_store, shared_store
 from lora_pipeline.storage.s3 import S3Options, build_s3_client
 from lora_pipeline.webhook.urls import webhook_url
@@ -187,6 +188,18 @@ class TrainingBackendResource(dg.ConfigurableResource):
             return _runpod_client(settings.runpod_api_key, settings.runpod_endpoint_id, settings.runpod_base_url)
         state_dir = Path(self.local_state_dir) if self.local_state_dir else None
         return open_training_backend(store, settings, state_dir=state_dir)
+
+    def runpod_breaker(self, store: ObjectStore) -> CircuitBreaker | None:
+        """The RunPod client's circuit breaker (shared by this process's clients), or None for the
+        local backend or a misconfigured one (the run itself then says what is wrong): what the
+        reconciliation schedule and the health check consult before calling RunPod."""
+        if self.settings().training_backend != "runpod":
+            return None
+        try:
+            backend = self.get_backend(store)
+        except (dg.DagsterInvariantViolationError, RunPodError, ValueError):
+            return None
+        return getattr(backend, "breaker", None)
 
     def storage_url_for_worker(self, storage: StorageResource) -> str:
         """The store URL the worker gets in its request; refused when it cannot reach it.

@@ -1,7 +1,7 @@
 """Jobs that move aliases and delete versions: a click in the UI, each run in the run history.
 
-``promote_lora_version``: config ``style``, ``action`` (promote | rollback), ``version`` (for a
-promote), ``alias`` (default production), ``reason``. ``delete_lora_version``: ``style``,
+``promote_lora_version``: config ``style``, ``action`` (promote | rollback | remove), ``version``
+(for a promote), ``alias`` (default production), ``reason``. ``delete_lora_version``: ``style``,
 ``version``, ``reason``, ``dry_run``. Who acted is the run's ``dagster/user`` tag when the UI
 set one (Dagster+), else ``dagster run <run id>``. A refusal (unknown version or alias, a
 version not completed, an aliased version to delete…) fails the run with its reason.
@@ -19,8 +19,10 @@ from lora_pipeline.storage.base import StorageError
 
 class AliasMoveConfig(dg.Config):
     style: str = Field(description="The style, e.g. style_59.")
-    action: Literal["promote", "rollback"] = Field(
-        "promote", description="promote: point the alias at `version`; rollback: back to its previous version."
+    action: Literal["promote", "rollback", "remove"] = Field(
+        "promote",
+        description="promote: point the alias at `version`; rollback: back to its previous version; "
+        "remove: the alias points at nothing (as `registry unalias`).",
     )
     version: str | None = Field(None, description="The version to promote, e.g. V3 (unused by rollback).")
     alias: str = Field("production", description="The alias to move (production, staging…).")
@@ -54,15 +56,19 @@ def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, sto
         )
     except (Refused, StorageError, ValueError) as exc:
         raise dg.Failure(description=f"{config.action} refused: {exc}") from None
+    removed = config.action == "remove"
     context.add_output_metadata(
         {
             "style": config.style,
             "alias": result.alias,
-            "version": result.version,
-            "previous": result.previous or "",
+            "version": "" if removed else result.version,
+            "previous": result.version if removed else (result.previous or ""),
             "moved": result.moved,
         }
     )
+    if removed:
+        context.log.info(f"{config.style} {result.alias}: removed (it pointed at {result.version})")
+        return
     context.log.info(
         f"{config.style} {result.alias}: {result.previous or '(new)'} → {result.version}"
         + ("" if result.moved else " (unchanged)")
@@ -102,7 +108,7 @@ def delete_lora_version_op(
 
 @dg.job(tags={"lora_pipeline/kind": "registry"})
 def promote_lora_version() -> None:
-    """Promote a version to an alias (production by default), or roll the alias back."""
+    """Promote a version to an alias (production by default), roll the alias back, or remove it."""
     move_lora_alias()
 
 

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from lora_pipeline.contracts.problems import describe_validation_error, short_repr
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
 from lora_pipeline.registry.evidence import JobReport
 from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
@@ -124,14 +125,14 @@ def webhook_status(decoded: Any) -> JobStatus:
     validate_job_id(decoded["id"])
     status = decoded["status"]
     if not isinstance(status, str) or not _STATUS.match(status.strip().upper()):
-        raise InvalidWebhook(f"invalid status {_short(status)}: expected a RunPod status like COMPLETED")
+        raise InvalidWebhook(f"invalid status {short_repr(status)}: expected a RunPod status like COMPLETED")
     try:
         parsed = JobStatus.model_validate(dict(decoded))
         parsed.model_dump_json()  # what the sensor hands to the recording run must serialise
     except ValidationError as exc:
-        raise InvalidWebhook(f"not a RunPod status body: {_describe(exc)}") from None
+        raise InvalidWebhook(f"not a RunPod status body: {describe_validation_error(exc)}") from None
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise InvalidWebhook(f"not a RunPod status body: {type(exc).__name__}: {_short(str(exc))}") from None
+        raise InvalidWebhook(f"not a RunPod status body: {type(exc).__name__}: {short_repr(str(exc))}") from None
     return parsed
 
 
@@ -145,21 +146,6 @@ def _parse(body: bytes) -> tuple[dict[str, Any], JobStatus]:
     except RecursionError:
         raise InvalidWebhook("body is not usable JSON: nested too deeply") from None
     return decoded, webhook_status(decoded)
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_url=False)[:3]:
-        where = ".".join(str(p) for p in error.get("loc", ())) or "body"
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {message} (got {_short(error.get('input'))})")
-    more = exc.error_count() - len(parts)
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _json_type(value: Any) -> str:

@@ -34,6 +34,7 @@ if __name__ == "__main__":  # `python handler.py`: keep this folder's modules of
 
 from pydantic import ValidationError
 
+from lora_pipeline.contracts.problems import describe_validation_error
 from lora_pipeline.contracts.training import ModelFamily, SampleImage, TrainingParams, TrainingRequest, TrainingResult
 from lora_pipeline.registry.names import parse_version_name
 from lora_pipeline.settings import SettingsError, get_settings, settings_or_exit
@@ -75,11 +76,7 @@ def parse_request(job: dict[str, Any]) -> TrainingRequest:
     try:
         request = TrainingRequest.model_validate(payload)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}"
-            + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
-            for err in exc.errors()
-        )
+        problems = describe_validation_error(exc, root="input", limit=10)
         raise WorkerInputError(f"invalid training request: {problems}") from None
     if parse_version_name(request.version) is None:
         raise WorkerInputError(f"version: {request.version!r} is not a version name like 'V5'")

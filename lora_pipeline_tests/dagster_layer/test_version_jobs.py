@@ -48,6 +48,21 @@ def test_promote_then_rollback_records_the_run_as_who(store, instance):
     assert [e.reason for e in doc.alias_history] == ["first cut", None, "regression"]
 
 
+def test_remove_action_unsets_the_alias_and_records_it(store, instance):
+    seed(store)
+    assert promote(instance, version="V2").success
+    removed = promote(instance, action="remove", reason="pulled")
+    assert removed.success
+    [materialized] = [e for e in removed.all_events if e.event_type_value == "STEP_OUTPUT"]
+    metadata = materialized.event_specific_data.metadata  # type: ignore[union-attr]
+    assert (metadata["version"].value, metadata["previous"].value) == ("", "V2")
+    doc, _ = RegistryStore(store).read(S)
+    assert doc.aliases == {}
+    assert [(e.action, e.reason) for e in doc.alias_history][-1] == ("remove", "pulled")
+    again = promote(instance, action="remove")
+    assert not again.success and "remove refused" in failure(again)
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [

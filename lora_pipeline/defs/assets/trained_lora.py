@@ -11,6 +11,7 @@ import dagster as dg
 from pydantic import Field, ValidationError
 
 from lora_pipeline.contracts.job_status import JobStatus
+from lora_pipeline.contracts.problems import describe_validation_error
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, backend_kind, url_value
@@ -18,6 +19,7 @@ from lora_pipeline.defs.resources import StorageResource, TrainingBackendResourc
 from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG
 from lora_pipeline.lifecycle.samples import samples_markdown
 from lora_pipeline.lifecycle.submit import (
+    training_params,
     Completion,
     NoDatasetError,
     SubmissionInFlight,
@@ -50,6 +52,23 @@ class TrainedLoraConfig(TrainingConfig):
     )
     source: str = Field("poll", description="Where the status came from: poll or webhook.")
     inbox_key: str | None = Field(None, description="The webhook file to archive once recorded.")
+
+
+def checked_training_config(config: dict) -> dict:
+    """The run config of ``trained_lora``, with its hyperparameters validated at launch.
+
+    The config mapping calls this when the run is created (the launchpad, a schedule, the CLI),
+    so a bad value (``rank: 0``, an unknown parameter) refuses the launch with one message that
+    names the field, instead of a run whose step fails after waiting for a GPU slot.
+    """
+    if not config.get("status_body"):
+        try:
+            training_params(config.get("base_model") or "tiny", config.get("params") or {})
+        except ValidationError as exc:
+            raise dg.DagsterInvalidConfigError(
+                f"trained_lora config, params: {describe_validation_error(exc, root='params')}", [], config
+            ) from None
+    return config
 
 
 @dg.op(
@@ -154,7 +173,7 @@ def record_trained_lora(context: dg.OpExecutionContext, outcomes: list[dict], st
     # The run config stays `ops: {trained_lora: {config: ...}}`, as for a one-op asset.
     config=dg.ConfigMapping(
         config_schema=TrainedLoraConfig.to_config_schema(),
-        config_fn=lambda config: {"take_training_request": {"config": config}},
+        config_fn=lambda config: {"take_training_request": {"config": checked_training_config(config)}},
     ),
 )
 def trained_lora(training_dataset):  # noqa: ANN001, ANN201 - a graph's composition function
