@@ -12,9 +12,12 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
+from lora_pipeline.defs.assets.lora_registry import aliases_markdown, versions_markdown
+from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.lifecycle.versions import Refused, delete_version, move_alias
-from lora_pipeline.storage.base import StorageError
+from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.storage.base import ObjectStore, StorageError
 
 
 class AliasMoveConfig(dg.Config):
@@ -41,12 +44,40 @@ def run_actor(context: dg.OpExecutionContext) -> str:
     return context.run.tags.get("dagster/user") or f"dagster run {context.run_id}"
 
 
+def observe_registry(context: dg.OpExecutionContext, store: ObjectStore, style: str, change: str) -> None:
+    """Record the change as an observation of ``lora_registry[style]``, so the asset's page shows
+    the aliases and versions as they are now without a new materialization (the document itself
+    is already written). Skipped for a style the instance has no partition for (a CLI-made style
+    before discovery); a store that fails here fails nothing: the change is made."""
+    if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, style):
+        return
+    try:
+        registry = RegistryStore(store)
+        document, _ = registry.read(style)
+    except StorageError as exc:
+        context.log.warning(f"{style}: changed, but the registry could not be read back for the UI: {exc}")
+        return
+    context.log_event(
+        dg.AssetObservation(
+            asset_key="lora_registry",
+            partition=style,
+            description=change,
+            metadata={
+                "change": change,
+                "aliases": dg.MetadataValue.md(aliases_markdown(document, registry.primary)),
+                "versions_table": dg.MetadataValue.md(versions_markdown(document)),
+            },
+        )
+    )
+
+
 @dg.op(tags={"kind": "s3"})
 def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, storage: StorageResource) -> None:
     """Move an alias of a style (one conditional write of its registry document)."""
+    store = storage.get_store()
     try:
         result = move_alias(
-            storage.get_store(),
+            store,
             config.style,
             config.alias,
             action=config.action,
@@ -67,12 +98,14 @@ def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, sto
         }
     )
     if removed:
-        context.log.info(f"{config.style} {result.alias}: removed (it pointed at {result.version})")
-        return
-    context.log.info(
-        f"{config.style} {result.alias}: {result.previous or '(new)'} → {result.version}"
-        + ("" if result.moved else " (unchanged)")
-    )
+        change = f"{config.style} {result.alias}: removed (it pointed at {result.version})"
+    else:
+        change = f"{config.style} {result.alias}: {result.previous or '(new)'} → {result.version}" + (
+            "" if result.moved else " (unchanged)"
+        )
+    context.log.info(change)
+    if result.moved or removed:
+        observe_registry(context, store, config.style, change)
 
 
 @dg.op(tags={"kind": "s3"})
@@ -80,9 +113,10 @@ def delete_lora_version_op(
     context: dg.OpExecutionContext, config: DeleteVersionConfig, storage: StorageResource
 ) -> None:
     """Delete a version's files and leave its tombstone."""
+    store = storage.get_store()
     try:
         result = delete_version(
-            storage.get_store(),
+            store,
             config.style,
             config.version,
             by=run_actor(context),
@@ -100,10 +134,13 @@ def delete_lora_version_op(
             "removed": dg.MetadataValue.json(result.removed),
         }
     )
-    context.log.info(
+    change = (
         f"{config.style} {result.version}: {'would delete' if config.dry_run else 'deleted'} "
         f"{len(result.removed)} file(s)"
     )
+    context.log.info(change)
+    if not config.dry_run and not result.already_deleted:
+        observe_registry(context, store, config.style, change)
 
 
 @dg.job(tags={"lora_pipeline/kind": "registry"})

@@ -111,3 +111,42 @@ def test_reconcile_job_applies_the_version_retention(store, instance):
 
 def test_the_jobs_are_registered():
     assert {"promote_lora_version", "delete_lora_version"} <= {j.name for j in defs.resolve_all_job_defs()}
+
+
+def _observations(instance, style: str) -> list[dg.AssetObservation]:
+    records = instance.fetch_observations(dg.AssetKey("lora_registry"), limit=20).records
+    return [r.asset_observation for r in records if r.partition_key == style]
+
+
+def test_alias_moves_and_deletes_show_on_the_registry_asset_as_observations(store, instance):
+    seed(store)
+    instance.add_dynamic_partitions("styles", [S])
+    assert promote(instance, version="V2", reason="best FID").success
+    assert promote(instance, version="V2").success  # unchanged: nothing new to show
+    done = run(instance, "delete_lora_version", "delete_lora_version_op", {"style": S, "version": "V1"})
+    assert done.success
+    observed = _observations(instance, S)
+    assert [o.metadata["change"].value for o in observed] == [f"{S} V1: deleted 2 file(s)", f"{S} production: (new) → V2"]
+    aliases = observed[-1].metadata["aliases"].value
+    assert f"| production | V2 | `{S}_v2_kohya.safetensors` | promote by dagster run" in aliases
+    assert aliases.rstrip().endswith(": best FID |")
+    assert "| V1 | deleted |" in observed[0].metadata["versions_table"].value
+
+
+def test_a_style_without_a_partition_is_changed_but_not_observed(store, instance):
+    seed(store)
+    assert promote(instance, version="V1").success
+    assert RegistryStore(store).read(S)[0].aliases == {"production": "V1"}
+    assert _observations(instance, S) == []
+
+
+def test_the_registry_materialization_lists_the_aliases(store, instance):
+    from lora_pipeline.defs.assets.lora_registry import aliases_markdown
+
+    seed(store)
+    document = RegistryStore(store).read(S)[0]
+    assert aliases_markdown(document, "kohya").startswith("no aliases")
+    assert promote(instance, version="V3").success
+    document = RegistryStore(store).read(S)[0]
+    assert f"| production | V3 | `{S}_v3_kohya.safetensors` |" in aliases_markdown(document, "kohya")
+    assert f"`{S}_v3.safetensors`" in aliases_markdown(document, "diffusers")

@@ -82,6 +82,7 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
             "latest_url": url_value(latest_url),
             "primary_format": primary,
             "versions_table": dg.MetadataValue.md(versions_markdown(document)),
+            "aliases": dg.MetadataValue.md(aliases_markdown(document, primary)),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -107,6 +108,23 @@ def versions_markdown(document: RegistryDocument) -> str:
         cells = [_link(files.get(layout)) for layout in LAYOUTS] + [", ".join(_link(f) for f in others)]
         job = f"`{v.id[:8]}`" if v.id else ""
         rows.append(f"| {v.name} | {v.status.value} | {job} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def aliases_markdown(document: RegistryDocument, primary: str) -> str:
+    """One row per alias (production, staging…): the version it points at and that version's
+    file in the primary layout, then the last move. What an application serving the alias reads
+    is the registry index; this is the same answer for a person."""
+    if not document.aliases:
+        return "no aliases: promote a version with the `promote_lora_version` job or `registry promote`"
+    last = {entry.alias: entry for entry in document.alias_history}
+    rows = ["| alias | version | file | last move |", "|---|---|---|---|"]
+    for alias, name in sorted(document.aliases.items()):
+        version = document.version(name)
+        file = version.download(primary) if version else None
+        entry = last.get(alias)
+        moved = f"{entry.action} by {entry.by}" + (f": {entry.reason}" if entry.reason else "") if entry else ""
+        rows.append(f"| {alias} | {name} | {_link(file)} | {moved} |")
     return "\n".join(rows)
 
 
