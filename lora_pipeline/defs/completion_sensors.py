@@ -23,7 +23,6 @@ from lora_pipeline.defs.outages import store_outage_skip
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.lifecycle.reconcile import style_from_output
 from lora_pipeline.lifecycle.progress import record_progress, running_statuses
 from lora_pipeline.lifecycle.submit import job_run_key
 from lora_pipeline.registry.jobids import base_job_id
@@ -36,11 +35,10 @@ from lora_pipeline.storage.breaker import is_outage
 from lora_pipeline.webhook.inbox import (
     WEBHOOK_REJECTED,
     InboxItem,
-    InvalidWebhook,
     list_inbox,
+    route_style,
     mark_processed,
     reject,
-    webhook_status,
 )
 
 ACTIVE_RUN_STATUSES = [
@@ -181,12 +179,12 @@ def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageR
             if len(requests) + rejected >= MAX_WEBHOOKS_PER_TICK:
                 break  # rejections are store work too: a flood of bad files is spread over ticks
             last_examined = item
-            status, problem = _usable_status(item)
+            status, problem = item.usable_status()
             if status is None:
                 notes.append(_reject_unusable(store, item.key, problem))
                 rejected += 1
                 continue
-            style = job_styles.get(status.base_id) or style_from_output(status.output)
+            style = route_style(job_styles, status)
             if style is None:
                 notes.append(f"{item.key}: job {status.id} is not in the registry yet; kept for later")
                 continue
@@ -208,18 +206,6 @@ def runpod_webhook_sensor(context: dg.SensorEvaluationContext, storage: StorageR
         detail = f" ({', '.join(counts)})" if counts else ""
         return dg.SensorResult(skip_reason=dg.SkipReason(f"no new webhook files{detail}"), cursor=cursor)
     return dg.SensorResult(run_requests=requests, cursor=cursor)
-
-
-def _usable_status(item: InboxItem) -> tuple[JobStatus | None, str]:
-    """The validated status body of an inbox file, or None and why it cannot be used."""
-    if item.job_status is not None:
-        return item.job_status, ""
-    if item.body is None:
-        return None, item.problem or "unusable webhook body"
-    try:
-        return webhook_status(item.body), ""
-    except InvalidWebhook as exc:
-        return None, str(exc)
 
 
 def _reject_unusable(store: ObjectStore, key: str, reason: str) -> str:

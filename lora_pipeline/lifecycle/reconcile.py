@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -48,11 +48,10 @@ from lora_pipeline.storage.keys import LORAS, lora_prefix, run_marker_prefix
 from lora_pipeline.webhook.inbox import (
     WEBHOOK_REJECTED,
     InboxItem,
-    InvalidWebhook,
     list_inbox,
+    route_style,
     mark_processed,
     reject,
-    webhook_status,
 )
 
 DEFAULT_MAX_JOB_AGE = timedelta(hours=25)  # RunPod's default job TTL is 24 h
@@ -237,13 +236,12 @@ class _Run:
 
     def _gather_inbox(self, routes: dict[str, str], work: dict[str, _StyleWork]) -> None:
         for item in list_inbox(self.store):
-            try:  # list_inbox validated it already (item.job_status); one validator either way
-                status = item.job_status or webhook_status(item.body)
-            except InvalidWebhook as exc:
-                self._reject(item, item.problem or str(exc))
+            status, problem = item.usable_status()
+            if status is None:
+                self._reject(item, problem)
                 continue
             report = job_report_from_status(status, item.received_at or self.now, source="webhook")
-            style = routes.get(base_job_id(report.job_id)) or style_from_output(report.output)
+            style = route_style(routes, status)
             if style is None:
                 self.report.webhooks_waiting.append(item.key)
                 self.report.problems.append(
@@ -548,20 +546,3 @@ def stored_evidence(
     return StoredCompanion(
         style, key, number, store.url(key), info.size, info.etag, header.layout, header.checksum, info.last_modified
     )
-
-
-def style_from_output(output: dict[str, Any] | None) -> str | None:
-    """The style a job's output names (``style``, or the folder of ``lora_key``), if valid."""
-    if not isinstance(output, dict):
-        return None
-    candidates: Iterable[Any] = (output.get("style"),)
-    key = output.get("lora_key")
-    if isinstance(key, str) and key.startswith(LORAS + "/") and key.count("/") == 2:
-        candidates = (*candidates, key.split("/")[1])
-    for candidate in candidates:
-        if isinstance(candidate, str):
-            try:
-                return validate_style(candidate)
-            except InvalidStyleName:
-                continue
-    return None

@@ -44,7 +44,8 @@ from lora_pipeline.contracts.problems import describe_validation_error, short_re
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
 from lora_pipeline.registry.evidence import JobReport
 from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
-from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, WEBHOOK_REJECTED, WEBHOOK_SEEN
+from lora_pipeline.registry.names import InvalidStyleName, validate_style
+from lora_pipeline.storage.keys import LORAS, WEBHOOK_INBOX, WEBHOOK_PROCESSED, WEBHOOK_REJECTED, WEBHOOK_SEEN
 
 REASON_SUFFIX = ".reason.txt"
 MAX_BODY_BYTES = 1024 * 1024
@@ -89,6 +90,42 @@ class InboxItem:
     @property
     def status(self) -> str | None:
         return self.body["status"] if self.body else None
+
+    def usable_status(self) -> tuple[JobStatus | None, str]:
+        """The validated status body, or None and why the file cannot be used (then it belongs in
+        ``webhooks/rejected/``): what the webhook sensor and reconciliation both ask of a file."""
+        if self.job_status is not None:
+            return self.job_status, ""
+        if self.body is None:
+            return None, self.problem or "unusable webhook body"
+        try:
+            return webhook_status(self.body), ""
+        except InvalidWebhook as exc:
+            return None, str(exc)
+
+
+def route_style(job_styles: Mapping[str, str], status: JobStatus) -> str | None:
+    """The style a finished job belongs to: the registry's (``job_styles``: base job id → style,
+    from the index), else the one its output names. None: the registry does not know the job
+    yet, and its file stays in the inbox."""
+    return job_styles.get(status.base_id) or style_from_output(status.output)
+
+
+def style_from_output(output: dict[str, Any] | None) -> str | None:
+    """The style a job's output names (``style``, or the folder of ``lora_key``), if valid."""
+    if not isinstance(output, dict):
+        return None
+    candidates: tuple[Any, ...] = (output.get("style"),)
+    key = output.get("lora_key")
+    if isinstance(key, str) and key.startswith(LORAS + "/") and key.count("/") == 2:
+        candidates = (*candidates, key.split("/")[1])
+    for candidate in candidates:
+        if isinstance(candidate, str):
+            try:
+                return validate_style(candidate)
+            except InvalidStyleName:
+                continue
+    return None
 
 
 def validate_job_id(job_id: Any) -> str:
