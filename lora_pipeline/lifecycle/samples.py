@@ -1,4 +1,4 @@
-"""A version's sample images as something a UI shows inline: a Markdown grid and table.
+"""A version's sample images as something a UI shows: a Markdown grid and a table of prompts.
 
 Dagster's UI renders Markdown images only from http(s) URLs or data URIs. A store with a
 public (CDN) base URL is linked as it is; anything else (a local store, a private bucket) is
@@ -65,7 +65,10 @@ def image_sources(
 
 
 def samples_markdown(store: ObjectStore, samples: Sequence[SampleImage], *, columns: int = GRID_COLUMNS) -> str:
-    """A grid of every sample image (inline), then a table of prompt, seed and key."""
+    """A grid of every sample image, nothing else: Dagster's UI shows a Markdown entry inline (in
+    an asset's Events tab) only under 1,000 characters, which a grid of linked images fits and a
+    grid of embedded thumbnails does not (that one opens from "[Show Markdown]"). The prompts
+    and seeds go in their own table (``sample_rows``)."""
     if not samples:
         return "No sample images (the request asked for none: `num_sample_images`)."
     sources = image_sources(store, samples)
@@ -77,12 +80,15 @@ def samples_markdown(store: ObjectStore, samples: Sequence[SampleImage], *, colu
     for start in range(0, len(cells), width):
         row = cells[start : start + width]
         lines.append("| " + " | ".join(row + [""] * (width - len(row))) + " |")
-    lines += ["", "| # | prompt | seed | key |", "| --- | --- | --- | --- |"]
-    for i, sample in enumerate(samples):
-        prompt = (sample.prompt or "").replace("|", "\\|").replace("\n", " ")
-        seed = "" if sample.seed is None else str(sample.seed)
-        lines.append(f"| {i} | {prompt} | {seed} | `{sample.key}` |")
     return "\n".join(lines)
+
+
+def sample_rows(samples: Sequence[SampleImage]) -> list[dict[str, str | int | None]]:
+    """One row per sample image: its number in the grid, prompt, seed and key."""
+    return [
+        {"#": i, "prompt": sample.prompt or "", "seed": sample.seed, "key": sample.key}
+        for i, sample in enumerate(samples)
+    ]
 
 
 def _store_url(store: ObjectStore, key: str) -> str | None:

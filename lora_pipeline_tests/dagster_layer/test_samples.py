@@ -62,9 +62,12 @@ def test_the_trained_lora_materialization_shows_every_sample_inline_with_its_pro
     metadata = record.asset_materialization.metadata
     markdown = metadata["samples"].value
     assert markdown.count("](data:image/png;base64,") == 2  # a local store: embedded thumbnails
-    assert "| 0 | geo, a red square | 7 | `loras/sample_style/sample_style_v1_sample_0.png` |" in markdown
-    assert "geo, a blue \\| square | 8 |" in markdown
     assert metadata["sample_count"].value == 2
+    rows = [r.data for r in metadata["sample_prompts"].records]
+    assert rows == [
+        {"#": 0, "prompt": "geo, a red square", "seed": 7, "key": "loras/sample_style/sample_style_v1_sample_0.png"},
+        {"#": 1, "prompt": "geo, a blue | square", "seed": 8, "key": "loras/sample_style/sample_style_v1_sample_1.png"},
+    ]
 
     document, _ = RegistryStore(store).read(STYLE)
     [entry_0, entry_1] = document.to_dict()["versions"][0]["samples"]
@@ -89,3 +92,18 @@ def test_thumbnails_are_small_and_a_public_store_is_linked_not_embedded(store) -
     assert image_sources(store, [sample], budget=10) == [None]  # over the budget
     store.public_base_url = "https://cdn.example.com"
     assert image_sources(store, [sample]) == ["https://cdn.example.com/loras/a/a_v1_sample_0.png"]
+
+
+def test_a_linked_grid_of_eight_fits_dagsters_inline_markdown_limit(store) -> None:
+    """Dagster's UI shows Markdown inline only under 1,000 characters: a grid of linked samples
+    (a store with a public base URL) must fit, so the Events tab shows it without a click."""
+    from lora_pipeline.lifecycle.samples import samples_markdown
+    from lora_pipeline.registry.models import SampleImage
+
+    store.public_base_url = "https://cdn.example.com"
+    samples = [
+        SampleImage(f"loras/style_59/style_59_v12_sample_{i}.png", "a long prompt " * 8, i, None) for i in range(8)
+    ]
+    grid = samples_markdown(store, samples)
+    assert grid.count("](https://cdn.example.com/loras/style_59/style_59_v12_sample_") == 8
+    assert len(grid) < 1000, len(grid)

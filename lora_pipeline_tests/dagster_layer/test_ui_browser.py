@@ -4,7 +4,9 @@
 store and jobs folder; Playwright drives Debian's `chromium` through the launchpad to materialize
 `training_dataset`, `trained_lora` and `lora_registry` for `sample_style` (with a few training
 steps), waits for the run to succeed, and reads `V1`, its checks and its samples off the asset
-pages. With LORA_UPDATE_SCREENSHOTS=1 it also writes the README's screenshots to docs/images/.
+pages; then it promotes V1 to `production` from `promote_lora_version`'s launchpad and reads the
+alias off `lora_registry`'s Events tab. With LORA_UPDATE_SCREENSHOTS=1 it also writes the
+README's screenshots to docs/images/.
 
 The browser is Debian's `chromium` (Playwright's own download cannot be reached here): found on
 PATH, else installed with apt-get when running as root; the test is skipped, saying why, only
@@ -44,6 +46,15 @@ ops:
         num_sample_images: 2
         sample_inference_steps: 2
       poll_interval_s: 0.5
+"""
+PROMOTE_CONFIG_YAML = f"""\
+ops:
+  move_lora_alias:
+    config:
+      style: {STYLE}
+      version: V1
+      alias: production
+      reason: first release
 """
 RUN_TIMEOUT_S = 240
 # Read at import: the hermetic-environment fixture clears every LORA_* variable before each test.
@@ -187,6 +198,19 @@ def _wait_for_run(url: str, timeout_s: float) -> dict:
     pytest.fail(f"no finished run for {STYLE} after {timeout_s} s: {_runs(url)}")
 
 
+def _wait_for_job_run(url: str, job: str, timeout_s: float) -> dict:
+    """The latest run of ``job``, once it has finished."""
+    query = """query($job: String!) { runsOrError(filter: {pipelineName: $job}, limit: 1) {
+        ... on Runs { results { runId status } } } }"""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = _gql(url, query, job=job)["runsOrError"]["results"]
+        if runs and runs[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+            return runs[0]
+        time.sleep(1)
+    pytest.fail(f"no finished {job} run after {timeout_s} s")
+
+
 def _latest_metadata_labels(url: str, asset: str) -> set[str]:
     data = _gql(
         url,
@@ -300,17 +324,40 @@ def _walk_through(page, dagster_dev: str) -> None:
         expect(row).to_contain_text("Succeeded")
 
     # 5. Its samples, on trained_lora's materialization (the `samples` Markdown, images inline).
-    # Conditional: the sample images arrived with a later change to the worker and trained_lora;
-    # on a tree without it the materialization has no `samples` entry and there is nothing to show.
-    if "samples" in _latest_metadata_labels(dagster_dev, "trained_lora"):
-        page.goto(f"{dagster_dev}/assets/trained_lora?view=partitions&partition={STYLE}")
-        expect(_row(page, "sample_count")).to_contain_text("2")
-        _row(page, "samples").get_by_text("[Show Markdown]").click()
-        samples = page.get_by_role("dialog").locator("img")
-        expect(samples).to_have_count(2)
-        expect(page.get_by_role("dialog")).to_contain_text(f"{STYLE}_v1_sample_0.png")
-        widths = samples.evaluate_all("images => images.map(image => image.naturalWidth)")
-        assert all(width > 0 for width in widths), widths  # the images decode, not broken icons
+    assert "samples" in _latest_metadata_labels(dagster_dev, "trained_lora")
+    page.goto(f"{dagster_dev}/assets/trained_lora?view=partitions&partition={STYLE}")
+    expect(_row(page, "sample_count")).to_contain_text("2")
+    _row(page, "samples").get_by_text("[Show Markdown]").click()
+    samples = page.get_by_role("dialog").locator("img")
+    expect(samples).to_have_count(2)
+    widths = samples.evaluate_all("images => images.map(image => image.naturalWidth)")
+    assert all(width > 0 for width in widths), widths  # the images decode, not broken icons
+    _screenshot(page, "ui-samples.png")
+    page.keyboard.press("Escape")
+    # Their prompts and seeds: a table beside the grid.
+    prompts = _row(page, "sample_prompts")
+    expect(prompts).to_contain_text(f"{STYLE}_v1_sample_0.png")
+    expect(prompts).to_contain_text(f"{STYLE}_v1_sample_1.png")
+
+    # 6. Promote V1 to production from promote_lora_version's launchpad; the registry asset's
+    # Events tab shows the move and the aliases as an observation.
+    page.goto(f"{dagster_dev}/jobs")
+    page.get_by_role("link", name="promote_lora_version").first.click()
+    page.get_by_role("tab", name="Launchpad").click()
+    editor = page.locator(".CodeMirror").first
+    expect(editor).to_be_visible()
+    editor.evaluate("(element, yaml) => element.CodeMirror.setValue(yaml)", PROMOTE_CONFIG_YAML)
+    expect(page.get_by_text("No errors")).to_be_visible()
+    page.get_by_role("button", name="Launch Run").click()
+    promoted = _wait_for_job_run(dagster_dev, "promote_lora_version", 120)
+    assert promoted["status"] == "SUCCESS", promoted
+    page.goto(f"{dagster_dev}/assets/lora_registry?view=events&partition={STYLE}")
+    expect(page.get_by_text(f"{STYLE} production: (new) → V1").first).to_be_visible()
+    aliases = _row(page, "aliases")
+    expect(aliases).to_contain_text("production")
+    expect(aliases).to_contain_text(f"{STYLE}_v1_kohya.safetensors")
+    expect(aliases).to_contain_text("first release")
+    _screenshot(page, "ui-promote.png")
 
 
 def _row(page, label: str):

@@ -126,9 +126,12 @@ def test_alias_moves_and_deletes_show_on_the_registry_asset_as_observations(stor
     done = run(instance, "delete_lora_version", "delete_lora_version_op", {"style": S, "version": "V1"})
     assert done.success
     observed = _observations(instance, S)
-    assert [o.metadata["change"].value for o in observed] == [f"{S} V1: deleted 2 file(s)", f"{S} production: (new) → V2"]
+    assert [o.metadata["change"].value for o in observed] == [
+        f"{S} V1: deleted 2 file(s)",
+        f"{S} production: (new) → V2",
+    ]
     aliases = observed[-1].metadata["aliases"].value
-    assert f"| production | V2 | `{S}_v2_kohya.safetensors` | promote by dagster run" in aliases
+    assert f"| production | V2 | `{S}_v2_kohya.safetensors` | promote by run " in aliases
     assert aliases.rstrip().endswith(": best FID |")
     assert "| V1 | deleted |" in observed[0].metadata["versions_table"].value
 

@@ -123,9 +123,19 @@ def aliases_markdown(document: RegistryDocument, primary: str) -> str:
         version = document.version(name)
         file = version.download(primary) if version else None
         entry = last.get(alias)
-        moved = f"{entry.action} by {entry.by}" + (f": {entry.reason}" if entry.reason else "") if entry else ""
+        moved = (
+            f"{entry.action} by {_short_actor(entry.by)}" + (f": {entry.reason}" if entry.reason else "")
+            if entry
+            else ""
+        )
         rows.append(f"| {alias} | {name} | {_link(file)} | {moved} |")
     return "\n".join(rows)
+
+
+def _short_actor(by: str) -> str:
+    """``dagster run <run id>`` as ``run <first 8>`` (as the UI shortens run ids); anyone else as is."""
+    prefix = "dagster run "
+    return f"run {by[len(prefix) : len(prefix) + 8]}" if by.startswith(prefix) else by
 
 
 def _link(f: LoraFile | None) -> str:

@@ -17,7 +17,7 @@ from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, backend_kind, url_value
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG
-from lora_pipeline.lifecycle.samples import samples_markdown
+from lora_pipeline.lifecycle.samples import sample_rows, samples_markdown
 from lora_pipeline.lifecycle.submit import (
     training_params,
     Completion,
@@ -40,6 +40,14 @@ HEADER_SCHEMA = dg.TableSchema(
     columns=[
         dg.TableColumn("key", "string", description="e.g. `lora_pipeline.steps`, `ss_network_dim`"),
         dg.TableColumn("value", "string"),
+    ]
+)
+SAMPLES_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("#", "int", description="the image's place in the `samples` grid"),
+        dg.TableColumn("prompt", "string"),
+        dg.TableColumn("seed", "int"),
+        dg.TableColumn("key", "string", description="the image in the store"),
     ]
 )
 
@@ -227,6 +235,10 @@ def completion_result(
     if store is not None:
         metadata["samples"] = dg.MetadataValue.md(samples_markdown(store, version.samples))
     metadata["sample_count"] = len(version.samples)
+    if version.samples:
+        metadata["sample_prompts"] = dg.MetadataValue.table(
+            records=[dg.TableRecord(row) for row in sample_rows(version.samples)], schema=SAMPLES_SCHEMA
+        )
     metadata["lora_header"] = dg.MetadataValue.table(
         records=[dg.TableRecord({"key": k, "value": str(v)}) for k, v in sorted(meta.items())], schema=HEADER_SCHEMA
     )
