@@ -1,6 +1,7 @@
 """Lag and health checks on ``lora_registry``, shown in the UI's checks tab.
 
-Five non-blocking asset checks, each one overall result with a per-style table: the oldest
+Five non-blocking asset checks, each one overall result with a per-style table, and an
+observation of ``lora_registry[style]`` for each style with unfinished work: the oldest
 unfinished job, the jobs waiting for a final status, the webhook inbox, the circuit breakers,
 and the last successful reconciliation. They are cheap (one read of the registry index, its
 lagging entries rebuilt; one listing of the inbox; one run query) and run three ways: alone
@@ -17,6 +18,7 @@ from typing import Any
 
 import dagster as dg
 
+from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.registry_store.documents import RegistryStore
@@ -324,6 +326,43 @@ def _store_down(name: str, exc: StorageError) -> dg.AssetCheckResult:
     return _result(name, False, f"object store unavailable, nothing measured: {exc}", {})
 
 
+def lag_observations(lags: list[StyleLag], instance: dg.DagsterInstance, limit_h: float) -> list[dg.AssetObservation]:
+    """The per-style view of the lag: one observation of ``lora_registry[style]`` for each style
+    with a job or a submission unfinished (a style with none has nothing to say, and hundreds of
+    idle styles must not add an event every 10 minutes). Styles the instance has no partition
+    for are left to the overall table."""
+    known = set(instance.get_dynamic_partitions(STYLES_PARTITIONS_NAME))
+    observations = []
+    for lag in lags:
+        if not (lag.unfinished or lag.submitting) or lag.style not in known:
+            continue
+        late = lag.oldest_age_h is not None and lag.oldest_age_h > limit_h
+        observations.append(
+            dg.AssetObservation(
+                asset_key=ASSET,
+                partition=lag.style,
+                description=f"{lag.style}: {lag.unfinished + lag.submitting} unfinished, the oldest {lag.oldest}"
+                + (f", over {limit_h:g} h (LORA_HEALTH_MAX_JOB_AGE_HOURS)" if late else ""),
+                metadata={
+                    "unfinished_jobs": lag.unfinished,
+                    "submitting": lag.submitting,
+                    "oldest": lag.oldest,
+                    "oldest_age_hours": dg.MetadataValue.float(lag.oldest_age_h or 0.0),
+                    "over_limit": late,
+                },
+            )
+        )
+    return observations
+
+
+@dataclass(frozen=True)
+class Health:
+    """The checks' results and the per-style lag observations of one evaluation."""
+
+    results: list[dg.AssetCheckResult]
+    observations: list[dg.AssetObservation]
+
+
 def evaluate_health(
     store: ObjectStore,
     instance: dg.DagsterInstance,
@@ -331,14 +370,18 @@ def evaluate_health(
     runpod_breaker: CircuitBreaker | None = None,
     settings: Settings | None = None,
     now: datetime | None = None,
-) -> list[dg.AssetCheckResult]:
-    """Every health check's result: the store is read twice (index, inbox listing), the instance once."""
+) -> Health:
+    """Every health check's result and the lagging styles' observations: the store is read twice
+    (index, inbox listing), the instance twice (partitions, runs)."""
     settings = settings or get_settings()
     now = now or datetime.now(UTC)
     results: list[dg.AssetCheckResult] = []
+    observations: list[dg.AssetObservation] = []
     try:
         index, _ = RegistryStore(store).fresh_index(repair=False)
-        results.extend(check_unfinished_jobs(style_lags(index, now), settings))
+        lags = style_lags(index, now)
+        results.extend(check_unfinished_jobs(lags, settings))
+        observations = lag_observations(lags, instance, settings.health_max_job_age_hours)
     except StorageError as exc:
         results += [_store_down("oldest_unfinished_job", exc), _store_down("jobs_waiting_for_status", exc)]
     try:
@@ -348,7 +391,7 @@ def evaluate_health(
     rows = [_breaker_row("object store", getattr(store, "breaker", None)), _breaker_row("RunPod", runpod_breaker)]
     results.append(check_breakers(rows, last_sensor_skips(instance)))
     results.append(check_reconciliation(instance, settings, now))
-    return results
+    return Health(results, observations)
 
 
 @dg.multi_asset_check(
@@ -368,8 +411,11 @@ def pipeline_health_checks(
     except StorageError as exc:
         yield from (_store_down(name, exc) for name in HEALTH_CHECKS if name in selected)
         return
-    results = evaluate_health(store, context.instance, runpod_breaker=training_backend.runpod_breaker(store))
-    yield from (r for r in results if r.check_name in selected)
+    health = evaluate_health(store, context.instance, runpod_breaker=training_backend.runpod_breaker(store))
+    if "oldest_unfinished_job" in selected:
+        for observation in health.observations:
+            context.op_execution_context.log_event(observation)
+    yield from (r for r in health.results if r.check_name in selected)
 
 
 pipeline_health = dg.define_asset_job(

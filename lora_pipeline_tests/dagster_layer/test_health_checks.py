@@ -17,8 +17,8 @@ from lora_pipeline_tests.dagster_layer.conftest import submit_pending
 JOB = "0000000a-1111-4222-8333-444455556666-u1"
 
 
-def by_name(results) -> dict[str, dg.AssetCheckResult]:
-    return {r.check_name: r for r in results}
+def by_name(health) -> dict[str, dg.AssetCheckResult]:
+    return {r.check_name: r for r in health.results}
 
 
 def test_a_job_unfinished_past_the_threshold_fails_naming_the_setting_and_the_runbook(store, instance):
@@ -38,6 +38,24 @@ def test_a_job_unfinished_past_the_threshold_fails_naming_the_setting_and_the_ru
     assert "0000000a" in row.data["oldest"] and JOB not in row.data["oldest"]  # the short job id
     assert isinstance(oldest.metadata["oldest_age_hours"], dg.FloatMetadataValue)
     assert results["jobs_waiting_for_status"].passed  # 1 of at most 50
+
+
+def test_each_lagging_style_is_observed_on_its_registry_partition(store, instance, backend):
+    submit_pending(store, "style_a", JOB)
+    submit_pending(store, "style_b", JOB.replace("a", "b", 1))
+    instance.add_dynamic_partitions("styles", ["style_a", "style_idle"])  # style_b: no partition yet
+
+    health = evaluate_health(store, instance, now=datetime.now(UTC) + timedelta(hours=7))
+    [observed] = health.observations
+    assert (observed.partition, observed.metadata["unfinished_jobs"].value) == ("style_a", 1)
+    assert observed.metadata["over_limit"].value is True
+    assert "LORA_HEALTH_MAX_JOB_AGE_HOURS" in (observed.description or "")
+
+    result = defs.resolve_job_def("pipeline_health").execute_in_process(instance=instance)
+    assert result.success
+    records = instance.fetch_observations(dg.AssetKey("lora_registry"), limit=10).records
+    assert [r.partition_key for r in records] == ["style_a"]
+    assert records[0].asset_observation.metadata["over_limit"].value is False  # young, in real time
 
 
 def test_a_young_job_passes_and_the_waiting_count_has_its_own_threshold(store, instance, monkeypatch):
