@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,6 +15,11 @@ from lora_pipeline.registry.models import InvalidRecord, JobProgress, VersionSta
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.settings import SettingsError, get_settings
 from lora_pipeline.storage.base import ObjectStore, StorageError
+
+if TYPE_CHECKING:  # the commands import what they run, so that --help stays fast
+    from lora_pipeline.lifecycle.housekeeping import HousekeepingReport
+    from lora_pipeline.lifecycle.reconcile import ReconcileReport
+    from lora_pipeline.lifecycle.versions import PruneReport
 
 
 def _open_store() -> ObjectStore:
@@ -322,6 +327,13 @@ def reconcile(dry_run: bool, as_json: bool, max_job_age_hours: float, poll: bool
             }
         )
         return
+    _echo_reconciliation(report, pruned, kept, dry_run=dry_run)
+
+
+def _echo_reconciliation(
+    report: ReconcileReport, pruned: HousekeepingReport | None, kept: PruneReport | None, *, dry_run: bool
+) -> None:
+    """The reconciliation's changes, then the housekeeping's and the version retention's, as lines."""
     verb = "would change" if dry_run else "changed"
     click.echo(f"{verb} {report.changed_versions} version(s) in {len({c.style for c in report.changes})} style(s)")
     for row in report.rows():

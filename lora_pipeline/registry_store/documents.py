@@ -393,30 +393,7 @@ class RegistryStore:
                 pointed = doc.version(current)
                 assert pointed is not None  # an alias points at a version of the document
                 return [AliasMove(style, alias, pointed.number, action, by, now, seq, current, reason)], None
-            if action == "promote":
-                assert version is not None
-                target = doc.version(version)
-                if target is None:
-                    names = ", ".join(v.name for v in doc.versions)
-                    raise Refused(f"{style} has no version {version} (it has: {names})")
-            else:
-                if not stack:
-                    known = ", ".join(sorted(doc.aliases)) or "none"
-                    removed = next((e for e in reversed(doc.alias_history) if e.alias == alias), None)
-                    if removed is not None and removed.action == "remove":
-                        raise Refused(
-                            f"{style} {alias} was removed (it pointed at {removed.version}); a removal is not "
-                            f"rolled back: promote a version to set it again (its aliases: {known})"
-                        )
-                    raise Refused(f"{style} has no alias {alias!r} to roll back (its aliases: {known})")
-                if len(stack) < 2:
-                    raise Refused(
-                        f"{style} {alias} has no earlier version to roll back to "
-                        f"(it has only ever pointed at {current})"
-                    )
-                target = doc.version(stack[-2])
-                if target is None:
-                    raise Refused(f"{style} {alias}: its earlier version {stack[-2]} is not in the document")
+            target = _alias_target(doc, style, alias, stack, version if action == "promote" else None)
             self._check_promotable(style, alias, target)
             if current == target.name:
                 return [], ClaimResult("unchanged", target)
@@ -601,3 +578,31 @@ def _parse(style: str, current: StoredObject | None) -> StoredDocument:
         return StoredDocument(RegistryDocument(style), None, None, None)
     document = RegistryDocument.from_json(current.data, style)
     return StoredDocument(document, current.etag, json.loads(current.data), current.data)
+
+
+def _alias_target(doc: RegistryDocument, style: str, alias: str, stack: list[str], version: str | None) -> Version:
+    """The version a promote (``version`` given) or a rollback (``version`` None: the one before
+    the alias's current one in ``stack``) points the alias at; Refused, saying why, when none."""
+    if version is not None:
+        target = doc.version(version)
+        if target is None:
+            names = ", ".join(v.name for v in doc.versions)
+            raise Refused(f"{style} has no version {version} (it has: {names})")
+        return target
+    if not stack:
+        known = ", ".join(sorted(doc.aliases)) or "none"
+        removed = next((e for e in reversed(doc.alias_history) if e.alias == alias), None)
+        if removed is not None and removed.action == "remove":
+            raise Refused(
+                f"{style} {alias} was removed (it pointed at {removed.version}); a removal is not "
+                f"rolled back: promote a version to set it again (its aliases: {known})"
+            )
+        raise Refused(f"{style} has no alias {alias!r} to roll back (its aliases: {known})")
+    if len(stack) < 2:
+        raise Refused(
+            f"{style} {alias} has no earlier version to roll back to (it has only ever pointed at {stack[-1]})"
+        )
+    target = doc.version(stack[-2])
+    if target is None:
+        raise Refused(f"{style} {alias}: its earlier version {stack[-2]} is not in the document")
+    return target
