@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from lora_pipeline.registry.aliases import AliasAction
-from lora_pipeline.registry.models import InvalidRecord, JobProgress, VersionStatus
+from lora_pipeline.registry.models import InvalidRecord, JobProgress, VersionStatus, from_epoch_ms
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.settings import SettingsError, get_settings
 from lora_pipeline.storage.base import ObjectStore, StorageError
@@ -130,7 +130,7 @@ def _progress_line(progress: JobProgress, now: datetime | None = None) -> str:
         parts.append(f"loss {progress.loss:.4g}")
     if progress.phase:
         parts.append(progress.phase)
-    age = max(0, int((now or datetime.now(UTC)).timestamp() - progress.heartbeat_at / 1000))
+    age = max(0, int(((now or datetime.now(UTC)) - from_epoch_ms(progress.heartbeat_at)).total_seconds()))
     parts.append(f"heartbeat {age}s ago")
     if progress.stalled is not None:
         parts.append(f"STALLED: {progress.stalled}")
@@ -482,7 +482,7 @@ def aliases(style: str, as_json: bool) -> None:
     for alias, name in document.aliases.items():
         click.echo(f"{alias}\t{name}")
     for e in document.alias_history:
-        when = datetime.fromtimestamp(e.at / 1000, UTC).isoformat(timespec="seconds")
+        when = from_epoch_ms(e.at).isoformat(timespec="seconds")
         click.echo(
             f"  #{e.seq}\t{when}\t{e.alias}\t{e.action}\t{e.previous or '(new)'} → "
             + ("(removed)" if e.action == "remove" else e.version)

@@ -21,6 +21,7 @@ import dagster as dg
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.registry.models import from_epoch_ms
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.registry_store.index import RegistryIndex
 from lora_pipeline.settings import Settings, get_settings
@@ -75,7 +76,7 @@ class StyleLag:
 def _ms_age_hours(ms: int | None, now: datetime) -> float | None:
     if ms is None:
         return None
-    return max(0.0, (now.timestamp() - ms / 1000) / 3600)
+    return max(0.0, (now - from_epoch_ms(ms)).total_seconds() / 3600)
 
 
 def style_lags(index: RegistryIndex, now: datetime) -> list[StyleLag]:

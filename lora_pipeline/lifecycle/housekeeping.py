@@ -47,7 +47,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lora_pipeline.registry.jobids import base_job_id
-from lora_pipeline.registry.models import RegistryDocument, VersionStatus
+from lora_pipeline.registry.models import RegistryDocument, VersionStatus, from_epoch_ms
 from lora_pipeline.registry.names import InvalidStyleName, validate_style, version_name
 from lora_pipeline.settings import MAX_RETENTION_DAYS, Settings, SettingsError, get_settings
 from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError
@@ -168,7 +168,7 @@ class RegistryFacts:
             for v in doc.versions:
                 for base in v.job_bases:
                     jobs[base] = v.status
-                updated = datetime.fromtimestamp(v.updated_at / 1000, UTC) if v.updated_at else None
+                updated = from_epoch_ms(v.updated_at) if v.updated_at else None
                 for number in v.numbers:
                     versions[(doc.style, checkpoint_version_segment(doc.style, version_name(number)))] = (
                         v.status,

@@ -34,7 +34,7 @@ from lora_pipeline.contracts.job_status import (
 )
 from lora_pipeline.registry.evidence import Evidence, JobProgressReport, JobReport
 from lora_pipeline.registry.merge import find_version_by_job
-from lora_pipeline.registry.models import JobProgress, Version
+from lora_pipeline.registry.models import JobProgress, Version, epoch_ms, from_epoch_ms
 from lora_pipeline.registry_store.documents import RegistryStore
 
 MAX_PROGRESS_STYLES_PER_TICK = 100  # registry documents read (and at most written) per sensor tick
@@ -162,12 +162,12 @@ def _job_evidence(
                 progress.loss,
                 progress.phase,
             )
-            at = _datetime(current.heartbeat_at) if seen and current is not None else now
+            at = from_epoch_ms(current.heartbeat_at) if seen and current is not None else now
         latest = progress_report(status, replace(progress, at=at), now)
-    if current is not None and (latest is None or current.heartbeat_at > _ms(latest.at)):
+    if current is not None and (latest is None or current.heartbeat_at > epoch_ms(latest.at)):
         latest = JobProgressReport(
             job_id=status.id,
-            at=_datetime(current.heartbeat_at),
+            at=from_epoch_ms(current.heartbeat_at),
             step=current.step,
             total=current.total,
             loss=current.loss,
@@ -185,7 +185,7 @@ def _job_evidence(
     latest = replace(latest, stalled=reason)
     if reason is not None and (current is None or current.stalled != reason):
         tick.stalled.append(f"job {status.id} ({version.name}) {reason}")
-    recorded = JobProgress(_ms(latest.at), latest.step, latest.total, latest.loss, latest.phase, latest.stalled)
+    recorded = JobProgress(epoch_ms(latest.at), latest.step, latest.total, latest.loss, latest.phase, latest.stalled)
     return (None if recorded == current else latest), reason
 
 
@@ -209,15 +209,7 @@ def _started(version: Version, status: JobStatus) -> datetime | None:
     """When the job started running, as far as known: submitted + RunPod's queue delay."""
     if version.start_time is None:
         return None
-    return _datetime(version.start_time) + timedelta(milliseconds=status.delayTime or 0)
-
-
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
-
-
-def _datetime(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return from_epoch_ms(version.start_time) + timedelta(milliseconds=status.delayTime or 0)
 
 
 def running_statuses(statuses: Mapping[str, JobStatus], styles: Mapping[str, str]) -> dict[str, tuple[str, JobStatus]]:

@@ -36,7 +36,7 @@ from lora_pipeline.registry.evidence import (
 )
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job, merge
-from lora_pipeline.registry.models import UNFINISHED_STATUSES, InvalidRecord, RegistryDocument
+from lora_pipeline.registry.models import UNFINISHED_STATUSES, InvalidRecord, RegistryDocument, epoch_ms, from_epoch_ms
 from lora_pipeline.registry.names import InvalidStyleName, parse_lora_file, validate_style
 from lora_pipeline.registry.safetensors_header import InvalidLoraFile, SafetensorsHeader
 from lora_pipeline.registry_store.changes import VersionChange
@@ -306,7 +306,7 @@ class _Run:
                     if report.status != job.job_status or report.status == "COMPLETED":
                         work[style].evidence.append(report)
                     continue
-                age = self.now - datetime.fromtimestamp(job.created_at / 1000, UTC) if job.created_at else None
+                age = self.now - from_epoch_ms(job.created_at) if job.created_at else None
                 if age is None or age > max_job_age:
                     why = (
                         "RunPod no longer knows it (results expire 30 minutes after completion)"
@@ -467,7 +467,7 @@ class _Run:
         if work.files is None and not self.full:
             return []  # inbox-only run that did not list this style's files: cannot tell
         verdicts: list[Evidence] = []
-        now_ms = int(self.now.timestamp() * 1000)
+        now_ms = epoch_ms(self.now)
         for v in merged.versions:
             if v.status in UNFINISHED_STATUSES and v.job_status == "COMPLETED" and v.id and v.file is None:
                 verdicts.append(
@@ -514,9 +514,7 @@ def _leftovers(doc: RegistryDocument, files: dict[str, ObjectInfo]) -> list[str]
     key (another ETag or time) is not one: it stays, among the superseded files (docs/registry.md,
     tombstones)."""
     removed = {f for v in doc.versions if v.deletion is not None for f in v.deletion.files}
-    return sorted(
-        key for key, info in files.items() if (key, info.etag, int(info.last_modified.timestamp() * 1000)) in removed
-    )
+    return sorted(key for key, info in files.items() if (key, info.etag, epoch_ms(info.last_modified)) in removed)
 
 
 def stored_evidence(

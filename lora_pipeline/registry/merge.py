@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from lora_pipeline.registry.aliases import AliasEntry, join_history
@@ -35,6 +34,7 @@ from lora_pipeline.registry.evidence import (
 from lora_pipeline.registry.jobids import base_job_id, job_id_suffix
 from lora_pipeline.registry.layouts import UNKNOWN
 from lora_pipeline.registry.models import (
+    epoch_ms,
     LEGACY_COMPANION_URL,
     JobProgress,
     LoraFile,
@@ -97,12 +97,19 @@ def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocume
             moves.append(_alias_entry(item))
             continue
         if isinstance(item, RejectedLora):
-            ledger.note(RejectedFile(item.key, item.etag, item.reason, _ms(item.at)))
+            ledger.note(RejectedFile(item.key, item.etag, item.reason, epoch_ms(item.at)))
             continue
         if isinstance(item, StoredCompanion):
             ledger.note(
                 LoraFile(
-                    item.key, item.size, item.etag, _ms(item.at), {}, item.layout, item.checksum, stable_url(item.url)
+                    item.key,
+                    item.size,
+                    item.etag,
+                    epoch_ms(item.at),
+                    {},
+                    item.layout,
+                    item.checksum,
+                    stable_url(item.url),
                 )
             )
             continue
@@ -254,7 +261,7 @@ def _alias_entry(item: AliasMove) -> AliasEntry:
         version_name(item.version_number),
         item.action,
         item.by,
-        _ms(item.at),
+        epoch_ms(item.at),
         item.previous,
         item.reason,
     )
@@ -267,7 +274,7 @@ def fragment_of(item: Evidence) -> Version:
     if type(item) is StoredLora:  # by far the most common evidence: test it first
         return _stored_fragment(item)
     if isinstance(item, Submission):
-        at = _ms(item.at)
+        at = epoch_ms(item.at)
         return Version(
             number=item.version_number,
             status=VersionStatus.starting if item.job_id else VersionStatus.pending,
@@ -287,14 +294,14 @@ def fragment_of(item: Evidence) -> Version:
     if isinstance(item, LegacyRecord):
         return replace(Version.from_dict(item.raw, default_source="legacy"), source="legacy")
     if isinstance(item, Claim):
-        at = _ms(item.at)
+        at = epoch_ms(item.at)
         return Version(
             number=item.version_number,
             # "unknown": RunPod may have queued it; otherwise nothing was sent (yet).
             status=VersionStatus.starting if item.phase == "unknown" else VersionStatus.pending,
             source="submit",
             created_at=at,
-            claim=SubmitClaim(item.owner, item.phase, at, _ms(item.lease_until), item.note),
+            claim=SubmitClaim(item.owner, item.phase, at, epoch_ms(item.lease_until), item.note),
         )
     if isinstance(item, SubmissionLost):
         return Version(
@@ -302,10 +309,10 @@ def fragment_of(item: Evidence) -> Version:
             status=VersionStatus.failed,
             source="reconcile",
             error=item.reason,
-            updated_at=_ms(item.at),
+            updated_at=epoch_ms(item.at),
         )
     if isinstance(item, JobProgressReport):
-        at = _ms(item.at)
+        at = epoch_ms(item.at)
         return Version(
             number=0,
             status=VersionStatus.training,  # a worker that reports progress is running
@@ -316,7 +323,7 @@ def fragment_of(item: Evidence) -> Version:
             progress=JobProgress(at, item.step, item.total, item.loss, item.phase, item.stalled),
         )
     if isinstance(item, VersionDeleted):
-        at = _ms(item.at)
+        at = epoch_ms(item.at)
         return Version(
             number=item.version_number,
             status=VersionStatus.deleted,
@@ -332,13 +339,13 @@ def fragment_of(item: Evidence) -> Version:
             source="reconcile",
             error=item.reason,
             job_ids=(item.job_id,),
-            updated_at=_ms(item.at),
+            updated_at=epoch_ms(item.at),
         )
     raise TypeError(f"not registry evidence: {item!r}")
 
 
 def _stored_fragment(item: StoredLora) -> Version:
-    at = _ms(item.at)
+    at = epoch_ms(item.at)
     metadata = {k: v for k, v in item.metadata.items() if len(v) <= _METADATA_VALUE_LIMIT}
     return Version(
         number=item.version_number,
@@ -376,7 +383,7 @@ def _report_fragment(report: JobReport) -> Version:
         source=report.source,
         error=error,
         job_ids=(report.job_id,),
-        updated_at=_ms(report.at),
+        updated_at=epoch_ms(report.at),
         job_status=runpod_status,
         # Only for matching: a job whose id the registry never learned (ambiguous /run)
         # finds the version its request reserved.
@@ -589,7 +596,3 @@ def _join_mapping(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in b.items():
         out[key] = _max_present(out.get(key), value, key=_canonical)
     return out
-
-
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -57,12 +57,22 @@ class InvalidRecord(ValueError):
     """A version record that cannot be read (no usable name, bad status…); names the problem."""
 
 
+def epoch_ms(at: datetime) -> int:
+    """``at`` as epoch milliseconds: the registry document's one time unit (RunPod's too)."""
+    return int(at.timestamp() * 1000)
+
+
+def from_epoch_ms(ms: float) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
 def to_millis(value: Any) -> int | None:
     """Epoch milliseconds from an int/float (ms), an ISO-8601 string, or a datetime."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, datetime):
-        return int(value.timestamp() * 1000)
+        return epoch_ms(value)
     if isinstance(value, (int, float)):
         return int(value)
     if isinstance(value, str) and value.strip():
@@ -70,7 +80,7 @@ def to_millis(value: Any) -> int | None:
         if text.isdigit():
             return int(text)
         try:
-            return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+            return epoch_ms(datetime.fromisoformat(text.replace("Z", "+00:00")))
         except ValueError:
             return None
     return None

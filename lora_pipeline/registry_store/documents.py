@@ -22,6 +22,8 @@ from lora_pipeline.registry.evidence import AliasMove, Claim, ClaimPhase, Eviden
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import merge, next_version_number
 from lora_pipeline.registry.models import (
+    epoch_ms,
+    from_epoch_ms,
     UNFINISHED_STATUSES,
     InvalidRecord,
     LoraFile,
@@ -258,7 +260,7 @@ class RegistryStore:
         wanted = {VersionStatus.completed} if reuse_completed else set()
         wanted |= UNFINISHED_STATUSES
         now = at or self.clock()
-        now_ms = int(now.timestamp() * 1000)
+        now_ms = epoch_ms(now)
 
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
             match = next(
@@ -319,9 +321,9 @@ class RegistryStore:
         if claim is None:
             raise ValueError(f"{style} {version.name} holds no claim to advance")
         now = at or self.clock()
-        now_ms = int(now.timestamp() * 1000)
-        lease_until = now + lease if lease is not None else datetime.fromtimestamp(claim.lease_until / 1000, UTC)
-        claim_at = datetime.fromtimestamp(claim.at / 1000, UTC)
+        now_ms = epoch_ms(now)
+        lease_until = now + lease if lease is not None else from_epoch_ms(claim.lease_until)
+        claim_at = from_epoch_ms(claim.at)
 
         def lost() -> ClaimLost:
             return ClaimLost(
@@ -445,9 +447,7 @@ class RegistryStore:
         for info in self.store.list(lora_prefix(style)):
             parsed = parse_lora_file(style, info.key.rsplit("/", 1)[-1])
             if parsed is not None and info.key.count("/") == 2:
-                listed.setdefault(parsed[0], []).append(
-                    (info.key, info.etag, int(info.last_modified.timestamp() * 1000))
-                )
+                listed.setdefault(parsed[0], []).append((info.key, info.etag, epoch_ms(info.last_modified)))
         planned: list[DeletedObject] = []
         chosen: list[str] = []
 
