@@ -98,10 +98,9 @@ class LocalBackend:
         request: TrainingRequest,
         *,
         webhook_url: str | None = None,
-        policy: ExecutionPolicy | None = None,
+        policy: ExecutionPolicy,
     ) -> str:
         """Queue the job on disk and start its runner; returns the job id."""
-        policy = policy or ExecutionPolicy.from_training(request.params.max_train_steps)
         job_id = new_job_id()
         self.jobs.create(
             {

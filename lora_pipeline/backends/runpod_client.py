@@ -150,10 +150,9 @@ class RunPodClient:
         request: TrainingRequest,
         *,
         webhook_url: str | None = None,
-        policy: ExecutionPolicy | None = None,
+        policy: ExecutionPolicy,
     ) -> str:
         """Queue a training job (``POST /run``); returns the id exactly as RunPod returned it."""
-        policy = policy or ExecutionPolicy.from_training(request.params.max_train_steps)
         return self.run(request.model_dump(mode="json"), webhook_url=webhook_url, policy=policy).id
 
     def status(self, job_id: str) -> JobStatus:
