@@ -431,10 +431,12 @@ def unalias(style: str, alias: str, reason: str | None, by: str | None, as_json:
 def _move(
     style: str, alias: str, action: AliasAction, version: str | None, reason: str | None, by: str | None, as_json: bool
 ) -> None:
-    from lora_pipeline.lifecycle.versions import Refused, move_alias
+    from lora_pipeline.registry_store.documents import Refused, RegistryStore
 
     try:
-        result = move_alias(_open_store(), style, alias, action=action, version=version, by=_by(by), reason=reason)
+        result = RegistryStore(_open_store()).move_alias(
+            style, alias, action=action, version=version, by=_by(by), reason=reason
+        )
     except (Refused, StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
     if action == "remove":
@@ -501,10 +503,10 @@ def aliases(style: str, as_json: bool) -> None:
 def delete(style: str, version: str, reason: str | None, by: str | None, dry_run: bool, as_json: bool) -> None:
     """Delete a version's files (every layout) and leave a tombstone: the version stays in the document
     as deleted, is never brought back and its number never reused. An aliased version is refused."""
-    from lora_pipeline.lifecycle.versions import Refused, delete_version
+    from lora_pipeline.registry_store.documents import Refused, RegistryStore
 
     try:
-        result = delete_version(_open_store(), style, version, by=_by(by), reason=reason, dry_run=dry_run)
+        result = RegistryStore(_open_store()).delete_version(style, version, by=_by(by), reason=reason, dry_run=dry_run)
     except (Refused, StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

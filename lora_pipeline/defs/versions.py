@@ -15,8 +15,7 @@ from pydantic import Field
 from lora_pipeline.defs.assets.lora_registry import aliases_markdown, versions_markdown
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource
-from lora_pipeline.lifecycle.versions import Refused, delete_version, move_alias
-from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.registry_store.documents import Refused, RegistryStore
 from lora_pipeline.storage.base import ObjectStore, StorageError
 
 
@@ -76,8 +75,7 @@ def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, sto
     """Move an alias of a style (one conditional write of its registry document)."""
     store = storage.get_store()
     try:
-        result = move_alias(
-            store,
+        result = RegistryStore(store).move_alias(
             config.style,
             config.alias,
             action=config.action,
@@ -115,8 +113,7 @@ def delete_lora_version_op(
     """Delete a version's files and leave its tombstone."""
     store = storage.get_store()
     try:
-        result = delete_version(
-            store,
+        result = RegistryStore(store).delete_version(
             config.style,
             config.version,
             by=run_actor(context),

@@ -1,10 +1,11 @@
-"""Operator actions on versions: move an alias (promote, roll back), delete a version, and the
-version retention (keep the last N completed versions of each style, and every aliased one).
+"""The version retention (keep the last N completed versions of each style, and every aliased
+one) and who an operator's action is recorded as.
 
-Used by ``lora-pipeline registry promote|rollback|delete``, the ``promote_lora_version`` and
-``delete_lora_version`` jobs, and the ``reconcile_registry`` job / ``registry reconcile``
-(retention, ``LORA_KEEP_VERSIONS``). Each action is one conditional write of the style's
-document (``RegistryStore.move_alias`` / ``delete_version``); see docs/registry.md.
+Moving an alias and deleting a version are ``RegistryStore.move_alias`` / ``delete_version``
+(one conditional write each), called as they are by ``lora-pipeline registry
+promote|rollback|unalias|delete`` and the ``promote_lora_version`` / ``delete_lora_version``
+jobs. The retention runs in the ``reconcile_registry`` job and ``registry reconcile``
+(``LORA_KEEP_VERSIONS``); see docs/registry.md.
 """
 
 from __future__ import annotations
@@ -14,21 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from lora_pipeline.registry.aliases import AliasAction
 from lora_pipeline.registry.models import VersionStatus
-from lora_pipeline.registry_store.documents import AliasResult, DeleteResult, Refused, RegistryStore
+from lora_pipeline.registry_store.documents import Refused, RegistryStore
 from lora_pipeline.storage.base import ObjectStore
 
-__all__ = [
-    "AliasResult",
-    "DeleteResult",
-    "PruneReport",
-    "Refused",
-    "default_actor",
-    "delete_version",
-    "move_alias",
-    "prune_versions",
-]
+__all__ = ["PruneReport", "default_actor", "prune_versions"]
 
 
 def default_actor() -> str:
@@ -38,35 +29,6 @@ def default_actor() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no user name for this uid (a container)
         return "unknown"
-
-
-def move_alias(
-    store: ObjectStore,
-    style: str,
-    alias: str,
-    *,
-    action: AliasAction,
-    by: str,
-    version: str | None = None,
-    reason: str | None = None,
-    at: datetime | None = None,
-) -> AliasResult:
-    """Promote ``version`` to ``alias``, or roll ``alias`` back to its previous version. Raises Refused."""
-    return RegistryStore(store).move_alias(style, alias, action=action, by=by, version=version, reason=reason, at=at)
-
-
-def delete_version(
-    store: ObjectStore,
-    style: str,
-    version: str,
-    *,
-    by: str,
-    reason: str | None = None,
-    dry_run: bool = False,
-    at: datetime | None = None,
-) -> DeleteResult:
-    """Delete ``version``'s files and leave its tombstone. Raises Refused (e.g. an aliased version)."""
-    return RegistryStore(store).delete_version(style, version, by=by, reason=reason, dry_run=dry_run, at=at)
 
 
 @dataclass

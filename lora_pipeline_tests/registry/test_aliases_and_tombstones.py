@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_pipeline.lifecycle.reconcile import reconcile
-from lora_pipeline.lifecycle.versions import Refused, delete_version, move_alias, prune_versions
+from lora_pipeline.lifecycle.versions import prune_versions
 from lora_pipeline.registry.evidence import AliasMove, JobReport, StoredLora, Submission, VersionDeleted
 from lora_pipeline.registry.merge import merge, next_version_number
 from lora_pipeline.registry.models import RegistryDocument, VersionStatus
-from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.registry_store.documents import AliasResult, DeleteResult, Refused, RegistryStore
 from lora_pipeline.storage.keys import registry_key
 
 from .lora_files import at, pair_bytes
@@ -36,6 +36,14 @@ def main_key(n: int) -> str:
 
 def kohya_key(n: int) -> str:
     return f"loras/{S}/{S}_v{n}_kohya.safetensors"
+
+
+def move_alias(store, style: str, alias: str, **kwargs) -> AliasResult:
+    return RegistryStore(store).move_alias(style, alias, **kwargs)
+
+
+def delete_version(store, style: str, version: str, **kwargs) -> DeleteResult:
+    return RegistryStore(store).delete_version(style, version, **kwargs)
 
 
 def seed(store, completed=(1, 2, 3), failed=(4,)) -> RegistryStore:
