@@ -16,7 +16,8 @@ from lora_pipeline.defs.assets.lora_registry import aliases_markdown, versions_m
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry_store.documents import Refused, RegistryStore
-from lora_pipeline.storage.base import ObjectStore, StorageError
+from lora_pipeline.registry.models import RegistryDocument
+from lora_pipeline.storage.base import StorageError
 
 
 class AliasMoveConfig(dg.Config):
@@ -43,18 +44,14 @@ def run_actor(context: dg.OpExecutionContext) -> str:
     return context.run.tags.get("dagster/user") or f"dagster run {context.run_id}"
 
 
-def observe_registry(context: dg.OpExecutionContext, store: ObjectStore, style: str, change: str) -> None:
+def observe_registry(
+    context: dg.OpExecutionContext, style: str, document: RegistryDocument, primary: str, change: str
+) -> None:
     """Record the change as an observation of ``lora_registry[style]``, so the asset's page shows
-    the aliases and versions as they are now without a new materialization (the document itself
-    is already written). Skipped for a style the instance has no partition for (a CLI-made style
-    before discovery); a store that fails here fails nothing: the change is made."""
+    the aliases and versions as they are now (``document``: as the change wrote it) without a new
+    materialization. Skipped for a style the instance has no partition for (a style made by the
+    CLI before discovery)."""
     if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, style):
-        return
-    try:
-        registry = RegistryStore(store)
-        document, _ = registry.read(style)
-    except StorageError as exc:
-        context.log.warning(f"{style}: changed, but the registry could not be read back for the UI: {exc}")
         return
     context.log_event(
         dg.AssetObservation(
@@ -63,7 +60,7 @@ def observe_registry(context: dg.OpExecutionContext, store: ObjectStore, style: 
             description=change,
             metadata={
                 "change": change,
-                "aliases": dg.MetadataValue.md(aliases_markdown(document, registry.primary)),
+                "aliases": dg.MetadataValue.md(aliases_markdown(document, primary)),
                 "versions_table": dg.MetadataValue.md(versions_markdown(document)),
             },
         )
@@ -73,9 +70,9 @@ def observe_registry(context: dg.OpExecutionContext, store: ObjectStore, style: 
 @dg.op(tags={"kind": "s3"})
 def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, storage: StorageResource) -> None:
     """Move an alias of a style (one conditional write of its registry document)."""
-    store = storage.get_store()
+    registry = RegistryStore(storage.get_store())
     try:
-        result = RegistryStore(store).move_alias(
+        result = registry.move_alias(
             config.style,
             config.alias,
             action=config.action,
@@ -103,7 +100,7 @@ def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, sto
         )
     context.log.info(change)
     if result.moved or removed:
-        observe_registry(context, store, config.style, change)
+        observe_registry(context, config.style, result.document, registry.primary, change)
 
 
 @dg.op(tags={"kind": "s3"})
@@ -111,9 +108,9 @@ def delete_lora_version_op(
     context: dg.OpExecutionContext, config: DeleteVersionConfig, storage: StorageResource
 ) -> None:
     """Delete a version's files and leave its tombstone."""
-    store = storage.get_store()
+    registry = RegistryStore(storage.get_store())
     try:
-        result = RegistryStore(store).delete_version(
+        result = registry.delete_version(
             config.style,
             config.version,
             by=run_actor(context),
@@ -137,7 +134,7 @@ def delete_lora_version_op(
     )
     context.log.info(change)
     if not config.dry_run and not result.already_deleted:
-        observe_registry(context, store, config.style, change)
+        observe_registry(context, config.style, result.document, registry.primary, change)
 
 
 @dg.job(tags={"lora_pipeline/kind": "registry"})

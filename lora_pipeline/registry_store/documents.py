@@ -72,14 +72,15 @@ class AliasResult:
 
 @dataclass(frozen=True)
 class DeleteResult:
-    """What ``delete_version`` did (or, ``dry_run``, would do): the objects removed, and
-    whether the version was already deleted (then only leftovers were removed)."""
+    """What ``delete_version`` did (or, ``dry_run``, would do): the objects removed, whether the
+    version was already deleted (then only leftovers were removed), and the document after."""
 
     style: str
     version: str
     removed: list[str]
     already_deleted: bool
     dry_run: bool
+    document: RegistryDocument
 
 
 class ClaimLost(RuntimeError):
@@ -479,12 +480,12 @@ class RegistryStore:
                 return [], ClaimResult("deleted", target)
             return [VersionDeleted(style, target.number, by, now, reason, tuple(planned))], None
 
-        _, already = self._update(style, decide, True, dry_run)
+        written, already = self._update(style, decide, True, dry_run)
         keys = sorted({key for key, _, _ in planned})  # already deleted: the leftovers still listed
         if not dry_run:
             for key in keys:
                 self.store.delete(key)
-        return DeleteResult(style, chosen[0], keys, already is not None, dry_run)
+        return DeleteResult(style, chosen[0], keys, already is not None, dry_run, written.document)
 
     def _next_file_number(self, style: str) -> int:
         """One past every version number a LoRA file names, a lone kohya file of a job that
