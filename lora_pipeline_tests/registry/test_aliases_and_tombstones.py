@@ -200,6 +200,46 @@ def test_racing_promotions_lose_no_update_and_the_history_shows_each_in_order(st
     assert read(store).aliases["production"] == history[-1].version
 
 
+def test_a_removal_racing_promotions_is_ordered_and_the_alias_follows_the_last_move(store):
+    """Removes and promotes of one alias at once: each move is one conditional write, so the
+    history is gap-free, a remove names what it removed, and the alias ends where the last move
+    left it (absent after a remove). A remove that finds the alias gone is refused, not lost."""
+    seed(store, completed=(1, 2), failed=())
+    move_alias(store, S, "production", action="promote", version="V1", by="seed")
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def act(i: int) -> None:
+        barrier.wait()
+        try:
+            if i % 2:
+                move_alias(store, S, "production", action="remove", by=f"u{i}")
+            else:
+                move_alias(store, S, "production", action="promote", version=f"V{1 + i % 4 // 2}", by=f"u{i}")
+        except Refused as exc:
+            assert "no alias 'production' to remove" in str(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=act, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    history = read(store).alias_history
+    assert [e.seq for e in history] == list(range(1, len(history) + 1))
+    pointing: str | None = None
+    for e in history:  # each move saw the one before it
+        if e.action == "remove":
+            assert pointing is not None and e.version == e.previous == pointing
+            pointing = None
+        else:
+            assert e.previous == pointing and e.version != pointing
+            pointing = e.version
+    assert read(store).aliases.get("production") == pointing
+
+
 # -- delete and tombstones ---------------------------------------------------------------------------
 
 
