@@ -2,8 +2,54 @@
 
 from __future__ import annotations
 
+import enum
+import typing
+from typing import TYPE_CHECKING, Any
+
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, create_model
+
+from lora_pipeline.contracts.training import TrainingParams
+
+
+class TrainingParamsOverrides(dg.Config):
+    """The base of ``TrainingParamsConfig``: what a run's ``params`` override, as a dict."""
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields set (None: the preset's or TrainingParams' default), enums as their values."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _config_type(name: str, annotation: Any) -> Any:
+    """The Dagster config type of a TrainingParams field: a Literal becomes a str Enum of its
+    values (Dagster config has no Literal; the launchpad offers the values), anything else is
+    kept (int, float, bool, str, list[str] and their optionals are Dagster types already)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        values = typing.get_args(annotation)
+        return enum.Enum(name, {str(v): v for v in values}, type=str)
+    return annotation
+
+
+def _params_config() -> type[TrainingParamsOverrides]:
+    """A typed config with every TrainingParams field, optional and unset by default.
+
+    Derived from the contract, not copied, so a new training parameter appears in the launchpad
+    by itself. Dagster then checks each value's type, the choices of enumerations and unknown
+    names as the config is typed (the launchpad marks them live) and before any run is created;
+    ranges (``rank >= 1``) are TrainingParams' own checks, run at launch by trained_lora's config
+    mapping and by train_lora's step.
+    """
+    fields: dict[str, Any] = {
+        name: (_config_type(name, field.annotation) | None, Field(None, description=field.description))
+        for name, field in TrainingParams.model_fields.items()
+    }
+    return create_model("TrainingParamsConfig", __base__=TrainingParamsOverrides, **fields)
+
+
+if TYPE_CHECKING:
+    TrainingParamsConfig = TrainingParamsOverrides
+else:
+    TrainingParamsConfig = _params_config()
 
 
 class TrainingConfig(dg.Config):
@@ -13,10 +59,10 @@ class TrainingConfig(dg.Config):
         "tiny",
         description="'tiny' (built in code), a local diffusers folder, 'store:<prefix>' or a hub id.",
     )
-    params: dict = Field(
-        default_factory=dict,
-        description="Overrides of lora_pipeline.contracts.training.TrainingParams, e.g. "
-        "{'rank': 16, 'max_train_steps': 1500, 'resolution': 768}.",
+    params: TrainingParamsConfig = Field(
+        default_factory=TrainingParamsConfig,
+        description="Overrides of lora_pipeline.contracts.training.TrainingParams (unset: the base "
+        "model's preset, else its default), e.g. rank: 16, max_train_steps: 1500, resolution: 768.",
     )
     force: bool = Field(False, description="Train again even if this dataset was trained with these settings.")
     wait_timeout_s: float = Field(6 * 3600, description="How long a run waits for the job to finish.")

@@ -54,7 +54,7 @@ def submit_lora_training(
             store=store,
             backend=backend,
             style=style,
-            params=training_params(config.base_model, config.params),
+            params=training_params(config.base_model, config.params.overrides()),
             base_model=config.base_model,
             storage_url=training_backend.storage_url_for_worker(storage),
             webhook_url=training_backend.webhook_url_for_jobs(),

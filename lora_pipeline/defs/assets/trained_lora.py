@@ -71,7 +71,8 @@ def checked_training_config(config: dict) -> dict:
     """
     if not config.get("status_body"):
         try:
-            training_params(config.get("base_model") or "tiny", config.get("params") or {})
+            overrides = {k: v for k, v in (config.get("params") or {}).items() if v is not None}
+            training_params(config.get("base_model") or "tiny", overrides)
         except ValidationError as exc:
             raise dg.DagsterInvalidConfigError(
                 f"trained_lora config, params: {describe_validation_error(exc, root='params')}", [], config
@@ -94,7 +95,7 @@ def take_training_request(config: TrainedLoraConfig):  # noqa: ANN201 - yields o
             {"status_body": config.status_body, "source": config.source, "inbox_key": config.inbox_key}, "finished"
         )
     else:
-        yield dg.Output(config.model_dump(), "train")
+        yield dg.Output(config.model_dump(mode="json"), "train")
 
 
 @dg.op(pool=GPU_POOL, tags={"kind": backend_kind()})
@@ -116,7 +117,7 @@ def train_on_gpu(
             backend=training_backend.get_backend(store),
             style=style,
             base_model=config.base_model,
-            params=config.params,
+            params=config.params.overrides(),
             force=config.force,
             timeout_s=config.wait_timeout_s,
             poll_interval_s=config.poll_interval_s,
