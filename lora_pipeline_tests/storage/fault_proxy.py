@@ -164,6 +164,8 @@ class FaultProxy:
                     self._handle_request()
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True  # the client gave up (e.g. its read timeout)
+                except ConnectionRefusedError:
+                    self.close_connection = True  # the upstream is gone (a stalled request outlived the session)
 
             def _handle_request(self) -> None:
                 body = self._body()
