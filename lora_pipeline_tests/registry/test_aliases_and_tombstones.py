@@ -5,6 +5,7 @@ conditional write of the style's document through the merge; a deleted version n
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import threading
 
 import pytest
@@ -44,6 +45,26 @@ def move_alias(store, style: str, alias: str, **kwargs) -> AliasResult:
 
 def delete_version(store, style: str, version: str, **kwargs) -> DeleteResult:
     return RegistryStore(store).delete_version(style, version, **kwargs)
+
+
+def all_at_once(act: Callable[[int], None], n: int) -> list[BaseException]:
+    """``act(0)`` … ``act(n - 1)`` in ``n`` threads released together; what they raised."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            act(i)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 def seed(store, completed=(1, 2, 3), failed=(4,)) -> RegistryStore:
@@ -176,22 +197,11 @@ def test_rollback_to_a_deleted_version_is_refused(local_store):
 
 def test_racing_promotions_lose_no_update_and_the_history_shows_each_in_order(store):
     seed(store, completed=(1, 2), failed=())
-    barrier = threading.Barrier(6)
-    errors: list[BaseException] = []
 
     def promote(i: int) -> None:
-        barrier.wait()
-        try:
-            move_alias(store, S, "production", action="promote", version=f"V{1 + i % 2}", by=f"u{i}")
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        move_alias(store, S, "production", action="promote", version=f"V{1 + i % 2}", by=f"u{i}")
 
-    threads = [threading.Thread(target=promote, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert all_at_once(promote, 6) == []
     history = read(store).alias_history
     assert [e.seq for e in history] == list(range(1, len(history) + 1))
     # Each recorded move saw the one before it: where it pointed is the previous entry's version.
@@ -206,27 +216,15 @@ def test_a_removal_racing_promotions_is_ordered_and_the_alias_follows_the_last_m
     left it (absent after a remove). A remove that finds the alias gone is refused, not lost."""
     seed(store, completed=(1, 2), failed=())
     move_alias(store, S, "production", action="promote", version="V1", by="seed")
-    barrier = threading.Barrier(6)
-    errors: list[BaseException] = []
 
     def act(i: int) -> None:
-        barrier.wait()
-        try:
-            if i % 2:
-                move_alias(store, S, "production", action="remove", by=f"u{i}")
-            else:
-                move_alias(store, S, "production", action="promote", version=f"V{1 + i % 4 // 2}", by=f"u{i}")
-        except Refused as exc:
-            assert "no alias 'production' to remove" in str(exc)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        if i % 2:
+            move_alias(store, S, "production", action="remove", by=f"u{i}")
+        else:
+            move_alias(store, S, "production", action="promote", version=f"V{1 + i % 4 // 2}", by=f"u{i}")
 
-    threads = [threading.Thread(target=act, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    errors = all_at_once(act, 6)
+    assert all(isinstance(e, Refused) and "no alias 'production' to remove" in str(e) for e in errors), errors
     history = read(store).alias_history
     assert [e.seq for e in history] == list(range(1, len(history) + 1))
     pointing: str | None = None
@@ -317,22 +315,12 @@ def test_an_interrupted_delete_is_finished_by_deleting_again(local_store):
 
 def test_two_racing_deletes_leave_one_tombstone_and_no_file(store):
     seed(store)
-    barrier = threading.Barrier(2)
-    results, errors = [], []
+    results = []
 
-    def delete(by: str) -> None:
-        barrier.wait()
-        try:
-            results.append(delete_version(store, S, "V1", by=by))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    def delete(i: int) -> None:
+        results.append(delete_version(store, S, "V1", by=("ana", "bo")[i]))
 
-    threads = [threading.Thread(target=delete, args=(who,)) for who in ("ana", "bo")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and len(results) == 2
+    assert all_at_once(delete, 2) == [] and len(results) == 2
     v1 = read(store).version("V1")
     assert v1 is not None and v1.status is VersionStatus.deleted and v1.deletion is not None
     assert {k for k, _, _ in v1.deletion.files} == {main_key(1), kohya_key(1)}
