@@ -13,8 +13,8 @@ from lora_pipeline.storage.local import LocalStore
 from .test_aliases_and_tombstones import S, kohya_key, main_key, seed
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> LocalStore:
+def seeded_cli_store(tmp_path, monkeypatch) -> LocalStore:
+    """The configured store (``LORA_STORAGE_URL``) seeded with versions, the OS user ``oscar``."""
     monkeypatch.setenv("LORA_STORAGE_URL", str(tmp_path / "store"))
     monkeypatch.setenv("USER", "oscar")
     monkeypatch.setenv("LOGNAME", "oscar")
@@ -23,7 +23,13 @@ def store(tmp_path, monkeypatch) -> LocalStore:
     return store
 
 
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> LocalStore:
+    return seeded_cli_store(tmp_path, monkeypatch)
+
+
 def cli(*args: str):
+    """``lora-pipeline registry ARGS`` in process."""
     return CliRunner().invoke(main, ["registry", *args], catch_exceptions=False)
 
 

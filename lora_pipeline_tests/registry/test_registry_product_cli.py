@@ -7,30 +7,20 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from click.testing import CliRunner
 
-from lora_pipeline.cli import main
 from lora_pipeline.registry.aliases import AliasEntry, alias_stacks, current_aliases
 from lora_pipeline.registry.evidence import JobProgressReport, Submission
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.local import LocalStore
 
 from .lora_files import pair_bytes
-from .test_aliases_and_tombstones import S, job, kohya_key, main_key, seed
+from .test_alias_cli import cli, seeded_cli_store
+from .test_aliases_and_tombstones import S, job, kohya_key, main_key
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> LocalStore:
-    monkeypatch.setenv("LORA_STORAGE_URL", str(tmp_path / "store"))
-    monkeypatch.setenv("USER", "oscar")
-    monkeypatch.setenv("LOGNAME", "oscar")
-    store = LocalStore(tmp_path / "store")
-    seed(store)
-    return store
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, ["registry", *args], catch_exceptions=False)
+    return seeded_cli_store(tmp_path, monkeypatch)
 
 
 def test_list_shows_each_styles_aliases(store):
