@@ -158,10 +158,10 @@ def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout:
     if etag is None:
         raise click.ClickException(f"style {style!r} has no registry document")
     if version_name is None:
-        completed = [v for v in document.versions if v.status is VersionStatus.completed]
-        if not completed:
+        latest = document.latest_completed
+        if latest is None:
             raise click.ClickException(f"style {style!r} has no completed version")
-        version = max(completed, key=lambda v: v.number)
+        version = latest
     else:
         if parse_version_name(version_name) is None:
             raise click.BadParameter(f"{version_name!r} is not a version name like V3", param_hint="VERSION")

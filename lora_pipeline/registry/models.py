@@ -690,6 +690,13 @@ class RegistryDocument:
         """The aliases that point at ``version`` now."""
         return [a for a, name in self.aliases.items() if self.version(name) is version]
 
+    @property
+    def latest_completed(self) -> Version | None:
+        """The completed version with the highest number: what "the style's LoRA" means when no
+        version is named (a download, the registry asset's latest, the file check)."""
+        completed = [v for v in self.versions if v.status is VersionStatus.completed]
+        return max(completed, key=lambda v: v.number, default=None)
+
     def version(self, name: str | int) -> Version | None:
         """The version named ``V4``/``v4``/``vV4`` (or numbered 4), folded names included."""
         number = name if isinstance(name, int) else parse_version_name(name)

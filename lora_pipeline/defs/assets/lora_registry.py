@@ -69,7 +69,7 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
         "completed_versions_have_both_layouts": checks.completed_without_both_layouts(document),
     }
     completed = [v for v in document.versions if v.status == VersionStatus.completed]
-    latest = max(completed, key=lambda v: v.number, default=None)
+    latest = document.latest_completed
     primary = registry.primary
     main = latest.download(primary) if latest else None
     latest_url = main.url if main is not None else (latest.lora_url if latest else None)

@@ -69,10 +69,10 @@ def checked_training_config(config: dict) -> dict:
     so a bad value (``rank: 0``, an unknown parameter) refuses the launch with one message that
     names the field, instead of a run whose step fails after waiting for a GPU slot.
     """
-    if not config.get("status_body"):
+    checked = TrainedLoraConfig.model_validate(config)
+    if not checked.status_body:
         try:
-            overrides = {k: v for k, v in (config.get("params") or {}).items() if v is not None}
-            training_params(config.get("base_model") or "tiny", overrides)
+            training_params(checked.base_model, checked.params.overrides())
         except ValidationError as exc:
             raise dg.DagsterInvalidConfigError(
                 f"trained_lora config, params: {describe_validation_error(exc, root='params')}", [], config

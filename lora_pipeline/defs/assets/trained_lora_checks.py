@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from lora_pipeline.defs.resources import StorageResource
-from lora_pipeline.registry.models import LoraFile, Version, VersionStatus
+from lora_pipeline.registry.models import LoraFile, Version
 from lora_pipeline.registry.safetensors_header import InvalidLoraFile
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.registry_store.lora_files import read_header
@@ -96,12 +96,6 @@ def recorded_files(version: Version) -> dict[str, LoraFile]:
     return files
 
 
-def latest_completed(registry: RegistryStore, style: str) -> Version | None:
-    document, _ = registry.read(style)
-    completed = [v for v in document.versions if v.status == VersionStatus.completed]
-    return max(completed, key=lambda v: v.number, default=None)
-
-
 @dg.asset_check(
     asset="trained_lora",
     blocking=False,
@@ -116,7 +110,7 @@ def lora_file_matches_registry(context: dg.AssetCheckExecutionContext, storage: 
     compared: list[FileComparison] = []
     without = []
     for style in styles:
-        version = latest_completed(registry, style)
+        version = registry.read(style)[0].latest_completed
         if version is None:
             without.append(style)
             continue
