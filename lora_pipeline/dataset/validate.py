@@ -115,7 +115,7 @@ def inspect_image(
     if isinstance(checked, Rejection):
         return checked
     extension, note = checked
-    thumbnail = _thumbnail_png(rgb, thumbnail_side) if thumbnail_side else None
+    thumbnail = thumbnail_png(rgb, thumbnail_side) if thumbnail_side else None
     return ImageFacts(
         sha256=sha256,
         size=len(data),
@@ -362,7 +362,8 @@ def _reduced(image: Image.Image, side: int) -> Image.Image:
     return image.reduce(factor) if factor >= 2 else image
 
 
-def _thumbnail_png(image: Image.Image, side: int) -> bytes:
+def thumbnail_png(image: Image.Image, side: int) -> bytes:
+    """``image`` scaled down to ``side`` px on its longer side, as an optimised PNG."""
     small = image.copy()
     small.thumbnail((side, side))
     out = io.BytesIO()

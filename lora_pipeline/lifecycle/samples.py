@@ -7,10 +7,11 @@ embedded as small PNG thumbnails, within a total budget so the event log stays l
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Sequence
 
+from lora_pipeline.dataset.validate import thumbnail_data_uri as png_data_uri
+from lora_pipeline.dataset.validate import thumbnail_png
 from lora_pipeline.registry.models import SampleImage
 from lora_pipeline.storage import ObjectStore
 
@@ -29,15 +30,13 @@ def public_image_url(store: ObjectStore, sample: SampleImage) -> str | None:
 
 
 def thumbnail_data_uri(png: bytes, size: int = THUMBNAIL_PX) -> str:
-    """A ``data:image/png;base64,…`` URI of ``png`` scaled down to ``size`` px on its longer side."""
+    """A ``data:image/png;base64,…`` URI of ``png`` scaled down to ``size`` px on its longer side
+    (the dataset's thumbnails are made the same way)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as source:
         image = source.convert("RGB")
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return png_data_uri(thumbnail_png(image, size))
 
 
 def image_sources(
