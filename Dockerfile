@@ -2,9 +2,9 @@
 #
 #   docker build -t <registry>/lora-pipeline-worker:<tag> .
 #
-# torch from PyPI is the CUDA build on Linux x86_64 (bundled CUDA runtime; the
-# host needs only the NVIDIA driver). The install steps are the ones the tests
-# use: torch pinned first, then the project with its `train` extra.
+# Exactly locks/worker.txt (the `train` extra; `make lock` writes it), hashes checked:
+# torch there is PyPI's CUDA build for Linux x86_64 (bundled CUDA runtime; the host
+# needs only the NVIDIA driver). Then the project itself, adding nothing.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -16,10 +16,11 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/runpod-volume/lora_pipeline/hf
 
 WORKDIR /app
+COPY locks/worker.txt ./locks/worker.txt
+RUN pip install --require-hashes --no-deps -r locks/worker.txt
 COPY pyproject.toml README.md ./
 COPY lora_pipeline ./lora_pipeline
-RUN pip install "torch==2.13.0" \
- && pip install ".[train]"
+RUN pip install --no-deps --no-build-isolation .
 # Optional: 8-bit AdamW (params.optimizer = "adamw8bit").
 # RUN pip install bitsandbytes
 

@@ -4,24 +4,44 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch is pinned: a looser spec pulls a multi-GB CUDA build (see README, "Installing").
-TORCH ?= torch==2.13.0
+UV := $(VENV)/bin/uv
+# The interpreter the venv is made from: the locks are for CPython 3.11 (locks/, scripts/lock.py).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 HOST ?= 127.0.0.1
 PORT ?= 3000
+# The lock pins a CPU build of torch (torch==X+cpu): uv takes it from a local wheel folder where
+# there is one (this machine's pip configuration has /opt/wheels), else from PyTorch's CPU index.
+TORCH_WHEELS ?= /opt/wheels
+TORCH_SOURCE ?= $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+# The uv cache and the venv are often on different file systems: copy without a warning.
+export UV_LINK_MODE ?= copy
+# RESOLVE=latest (make test-latest): the newest versions pyproject's ranges allow instead of the lock.
+RESOLVE ?= locked
 
-.PHONY: help install dev test soak demo clean gpu-bundle gpu-dry-run prod-local prod-stop deploy-test
+.PHONY: help install lock dev test test-latest soak demo clean gpu-bundle gpu-dry-run prod-local prod-stop deploy-test
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 16
 
-install: $(VENV)/.installed  ## set up .venv with every extra (train, dev, deploy); torch pinned to a CPU-sized build
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[train,dev,deploy]" "$(TORCH)"
+install: $(VENV)/.installed  ## set up .venv with exactly locks/cpu.txt (every extra; torch a CPU build), via uv
+$(VENV)/.installed: pyproject.toml locks/cpu.txt locks/uv.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) || PIP_CONFIG_FILE=/dev/null $(PIP) install -q --require-hashes -r locks/uv.txt
+ifeq ($(RESOLVE),latest)
+	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) --upgrade -e ".[train,dev,deploy]" \
+		"$$(grep -o '^torch==[^ ]*' locks/cpu.txt)"
+	$(PY) scripts/lock.py drift
+else
+	$(UV) pip sync -q --python $(PY) $(TORCH_SOURCE) locks/cpu.txt
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
+	$(PY) scripts/lock.py check --installed
+endif
 	touch $@
+
+lock: $(VENV)/.installed  ## re-resolve locks/ from pyproject.toml (the newest versions its ranges allow)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/lock.py compile
+	$(MAKE) install
 
 dev: install  ## set up and start the Dagster UI on the embedded defaults (local store, local backend, sample)
 	mkdir -p "$(DAGSTER_HOME)"
@@ -29,11 +49,17 @@ dev: install  ## set up and start the Dagster UI on the embedded defaults (local
 	DAGSTER_HOME="$(DAGSTER_HOME)" $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
 
 test: install  ## set up and run the checks and the whole test suite (what CI runs)
-	$(VENV)/bin/ruff check lora_pipeline lora_pipeline_tests benchmarks deploy
-	$(VENV)/bin/ruff format --check lora_pipeline lora_pipeline_tests benchmarks deploy
+	$(PY) scripts/lock.py check
+	$(VENV)/bin/ruff check lora_pipeline lora_pipeline_tests benchmarks deploy scripts
+	$(VENV)/bin/ruff format --check lora_pipeline lora_pipeline_tests benchmarks deploy scripts
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
+
+# The canary for upstream releases (docs/testing.md): the same checks and suite in .venv-latest on
+# the newest versions pyproject's ranges allow (torch stays the lock's CPU build). Not in CI.
+test-latest:  ## the whole suite on the newest versions pyproject allows, in .venv-latest (not in CI)
+	$(MAKE) test VENV=.venv-latest RESOLVE=latest
 
 # The fault campaign (tests/registry/test_fault_campaign.py) at length: many seeds, long runs.
 SOAK_SEEDS ?= $(shell seq -s, 1 40)
@@ -80,4 +106,4 @@ demo: install  ## the whole chain once in this process, printing each step
 	$(VENV)/bin/lora-pipeline demo
 
 clean:  ## remove .venv and every local state directory
-	rm -rf $(VENV) .dagster_home .dagster_prod .lora_store .lora_jobs .deploy_test
+	rm -rf $(VENV) .venv-latest .dagster_home .dagster_prod .lora_store .lora_jobs .deploy_test

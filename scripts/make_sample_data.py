@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from lora_pipeline.dataset.ingest import SAMPLE_TRIGGER_WORD as TRIGGER_WORD
 from lora_pipeline.dataset.ingest import sample_dataset_path
+
 PALETTE = {
     "red": (214, 40, 40),
     "blue": (0, 84, 159),

@@ -415,7 +415,7 @@ def environment_check(reference_deps: str | None = None) -> list[str]:
     if reference_deps and Path(reference_deps).is_dir() and reference_deps not in sys.path:
         sys.path.append(reference_deps)
     problems = []
-    for name in bundle.WHEELS:
+    for name in bundle.carried_wheels():
         try:
             requires = metadata.distribution(name).requires or []
         except metadata.PackageNotFoundError:
@@ -1220,7 +1220,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r["id"] for r in bench.rows.values() if r.get("status") in ("error", "timeout")]
     missing = bench.report["import_check"]["missing_on_device"]
     if missing:
-        print(f"# import check: the GPU machine lacks {missing}: add them to bundle.WHEELS", file=sys.stderr)
+        print(
+            f"# import check: the GPU machine lacks {missing}: carry them (benchmarks/gpu/bundle.py, locks/gpu-bundle.txt)",
+            file=sys.stderr,
+        )
     if args.dry_run and (failed or missing):
         print(f"# dry run FAILED: {failed or ''} {missing or ''}", file=sys.stderr)
         return 1

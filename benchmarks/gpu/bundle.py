@@ -33,42 +33,42 @@ import sys
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / ".gpu_bundle"
-DIFFUSERS_VERSION = "0.42.1"  # pyproject's diffusers==0.42.*, as installed in .venv
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))
+import lock as locks  # noqa: E402 - scripts/lock.py: the lock files and their dependency graphs
 
 REFERENCE_SCRIPTS = {
     "train_text_to_image_lora.py": "examples/text_to_image/train_text_to_image_lora.py",
     "train_dreambooth_lora_sdxl.py": "examples/dreambooth/train_dreambooth_lora_sdxl.py",
 }
 
-# Missing on the GPU machine (see DEVICE_PACKAGES), with the version carried and why.
-# The same versions as .venv where .venv has the package, so the dry run here runs
-# what runs there.
-WHEELS = {
-    "diffusers": (DIFFUSERS_VERSION, "the training loop and the reference scripts"),
-    # diffusers requires importlib-metadata (it imports the standard library's on 3.8+):
-    # carried whole so that nothing carried lacks what it requires.
-    "importlib-metadata": ("10.2.0", "diffusers requires it"),
-    "zipp": ("4.1.2", "importlib-metadata"),
-    "lazy-importer": ("0.1.0", "importlib-metadata"),
-    "datasets": ("5.2.0", "train_text_to_image_lora.py imports it (hub>=1.31, like the machine's)"),
-    "dill": ("0.4.1", "datasets"),
-    "multiprocess": ("0.70.19", "datasets"),
-    "pydantic": ("2.14.4", "lora_pipeline's TrainingParams"),
-    "pydantic-core": ("2.50.5", "pydantic (exact pin)"),
-    "annotated-types": ("0.8.0", "pydantic"),
-    "typing-inspection": ("0.4.5", "pydantic"),
-    "typing-extensions": ("4.16.0", "pydantic-core needs a recent one"),
-    "pydantic-settings": ("2.16.3", "lora_pipeline.settings (every setting, read once)"),
-    "python-dotenv": ("1.2.4", "pydantic-settings"),
-    "tenacity": ("9.2.1", "lora_pipeline.dataset.ingest (the sample images the benchmark trains on)"),
+# What the GPU side imports, as roots in locks/gpu-bundle.txt: the `train` extra (but runpod: the
+# benchmark calls the trainer, not the serverless loop), the core packages lora_pipeline.worker and
+# the sample's ingest import, and the `reference` extra (what the reference scripts import).
+# Everything they require is found in the lock, never listed here.
+NOT_ON_GPU = {"runpod": "the serverless loop; the benchmark calls train_lora directly"}
+CORE_ROOTS = ("pydantic", "pydantic-settings", "tenacity")
+# Packages the GPU machine has that are carried all the same, at the lock's version.
+CARRY_ANYWAY = {"typing-extensions": "the machine's is older than pydantic-core needs"}
+# Versions on the GPU machine, where the workplace's device notes give them (2026-11): a carried
+# wheel that needs another version of one of these is named by unmet_requirements.
+DEVICE_VERSIONS = {
+    "accelerate": "1.15.0",
+    "huggingface-hub": "1.33.0",
+    "numpy": "2.5.2",
+    "safetensors": "0.8.0",
+    "tokenizers": "0.23.2",
+    "torch": "2.11.0",
+    "transformers": "5.17.0",
 }
 
 # The GPU machine's Python packages, as the workplace's device notes list them
 # (image 'cuda', read 2026-11-17). The dry run checks every distribution our code
-# and the reference scripts import against this list plus WHEELS.
+# and the reference scripts import against this list plus what the bundle carries.
 DEVICE_PACKAGES = frozenset(
     """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
@@ -95,13 +95,6 @@ wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 """.split()
 )
 
-# For the dry run of the reference on this machine (its own Python, not 3.12): what
-# train_text_to_image_lora.py imports beyond .venv. The GPU machine has the last three.
-LOCAL_REFERENCE_DEPS = {name: WHEELS[name][0] for name in ("datasets", "dill", "multiprocess")} | {
-    "pyarrow": "26.0.1",
-    "pandas": "3.1.1",
-    "xxhash": "4.1.0",
-}
 LOCAL_DEPS_DIR = Path(os.environ.get("LORA_PIPELINE_CACHE") or Path.home() / ".cache" / "lora_pipeline") / (
     f"reference-deps-cp{sys.version_info.major}{sys.version_info.minor}"
 )
@@ -120,8 +113,63 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def available_on_device() -> frozenset[str]:
-    return DEVICE_PACKAGES | {normalize(name) for name in WHEELS}
+def gpu_roots() -> list[str]:
+    """The packages the GPU side imports directly (see NOT_ON_GPU and CORE_ROOTS)."""
+    from packaging.requirements import Requirement
+
+    optional = locks.pyproject()["optional-dependencies"]
+    names = [normalize(Requirement(text).name) for text in optional["train"] + optional["reference"]]
+    return [name for name in names if name not in NOT_ON_GPU] + list(CORE_ROOTS)
+
+
+def closure(locked: locks.Locked, roots: list[str], stop: Callable[[str], bool]) -> dict[str, str]:
+    """``roots`` and everything they require in ``locked``, not descending into what ``stop`` names."""
+    graph = locked.requires()
+    found: dict[str, str] = {}
+    pending = [normalize(name) for name in roots]
+    while pending:
+        name = pending.pop()
+        if name in found or name not in locked.versions or stop(name):
+            continue
+        found[name] = locked.versions[name]
+        pending += sorted(graph[name])
+    return found
+
+
+def on_device(name: str) -> bool:
+    return name in DEVICE_PACKAGES and name not in CARRY_ANYWAY
+
+
+def carried_wheels(locked: locks.Locked | None = None) -> dict[str, str]:
+    """What the bundle carries, name -> version: the GPU side's packages and what they require,
+    from locks/gpu-bundle.txt, less what the GPU machine has (it keeps its own versions)."""
+    return closure(locked or locks.read_lock("gpu-bundle"), gpu_roots(), on_device)
+
+
+def diffusers_version() -> str:
+    return carried_wheels()["diffusers"]
+
+
+def available_on_device(cpu_lock: locks.Locked | None = None) -> frozenset[str]:
+    """Every distribution the GPU run may import there: the machine's, the carried ones, and what
+    this machine's versions of the machine's packages require here (transformers' ``kernels``,
+    say: on the GPU machine its own transformers decides)."""
+    cpu_lock = cpu_lock or locks.read_lock("cpu")
+    present = [name for name in cpu_lock.versions if name in DEVICE_PACKAGES]
+    with_device_packages = closure(cpu_lock, present, lambda name: False)
+    return DEVICE_PACKAGES | set(carried_wheels()) | set(with_device_packages)
+
+
+def local_reference_deps() -> dict[str, str]:
+    """For the dry run of the reference on this machine (its own Python, not 3.12): what the
+    `reference` extra needs that this interpreter lacks, at the bundle lock's versions."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    installed = {normalize(d.metadata["Name"]) for d in metadata.distributions()}
+    roots = [Requirement(text).name for text in locks.pyproject()["optional-dependencies"]["reference"]]
+    return closure(locks.read_lock("gpu-bundle"), roots, lambda name: name in installed)
 
 
 # --------------------------------------------------------------------------- reference scripts
@@ -162,15 +210,16 @@ def min_diffusers_version(script: str) -> str | None:
     return match.group(1) if match else None
 
 
-def check_reference_scripts(files: dict[str, bytes], diffusers_version: str = DIFFUSERS_VERSION) -> None:
+def check_reference_scripts(files: dict[str, bytes], carried: str | None = None) -> None:
     """Refuse scripts the carried diffusers cannot run (their ``check_min_version``)."""
     from packaging.version import Version
 
+    carried = carried or diffusers_version()
     for name, data in files.items():
         wanted = min_diffusers_version(data.decode())
-        if wanted and Version(wanted) > Version(diffusers_version):
+        if wanted and Version(wanted) > Version(carried):
             raise SystemExit(
-                f"{name} needs diffusers >= {wanted}, the bundle carries {diffusers_version}: "
+                f"{name} needs diffusers >= {wanted}, the bundle carries {carried}: "
                 "take the scripts from an older diffusers snapshot (DIFFUSERS_REF=v<version>)"
             )
 
@@ -198,9 +247,10 @@ def unknown_flags(path: Path, argv: list[str]) -> list[str]:
 
 
 def download_wheels(dest: Path, python: str = sys.executable) -> list[Path]:
-    """Each of WHEELS for CPython 3.12 manylinux x86_64, no dependencies pulled in."""
+    """Each carried wheel for CPython 3.12 manylinux x86_64, no dependencies pulled in (the lock
+    already holds them), checked against the lock's hashes."""
     dest.mkdir(parents=True, exist_ok=True)
-    wanted = {normalize(name): version for name, (version, _) in WHEELS.items()}
+    wanted = carried_wheels()
     for stale in dest.glob("*.whl"):
         name, version = _wheel_name_version(stale)
         if wanted.get(name) != version:
@@ -234,6 +284,12 @@ def download_wheels(dest: Path, python: str = sys.executable) -> list[Path]:
     absent = [f"{n}=={v}" for n, v in wanted.items() if (n, v) not in found]
     if absent:
         raise SystemExit(f"pip left no wheel for {absent} in {dest}")
+    hashes = locks.read_lock("gpu-bundle").hashes
+    for wheel in wheels:
+        name = _wheel_name_version(wheel)[0]
+        if f"sha256:{sha256(wheel.read_bytes())}" not in hashes.get(name, ()):
+            wheel.unlink()
+            raise SystemExit(f"{wheel.name}: its sha256 is not among locks/gpu-bundle.txt's hashes for {name}")
     return wheels
 
 
@@ -252,10 +308,12 @@ DEVICE_MARKERS = {
 
 def unmet_requirements(wheels: list[Path]) -> list[str]:
     """Requirements of the carried wheels (on the GPU machine's Python) that neither the
-    machine nor the bundle provides: ``--no-deps`` installs would not notice them."""
+    machine nor the bundle provides, or that a known machine version does not meet:
+    ``--no-deps`` installs would not notice them."""
     from packaging.requirements import Requirement
 
-    available = available_on_device()
+    carried = carried_wheels()
+    available = DEVICE_PACKAGES | set(carried)
     unmet = []
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as archive:
@@ -267,8 +325,12 @@ def unmet_requirements(wheels: list[Path]) -> list[str]:
             requirement = Requirement(line.split(":", 1)[1].strip())
             if requirement.marker and not requirement.marker.evaluate(DEVICE_MARKERS):
                 continue
-            if normalize(requirement.name) not in available:
+            name = normalize(requirement.name)
+            if name not in available:
                 unmet.append(f"{wheel.name} needs {requirement}")
+            elif name not in carried and name in DEVICE_VERSIONS:
+                if not requirement.specifier.contains(DEVICE_VERSIONS[name], prereleases=True):
+                    unmet.append(f"{wheel.name} needs {requirement}, the machine has {DEVICE_VERSIONS[name]}")
     return unmet
 
 
@@ -280,14 +342,15 @@ def _wheel_name_version(path: Path) -> tuple[str, str]:
 def install_local_reference_deps(target: Path = LOCAL_DEPS_DIR) -> Path:
     """The reference's extra packages for this machine's Python, once, in a cache folder."""
     marker = target / ".installed.json"
-    if marker.is_file() and json.loads(marker.read_text()) == LOCAL_REFERENCE_DEPS:
+    wanted = local_reference_deps()
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return target
-    pins = [f"{name}=={version}" for name, version in LOCAL_REFERENCE_DEPS.items()]
+    pins = [f"{name}=={version}" for name, version in wanted.items()]
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(target), *pins],
         check=True,
     )
-    marker.write_text(json.dumps(LOCAL_REFERENCE_DEPS))
+    marker.write_text(json.dumps(wanted))
     return target
 
 
@@ -309,11 +372,12 @@ def build(bundle: Path, source: Path, ref: str | None, *, wheels: bool = True) -
     unmet = unmet_requirements(wheel_files)
     if unmet:
         raise SystemExit(
-            "the GPU machine would lack what these carried wheels need; add it to WHEELS:\n  " + "\n  ".join(unmet)
+            "the GPU machine would lack what these carried wheels need (see CARRY_ANYWAY, DEVICE_VERSIONS):\n  "
+            + "\n  ".join(unmet)
         )
     manifest = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "diffusers": DIFFUSERS_VERSION,
+        "diffusers": diffusers_version(),
         "reference_source": {"path": str(source), "ref": ref, "commit": _commit(source, ref)},
         "reference_scripts": {
             name: {

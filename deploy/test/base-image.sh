@@ -18,7 +18,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 PY="${PY:-python3}"
-TORCH="${TORCH:-torch==2.13.0}"
+# The CPU torch the project image's lock (locks/cpu.txt) pins, so that its install finds it present.
+TORCH="${TORCH:-$(grep -o '^torch==[^ ]*' "$here/../../locks/cpu.txt")}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -93,7 +93,7 @@ def write_env(ui_port: int, webhook_port: int) -> None:
 def build_images() -> None:
     step("base images (base-image.sh: debootstrap + docker import; kept if present)")
     sh("bash", "deploy/test/base-image.sh", env={**os.environ, "PY": sys.executable})
-    step(f"project image {IMAGE} (deploy/Dockerfile, EXTRAS=deploy,train, BASE_IMAGE=lora-pipeline-base:bookworm)")
+    step(f"project image {IMAGE} (deploy/Dockerfile, LOCK=locks/cpu.txt, BASE_IMAGE=lora-pipeline-base:bookworm)")
     sh(
         "docker",
         "build",
@@ -105,7 +105,7 @@ def build_images() -> None:
         "--build-arg",
         "BASE_IMAGE=lora-pipeline-base:bookworm",
         "--build-arg",
-        "EXTRAS=deploy,train",
+        "LOCK=locks/cpu.txt",
         "-t",
         IMAGE,
         ".",

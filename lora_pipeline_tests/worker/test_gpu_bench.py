@@ -357,7 +357,7 @@ def test_import_check_names_what_the_gpu_machine_lacks() -> None:
 
 
 def test_environment_check_reports_unmet_requirements(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bundle, "WHEELS", {"diffusers": ("0.42.1", ""), "not-a-real-package": ("1.0", "")})
+    monkeypatch.setattr(bundle, "carried_wheels", lambda: {"diffusers": "0.42.1", "not-a-real-package": "1.0"})
     assert bench.environment_check() == ["not-a-real-package: not installed"]
 
 
@@ -410,13 +410,18 @@ def test_bundle_writes_scripts_manifest_and_the_command_to_run(tmp_path: Path) -
     assert "bash benchmarks/gpu/run_on_gpu.sh" in text and 'carry=["' in text
 
 
+def _fake_locked(versions: dict[str, str], payload: bytes = b"new") -> object:
+    digest = f"sha256:{bundle.sha256(payload)}"
+    return bundle.locks.Locked(versions, {n: (digest,) for n in versions}, {n: frozenset() for n in versions}, None)
+
+
 def test_wheels_are_fetched_for_the_gpu_machines_python_one_version_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dest = tmp_path / "wheels"
     dest.mkdir()
     (dest / "diffusers-0.41.0-py3-none-any.whl").write_bytes(b"old")  # another version: must go
-    (dest / "dill-0.4.1-py3-none-any.whl").write_bytes(b"kept")
+    (dest / "dill-0.4.1-py3-none-any.whl").write_bytes(b"new")
     commands = []
 
     def fake_pip(command, check):
@@ -425,14 +430,98 @@ def test_wheels_are_fetched_for_the_gpu_machines_python_one_version_each(
             name, version = pin.split("==")
             (dest / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"new")
 
+    carried = {"diffusers": "0.42.1", "dill": "0.4.1", "importlib-metadata": "10.2.0"}
+    monkeypatch.setattr(bundle, "carried_wheels", lambda: carried)
+    monkeypatch.setattr(bundle.locks, "read_lock", lambda name: _fake_locked(carried))
     monkeypatch.setattr(bundle.subprocess, "run", fake_pip)
     wheels = bundle.download_wheels(dest)
     (command,) = commands
     assert {"--no-deps", "--only-binary=:all:"} <= set(command)
     assert command[command.index("--python-version") + 1] == "3.12" and "manylinux_2_17_x86_64" in command
     assert "dill==0.4.1" not in command  # already there
-    assert len(wheels) == len(bundle.WHEELS)
+    assert len(wheels) == len(carried)
     assert not (dest / "diffusers-0.41.0-py3-none-any.whl").exists()
+
+
+def test_a_downloaded_wheel_whose_hash_the_lock_does_not_hold_is_refused_and_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "wheels"
+    dest.mkdir()
+    (dest / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"tampered")
+    carried = {"diffusers": "0.42.1"}
+    monkeypatch.setattr(bundle, "carried_wheels", lambda: carried)
+    monkeypatch.setattr(bundle.locks, "read_lock", lambda name: _fake_locked(carried, b"the real one"))
+    with pytest.raises(SystemExit, match="not among locks/gpu-bundle.txt's hashes for diffusers"):
+        bundle.download_wheels(dest)
+    assert not (dest / "diffusers-0.42.1-py3-none-any.whl").exists()
+
+
+# A lock as uv writes it: transformers (on the GPU machine) needs kernels in this release,
+# diffusers (carried) needs importlib-metadata, which needs zipp (on the machine) and lazy-importer.
+LOCK_TEXT = """# input-sha256: abc
+diffusers==0.42.1 \\
+    --hash=sha256:{h}
+    # via lora-pipeline (pyproject.toml)
+importlib-metadata==10.2.0 \\
+    --hash=sha256:{h}
+    # via diffusers
+kernels==0.19.1 \\
+    --hash=sha256:{h}
+    # via transformers
+lazy-importer==0.1.0 \\
+    --hash=sha256:{h}
+    # via importlib-metadata
+runpod==1.12.3 \\
+    --hash=sha256:{h}
+    # via lora-pipeline (pyproject.toml)
+transformers==5.25.0 \\
+    --hash=sha256:{h}
+    # via
+    #   lora-pipeline (pyproject.toml)
+    #   peft
+typing-extensions==4.16.0 \\
+    --hash=sha256:{h}
+    # via
+    #   diffusers
+    #   transformers
+zipp==4.1.2 \\
+    --hash=sha256:{h}
+    # via importlib-metadata
+""".format(h="0" * 64)
+
+
+def test_the_carried_wheels_are_derived_from_the_lock_less_what_the_gpu_machine_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    locked = bundle.locks.parse_lock(LOCK_TEXT)
+    assert locked.required_by["typing-extensions"] == {"diffusers", "transformers"}
+    monkeypatch.setattr(bundle, "gpu_roots", lambda: ["diffusers", "transformers"])  # runpod: not a root
+    carried = bundle.carried_wheels(locked)
+    # kernels comes with the machine's own transformers; zipp is on the machine; typing-extensions
+    # is on the machine but carried anyway (CARRY_ANYWAY); runpod is no root.
+    assert carried == {
+        "diffusers": "0.42.1",
+        "importlib-metadata": "10.2.0",
+        "lazy-importer": "0.1.0",
+        "typing-extensions": "4.16.0",
+    }
+    # The dry run here imports this machine's transformers, which imports kernels: that is no
+    # package the GPU run lacks (there, its own transformers decides), so the import check passes.
+    monkeypatch.setattr(bundle, "carried_wheels", lambda: carried)
+    available = bundle.available_on_device(locked)
+    assert {"kernels", "zipp", "lazy-importer"} <= available and "runpod" not in available
+    rows = [{"imports": {"distributions": ["transformers", "kernels", "diffusers", "runpod"], "orphans": []}}]
+    monkeypatch.setattr(bundle.locks, "read_lock", lambda name: locked)
+    assert bench.import_check(rows)["missing_on_device"] == ["runpod"]
+
+
+def test_the_real_bundle_carries_diffusers_and_nothing_the_gpu_machine_has() -> None:
+    carried = bundle.carried_wheels()
+    assert carried["diffusers"] == bundle.locks.read_lock("cpu").versions["diffusers"]
+    assert {"datasets", "pydantic", "pydantic-settings", "tenacity"} <= set(carried)
+    assert not {"torch", "transformers", "peft", "runpod", "nvidia-cublas"} & set(carried)
+    assert not (set(carried) & bundle.DEVICE_PACKAGES) - set(bundle.CARRY_ANYWAY)
 
 
 def test_bundle_without_a_snapshot_says_where_the_scripts_come_from(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -496,3 +585,13 @@ def test_bundle_names_what_a_carried_wheel_needs_that_the_gpu_machine_lacks(tmp_
         _wheel(tmp_path, "needy", ["lazy-thing>=0.1", 'old-backport; python_version < "3.10"']),
     ]
     assert bundle.unmet_requirements(wheels) == ["needy-1.0-py3-none-any.whl needs lazy-thing>=0.1"]
+
+
+def test_bundle_names_a_carried_wheel_that_needs_another_version_of_a_machine_package(tmp_path: Path) -> None:
+    hub = bundle.DEVICE_VERSIONS["huggingface-hub"]
+    wheels = [
+        _wheel(tmp_path, "picky", [f"huggingface-hub>{hub}", f"transformers>={bundle.DEVICE_VERSIONS['transformers']}"])
+    ]
+    assert bundle.unmet_requirements(wheels) == [
+        f"picky-1.0-py3-none-any.whl needs huggingface-hub>{hub}, the machine has {hub}"
+    ]
