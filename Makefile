@@ -78,7 +78,7 @@ prod-local: install  ## Postgres + code server + webserver + daemon as separate 
 	$(VENV)/bin/lora-pipeline deploy local up --root $(PROD_ROOT) --pg-port $(PG_PORT) \
 		--code-port $(CODE_PORT) --host $(HOST) --port $(PORT)
 
-prod-stop:  ## stop what prod-local started, by process group
+prod-stop:  ## stop what prod-local started under PROD_ROOT (by its records, whatever the ports)
 	$(VENV)/bin/lora-pipeline deploy local down --root $(PROD_ROOT) --pg-port $(PG_PORT) \
 		--code-port $(CODE_PORT) --host $(HOST) --port $(PORT)
 

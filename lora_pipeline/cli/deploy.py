@@ -100,6 +100,13 @@ def up(root, pg_port, code_port, web_port, host) -> None:
 @local.command()
 @_with_options
 def down(root, pg_port, code_port, web_port, host) -> None:
-    """Stop the daemon, webserver and code server (each by its process group), then Postgres."""
-    _deployment(root, pg_port, code_port, web_port, host).down()
-    click.echo("stopped")
+    """Stop the daemon, webserver and code server (each by the process group recorded under --root,
+    whatever ports they were started on), then Postgres."""
+    from lora_pipeline.deploy.local import DeploymentError
+
+    try:
+        report = _deployment(root, pg_port, code_port, web_port, host).down()
+    except DeploymentError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in report:
+        click.echo(line)

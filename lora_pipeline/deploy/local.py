@@ -6,14 +6,17 @@ webserver and the daemon (both load code only from the code server, deploy/works
 Runs are launched by the code server as subprocesses (DefaultRunLauncher).
 
 Each process is started in its own session (``setsid``), so its process id is its process
-group id; it is recorded under ``<root>/pids/`` and stopped by signalling the whole group:
-SIGTERM, then SIGKILL after a grace period. (A ``dagster code-server`` backgrounded from a
+group id; it is recorded under ``<root>/pids/<name>.json`` with what identifies it (its start
+time since boot, its command line, the port it listens on) and stopped by signalling the whole
+group: SIGTERM, then SIGKILL after a grace period. ``down`` trusts the record, not the ports it
+is called with: a stack started on other ports stops all the same. (A ``dagster code-server`` backgrounded from a
 non-interactive shell ignores SIGTERM, and a stale one keeps serving old code on its port; so
 a start refuses a port that is already taken instead of quietly talking to the old server.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -41,6 +44,36 @@ def port_busy(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22): with the
+    pid, it names one process for the machine's whole uptime (a reused pid starts later)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])  # fields after "(comm)": state is field 3
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """What ``start`` wrote about one process: enough to find it again, and only it."""
+
+    pgid: int
+    start_ticks: int | None
+    command: list[str]
+    port: int | None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"pgid": self.pgid, "start_ticks": self.start_ticks, "command": self.command, "port": self.port}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ProcessRecord:
+        data = json.loads(text)
+        return cls(int(data["pgid"]), data.get("start_ticks"), list(data.get("command", [])), data.get("port"))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -126,7 +159,23 @@ class LocalDeployment:
         }[name]
 
     def _pidfile(self, name: str) -> Path:
-        return self.root / "pids" / f"{name}.pgid"
+        return self.root / "pids" / f"{name}.json"
+
+    def record(self, name: str) -> ProcessRecord | None:
+        """The record ``start`` wrote for ``name`` (None: never started, or stopped since)."""
+        pidfile = self._pidfile(name)
+        legacy = pidfile.with_suffix(".pgid")  # before the records: a bare group id, nothing to check it by
+        if not pidfile.exists() and legacy.exists():
+            raise DeploymentError(
+                f"{legacy} is from an older lora-pipeline: check and stop that process group by hand "
+                f"(kill -TERM -{legacy.read_text().strip()}), then delete the file"
+            )
+        if not pidfile.exists():
+            return None
+        try:
+            return ProcessRecord.from_json(pidfile.read_text())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DeploymentError(f"{pidfile} is not a process record ({exc}): stop that process by hand") from None
 
     def _port(self, name: str) -> int | None:
         return {"code-server": self.code_port, "webserver": self.web_port}.get(name)
@@ -145,11 +194,15 @@ class LocalDeployment:
         self.start("daemon")
         self.wait_webserver(timeout_s)
 
-    def down(self) -> None:
-        for name in reversed(PROCESSES):
-            self.stop(name)
-        if self.uses_postgres:
+    def down(self) -> list[str]:
+        """Stop every process recorded under ``root`` (whatever ports this object was given),
+        then Postgres; one line per process saying what was stopped and what was already gone."""
+        report = [f"{name}: {self.stop(name)}" for name in reversed(PROCESSES)]
+        if self.uses_postgres and (self.postgres.data_dir / "PG_VERSION").exists():
+            was_running = self.postgres.running()
             self.postgres.stop()
+            report.append("postgres: " + ("stopped" if was_running else "already gone"))
+        return report
 
     def init(self) -> str:
         """``lora-pipeline deploy init`` in its own process, as the Compose init service runs it."""
@@ -167,23 +220,20 @@ class LocalDeployment:
 
     # -- one process ----------------------------------------------------------------------
     def _recorded_group(self, name: str) -> int | None:
-        """The process group recorded for ``name``, if its leader is still our command.
+        """The process group recorded for ``name``, if it is still the one ``start`` started.
 
-        A pid file that outlived its process (a reboot, a kill -9) may name a group id the
-        system has since given to an unrelated process: that one is never signalled.
+        A record that outlived its process (a reboot, a kill -9) may name a group id the system
+        has since given to an unrelated process: that one starts later than recorded, and is
+        never signalled. A leader that is gone (or a zombie) with its group still alive is ours:
+        the kernel never reuses the id of a group that still has members.
         """
-        pidfile = self._pidfile(name)
-        if not pidfile.exists():
+        record = self.record(name)
+        if record is None:
             return None
-        pgid = int(pidfile.read_text())
-        try:
-            cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return pgid if _group_alive(pgid) else None  # leader gone; its children may remain
-        if not any(cmdline):  # a zombie leader (exited, not reaped): its group may live on
-            return pgid if _group_alive(pgid) else None
-        expected = self.command(name)[-1].encode()  # the port, or the workspace file
-        return pgid if expected in cmdline else None
+        started = _start_ticks(record.pgid)
+        if started is None:
+            return record.pgid if _group_alive(record.pgid) else None
+        return record.pgid if started == record.start_ticks else None
 
     def running(self, name: str) -> bool:
         proc = self._procs.get(name)
@@ -194,7 +244,7 @@ class LocalDeployment:
 
     def start(self, name: str) -> int:
         if self.running(name):
-            raise DeploymentError(f"{name} is already running (process group {self._pidfile(name).read_text()})")
+            raise DeploymentError(f"{name} is already running (process group {self._recorded_group(name)})")
         port = self._port(name)
         if port is not None and port_busy(self.host, port):
             raise DeploymentError(f"port {port} for the {name} is taken: a stale process? (make prod-stop)")
@@ -212,19 +262,22 @@ class LocalDeployment:
                 start_new_session=True,
             )
         self._procs[name] = proc
-        self._pidfile(name).write_text(str(proc.pid))
+        record = ProcessRecord(proc.pid, _start_ticks(proc.pid), self.command(name), port)
+        self._pidfile(name).write_text(record.to_json())
         return proc.pid
 
-    def stop(self, name: str, grace_s: float = 20) -> None:
-        """Signal the process's whole group: SIGTERM, then SIGKILL once ``grace_s`` has passed."""
+    def stop(self, name: str, grace_s: float = 20) -> str:
+        """Signal the process's whole group: SIGTERM, then SIGKILL once ``grace_s`` has passed.
+        Says what it did: stopped, already gone, or never started."""
         pidfile = self._pidfile(name)
-        if not pidfile.exists():
-            return
+        record = self.record(name)
+        if record is None:
+            return "not started"
         proc = self._procs.pop(name, None)
         pgid = proc.pid if proc is not None else self._recorded_group(name)  # ours: trust our own pid
-        if pgid is None:  # stale: nothing of ours left to stop
+        if pgid is None or not _group_alive(pgid):  # stale: nothing of ours left to stop
             pidfile.unlink()
-            return
+            return "already gone"
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
             try:
                 os.killpg(pgid, sig)
@@ -243,11 +296,11 @@ class LocalDeployment:
         if proc is not None:
             proc.wait(timeout=10)
         pidfile.unlink()
-        port = self._port(name)
-        if port is not None:
+        if record.port is not None:  # the port it was started on, not this object's
             deadline = time.monotonic() + 10
-            while port_busy(self.host, port) and time.monotonic() < deadline:
+            while port_busy(self.host, record.port) and time.monotonic() < deadline:
                 time.sleep(0.2)
+        return f"stopped (process group {pgid})"
 
     # -- readiness ------------------------------------------------------------------------
     def _check_alive(self, name: str) -> None:
