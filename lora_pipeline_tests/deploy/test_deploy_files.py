@@ -379,7 +379,7 @@ def test_helm_schema_rejects_a_broken_values_file_naming_the_path(helm_validator
     assert jsonschema.exceptions.best_match(helm_validator.iter_errors(merged)).json_path == path
 
 
-def test_docker_image_holds_the_instance_and_the_deploy_extra():
+def test_docker_image_holds_the_instance_and_the_deploy_lock():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert "cp deploy/compose/dagster.yaml" in dockerfile and "ARG EXTRAS=deploy" in dockerfile
+    assert "cp deploy/compose/dagster.yaml" in dockerfile and "ARG LOCK=locks/deploy.txt" in dockerfile
     assert dg.__version__ == "1.13.27"
