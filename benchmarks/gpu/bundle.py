@@ -278,7 +278,8 @@ def download_wheels(dest: Path, python: str = sys.executable) -> list[Path]:
         ]
         for platform in PLATFORMS:
             command += ["--platform", platform]
-        subprocess.run(command + missing, check=True)
+        # Without this machine's pip configuration: its local index folders only warn here.
+        subprocess.run(command + missing, check=True, env=dict(os.environ, PIP_CONFIG_FILE=os.devnull))
     wheels = sorted(dest.glob("*.whl"))
     found = {_wheel_name_version(p) for p in wheels}
     absent = [f"{n}=={v}" for n, v in wanted.items() if (n, v) not in found]

@@ -424,7 +424,8 @@ def test_wheels_are_fetched_for_the_gpu_machines_python_one_version_each(
     (dest / "dill-0.4.1-py3-none-any.whl").write_bytes(b"new")
     commands = []
 
-    def fake_pip(command, check):
+    def fake_pip(command, check, env):
+        assert env["PIP_CONFIG_FILE"] == os.devnull
         commands.append(command)
         for pin in [item for item in command if "==" in item]:
             name, version = pin.split("==")
