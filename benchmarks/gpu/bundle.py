@@ -107,6 +107,8 @@ PLATFORMS = [
     "manylinux1_x86_64",
 ]
 DEVICE_COMMAND = "bash benchmarks/gpu/run_on_gpu.sh"
+# pip without this machine's configuration: its local index folders hold no such wheels and only warn.
+QUIET_PIP = dict(os.environ, PIP_CONFIG_FILE=os.devnull)
 
 
 def normalize(name: str) -> str:
@@ -278,8 +280,7 @@ def download_wheels(dest: Path, python: str = sys.executable) -> list[Path]:
         ]
         for platform in PLATFORMS:
             command += ["--platform", platform]
-        # Without this machine's pip configuration: its local index folders only warn here.
-        subprocess.run(command + missing, check=True, env=dict(os.environ, PIP_CONFIG_FILE=os.devnull))
+        subprocess.run(command + missing, check=True, env=QUIET_PIP)
     wheels = sorted(dest.glob("*.whl"))
     found = {_wheel_name_version(p) for p in wheels}
     absent = [f"{n}=={v}" for n, v in wanted.items() if (n, v) not in found]
@@ -350,6 +351,7 @@ def install_local_reference_deps(target: Path = LOCAL_DEPS_DIR) -> Path:
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(target), *pins],
         check=True,
+        env=QUIET_PIP,
     )
     marker.write_text(json.dumps(wanted))
     return target
