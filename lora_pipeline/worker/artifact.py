@@ -229,7 +229,7 @@ def base_model_name(base_model: str) -> str:
 def write_lora_file(
     path: Path,
     family: ModelFamily,
-    unet_lora: Mapping[str, object],
+    denoiser_lora: Mapping[str, object],
     metadata: Mapping[str, str],
     *,
     text_encoder_lora: Mapping[str, object] | None = None,
@@ -248,7 +248,7 @@ def write_lora_file(
 
     with tempfile.TemporaryDirectory() as tmp:
         configs = {k: _jsonable(v) for k, v in (adapter_configs or {}).items()}
-        kwargs: dict[str, Any] = {"unet_lora_layers": dict(unet_lora), "safe_serialization": True}
+        kwargs: dict[str, Any] = {"unet_lora_layers": dict(denoiser_lora), "safe_serialization": True}
         if "unet" in configs:
             kwargs["unet_lora_adapter_metadata"] = configs["unet"]
         if text_encoder_lora:

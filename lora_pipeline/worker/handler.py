@@ -286,7 +286,7 @@ def publish_job(checked: CheckedJob, outcome: TrainOutcome, started_at: datetime
         lora_file = write_lora_file(
             Path(tmp) / "lora.safetensors",
             checked.family,
-            outcome.unet_lora,
+            outcome.denoiser_lora,
             metadata,
             text_encoder_lora=outcome.text_encoder_lora,
             text_encoder_2_lora=outcome.text_encoder_2_lora,

@@ -67,7 +67,7 @@ def lora_file(outcome: TrainOutcome, tmp_path_factory) -> Path:
     return write_lora_file(
         path,
         "sd1",
-        outcome.unet_lora,
+        outcome.denoiser_lora,
         provenance_metadata(_facts(outcome)),
         text_encoder_lora=outcome.text_encoder_lora,
         adapter_configs=outcome.adapter_configs,
@@ -312,7 +312,7 @@ def test_sdxl_lora_with_both_text_encoders_loads_and_changes_the_output(tiny_sdx
     path = write_lora_file(
         tmp_path / "xl.safetensors",
         "sdxl",
-        outcome.unet_lora,
+        outcome.denoiser_lora,
         provenance_metadata(facts),
         text_encoder_lora=outcome.text_encoder_lora,
         text_encoder_2_lora=outcome.text_encoder_2_lora,

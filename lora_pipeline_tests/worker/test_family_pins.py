@@ -63,7 +63,7 @@ def test_unet_families_train_as_before_the_family_protocol(
     outcome = train_lora(params, family, model, examples, levers=SpeedLevers(log_every=1))  # type: ignore[arg-type]
     losses, weight_sum = PINNED[case]
     assert outcome.losses == pytest.approx(losses, rel=1e-5, abs=0)
-    assert sum(float(v.double().sum()) for v in outcome.unet_lora.values()) == pytest.approx(weight_sum, rel=1e-5)
+    assert sum(float(v.double().sum()) for v in outcome.denoiser_lora.values()) == pytest.approx(weight_sum, rel=1e-5)
 
 
 def test_v_prediction_trains_as_before_the_family_protocol(v_prediction_model: Path, examples: list[Example]) -> None:
