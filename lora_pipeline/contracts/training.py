@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lora_pipeline.registry.names import validate_style
 
-ModelFamily = Literal["sd1", "sd2", "sdxl"]
-FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl"]
+ModelFamily = Literal["sd1", "sd2", "sdxl", "flux1"]
+FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit"]
 

@@ -46,9 +46,13 @@ def prediction_type(model_dir: Path) -> str:
     return value if isinstance(value, str) and value else "epsilon"
 
 
-def unet_config(model_dir: Path) -> dict:
-    """The base model's ``unet/config.json`` (block layout, for the kohya module names)."""
-    return _read_json(model_dir / "unet" / "config.json", "unet/config.json")
+def denoiser_config(model_dir: Path) -> dict:
+    """The base model's ``unet/config.json`` (block layout, for the kohya module names), or its
+    ``transformer/config.json`` (widths of the layers the kohya layout fuses)."""
+    for relative in ("unet/config.json", "transformer/config.json"):
+        if (model_dir / relative).is_file():
+            return _read_json(model_dir / relative, relative)
+    raise WorkerInputError(f"base model at {model_dir} has neither unet/config.json nor transformer/config.json")
 
 
 def check_family(detected: ModelFamily, requested: FamilyChoice) -> ModelFamily:

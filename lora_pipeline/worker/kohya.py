@@ -48,6 +48,7 @@ _TEXT_PREFIXES = {
     ("sd2", "text_encoder"): "lora_te",
     ("sdxl", "text_encoder"): "lora_te1",
     ("sdxl", "text_encoder_2"): "lora_te2",
+    ("flux1", "text_encoder"): "lora_te1",  # sd-scripts' FLUX.1: CLIP-L is te1 (T5, te3, is not trained here)
 }
 
 

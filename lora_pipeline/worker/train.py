@@ -431,7 +431,7 @@ def _train(
     )
     images_seen = _train_steps(run, start_step, losses, fingerprint, checkpointer, progress)
 
-    denoiser_lora, te_lora, te2_lora = _lora_layers(models, params)
+    denoiser_lora, te_lora, te2_lora = _lora_layers(models, params, peft_names=rules.peft_names)
     return TrainOutcome(
         denoiser_lora=denoiser_lora,
         text_encoder_lora=te_lora,
@@ -456,7 +456,7 @@ def offload_cached_encoders(models: Loaded, params: TrainingParams, device: torc
     they train. That memory is what the reference spends per step."""
     models.vae.to("cpu")
     if not params.train_text_encoder:
-        for encoder in models.text_encoders:
+        for encoder in (*models.text_encoders, *models.frozen_encoders):
             encoder.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -828,13 +828,16 @@ def _largest_fitting_batch(
     return largest_batch(fits, params.train_batch_size, cap)
 
 
-def _lora_layers(models: Loaded, params: TrainingParams):
-    """``get_peft_model_state_dict`` → ``convert_state_dict_to_diffusers``, in fp32 on the CPU."""
+def _lora_layers(models: Loaded, params: TrainingParams, *, peft_names: bool = False):
+    """``get_peft_model_state_dict`` (→ ``convert_state_dict_to_diffusers`` unless ``peft_names``:
+    the transformer families' scripts save peft's ``lora_A``/``lora_B``), in fp32 on the CPU."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     def layers(module):
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        state = get_peft_model_state_dict(module)
+        if not peft_names:
+            state = convert_state_dict_to_diffusers(state)
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
     denoiser = layers(models.denoiser)

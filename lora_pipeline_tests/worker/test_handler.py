@@ -221,13 +221,15 @@ def _kohya_tensors_of(store, key: str) -> str:
 
     from lora_pipeline.registry_store.lora_files import verify_local_file
     from lora_pipeline.worker.artifact import write_kohya_file
-    from lora_pipeline.worker.family import unet_config
+    from lora_pipeline.worker.family import denoiser_config
     from lora_pipeline.worker.tiny_model import ensure_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         store.download_file(key, Path(tmp) / "d.safetensors")
         derived = write_kohya_file(
-            Path(tmp) / "d.safetensors", Path(tmp) / "k.safetensors", unet_config=unet_config(ensure_tiny_model())
+            Path(tmp) / "d.safetensors",
+            Path(tmp) / "k.safetensors",
+            denoiser_config=denoiser_config(ensure_tiny_model()),
         )
         return verify_local_file(derived)[1]
 

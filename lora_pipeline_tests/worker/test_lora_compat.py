@@ -211,7 +211,7 @@ def published(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         adapter_configs=configs,
     )
     kohya_file = write_kohya_file(
-        diffusers_file, folder / "geo_v3_kohya.safetensors", unet_config=dict(trained.unet.config)
+        diffusers_file, folder / "geo_v3_kohya.safetensors", denoiser_config=dict(trained.unet.config)
     )
     del trained, models
 

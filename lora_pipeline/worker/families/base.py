@@ -14,7 +14,7 @@ A family is one module under ``worker/families/`` with one subclass of ``Family`
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,8 @@ class Loaded:
     text_encoders: list[Any]
     tokenizers: list[Any]
     scheduler: Any  # the noise scheduler the family draws its training noise with
+    # Encoders used for captions that no LoRA adapts (FLUX.1's T5): cached and offloaded like the rest.
+    frozen_encoders: list[Any] = field(default_factory=list)
 
 
 class Family:
@@ -43,6 +45,7 @@ class Family:
     text_encoder_components: ClassVar[tuple[str, ...]] = ("text_encoder",)
     channels_last: ClassVar[bool] = False  # a convolutional denoiser gains from channels-last memory
     fused_qkv: ClassVar[bool] = False  # levers.fuse_qkv knows its attention layers
+    peft_names: ClassVar[bool] = False  # its diffusers file keeps peft's lora_A/lora_B names (as its script saves)
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
@@ -95,10 +98,55 @@ class Family:
         """The denoiser's prediction, in the latents' shape."""
         raise NotImplementedError
 
-    # -- header -------------------------------------------------------------------------
+    # -- samples and files --------------------------------------------------------------
 
     def prediction_type(self) -> str:
         """What the header records as the model's prediction (``epsilon``, ``v_prediction``, ``flow``)."""
+        raise NotImplementedError
+
+    def variant(self) -> str:
+        """Which model of the family the base is, where the header tells them apart (FLUX.1 dev or
+        schnell); empty where it does not."""
+        return ""
+
+    def sampling_pipeline(self, dtype: torch.dtype) -> Any:
+        """The family's diffusers pipeline on this base model, to render samples with a LoRA."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class).from_pretrained(str(self.model_dir), dtype=dtype)
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """Arguments the family's pipeline call takes besides prompt, size, steps and generator."""
+        return {}
+
+    @classmethod
+    def kohya_tensors(
+        cls,
+        modules: Mapping[tuple[str, str], Mapping[str, torch.Tensor]],
+        alpha: float,
+        denoiser_config: Mapping[str, Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """The kohya layout's tensors (``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``)
+        of the LoRA ``modules`` ((component, module path) → {"down", "up"}, diffusers' names).
+        By default each module is one kohya module (``kohya_module_name``)."""
+        from lora_pipeline.worker.kohya import KohyaNameError, kohya_module_name
+
+        tensors: dict[str, torch.Tensor] = {}
+        for (component, module), pair in sorted(modules.items()):
+            unet = component == cls.denoiser_component
+            name = kohya_module_name("unet" if unet else component, module, cls.name, denoiser_config)
+            if f"{name}.alpha" in tensors:
+                raise KohyaNameError(f"two modules are both named {name!r} in the kohya layout")
+            tensors[f"{name}.lora_down.weight"] = pair["down"].contiguous()
+            tensors[f"{name}.lora_up.weight"] = pair["up"].contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+        return tensors
+
+    @classmethod
+    def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str]:
+        """The header keys that name the base model as sd-scripts does: ``ss_base_model_version``,
+        ``modelspec.architecture``, ``modelspec.implementation`` (and ``ss_v2``,
+        ``modelspec.prediction_type`` where sd-scripts writes them)."""
         raise NotImplementedError
 
 

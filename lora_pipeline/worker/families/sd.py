@@ -79,6 +79,29 @@ class StableDiffusion(Family):
 
         return prediction_type(self.model_dir)
 
+    def sampling_pipeline(self, dtype: torch.dtype) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(
+            str(self.model_dir), dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+
+    @classmethod
+    def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str]:
+        v_pred = prediction_type == "v_prediction"
+        sd2 = cls.name == "sd2"
+        if sd2:
+            architecture = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+        else:
+            architecture = "stable-diffusion-v1"
+        return {
+            "ss_base_model_version": ("sd_v2" if sd2 else "sd_v1") + ("_v" if v_pred else ""),
+            "ss_v2": str(sd2),
+            "modelspec.architecture": f"{architecture}/lora",
+            "modelspec.implementation": "diffusers",
+            "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        }
+
 
 class StableDiffusion2(StableDiffusion):
     """SD 2.x: trained as SD 1.x; the header says ``sd_v2`` (``_v`` with a v-prediction scheduler)."""

@@ -13,6 +13,9 @@ from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.families.base import Conditioning, Loaded, tokenize
 from lora_pipeline.worker.families.sd import ConfigReader, StableDiffusion
 
+# sd-scripts' implementation URL for an SDXL LoRA (its SGM UNet); "diffusers" for SD 1/2.
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
 
 class StableDiffusionXL(StableDiffusion):
     name: ClassVar[str] = "sdxl"
@@ -58,3 +61,20 @@ class StableDiffusionXL(StableDiffusion):
         return denoiser(
             noisy, timesteps, conditioning["encoder_hidden_states"], added_cond_kwargs=added, return_dict=False
         )[0]
+
+    def sampling_pipeline(self, dtype: torch.dtype) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(self.model_dir), dtype=dtype)
+        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+        return pipe
+
+    @classmethod
+    def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str]:
+        return {
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "ss_v2": "False",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": SGM_IMPLEMENTATION,
+            "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        }
