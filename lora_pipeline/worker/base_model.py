@@ -14,7 +14,8 @@ from pathlib import Path
 
 from lora_pipeline.storage.base import ObjectStore
 from lora_pipeline.worker.errors import WorkerInputError
-from lora_pipeline.worker.tiny_model import TINY_MODELS, default_cache_dir, ensure_named_tiny_model
+from lora_pipeline.contracts.training import TINY_MODELS
+from lora_pipeline.worker.tiny_model import default_cache_dir, ensure_named_tiny_model
 
 STORE_SCHEME = "store:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

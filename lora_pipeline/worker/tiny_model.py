@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lora_pipeline.contracts.training import TINY_MODELS
 from lora_pipeline.settings import get_settings
 
 if TYPE_CHECKING:
@@ -101,9 +102,6 @@ TINY_SDXL = RandomModelSpec(
     vae=TINY_SD1.vae,
     text_encoder=TINY_SD1.text_encoder,
 )
-
-# The base-model names built in code: `base_model` in a request, `demo --base-model`.
-TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-flux1")
 
 
 def default_cache_dir() -> Path:

@@ -163,6 +163,13 @@ def lora_key_map(config: ComfyUnetConfig, clip: Mapping[str, int]) -> dict[str, 
     for d, s in sgm.items():
         if d.endswith(".weight"):
             key_map["lora_unet_" + d[: -len(".weight")].replace(".", "_")] = "diffusion_model." + s
+    key_map.update(clip_key_map(clip))
+    return key_map
+
+
+def clip_key_map(clip: Mapping[str, int]) -> dict[str, str]:
+    """The kohya text-encoder names ComfyUI maps (``model_lora_keys_clip``) for ``clip``."""
+    key_map: dict[str, str] = {}
     for b in range(max(clip.values(), default=0)):
         for layer, kohya in CLIP_LAYERS.items():
             for name, layers in clip.items():
@@ -175,6 +182,75 @@ def lora_key_map(config: ComfyUnetConfig, clip: Mapping[str, int]) -> dict[str, 
                 elif name == "clip_g" and "clip_l" in clip:
                     key_map[f"lora_te2_text_model_encoder_layers_{b}_{kohya}"] = target
     return key_map
+
+
+# -- FLUX.1 -------------------------------------------------------------------------------
+# comfy/utils.py ``flux_to_diffusers`` (v0.19.3): diffusers transformer weight → ComfyUI's (BFL)
+# weight, or (BFL weight, offset, rows) for a part of a fused one. ComfyUI's key map then
+# holds ``lora_unet_<BFL path>`` for every weight of its model (``model_lora_keys_unet``).
+FLUX_DOUBLE = {
+    "attn.to_out.0": "img_attn.proj",
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+FLUX_BASIC = {
+    "proj_out": "final_layer.linear",
+    "x_embedder": "img_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "context_embedder": "txt_in",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+}
+
+
+def flux_to_bfl(depth: int, depth_single: int, hidden: int) -> dict[str, str | tuple[str, int, int]]:
+    """diffusers ``<module>.weight`` → BFL ``<module>.weight`` or (that, row offset, rows)."""
+    out: dict[str, str | tuple[str, int, int]] = {}
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, part in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.img_attn.qkv.weight", hidden * j, hidden)
+        for j, part in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.txt_attn.qkv.weight", hidden * j, hidden)
+        for a, b in FLUX_DOUBLE.items():
+            out[f"{src}.{a}.weight"] = f"{dst}.{b}.weight"
+    for i in range(depth_single):
+        src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for j, part in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.linear1.weight", hidden * j, hidden)
+        out[f"{src}.proj_mlp.weight"] = (f"{dst}.linear1.weight", hidden * 3, hidden * 4)
+        for a, b in FLUX_SINGLE.items():
+            out[f"{src}.{a}.weight"] = f"{dst}.{b}.weight"
+    for a, b in FLUX_BASIC.items():
+        out[f"{a}.weight"] = f"{b}.weight"
+    return out
+
+
+def to_bfl(weights: Mapping[str, Any], mapping: Mapping[str, str | tuple[str, int, int]]) -> dict[str, Any]:
+    """A diffusers FLUX.1 transformer's weights as ComfyUI's (BFL) model holds them."""
+    import torch
+
+    parts: dict[str, list[tuple[int, Any]]] = {}
+    out: dict[str, Any] = {}
+    for key, target in mapping.items():
+        if key not in weights:
+            continue
+        if isinstance(target, tuple):
+            parts.setdefault(target[0], []).append((target[1], weights[key]))
+        else:
+            out[target] = weights[key]
+    for target, pieces in parts.items():
+        out[target] = torch.cat([w for _, w in sorted(pieces, key=lambda p: p[0])], dim=0)
+    return out
 
 
 @dataclass(frozen=True)

@@ -245,3 +245,52 @@ def test_flux1_modules_map_to_bfl_names_and_unmappable_ones_are_refused() -> Non
     assert bfl_module("time_text_embed.guidance_embedder.linear_1") == ("guidance_in.in_layer", None)
     with pytest.raises(KohyaNameError, match="norm_out.linear"):
         bfl_module("norm_out.linear")  # BFL swaps its shift and scale: no exact kohya name
+
+
+def test_the_registry_reads_each_flux1_files_layout_from_its_tensor_names(trained) -> None:
+    from lora_pipeline.registry.layouts import layout_of
+
+    _, diffusers_file, kohya_file = trained
+    for path, layout in ((diffusers_file, "diffusers"), (kohya_file, "kohya")):
+        with safe_open(str(path), framework="pt") as handle:
+            assert layout_of(handle.keys()) == layout
+
+
+def test_the_kohya_file_loads_whole_under_comfyuis_flux_rules_with_the_trained_delta(
+    tiny_flux1_model: Path, trained
+) -> None:
+    """ComfyUI (comfy_rules: its flux_to_diffusers and LoRA key map) loads every key of the kohya
+    file onto the weight it was trained for, fused layers included, at its alpha."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from lora_pipeline_tests.worker import comfy_rules
+
+    outcome, _, kohya_file = trained
+    config = denoiser_config(tiny_flux1_model)
+    mapping = comfy_rules.flux_to_bfl(
+        config["num_layers"], config["num_single_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+    )
+    base = FluxTransformer2DModel.from_pretrained(tiny_flux1_model, subfolder="transformer").state_dict()
+    scale = outcome.adapter_configs["transformer"]["lora_alpha"] / outcome.adapter_configs["transformer"]["r"]
+    trained_weights = dict(base)
+    for key, down in outcome.denoiser_lora.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            up = outcome.denoiser_lora[name + ".lora_B.weight"]
+            trained_weights[name + ".weight"] = base[name + ".weight"] + scale * up @ down
+    base_bfl, expected_bfl = comfy_rules.to_bfl(base, mapping), comfy_rules.to_bfl(trained_weights, mapping)
+
+    key_map = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): "diffusion_model." + k for k in base_bfl}
+    key_map.update(comfy_rules.clip_key_map({"clip_l": 5}))
+    patches, not_loaded = comfy_rules.load_lora(load_file(str(kohya_file)), key_map)
+    assert not_loaded == []
+    patched = dict(base_bfl)
+    for target, patch in patches.items():
+        if target.startswith("diffusion_model."):
+            rank = patch.down.shape[0]
+            key = target[len("diffusion_model.") :]
+            patched[key] = patched[key] + (patch.alpha / rank) * patch.up.float() @ patch.down.float()
+    assert any(k.endswith("linear1.weight") for k in (p[len("diffusion_model.") :] for p in patches))
+    for key, value in expected_bfl.items():
+        torch.testing.assert_close(patched[key], value, rtol=1e-5, atol=1e-6, msg=key)
