@@ -4,6 +4,7 @@ sd-scripts converter) with the weight delta it trained, under a header that tell
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from datetime import UTC, datetime
@@ -294,3 +295,17 @@ def test_the_kohya_file_loads_whole_under_comfyuis_flux_rules_with_the_trained_d
     assert any(k.endswith("linear1.weight") for k in (p[len("diffusion_model.") :] for p in patches))
     for key, value in expected_bfl.items():
         torch.testing.assert_close(patched[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_flux1_sample_images_render_with_the_lora_loaded(tiny_flux1_model: Path, trained) -> None:
+    from PIL import Image
+
+    from lora_pipeline.worker.samples import generate_samples
+
+    _, diffusers_file, _ = trained
+    params = quick_params(sample_inference_steps=2, seed=5)
+    pngs = generate_samples(
+        tiny_flux1_model, "flux1", diffusers_file, ["geoshapes style", "a"], params, torch.device("cpu")
+    )
+    assert len(pngs) == 2
+    assert Image.open(io.BytesIO(pngs[0])).size == (32, 32)

@@ -133,7 +133,10 @@ class Flux1(FlowMatching):
         return FluxPipeline._unpack_latents(pred, h, w, 1)
 
     def sample_kwargs(self) -> dict[str, Any]:
-        return {"guidance_scale": GUIDANCE_SCALE if self.guidance else 0.0, "max_sequence_length": 256}
+        return {
+            "guidance_scale": GUIDANCE_SCALE if self.guidance else 0.0,
+            "max_sequence_length": self.max_sequence_length,
+        }
 
     # -- files --------------------------------------------------------------------------
 
