@@ -31,8 +31,8 @@ def detect_family(model_dir: Path) -> ModelFamily:
             return found  # type: ignore[return-value]  # each detect answers one of its names
     raise WorkerInputError(
         f"unknown model family: base model at {model_dir} is a {index.get('_class_name')!r}; "
-        "supported are Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL "
-        "(StableDiffusionXLPipeline)"
+        "supported are Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL "
+        "(StableDiffusionXLPipeline) and FLUX.1 (FluxPipeline)"
     )
 
 

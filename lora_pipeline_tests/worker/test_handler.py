@@ -109,12 +109,22 @@ def test_unknown_model_family_in_the_request_is_refused(store, sample_dataset: s
 
 
 def test_base_model_of_an_unknown_family_is_refused(store, sample_dataset: str, tmp_path: Path, no_training) -> None:
-    folder = tmp_path / "flux"
-    (folder / "unet").mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    (folder / "unet" / "config.json").write_text("{}")
+    folder = tmp_path / "wan"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (folder / "transformer" / "config.json").write_text("{}")
     result = handler({"id": "j", "input": request_dict(store, sample_dataset, base_model=str(folder))})
-    assert "unknown model family" in result["error"] and "FluxPipeline" in result["error"]
+    assert "unknown model family" in result["error"] and "WanPipeline" in result["error"]
+
+
+def test_a_flux1_folder_without_its_transformer_config_is_refused_before_training(
+    store, sample_dataset: str, tmp_path: Path, no_training
+) -> None:
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, base_model=str(folder))})
+    assert "transformer/config.json" in result["error"]
 
 
 def test_family_mismatch_between_request_and_model_is_refused(store, sample_dataset: str, no_training) -> None:
