@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lora_pipeline.registry.names import validate_style
 
-ModelFamily = Literal["sd1", "sd2", "sdxl", "flux1"]
+ModelFamily = Literal["sd1", "sd2", "sdxl", "flux1", "sd3"]
 # Base models built in code (random weights; tests, the demo, CPU benchmarks): `tiny` is SD 1.x.
-TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-flux1")
-FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1"]
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-flux1", "tiny-sd3")
+FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "sd3"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit"]
 

@@ -130,6 +130,10 @@ def ensure_named_tiny_model(name: str, cache: Path | None = None) -> Path:
         from lora_pipeline.worker.families.flux1 import build_random
 
         return ensure_built(cache / f"tiny-flux1-v{TINY_MODEL_VERSION}", build_random, "flux1")
+    if name == "tiny-sd3":
+        from lora_pipeline.worker.families import sd3
+
+        return ensure_built(cache / f"tiny-sd3-v{TINY_MODEL_VERSION}", sd3.build_random, "sd3")
     raise ValueError(f"no tiny model {name!r}; built in code are {', '.join(TINY_MODELS)}")
 
 

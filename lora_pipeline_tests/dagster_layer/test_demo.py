@@ -88,16 +88,20 @@ def test_materializing_all_three_assets_yields_a_trained_lora_in_the_registry(st
     assert all(check.passed for check in result.get_asset_check_evaluations())
 
 
-def test_demo_on_tiny_flux1_ends_in_a_completed_version_whose_files_registry_download_hands_out(
-    store_dir, model_cache, tmp_path
+@pytest.mark.parametrize(
+    ("base_model", "family", "architecture"),
+    [("tiny-flux1", "flux1", "flux-1-dev/lora"), ("tiny-sd3", "sd3", "stable-diffusion-v3-medium/lora")],
+)
+def test_demo_on_a_transformer_family_ends_in_a_completed_version_whose_files_registry_download_hands_out(
+    base_model, family, architecture, store_dir, model_cache, tmp_path
 ):
-    """`lora-pipeline demo --base-model tiny-flux1`: the whole chain on FLUX.1; the primary (kohya)
-    file names the family, and `registry download` gives both layouts, checksum verified."""
+    """`lora-pipeline demo --base-model tiny-<family>`: the whole chain; the primary (kohya) file
+    names the family, and `registry download` gives both layouts, checksum verified."""
     import json
 
     from safetensors import safe_open
 
-    result = run_demo(base_model="tiny-flux1", timeout_s=900, poll_interval_s=0.5, echo=lambda _m: None)
+    result = run_demo(base_model=base_model, timeout_s=900, poll_interval_s=0.5, echo=lambda _m: None)
 
     [version] = result.document.versions
     assert version.status is VersionStatus.completed
@@ -111,7 +115,7 @@ def test_demo_on_tiny_flux1_ends_in_a_completed_version_whose_files_registry_dow
         assert json.loads(got.output)["verified"] is True
         with safe_open(str(out), framework="pt") as handle:
             meta = handle.metadata()
-        assert meta["lora_pipeline.family"] == "flux1" and meta["lora_pipeline.base_model"] == "tiny-flux1"
+        assert meta["lora_pipeline.family"] == family and meta["lora_pipeline.base_model"] == base_model
     assert meta["lora_pipeline.layout"] == "diffusers"
     with safe_open(str(tmp_path / "kohya.safetensors"), framework="pt") as handle:
-        assert handle.metadata()["modelspec.architecture"] == "flux-1-dev/lora"
+        assert handle.metadata()["modelspec.architecture"] == architecture

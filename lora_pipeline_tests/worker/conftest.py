@@ -144,3 +144,11 @@ def tiny_flux1_model(model_cache: Path) -> Path:
     from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
 
     return ensure_named_tiny_model("tiny-flux1", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_model(model_cache: Path) -> Path:
+    """SD3-shaped (MMDiT, two CLIPs + T5) at tiny sizes."""
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
+
+    return ensure_named_tiny_model("tiny-sd3", model_cache)

@@ -19,7 +19,8 @@ from lora_pipeline.worker.artifact import ArtifactFacts, provenance_metadata, wr
 from lora_pipeline.worker.checkpoint import StoreCheckpointer
 from lora_pipeline.worker.data import Example, decode_image
 from lora_pipeline.worker.families import family_for
-from lora_pipeline.worker.families.flux1 import Flux1, bfl_module, fuse_lora
+from lora_pipeline.worker.families.flow import fuse_lora
+from lora_pipeline.worker.families.flux1 import Flux1, bfl_module
 from lora_pipeline.worker.family import denoiser_config, detect_family
 from lora_pipeline.worker.kohya import KohyaNameError
 from lora_pipeline.worker.train import train_lora
@@ -274,25 +275,11 @@ def test_the_kohya_file_loads_whole_under_comfyuis_flux_rules_with_the_trained_d
     )
     base = FluxTransformer2DModel.from_pretrained(tiny_flux1_model, subfolder="transformer").state_dict()
     scale = outcome.adapter_configs["transformer"]["lora_alpha"] / outcome.adapter_configs["transformer"]["r"]
-    trained_weights = dict(base)
-    for key, down in outcome.denoiser_lora.items():
-        if key.endswith(".lora_A.weight"):
-            name = key[: -len(".lora_A.weight")]
-            up = outcome.denoiser_lora[name + ".lora_B.weight"]
-            trained_weights[name + ".weight"] = base[name + ".weight"] + scale * up @ down
+    trained_weights = comfy_rules.with_lora(base, outcome.denoiser_lora, scale)
     base_bfl, expected_bfl = comfy_rules.to_bfl(base, mapping), comfy_rules.to_bfl(trained_weights, mapping)
-
-    key_map = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): "diffusion_model." + k for k in base_bfl}
-    key_map.update(comfy_rules.clip_key_map({"clip_l": 5}))
-    patches, not_loaded = comfy_rules.load_lora(load_file(str(kohya_file)), key_map)
+    patched, not_loaded = comfy_rules.apply_kohya_lora(load_file(str(kohya_file)), base_bfl, {"clip_l": 5})
     assert not_loaded == []
-    patched = dict(base_bfl)
-    for target, patch in patches.items():
-        if target.startswith("diffusion_model."):
-            rank = patch.down.shape[0]
-            key = target[len("diffusion_model.") :]
-            patched[key] = patched[key] + (patch.alpha / rank) * patch.up.float() @ patch.down.float()
-    assert any(k.endswith("linear1.weight") for k in (p[len("diffusion_model.") :] for p in patches))
+    assert not torch.equal(patched["single_blocks.0.linear1.weight"], base_bfl["single_blocks.0.linear1.weight"])
     for key, value in expected_bfl.items():
         torch.testing.assert_close(patched[key], value, rtol=1e-5, atol=1e-6, msg=key)
 

@@ -10,11 +10,15 @@ dynamically by resolution, as FLUX's does), and train ``noise - latents`` at
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from lora_pipeline.worker.families.base import Family, Loaded
+from lora_pipeline.worker.kohya import KohyaNameError
+
+LoraPair = Mapping[str, torch.Tensor]  # {"down": …, "up": …}
 
 
 class FlowMatching(Family):
@@ -62,3 +66,62 @@ class FlowMatching(Family):
 
     def prediction_type(self) -> str:
         return "flow"
+
+
+# -- kohya files of transformers whose original modules fuse what diffusers splits ---------
+
+
+def fused_groups(
+    modules: Mapping[str, LoraPair], original_name: Callable[[str], tuple[str, str | None]]
+) -> dict[str, dict[str, LoraPair]]:
+    """The diffusers ``modules`` grouped by the original (BFL, MMDiT) module each belongs to:
+    original name → {part (the diffusers module inside it; the module itself when unfused): pair}."""
+    groups: dict[str, dict[str, LoraPair]] = {}
+    for module, pair in modules.items():
+        original, part = original_name(module)
+        groups.setdefault(original, {})[part or module] = pair
+    return groups
+
+
+def fused_kohya_tensors(
+    groups: Mapping[str, Mapping[str, LoraPair]],
+    alpha: float,
+    parts_of: Callable[[str], tuple[str, ...] | None],
+    sizes: Mapping[str, int],
+) -> dict[str, torch.Tensor]:
+    """sd-scripts' tensors (``lora_unet_<original path>``) of ``groups``; a fused module's LoRA is
+    its parts' (``fuse_lora``), an unfused one's its own."""
+    tensors: dict[str, torch.Tensor] = {}
+    for original, parts in sorted(groups.items()):
+        name = "lora_unet_" + original.replace(".", "_")
+        order = parts_of(original)
+        if order is None:
+            pair = next(iter(parts.values()))
+            down, up, scale = pair["down"], pair["up"], 1.0
+        else:
+            down, up, scale = fuse_lora([parts.get(p) for p in order], [sizes[p] for p in order])
+        tensors[f"{name}.lora_down.weight"] = down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha) * scale)
+    return tensors
+
+
+def fuse_lora(parts: Sequence[LoraPair | None], sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One LoRA on a fused layer from its parts' LoRAs (None: that part is not adapted):
+    ``down`` stacked, ``up`` block-diagonal (zero rows for an unadapted part). Returns
+    (down, up, alpha factor): the fused rank is the sum of the parts', so alpha grows by the
+    same factor to keep every part's alpha/rank."""
+    present = [p for p in parts if p is not None]
+    rank = present[0]["down"].shape[0]
+    down = torch.cat([p["down"] for p in present], dim=0)
+    up = torch.zeros(sum(sizes), down.shape[0], dtype=down.dtype)
+    row = col = 0
+    for pair, size in zip(parts, sizes, strict=True):
+        if pair is not None:
+            if pair["up"].shape[0] != size:
+                raise KohyaNameError(f"a fused part has {pair['up'].shape[0]} outputs, its layer {size}")
+            r = pair["down"].shape[0]
+            up[row : row + size, col : col + r] = pair["up"]
+            col += r
+        row += size
+    return down, up, down.shape[0] / rank

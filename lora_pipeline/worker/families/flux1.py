@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from lora_pipeline.worker.families.base import Conditioning, Loaded, freeze, tokenize
-from lora_pipeline.worker.families.flow import FlowMatching
+from lora_pipeline.worker.families.flow import FlowMatching, LoraPair, fused_groups, fused_kohya_tensors
 from lora_pipeline.worker.families.sd import ConfigReader
 from lora_pipeline.worker.kohya import KohyaNameError
 
@@ -60,8 +60,6 @@ _DOUBLE_FUSED = {
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
 _SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
-
-LoraPair = Mapping[str, torch.Tensor]  # {"down": …, "up": …}
 
 
 class Flux1(FlowMatching):
@@ -150,22 +148,8 @@ class Flux1(FlowMatching):
         sizes = {"attn.to_q": hidden, "attn.to_k": hidden, "attn.to_v": hidden, "proj_mlp": 4 * hidden}
         sizes.update({"attn.add_q_proj": hidden, "attn.add_k_proj": hidden, "attn.add_v_proj": hidden})
         tensors = super().kohya_tensors({k: p for k, p in modules.items() if k[0] != "transformer"}, alpha, None)
-        groups: dict[str, dict[str, LoraPair]] = {}
-        for (component, module), pair in modules.items():
-            if component == "transformer":
-                bfl, part = bfl_module(module)
-                groups.setdefault(bfl, {})[part or module] = pair
-        for bfl, parts in sorted(groups.items()):
-            name = "lora_unet_" + bfl.replace(".", "_")
-            order = _fused_parts(bfl)
-            if order is None:
-                pair = next(iter(parts.values()))
-                down, up, scale = pair["down"], pair["up"], 1.0
-            else:
-                down, up, scale = fuse_lora([parts.get(p) for p in order], [sizes[p] for p in order])
-            tensors[f"{name}.lora_down.weight"] = down.contiguous()
-            tensors[f"{name}.lora_up.weight"] = up.contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(float(alpha) * scale)
+        groups = fused_groups({m: p for (c, m), p in modules.items() if c == "transformer"}, bfl_module)
+        tensors.update(fused_kohya_tensors(groups, alpha, _fused_parts, sizes))
         return tensors
 
     @classmethod
@@ -201,27 +185,6 @@ def bfl_module(module: str) -> tuple[str, str | None]:
 def _fused_parts(bfl: str) -> tuple[str, ...] | None:
     last = bfl.split(".", 2)[-1]
     return _DOUBLE_FUSED.get(last) or _SINGLE_FUSED.get(last)
-
-
-def fuse_lora(parts: Sequence[LoraPair | None], sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One LoRA on a fused layer from its parts' LoRAs (None: that part is not adapted):
-    ``down`` stacked, ``up`` block-diagonal (zero rows for an unadapted part). Returns
-    (down, up, alpha factor): the fused rank is the sum of the parts', so alpha grows by the
-    same factor to keep every part's alpha/rank."""
-    present = [p for p in parts if p is not None]
-    rank = present[0]["down"].shape[0]
-    down = torch.cat([p["down"] for p in present], dim=0)
-    up = torch.zeros(sum(sizes), down.shape[0], dtype=down.dtype)
-    row = col = 0
-    for pair, size in zip(parts, sizes, strict=True):
-        if pair is not None:
-            if pair["up"].shape[0] != size:
-                raise KohyaNameError(f"a fused part has {pair['up'].shape[0]} outputs, its layer {size}")
-            r = pair["down"].shape[0]
-            up[row : row + size, col : col + r] = pair["up"]
-            col += r
-        row += size
-    return down, up, down.shape[0] / rank
 
 
 # -- a tiny FLUX.1 built in code ----------------------------------------------------------
