@@ -15,7 +15,8 @@ import click
     "--base-model",
     default="tiny",
     show_default=True,
-    help="Base model: one built in code (tiny = SD 1.x, tiny-sdxl, tiny-flux1), a folder, store:<prefix> or a hub id.",
+    help="Base model: one built in code (tiny = SD 1.x, tiny-sdxl, tiny-flux1, tiny-sd3), a folder, "
+    "store:<prefix> or a hub id.",
 )
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds to wait for training.")
 def demo(style: str, base_model: str, timeout_s: float) -> None:

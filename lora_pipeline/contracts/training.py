@@ -82,7 +82,7 @@ class TrainingRequest(BaseModel):
     dataset_hash: str = Field(pattern=r"^[0-9a-f]{8,128}$")
     base_model: str = Field(
         "tiny",
-        description="'tiny', 'tiny-sdxl', 'tiny-flux1' (built in code), a local folder, "
+        description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3' (built in code), a local folder, "
         "'store:<key prefix>' or a hub id.",
     )
     model_family: FamilyChoice = Field(

@@ -57,7 +57,7 @@ class TrainingConfig(dg.Config):
 
     base_model: str = Field(
         "tiny",
-        description="'tiny', 'tiny-sdxl', 'tiny-flux1' (built in code), a local diffusers folder, "
+        description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3' (built in code), a local diffusers folder, "
         "'store:<prefix>' or a hub id.",
     )
     params: TrainingParamsConfig = Field(
