@@ -70,16 +70,19 @@ class DemoResult:
 def run_demo(
     style: str = "sample_style",
     *,
+    base_model: str = "tiny",
     timeout_s: float = 300.0,
     poll_interval_s: float = 1.0,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
     """Materialize the dataset, train, let a sensor notice completion, record it."""
     with quiet_dagster():
-        return _run_demo(style, timeout_s=timeout_s, poll_interval_s=poll_interval_s, echo=echo)
+        return _run_demo(style, base_model, timeout_s=timeout_s, poll_interval_s=poll_interval_s, echo=echo)
 
 
-def _run_demo(style: str, *, timeout_s: float, poll_interval_s: float, echo: Callable[[str], None]) -> DemoResult:
+def _run_demo(
+    style: str, base_model: str, *, timeout_s: float, poll_interval_s: float, echo: Callable[[str], None]
+) -> DemoResult:
     from lora_pipeline.definitions import defs
 
     started = time.monotonic()
@@ -98,11 +101,13 @@ def _run_demo(style: str, *, timeout_s: float, poll_interval_s: float, echo: Cal
             ),
         )
 
-        echo("[2/4] running train_lora (submits the job to the training backend)")
+        echo(f"[2/4] running train_lora on {base_model} (submits the job to the training backend)")
         train = defs.resolve_job_def("train_lora").execute_in_process(
             instance=instance,
             partition_key=style,
-            run_config=quiet({"ops": {"submit_lora_training": {"config": {"wait_for_completion": False}}}}),
+            run_config=quiet(
+                {"ops": {"submit_lora_training": {"config": {"wait_for_completion": False, "base_model": base_model}}}}
+            ),
             raise_on_error=False,
         )
         _check("train_lora", train)

@@ -57,7 +57,8 @@ class TrainingConfig(dg.Config):
 
     base_model: str = Field(
         "tiny",
-        description="'tiny' (built in code), a local diffusers folder, 'store:<prefix>' or a hub id.",
+        description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3' (built in code), a local diffusers folder, "
+        "'store:<prefix>' or a hub id.",
     )
     params: TrainingParamsConfig = Field(
         default_factory=TrainingParamsConfig,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from lora_pipeline.backends.base import ExecutionPolicy, RunPodError, SubmitOutcomeUnknown, TrainingBackend
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
-from lora_pipeline.contracts.training import TrainingParams, TrainingRequest
+from lora_pipeline.contracts.training import TINY_MODELS, TrainingParams, TrainingRequest
 from lora_pipeline.dataset.versions import current_dataset
 from lora_pipeline.lifecycle.progress import ProgressWatch
 from lora_pipeline.registry.evidence import StoredLora, Submission
@@ -456,7 +456,7 @@ def job_run_key(job_id: str, status: str) -> str:
     return f"complete:{base_job_id(job_id)}:{status}"
 
 
-# Settings that make the built-in tiny model train in seconds on a CPU; a real
+# Settings that make the built-in tiny models (TINY_MODELS) train in seconds on a CPU; a real
 # base model gets TrainingParams' own defaults (SD1.5-class style LoRA).
 TINY_MODEL_PRESET: dict = {"resolution": 32, "max_train_steps": 30, "rank": 4, "learning_rate": 1e-3}
 
@@ -467,7 +467,7 @@ def training_params(base_model: str, overrides: dict) -> TrainingParams:
     Validated here, so a bad value fails the run before anything is submitted,
     with pydantic's message naming the field.
     """
-    preset = TINY_MODEL_PRESET if base_model == "tiny" else {}
+    preset = TINY_MODEL_PRESET if base_model in TINY_MODELS else {}
     return TrainingParams.model_validate({**preset, **overrides})
 
 

@@ -5,8 +5,9 @@ Every version the worker trains is published twice (README, "LoRA files"):
 * ``kohya``: the layout of kohya's sd-scripts, which ComfyUI, AUTOMATIC1111/Forge,
   kohya's own tools and LoRA managers load (``lora_unet_…``, ``lora_te_…``/
   ``lora_te1_…``/``lora_te2_…``, ``.lora_down``/``.lora_up`` + ``.alpha``);
-* ``diffusers``: the diffusers/peft layout ``load_lora_weights`` reads (``unet.…``,
-  ``text_encoder.…``, ``text_encoder_2.…``).
+* ``diffusers``: the diffusers/peft layout ``load_lora_weights`` reads (``unet.…`` or, for
+  the diffusion transformers (FLUX.1 …), ``transformer.…``; ``text_encoder.…``,
+  ``text_encoder_2.…``).
 
 A file's layout is read from its own tensor names (never from its name or a
 header value), so a file written by another tool, or an old one, is classified
@@ -31,7 +32,7 @@ CHECKSUM_KEY = "lora_pipeline.tensors_sha256"
 KOHYA_CHECKSUM_KEY = "sshs_model_hash"
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+_DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")
 
 
 def layout_of(tensor_names: Iterable[str]) -> str:

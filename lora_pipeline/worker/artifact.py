@@ -21,24 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from lora_pipeline.contracts.training import ModelFamily, TrainingParams
 from lora_pipeline.registry.layouts import CHECKSUM_KEY, DIFFUSERS, KOHYA
 from lora_pipeline.registry_store.lora_files import verify_local_file
-from lora_pipeline.worker.kohya import KohyaNameError, kohya_module_name
 
 META_PREFIX = "lora_pipeline."
 LAYOUT_KEY = META_PREFIX + "layout"  # kohya | diffusers: which file of the pair this is
 
 # The component prefixes diffusers' save_lora_weights writes.
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-# sd-scripts' implementation URL for an SDXL LoRA (its SGM UNet); "diffusers" for SD 1/2.
-_SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 _OPTIMIZER_CLASSES = {
     "adamw": "torch.optim.adamw.AdamW",
     "adamw_fused": "torch.optim.adamw.AdamW",
@@ -65,7 +62,8 @@ class ArtifactFacts:
     started_at: datetime
     finished_at: datetime
     final_loss: float | None
-    prediction_type: str = "epsilon"  # the base model's scheduler: epsilon or v_prediction
+    prediction_type: str = "epsilon"  # the base model's scheduler: epsilon or v_prediction; flow
+    variant: str = ""  # which model of the family, where the header tells them apart (FLUX.1: dev, schnell)
 
     @property
     def output_name(self) -> str:
@@ -99,13 +97,11 @@ def provenance_metadata(facts: ArtifactFacts) -> dict[str, str]:
         "created_at": facts.finished_at.astimezone(UTC).isoformat(),
         "started_at": facts.started_at.astimezone(UTC).isoformat(),
         "prediction_type": facts.prediction_type,
+        "variant": facts.variant,
         "tag_frequency": json.dumps(dict(facts.tag_frequency), sort_keys=True),
         "params": p.model_dump_json(),
     }
     return {META_PREFIX + key: value for key, value in ours.items()}
-
-
-_FAMILIES: dict[str, ModelFamily] = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
 
 
 def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
@@ -118,9 +114,9 @@ def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
             raise ValueError(f"not a lora_pipeline LoRA: its header has no {META_PREFIX + key}")
         return found
 
-    family = _FAMILIES.get(value("family"))
-    if family is None:
-        raise ValueError(f"{META_PREFIX}family: unknown family {value('family')!r}")
+    family = value("family")
+    if family not in get_args(ModelFamily):
+        raise ValueError(f"{META_PREFIX}family: unknown family {family!r}")
     return ArtifactFacts(
         style=value("style"),
         version=value("version"),
@@ -128,7 +124,7 @@ def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
         request_id=value("request_id"),
         dataset_hash=value("dataset_hash"),
         base_model=value("base_model"),
-        family=family,
+        family=family,  # type: ignore[arg-type]  # checked against ModelFamily above
         params=TrainingParams.model_validate_json(value("params")),
         steps=int(value("steps")),
         num_train_images=int(value("num_train_images")),
@@ -138,6 +134,7 @@ def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
         finished_at=datetime.fromisoformat(value("created_at")),
         final_loss=float(value("final_loss")) if value("final_loss") else None,
         prediction_type=value("prediction_type"),
+        variant=metadata.get(META_PREFIX + "variant", ""),  # files before FLUX.1 have none
     )
 
 
@@ -146,30 +143,14 @@ def kohya_metadata(facts: ArtifactFacts) -> dict[str, str]:
     writes them (``str()`` of its values: alpha as a float, timestamps in seconds with their
     fraction, the base model's folder name), for the kohya layout only."""
     # Long on purpose: one line per kohya/modelspec key, the whole table sd-scripts writes in one view.
+    from lora_pipeline.worker.families import family_class
+
     p = facts.params
-    family = facts.family
-    v_pred = facts.prediction_type == "v_prediction"
-    if family == "sdxl":
-        base_version, architecture, implementation = (
-            "sdxl_base_v1-0",
-            "stable-diffusion-xl-v1-base",
-            _SGM_IMPLEMENTATION,
-        )
-    else:
-        base_version = ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_pred else "")
-        architecture = (
-            ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512")
-            if family == "sd2"
-            else "stable-diffusion-v1"
-        )
-        implementation = "diffusers"
     lr = str(float(p.learning_rate))
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(p.rank),
         "ss_network_alpha": str(float(p.effective_alpha)),
-        "ss_base_model_version": base_version,
-        "ss_v2": str(family == "sd2"),
         "ss_sd_model_name": base_model_name(facts.base_model),
         "ss_num_train_images": str(facts.num_train_images),
         "ss_num_reg_images": "0",
@@ -199,13 +180,11 @@ def kohya_metadata(facts: ArtifactFacts) -> dict[str, str]:
         "ss_tag_frequency": json.dumps({facts.style: dict(facts.tag_frequency)}),
         "ss_training_comment": f"lora_pipeline dataset {facts.dataset_hash}",
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": implementation,
         "modelspec.title": facts.output_name,
         "modelspec.resolution": f"{p.resolution}x{p.resolution}",
         "modelspec.date": facts.finished_at.astimezone(UTC).replace(microsecond=0).isoformat(),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
     }
+    metadata.update(family_class(facts.family).kohya_model_version(facts.variant, facts.prediction_type))
     if p.trigger_word:
         metadata["modelspec.trigger_phrase"] = p.trigger_word
     return metadata
@@ -229,7 +208,7 @@ def base_model_name(base_model: str) -> str:
 def write_lora_file(
     path: Path,
     family: ModelFamily,
-    unet_lora: Mapping[str, object],
+    denoiser_lora: Mapping[str, object],
     metadata: Mapping[str, str],
     *,
     text_encoder_lora: Mapping[str, object] | None = None,
@@ -246,28 +225,26 @@ def write_lora_file(
     """
     from safetensors import safe_open
 
+    import diffusers
+
+    from lora_pipeline.worker.families import family_class
+
+    rules = family_class(family)
     with tempfile.TemporaryDirectory() as tmp:
         configs = {k: _jsonable(v) for k, v in (adapter_configs or {}).items()}
-        kwargs: dict[str, Any] = {"unet_lora_layers": dict(unet_lora), "safe_serialization": True}
-        if "unet" in configs:
-            kwargs["unet_lora_adapter_metadata"] = configs["unet"]
-        if text_encoder_lora:
-            kwargs["text_encoder_lora_layers"] = {_with_text_model(k): v for k, v in text_encoder_lora.items()}
-            if "text_encoder" in configs:
-                kwargs["text_encoder_lora_adapter_metadata"] = configs["text_encoder"]
-        save_lora_weights: Callable[..., None]  # the family's pipeline class's (signatures differ)
-        if family == "sdxl":
-            from diffusers import StableDiffusionXLPipeline
-
-            save_lora_weights = StableDiffusionXLPipeline.save_lora_weights
-            if text_encoder_2_lora:
-                kwargs["text_encoder_2_lora_layers"] = {_with_text_model(k): v for k, v in text_encoder_2_lora.items()}
-                if "text_encoder_2" in configs:
-                    kwargs["text_encoder_2_lora_adapter_metadata"] = configs["text_encoder_2"]
-        else:
-            from diffusers import StableDiffusionPipeline
-
-            save_lora_weights = StableDiffusionPipeline.save_lora_weights
+        layers: dict[str, Mapping[str, object]] = {rules.denoiser_component: denoiser_lora}
+        for component, encoder_lora in zip(
+            rules.text_encoder_components, (text_encoder_lora, text_encoder_2_lora), strict=False
+        ):
+            if encoder_lora:
+                layers[component] = {_with_text_model(k): v for k, v in encoder_lora.items()}
+        kwargs: dict[str, Any] = {"safe_serialization": True}
+        for component, component_layers in layers.items():
+            kwargs[f"{component}_lora_layers"] = dict(component_layers)
+            if component in configs:
+                kwargs[f"{component}_lora_adapter_metadata"] = configs[component]
+        # The family's pipeline class's: signatures differ by the components they name.
+        save_lora_weights = getattr(diffusers, rules.pipeline_class).save_lora_weights
         save_lora_weights(tmp, weight_name="lora.safetensors", **kwargs)
         saved = Path(tmp) / "lora.safetensors"
         with safe_open(str(saved), framework="pt") as handle:
@@ -278,35 +255,30 @@ def write_lora_file(
     return _save_with_checksum(tensors, path, header)
 
 
-def write_kohya_file(diffusers_file: Path, path: Path, *, unet_config: Mapping[str, Any] | None) -> Path:
+def write_kohya_file(diffusers_file: Path, path: Path, *, denoiser_config: Mapping[str, Any] | None) -> Path:
     """The kohya/A1111/ComfyUI layout of the LoRA in ``diffusers_file`` (one ``write_lora_file``
     wrote): the same tensors under sd-scripts' module names (``<name>.lora_down.weight``,
     ``.lora_up.weight``, ``.alpha``).
 
-    A function of that file alone (and the base model's ``unet/config.json``, which places
-    SDXL modules in SGM's blocks), so it can be derived again from a published diffusers
-    file. The header has the same ``lora_pipeline.*`` provenance, ``kohya_metadata`` of the
+    A function of that file alone (and the base model's denoiser config: the UNet's places
+    SDXL modules in SGM's blocks, FLUX.1's transformer's sizes its fused layers; the family
+    names the modules, ``Family.kohya_tensors``), so it can be derived again from a published
+    diffusers file. The header has the same ``lora_pipeline.*`` provenance, ``kohya_metadata`` of the
     facts it records, sd-scripts' ``sshs_model_hash``/``sshs_legacy_hash`` computed its
     way, the layout and the tensor checksum. Raises KohyaNameError for a module the kohya
     layout cannot name.
     """
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from lora_pipeline.worker.families import family_class
 
     with safe_open(str(diffusers_file), framework="pt") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys()}
         source = dict(handle.metadata() or {})
     facts = facts_from_provenance(source)
-    alpha = facts.params.effective_alpha
-    tensors: dict[str, Any] = {}
-    for (component, module), pair in sorted(_lora_modules(state).items()):
-        name = kohya_module_name(component, module, facts.family, unet_config)
-        if f"{name}.alpha" in tensors:
-            raise KohyaNameError(f"two modules are both named {name!r} in the kohya layout")
-        tensors[f"{name}.lora_down.weight"] = pair["down"].contiguous()
-        tensors[f"{name}.lora_up.weight"] = pair["up"].contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    rules = family_class(facts.family)
+    tensors = rules.kohya_tensors(_lora_modules(state), facts.params.effective_alpha, denoiser_config)
     header = {k: v for k, v in source.items() if k.startswith(META_PREFIX) and k not in (LAYOUT_KEY, CHECKSUM_KEY)}
     header.update(kohya_metadata(facts))
     # sd-scripts hashes a serialization whose header holds only the ss_* keys (networks/lora.py,

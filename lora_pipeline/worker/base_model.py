@@ -14,15 +14,17 @@ from pathlib import Path
 
 from lora_pipeline.storage.base import ObjectStore
 from lora_pipeline.worker.errors import WorkerInputError
-from lora_pipeline.worker.tiny_model import default_cache_dir, ensure_tiny_model
+from lora_pipeline.contracts.training import TINY_MODELS
+from lora_pipeline.worker.tiny_model import default_cache_dir, ensure_named_tiny_model
 
 STORE_SCHEME = "store:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def describe_source(base_model: str) -> str:
-    """``tiny`` | ``store`` | ``local`` | ``hub``; raises WorkerInputError when it is none of them."""
-    if base_model == "tiny":
+    """``tiny`` (one of the models built in code, ``TINY_MODELS``) | ``store`` | ``local`` | ``hub``;
+    raises WorkerInputError when it is none of them."""
+    if base_model in TINY_MODELS:
         return "tiny"
     if base_model.startswith(STORE_SCHEME):
         if not base_model[len(STORE_SCHEME) :].strip("/"):
@@ -35,7 +37,8 @@ def describe_source(base_model: str) -> str:
     if _HUB_ID.match(base_model):
         return "hub"
     raise WorkerInputError(
-        f"base_model: {base_model!r} is not 'tiny', an existing folder, 'store:<prefix>' or a hub id"
+        f"base_model: {base_model!r} is not one of {', '.join(TINY_MODELS)}, an existing folder, "
+        "'store:<prefix>' or a hub id"
     )
 
 
@@ -44,7 +47,7 @@ def resolve_base_model(base_model: str, store: ObjectStore | None, cache_dir: Pa
     cache = cache_dir or default_cache_dir()
     source = describe_source(base_model)
     if source == "tiny":
-        return ensure_tiny_model()
+        return ensure_named_tiny_model(base_model)
     if source == "local":
         return Path(base_model).expanduser()
     if source == "store":

@@ -1,9 +1,9 @@
-"""Which Stable Diffusion family a base model belongs to, read from its own config.
+"""Which family a base model belongs to, read from its own config.
 
 Training differs per family (SDXL has two text encoders and extra time
-conditioning; SD2 predicts velocity), so the worker decides from the model folder
-rather than trusting the request, and refuses a model it does not know how to train.
-Reads JSON only: no torch.
+conditioning; SD2 predicts velocity; the transformers match flows), so the worker
+decides from the model folder rather than trusting the request, and refuses a model
+it does not know how to train. Each family module's ``detect`` reads the JSON.
 """
 
 from __future__ import annotations
@@ -14,26 +14,25 @@ from pathlib import Path
 from lora_pipeline.contracts.training import FamilyChoice, ModelFamily
 from lora_pipeline.worker.errors import WorkerInputError
 
-_SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
-_SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
-
 
 def detect_family(model_dir: Path) -> ModelFamily:
-    """``sd1``, ``sd2`` or ``sdxl`` from ``model_index.json`` and ``unet/config.json``."""
+    """The family of the base model in ``model_dir``, from ``model_index.json`` and the
+    component configs, as each family module's ``detect`` reads them."""
+    from lora_pipeline.worker.families import FAMILIES
+
     index = _read_json(model_dir / "model_index.json", "model_index.json")
-    unet = _read_json(model_dir / "unet" / "config.json", "unet/config.json")
-    pipeline = index.get("_class_name")
-    if pipeline in _SDXL_PIPELINES or unet.get("addition_embed_type") == "text_time":
-        if "text_encoder_2" not in index:
-            raise WorkerInputError(f"base model at {model_dir} looks like SDXL but has no text_encoder_2")
-        return "sdxl"
-    if pipeline in _SD_PIPELINES:
-        # SD 2.x: OpenCLIP ViT-H text encoder (1024-wide cross-attention).
-        return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+
+    def config(relative: str) -> dict:
+        return _read_json(model_dir / relative, relative)
+
+    for family in FAMILIES:
+        found = family.detect(index, config)
+        if found is not None:
+            return found  # type: ignore[return-value]  # each detect answers one of its names
     raise WorkerInputError(
-        f"unknown model family: base model at {model_dir} is a {pipeline!r}; "
-        "supported are Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL "
-        "(StableDiffusionXLPipeline)"
+        f"unknown model family: base model at {model_dir} is a {index.get('_class_name')!r}; "
+        "supported are Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL "
+        "(StableDiffusionXLPipeline), FLUX.1 (FluxPipeline) and SD3/3.5 (StableDiffusion3Pipeline)"
     )
 
 
@@ -47,9 +46,13 @@ def prediction_type(model_dir: Path) -> str:
     return value if isinstance(value, str) and value else "epsilon"
 
 
-def unet_config(model_dir: Path) -> dict:
-    """The base model's ``unet/config.json`` (block layout, for the kohya module names)."""
-    return _read_json(model_dir / "unet" / "config.json", "unet/config.json")
+def denoiser_config(model_dir: Path) -> dict:
+    """The base model's ``unet/config.json`` (block layout, for the kohya module names), or its
+    ``transformer/config.json`` (widths of the layers the kohya layout fuses)."""
+    for relative in ("unet/config.json", "transformer/config.json"):
+        if (model_dir / relative).is_file():
+            return _read_json(model_dir / relative, relative)
+    raise WorkerInputError(f"base model at {model_dir} has neither unet/config.json nor transformer/config.json")
 
 
 def check_family(detected: ModelFamily, requested: FamilyChoice) -> ModelFamily:
@@ -64,11 +67,17 @@ def _read_json(path: Path, what: str) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise WorkerInputError(
-            f"base model at {path.parent if what == 'model_index.json' else path.parent.parent} "
-            f"is not a diffusers folder: {what} is missing"
+            f"base model at {_model_dir_of(path, what)} is not a diffusers folder: {what} is missing"
         ) from None
     except (OSError, ValueError) as exc:
         raise WorkerInputError(f"base model file {what} is unreadable: {exc}") from None
     if not isinstance(data, dict):
         raise WorkerInputError(f"base model file {what} is not a JSON object")
     return data
+
+
+def _model_dir_of(path: Path, relative: str) -> Path:
+    """The model folder ``path`` (the file ``relative`` inside it) belongs to."""
+    for _ in Path(relative).parts:
+        path = path.parent
+    return path

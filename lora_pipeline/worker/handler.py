@@ -124,7 +124,7 @@ class CheckedJob:
     examples: list[Example]
     model_dir: Path
     family: ModelFamily
-    unet_layout: dict[str, Any]
+    denoiser_layout: dict[str, Any]
     device: Any  # torch.device; not imported here, so that importing the handler stays torch-free
     checkpointer: StoreCheckpointer
 
@@ -167,7 +167,7 @@ def check_job(request: TrainingRequest, job_id: str, store: Any, key: str, repor
     report({"phase": "dataset"})
     params, examples = check_dataset(request, store)
     report({"phase": "base_model"})
-    model_dir, family, unet_layout = check_base_model(request, store)
+    model_dir, family, denoiser_layout = check_base_model(request, store)
     device = check_device(params)
 
     from lora_pipeline.storage.keys import checkpoint_prefix
@@ -175,7 +175,7 @@ def check_job(request: TrainingRequest, job_id: str, store: Any, key: str, repor
 
     checkpointer = StoreCheckpointer(store, checkpoint_prefix(request.style, request.version, request.request_id))
     return CheckedJob(
-        request, job_id, store, key, params, examples, model_dir, family, unet_layout, device, checkpointer
+        request, job_id, store, key, params, examples, model_dir, family, denoiser_layout, device, checkpointer
     )
 
 
@@ -201,26 +201,26 @@ def with_dataset_trigger(params: TrainingParams, dataset_trigger: str | None) ->
 
 
 def check_base_model(request: TrainingRequest, store: Any) -> tuple[Path, ModelFamily, dict[str, Any]]:
-    """The base model's folder, family and UNet layout; refused if the family is not the requested
-    one or (SDXL) the kohya file could not name its blocks."""
+    """The base model's folder, family and denoiser config (UNet or transformer); refused if the
+    family is not the requested one or (SDXL) the kohya file could not name its blocks."""
     from lora_pipeline.worker.base_model import resolve_base_model
-    from lora_pipeline.worker.family import check_family, detect_family, unet_config
+    from lora_pipeline.worker.family import check_family, detect_family, denoiser_config
 
     model_dir = resolve_base_model(request.base_model, store)
     family = check_family(detect_family(model_dir), request.model_family)
-    unet_layout = unet_config(model_dir)
+    denoiser_layout = denoiser_config(model_dir)
     if family == "sdxl":
-        check_kohya_layout(unet_layout)
-    return model_dir, family, unet_layout
+        check_kohya_layout(denoiser_layout)
+    return model_dir, family, denoiser_layout
 
 
-def check_kohya_layout(unet_layout: dict[str, Any]) -> None:
+def check_kohya_layout(denoiser_layout: dict[str, Any]) -> None:
     """The kohya file names SDXL modules by SGM block: a UNet without such names fails now, not
     after training."""
     from lora_pipeline.worker.kohya import KohyaNameError, check_unet_config
 
     try:
-        check_unet_config(unet_layout)
+        check_unet_config(denoiser_layout)
     except KohyaNameError as exc:
         raise WorkerInputError(f"base model: its UNet cannot be exported in the kohya layout: {exc}") from None
 
@@ -286,7 +286,7 @@ def publish_job(checked: CheckedJob, outcome: TrainOutcome, started_at: datetime
         lora_file = write_lora_file(
             Path(tmp) / "lora.safetensors",
             checked.family,
-            outcome.unet_lora,
+            outcome.denoiser_lora,
             metadata,
             text_encoder_lora=outcome.text_encoder_lora,
             text_encoder_2_lora=outcome.text_encoder_2_lora,
@@ -304,9 +304,10 @@ def artifact_facts(checked: CheckedJob, outcome: TrainOutcome, started_at: datet
     """What the LoRA file's header records about how it was made."""
     from lora_pipeline.worker.artifact import ArtifactFacts
     from lora_pipeline.worker.data import tag_frequency
-    from lora_pipeline.worker.family import prediction_type
+    from lora_pipeline.worker.families import family_for
 
     request = checked.request
+    rules = family_for(checked.family, checked.model_dir)
     return ArtifactFacts(
         style=request.style,
         version=request.version,
@@ -323,7 +324,8 @@ def artifact_facts(checked: CheckedJob, outcome: TrainOutcome, started_at: datet
         started_at=started_at,
         finished_at=datetime.now(UTC),
         final_loss=outcome.final_loss,
-        prediction_type=prediction_type(checked.model_dir),
+        prediction_type=rules.prediction_type(),
+        variant=rules.variant(),
     )
 
 
@@ -361,7 +363,7 @@ def publish_files(checked: CheckedJob, lora_file: Path, tmp: Path) -> dict[str, 
 
     store, key, request = checked.store, checked.key, checked.request
     # The kohya layout first (a companion: proves nothing alone), the diffusers file last.
-    kohya_file = write_kohya_file(lora_file, tmp / "kohya.safetensors", unet_config=checked.unet_layout)
+    kohya_file = write_kohya_file(lora_file, tmp / "kohya.safetensors", denoiser_config=checked.denoiser_layout)
     _publish_companion(store, checked.kohya_key, kohya_file, request)
     # Last, and create-only: a valid file here means "completed", and a version's
     # file is never replaced, not even by a second job of the same request.
@@ -373,7 +375,7 @@ def publish_files(checked: CheckedJob, lora_file: Path, tmp: Path) -> dict[str, 
             raise
         # Our kohya file may have replaced the winner's just before: derive it again from
         # the published diffusers file, so the pair holds one set of weights.
-        _republish_companion(store, key, checked.kohya_key, checked.unet_layout, request, tmp)
+        _republish_companion(store, key, checked.kohya_key, checked.denoiser_layout, request, tmp)
         return published
     return None
 
@@ -472,7 +474,7 @@ def _publish_companion(store: Any, key: str, path: Path, request: TrainingReques
 
 
 def _republish_companion(
-    store: Any, key: str, kohya_key: str, unet_layout: dict, request: TrainingRequest, tmp: Path
+    store: Any, key: str, kohya_key: str, denoiser_layout: dict, request: TrainingRequest, tmp: Path
 ) -> None:
     """The kohya file derived from the diffusers file published at ``key`` (by a twin job of this
     request), uploaded in place of whatever this job put there."""
@@ -481,7 +483,10 @@ def _republish_companion(
     published = tmp / "published.safetensors"
     store.download_file(key, published)
     _publish_companion(
-        store, kohya_key, write_kohya_file(published, tmp / "republished.safetensors", unet_config=unet_layout), request
+        store,
+        kohya_key,
+        write_kohya_file(published, tmp / "republished.safetensors", denoiser_config=denoiser_layout),
+        request,
     )
 
 

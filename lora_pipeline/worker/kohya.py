@@ -48,6 +48,9 @@ _TEXT_PREFIXES = {
     ("sd2", "text_encoder"): "lora_te",
     ("sdxl", "text_encoder"): "lora_te1",
     ("sdxl", "text_encoder_2"): "lora_te2",
+    ("flux1", "text_encoder"): "lora_te1",  # sd-scripts' FLUX.1: CLIP-L is te1 (T5, te3, is not trained here)
+    ("sd3", "text_encoder"): "lora_te1",  # sd-scripts' SD3: CLIP-L, CLIP-G (T5, te3, is not trained here)
+    ("sd3", "text_encoder_2"): "lora_te2",
 }
 
 

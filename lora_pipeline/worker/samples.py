@@ -33,18 +33,15 @@ def generate_samples(
     """PNG bytes of one image per prompt, generated with the LoRA loaded."""
     if not prompts:
         return []
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from lora_pipeline.worker.families import family_for
 
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    rules = family_for(family, model_dir)
     dtype = (
         torch.bfloat16
         if params.mixed_precision == "bf16"
         else (torch.float16 if params.mixed_precision == "fp16" else torch.float32)
     )
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family != "sdxl" else {}
-    pipe = pipeline_cls.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
-    if family == "sdxl":
-        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    pipe = rules.sampling_pipeline(dtype)
     pipe.load_lora_weights(str(lora_file))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -57,6 +54,7 @@ def generate_samples(
             height=params.resolution,
             width=params.resolution,
             generator=generator,
+            **rules.sample_kwargs(),
         ).images[0]
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

@@ -14,11 +14,16 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from lora_pipeline.contracts.training import TINY_MODELS
 from lora_pipeline.settings import get_settings
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 # Bump when the tiny architecture or weights change, so stale caches are not reused.
 TINY_MODEL_VERSION = 1
@@ -82,6 +87,23 @@ TINY_SD1 = RandomModelSpec(
 )
 
 
+# SDXL-shaped (two text encoders, text_time conditioning) at the tiny SD1 sizes.
+TINY_SDXL = RandomModelSpec(
+    family="sdxl",
+    unet=dict(
+        TINY_SD1.unet,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        use_linear_projection=True,
+        attention_head_dim=(2, 4),
+    ),
+    vae=TINY_SD1.vae,
+    text_encoder=TINY_SD1.text_encoder,
+)
+
+
 def default_cache_dir() -> Path:
     """The setting ``LORA_PIPELINE_CACHE``, else ``~/.cache/lora_pipeline``."""
     return get_settings().cache_dir
@@ -97,8 +119,31 @@ def ensure_tiny_model(dir: Path | None = None) -> Path:  # noqa: A002 - the cont
     return ensure_random_model(TINY_SD1, target)
 
 
+def ensure_named_tiny_model(name: str, cache: Path | None = None) -> Path:
+    """The folder of the tiny model ``name`` (one of ``TINY_MODELS``), built on first use."""
+    cache = cache or default_cache_dir()
+    if name == "tiny":
+        return ensure_tiny_model(cache / f"tiny-sd1-v{TINY_MODEL_VERSION}")
+    if name == "tiny-sdxl":
+        return ensure_random_model(TINY_SDXL, cache / f"tiny-sdxl-v{TINY_MODEL_VERSION}")
+    if name == "tiny-flux1":
+        from lora_pipeline.worker.families.flux1 import build_random
+
+        return ensure_built(cache / f"tiny-flux1-v{TINY_MODEL_VERSION}", build_random, "flux1")
+    if name == "tiny-sd3":
+        from lora_pipeline.worker.families import sd3
+
+        return ensure_built(cache / f"tiny-sd3-v{TINY_MODEL_VERSION}", sd3.build_random, "sd3")
+    raise ValueError(f"no tiny model {name!r}; built in code are {', '.join(TINY_MODELS)}")
+
+
 def ensure_random_model(spec: RandomModelSpec, target: Path) -> Path:
-    """Build ``spec`` into ``target`` unless a finished build is already there.
+    """Build ``spec`` into ``target`` unless a finished build is already there."""
+    return ensure_built(target, lambda folder: build_random_model(folder, spec), spec.family)
+
+
+def ensure_built(target: Path, build: Callable[[Path], None], family: str) -> Path:
+    """Run ``build(folder)`` into ``target`` unless a finished build is already there.
 
     The build writes to a temporary sibling and renames it into place, so
     concurrent callers (parallel tests, the local backend's subprocesses) never
@@ -110,8 +155,9 @@ def ensure_random_model(spec: RandomModelSpec, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_random_model(staging, spec)
-        (staging / _DONE_MARKER).write_text(json.dumps({"version": TINY_MODEL_VERSION, "family": spec.family}))
+        build(staging)
+        shutil.rmtree(staging / "_tokenizer_src", ignore_errors=True)
+        (staging / _DONE_MARKER).write_text(json.dumps({"version": TINY_MODEL_VERSION, "family": family}))
         try:
             staging.rename(target)
         except OSError:
@@ -155,27 +201,34 @@ def write_tiny_tokenizer_files(folder: Path) -> int:
     return len(vocab)
 
 
+def tiny_tokenizer(folder: Path) -> tuple[CLIPTokenizer, dict[str, int]]:
+    """A CLIP tokenizer on the byte-level vocabulary written into ``folder`` (``ensure_built``
+    removes ``<model>/_tokenizer_src`` once the model is saved), and the token ids a text
+    encoder's config needs."""
+    from transformers import CLIPTokenizer
+
+    if not (folder / "vocab.json").is_file():
+        write_tiny_tokenizer_files(folder)
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    size = len(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+    return tokenizer, dict(bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1, vocab_size=size)
+
+
 def build_random_model(folder: Path, spec: RandomModelSpec) -> None:
     """Save a whole diffusers pipeline folder for ``spec`` (seeded random weights)."""
     # Long on purpose: the published configs of the tiny UNet, VAE and text encoder, one keyword per line.
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer_dir = folder / "_tokenizer_src"
-    vocab_size = write_tiny_tokenizer_files(tokenizer_dir)
+    _, vocab = tiny_tokenizer(tokenizer_dir)
 
     def tokenizer() -> CLIPTokenizer:
-        return CLIPTokenizer(
-            vocab=str(tokenizer_dir / "vocab.json"), merges=str(tokenizer_dir / "merges.txt"), model_max_length=77
-        )
+        return tiny_tokenizer(tokenizer_dir)[0]
 
     def text_config(kwargs: dict[str, Any]) -> CLIPTextConfig:
-        values: dict[str, Any] = dict(
-            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, vocab_size=vocab_size
-        )
-        values.update(kwargs)
-        return CLIPTextConfig(**values)
+        return CLIPTextConfig(**{**vocab, **kwargs})
 
     torch.manual_seed(spec.seed)
     unet = UNet2DConditionModel(**spec.unet)
@@ -218,4 +271,3 @@ def build_random_model(folder: Path, spec: RandomModelSpec) -> None:
             requires_safety_checker=False,
         )
     pipeline.save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(tokenizer_dir)

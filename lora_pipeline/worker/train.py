@@ -1,12 +1,14 @@
 """The training loop: diffusers' LoRA recipe, with the work that does not change done once.
 
-The recipe is diffusers' ``train_text_to_image_lora.py`` (peft ``LoraConfig`` +
-``unet.add_adapter``, trainable parameters in fp32, the noise-prediction MSE
-loss). What differs is where time goes: the VAE encodes each image once (its
+The recipe is diffusers' LoRA scripts' (peft ``LoraConfig`` + ``add_adapter`` on the
+UNet or transformer, trainable parameters in fp32, the MSE to the family's target).
+Everything that differs by model family (loading, captions, timesteps, target,
+conditioning) is the family's (``worker/families/``): this loop is family-free. What
+differs from the reference is where time goes: the VAE encodes each image once (its
 latent mean and std are cached and a fresh latent is sampled per step, as the
 reference does by re-encoding), text embeddings are computed once unless the text
-encoder trains, attention runs through PyTorch SDPA, the UNet is channels-last and
-optionally compiled, and AdamW is fused on CUDA.
+encoder trains, attention runs through PyTorch SDPA, a UNet is channels-last, the
+denoiser is optionally compiled, and AdamW is fused on CUDA.
 
 Every random draw of step ``s`` comes from a generator seeded by ``(seed, s)`` and
 batch order is a pure function of ``(seed, epoch)``, so a run resumed from a
@@ -40,6 +42,7 @@ from lora_pipeline.worker.data import (
     with_trigger,
 )
 from lora_pipeline.worker.errors import WorkerInputError
+from lora_pipeline.worker.families import Family, Loaded, family_for
 from lora_pipeline.worker.levers import (
     SpeedLevers,
     compile_unet,
@@ -69,7 +72,7 @@ class Checkpointer(Protocol):
 class TrainOutcome:
     """What training produced: LoRA layers in diffusers naming, per component."""
 
-    unet_lora: dict[str, torch.Tensor]
+    denoiser_lora: dict[str, torch.Tensor]  # the UNet's or the diffusion transformer's
     text_encoder_lora: dict[str, torch.Tensor] | None
     text_encoder_2_lora: dict[str, torch.Tensor] | None
     losses: list[float]
@@ -90,16 +93,6 @@ class TrainOutcome:
             return None
         tail = self.losses[-10:]
         return sum(tail) / len(tail)
-
-
-@dataclass
-class _Models:
-    family: ModelFamily
-    unet: Any
-    vae: Any
-    text_encoders: list[Any]
-    tokenizers: list[Any]
-    noise_scheduler: Any
 
 
 def pick_device() -> torch.device:
@@ -145,28 +138,7 @@ def run_fingerprint(params: TrainingParams, family: str, base_model: str, datase
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def load_models(model_dir: Path, family: ModelFamily, device: torch.device, dtype: torch.dtype) -> _Models:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-    path = str(model_dir)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=True)]
-    text_encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)]
-    if family == "sdxl":
-        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=True))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype))
-    # The VAE only encodes each image once, so fp32 costs little and avoids the SDXL
-    # VAE's fp16 overflow.
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
-    for module in (vae, unet, *text_encoders):
-        module.requires_grad_(False)
-        module.to(device)
-    return _Models(family, unet, vae, text_encoders, tokenizers, noise_scheduler)
-
-
-def add_lora(models: _Models, params: TrainingParams) -> list[torch.nn.Parameter]:
+def add_lora(models: Loaded, params: TrainingParams) -> list[torch.nn.Parameter]:
     """Attach peft LoRA adapters; return the trainable parameters (fp32), in a fixed order."""
     from peft import LoraConfig
 
@@ -176,10 +148,10 @@ def add_lora(models: _Models, params: TrainingParams) -> list[torch.nn.Parameter
         r=params.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(params.target_modules)
     )
     try:
-        models.unet.add_adapter(unet_config)
+        models.denoiser.add_adapter(unet_config)
     except ValueError as exc:
         raise WorkerInputError(f"params.target_modules: {exc}") from None
-    modules = [models.unet]
+    modules = [models.denoiser]
     if params.train_text_encoder:
         te_config = LoraConfig(
             r=params.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS
@@ -221,77 +193,47 @@ def make_optimizer(params: TrainingParams, trainable: Sequence[torch.nn.Paramete
     return torch.optim.AdamW(trainable, foreach=True, **kwargs)
 
 
-def _encode_prompts(
-    models: _Models, captions: Sequence[str], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings (and SDXL's pooled embedding), the way each family's training script does."""
-    if models.family != "sdxl":
-        ids = _tokenize(models.tokenizers[0], captions, device)
-        return models.text_encoders[0](ids, return_dict=False)[0], None
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(models.tokenizers, models.text_encoders, strict=True):
-        out = encoder(_tokenize(tokenizer, captions, device), output_hidden_states=True, return_dict=False)
-        pooled = out[0]
-        hidden.append(out[-1][-2])
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def _tokenize(tokenizer: Any, captions: Sequence[str], device: torch.device) -> torch.Tensor:
-    return tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-
-
 @dataclass
 class _Prepared:
     buckets: list[tuple[int, int]]
     latent_mean: list[torch.Tensor]
     latent_std: list[torch.Tensor]
-    time_ids: list[torch.Tensor]
     captions: list[str]
-    prompt_embeds: list[torch.Tensor] | None
-    pooled_embeds: list[torch.Tensor | None] | None  # None entries: a family without a pooled embedding
-
-    def pooled_at(self, index: int) -> torch.Tensor:
-        """SDXL's pooled prompt embedding of example ``index`` (cached with the prompt embeddings)."""
-        pooled = self.pooled_embeds[index] if self.pooled_embeds is not None else None
-        if pooled is None:
-            raise ValueError(f"no cached pooled prompt embedding for example {index}")
-        return pooled
+    # Per example, keyword → tensor (no batch dimension): what its image adds (SDXL's time ids)
+    # and, unless the text encoders train, its caption's embeddings.
+    conditioning: list[dict[str, torch.Tensor]]
+    text_cached: bool
 
 
 @torch.no_grad()
 def prepare_cache(
-    models: _Models, examples: Sequence[Example], params: TrainingParams, device: torch.device, dtype: torch.dtype
+    family: Family,
+    models: Loaded,
+    examples: Sequence[Example],
+    params: TrainingParams,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> _Prepared:
     """Encode every image once (latent mean/std) and, unless the text encoder trains, every caption."""
     import numpy as np
 
-    buckets, means, stds, time_ids = [], [], [], []
+    buckets, means, stds, conditioning = [], [], [], []
     for example in examples:
         bucket = bucket_for(example.image.size, params.resolution, params.enable_bucketing)
-        crop, (top, left) = resize_and_crop(example.image, bucket)
+        crop, top_left = resize_and_crop(example.image, bucket)
         pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         dist = models.vae.encode(pixels.unsqueeze(0).to(device)).latent_dist
         means.append(dist.mean[0].to(dtype))
         stds.append(dist.std[0].to(dtype))
         buckets.append(bucket)
-        w, h = example.image.size
-        time_ids.append(torch.tensor([h, w, top, left, bucket[1], bucket[0]], dtype=dtype, device=device))
+        extra = family.image_conditioning(example.image.size, bucket, top_left)
+        conditioning.append({k: torch.tensor(v, dtype=dtype, device=device) for k, v in extra.items()})
     captions = [with_trigger(e.caption, params.trigger_word) for e in examples]
-    prompt_embeds: list[torch.Tensor] | None = None
-    pooled: list[torch.Tensor | None] | None = None
     if not params.train_text_encoder:
-        prompt_embeds, pooled = [], []
-        for caption in captions:
-            embeds, pool = _encode_prompts(models, [caption], device)
-            prompt_embeds.append(embeds[0].to(dtype))
-            pooled.append(pool[0].to(dtype) if pool is not None else None)
-    return _Prepared(buckets, means, stds, time_ids, captions, prompt_embeds, pooled)
+        for caption, cond in zip(captions, conditioning, strict=True):
+            for key, value in family.encode_prompts(models, [caption], device).items():
+                cond[key] = value[0].to(dtype)
+    return _Prepared(buckets, means, stds, captions, conditioning, not params.train_text_encoder)
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -345,23 +287,16 @@ class _Batches:
         self.row = {index: row for ids in members.values() for row, index in enumerate(ids)}
         self.mean = {b: torch.stack([cache.latent_mean[i] for i in ids]) for b, ids in members.items()}
         self.std = {b: torch.stack([cache.latent_std[i] for i in ids]) for b, ids in members.items()}
-        self.time_ids = torch.stack(cache.time_ids)
-        self.embeds = torch.stack(cache.prompt_embeds) if cache.prompt_embeds is not None else None
-        pooled = cache.pooled_embeds
-        if pooled is not None and pooled[0] is not None:  # all tensors (SDXL), else all None
-            self.pooled: torch.Tensor | None = torch.stack([p for p in pooled if p is not None])
-        else:
-            self.pooled = None
+        keys = cache.conditioning[0].keys() if cache.conditioning else ()
+        self.conditioning = {k: torch.stack([c[k] for c in cache.conditioning]) for k in keys}
         # The per-example tensors become views of the stacked ones: the cache is not held twice.
         for bucket, ids in members.items():
             for row, index in enumerate(ids):
                 cache.latent_mean[index] = self.mean[bucket][row]
                 cache.latent_std[index] = self.std[bucket][row]
-        cache.time_ids = list(self.time_ids.unbind(0))
-        if self.embeds is not None:
-            cache.prompt_embeds = list(self.embeds.unbind(0))
-        if self.pooled is not None:
-            cache.pooled_embeds = list(self.pooled.unbind(0))
+        for index, cond in enumerate(cache.conditioning):
+            for key in keys:
+                cond[key] = self.conditioning[key][index]
 
     def get(self, index: int) -> _Batch:
         epoch = index // self.per_epoch
@@ -388,27 +323,19 @@ class _Batches:
             for ids, rows, on_device in zip(batches, flat[0].split(sizes), flat[1].split(sizes), strict=True)
         ]
 
-    def tensors(self, batch: _Batch, family: ModelFamily):
-        """(latent mean, latent std, prompt embeds or None, pooled or None, SDXL time ids or None)."""
-        cache, sdxl = self.cache, family == "sdxl"
+    def tensors(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(latent mean, latent std, cached conditioning) of the batch's examples."""
+        cache = self.cache
         if self.on_device:
             assert batch.rows is not None and batch.ids_on_device is not None  # set for an on-device cache
             mean = self.mean[batch.bucket].index_select(0, batch.rows)
             std = self.std[batch.bucket].index_select(0, batch.rows)
-            embeds = self.embeds.index_select(0, batch.ids_on_device) if self.embeds is not None else None
-            pooled = self.pooled.index_select(0, batch.ids_on_device) if sdxl and self.pooled is not None else None
-            time_ids = self.time_ids.index_select(0, batch.ids_on_device) if sdxl else None
-            return mean, std, embeds, pooled, time_ids
+            return mean, std, {k: v.index_select(0, batch.ids_on_device) for k, v in self.conditioning.items()}
         ids = batch.ids
         mean = torch.stack([cache.latent_mean[i] for i in ids])
         std = torch.stack([cache.latent_std[i] for i in ids])
-        embeds = pooled = time_ids = None
-        if cache.prompt_embeds is not None:
-            embeds = torch.stack([cache.prompt_embeds[i] for i in ids])
-            pooled = torch.stack([cache.pooled_at(i) for i in ids]) if sdxl else None
-        if sdxl:
-            time_ids = torch.stack([cache.time_ids[i] for i in ids])
-        return mean, std, embeds, pooled, time_ids
+        keys = cache.conditioning[ids[0]].keys()
+        return mean, std, {k: torch.stack([cache.conditioning[i][k] for i in ids]) for k in keys}
 
 
 def train_lora(
@@ -461,16 +388,17 @@ def _train(
     # and TrainOutcome on its own line.
     torch.manual_seed(params.seed)
     random.seed(params.seed)
-    models = load_models(model_dir, family, device, dtype)
-    cache = prepare_cache(models, examples, params, device, dtype)
+    rules = family_for(family, model_dir)
+    models = rules.load(device, dtype)
+    cache = prepare_cache(rules, models, examples, params, device, dtype)
     offload_cached_encoders(models, params, device)
-    trainable, optimizer = prepare_lora_training(models, params, levers, device)
+    trainable, optimizer = prepare_lora_training(rules, models, params, levers, device)
 
     state = resumable_state(checkpointer, fingerprint)
     if state is not None:
         batch_size = resumed_batch_size(state, params)
     elif levers.max_batch:
-        batch_size = _largest_fitting_batch(models, cache, params, levers, trainable, device, dtype)
+        batch_size = _largest_fitting_batch(rules, models, cache, params, levers, trainable, device, dtype)
     else:
         batch_size = params.train_batch_size
     batches = _Batches(
@@ -486,6 +414,7 @@ def _train(
 
     run = _Run(
         params,
+        rules,
         models,
         enter_training_mode(models, params, levers),
         cache,
@@ -502,9 +431,9 @@ def _train(
     )
     images_seen = _train_steps(run, start_step, losses, fingerprint, checkpointer, progress)
 
-    unet_lora, te_lora, te2_lora = _lora_layers(models, params)
+    denoiser_lora, te_lora, te2_lora = _lora_layers(models, params, peft_names=rules.peft_names)
     return TrainOutcome(
-        unet_lora=unet_lora,
+        denoiser_lora=denoiser_lora,
         text_encoder_lora=te_lora,
         text_encoder_2_lora=te2_lora,
         losses=losses,
@@ -513,7 +442,7 @@ def _train(
         resumed_from=start_step if state is not None else None,
         train_seconds=time.perf_counter() - started,
         device=str(device),
-        adapter_configs=adapter_configs(models, params),
+        adapter_configs=adapter_configs(rules, models, params),
         batch_size=batch_size,
         levers=levers.as_dict(),
     )
@@ -522,34 +451,37 @@ def _train(
 # -- prepare ------------------------------------------------------------------------
 
 
-def offload_cached_encoders(models: _Models, params: TrainingParams, device: torch.device) -> None:
+def offload_cached_encoders(models: Loaded, params: TrainingParams, device: torch.device) -> None:
     """Everything the cache replaced leaves the GPU: the VAE always, the text encoders unless
     they train. That memory is what the reference spends per step."""
     models.vae.to("cpu")
     if not params.train_text_encoder:
-        for encoder in models.text_encoders:
+        for encoder in (*models.text_encoders, *models.frozen_encoders):
             encoder.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def prepare_lora_training(
-    models: _Models, params: TrainingParams, levers: SpeedLevers, device: torch.device
+    family: Family, models: Loaded, params: TrainingParams, levers: SpeedLevers, device: torch.device
 ) -> tuple[list[torch.nn.Parameter], Any]:
-    """The LoRA adapters (initialised from the seed alone) and their optimizer, on a UNet in the
+    """The LoRA adapters (initialised from the seed alone) and their optimizer, on a denoiser in the
     memory layout the levers ask for; returns (trainable parameters, optimizer)."""
     if params.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
+        models.denoiser.enable_gradient_checkpointing()
         if params.train_text_encoder:
             for encoder in models.text_encoders:
                 encoder.gradient_checkpointing_enable()
     # Re-seeded here so the adapters' initial weights do not depend on what loading drew.
     torch.manual_seed(params.seed)
     trainable = add_lora(models, params)
-    if levers.channels_last:
-        models.unet.to(memory_format=torch.channels_last)
+    if levers.channels_last and family.channels_last:
+        models.denoiser.to(memory_format=torch.channels_last)
     if levers.fuse_qkv:
-        fuse_qkv(models.unet)
+        if family.fused_qkv:
+            fuse_qkv(models.denoiser)
+        else:
+            log.warning("levers.fuse_qkv: not implemented for %s attention; training unfused", family.name)
     return trainable, make_optimizer(params, trainable, device)
 
 
@@ -565,13 +497,13 @@ def make_lr_scheduler(params: TrainingParams, optimizer: Any, n_steps: int) -> A
     )
 
 
-def enter_training_mode(models: _Models, params: TrainingParams, levers: SpeedLevers) -> Any:
-    """The UNet to call (compiled when the levers say so), with every module in train or eval mode
-    as it trains or not."""
-    unet = compile_unet(models.unet, levers)
-    for module in (models.unet, *models.text_encoders):
-        module.train(params.train_text_encoder or module is models.unet)
-    return unet
+def enter_training_mode(models: Loaded, params: TrainingParams, levers: SpeedLevers) -> Any:
+    """The denoiser to call (compiled when the levers say so), with every module in train or eval
+    mode as it trains or not."""
+    denoiser = compile_unet(models.denoiser, levers)
+    for module in (models.denoiser, *models.text_encoders):
+        module.train(params.train_text_encoder or module is models.denoiser)
+    return denoiser
 
 
 # -- resume and checkpoint -------------------------------------------------------------
@@ -656,8 +588,9 @@ class _Run:
     """What every optimisation step uses, fixed before the first one."""
 
     params: TrainingParams
-    models: _Models
-    unet: Any  # models.unet, or its compiled form
+    family: Family
+    models: Loaded
+    denoiser: Any  # models.denoiser, or its compiled form
     cache: _Prepared
     batches: _Batches
     trainable: list[torch.nn.Parameter]
@@ -670,8 +603,6 @@ class _Run:
     batch_size: int
     n_steps: int
     autocast: Any = field(init=False)
-    prediction_type: str = field(init=False)
-    num_timesteps: int = field(init=False)
     scaling: float = field(init=False)  # the VAE's latent scaling and shift
     shift: float = field(init=False)
     # One generator on the device, re-seeded per micro-step: the draws of step s are a
@@ -680,10 +611,7 @@ class _Run:
 
     def __post_init__(self) -> None:
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        self.prediction_type = self.models.noise_scheduler.config.prediction_type
-        self.num_timesteps = self.models.noise_scheduler.config.num_train_timesteps
-        self.scaling = self.models.vae.config.scaling_factor
-        self.shift = getattr(self.models.vae.config, "shift_factor", None) or 0.0
+        self.scaling, self.shift = self.family.latent_transform(self.models)
         self.device_gen = torch.Generator(device=self.device) if self.levers.device_cache else None
 
 
@@ -752,10 +680,10 @@ def optimisation_step(run: _Run, step: int) -> tuple[torch.Tensor, int]:
 
 
 def _micro_batch_loss(run: _Run, batch: _Batch, step: int, micro: int) -> torch.Tensor:
-    """The noise-prediction MSE of one micro-batch, as diffusers' LoRA script computes it."""
-    models, family = run.models, run.models.family
-    mean, std, embeds, pooled, time_ids = run.batches.tensors(batch, family)
-    scheduler = models.noise_scheduler
+    """The MSE between the denoiser's prediction and the family's target on one micro-batch, as
+    the family's reference LoRA script computes it."""
+    family, models = run.family, run.models
+    mean, std, conditioning = run.batches.tensors(batch)
     latents, noise, timesteps = sample_noisy_inputs(
         mean,
         std,
@@ -763,25 +691,23 @@ def _micro_batch_loss(run: _Run, batch: _Batch, step: int, micro: int) -> torch.
         seed=run.params.seed,
         step=step,
         micro=micro,
-        num_timesteps=run.num_timesteps,
+        draw_timesteps=lambda n, gen, device: family.draw_timesteps(models, n, gen, device),
         scaling=run.scaling,
         shift=run.shift,
         device=run.device,
         device_gen=run.device_gen,
     )
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if run.levers.channels_last:
+    noisy, target = family.noisy_and_target(models, latents, noise, timesteps)
+    if run.levers.channels_last and family.channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     with run.autocast:
-        if embeds is None:
-            embeds, pooled = _encode_prompts(models, [run.cache.captions[i] for i in batch.ids], run.device)
-        added = {"text_embeds": pooled, "time_ids": time_ids} if family == "sdxl" else None
-        pred = run.unet(noisy, timesteps, embeds, added_cond_kwargs=added, return_dict=False)[0]
-    if run.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+        if not run.cache.text_cached:
+            conditioning.update(family.encode_prompts(models, [run.cache.captions[i] for i in batch.ids], run.device))
+        pred = family.predict(run.denoiser, noisy, timesteps, conditioning)
     return F.mse_loss(pred.float(), target.float())
+
+
+TimestepDraw = Callable[[int, torch.Generator, torch.device], torch.Tensor]
 
 
 def sample_noisy_inputs(
@@ -792,7 +718,7 @@ def sample_noisy_inputs(
     seed: int,
     step: int,
     micro: int,
-    num_timesteps: int,
+    draw_timesteps: TimestepDraw,
     scaling: float,
     shift: float,
     device: torch.device,
@@ -803,19 +729,20 @@ def sample_noisy_inputs(
     All come from a generator seeded by ``(seed, step, micro)`` and nothing else, so
     a resumed run draws exactly what the uninterrupted one did. ``device_gen`` draws
     on the device; without it the draws are made on the host and copied.
+    ``draw_timesteps(n, generator, generator's device)`` is the family's density.
     """
     if device_gen is not None:
         gen = device_gen.manual_seed(step_seed(seed, step, micro))
         eps = torch.randn(mean.shape, generator=gen, device=device).to(mean.dtype)
         latents = ((mean + std * eps) - shift) * scaling
         noise = torch.randn(latents.shape, generator=gen, device=device).to(latents.dtype)
-        timesteps = torch.randint(0, num_timesteps, (n,), generator=gen, device=device)
+        timesteps = draw_timesteps(n, gen, device)
     else:
         gen = step_generator(seed, step, micro)
         eps = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
         latents = ((mean + std * eps) - shift) * scaling
         noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-        timesteps = torch.randint(0, num_timesteps, (n,), generator=gen).to(device)
+        timesteps = draw_timesteps(n, gen, torch.device("cpu")).to(device)
     return latents, noise, timesteps
 
 
@@ -838,11 +765,12 @@ def _apply_gradients(run: _Run) -> None:
 # -- export -------------------------------------------------------------------------
 
 
-def adapter_configs(models: _Models, params: TrainingParams) -> dict[str, dict[str, Any]]:
-    """Each trained adapter's peft LoraConfig, for the file's header (alpha and rank as trained)."""
-    configs = {"unet": models.unet.peft_config["default"].to_dict()}
+def adapter_configs(family: Family, models: Loaded, params: TrainingParams) -> dict[str, dict[str, Any]]:
+    """Each trained adapter's peft LoraConfig, by pipeline component, for the file's header (alpha
+    and rank as trained)."""
+    configs = {family.denoiser_component: models.denoiser.peft_config["default"].to_dict()}
     if params.train_text_encoder:
-        for name, encoder in zip(("text_encoder", "text_encoder_2"), models.text_encoders, strict=False):
+        for name, encoder in zip(family.text_encoder_components, models.text_encoders, strict=False):
             configs[name] = encoder.peft_config["default"].to_dict()
     return configs
 
@@ -859,7 +787,8 @@ def _flush_losses(pending: list[tuple[int, torch.Tensor]], losses: list[float]) 
 
 
 def _largest_fitting_batch(
-    models: _Models,
+    family: Family,
+    models: Loaded,
     cache: _Prepared,
     params: TrainingParams,
     levers: SpeedLevers,
@@ -870,25 +799,19 @@ def _largest_fitting_batch(
     """Probe forward+backward at the largest bucket with growing batches; keep the largest that fits."""
     index = max(range(len(cache.buckets)), key=lambda i: cache.buckets[i][0] * cache.buckets[i][1])
     latent = cache.latent_mean[index]
-    num_timesteps = models.noise_scheduler.config.num_train_timesteps
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step(batch: int) -> None:
         try:
             with autocast:
-                if cache.prompt_embeds is not None:
-                    embeds = cache.prompt_embeds[index].expand(batch, -1, -1)
-                    pooled = cache.pooled_at(index).expand(batch, -1) if models.family == "sdxl" else None
-                else:
-                    embeds, pooled = _encode_prompts(models, [cache.captions[index]] * batch, device)
-                added = None
-                if models.family == "sdxl":
-                    added = {"text_embeds": pooled, "time_ids": cache.time_ids[index].expand(batch, -1)}
+                conditioning = {k: v.expand(batch, *v.shape) for k, v in cache.conditioning[index].items()}
+                if not cache.text_cached:
+                    conditioning.update(family.encode_prompts(models, [cache.captions[index]] * batch, device))
                 noisy = torch.randn((batch, *latent.shape), device=device, dtype=latent.dtype)
-                if levers.channels_last:
+                if levers.channels_last and family.channels_last:
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
-                timesteps = torch.randint(0, num_timesteps, (batch,), device=device)
-                pred = models.unet(noisy, timesteps, embeds, added_cond_kwargs=added, return_dict=False)[0]
+                timesteps = family.draw_timesteps(models, batch, torch.Generator(device=device), device)
+                pred = family.predict(models.denoiser, noisy, timesteps, conditioning)
             pred.float().square().mean().backward()
         finally:
             for param in trainable:
@@ -905,22 +828,25 @@ def _largest_fitting_batch(
     return largest_batch(fits, params.train_batch_size, cap)
 
 
-def _lora_layers(models: _Models, params: TrainingParams):
-    """``get_peft_model_state_dict`` → ``convert_state_dict_to_diffusers``, in fp32 on the CPU."""
+def _lora_layers(models: Loaded, params: TrainingParams, *, peft_names: bool = False):
+    """``get_peft_model_state_dict`` (→ ``convert_state_dict_to_diffusers`` unless ``peft_names``:
+    the transformer families' scripts save peft's ``lora_A``/``lora_B``), in fp32 on the CPU."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     def layers(module):
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        state = get_peft_model_state_dict(module)
+        if not peft_names:
+            state = convert_state_dict_to_diffusers(state)
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
-    unet = layers(models.unet)
+    denoiser = layers(models.denoiser)
     te = te2 = None
     if params.train_text_encoder:
         te = layers(models.text_encoders[0])
         if len(models.text_encoders) > 1:
             te2 = layers(models.text_encoders[1])
-    return unet, te, te2
+    return denoiser, te, te2
 
 
 def _rng_state() -> dict[str, Any]:

@@ -86,3 +86,36 @@ def test_materializing_all_three_assets_yields_a_trained_lora_in_the_registry(st
     assert by_asset["trained_lora"]["steps"].value == 30
     assert by_asset["lora_registry"]["latest_version"].value == "V1"
     assert all(check.passed for check in result.get_asset_check_evaluations())
+
+
+@pytest.mark.parametrize(
+    ("base_model", "family", "architecture"),
+    [("tiny-flux1", "flux1", "flux-1-dev/lora"), ("tiny-sd3", "sd3", "stable-diffusion-v3-medium/lora")],
+)
+def test_demo_on_a_transformer_family_ends_in_a_completed_version_whose_files_registry_download_hands_out(
+    base_model, family, architecture, store_dir, model_cache, tmp_path
+):
+    """`lora-pipeline demo --base-model tiny-<family>`: the whole chain; the primary (kohya) file
+    names the family, and `registry download` gives both layouts, checksum verified."""
+    import json
+
+    from safetensors import safe_open
+
+    result = run_demo(base_model=base_model, timeout_s=900, poll_interval_s=0.5, echo=lambda _m: None)
+
+    [version] = result.document.versions
+    assert version.status is VersionStatus.completed
+    assert set(version.files()) == {"kohya", "diffusers"}
+    for layout in ("kohya", "diffusers"):
+        out = tmp_path / f"{layout}.safetensors"
+        got = CliRunner().invoke(
+            main, ["registry", "download", "sample_style", "--format", layout, "-o", str(out), "--json"]
+        )
+        assert got.exit_code == 0, got.output
+        assert json.loads(got.output)["verified"] is True
+        with safe_open(str(out), framework="pt") as handle:
+            meta = handle.metadata()
+        assert meta["lora_pipeline.family"] == family and meta["lora_pipeline.base_model"] == base_model
+    assert meta["lora_pipeline.layout"] == "diffusers"
+    with safe_open(str(tmp_path / "kohya.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["modelspec.architecture"] == architecture

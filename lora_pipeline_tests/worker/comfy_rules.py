@@ -163,6 +163,13 @@ def lora_key_map(config: ComfyUnetConfig, clip: Mapping[str, int]) -> dict[str, 
     for d, s in sgm.items():
         if d.endswith(".weight"):
             key_map["lora_unet_" + d[: -len(".weight")].replace(".", "_")] = "diffusion_model." + s
+    key_map.update(clip_key_map(clip))
+    return key_map
+
+
+def clip_key_map(clip: Mapping[str, int]) -> dict[str, str]:
+    """The kohya text-encoder names ComfyUI maps (``model_lora_keys_clip``) for ``clip``."""
+    key_map: dict[str, str] = {}
     for b in range(max(clip.values(), default=0)):
         for layer, kohya in CLIP_LAYERS.items():
             for name, layers in clip.items():
@@ -175,6 +182,75 @@ def lora_key_map(config: ComfyUnetConfig, clip: Mapping[str, int]) -> dict[str, 
                 elif name == "clip_g" and "clip_l" in clip:
                     key_map[f"lora_te2_text_model_encoder_layers_{b}_{kohya}"] = target
     return key_map
+
+
+# -- FLUX.1 -------------------------------------------------------------------------------
+# comfy/utils.py ``flux_to_diffusers`` (v0.19.3): diffusers transformer weight → ComfyUI's (BFL)
+# weight, or (BFL weight, offset, rows) for a part of a fused one. ComfyUI's key map then
+# holds ``lora_unet_<BFL path>`` for every weight of its model (``model_lora_keys_unet``).
+FLUX_DOUBLE = {
+    "attn.to_out.0": "img_attn.proj",
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+FLUX_BASIC = {
+    "proj_out": "final_layer.linear",
+    "x_embedder": "img_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "context_embedder": "txt_in",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+}
+
+
+def flux_to_bfl(depth: int, depth_single: int, hidden: int) -> dict[str, str | tuple[str, int, int]]:
+    """diffusers ``<module>.weight`` → BFL ``<module>.weight`` or (that, row offset, rows)."""
+    out: dict[str, str | tuple[str, int, int]] = {}
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, part in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.img_attn.qkv.weight", hidden * j, hidden)
+        for j, part in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.txt_attn.qkv.weight", hidden * j, hidden)
+        for a, b in FLUX_DOUBLE.items():
+            out[f"{src}.{a}.weight"] = f"{dst}.{b}.weight"
+    for i in range(depth_single):
+        src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for j, part in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.linear1.weight", hidden * j, hidden)
+        out[f"{src}.proj_mlp.weight"] = (f"{dst}.linear1.weight", hidden * 3, hidden * 4)
+        for a, b in FLUX_SINGLE.items():
+            out[f"{src}.{a}.weight"] = f"{dst}.{b}.weight"
+    for a, b in FLUX_BASIC.items():
+        out[f"{a}.weight"] = f"{b}.weight"
+    return out
+
+
+def to_bfl(weights: Mapping[str, Any], mapping: Mapping[str, str | tuple[str, int, int]]) -> dict[str, Any]:
+    """A diffusers transformer's weights as ComfyUI's model (BFL's FLUX.1, SD3's MMDiT) holds them."""
+    import torch
+
+    parts: dict[str, list[tuple[int, Any]]] = {}
+    out: dict[str, Any] = {}
+    for key, target in mapping.items():
+        if key not in weights:
+            continue
+        if isinstance(target, tuple):
+            parts.setdefault(target[0], []).append((target[1], weights[key]))
+        else:
+            out[target] = weights[key]
+    for target, pieces in parts.items():
+        out[target] = torch.cat([w for _, w in sorted(pieces, key=lambda p: p[0])], dim=0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -197,3 +273,73 @@ def load_lora(lora: Mapping[str, Any], key_map: Mapping[str, str]) -> tuple[dict
         loaded.update(k for k in (up, down, alpha) if k in lora)
         patches[target] = Patch(target, lora[up], lora[down], value)
     return patches, sorted(k for k in lora if k not in loaded)
+
+
+# -- SD3 ----------------------------------------------------------------------------------
+# comfy/utils.py ``mmdit_to_diffusers`` (MMDIT_MAP_BLOCK, MMDIT_MAP_BASIC): the fused q/k/v are
+# ``depth × 64`` rows each; the last block's context modulation is swapped (not listed here).
+MMDIT_BLOCK = {
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "attn.to_add_out": "context_block.attn.proj",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "attn.to_out.0": "x_block.attn.proj",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+}
+MMDIT_BASIC = {
+    "context_embedder": "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "proj_out": "final_layer.linear",
+}
+
+
+def mmdit_to_mmdit(depth: int) -> dict[str, str | tuple[str, int, int]]:
+    """diffusers ``<module>.weight`` → MMDiT ``<module>.weight`` or (that, row offset, rows)."""
+    out: dict[str, str | tuple[str, int, int]] = {}
+    offset = depth * 64
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        for j, part in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.x_block.attn.qkv.weight", offset * j, offset)
+        for j, part in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.context_block.attn.qkv.weight", offset * j, offset)
+        for a, b in MMDIT_BLOCK.items():
+            if not (i == depth - 1 and a == "norm1_context.linear"):
+                out[f"{src}.{a}.weight"] = f"{dst}.{b}.weight"
+    for a, b in MMDIT_BASIC.items():
+        out[f"{a}.weight"] = f"{b}.weight"
+    return out
+
+
+def apply_kohya_lora(
+    lora: Mapping[str, Any], model: Mapping[str, Any], clip: Mapping[str, int]
+) -> tuple[dict[str, Any], list[str]]:
+    """ComfyUI's model weights (``model``: its diffusion model's, without ``diffusion_model.``)
+    patched with a kohya ``lora`` as ComfyUI does (every ``lora_unet_<path>`` of its model,
+    the kohya CLIP names; ``weight += alpha/rank · up @ down``), and the keys it did not load."""
+    key_map = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): "diffusion_model." + k for k in model}
+    key_map.update(clip_key_map(clip))
+    patches, not_loaded = load_lora(lora, key_map)
+    patched = dict(model)
+    for target, patch in patches.items():
+        if target.startswith("diffusion_model."):
+            key = target[len("diffusion_model.") :]
+            rank = patch.down.shape[0]
+            alpha = patch.alpha if patch.alpha is not None else rank
+            patched[key] = patched[key] + (alpha / rank) * patch.up.float() @ patch.down.float()
+    return patched, not_loaded
+
+
+def with_lora(weights: Mapping[str, Any], layers: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """diffusers ``weights`` with peft-named LoRA ``layers`` (``<module>.lora_A/B.weight``) merged at ``scale``."""
+    out = dict(weights)
+    for key, down in layers.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            out[name + ".weight"] = out[name + ".weight"] + scale * layers[name + ".lora_B.weight"] @ down
+    return out

@@ -133,20 +133,22 @@ def request_dict(store: LocalStore, digest: str, **overrides) -> dict:
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(model_cache: Path) -> Path:
     """SDXL-shaped (two text encoders, text_time conditioning) at tiny sizes."""
-    from lora_pipeline.worker.tiny_model import TINY_SD1, RandomModelSpec, ensure_random_model
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
 
-    spec = RandomModelSpec(
-        family="sdxl",
-        unet=dict(
-            TINY_SD1.unet,
-            cross_attention_dim=64,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=80,
-            use_linear_projection=True,
-            attention_head_dim=(2, 4),
-        ),
-        vae=TINY_SD1.vae,
-        text_encoder=TINY_SD1.text_encoder,
-    )
-    return ensure_random_model(spec, model_cache / "tiny-sdxl")
+    return ensure_named_tiny_model("tiny-sdxl", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux1_model(model_cache: Path) -> Path:
+    """FLUX.1-dev-shaped (guidance embedding, CLIP + T5, packed latents) at tiny sizes."""
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
+
+    return ensure_named_tiny_model("tiny-flux1", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_model(model_cache: Path) -> Path:
+    """SD3-shaped (MMDiT, two CLIPs + T5) at tiny sizes."""
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
+
+    return ensure_named_tiny_model("tiny-sd3", model_cache)

@@ -67,7 +67,7 @@ def lora_file(outcome: TrainOutcome, tmp_path_factory) -> Path:
     return write_lora_file(
         path,
         "sd1",
-        outcome.unet_lora,
+        outcome.denoiser_lora,
         provenance_metadata(_facts(outcome)),
         text_encoder_lora=outcome.text_encoder_lora,
         adapter_configs=outcome.adapter_configs,
@@ -76,10 +76,10 @@ def lora_file(outcome: TrainOutcome, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def kohya_file(lora_file: Path, tiny_model: Path) -> Path:
-    from lora_pipeline.worker.family import unet_config
+    from lora_pipeline.worker.family import denoiser_config
 
     return write_kohya_file(
-        lora_file, lora_file.with_name("geo_v3_kohya.safetensors"), unet_config=unet_config(tiny_model)
+        lora_file, lora_file.with_name("geo_v3_kohya.safetensors"), denoiser_config=denoiser_config(tiny_model)
     )
 
 
@@ -163,9 +163,9 @@ def test_the_kohya_file_is_a_function_of_the_diffusers_file(
     lora_file: Path, kohya_file: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     """A twin job that lost the race derives the winner's kohya file again from its diffusers file."""
-    from lora_pipeline.worker.family import unet_config
+    from lora_pipeline.worker.family import denoiser_config
 
-    again = write_kohya_file(lora_file, tmp_path / "again.safetensors", unet_config=unet_config(tiny_model))
+    again = write_kohya_file(lora_file, tmp_path / "again.safetensors", denoiser_config=denoiser_config(tiny_model))
     (header, data_sha, _), (first, first_sha, _) = verify_local_file(again), verify_local_file(kohya_file)
     # safetensors writes header entries in hash-map order, so compare them parsed; the data is bytewise
     assert (header.tensors, header.metadata, data_sha) == (first.tensors, first.metadata, first_sha)
@@ -312,15 +312,15 @@ def test_sdxl_lora_with_both_text_encoders_loads_and_changes_the_output(tiny_sdx
     path = write_lora_file(
         tmp_path / "xl.safetensors",
         "sdxl",
-        outcome.unet_lora,
+        outcome.denoiser_lora,
         provenance_metadata(facts),
         text_encoder_lora=outcome.text_encoder_lora,
         text_encoder_2_lora=outcome.text_encoder_2_lora,
         adapter_configs=outcome.adapter_configs,
     )
-    from lora_pipeline.worker.family import unet_config
+    from lora_pipeline.worker.family import denoiser_config
 
-    kohya = write_kohya_file(path, tmp_path / "xl_kohya.safetensors", unet_config=unet_config(tiny_sdxl_model))
+    kohya = write_kohya_file(path, tmp_path / "xl_kohya.safetensors", denoiser_config=denoiser_config(tiny_sdxl_model))
     with safe_open(str(kohya), framework="pt") as handle:
         keys = list(handle.keys())
     assert {key.split("_")[1] for key in keys} == {"unet", "te1", "te2"}

@@ -109,12 +109,22 @@ def test_unknown_model_family_in_the_request_is_refused(store, sample_dataset: s
 
 
 def test_base_model_of_an_unknown_family_is_refused(store, sample_dataset: str, tmp_path: Path, no_training) -> None:
-    folder = tmp_path / "flux"
-    (folder / "unet").mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    (folder / "unet" / "config.json").write_text("{}")
+    folder = tmp_path / "wan"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (folder / "transformer" / "config.json").write_text("{}")
     result = handler({"id": "j", "input": request_dict(store, sample_dataset, base_model=str(folder))})
-    assert "unknown model family" in result["error"] and "FluxPipeline" in result["error"]
+    assert "unknown model family" in result["error"] and "WanPipeline" in result["error"]
+
+
+def test_a_flux1_folder_without_its_transformer_config_is_refused_before_training(
+    store, sample_dataset: str, tmp_path: Path, no_training
+) -> None:
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, base_model=str(folder))})
+    assert "transformer/config.json" in result["error"]
 
 
 def test_family_mismatch_between_request_and_model_is_refused(store, sample_dataset: str, no_training) -> None:
@@ -221,13 +231,15 @@ def _kohya_tensors_of(store, key: str) -> str:
 
     from lora_pipeline.registry_store.lora_files import verify_local_file
     from lora_pipeline.worker.artifact import write_kohya_file
-    from lora_pipeline.worker.family import unet_config
+    from lora_pipeline.worker.family import denoiser_config
     from lora_pipeline.worker.tiny_model import ensure_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         store.download_file(key, Path(tmp) / "d.safetensors")
         derived = write_kohya_file(
-            Path(tmp) / "d.safetensors", Path(tmp) / "k.safetensors", unet_config=unet_config(ensure_tiny_model())
+            Path(tmp) / "d.safetensors",
+            Path(tmp) / "k.safetensors",
+            denoiser_config=denoiser_config(ensure_tiny_model()),
         )
         return verify_local_file(derived)[1]
 

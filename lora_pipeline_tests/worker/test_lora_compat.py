@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from lora_pipeline.contracts.training import TrainingParams
 from lora_pipeline.registry_store.lora_files import verify_local_file
 from lora_pipeline.worker.artifact import ArtifactFacts, provenance_metadata, write_kohya_file, write_lora_file
-from lora_pipeline.worker.train import _lora_layers, _Models, add_lora
+from lora_pipeline.worker.families import Loaded
+from lora_pipeline.worker.train import _lora_layers, add_lora
 from lora_pipeline_tests.worker import comfy_rules
 from lora_pipeline_tests.worker.real_models import SPECS, Components, build
 
@@ -164,7 +165,7 @@ def published(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     trained = build(family)
     outputs = {"base": _forward(trained, inputs)}
 
-    models = _Models(family, trained.unet, None, trained.text_encoders, [], None)
+    models = Loaded(trained.unet, None, trained.text_encoders, [], None)
     torch.manual_seed(1)
     add_lora(models, PARAMS)
     gen = torch.Generator().manual_seed(2)
@@ -210,7 +211,7 @@ def published(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         adapter_configs=configs,
     )
     kohya_file = write_kohya_file(
-        diffusers_file, folder / "geo_v3_kohya.safetensors", unet_config=dict(trained.unet.config)
+        diffusers_file, folder / "geo_v3_kohya.safetensors", denoiser_config=dict(trained.unet.config)
     )
     del trained, models
 

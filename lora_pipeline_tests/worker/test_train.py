@@ -55,15 +55,15 @@ def test_loss_falls_when_overfitting_a_few_images(tiny_model: Path, examples: li
 def test_same_request_and_data_give_the_same_lora(tiny_model: Path, examples: list[Example]) -> None:
     first = train_lora(quick_params(), "sd1", tiny_model, examples)
     second = train_lora(quick_params(), "sd1", tiny_model, examples)
-    _assert_same_lora(first.unet_lora, second.unet_lora)
+    _assert_same_lora(first.denoiser_lora, second.denoiser_lora)
     assert first.losses == second.losses
 
 
 def test_a_different_seed_gives_a_different_lora(tiny_model: Path, examples: list[Example]) -> None:
     first = train_lora(quick_params(seed=1, max_train_steps=2), "sd1", tiny_model, examples)
     second = train_lora(quick_params(seed=2, max_train_steps=2), "sd1", tiny_model, examples)
-    key = next(iter(first.unet_lora))
-    assert not torch.equal(first.unet_lora[key], second.unet_lora[key])
+    key = next(iter(first.denoiser_lora))
+    assert not torch.equal(first.denoiser_lora[key], second.denoiser_lora[key])
 
 
 def test_interrupted_and_resumed_run_ends_at_the_uninterrupted_weights(
@@ -86,7 +86,7 @@ def test_interrupted_and_resumed_run_ends_at_the_uninterrupted_weights(
 
     resumed = train_lora(params, "sd1", tiny_model, examples, fingerprint="f", checkpointer=checkpointer)
     assert resumed.resumed_from == 3
-    _assert_same_lora(resumed.unet_lora, uninterrupted.unet_lora)
+    _assert_same_lora(resumed.denoiser_lora, uninterrupted.denoiser_lora)
     assert resumed.losses == pytest.approx(uninterrupted.losses, abs=1e-6)
 
 
@@ -143,7 +143,7 @@ def test_eight_bit_optimizer_without_bitsandbytes_is_a_clear_error(tiny_model: P
 def test_gradient_checkpointing_trades_time_not_results(tiny_model: Path, examples: list[Example]) -> None:
     plain = train_lora(quick_params(max_train_steps=2), "sd1", tiny_model, examples)
     checkpointed = train_lora(quick_params(max_train_steps=2, gradient_checkpointing=True), "sd1", tiny_model, examples)
-    _assert_same_lora(plain.unet_lora, checkpointed.unet_lora)
+    _assert_same_lora(plain.denoiser_lora, checkpointed.denoiser_lora)
 
 
 def test_bf16_mixed_precision_trains_close_to_fp32(tiny_model: Path, examples: list[Example]) -> None:
@@ -231,7 +231,7 @@ def test_a_micro_steps_draws_depend_on_the_seed_step_and_micro_step_alone() -> N
             seed=7,
             step=3,
             micro=0,
-            num_timesteps=1000,
+            draw_timesteps=lambda n, gen, device: torch.randint(0, 1000, (n,), generator=gen, device=device),
             scaling=0.18,
             shift=0.0,
             device=torch.device("cpu"),

@@ -79,7 +79,7 @@ def test_losses_reach_the_host_every_n_steps_with_the_same_values_and_progress(
     assert batched.losses == plain.losses
     assert calls == plain_calls  # every step reported once, in order, with its own loss
     assert [step for step, _, _ in calls] == [1, 2, 3, 4, 5, 6]
-    _same_lora(batched.unet_lora, plain.unet_lora)
+    _same_lora(batched.denoiser_lora, plain.denoiser_lora)
 
     # A checkpoint brings the pending losses to the host first: a resumed run still matches.
     checkpointer = StoreCheckpointer(store, checkpoint_prefix("geo", "V1", "req-levers"))
@@ -111,7 +111,7 @@ def test_losses_reach_the_host_every_n_steps_with_the_same_values_and_progress(
     )
     assert resumed.resumed_from == 3
     assert resumed.losses == pytest.approx(plain.losses, abs=1e-6)
-    _same_lora(resumed.unet_lora, plain.unet_lora, atol=1e-6)
+    _same_lora(resumed.denoiser_lora, plain.denoiser_lora, atol=1e-6)
 
 
 def test_cache_kept_on_the_device_draws_the_same_numbers(tiny_model: Path, examples: list[Example], plain_run) -> None:
@@ -120,7 +120,7 @@ def test_cache_kept_on_the_device_draws_the_same_numbers(tiny_model: Path, examp
         quick_params(max_train_steps=6), "sd1", tiny_model, examples, levers=SpeedLevers(log_every=1, device_cache=True)
     )
     assert indexed.losses == plain.losses
-    _same_lora(indexed.unet_lora, plain.unet_lora)
+    _same_lora(indexed.denoiser_lora, plain.denoiser_lora)
 
 
 def test_device_cache_serves_sdxl_conditioning(tiny_sdxl_model: Path, examples: list[Example]) -> None:
@@ -231,7 +231,7 @@ def test_fused_qkv_trains_the_same_lora(tiny_model: Path, examples: list[Example
         examples,
         levers=SpeedLevers(log_every=1, device_cache=False, fuse_qkv=True),
     )
-    _same_lora(fused.unet_lora, plain.unet_lora, atol=1e-5)
+    _same_lora(fused.denoiser_lora, plain.denoiser_lora, atol=1e-5)
     assert fused.losses == pytest.approx(plain.losses, abs=1e-5)
 
 
