@@ -112,10 +112,7 @@ def test_instance_is_postgres_with_the_pool_set_explicitly(deployment, instance)
     assert (info.slot_count, info.using_default_limit) == (1, False)
     assert instance.get_dynamic_partitions(STYLES_PARTITIONS_NAME) == ["sample_style"]
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-    pids = {
-        name: deployment.record(name).pgid
-        for name in ("code-server", "webserver", "daemon")
-    }
+    pids = {name: deployment.record(name).pgid for name in ("code-server", "webserver", "daemon")}
     assert len(set(pids.values()) | {os.getpid()}) == 4
 
 
