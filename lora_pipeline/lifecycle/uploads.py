@@ -30,7 +30,7 @@ from lora_pipeline.dataset.ingest import EmptyDatasetError, IngestOptions, Inges
 from lora_pipeline.dataset.sources import DEFAULT_MAX_FILE_BYTES
 from lora_pipeline.dataset.validate import IMAGE_EXTENSIONS
 from lora_pipeline.registry.names import validate_style
-from lora_pipeline.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
+from lora_pipeline.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed
 from lora_pipeline.storage.keys import API_UPLOADS, INCOMING, UPLOAD_ID, upload_prefix, upload_record_key
 
 MAX_FILES = 2000
@@ -211,7 +211,7 @@ def complete_upload(
     style: str,
     upload_id: str,
     *,
-    options: IngestOptions = IngestOptions(),
+    options: IngestOptions | None = None,
     now: datetime | None = None,
 ) -> tuple[UploadRecord, IngestReport | None]:
     """Ingest a fully uploaded upload as ``style``'s new current dataset version.
@@ -233,7 +233,7 @@ def complete_upload(
     except PreconditionFailed:
         raise UploadClosed(f"upload {upload_id} is being completed by another request", record) from None
     try:
-        report = ingest_dataset(store, style, f"store:{record.prefix}", options=options)
+        report = ingest_dataset(store, style, f"store:{record.prefix}", options=options or IngestOptions())
     except EmptyDatasetError as exc:
         settled = replace(claimed, state="rejected", error=str(exc), report=exc.report.to_dict())
         store.put(upload_record_key(upload_id), settled.to_json(), if_match=etag)
@@ -320,4 +320,3 @@ def prune_uploads(
 
 def _lease_over(record: UploadRecord, now: datetime) -> bool:
     return record.claimed_at is None or datetime.fromisoformat(record.claimed_at) + COMPLETING_LEASE <= now
-

@@ -715,6 +715,21 @@ class S3Store:
             return f"{parts.scheme}://{self.bucket}.{parts.netloc}/{quoted}"
         return f"{endpoint}/{self.bucket}/{quoted}"
 
+    def presigned_put_url(self, key: str, *, size: int, content_type: str, expires_in: int = 3600) -> str:
+        """A temporary PUT URL for exactly ``size`` bytes of ``content_type``: both are signed
+        headers (SigV4 ``X-Amz-SignedHeaders``), so S3 refuses a body of another size or type."""
+        if not 0 < expires_in <= 7 * 24 * 3600:
+            raise ValueError(f"expires_in must be between 1 s and 7 days, got {expires_in}")
+        full = self._full(key)
+        return self._call(
+            "presign",
+            key,
+            self.client.generate_presigned_url,
+            ClientMethod="put_object",
+            Params={"Bucket": self.bucket, "Key": full, "ContentLength": size, "ContentType": content_type},
+            ExpiresIn=expires_in,
+        )
+
     def presigned_url(self, key: str, expires_in: int = 3600) -> str:
         """A temporary GET URL (never stored: it expires, and it carries a signature)."""
         if not 0 < expires_in <= 7 * 24 * 3600:
