@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from pydantic import ValidationError
@@ -650,12 +650,13 @@ def create_app(store: ObjectStore, dagster: DagsterClient, config: ApiConfig) ->
             if thread is not None:
                 thread.join(30)
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error_response(*unrouted(request))
+        return error_response(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> Response:
-        return error_response(exc.status_code, exc.detail if isinstance(exc.detail, str) else str(exc.detail))
-
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     return app
 
 
@@ -681,6 +682,19 @@ def _pump_loop(pump: CallbackPump, stop: threading.Event, interval: float) -> No
         except Exception:  # noqa: BLE001 - Dagster unreachable and the like: the next pass retries
             log.exception("callback pass failed; retrying in %.0f s", interval)
         stop.wait(interval)
+
+
+def unrouted(request: Request) -> tuple[int, str]:
+    """Why no route matched: most often a style name with a '/' (encoded or not) in it."""
+    raw = request.scope.get("raw_path", b"").decode("latin-1")
+    if raw.startswith("/v1/styles/"):
+        segment = unquote(raw[len("/v1/styles/") :].split("/", 1)[0])
+        try:
+            validate_style(segment)
+        except InvalidStyleName as exc:
+            return 400, str(exc)
+        return 404, f"no route {request.method} {request.url.path}: a style name is one path segment (no '/')"
+    return 404, f"no route {request.method} {request.url.path} (GET /openapi.json lists them)"
 
 
 def check_webhook_url(value: Any) -> str:
