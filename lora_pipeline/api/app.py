@@ -51,7 +51,7 @@ from lora_pipeline.lifecycle.uploads import (
     missing_files,
     read_upload,
 )
-from lora_pipeline.registry.aliases import validate_alias
+from lora_pipeline.registry.aliases import AliasAction, validate_alias
 from lora_pipeline.registry.models import InvalidRecord, RegistryDocument, VersionStatus
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.registry.version_refs import UnknownVersionRef, resolve_version_ref
@@ -534,7 +534,7 @@ def create_app(store: ObjectStore, dagster: DagsterClient, config: ApiConfig) ->
         by = body.get("by")
         return f"api: {by}" if isinstance(by, str) and by.strip() else "api"
 
-    async def move(request: Request, action: str) -> Response:
+    async def move(request: Request, action: AliasAction) -> Response:
         style = style_of(request)
         try:
             alias = validate_alias(request.path_params["alias"])

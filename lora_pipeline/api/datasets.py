@@ -25,6 +25,9 @@ class _Pipe:
     def flush(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def drain(self) -> bytes:
         data, self.parts = b"".join(self.parts), []
         return data
@@ -48,7 +51,7 @@ def dataset_zip_chunks(store: ObjectStore, style: str, dataset_hash: str | None)
 def _chunks(store: ObjectStore, manifest: DatasetManifest) -> Iterator[bytes]:
     prefix = dataset_prefix(manifest.style, manifest.dataset_hash)
     pipe = _Pipe()
-    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED) as archive:  # type: ignore[arg-type]
+    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED) as archive:
         used: set[str] = set()
         for entry in manifest.images:
             name = _unique(PurePosixPath(entry.source).name, used)

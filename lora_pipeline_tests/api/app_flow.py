@@ -44,8 +44,10 @@ def images_to_downloadable_lora(api: Api, receiver, dagster_url: str) -> dict:
     # The run is Dagster's own: the UI lists it, with its partition and the API's tag.
     run = httpx.post(
         f"{dagster_url}/graphql",
-        json={"query": "query($id: ID!) { runOrError(runId: $id) { ... on Run { jobName tags { key value } } } }",
-              "variables": {"id": training["runId"]}},
+        json={
+            "query": "query($id: ID!) { runOrError(runId: $id) { ... on Run { jobName tags { key value } } } }",
+            "variables": {"id": training["runId"]},
+        },
         timeout=30,
     ).json()["data"]["runOrError"]
     tags = {t["key"]: t["value"] for t in run["tags"]}
@@ -66,7 +68,9 @@ def images_to_downloadable_lora(api: Api, receiver, dagster_url: str) -> dict:
     assert message_id == f"msg_{training['trainingId']}_completed" and event["type"] == "training.completed"
     assert event["data"]["version"] == "V1" and set(event["data"]["files"]) == {"kohya", "diffusers"}
 
-    promoted = api.call("POST", f"/v1/styles/{FLOW_STYLE}/aliases/production/promote", token=ADMIN, json={"version": "V1"})
+    promoted = api.call(
+        "POST", f"/v1/styles/{FLOW_STYLE}/aliases/production/promote", token=ADMIN, json={"version": "V1"}
+    )
     assert promoted.status_code == 200 and promoted.json()["moved"]
     assert api.call("GET", f"/v1/styles/{FLOW_STYLE}/versions/@production").json()["name"] == "V1"
     for layout in ("kohya", "diffusers"):

@@ -118,7 +118,10 @@ def test_a_failed_version_and_a_run_that_died_before_its_job_are_told(local_stor
     seed(local_store)
     watched(local_store, receiver.url, "run-1", "trn_a")
     watched(local_store, receiver.url, "run-2", "trn_b")
-    runs = {"run-1": RunFacts("SUCCESS", "V4"), "run-2": RunFacts("FAILURE", None, "the Dagster run run-2 ended FAILURE")}
+    runs = {
+        "run-1": RunFacts("SUCCESS", "V4"),
+        "run-2": RunFacts("FAILURE", None, "the Dagster run run-2 ended FAILURE"),
+    }
     pump_for(local_store, runs).run_once()
     events = {event["data"]["trainingId"]: event for _id, event in receiver.verified}
     assert events["trn_a"]["type"] == "training.failed" and "CUDA out of memory" in events["trn_a"]["data"]["error"]

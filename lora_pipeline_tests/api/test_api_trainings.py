@@ -55,4 +55,6 @@ def test_a_webhook_needs_a_signing_secret(local_store):
 
 def test_an_unreachable_dagster_is_a_502_naming_it(api):
     answer = api.call("POST", f"/v1/styles/{STYLE}/trainings", json={})
-    assert answer.status_code == 502 and answer.json()["error"].startswith("Dagster at http://127.0.0.1:9 is unreachable")
+    assert answer.status_code == 502 and answer.json()["error"].startswith(
+        "Dagster at http://127.0.0.1:9 is unreachable"
+    )

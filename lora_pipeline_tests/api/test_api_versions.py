@@ -33,16 +33,25 @@ def test_versions_list_and_one_by_name_or_alias(seeded):
         ("V4", "failed"),
     ]
     by_alias = seeded.call("GET", f"/v1/styles/{S}/versions/@production").json()
-    assert by_alias["name"] == "V2" and by_alias["aliases"] == ["production"] and set(by_alias["files"]) == {
-        "kohya",
-        "diffusers",
-    }
+    assert (
+        by_alias["name"] == "V2"
+        and by_alias["aliases"] == ["production"]
+        and set(by_alias["files"])
+        == {
+            "kohya",
+            "diffusers",
+        }
+    )
     assert seeded.call("GET", f"/v1/styles/{S}/versions/v3").json()["name"] == "V3"
 
 
 @pytest.mark.parametrize(
     ("ref", "status", "why"),
-    [("@staging", 404, "has no alias @staging (aliases: @production)"), ("V9", 404, "has no version V9"), ("x", 404, "neither")],
+    [
+        ("@staging", 404, "has no alias @staging (aliases: @production)"),
+        ("V9", 404, "has no version V9"),
+        ("x", 404, "neither"),
+    ],
 )
 def test_unknown_versions_and_aliases_are_named(seeded, ref, status, why):
     answer = seeded.call("GET", f"/v1/styles/{S}/versions/{ref}")
@@ -123,11 +132,14 @@ def test_promote_rollback_delete_with_the_admin_token(seeded):
     assert seeded.call("GET", f"/v1/styles/{S}/versions/V1").json()["status"] == "deleted"
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("POST", f"/v1/styles/{S}/aliases/production/promote"),
-    ("POST", f"/v1/styles/{S}/aliases/production/rollback"),
-    ("DELETE", f"/v1/styles/{S}/versions/V1"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", f"/v1/styles/{S}/aliases/production/promote"),
+        ("POST", f"/v1/styles/{S}/aliases/production/rollback"),
+        ("DELETE", f"/v1/styles/{S}/versions/V1"),
+    ],
+)
 def test_admin_operations_refuse_the_app_token(seeded, method, path):
     answer = seeded.call(method, path, token=TOKEN, json={"version": "V3"})
     assert answer.status_code == 403 and "admin token" in answer.json()["error"]
