@@ -20,6 +20,7 @@ from lora_pipeline.lifecycle.uploads import (
     IncompleteUpload,
     UnknownUpload,
     UploadClosed,
+    UploadRecord,
     UploadRefused,
     complete_upload,
     create_upload,
