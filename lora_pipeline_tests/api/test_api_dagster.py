@@ -15,7 +15,7 @@ from lora_pipeline.storage.s3 import S3Store
 from lora_pipeline_tests.conftest import _drop_bucket, free_port, moto_client, moto_options
 from lora_pipeline_tests.fakes.uvicorn_thread import serve_in_thread
 
-from .app_flow import FLOW_STYLE, images_to_downloadable_lora, wait_for
+from .app_flow import FLOW_STYLE, images_to_downloadable_lora, version_of_run, wait_for
 from .conftest import running_api
 from .test_api_callbacks import Receiver
 
@@ -69,13 +69,13 @@ def receiver():
 
 def test_images_to_a_downloadable_lora_with_a_signed_callback(s3_dagster, receiver):
     dep, store = s3_dagster
-    with running_api(store, dep.url, pump_interval_s=1, version_wait_s=120) as api:
+    with running_api(store, dep.url, pump_interval_s=1, version_wait_s=30) as api:
         images_to_downloadable_lora(api, receiver, dep.url)
 
 
 def test_a_training_is_cancelled_through_its_run_and_the_app_is_told(s3_dagster, receiver):
     dep, store = s3_dagster
-    with running_api(store, dep.url, pump_interval_s=1, version_wait_s=120) as api:
+    with running_api(store, dep.url, pump_interval_s=1, version_wait_s=30) as api:
         if api.call("GET", f"/v1/styles/{FLOW_STYLE}/versions").status_code == 404:
             from .conftest import upload
 
@@ -85,8 +85,7 @@ def test_a_training_is_cancelled_through_its_run_and_the_app_is_told(s3_dagster,
             f"/v1/styles/{FLOW_STYLE}/trainings",
             json={"params": {"max_train_steps": 400}, "force": True, "webhook": receiver.url},
         ).json()
-        version = started["version"]
-        assert version, started
+        version = version_of_run(api, FLOW_STYLE, started)
         cancelled = api.call("POST", f"/v1/styles/{FLOW_STYLE}/trainings/{version}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["terminatedRuns"] == [started["runId"]]
         [(_id, event)] = wait_for("the callback", lambda: list(receiver.verified), 240, every=0.5)

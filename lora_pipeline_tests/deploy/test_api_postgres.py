@@ -19,6 +19,6 @@ def test_images_to_a_downloadable_lora_on_postgres(deployment):
     receiver = Receiver()
     with serve_in_thread(receiver.app()) as hook:
         receiver.url = hook + "/hook"
-        with running_api(store, deployment.url, pump_interval_s=1, version_wait_s=120) as api:
+        with running_api(store, deployment.url, pump_interval_s=1, version_wait_s=30) as api:
             version = images_to_downloadable_lora(api, receiver, deployment.url)
     assert version["status"] == "completed"
