@@ -220,14 +220,22 @@ class CallbackPump:
             except (ObjectNotFound, ValueError, TypeError) as exc:
                 report.problems.append(f"callbacks: {info.key} unreadable, left alone: {exc}")
                 continue
-            run = self.run_facts(watch.run_id) if watch.run_id else None
+            try:
+                run = self.run_facts(watch.run_id) if watch.run_id else None
+            except Exception as exc:  # noqa: BLE001 - Dagster down: this watch waits, deliveries go on
+                report.problems.append(f"callbacks: run {watch.run_id} not read (next pass retries): {exc}")
+                run = None
             if watch.version is None and run is not None and run.version:
                 watch = replace(watch, version=run.version)
                 save_watch(self.store, watch)
             version = None
             if watch.version is not None:
                 if watch.style not in documents:
-                    documents[watch.style] = registry.read(watch.style)[0]
+                    try:
+                        documents[watch.style] = registry.read(watch.style)[0]
+                    except ValueError as exc:  # InvalidRecord: this style's watches wait for a repair
+                        report.problems.append(f"callbacks: {watch.style}'s registry unreadable: {exc}")
+                        continue
                 version = documents[watch.style].version(watch.version)
             event = version_event(watch, version, run, self.primary)
             if event is None and watch.run_id is None:

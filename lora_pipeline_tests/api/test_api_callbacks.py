@@ -239,3 +239,20 @@ def test_a_watch_whose_run_was_never_launched_fails_after_the_grace(local_store,
     clock.now += timedelta(minutes=11)
     assert pump.run_once().delivered == ["msg_trn_z_failed"]
     assert receiver.verified[0][1]["data"]["error"] == "the run was never launched"
+
+
+def test_queued_messages_go_out_while_dagster_is_down(local_store, receiver):
+    seed(local_store)
+    watched(local_store, receiver.url, "run-1", "trn_1")
+    pump_for(local_store, {"run-1": RunFacts("SUCCESS", "V1")}, post=lambda *_a: 500).run_once()
+    watched(local_store, receiver.url, "run-2", "trn_2")
+
+    def dagster_down(_run_id):
+        raise ConnectionError("Dagster is down")
+
+    pump = CallbackPump(
+        local_store, SECRET, run_facts=dagster_down, post=http_post, clock=lambda: Clock().now + BACKOFF[0]
+    )
+    report = pump.run_once()
+    assert report.delivered == ["msg_trn_1_completed"] and "Dagster is down" in report.problems[0]
+    assert local_store.head(f"{API_TRAININGS}/trn_2.json") is not None  # waits for the next pass
