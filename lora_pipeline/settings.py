@@ -20,6 +20,8 @@ The README's configuration table is rendered from here::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import os
 import re
@@ -368,6 +370,52 @@ class Settings(BaseSettings):
         secret=True,
     )
 
+    # -- the app's HTTP API (`lora-pipeline api serve`) ---------------------------------------------
+    api_token: str | None = _env(
+        None,
+        "LORA_API_TOKEN",
+        "the API's bearer token (every route); `api serve` refuses to start without it",
+        expected="a secret",
+        secret=True,
+    )
+    api_admin_token: str | None = _env(
+        None,
+        "LORA_API_ADMIN_TOKEN",
+        "the API's bearer token for promote, rollback and delete; unset → those routes are refused",
+        expected="a secret",
+        secret=True,
+    )
+    dagster_url: str = _env(
+        "http://127.0.0.1:3000",
+        "LORA_DAGSTER_URL",
+        "the Dagster webserver the API launches and cancels trainings through (GraphQL)",
+        expected=_HTTP_URL,
+    )
+    api_public_url: str | None = _env(
+        None,
+        "LORA_API_PUBLIC_URL",
+        "the API's public http(s) base URL, for the upload and download URLs it serves itself "
+        "(local store); unset → the URL the request came in on",
+        expected=_HTTP_URL,
+    )
+    api_webhook_secret: str | None = _env(
+        None,
+        "LORA_API_WEBHOOK_SECRET",
+        "`whsec_…` secret the API signs training callbacks with (Standard Webhooks); unset → a "
+        "training with a `webhook` is refused",
+        expected="whsec_ followed by base64",
+        secret=True,
+    )
+    api_upload_ttl_hours: float = _env(
+        24.0,
+        "LORA_API_UPLOAD_TTL_HOURS",
+        "an upload not completed this long after it was created is abandoned: its URLs expire and "
+        "housekeeping removes its files",
+        expected="a number of hours above 0 (up to 168)",
+        gt=0,
+        le=168,
+    )
+
     # -- reconciliation and retention --------------------------------------------------------------
     reconcile_cron: str = _env(
         DEFAULT_RECONCILE_CRON,
@@ -548,12 +596,28 @@ class Settings(BaseSettings):
         parse_storage_url(value)
         return value.strip()
 
-    @field_validator("public_base_url", "s3_endpoint_url", "runpod_base_url", "webhook_url")
+    @field_validator(
+        "public_base_url", "s3_endpoint_url", "runpod_base_url", "webhook_url", "dagster_url", "api_public_url"
+    )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError(f"expected {_HTTP_URL}")
         return value or None
+
+    @field_validator("api_webhook_secret")
+    @classmethod
+    def _whsec(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("whsec_"):
+            raise ValueError("expected whsec_ followed by base64")
+        try:
+            if len(base64.b64decode(value[len("whsec_") :], validate=True)) < 16:
+                raise ValueError("expected a key of at least 16 bytes after whsec_")
+        except binascii.Error:
+            raise ValueError("expected whsec_ followed by base64") from None
+        return value
 
     @field_validator("primary_format")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from lora_pipeline.cli.api import api
 from lora_pipeline.cli.dataset import dataset
 from lora_pipeline.cli.deploy import deploy
 from lora_pipeline.cli.demo import demo
@@ -24,6 +25,7 @@ def main() -> None:
     settings_or_exit()
 
 
+main.add_command(api)
 main.add_command(dataset)
 main.add_command(demo)
 main.add_command(deploy)

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from lora_pipeline.storage.base import ObjectNotFound, ObjectStore
+from lora_pipeline.storage.keys import in_api_upload
 
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 STORE_SCHEME = "store:"
@@ -257,6 +258,8 @@ class StorePrefixSource:
         result = Listing()
         for info in self.store.list(self.prefix):
             name = info.key[len(self.prefix) :]
+            if in_api_upload(name):  # an API upload in progress below a drop: ingested by its own complete
+                continue
             if (reason := hidden_reason(name)) is not None:
                 result.refused.append(Refusal(name, reason))
             elif info.size > self.max_file_bytes:

@@ -12,7 +12,7 @@ from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.storage.base import ObjectStore, StorageError
-from lora_pipeline.storage.keys import DATASETS, REGISTRY, registry_key
+from lora_pipeline.storage.keys import DATASETS, REGISTRY, in_api_upload, registry_key
 
 
 @dg.sensor(
@@ -64,10 +64,12 @@ def _incoming_fingerprints(store: ObjectStore) -> dict[str, str]:
     """Per style under incoming/: a fingerprint of its files, so a change re-ingests it."""
     digests: dict[str, hashlib._Hash] = {}
     for info in store.list(INCOMING_PREFIX):
-        name = info.key[len(INCOMING_PREFIX) :].split("/", 1)[0]
+        name, _, rest = info.key[len(INCOMING_PREFIX) :].partition("/")
         try:
             validate_style(name)
         except InvalidStyleName:
+            continue
+        if in_api_upload(rest):  # an API upload becomes a dataset by its own `complete`, never half-done
             continue
         digests.setdefault(name, hashlib.sha256()).update(f"{info.key}:{info.etag}\n".encode())
     return {style: digest.hexdigest()[:16] for style, digest in digests.items()}

@@ -3,6 +3,7 @@
 import dagster as dg
 from pydantic import Field, ValidationError
 
+from lora_pipeline.contracts.run_tags import VERSION_TAG
 from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.health import HEALTH_CHECK_KEYS
 from lora_pipeline.defs.partitions import styles_partitions
@@ -72,6 +73,8 @@ def submit_lora_training(
             "dataset_hash": submitted.dataset_hash,
         }
     )
+    # The app's API answers with the version and follows it by this tag (contracts/run_tags.py).
+    context.instance.add_run_tags(context.run_id, {VERSION_TAG: submitted.version})
     context.log.info(
         f"{'reused' if submitted.reused else 'submitted'} job {submitted.job_id} → {style} {submitted.version}"
     )

@@ -21,6 +21,9 @@ registry is reconciled. What grows without it, and when each thing goes:
   version, once its newest checkpoint and the version's last update are older than
   the checkpoint retention (a RunPod retry of the job may still resume from them);
   never for an unfinished version or one no document holds.
+* API uploads (``lifecycle/uploads.py``): the files of an upload never completed, once it
+  has expired (``LORA_API_UPLOAD_TTL_HOURS``; the record stays, marked abandoned), files
+  in an upload folder no open upload owns, and settled upload records after 30 days.
 * The local store's lock files (``<root>/.lora-store/locks/``) unused for the lock
   retention, and temporary files a killed writer left in ``.lora-store/tmp/``
   (``LocalStore.prune_lock_files``: a lock in use is never removed, and a writer
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from lora_pipeline.lifecycle.uploads import prune_uploads
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import RegistryDocument, VersionStatus, from_epoch_ms
 from lora_pipeline.registry.names import InvalidStyleName, validate_style, version_name
@@ -72,16 +76,17 @@ RETENTION_SETTINGS = {
 }
 
 # Kinds of things pruned (keys of the report's counts).
-SEEN, PROCESSED, REJECTED, RUN_MARKERS, CHECKPOINT, LOCKS, TMP = (
+SEEN, PROCESSED, REJECTED, RUN_MARKERS, CHECKPOINT, UPLOADS, LOCKS, TMP = (
     "seen",
     "processed",
     "rejected",
     "run_markers",
     "checkpoints",
+    "uploads",
     "locks",
     "tmp",
 )
-KINDS = (SEEN, PROCESSED, REJECTED, RUN_MARKERS, CHECKPOINT, LOCKS, TMP)
+KINDS = (SEEN, PROCESSED, REJECTED, RUN_MARKERS, CHECKPOINT, UPLOADS, LOCKS, TMP)
 
 # Why something old enough stays. The first four are "needed".
 UNFINISHED = "unfinished"  # its job's (or checkpoint's) version is not finished
@@ -400,8 +405,19 @@ def housekeep(
         return report
     report.kept = {kind: dict(reasons) for kind, reasons in plan.kept.items() if reasons}
     _apply(store, plan, report)
+    _prune_uploads(store, report, now)
     _prune_local(store, report, now - retention.locks)
     return report
+
+
+def _prune_uploads(store: ObjectStore, report: HousekeepingReport, now: datetime) -> None:
+    """API uploads abandoned past their expiry, stray upload files, old settled upload records."""
+    try:
+        pruned = prune_uploads(store, now=now, dry_run=report.dry_run)
+    except StorageError as exc:
+        report.problems.append(f"housekeeping: uploads not pruned (the next run carries on): {exc}")
+        return
+    report.deleted[UPLOADS].extend(pruned.keys())
 
 
 def _plan(store: ObjectStore, report: HousekeepingReport, retention: Retention, now: datetime) -> Plan:

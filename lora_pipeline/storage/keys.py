@@ -25,6 +25,14 @@ CHECKPOINTS = "checkpoints"  # training checkpoints, per request (worker/checkpo
 COMPARISONS = "comparisons"  # side-by-side renders of two versions (worker/compare.py)
 RUNS = "runs"  # start markers the worker writes: which job runs which request (healing unknown ids)
 INDEX_KEY = f"{REGISTRY}/index.json"
+INCOMING = "incoming"  # drops: incoming/<style>/ (ingested whole), API uploads below it
+API_UPLOADS = "api/uploads"  # one record per API upload (lifecycle/uploads.py)
+API_TRAININGS = "api/trainings"  # one record per training the API launched (lifecycle/callbacks.py)
+API_OUTBOX = "api/outbox"  # signed callbacks waiting for delivery
+API_DEAD = "api/outbox-dead"  # callbacks given up on after every retry
+# An API upload's folder name (its id): told apart from a user's own subfolder of a drop, which
+# the drop's ingest and the discovery sensor leave to the upload's own `complete`.
+UPLOAD_ID = re.compile(r"^upload-[0-9a-f]{32}$")
 
 
 def dataset_prefix(style: str, dataset_hash: str) -> str:
@@ -89,6 +97,27 @@ def comparison_key(style: str, first: str, second: str) -> str:
         if not _RUN_SEGMENT.match(version):
             raise ValueError(f"invalid version name {version!r} for a comparison")
     return f"{COMPARISONS}/{validate_style(style)}/{first}_vs_{second}.png"
+
+
+def upload_prefix(style: str, upload_id: str) -> str:
+    """``incoming/<style>/<upload id>/``: where an API upload's files are PUT."""
+    return f"{INCOMING}/{validate_style(style)}/{_upload_id(upload_id)}/"
+
+
+def upload_record_key(upload_id: str) -> str:
+    """``api/uploads/<upload id>.json``: the upload's declared files and state."""
+    return f"{API_UPLOADS}/{_upload_id(upload_id)}.json"
+
+
+def in_api_upload(relative: str) -> bool:
+    """Whether a key below ``incoming/<style>/`` (given relative to it) lies in an API upload's folder."""
+    return "/" in relative and UPLOAD_ID.match(relative.split("/", 1)[0]) is not None
+
+
+def _upload_id(value: str) -> str:
+    if not UPLOAD_ID.match(value):
+        raise ValueError(f"invalid upload id {value!r}: expected upload-<32 hex digits>")
+    return value
 
 
 def registry_key(style: str) -> str:

@@ -715,16 +715,23 @@ class S3Store:
             return f"{parts.scheme}://{self.bucket}.{parts.netloc}/{quoted}"
         return f"{endpoint}/{self.bucket}/{quoted}"
 
+    def presigned_put_url(self, key: str, *, size: int, content_type: str, expires_in: int = 3600) -> str:
+        """A temporary PUT URL for exactly ``size`` bytes of ``content_type``: both are signed
+        headers (SigV4 ``X-Amz-SignedHeaders``), so S3 refuses a body of another size or type."""
+        return self._presign("put_object", key, expires_in, ContentLength=size, ContentType=content_type)
+
     def presigned_url(self, key: str, expires_in: int = 3600) -> str:
         """A temporary GET URL (never stored: it expires, and it carries a signature)."""
+        return self._presign("get_object", key, expires_in)
+
+    def _presign(self, method: str, key: str, expires_in: int, **params: Any) -> str:
         if not 0 < expires_in <= 7 * 24 * 3600:
             raise ValueError(f"expires_in must be between 1 s and 7 days, got {expires_in}")
-        full = self._full(key)
         return self._call(
             "presign",
             key,
             self.client.generate_presigned_url,
-            ClientMethod="get_object",
-            Params={"Bucket": self.bucket, "Key": full},
+            ClientMethod=method,
+            Params={"Bucket": self.bucket, "Key": self._full(key), **params},
             ExpiresIn=expires_in,
         )

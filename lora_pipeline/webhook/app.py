@@ -26,8 +26,8 @@ from lora_pipeline.webhook.urls import WEBHOOK_PATH
 log = logging.getLogger(__name__)
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """The request's body is over the limit (read no further than the limit)."""
 
 
 def create_app(store: ObjectStore, token: str | None, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
@@ -40,8 +40,8 @@ def create_app(store: ObjectStore, token: str | None, *, max_body_bytes: int = M
             if not hmac.compare_digest(given, expected):
                 return JSONResponse({"error": "missing or wrong token"}, status_code=401)
         try:
-            body = await _read_limited(request, max_body_bytes)
-        except _TooLarge:
+            body = await read_limited(request, max_body_bytes)
+        except BodyTooLarge:
             return JSONResponse({"error": f"body over the {max_body_bytes}-byte limit"}, status_code=413)
         try:
             decoded = parse_webhook_body(body)
@@ -70,13 +70,13 @@ def create_app(store: ObjectStore, token: str | None, *, max_body_bytes: int = M
     )
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def read_limited(request: Request, limit: int) -> bytes:
     """The body, refusing more than ``limit`` bytes without reading past it."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise _TooLarge
+                raise BodyTooLarge
         except ValueError:
             pass
     chunks: list[bytes] = []
@@ -84,6 +84,6 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _TooLarge
+            raise BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)

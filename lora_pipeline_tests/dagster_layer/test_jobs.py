@@ -45,6 +45,8 @@ def test_train_lora_records_a_pending_version_with_the_job_id_as_returned(store,
     assert (version.name, version.id, version.dataset_hash) == ("V1", job_id, dataset)
     assert version.status in (VersionStatus.pending, VersionStatus.starting)
     assert backend.submitted[0].version == "V1"
+    # The app's API answers with the version from this tag (contracts/run_tags.py).
+    assert instance.get_run_by_id(result.run_id).tags["lora_pipeline/version"] == "V1"
 
 
 def test_train_lora_again_for_the_same_dataset_submits_no_second_job(store, instance, backend, dataset):

@@ -14,6 +14,7 @@ from lora_pipeline.dataset.report import CheckOutcome, check_caption_coverage, c
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, store_kind
 from lora_pipeline.defs.resources import StorageResource
+from lora_pipeline.storage.keys import in_api_upload
 
 SAMPLE_STYLE = "sample_style"
 INCOMING_PREFIX = "incoming/"
@@ -47,7 +48,7 @@ def resolve_source(style: str, config: DatasetConfig, store) -> str:
     if config.source:
         return config.source
     incoming = f"{INCOMING_PREFIX}{style}/"
-    if next(iter(store.list(incoming)), None) is not None:
+    if any(not in_api_upload(info.key[len(incoming) :]) for info in store.list(incoming)):
         return f"store:{incoming}"
     if style == SAMPLE_STYLE:
         return str(sample_dataset_path())
