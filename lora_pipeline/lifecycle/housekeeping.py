@@ -51,6 +51,7 @@ from lora_pipeline.registry.models import RegistryDocument, VersionStatus, from_
 from lora_pipeline.registry.names import InvalidStyleName, validate_style, version_name
 from lora_pipeline.settings import MAX_RETENTION_DAYS, Settings, SettingsError, get_settings
 from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError
+from lora_pipeline.storage.breaker import is_outage
 from lora_pipeline.storage.keys import (
     CHECKPOINTS,
     RUNS,
@@ -485,9 +486,12 @@ def _apply(store: ObjectStore, plan: Plan, report: HousekeepingReport) -> None:
             if not report.dry_run:
                 try:
                     store.delete(key)
-                except StorageError as exc:
-                    report.problems.append(f"housekeeping stopped at {key} (the next run carries on): {exc}")
-                    return
+                except (StorageError, OSError) as exc:
+                    if is_outage(exc):
+                        report.problems.append(f"housekeeping stopped at {key} (the next run carries on): {exc}")
+                        return
+                    report.problems.append(f"housekeeping: {key} not deleted (the others were): {exc}")
+                    continue
             report.deleted[kind].append(key)
 
 

@@ -39,7 +39,7 @@ from lora_pipeline.storage.base import (
     PreconditionFailed,
     StorageError,
     StoredObject,
-    validate_key,
+    validate_stored_key,
 )
 
 RESERVED_DIR = ".lora-store"
@@ -119,7 +119,7 @@ class LocalStore:
         return f"LocalStore({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        validate_key(key)
+        validate_stored_key(key)
         if key.split("/", 1)[0] == RESERVED_DIR:
             raise InvalidKey(f"invalid object key {key!r}: {RESERVED_DIR}/ is reserved")
         return self.root / key

@@ -36,7 +36,7 @@ from lora_pipeline.storage.base import (
     PreconditionFailed,
     StorageError,
     StoredObject,
-    validate_key,
+    validate_stored_key,
 )
 from lora_pipeline.storage.local import RESERVED_DIR, validate_prefix
 
@@ -272,7 +272,7 @@ class S3Store:
         return f"S3Store({self.describe()!r})"
 
     def _full(self, key: str) -> str:
-        validate_key(key)
+        validate_stored_key(key)
         if key.split("/", 1)[0] == RESERVED_DIR:
             raise InvalidKey(f"invalid object key {key!r}: {RESERVED_DIR}/ is reserved")
         return self.prefix + key

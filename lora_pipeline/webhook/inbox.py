@@ -43,7 +43,8 @@ from pydantic import ValidationError
 from lora_pipeline.contracts.problems import describe_validation_error, short_repr
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
 from lora_pipeline.registry.evidence import JobReport
-from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
+from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
+from lora_pipeline.storage.breaker import is_outage
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.storage.keys import LORAS, WEBHOOK_INBOX, WEBHOOK_PROCESSED, WEBHOOK_REJECTED, WEBHOOK_SEEN
 
@@ -291,6 +292,11 @@ def list_inbox(store: ObjectStore) -> Iterator[InboxItem]:
             data = store.get(key).data
         except ObjectNotFound:
             continue  # processed by someone else between the listing and the read
+        except (StorageError, OSError) as exc:
+            if is_outage(exc):
+                raise  # the store is failing: the caller skips the pass, not this file
+            yield InboxItem(key, None, f"unreadable: {type(exc).__name__}: {exc}", received_at)
+            continue
         try:
             body, status = _parse(data)
         except InvalidWebhook as exc:
