@@ -410,7 +410,7 @@ class Settings(BaseSettings):
         0,
         "LORA_KEEP_VERSIONS",
         "reconciliation deletes each style's completed versions but the newest N and every "
-        "aliased one (a tombstone stays); 0 keeps all",
+        "one an alias points at or can roll back to (a tombstone stays); 0 keeps all",
         expected="a whole number (0: keep all)",
         runs=True,
         ge=0,

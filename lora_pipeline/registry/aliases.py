@@ -120,6 +120,16 @@ def alias_stacks(history: Iterable[AliasEntry]) -> dict[str, list[str]]:
     return stacks
 
 
+def reachable_versions(history: Iterable[AliasEntry]) -> dict[str, list[str]]:
+    """version → the aliases that point at it now or can roll back to it (it is on their stack:
+    back to each alias's last ``remove``). What the version retention must keep."""
+    reachable: dict[str, list[str]] = {}
+    for alias, stack in sorted(alias_stacks(history).items()):
+        for version in dict.fromkeys(stack):
+            reachable.setdefault(version, []).append(alias)
+    return reachable
+
+
 def current_aliases(history: Iterable[AliasEntry]) -> dict[str, str]:
     """alias → the version it points at now."""
     return {alias: stack[-1] for alias, stack in sorted(alias_stacks(history).items()) if stack}
