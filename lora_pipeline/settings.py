@@ -112,7 +112,7 @@ _SECONDS = "a number of seconds above 0"
 _COUNT = "a whole number of at least 1"
 _DAYS = f"a number of days above 0 (up to {MAX_RETENTION_DAYS})"
 _HTTP_URL = "an http(s) URL"
-_CRON = re.compile(r"^(@(hourly|daily|weekly|monthly|yearly|annually|midnight)|(\S+\s+){4}\S+)$")
+_CRON = re.compile(r"@(hourly|daily|weekly|monthly|yearly|annually|midnight)|(\S+\s+){4}\S+")
 _HOST = "set by RunPod on its workers, not by you"
 
 
@@ -565,7 +565,7 @@ class Settings(BaseSettings):
     @field_validator("reconcile_cron", "health_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        if not _CRON.match(value.strip()):
+        if not _CRON.fullmatch(value.strip()):
             raise ValueError("expected a cron expression of 5 fields, e.g. '0 * * * *'")
         return value.strip()
 

@@ -93,8 +93,8 @@ YOUNG = "young"  # within its retention
 NEEDED = (UNFINISHED, UNKNOWN, UNRECOGNIZED, BUSY)
 
 REASON_SUFFIX = ".reason.txt"
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_STATUS = re.compile(r"^[A-Z_]{1,32}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_STATUS = re.compile(r"[A-Z_]{1,32}")
 _KEYS_SHOWN = 1000  # keys listed per kind in a dry run's report
 
 
@@ -192,7 +192,7 @@ def claim_job_ids(key: str) -> list[str]:
     stem = name[: -len(".json")]
     found = []
     for i, char in enumerate(stem):
-        if char == "_" and _JOB_ID.match(stem[:i]) and _STATUS.match(stem[i + 1 :]):
+        if char == "_" and _JOB_ID.fullmatch(stem[:i]) and _STATUS.fullmatch(stem[i + 1 :]):
             found.append(stem[:i])
     return found
 
@@ -455,7 +455,7 @@ def marker_job(key: str) -> str | None:
     except InvalidStyleName:
         return None
     job = parts[3][: -len(".json")]
-    return job if _JOB_ID.match(job) else None
+    return job if _JOB_ID.fullmatch(job) else None
 
 
 def _claim_job(store: ObjectStore, info: ObjectInfo) -> str | None:
@@ -477,7 +477,7 @@ def _body_job(store: ObjectStore, info: ObjectInfo) -> str | None:
         job = json.loads(store.get(info.key).data).get("id")
     except (ObjectNotFound, ValueError, AttributeError, RecursionError):
         return None
-    return job if isinstance(job, str) and _JOB_ID.match(job) else None
+    return job if isinstance(job, str) and _JOB_ID.fullmatch(job) else None
 
 
 def _apply(store: ObjectStore, plan: Plan, report: HousekeepingReport) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 AliasAction = Literal["promote", "rollback", "remove"]
 ALIAS_ACTIONS: tuple[AliasAction, ...] = ("promote", "rollback", "remove")
-_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class InvalidAliasName(ValueError):
@@ -29,7 +29,7 @@ class InvalidAliasName(ValueError):
 
 def validate_alias(alias: str) -> str:
     """Return ``alias`` unchanged if it is a safe alias name, else raise InvalidAliasName."""
-    if not isinstance(alias, str) or not _ALIAS.match(alias):
+    if not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
         raise InvalidAliasName(
             f"invalid alias name {alias!r}: use a lowercase letter then up to 31 lowercase letters, "
             "digits, '_' or '-' (e.g. production, staging)"

@@ -49,6 +49,8 @@ class InvalidKey(StorageError, ValueError):
 
 
 _KEY_SEGMENT = re.compile(r"[A-Za-z0-9._=+@-]+")
+MAX_KEY_BYTES = 1024  # S3's limit on a key (UTF-8)
+MAX_SEGMENT_BYTES = 255  # a file name's limit on the local store's file systems
 
 
 def validate_key(key: str) -> str:
@@ -63,6 +65,8 @@ def validate_key(key: str) -> str:
     """
     validate_stored_key(key)
     for segment in key.split("/"):
+        if len(segment) > MAX_SEGMENT_BYTES:
+            raise InvalidKey(f"invalid object key {key[:40]!r}…: a segment is over {MAX_SEGMENT_BYTES} characters")
         if not _KEY_SEGMENT.fullmatch(segment):
             raise InvalidKey(
                 f"invalid object key {key!r}: segment {segment!r} holds characters outside letters, digits and ._=+@-"
@@ -83,6 +87,8 @@ def validate_stored_key(key: str) -> str:
         raise InvalidKey(f"invalid object key {key!r}: must be a relative path to a file")
     if "\x00" in key:
         raise InvalidKey(f"invalid object key {key!r}: holds a NUL character")
+    if len(key.encode("utf-8", errors="surrogateescape")) > MAX_KEY_BYTES:
+        raise InvalidKey(f"invalid object key {key[:40]!r}…: longer than S3's {MAX_KEY_BYTES} bytes")
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
             raise InvalidKey(f"invalid object key {key!r}: segment {segment!r} is empty, '.' or '..'")
