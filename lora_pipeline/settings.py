@@ -143,6 +143,15 @@ class Settings(BaseSettings):
         expected=_HTTP_URL,
         runs=True,
     )
+    writer_lock_dir: str | None = _env(
+        None,
+        "LORA_WRITER_LOCK_DIR",
+        "only for an S3 endpoint that ignores conditional writes: a folder every registry writer shares "
+        "(one host); its lock files serialize them. Unset, registry writes refuse to run on such an endpoint",
+        expected="an absolute folder path",
+        runs=True,
+        shown="unset",
+    )
     primary_format: str = _env(
         DEFAULT_PRIMARY,
         "LORA_PRIMARY_FORMAT",
