@@ -149,7 +149,7 @@ class Tick:
     """One sensor evaluation: what it answered, what it requested, the runs it launched."""
 
     sensor: str
-    result: dg.SensorResult | dg.SkipReason | None
+    result: Any  # what the sensor returned: a SensorResult, a SkipReason, None
     requests: list[dg.RunRequest]
     runs: list[dg.ExecuteInProcessResult]
 
@@ -203,6 +203,8 @@ class SensorDaemon:
         tags = {**request.tags, SENSOR_TAG: sensor_name}
         if request.run_key is not None:
             tags[RUN_KEY_TAG] = request.run_key
+        if request.job_name is None:  # every request of the completion sensors names its job
+            raise DemoStepFailed(sensor_name, f"a run request without a job: {request}")
         return self.defs.resolve_job_def(request.job_name).execute_in_process(
             instance=self.instance,
             partition_key=request.partition_key,

@@ -122,7 +122,7 @@ def test_the_stores_refuse_only_what_escapes_or_aliases():
             validate_stored_key(f"webhooks/inbox/{name}")
 
 
-@pytest.mark.parametrize("name", [f"nl\n", "."], ids=ascii)
+@pytest.mark.parametrize("name", ["nl\n", "."], ids=ascii)
 def test_dataset_add_refuses_the_style(tmp_path, monkeypatch, name):
     monkeypatch.setenv("LORA_STORAGE_URL", str(tmp_path / "store"))
     (tmp_path / "images").mkdir()
