@@ -18,7 +18,7 @@ from lora_pipeline.contracts.training import TINY_MODELS
 from lora_pipeline.worker.tiny_model import default_cache_dir, ensure_named_tiny_model
 
 STORE_SCHEME = "store:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")  # the hub caps names at 96
 
 
 def describe_source(base_model: str) -> str:
@@ -34,7 +34,7 @@ def describe_source(base_model: str) -> str:
         return "local"
     if base_model.startswith(("/", ".", "~")):
         raise WorkerInputError(f"base_model: local folder {base_model!r} does not exist")
-    if _HUB_ID.match(base_model):
+    if _HUB_ID.fullmatch(base_model):
         return "hub"
     raise WorkerInputError(
         f"base_model: {base_model!r} is not one of {', '.join(TINY_MODELS)}, an existing folder, "
