@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,10 +13,12 @@ import pytest
 
 from lora_pipeline.backends.base import JobNotFound
 from lora_pipeline.contracts.job_status import JobStatus
+from lora_pipeline.defs.declared_styles import DECLARED_STYLES, declared_styles
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.registry.evidence import Submission
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.local import LocalStore
+from lora_pipeline_tests.dataset.builders import write_files
 
 
 @pytest.fixture
@@ -69,7 +74,11 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> StubBackend:
 
 @pytest.fixture
 def resources(store_dir: Path) -> dict:
-    return {"storage": StorageResource(storage_url=str(store_dir)), "training_backend": TrainingBackendResource()}
+    return {
+        "storage": StorageResource(storage_url=str(store_dir)),
+        "training_backend": TrainingBackendResource(),
+        DECLARED_STYLES: declared_styles(),
+    }
 
 
 def submit_pending(store: LocalStore, style: str, job_id: str, version: int = 1) -> None:
@@ -78,3 +87,30 @@ def submit_pending(store: LocalStore, style: str, job_id: str, version: int = 1)
         style,
         [Submission(style, version, f"req-{version}", job_id, "ab" * 32, {"rank": 4}, datetime.now(UTC))],
     )
+
+
+def dg_project(root: Path, declarations: dict[str, str]) -> str:
+    """A dg project at ``root`` (pyproject [tool.dg]) whose defs folder holds one
+    ``<name>/defs.yaml`` per declaration; returns its root module, a fresh name each time."""
+    module = f"team_{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pyproject.toml").write_text(
+        "[tool.dg]\n"
+        'directory_type = "project"\n\n'
+        "[tool.dg.project]\n"
+        f'root_module = "{module}"\n'
+        f'defs_module = "{module}.defs"\n'
+    )
+    write_files(root, {f"{module}/__init__.py": "", f"{module}/defs/__init__.py": ""})
+    write_files(root, {f"{module}/defs/{name}/defs.yaml": text for name, text in declarations.items()})
+    return module
+
+
+def dg_env(**extra: str) -> dict[str, str]:
+    """The environment of an activated venv (what the Makefile's $(DG) sets), plus ``extra``."""
+    return {
+        **os.environ,
+        "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }
