@@ -34,9 +34,7 @@ from lora_pipeline.contracts.training import TrainingParams
 from lora_pipeline.defs.declared_styles import StyleDeclaration, training_choice
 from lora_pipeline.lifecycle.submit import training_params
 from lora_pipeline.registry.names import STYLE_PATTERN, InvalidStyleName, validate_style
-
-# Cron: five fields, or one of the @ nicknames (what Dagster's schedules accept).
-CRON_PATTERN = r"^(@(hourly|daily|weekly|monthly|yearly|annually|midnight)|(\S+\s+){4}\S+)$"
+from lora_pipeline.settings import CRON_PATTERN
 
 
 class Automation(enum.StrEnum):
