@@ -43,10 +43,14 @@ lock: $(VENV)/.installed  ## re-resolve locks/ from pyproject.toml (the newest v
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/lock.py compile
 	$(MAKE) install
 
+# `dg` (docs/dg.md) as an activated venv runs it: the project's code location from [tool.dg] in
+# pyproject.toml, loaded by this venv's Python.
+DG := VIRTUAL_ENV="$(CURDIR)/$(VENV)" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dg
+
 dev: install  ## set up and start the Dagster UI on the embedded defaults (local store, local backend, sample)
 	mkdir -p "$(DAGSTER_HOME)"
 	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
-	DAGSTER_HOME="$(DAGSTER_HOME)" $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+	DAGSTER_HOME="$(DAGSTER_HOME)" $(DG) dev -h $(HOST) -p $(PORT)
 
 test: install  ## set up and run the checks and the whole test suite (what CI runs)
 	$(PY) scripts/lock.py check
@@ -54,6 +58,8 @@ test: install  ## set up and run the checks and the whole test suite (what CI ru
 	$(VENV)/bin/ruff format --check lora_pipeline lora_pipeline_tests benchmarks deploy scripts
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(VENV)/bin/mypy
+	$(DG) check defs
+	$(DG) list defs --json > /dev/null
 	$(PY) -m pytest
 
 # The canary for upstream releases (docs/testing.md): the same checks and suite in .venv-latest on

@@ -114,7 +114,10 @@ _SECONDS = "a number of seconds above 0"
 _COUNT = "a whole number of at least 1"
 _DAYS = f"a number of days above 0 (up to {MAX_RETENTION_DAYS})"
 _HTTP_URL = "an http(s) URL"
-_CRON = re.compile(r"@(hourly|daily|weekly|monthly|yearly|annually|midnight)|(\S+\s+){4}\S+")
+# Five fields, or one of the @ nicknames (what Dagster's schedules accept), matched whole; also a
+# declared style's `schedule`.
+CRON_PATTERN = r"^(@(hourly|daily|weekly|monthly|yearly|annually|midnight)|(\S+\s+){4}\S+)$"
+_CRON = re.compile(CRON_PATTERN)
 _HOST = "set by RunPod on its workers, not by you"
 
 

@@ -23,11 +23,15 @@ def init(gpu_pool_limit: int | None) -> None:
     """Prepare the instance in DAGSTER_HOME before the deployment serves; safe to re-run.
 
     Creates or upgrades Dagster's schema, sets every pool's limit explicitly, and re-creates
-    the style partitions from the configured store (LORA_STORAGE_URL): this is also the
-    command that moves a laptop's work to a new (Postgres) instance (docs/deploy.md).
+    the style partitions from the configured store (LORA_STORAGE_URL) and the declared styles
+    (lora_pipeline/styles/): this is also the command that moves a laptop's work to a new
+    (Postgres) instance (docs/deploy.md), and what readies a fresh DAGSTER_HOME for
+    `dg launch --partition <style>` (docs/dg.md).
     """
     import dagster as dg
 
+    from lora_pipeline.definitions import defs
+    from lora_pipeline.defs.declared_styles import DECLARED_STYLES
     from lora_pipeline.deploy.init import POOLS, init_instance
     from lora_pipeline.settings import get_settings
     from lora_pipeline.storage.factory import open_configured_store
@@ -36,7 +40,8 @@ def init(gpu_pool_limit: int | None) -> None:
     limits = {pool: gpu_pool_limit or settings.gpu_pool_limit for pool in POOLS}
     with dg.DagsterInstance.get() as instance:
         instance.upgrade()
-        report = init_instance(instance, open_configured_store(settings), limits)
+        declared = (defs.resources or {})[DECLARED_STYLES]
+        report = init_instance(instance, open_configured_store(settings), limits, declared)
     for line in report.lines():
         click.echo(line)
 

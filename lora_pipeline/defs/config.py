@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field, create_model
 
 from lora_pipeline.contracts.training import TrainingParams
+from lora_pipeline.defs.declared_styles import StyleDeclaration, training_choice
 
 
 class TrainingParamsOverrides(dg.Config):
@@ -55,16 +56,21 @@ else:
 class TrainingConfig(dg.Config):
     """What to train: the base model and hyperparameter overrides (see TrainingParams)."""
 
-    base_model: str = Field(
-        "tiny",
+    base_model: str | None = Field(
+        None,
         description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3' (built in code), a local diffusers folder, "
-        "'store:<prefix>' or a hub id.",
+        "'store:<prefix>' or a hub id. Unset: the style's declared base model (a LoraTraining defs.yaml), else 'tiny'.",
     )
     params: TrainingParamsConfig = Field(
         default_factory=TrainingParamsConfig,
-        description="Overrides of lora_pipeline.contracts.training.TrainingParams (unset: the base "
-        "model's preset, else its default), e.g. rank: 16, max_train_steps: 1500, resolution: 768.",
+        description="Overrides of lora_pipeline.contracts.training.TrainingParams (unset: the style's "
+        "declared params preset, then the base model's preset, else its default), e.g. rank: 16, "
+        "max_train_steps: 1500, resolution: 768.",
     )
     force: bool = Field(False, description="Train again even if this dataset was trained with these settings.")
     wait_timeout_s: float = Field(6 * 3600, description="How long a run waits for the job to finish.")
     poll_interval_s: float = Field(5.0, description="Seconds between status polls while waiting.")
+
+    def training_choice(self, declaration: StyleDeclaration | None) -> tuple[str, dict[str, Any]]:
+        """The base model and params overrides this run trains with (``training_choice``)."""
+        return training_choice(declaration, self.base_model, self.params.overrides())

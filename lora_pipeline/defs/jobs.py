@@ -5,6 +5,7 @@ from pydantic import Field, ValidationError
 
 from lora_pipeline.contracts.run_tags import VERSION_TAG
 from lora_pipeline.defs.config import TrainingConfig
+from lora_pipeline.defs.declared_styles import DeclaredStyles
 from lora_pipeline.defs.health import HEALTH_CHECK_KEYS
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import backend_kind
@@ -39,6 +40,7 @@ def submit_lora_training(
     config: TrainLoraConfig,
     storage: StorageResource,
     training_backend: TrainingBackendResource,
+    declared_styles: dg.ResourceParam[DeclaredStyles],
 ) -> str:
     """Submit the style's current dataset version for training; return the job id.
 
@@ -50,13 +52,14 @@ def submit_lora_training(
     style = context.partition_key
     store = storage.get_store()
     backend = training_backend.get_backend(store)
+    base_model, overrides = config.training_choice(declared_styles.get(style))
     try:
         submitted = submit_training(
             store=store,
             backend=backend,
             style=style,
-            params=training_params(config.base_model, config.params.overrides()),
-            base_model=config.base_model,
+            params=training_params(base_model, overrides),
+            base_model=base_model,
             storage_url=training_backend.storage_url_for_worker(storage),
             webhook_url=training_backend.webhook_url_for_jobs(),
             force=config.force,
@@ -106,4 +109,10 @@ complete_training = dg.define_asset_job(
     # the two assets and their data checks; the registry's lag and health checks run on their own schedule
     selection=dg.AssetSelection.assets("trained_lora", "lora_registry") - dg.AssetSelection.checks(*HEALTH_CHECK_KEYS),
     description="Started by the completion sensors: verify a finished job's LoRA and record it.",
+)
+
+ingest_training_dataset = dg.define_asset_job(
+    "ingest_training_dataset",
+    selection=dg.AssetSelection.assets("training_dataset"),
+    description="Ingests a style's source as a new dataset version (a declared style's dataset schedule).",
 )

@@ -8,7 +8,9 @@ Idempotent: every deployment runs it on each start (the Compose init service, th
   has no default limit and every pool a GPU path uses is set here.
 * **Style partitions from the store.** Dagster cannot migrate SQLite run history; a new
   instance starts with no dynamic partitions. They are re-created from what the store holds
-  (``registry/``, ``datasets/``, ``incoming/``), the same sources ``style_discovery_sensor`` reads.
+  (``registry/``, ``datasets/``, ``incoming/``), the same sources ``style_discovery_sensor`` reads,
+  with the styles that are partitions whatever the store holds (the sample, every declared one):
+  so ``dg launch --partition <style>`` works on an instance no sensor has ticked on yet.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from lora_pipeline.dataset.versions import current_key, style_folders
-from lora_pipeline.defs.assets.training_dataset import INCOMING_PREFIX, SAMPLE_STYLE
+from lora_pipeline.defs.assets.training_dataset import INCOMING_PREFIX
 from lora_pipeline.defs.completion_sensors import unfinished_jobs
+from lora_pipeline.defs.declared_styles import DeclaredStyles, declared_styles
+from lora_pipeline.defs.discovery_sensors import always_present_styles
 from lora_pipeline.defs.jobs import GPU_POOL
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
@@ -31,6 +35,7 @@ from lora_pipeline.webhook.inbox import list_inbox
 #: Every pool the project's ops and assets name, and the variable that sets its limit.
 POOLS = {GPU_POOL: "LORA_GPU_POOL_LIMIT"}
 DEFAULT_POOL_LIMIT = 2
+NO_DECLARED_STYLES = declared_styles()
 
 
 @dataclass
@@ -55,7 +60,7 @@ class InitReport:
 
 def stored_styles(store: ObjectStore) -> set[str]:
     """Every style the store knows: a registry document, a current dataset, or an incoming drop."""
-    styles: set[str] = {SAMPLE_STYLE}
+    styles: set[str] = set()
     for top, document_key in ((REGISTRY, registry_key), (DATASETS, current_key)):
         for style in style_folders(store, top):
             if store.head(document_key(style)) is not None:
@@ -74,11 +79,16 @@ def set_pool_limits(instance: dg.DagsterInstance, limits: dict[str, int]) -> Non
         instance.event_log_storage.set_concurrency_slots(pool, limit)
 
 
-def init_instance(instance: dg.DagsterInstance, store: ObjectStore, pool_limits: dict[str, int]) -> InitReport:
+def init_instance(
+    instance: dg.DagsterInstance,
+    store: ObjectStore,
+    pool_limits: dict[str, int],
+    declared: DeclaredStyles = NO_DECLARED_STYLES,
+) -> InitReport:
     report = InitReport(pools=dict(pool_limits))
     set_pool_limits(instance, pool_limits)
     known = set(instance.get_dynamic_partitions(STYLES_PARTITIONS_NAME))
-    styles = stored_styles(store)
+    styles = stored_styles(store) | always_present_styles(declared)
     new = sorted(styles - known)
     if new:
         instance.add_dynamic_partitions(STYLES_PARTITIONS_NAME, new)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 
-_STYLE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# What a style id may be made of ('..' is refused besides), matched whole (fullmatch: no trailing
+# newline); also the YAML schema of a declared style.
+STYLE_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+_STYLE = re.compile(STYLE_PATTERN)
 _VERSION_NAME = re.compile(r"[vV]{1,2}([0-9]+)")
 
 

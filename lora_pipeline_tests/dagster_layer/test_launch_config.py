@@ -106,7 +106,7 @@ def test_materialize_refuses_a_bad_param_before_any_step(params, message, tmp_pa
             partition_key="sample_style",
             instance=instance,
             run_config=_config(params),
-            resources={"storage": resources["storage"], "training_backend": resources["training_backend"]},
+            resources=resources,
         )
     assert message.split(" (got")[0] in str(raised.value)
     assert instance.get_runs() == []

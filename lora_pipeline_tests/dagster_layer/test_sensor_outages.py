@@ -24,6 +24,7 @@ from lora_pipeline.dataset.versions import current_key
 from lora_pipeline.defs.completion_sensors import runpod_job_sensor, runpod_webhook_sensor
 from lora_pipeline.defs.discovery_sensors import style_discovery_sensor
 from lora_pipeline.defs.reconcile import reconcile_registry_schedule
+from lora_pipeline.defs.declared_styles import DECLARED_STYLES, declared_styles
 from lora_pipeline.defs.resources import LoraS3Resource, StorageResource, TrainingBackendResource
 from lora_pipeline.storage.factory import reset_shared_stores, s3_location, shared_breaker
 from lora_pipeline.storage.local import LocalStore
@@ -59,6 +60,7 @@ def s3_resources(proxy: FaultProxy, bucket: str) -> dict:
             s3=LoraS3Resource(endpoint_url=proxy.endpoint, addressing_style="path"),
         ),
         "training_backend": TrainingBackendResource(),
+        DECLARED_STYLES: declared_styles(),
     }
 
 
@@ -226,7 +228,9 @@ def _discovery_calls(store, instance, monkeypatch) -> tuple[CountingStore, dg.Se
     counting = CountingStore(store)
     monkeypatch.setattr(StorageResource, "get_store", lambda self: counting)
     monkeypatch.setattr(StorageResource, "get_sensor_store", lambda self: counting, raising=False)
-    with dg.build_sensor_context(instance=instance, resources={"storage": StorageResource()}) as context:
+    with dg.build_sensor_context(
+        instance=instance, resources={"storage": StorageResource(), DECLARED_STYLES: declared_styles()}
+    ) as context:
         result = style_discovery_sensor(context)
     return counting, result
 

@@ -60,12 +60,14 @@ def test_a_style_without_a_source_fails_with_the_remedy(store, instance):
 
 def test_a_new_dataset_version_requests_training_once(store, instance):
     """With new_dataset_version_sensor on, each dataset hash starts train_lora exactly once."""
+    from lora_pipeline.defs.declared_styles import DECLARED_STYLES, declared_styles
     from lora_pipeline.defs.discovery_sensors import new_dataset_version_sensor
 
     materialize(instance, "sample_style")
-    with dg.build_sensor_context(instance=instance) as context:
+    resources = {DECLARED_STYLES: declared_styles()}
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
         first = new_dataset_version_sensor(context)
-    with dg.build_sensor_context(instance=instance, cursor=first.cursor) as context:
+    with dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=resources) as context:
         second = new_dataset_version_sensor(context)
 
     [request] = first.run_requests

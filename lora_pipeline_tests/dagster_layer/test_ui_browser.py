@@ -1,6 +1,6 @@
 """The README's UI walk-through, clicked through in a real headless Chromium.
 
-`dagster dev` (webserver + daemon, as `make dev` starts it) runs on a temporary DAGSTER_HOME,
+`dg dev` (webserver + daemon, as `make dev` starts it) runs on a temporary DAGSTER_HOME,
 store and jobs folder; Playwright drives Debian's `chromium` through the launchpad to materialize
 `training_dataset`, `trained_lora` and `lora_registry` for `sample_style` (with a few training
 steps), waits for the run to succeed, and reads `V1`, its checks and its samples off the asset
@@ -18,16 +18,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from lora_pipeline_tests.conftest import free_port
+from lora_pipeline_tests.dagster_layer.conftest import dg_dev
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +112,8 @@ def browser(chromium_path: str):
 
 @pytest.fixture
 def dagster_dev(tmp_path: Path):
-    """`dagster dev` on a temporary instance and store, with `sample_style` already a partition."""
+    """`dg dev` (what `make dev` runs) on a temporary instance and store, with `sample_style`
+    already a partition."""
     import dagster as dg
 
     from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
@@ -123,7 +122,6 @@ def dagster_dev(tmp_path: Path):
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     env = {
-        **os.environ,
         "DAGSTER_HOME": str(home),
         "LORA_STORAGE_URL": (tmp_path / "store").as_uri(),
         "LORA_LOCAL_JOBS_DIR": str(tmp_path / "jobs"),
@@ -132,44 +130,8 @@ def dagster_dev(tmp_path: Path):
     # test does not wait for a tick.
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions(STYLES_PARTITIONS_NAME, [STYLE])
-    port = free_port()
-    log = (tmp_path / "dagster_dev.log").open("wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml"]
-        + ["-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the webserver, daemon and code servers go with it
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dagster dev exited: {(tmp_path / 'dagster_dev.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/server_info", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("dagster dev's webserver did not answer within 180 s")
-            time.sleep(0.5)
+    with dg_dev(REPO, tmp_path / "dagster_dev.log", **env) as url:
         yield url
-    finally:
-        # The whole group; `dagster dev` sometimes hangs on SIGTERM, and its instance is thrown away.
-        for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=grace_s)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
 
 
 def _gql(url: str, query: str, **variables) -> dict:

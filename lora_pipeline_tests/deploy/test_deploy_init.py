@@ -68,3 +68,16 @@ def test_init_refuses_a_bad_pool_limit(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_GPU_POOL_LIMIT", "many")
     result = CliRunner().invoke(main, ["deploy", "init"])
     assert result.exit_code == 2 and "LORA_GPU_POOL_LIMIT" in result.output
+
+
+def test_init_adds_the_declared_styles_before_any_sensor_tick(tmp_path):
+    """A declared style is a partition from the start, as the sample is: `dg launch --partition
+    <style>` works on a fresh instance (docs/dg.md)."""
+    from lora_pipeline.defs.declared_styles import StyleDeclaration, declared_styles
+    from lora_pipeline.deploy.init import init_instance
+
+    declared = declared_styles([StyleDeclaration(style="watercolor"), StyleDeclaration(style="ink")])
+    with dg.instance_for_test() as instance:
+        report = init_instance(instance, LocalStore(tmp_path / "store"), {GPU_POOL: 2}, declared)
+        assert sorted(instance.get_dynamic_partitions(STYLES_PARTITIONS_NAME)) == ["ink", "sample_style", "watercolor"]
+    assert report.partitions_added == ["ink", "sample_style", "watercolor"]

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.contracts.problems import describe_validation_error
 from lora_pipeline.defs.config import TrainingConfig
+from lora_pipeline.defs.declared_styles import DeclaredStyles
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, backend_kind, url_value
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
@@ -72,7 +73,9 @@ def checked_training_config(config: dict) -> dict:
     checked = TrainedLoraConfig.model_validate(config)
     if not checked.status_body:
         try:
-            training_params(checked.base_model, checked.params.overrides())
+            # No partition here: a declared style's params preset was checked when its defs.yaml
+            # loaded, and the step validates the preset and these overrides together again.
+            training_params(*checked.training_choice(None))
         except ValidationError as exc:
             raise dg.DagsterInvalidConfigError(
                 f"trained_lora config, params: {describe_validation_error(exc, root='params')}", [], config
@@ -104,6 +107,7 @@ def train_on_gpu(
     request: dict,
     storage: StorageResource,
     training_backend: TrainingBackendResource,
+    declared_styles: dg.ResourceParam[DeclaredStyles],
 ) -> dict:
     """Submit the style's current dataset (idempotently) and hold a `runpod_gpu` slot
     until the job ends: the same pool as `train_lora`'s op."""
@@ -111,13 +115,14 @@ def train_on_gpu(
     config = TrainedLoraConfig.model_validate(request)
     store = storage.get_store()
     settings = get_settings()
+    base_model, overrides = config.training_choice(declared_styles.get(style))
     try:
         submitted, status = submit_and_wait(
             store=store,
             backend=training_backend.get_backend(store),
             style=style,
-            base_model=config.base_model,
-            params=config.params.overrides(),
+            base_model=base_model,
+            params=overrides,
             force=config.force,
             timeout_s=config.wait_timeout_s,
             poll_interval_s=config.poll_interval_s,

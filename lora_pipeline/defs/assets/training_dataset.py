@@ -11,6 +11,7 @@ from lora_pipeline.dataset.ingest import (
     sample_dataset_path,
 )
 from lora_pipeline.dataset.report import CheckOutcome, check_caption_coverage, check_min_images
+from lora_pipeline.defs.declared_styles import DeclaredStyles, StyleDeclaration
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, store_kind
 from lora_pipeline.defs.resources import StorageResource
@@ -34,19 +35,25 @@ class DatasetConfig(dg.Config):
 
     source: str | None = Field(
         None,
-        description="A local folder, a .zip, or 'store:<prefix>'. Default: the store's "
-        "incoming/<style>/ folder, or the bundled sample for 'sample_style'.",
+        description="A local folder, a .zip, or 'store:<prefix>'. Default: the style's declared "
+        "source (a LoraTraining defs.yaml), else the store's incoming/<style>/ folder, or the "
+        "bundled sample for 'sample_style'.",
     )
-    trigger_word: str | None = Field(None, description="Caption for images without one (default: the style name).")
+    trigger_word: str | None = Field(
+        None, description="Caption for images without one (default: the style's declared trigger word, else its name)."
+    )
     prepend_trigger_word: bool = Field(False, description="Also put the trigger word in front of every caption.")
     min_side: int = Field(64, description="Images with a shorter side are rejected.")
     missing_captions: str = Field("fill", description="'fill' from the trigger word, or 'reject'.")
 
 
-def resolve_source(style: str, config: DatasetConfig, store) -> str:
-    """The source to ingest: explicit, else the incoming folder, else the bundled sample."""
+def resolve_source(style: str, config: DatasetConfig, store, declaration: StyleDeclaration | None = None) -> str:
+    """The source to ingest: explicit, else the declared one, else the incoming folder, else the
+    bundled sample."""
     if config.source:
         return config.source
+    if declaration is not None and declaration.source:
+        return declaration.source
     incoming = f"{INCOMING_PREFIX}{style}/"
     if any(not in_api_upload(info.key[len(incoming) :]) for info in store.list(incoming)):
         return f"store:{incoming}"
@@ -76,7 +83,10 @@ def resolve_source(style: str, config: DatasetConfig, store) -> str:
     ],
 )
 def training_dataset(
-    context: dg.AssetExecutionContext, config: DatasetConfig, storage: StorageResource
+    context: dg.AssetExecutionContext,
+    config: DatasetConfig,
+    storage: StorageResource,
+    declared_styles: dg.ResourceParam[DeclaredStyles],
 ) -> dg.MaterializeResult:
     """Validate a style's images and captions and store them as a content-hashed version.
 
@@ -85,9 +95,14 @@ def training_dataset(
     """
     style = context.partition_key
     store = storage.get_store()
-    source = resolve_source(style, config, store)
+    declaration = declared_styles.get(style)
+    source = resolve_source(style, config, store, declaration)
     context.log.info(f"ingesting {source} for style {style}")
-    trigger_word = config.trigger_word or (SAMPLE_TRIGGER_WORD if style == SAMPLE_STYLE else None)
+    trigger_word = (
+        config.trigger_word
+        or (declaration.trigger_word if declaration else None)
+        or (SAMPLE_TRIGGER_WORD if style == SAMPLE_STYLE else None)
+    )
     try:
         report = ingest_dataset(
             store,
