@@ -46,12 +46,14 @@ def update_object(
     max_attempts: int = 50,
     content_type: str | None = None,
     backoff: float = 0.02,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> StoredObject | None:
     """Apply ``fn`` to the object's current bytes and write the result conditionally.
 
     ``fn`` gets the current StoredObject (None if absent) and returns the new
     bytes, or None to leave the object as it is. Returns what is stored
-    afterwards. Raises TooManyConflicts after ``max_attempts`` lost races.
+    afterwards. Raises TooManyConflicts after ``max_attempts`` lost races. ``sleep`` waits
+    between attempts (a simulation passes its own).
     """
     for attempt in range(max_attempts):
         current = read_object(store, key)
@@ -65,7 +67,7 @@ def update_object(
                 etag = store.put(key, new, if_match=current.etag, content_type=content_type)
         except PreconditionFailed:
             # Someone else wrote first: back off a little (jittered) and redo from their version.
-            time.sleep(random.uniform(0, backoff * min(2**attempt, 32)))
+            sleep(random.uniform(0, backoff * min(2**attempt, 32)))
             continue
         return StoredObject(key=key, data=new, etag=etag)
     raise TooManyConflicts(f"gave up updating {key!r} after {max_attempts} conflicting writes")
