@@ -112,7 +112,7 @@ _SECONDS = "a number of seconds above 0"
 _COUNT = "a whole number of at least 1"
 _DAYS = f"a number of days above 0 (up to {MAX_RETENTION_DAYS})"
 _HTTP_URL = "an http(s) URL"
-_CRON = re.compile(r"^(@(hourly|daily|weekly|monthly|yearly|annually|midnight)|(\S+\s+){4}\S+)$")
+_CRON = re.compile(r"@(hourly|daily|weekly|monthly|yearly|annually|midnight)|(\S+\s+){4}\S+")
 _HOST = "set by RunPod on its workers, not by you"
 
 
@@ -142,6 +142,15 @@ class Settings(BaseSettings):
         "recorded URLs become `<base>/<key>`",
         expected=_HTTP_URL,
         runs=True,
+    )
+    writer_lock_dir: str | None = _env(
+        None,
+        "LORA_WRITER_LOCK_DIR",
+        "only for an S3 endpoint that ignores conditional writes: a folder every registry writer shares "
+        "(one host); its lock files serialize them. Unset, registry writes refuse to run on such an endpoint",
+        expected="an absolute folder path",
+        runs=True,
+        shown="unset",
     )
     primary_format: str = _env(
         DEFAULT_PRIMARY,
@@ -410,7 +419,7 @@ class Settings(BaseSettings):
         0,
         "LORA_KEEP_VERSIONS",
         "reconciliation deletes each style's completed versions but the newest N and every "
-        "aliased one (a tombstone stays); 0 keeps all",
+        "one an alias points at or can roll back to (a tombstone stays); 0 keeps all",
         expected="a whole number (0: keep all)",
         runs=True,
         ge=0,
@@ -565,7 +574,7 @@ class Settings(BaseSettings):
     @field_validator("reconcile_cron", "health_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        if not _CRON.match(value.strip()):
+        if not _CRON.fullmatch(value.strip()):
             raise ValueError("expected a cron expression of 5 fields, e.g. '0 * * * *'")
         return value.strip()
 

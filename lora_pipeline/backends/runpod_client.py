@@ -10,8 +10,10 @@ What the legacy system tripped on, and what this client does about it:
 * 429 and 5xx are transient: retried with exponential backoff and jitter,
   honouring ``Retry-After``. Every call has a timeout. ``POST /run`` is the
   exception: RunPod has no idempotency key, so it is repeated only when RunPod
-  certainly did not take it (no connection was made, or 429); any other failure
-  raises ``SubmitOutcomeUnknown`` and is never repeated.
+  certainly did not take it (no connection was made, or 429); any answer that is
+  not a clear refusal (a 5xx, a 3xx, a 2xx whose body is not a JSON status body
+  with an id, a cut or undecodable body, a 4xx without RunPod's JSON error body
+  other than 401/403/404) raises ``SubmitOutcomeUnknown`` and is never repeated.
 * 401 is the key, not the network: ``RunPodAuthError`` names RUNPOD_API_KEY.
 * An API that is down must not stall every sensor tick: after consecutive
   failures a circuit breaker opens and calls fail at once with
@@ -288,6 +290,11 @@ class RunPodClient:
                 )
             raise error
         self.breaker.record_success()  # it answered: whatever it said, the API is up
+        if not idempotent and not _clear_answer(response):
+            raise SubmitOutcomeUnknown(
+                f"RunPod {what} answered HTTP {response.status_code} with a body that is not RunPod's "
+                f"({_excerpt(response) or 'empty'}); it may have been accepted, so it is not repeated"
+            )
         refusal = _refusal(response, what, job_id=job_id, endpoint_id=self.endpoint_id)
         if refusal is not None:
             raise refusal
@@ -314,7 +321,7 @@ class RunPodClient:
             return self._http.request(
                 method, path, json=json, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
             )
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # no answer, a cut one, or one that cannot be decoded
             self.breaker.record_failure(exc)
             raise _transport_failure(exc, what=f"{method} {path}", idempotent=idempotent) from None
 
@@ -343,7 +350,7 @@ def _status_body(payload: dict[str, Any], what: str, *, accepted: bool = False) 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
-def _transport_failure(exc: httpx.TransportError, *, what: str, idempotent: bool) -> _Transient | SubmitOutcomeUnknown:
+def _transport_failure(exc: httpx.RequestError, *, what: str, idempotent: bool) -> _Transient | SubmitOutcomeUnknown:
     """A request that got no answer: repeatable, unless it may have reached RunPod and is not idempotent.
 
     Only a failure to connect (``_NOT_SENT``) proves RunPod saw nothing; a read
@@ -382,6 +389,30 @@ def _refusal(
     if code >= 400:
         return RunPodRequestError(f"RunPod refused {what} (HTTP {code}): {_excerpt(response)}", code)
     return None
+
+
+# Answers to a request that queues a job which say, whatever their body, that nothing was
+# queued: the key refused, the endpoint unknown, RunPod's pacing.
+_REFUSED_WHATEVER_THE_BODY = (401, 403, 404, 429)
+
+
+def _clear_answer(response: httpx.Response) -> bool:
+    """Whether an answer below 500 to ``POST /run`` says for certain what RunPod did.
+
+    A 2xx is RunPod's only if its body is a JSON object (the status body is checked
+    next); a 4xx is a refusal if it is one of ``_REFUSED_WHATEVER_THE_BODY`` or carries
+    RunPod's JSON error body. Anything else (a proxy's HTML page served with 200, a
+    3xx, a 4xx from something in between) may have come after RunPod queued the job.
+    """
+    code = response.status_code
+    if code in _REFUSED_WHATEVER_THE_BODY:
+        return True
+    if not (200 <= code < 300 or 400 <= code < 500):
+        return False
+    try:
+        return isinstance(response.json(), dict)
+    except ValueError:
+        return False
 
 
 def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:

@@ -212,7 +212,7 @@ def _reject_unusable(store: ObjectStore, key: str, reason: str) -> str:
     """Move an unusable inbox file to webhooks/rejected/ (reason beside it); the note to log."""
     try:
         target = reject(store, key, reason)
-    except StorageError as exc:
+    except (StorageError, OSError) as exc:  # an outage, or a file even the move cannot read
         if is_outage(exc):
             raise  # the store is failing: skip the tick now, not after one timeout per file
         return f"{key}: {reason}; could not move it to {WEBHOOK_REJECTED}/ (tried again next tick): {exc}"

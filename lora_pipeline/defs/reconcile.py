@@ -51,7 +51,7 @@ class ReconcileConfig(dg.Config):
         None,
         ge=0,
         description="With housekeeping: delete each style's completed versions but the newest N and "
-        "every aliased one, leaving tombstones (default: LORA_KEEP_VERSIONS; 0 keeps all; dry_run: only report).",
+        "every one an alias points at or can roll back to, leaving tombstones (default: LORA_KEEP_VERSIONS; 0 keeps all; dry_run: only report).",
     )
 
 

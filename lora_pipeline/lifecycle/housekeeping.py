@@ -51,6 +51,7 @@ from lora_pipeline.registry.models import RegistryDocument, VersionStatus, from_
 from lora_pipeline.registry.names import InvalidStyleName, validate_style, version_name
 from lora_pipeline.settings import MAX_RETENTION_DAYS, Settings, SettingsError, get_settings
 from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError
+from lora_pipeline.storage.breaker import is_outage
 from lora_pipeline.storage.keys import (
     CHECKPOINTS,
     RUNS,
@@ -92,8 +93,8 @@ YOUNG = "young"  # within its retention
 NEEDED = (UNFINISHED, UNKNOWN, UNRECOGNIZED, BUSY)
 
 REASON_SUFFIX = ".reason.txt"
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_STATUS = re.compile(r"^[A-Z_]{1,32}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_STATUS = re.compile(r"[A-Z_]{1,32}")
 _KEYS_SHOWN = 1000  # keys listed per kind in a dry run's report
 
 
@@ -191,7 +192,7 @@ def claim_job_ids(key: str) -> list[str]:
     stem = name[: -len(".json")]
     found = []
     for i, char in enumerate(stem):
-        if char == "_" and _JOB_ID.match(stem[:i]) and _STATUS.match(stem[i + 1 :]):
+        if char == "_" and _JOB_ID.fullmatch(stem[:i]) and _STATUS.fullmatch(stem[i + 1 :]):
             found.append(stem[:i])
     return found
 
@@ -454,7 +455,7 @@ def marker_job(key: str) -> str | None:
     except InvalidStyleName:
         return None
     job = parts[3][: -len(".json")]
-    return job if _JOB_ID.match(job) else None
+    return job if _JOB_ID.fullmatch(job) else None
 
 
 def _claim_job(store: ObjectStore, info: ObjectInfo) -> str | None:
@@ -476,7 +477,7 @@ def _body_job(store: ObjectStore, info: ObjectInfo) -> str | None:
         job = json.loads(store.get(info.key).data).get("id")
     except (ObjectNotFound, ValueError, AttributeError, RecursionError):
         return None
-    return job if isinstance(job, str) and _JOB_ID.match(job) else None
+    return job if isinstance(job, str) and _JOB_ID.fullmatch(job) else None
 
 
 def _apply(store: ObjectStore, plan: Plan, report: HousekeepingReport) -> None:
@@ -485,9 +486,12 @@ def _apply(store: ObjectStore, plan: Plan, report: HousekeepingReport) -> None:
             if not report.dry_run:
                 try:
                     store.delete(key)
-                except StorageError as exc:
-                    report.problems.append(f"housekeeping stopped at {key} (the next run carries on): {exc}")
-                    return
+                except (StorageError, OSError) as exc:
+                    if is_outage(exc):
+                        report.problems.append(f"housekeeping stopped at {key} (the next run carries on): {exc}")
+                        return
+                    report.problems.append(f"housekeeping: {key} not deleted (the others were): {exc}")
+                    continue
             report.deleted[kind].append(key)
 
 

@@ -365,7 +365,7 @@ class _Run:
             return
         try:
             reject(self.store, item.key, reason)
-        except StorageError as exc:
+        except (StorageError, OSError) as exc:  # an outage, or a file even the move cannot read
             self.report.problems.append(f"{item.key}: could not move to {WEBHOOK_REJECTED}/: {exc}")
 
     # -- settling -------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The version retention (keep the last N completed versions of each style, and every aliased
-one) and who an operator's action is recorded as.
+"""The version retention (keep the last N completed versions of each style, and every version an
+alias points at or can roll back to: its history back to its last ``remove``) and who an operator's action is recorded as.
 
 Moving an alias and deleting a version are ``RegistryStore.move_alias`` / ``delete_version``
 (one conditional write each), called as they are by ``lora-pipeline registry
@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from lora_pipeline.clock import SYSTEM_CLOCK, Clock
+from lora_pipeline.registry.aliases import reachable_versions
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry_store.documents import Refused, RegistryStore
 from lora_pipeline.storage.base import ObjectStore
@@ -35,7 +36,8 @@ def default_actor() -> str:
 @dataclass
 class PruneReport:
     """What the version retention deleted (or, ``dry_run``, would delete): style → versions, the
-    objects removed, and the versions kept only because an alias points at them."""
+    objects removed, and the versions kept only because an alias points at them or can roll back
+    to them."""
 
     keep: int
     dry_run: bool = False
@@ -76,7 +78,7 @@ def prune_versions(
     clock: Clock = SYSTEM_CLOCK,
 ) -> PruneReport:
     """Delete every completed version of each style but the ``keep`` newest, and those an alias
-    points at (``keep`` 0: keep everything). Styles with at most ``keep`` completed versions
+    points at or can roll back to (``keep`` 0: keep everything). Styles with at most ``keep`` completed versions
     (index counts) are not read. ``at`` (default ``clock.now()``) stamps the tombstones."""
     report = PruneReport(keep=keep, dry_run=dry_run)
     if keep <= 0:
@@ -88,7 +90,7 @@ def prune_versions(
         if summary.statuses.get(VersionStatus.completed.value, 0) <= keep:
             continue
         doc, _ = registry.read(style)
-        aliased = set(doc.aliases.values())
+        aliased = set(reachable_versions(doc.alias_history))
         completed = sorted(
             (v for v in doc.versions if v.status is VersionStatus.completed), key=lambda v: v.number, reverse=True
         )
@@ -97,7 +99,9 @@ def prune_versions(
                 report.kept_aliased.setdefault(style, []).append(version.name)
                 continue
             try:
-                result = registry.delete_version(style, version.name, by=by, reason=reason, dry_run=dry_run, at=at)
+                result = registry.delete_version(
+                    style, version.name, by=by, reason=reason, dry_run=dry_run, at=at, keep_rollback_targets=True
+                )
             except Refused as exc:  # an alias moved onto it since the read
                 report.problems.append(str(exc))
                 continue

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 AliasAction = Literal["promote", "rollback", "remove"]
 ALIAS_ACTIONS: tuple[AliasAction, ...] = ("promote", "rollback", "remove")
-_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class InvalidAliasName(ValueError):
@@ -29,7 +29,7 @@ class InvalidAliasName(ValueError):
 
 def validate_alias(alias: str) -> str:
     """Return ``alias`` unchanged if it is a safe alias name, else raise InvalidAliasName."""
-    if not isinstance(alias, str) or not _ALIAS.match(alias):
+    if not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
         raise InvalidAliasName(
             f"invalid alias name {alias!r}: use a lowercase letter then up to 31 lowercase letters, "
             "digits, '_' or '-' (e.g. production, staging)"
@@ -118,6 +118,16 @@ def alias_stacks(history: Iterable[AliasEntry]) -> dict[str, list[str]]:
         elif not stack or stack[-1] != entry.version:
             stack.append(entry.version)
     return stacks
+
+
+def reachable_versions(history: Iterable[AliasEntry]) -> dict[str, list[str]]:
+    """version → the aliases that point at it now or can roll back to it (it is on their stack:
+    back to each alias's last ``remove``). What the version retention must keep."""
+    reachable: dict[str, list[str]] = {}
+    for alias, stack in sorted(alias_stacks(history).items()):
+        for version in dict.fromkeys(stack):
+            reachable.setdefault(version, []).append(alias)
+    return reachable
 
 
 def current_aliases(history: Iterable[AliasEntry]) -> dict[str, str]:

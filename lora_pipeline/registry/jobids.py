@@ -11,20 +11,20 @@ from __future__ import annotations
 import re
 
 _ID = re.compile(
-    r"^(?P<base>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
-    r"(?:-(?P<suffix>[A-Za-z]+\d+))?$"
+    r"(?P<base>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
+    r"(?:-(?P<suffix>[A-Za-z]+[0-9]+))?"
 )
 
 
 def base_job_id(job_id: str) -> str:
     """The UUID part of a RunPod id, lowercased; ids that are not UUID-shaped are kept whole."""
-    match = _ID.match(job_id.strip())
+    match = _ID.fullmatch(job_id.strip())
     return match.group("base").lower() if match else job_id.strip()
 
 
 def job_id_suffix(job_id: str) -> str | None:
     """``"e2"`` for ``…-e2``; None when the id has no suffix."""
-    match = _ID.match(job_id.strip())
+    match = _ID.fullmatch(job_id.strip())
     return match.group("suffix") if match else None
 
 

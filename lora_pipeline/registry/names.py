@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-_STYLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_VERSION_NAME = re.compile(r"^[vV]{1,2}(\d+)$")
+_STYLE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_VERSION_NAME = re.compile(r"[vV]{1,2}([0-9]+)")
 
 
 class InvalidStyleName(ValueError):
@@ -19,9 +19,9 @@ class InvalidStyleName(ValueError):
 
 def validate_style(style: str) -> str:
     """Return ``style`` unchanged if it is a safe style id, else raise InvalidStyleName."""
-    if not isinstance(style, str) or not _STYLE.match(style) or ".." in style:
+    if not isinstance(style, str) or not _STYLE.fullmatch(style) or ".." in style or style == ".":
         raise InvalidStyleName(
-            f"invalid style name {style!r}: use 1 to 64 letters, digits, '_', '-' or '.', never '..'"
+            f"invalid style name {style!r}: use 1 to 64 letters, digits, '_', '-' or '.', never '.' or '..'"
         )
     return style
 
@@ -34,8 +34,14 @@ def version_name(number: int) -> str:
 
 
 def parse_version_name(name: str) -> int | None:
-    """``"V4"``, ``"v4"``, ``"vV4"``, ``"VV4"`` → 4; anything else → None."""
-    match = _VERSION_NAME.match(name.strip()) if isinstance(name, str) else None
+    """``"V4"``, ``"v4"``, ``"vV4"``, ``"VV4"`` → 4, spaces around it ignored (an operator's
+    input); anything else → None."""
+    return _version_number(name.strip()) if isinstance(name, str) else None
+
+
+def _version_number(text: str) -> int | None:
+    """The number of a version name exactly as written (a file name's: no spaces forgiven)."""
+    match = _VERSION_NAME.fullmatch(text)
     return int(match.group(1)) if match else None
 
 
@@ -57,12 +63,12 @@ def parse_lora_filename(style: str, filename: str) -> int | None:
     head, sep, tail = stem.rpartition("_")
     if not sep or head != style:
         return None
-    return parse_version_name(tail)
+    return _version_number(tail)
 
 
 # What the worker appends to a version's file name for the second layout it publishes.
 COMPANION_SUFFIXES = ("kohya", "diffusers")
-_COMPANION_ENDING = re.compile(r"_[vV]{1,2}\d+_(kohya|diffusers)\.safetensors$", re.IGNORECASE)
+_COMPANION_ENDING = re.compile(r"_[vV]{1,2}[0-9]+_(kohya|diffusers)\.safetensors\Z", re.IGNORECASE)
 _COMPANION_ENDINGS = tuple(f"_{suffix}.safetensors" for suffix in COMPANION_SUFFIXES)
 
 

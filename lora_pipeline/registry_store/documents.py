@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
 from lora_pipeline.clock import SYSTEM_CLOCK, Clock
-from lora_pipeline.registry.aliases import AliasAction, alias_stacks, validate_alias
+from lora_pipeline.registry.aliases import AliasAction, alias_stacks, reachable_versions, validate_alias
 from lora_pipeline.registry.evidence import AliasMove, Claim, ClaimPhase, Evidence, Submission, VersionDeleted
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import merge, next_version_number
@@ -441,11 +441,13 @@ class RegistryStore:
         reason: str | None = None,
         dry_run: bool = False,
         at: datetime | None = None,
+        keep_rollback_targets: bool = False,
     ) -> DeleteResult:
         """Delete a version's files (every layout, every spelling of its name) and leave a tombstone.
 
         The tombstone is written first (one conditional write, which refuses a version an alias
-        points at, or one still training), then the objects go; a crash in between leaves files the
+        points at, or one still training, and with ``keep_rollback_targets`` (the retention) one
+        an alias can roll back to), then the objects go; a crash in between leaves files the
         next delete of the same version removes. Nothing brings a deleted version back, and its
         number is never reused. Raises Refused."""
         # Long only in lines: the signature and docstring take 17; the rest is one decide + the file removal.
@@ -472,6 +474,9 @@ class RegistryStore:
                     f"{style} {target.name} is what {', '.join(aliases)} point(s) at: promote another "
                     "version (or roll back) first"
                 )
+            targets = reachable_versions(doc.alias_history).get(target.name) if keep_rollback_targets else None
+            if targets:
+                raise Refused(f"{style} {target.name} is in the rollback history of {', '.join(targets)}: kept")
             if target.status not in (VersionStatus.completed, VersionStatus.failed, VersionStatus.deleted):
                 raise Refused(f"{style} {target.name} is {target.status.value}: wait until it finishes")
             objects: set[DeletedObject] = {o for n in target.numbers for o in listed.get(n, [])}

@@ -48,23 +48,50 @@ class InvalidKey(StorageError, ValueError):
     """A key that would escape its prefix or is otherwise unsafe."""
 
 
-_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._=+@-]+$")
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9._=+@-]+")
+MAX_KEY_BYTES = 1024  # S3's limit on a key (UTF-8)
+MAX_SEGMENT_BYTES = 255  # a file name's limit on the local store's file systems
 
 
 def validate_key(key: str) -> str:
-    """Refuse keys that could escape the store root or alias another key.
+    """Refuse a key the pipeline builds unless it has the shape the pipeline builds.
 
-    Both backends map keys onto paths (the local one literally), so `..`, empty
-    segments, absolute paths and odd characters are refused where they enter.
+    Keys the pipeline makes (from validated style names, job ids, dataset file
+    names) hold only letters, digits and ``._=+@-`` per segment, so a bad name
+    is caught where it enters (``upload_files``, the key builders) rather than
+    stored. The stores themselves accept any key ``validate_stored_key`` does:
+    an outside tool can list a file under any name, and reading, moving or
+    deleting it must work.
+    """
+    validate_stored_key(key)
+    for segment in key.split("/"):
+        if len(segment) > MAX_SEGMENT_BYTES:
+            raise InvalidKey(f"invalid object key {key[:40]!r}…: a segment is over {MAX_SEGMENT_BYTES} characters")
+        if not _KEY_SEGMENT.fullmatch(segment):
+            raise InvalidKey(
+                f"invalid object key {key!r}: segment {segment!r} holds characters outside letters, digits and ._=+@-"
+            )
+    return key
+
+
+def validate_stored_key(key: str) -> str:
+    """Refuse only keys that could escape the store root or alias another key.
+
+    Both backends map keys onto paths (the local one literally), so `..`, `.`,
+    empty segments, absolute paths and NUL are refused; any other name is one a
+    person or a tool (``aws s3 cp``, a file manager: ``copy of body (1).json``,
+    ``résumé.json``) can write, and a store lists it, so it can be read, moved
+    and deleted.
     """
     if not key or key.startswith("/") or key.endswith("/"):
         raise InvalidKey(f"invalid object key {key!r}: must be a relative path to a file")
+    if "\x00" in key:
+        raise InvalidKey(f"invalid object key {key!r}: holds a NUL character")
+    if len(key.encode("utf-8", errors="surrogateescape")) > MAX_KEY_BYTES:
+        raise InvalidKey(f"invalid object key {key[:40]!r}…: longer than S3's {MAX_KEY_BYTES} bytes")
     for segment in key.split("/"):
-        if segment in ("", ".", "..") or not _KEY_SEGMENT.match(segment):
-            raise InvalidKey(
-                f"invalid object key {key!r}: segment {segment!r} is empty, '.', '..' "
-                "or holds characters outside letters, digits and ._=+@-"
-            )
+        if segment in ("", ".", ".."):
+            raise InvalidKey(f"invalid object key {key!r}: segment {segment!r} is empty, '.' or '..'")
     return key
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TypeAlias
 
 from lora_pipeline.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, StoredObject
+from lora_pipeline.storage.writer_lock import serialized_writes
 
 JSON = "application/json"
 
@@ -54,7 +55,30 @@ def update_object(
     bytes, or None to leave the object as it is. Returns what is stored
     afterwards. Raises TooManyConflicts after ``max_attempts`` lost races. ``sleep`` waits
     between attempts (a simulation passes its own).
+
+    On a store that ignores conditional writes a write runs under ``serialized_writes``
+    (the writer lock, or WritersNotSerialized naming the fix); a pass with nothing to
+    write needs neither.
     """
+    if not getattr(store, "supports_conditional_writes", True):
+        current = read_object(store, key)
+        new = fn(current)
+        if new is None or (current is not None and new == current.data):
+            return current
+        with serialized_writes(store, key):
+            return _update_loop(store, key, fn, max_attempts, content_type, backoff, sleep)
+    return _update_loop(store, key, fn, max_attempts, content_type, backoff, sleep)
+
+
+def _update_loop(
+    store: ObjectStore,
+    key: str,
+    fn: Callable[[StoredObject | None], bytes | None],
+    max_attempts: int,
+    content_type: str | None,
+    backoff: float,
+    sleep: Callable[[float], None],
+) -> StoredObject | None:
     for attempt in range(max_attempts):
         current = read_object(store, key)
         new = fn(current)

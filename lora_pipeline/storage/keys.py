@@ -11,8 +11,8 @@ import re
 
 from lora_pipeline.registry.names import companion_filename, lora_filename, validate_style
 
-_RUN_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_CHECKPOINT_SEGMENT = re.compile(r"^[A-Za-z0-9._=+@-]{1,100}$")
+_RUN_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_CHECKPOINT_SEGMENT = re.compile(r"[A-Za-z0-9._=+@-]{1,100}")
 
 DATASETS = "datasets"
 LORAS = "loras"
@@ -53,14 +53,14 @@ def companion_key(style: str, version_number: int, suffix: str) -> str:
 
 def run_marker_prefix(style: str, version: str) -> str:
     """``runs/<style>/<version>/``: the start markers of a version's jobs."""
-    if not _RUN_SEGMENT.match(version):
+    if not _RUN_SEGMENT.fullmatch(version):
         raise ValueError(f"invalid version name {version!r} for a run marker")
     return f"{RUNS}/{validate_style(style)}/{version}/"
 
 
 def run_marker_key(style: str, version: str, job_id: str) -> str:
     """``runs/<style>/<version>/<job_id>.json``, written by the worker when a job starts."""
-    if not _RUN_SEGMENT.match(job_id):
+    if not _RUN_SEGMENT.fullmatch(job_id):
         raise ValueError(f"invalid job id {job_id!r} for a run marker")
     return run_marker_prefix(style, version) + f"{job_id}.json"
 
@@ -72,12 +72,12 @@ def checkpoint_prefix(style: str, version: str, request_id: str) -> str:
     request resumes from them, possibly on another machine."""
     rid = (
         request_id
-        if _CHECKPOINT_SEGMENT.match(request_id) and request_id not in (".", "..")
+        if _CHECKPOINT_SEGMENT.fullmatch(request_id) and request_id not in (".", "..")
         else ("h-" + hashlib.sha256(request_id.encode()).hexdigest()[:32])
     )
     safe_version = (
         version
-        if _CHECKPOINT_SEGMENT.match(version) and version not in (".", "..")
+        if _CHECKPOINT_SEGMENT.fullmatch(version) and version not in (".", "..")
         else ("h-" + hashlib.sha256(version.encode()).hexdigest()[:16])
     )
     return f"{CHECKPOINTS}/{validate_style(style)}/{safe_version}/{rid}/"
@@ -86,7 +86,7 @@ def checkpoint_prefix(style: str, version: str, request_id: str) -> str:
 def comparison_key(style: str, first: str, second: str) -> str:
     """``comparisons/<style>/<V1>_vs_<V2>.png``: two versions rendered side by side."""
     for version in (first, second):
-        if not _RUN_SEGMENT.match(version):
+        if not _RUN_SEGMENT.fullmatch(version):
             raise ValueError(f"invalid version name {version!r} for a comparison")
     return f"{COMPARISONS}/{validate_style(style)}/{first}_vs_{second}.png"
 

@@ -39,7 +39,7 @@ from lora_pipeline.storage.base import (
     PreconditionFailed,
     StorageError,
     StoredObject,
-    validate_key,
+    validate_stored_key,
 )
 
 RESERVED_DIR = ".lora-store"
@@ -76,6 +76,41 @@ def _holds_a_file(directory: Path) -> bool:
         if filenames:
             return True
     return False
+
+
+def lock_file_name(key: str) -> str:
+    """The lock file of ``key``: one flat name per key."""
+    return key.replace("/", "%2F") + ".lock"
+
+
+@contextlib.contextmanager
+def locked_file(lock_path: Path) -> Iterator[None]:
+    """Hold the exclusive ``flock`` of ``lock_path`` (created if missing), between threads and
+    processes alike (each ``open`` is its own lock holder).
+
+    ``prune_lock_files`` may unlink a lock file (holding its flock while it does),
+    so a writer that opened the file before the unlink could lock an inode no
+    longer at the path while another writer locks the new file there: two
+    "exclusive" holders. Hence the lock counts only if, once acquired, the
+    inode locked is still the one at the path; otherwise retry on the new file.
+    """
+    while True:
+        handle = open(lock_path, "a+b")  # noqa: SIM115 - closed below or on retry
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            if _same_file(handle.fileno(), lock_path):
+                break
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # unlinked while we waited: closing releases the stale lock
+    try:
+        with contextlib.suppress(OSError):
+            os.utime(handle.fileno())  # the lock file's mtime says when it was last used
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
 
 
 def validate_prefix(prefix: str) -> str:
@@ -119,7 +154,7 @@ class LocalStore:
         return f"LocalStore({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        validate_key(key)
+        validate_stored_key(key)
         if key.split("/", 1)[0] == RESERVED_DIR:
             raise InvalidKey(f"invalid object key {key!r}: {RESERVED_DIR}/ is reserved")
         return self.root / key
@@ -144,34 +179,9 @@ class LocalStore:
         """The ETag this store would give ``path``'s content (for skip-if-same)."""
         return md5_file(path)
 
-    @contextlib.contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
-        """Hold the exclusive flock of ``key``'s lock file.
-
-        ``prune_lock_files`` may unlink a lock file (holding its flock while it does),
-        so a writer that opened the file before the unlink could lock an inode no
-        longer at the path while another writer locks the new file there: two
-        "exclusive" holders. Hence the lock counts only if, once acquired, the
-        inode locked is still the one at the path; otherwise retry on the new file.
-        """
-        lock_path = self._meta / "locks" / (key.replace("/", "%2F") + ".lock")
-        while True:
-            handle = open(lock_path, "a+b")  # noqa: SIM115 - closed below or on retry
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                if _same_file(handle.fileno(), lock_path):
-                    break
-            except BaseException:
-                handle.close()
-                raise
-            handle.close()  # unlinked while we waited: closing releases the stale lock
-        try:
-            with contextlib.suppress(OSError):
-                os.utime(handle.fileno())  # the lock file's mtime says when it was last used
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            handle.close()
+    def _locked(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the exclusive flock of ``key``'s lock file (``locked_file``)."""
+        return locked_file(self._meta / "locks" / lock_file_name(key))
 
     def prune_lock_files(self, older_than: datetime, *, dry_run: bool = False) -> dict[str, int]:
         """Remove lock files last used before ``older_than`` and temporary files a killed

@@ -36,7 +36,7 @@ from lora_pipeline.storage.base import (
     PreconditionFailed,
     StorageError,
     StoredObject,
-    validate_key,
+    validate_stored_key,
 )
 from lora_pipeline.storage.local import RESERVED_DIR, validate_prefix
 
@@ -272,7 +272,7 @@ class S3Store:
         return f"S3Store({self.describe()!r})"
 
     def _full(self, key: str) -> str:
-        validate_key(key)
+        validate_stored_key(key)
         if key.split("/", 1)[0] == RESERVED_DIR:
             raise InvalidKey(f"invalid object key {key!r}: {RESERVED_DIR}/ is reserved")
         return self.prefix + key
@@ -337,8 +337,8 @@ class S3Store:
         Then probe whether the endpoint honours conditional writes: some
         S3-compatible services accept ``If-None-Match`` and ignore it. If so,
         ``supports_conditional_writes`` becomes False and a warning says that
-        registry writers must be serialized (the Dagster layer uses a
-        concurrency pool) — we never fall back silently to last-writer-wins.
+        registry writers refuse to run there unless LORA_WRITER_LOCK_DIR serializes
+        them (storage/writer_lock.py): never a silent last-writer-wins.
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -416,8 +416,8 @@ class S3Store:
         if not honoured:
             warnings.warn(
                 f"the S3 endpoint {self.client.meta.endpoint_url or 'AWS'} ignores conditional "
-                "writes (If-Match / If-None-Match): registry writers must be serialized "
-                "(the Dagster layer does so with a concurrency pool)",
+                "writes (If-Match / If-None-Match): registry writes refuse to run there unless "
+                "LORA_WRITER_LOCK_DIR names a folder all writers share, whose lock serializes them",
                 ConditionalWritesUnsupported,
                 stacklevel=3,
             )
@@ -496,9 +496,9 @@ class S3Store:
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
         if (if_match is not None or if_none_match) and not self.supports_conditional_writes:
-            # The endpoint would ignore the headers. Check what we can (not atomic:
-            # the caller's concurrency pool must serialize writers) rather than
-            # pretend the condition held.
+            # The endpoint would ignore the headers. Check what we can (not atomic: shared
+            # documents are written under the writer lock, storage/writer_lock.py) rather
+            # than pretend the condition held.
             current = self.head(key)
             if if_none_match and current is not None:
                 raise PreconditionFailed(key, "object already exists")

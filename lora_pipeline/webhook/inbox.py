@@ -43,18 +43,19 @@ from pydantic import ValidationError
 from lora_pipeline.contracts.problems import describe_validation_error, short_repr
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
 from lora_pipeline.registry.evidence import JobReport
-from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
+from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
+from lora_pipeline.storage.breaker import is_outage
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.storage.keys import LORAS, WEBHOOK_INBOX, WEBHOOK_PROCESSED, WEBHOOK_REJECTED, WEBHOOK_SEEN
 
 REASON_SUFFIX = ".reason.txt"
 MAX_BODY_BYTES = 1024 * 1024
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_STATUS = re.compile(r"^[A-Z_]{1,32}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_STATUS = re.compile(r"[A-Z_]{1,32}")
 _STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"
 # The receiver's names: the stamp orders them. Any other name is ordered by the object's time.
-_STAMPED_NAME = re.compile(r"^(?P<stamp>\d{8}T\d{12}Z)_")
+_STAMPED_NAME = re.compile(r"(?P<stamp>[0-9]{8}T[0-9]{12}Z)_")
 
 
 class InvalidWebhook(ValueError):
@@ -130,7 +131,7 @@ def style_from_output(output: dict[str, Any] | None) -> str | None:
 
 def validate_job_id(job_id: Any) -> str:
     """A job id safe to put in an object key (RunPod's are UUIDs with a suffix)."""
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise InvalidWebhook(
             f"invalid job id {job_id!r}: expected 1 to 128 letters, digits, '-' or '_' "
             "(RunPod ids look like 60902e6c-08a1-426e-9cb9-9eaec90f5e2b-u1)"
@@ -161,7 +162,7 @@ def webhook_status(decoded: Any) -> JobStatus:
         raise InvalidWebhook(f"body lacks {' and '.join(repr(k) for k in missing)}")
     validate_job_id(decoded["id"])
     status = decoded["status"]
-    if not isinstance(status, str) or not _STATUS.match(status.strip().upper()):
+    if not isinstance(status, str) or not _STATUS.fullmatch(status.strip().upper()):
         raise InvalidWebhook(f"invalid status {short_repr(status)}: expected a RunPod status like COMPLETED")
     try:
         parsed = JobStatus.model_validate(dict(decoded))
@@ -291,6 +292,11 @@ def list_inbox(store: ObjectStore) -> Iterator[InboxItem]:
             data = store.get(key).data
         except ObjectNotFound:
             continue  # processed by someone else between the listing and the read
+        except (StorageError, OSError) as exc:
+            if is_outage(exc):
+                raise  # the store is failing: the caller skips the pass, not this file
+            yield InboxItem(key, None, f"unreadable: {type(exc).__name__}: {exc}", received_at)
+            continue
         try:
             body, status = _parse(data)
         except InvalidWebhook as exc:

@@ -17,7 +17,7 @@ from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.tiny_model import default_cache_dir, ensure_tiny_model
 
 STORE_SCHEME = "store:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")  # the hub caps names at 96
 
 
 def describe_source(base_model: str) -> str:
@@ -32,7 +32,7 @@ def describe_source(base_model: str) -> str:
         return "local"
     if base_model.startswith(("/", ".", "~")):
         raise WorkerInputError(f"base_model: local folder {base_model!r} does not exist")
-    if _HUB_ID.match(base_model):
+    if _HUB_ID.fullmatch(base_model):
         return "hub"
     raise WorkerInputError(
         f"base_model: {base_model!r} is not 'tiny', an existing folder, 'store:<prefix>' or a hub id"

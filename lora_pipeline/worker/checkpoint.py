@@ -14,7 +14,7 @@ from typing import Any
 
 from lora_pipeline.storage.base import ObjectNotFound, ObjectStore
 
-_STEP_FILE = re.compile(r"step-(\d{9})\.pt$")
+_STEP_FILE = re.compile(r"step-([0-9]{9})\.pt\Z")
 
 
 class StoreCheckpointer:

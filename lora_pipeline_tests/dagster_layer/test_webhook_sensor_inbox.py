@@ -185,3 +185,22 @@ def test_rejecting_files_during_a_store_outage_stops_at_the_first_failure(store,
     monkeypatch.setattr(completion_sensors, "reject", refused)
     note = completion_sensors._reject_unusable(store, f"{WEBHOOK_INBOX}/b.json", "not JSON")
     assert "tried again next tick" in note
+
+
+def test_odd_named_inbox_files_are_requested_and_an_unparsable_one_rejected(store, instance, resources):
+    """Issue 22, defect 1: names a person or a tool writes never fail the tick."""
+    submit_pending(store, "style_59", f"{JOB}-e1")
+    submit_pending(store, "style_7", f"{OTHER}-u1")
+    first, second = f"{WEBHOOK_INBOX}/copy of body (1).json", f"{WEBHOOK_INBOX}/résumé.json"
+    store.put(first, body(JOB, output={}))
+    store.put(second, body(OTHER, "FAILED", error="oom"))
+    store.put(f"{WEBHOOK_INBOX}/body (1).json", b"<html>502 Bad Gateway</html>")
+    set_time(store, first, datetime(2026, 1, 1, tzinfo=UTC))
+    set_time(store, second, datetime(2026, 1, 2, tzinfo=UTC))
+
+    result = evaluate(runpod_webhook_sensor, instance, resources)
+
+    assert inbox_keys_requested(result) == [first, second]
+    rejected = f"{WEBHOOK_REJECTED}/body (1).json"
+    assert keys(store, WEBHOOK_REJECTED) == [rejected, rejected + ".reason.txt"]
+    assert "not JSON" in store.get(rejected + ".reason.txt").data.decode()

@@ -46,6 +46,8 @@ RUNPOD_RATE_LIMITS: dict[str, tuple[int, float]] = {"run": (1000, 10.0), "status
 EXPIRED_BODY = {"error": "redis err: client is nil"}
 UNKNOWN_BODY = {"error": "request does not exist"}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+TRUNCATE = "X-Fake-Truncate"  # internal: the handler cuts the answer short (never sent)
+
 _PATH = re.compile(
     r"^/v2/(?P<endpoint>[^/]+)/(?P<op>run|runsync|status|cancel|retry|health|purge-queue|stream)(?:/(?P<job>[^/?]+))?/?$"
 )
@@ -100,6 +102,10 @@ class _Scripted:
     remaining: int
     retry_after: str | None
     body: dict[str, Any] = field(default_factory=dict)
+    raw: bytes | None = None  # sent as is instead of ``body`` (an HTML error page, a cut JSON)
+    truncated: bool = False  # Content-Length promises more than is sent, then the connection closes
+    queued: bool = False  # RunPod did the work (queued the job) before this answer replaced its own
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class FakeRunPod:
@@ -223,11 +229,29 @@ class FakeRunPod:
         *,
         retry_after: float | str | None = None,
         body: dict[str, Any] | None = None,
+        raw: bytes | None = None,
+        truncated: bool = False,
+        queued: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        """The next ``count`` requests to ``op`` (``"status"``, ``"run"``… or ``"*"``) answer ``status``."""
+        """The next ``count`` requests to ``op`` (``"status"``, ``"run"``… or ``"*"``) answer ``status``.
+
+        ``raw`` replaces the JSON body byte for byte, ``truncated`` cuts the answer short of its
+        Content-Length, and ``queued`` has the request do its work first (a proxy's answer
+        after RunPod queued the job)."""
         with self._lock:
             self._scripted.append(
-                _Scripted(op, status, count, None if retry_after is None else str(retry_after), body or {})
+                _Scripted(
+                    op,
+                    status,
+                    count,
+                    None if retry_after is None else str(retry_after),
+                    body or {},
+                    raw,
+                    truncated,
+                    queued,
+                    dict(headers or {}),
+                )
             )
 
     def add_job(
@@ -412,7 +436,7 @@ class FakeRunPod:
 
     def handle(
         self, method: str, path: str, auth: str | None, body: bytes
-    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str]]:
         """One request → (status code, JSON body, extra headers)."""
         with self._lock:
             self._in_flight += 1
@@ -426,7 +450,7 @@ class FakeRunPod:
 
     def _handle(
         self, method: str, path: str, auth: str | None, body: bytes
-    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str]]:
         match = _PATH.match(path.split("?", 1)[0])
         op = match.group("op") if match else "unknown"
         with self._lock:
@@ -445,7 +469,14 @@ class FakeRunPod:
             return 429, {"error": "rate limit exceeded"}, {"Retry-After": limited}
         scripted = self._take_scripted(op)
         if scripted is not None:
+            if scripted.queued and op in ("run", "runsync"):
+                self._run(body, sync=op == "runsync")
             headers = {"Retry-After": scripted.retry_after} if scripted.retry_after is not None else {}
+            headers.update(scripted.headers)
+            if scripted.truncated:
+                headers[TRUNCATE] = "1"
+            if scripted.raw is not None:
+                return scripted.status, scripted.raw, headers
             return scripted.status, scripted.body or {"error": f"scripted {scripted.status}"}, headers
         expected = {
             "run": "POST",
@@ -589,15 +620,18 @@ class _RequestHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         code, payload, headers = self.server_fake.handle(method, self.path, self.headers.get("Authorization"), body)
-        data = json.dumps(payload).encode()
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        truncated = headers.pop(TRUNCATE, None) is not None
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/json" if isinstance(payload, dict) else "text/html")
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
-            self.wfile.write(data)
+            self.wfile.write(data[: len(data) // 2] if truncated else data)
+        if truncated:
+            self.close_connection = True
 
     def do_GET(self) -> None:
         self._serve("GET")

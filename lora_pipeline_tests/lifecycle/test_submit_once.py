@@ -18,7 +18,7 @@ import pytest
 
 import lora_pipeline.lifecycle.submit as training
 from lora_pipeline.clock import Clock
-from lora_pipeline.backends.base import RunPodRequestError
+from lora_pipeline.backends.base import RunPodError, RunPodRequestError
 from lora_pipeline.backends.runpod_client import RunPodClient
 from lora_pipeline.dataset.versions import read_manifest, set_current
 from lora_pipeline.lifecycle.reconcile import process_inbox, reconcile
@@ -369,3 +369,49 @@ def test_a_refused_run_during_a_store_outage_raises_runpods_error_and_stays_on_t
     with pytest.raises(SubmissionUnknown):
         submit(store, client_for(fake))
     assert fake.requests["run"] == 0
+
+
+# Issue 22, defect 2: every answer to /run that is not a clear refusal leaves the outcome
+# unknown, whatever came back; RunPod (the double) queued the job before each of these answers.
+NOT_A_CLEAR_REFUSAL = {
+    "2xx-html": {"status": 200, "raw": b"<html><body>502 Bad Gateway (proxy)</body></html>"},
+    "2xx-empty": {"status": 200, "raw": b""},
+    "2xx-json-array": {"status": 200, "raw": b'["queued"]'},
+    "2xx-json-without-id": {"status": 200, "body": {"status": "IN_QUEUE"}},
+    "2xx-json-blank-id": {"status": 200, "body": {"id": "", "status": "IN_QUEUE"}},
+    "3xx": {"status": 302, "raw": b"", "headers": {"Location": "https://login.example/"}},
+    "truncated": {"status": 200, "raw": b'{"id": "abcdef-0123-u1", "status": "IN_QUEUE"}', "truncated": True},
+    "5xx": {"status": 502, "raw": b"<html>Bad Gateway</html>"},
+    "4xx-not-runpods": {"status": 408, "raw": b"<html>Request Timeout</html>"},
+}
+
+
+@pytest.mark.parametrize("answer", NOT_A_CLEAR_REFUSAL.values(), ids=NOT_A_CLEAR_REFUSAL.keys())
+def test_an_answer_to_run_that_is_not_a_clear_refusal_is_unknown_and_never_sent_again(store, fake, answer):
+    fake.script("run", queued=True, **answer)
+    with pytest.raises(SubmissionUnknown, match="will not be sent again"):
+        submit(store, client_for(fake))
+    (version,) = document(store).versions
+    assert version.claim.phase == "unknown", version.claim
+    assert len(fake.jobs) == 1
+
+    for _ in range(2):  # the next clicks, or a demo run after it: nothing is sent again
+        with pytest.raises(SubmissionUnknown):
+            submit(store, client_for(fake))
+    assert fake.requests["run"] == 1 and len(fake.jobs) == 1
+
+
+CLEAR_REFUSALS = {
+    "400-runpod-error": (400, {"error": "input too large"}),
+    "401": (401, {"error": "Unauthorized"}),
+    "429": (429, {"error": "rate limit exceeded"}),
+}
+
+
+@pytest.mark.parametrize("code, body", CLEAR_REFUSALS.values(), ids=CLEAR_REFUSALS.keys())
+def test_a_clear_refusal_of_run_releases_the_claim(store, fake, code, body):
+    fake.script("run", code, count=10, body=body)
+    with pytest.raises(RunPodError):
+        submit(store, client_for(fake, max_attempts=2))
+    (version,) = document(store).versions
+    assert version.claim.phase == "released" and len(fake.jobs) == 0

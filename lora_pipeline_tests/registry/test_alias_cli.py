@@ -118,3 +118,19 @@ def test_reconcile_applies_the_version_retention(store, monkeypatch):
     assert out["versionRetention"]["deleted"] == {S: ["V2"]}
     assert out["versionRetention"]["keptAliased"] == {S: ["V1"]}
     assert store.head(main_key(2)) is None and store.head(main_key(3)) is not None
+
+
+def test_retention_keeps_the_version_a_rollback_returns_to(store, monkeypatch):
+    """Issue 22, defect 3: promote V1, promote V2, reconcile with LORA_KEEP_VERSIONS=1 (V3 is the
+    newest completed): V1 stays, and ``registry rollback`` returns to it."""
+    monkeypatch.setenv("LORA_KEEP_VERSIONS", "1")
+    assert cli("promote", S, "V1").exit_code == 0
+    assert cli("promote", S, "V2").exit_code == 0
+
+    out = json.loads(cli("reconcile", "--no-poll", "--json").output)
+
+    assert out["versionRetention"]["deleted"] == {}
+    assert out["versionRetention"]["keptAliased"] == {S: ["V2", "V1"]}
+    assert store.head(main_key(1)) is not None
+    back = cli("rollback", S)
+    assert back.exit_code == 0 and back.output.strip() == f"{S} production: V2 → V1"

@@ -481,3 +481,34 @@ def test_a_deleted_legacy_version_names_no_url():
     doc = merge(RegistryDocument(S), [LegacyRecord(S, record), VersionDeleted(S, 1, "ana", at(5))])
     stored = doc.to_dict()["versions"][0]
     assert stored["status"] == "deleted" and stored["loraUrl"] is None and "legacyLoraUrl" not in stored
+
+
+def test_retention_keeps_each_aliass_history_back_to_its_last_remove(local_store):
+    """Issue 22, defect 3: what a rollback can return to survives; what lies before a remove does not."""
+    seed(local_store, completed=(1, 2, 3, 4, 5, 6))
+    for alias, version, action in [
+        ("production", "V1", "promote"),
+        ("production", "V2", "remove"),
+        ("production", "V2", "promote"),
+        ("production", "V3", "promote"),
+        ("staging", "V4", "promote"),
+    ]:
+        move_alias(local_store, S, alias, action=action, version=None if action == "remove" else version, by="ana")
+    report = prune_versions(local_store, 1)
+    assert report.deleted == {S: ["V5", "V1"]}  # V1 lies before production's remove: no rollback reaches it
+    assert report.kept_aliased == {S: ["V4", "V3", "V2"]}
+    statuses = {v.name: v.status.value for v in read(local_store).versions}
+    assert [n for n, s in statuses.items() if s == "deleted"] == ["V1", "V5"]
+    assert move_alias(local_store, S, "production", action="rollback", by="ana").version == "V2"
+
+
+def test_retention_refuses_a_rollback_target_under_the_documents_write(local_store):
+    """The check runs in the conditional write, so a promote between retention's read and its delete
+    (which makes the old target a rollback target) wins."""
+    seed(local_store, completed=(1, 2, 3))
+    move_alias(local_store, S, "production", action="promote", version="V1", by="ana")
+    move_alias(local_store, S, "production", action="promote", version="V2", by="ana")
+    registry = RegistryStore(local_store)
+    with pytest.raises(Refused, match="rollback history of production"):
+        registry.delete_version(S, "V1", by="retention", keep_rollback_targets=True)
+    assert registry.delete_version(S, "V1", by="ana").version == "V1"  # an operator's delete still may

@@ -85,7 +85,7 @@ def test_an_endpoint_ignoring_conditional_writes_is_detected_and_said(fault_prox
     fault_proxy.drop_headers = {"if-match", "if-none-match"}
     options = moto_options(fault_proxy.endpoint)
     store = S3Store(build_s3_client(options), s3_bucket, "lora", options=options)
-    with pytest.warns(ConditionalWritesUnsupported, match="concurrency pool"):
+    with pytest.warns(ConditionalWritesUnsupported, match="LORA_WRITER_LOCK_DIR"):
         store.check()
     assert store.supports_conditional_writes is False
     # Not silent last-writer-wins: what can be checked is still checked.
