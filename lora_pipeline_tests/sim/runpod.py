@@ -78,6 +78,7 @@ class SimRunPod:
     answers: dict[str, int] = field(default_factory=dict)
     faulty_status: float = 0.05
     bad_2xx: bool = True  # whether /run may answer html-200, 3xx or a truncated body
+    forced: str | None = None  # every /run answered so (a test of one answer class)
 
     def client(self) -> RunPodClient:
         """The real client, on this double, sleeping and keeping its breaker on simulated time."""
@@ -120,7 +121,9 @@ class SimRunPod:
 
     def _run(self, request: httpx.Request, faulty: bool) -> httpx.Response:
         rng = self.sim.rng
-        if faulty:
+        if self.forced is not None:
+            name, _, queued = next(a for a in RUN_ANSWERS if a[0] == self.forced)
+        elif faulty:
             answers = [a for a in RUN_ANSWERS if self.bad_2xx or a[0] not in ("html-200", "3xx", "truncated")]
             name, _, queued = rng.choices(answers, weights=[w for _, w, _ in answers])[0]
         else:

@@ -5,7 +5,7 @@ a single-part object (``md5-of-part-md5s-N`` for a multipart one), a conditional
 (If-Match, If-None-Match) is checked and applied atomically, a listing is in key order
 and strongly consistent, a ranged read returns what exists, a delete of a missing key is
 no error, ``last_modified`` is the (true, unskewed) time of the write, and keys are
-checked as the real stores check them. ``upload_file`` above ``MULTIPART_THRESHOLD``
+checked as the real stores check them (``validate_stored_key``: any name a tool can write). ``upload_file`` above ``MULTIPART_THRESHOLD``
 goes up in parts and becomes visible only at its (conditional) completion.
 
 Every call first hands control to the scheduler (``Sim.step``: others may run, the
@@ -33,7 +33,7 @@ from lora_pipeline.storage.base import (
     PreconditionFailed,
     StorageError,
     StoredObject,
-    validate_key,
+    validate_stored_key,
 )
 from lora_pipeline_tests.sim.scheduler import Sim
 
@@ -131,7 +131,7 @@ class SimStore:
         return "sim://store"
 
     def get(self, key: str) -> StoredObject:
-        validate_key(key)
+        validate_stored_key(key)
         self._enter("get", key)
         current = self.objects.get(key)
         if current is None:
@@ -141,7 +141,7 @@ class SimStore:
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
             raise ValueError(f"invalid range start={start} length={length}")
-        validate_key(key)
+        validate_stored_key(key)
         self._enter("get_range", key)
         current = self.objects.get(key)
         if current is None:
@@ -149,7 +149,7 @@ class SimStore:
         return current.data[start : start + length]
 
     def head(self, key: str) -> ObjectInfo | None:
-        validate_key(key)
+        validate_stored_key(key)
         self._enter("head", key)
         return self.info(key)
 
@@ -162,7 +162,7 @@ class SimStore:
         if_none_match: bool = False,
         content_type: str | None = None,
     ) -> str:
-        validate_key(key)
+        validate_stored_key(key)
         lose = self._enter("put", key)
         self._check(key, if_match, if_none_match)
         etag = self._set(key, bytes(data))
@@ -171,7 +171,7 @@ class SimStore:
         return etag
 
     def delete(self, key: str) -> None:
-        validate_key(key)
+        validate_stored_key(key)
         lose = self._enter("delete", key)
         self._remove(key)
         if lose:
@@ -210,8 +210,18 @@ class SimStore:
             out.append(info)
         return out
 
+    @staticmethod
+    def etag_for_file(path: Path) -> str:
+        """The ETag ``upload_file`` gives ``path``'s content (for skip-if-same)."""
+        data = Path(path).read_bytes()
+        if len(data) < MULTIPART_THRESHOLD:
+            return hashlib.md5(data, usedforsecurity=False).hexdigest()
+        parts = [data[i : i + PART_SIZE] for i in range(0, len(data), PART_SIZE)]
+        digests = b"".join(hashlib.md5(p, usedforsecurity=False).digest() for p in parts)
+        return hashlib.md5(digests, usedforsecurity=False).hexdigest() + f"-{len(parts)}"
+
     def upload_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
-        validate_key(key)
+        validate_stored_key(key)
         data = Path(path).read_bytes()
         if len(data) < MULTIPART_THRESHOLD:
             lose = self._enter("upload", key)
@@ -220,17 +230,13 @@ class SimStore:
             etag = self._set(key, data)
         else:  # create, parts, complete: visible only once completed, atomically
             self._enter("create_multipart", key)
-            digests = []
-            for offset in range(0, len(data), PART_SIZE):
+            for _ in range(0, len(data), PART_SIZE):
                 self._enter("upload_part", key)
-                digests.append(hashlib.md5(data[offset : offset + PART_SIZE], usedforsecurity=False).digest())
             lose = self._enter("upload", key)
             if if_none_match:
                 self._check(key, None, True)
             self._count("multipart")
-            etag = self._set(
-                key, data, hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest() + f"-{len(digests)}"
-            )
+            etag = self._set(key, data, self.etag_for_file(path))
         if lose:
             self._lost("upload", key, if_none_match)
         return etag
@@ -241,7 +247,7 @@ class SimStore:
         Path(path).write_bytes(stored.data)
 
     def url(self, key: str) -> str:
-        validate_key(key)
+        validate_stored_key(key)
         return f"https://sim.invalid/{key}"
 
     def presigned_url(self, key: str, expires_in: int = 3600) -> str:
