@@ -35,6 +35,7 @@ from lora_pipeline.backends.base import RunPodError
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.contracts.training import TrainingRequest
 from lora_pipeline.dataset.versions import read_manifest, set_current
+from lora_pipeline.defs.completion_sensors import _reject_unusable, unfinished_jobs
 from lora_pipeline.lifecycle.housekeeping import Retention, housekeep
 from lora_pipeline.lifecycle.legacy_import import import_legacy
 from lora_pipeline.lifecycle.reconcile import process_inbox, reconcile
@@ -53,7 +54,7 @@ from lora_pipeline.registry_store.documents import ClaimLost, Refused, RegistryS
 from lora_pipeline.registry_store.lora_files import read_header
 from lora_pipeline.storage.base import PreconditionFailed, StorageError
 from lora_pipeline.storage.keys import WEBHOOK_INBOX, lora_key, lora_prefix
-from lora_pipeline.webhook.inbox import InvalidWebhook, list_inbox, mark_processed, reject, route_style, write_webhook
+from lora_pipeline.webhook.inbox import InvalidWebhook, list_inbox, mark_processed, route_style, write_webhook
 from lora_pipeline.worker.handler import announce_start
 from lora_pipeline_tests.registry.lora_files import lora_bytes
 from lora_pipeline_tests.sim.runpod import SimJob, SimRunPod
@@ -276,7 +277,7 @@ class World:
         for item in list(list_inbox(self.store)):
             status, problem = item.usable_status()
             if status is None:
-                reject(self.store, item.key, problem)
+                _reject_unusable(self.store, item.key, problem)  # the sensor's own: an outage ends the tick
                 continue
             style = route_style(routes, status)
             if style is None:
@@ -313,9 +314,7 @@ class World:
         """The job sensor's decisions: poll the unfinished jobs, request completions and settling."""
         from lora_pipeline.backends.base import JobNotFound
 
-        registry = RegistryStore(self.store, clock=self.clock)
-        index, _ = registry.fresh_index()
-        unfinished = {job.job_id: style for style, s in index.styles.items() for job in s.unfinished.values()}
+        unfinished = unfinished_jobs(RegistryStore(self.store, clock=self.clock))  # the sensor's own
         expired = []
         for job_id, style in sorted(unfinished.items()):
             try:
