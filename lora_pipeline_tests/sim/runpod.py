@@ -26,6 +26,7 @@ import httpx
 from lora_pipeline.backends.runpod_client import RunPodClient
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.storage.breaker import CircuitBreaker
+from lora_pipeline_tests.fakes.runpod_api import FakeJob
 from lora_pipeline_tests.sim.scheduler import Sim
 
 ENDPOINT = "sim-endpoint"
@@ -48,27 +49,12 @@ RUN_ANSWERS: tuple[tuple[str, float, bool | None], ...] = (
 
 
 @dataclass
-class SimJob:
-    id: str
-    input: dict[str, Any]
-    status: str = "IN_QUEUE"
-    output: dict[str, Any] | None = None
-    error: str | None = None
+class SimJob(FakeJob):
+    """The HTTP double's job record (and its status body), with the simulation's bookkeeping."""
+
     ended_at: float | None = None
     keep_result_s: float = 1800.0
     taken: bool = False  # a worker runs it now (RunPod gives a job to one worker at a time)
-
-    @property
-    def base(self) -> str:
-        return base_job_id(self.id)
-
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"id": self.id, "status": self.status}
-        if self.output is not None:
-            body["output"] = self.output
-        if self.error is not None:
-            body["error"] = self.error
-        return body
 
 
 @dataclass
@@ -135,7 +121,8 @@ class SimRunPod:
             raise httpx.ConnectError("connection refused", request=request)
         job = None
         if queued:
-            job = SimJob(f"{uuid.UUID(int=rng.getrandbits(128))}-u1", json.loads(request.content)["input"])
+            job_id = f"{uuid.UUID(int=rng.getrandbits(128))}-u1"
+            job = SimJob(base_job_id(job_id), job_id, json.loads(request.content)["input"], None, {}, sync=False)
             self.jobs[job.id] = job
         body = json.dumps({"id": job.id if job else "", "status": "IN_QUEUE"})
         if name == "ok":
