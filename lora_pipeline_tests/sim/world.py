@@ -73,9 +73,9 @@ POISONS = (
 )
 # Names other tools give files: a copy in a file manager, a person, `aws s3 cp` of a download.
 ODD_NAMES = ("copy of body (1).json", "résumé.json", "body (1).json", "notes.txt", "x y.json", "stray.json")
-# Parts of the world that meet a defect of issue 22 not fixed on this branch yet: a schedule
-# leaves them out (``World(..., without=...)``) until the fix lands; ``PINNED`` in
-# test_simulation.py keeps one failing seed of each in view. The invariants stay whole.
+# Parts of the world a campaign can leave out (``--without``, ``World(..., without=...)``): while
+# a defect that one of them meets is being fixed, the campaign runs without it and its failing
+# seed stays in view; the invariants stay whole. Each part met one of issue 22's defects.
 FEATURES = {
     "odd_names": "files dropped by outside tools under names the pipeline never builds (issue 22, defect 1)",
     "bad_2xx": "/run answers 2xx-not-JSON, 3xx, or cut short, after RunPod queued the job (issue 22, defect 2)",
@@ -103,7 +103,6 @@ class World:
     """One schedule: the store, RunPod, the scheduler, and the actors the seed starts."""
 
     def __init__(self, seed: int, steps: int, tmp: Path, *, without: frozenset[str] = frozenset()) -> None:
-        self.seed = seed
         self.without = without
         self.steps = steps
         self.rng = random.Random(seed)
