@@ -31,7 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.backends.base import RunPodError
+from lora_pipeline.backends.base import JobNotFound, RunPodError
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.contracts.training import TrainingRequest
 from lora_pipeline.dataset.versions import read_manifest, set_current
@@ -48,6 +48,7 @@ from lora_pipeline.lifecycle.submit import (
     training_params,
 )
 from lora_pipeline.lifecycle.versions import prune_versions
+from lora_pipeline.registry.merge import find_version_by_job
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry.safetensors_header import InvalidLoraFile
 from lora_pipeline.registry_store.documents import ClaimLost, Refused, RegistryStore
@@ -287,8 +288,6 @@ class World:
             self._request_completion(style, status, source="webhook", inbox_key=item.key)
 
     def _settled(self, registry: RegistryStore, style: str, status: JobStatus) -> bool:
-        from lora_pipeline.registry.merge import find_version_by_job
-
         version = find_version_by_job(registry.read(style)[0], status.id)
         if version is None:
             return False
@@ -311,8 +310,6 @@ class World:
 
     def poll_tick(self) -> None:
         """The job sensor's decisions: poll the unfinished jobs, request completions and settling."""
-        from lora_pipeline.backends.base import JobNotFound
-
         unfinished = unfinished_jobs(RegistryStore(self.store, clock=self.clock))  # the sensor's own
         expired = []
         for job_id, style in sorted(unfinished.items()):
