@@ -93,7 +93,7 @@ class Summary:
             f"  faults per schedule: {sum(faults.values()) / n:.2f} "
             f"({', '.join(f'{k} {v / n:.2f}' for k, v in sorted(faults.items()))})",
             f"  actions per schedule: {', '.join(f'{k} {v / n:.1f}' for k, v in sorted(actions.items()))}",
-            f"  left out (known defects): {', '.join(sorted(self.without)) or 'nothing'}",
+            f"  parts left out: {', '.join(sorted(self.without)) or 'nothing'}",
             f"  violations: {sum(len(o.violations) for o in self.outcomes)} in {len(self.failed)} schedules",
         ]
         for o in self.failed[:20]:
