@@ -105,6 +105,7 @@ def submit_training(
     posting_lease: timedelta = POSTING_LEASE,
     wait_for_other_s: float = WAIT_FOR_OTHER_SUBMITTER_S,
     clock: Clock = SYSTEM_CLOCK,
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
 ) -> Submitted:
     """Claim the version, submit its job and record the id: at most one job per version.
 
@@ -116,7 +117,8 @@ def submit_training(
     leaves evidence: a claim that never reached ``posting`` is taken over once its
     lease runs out; a POST whose answer was lost is recorded as "submitted, id
     unknown" (SubmissionUnknown) and never repeated. ``clock`` stamps the claim and the
-    submission and paces the waits.
+    submission and paces the waits; ``new_id`` makes the claim's owner and request ids (a
+    simulation draws them from its seed).
     """
     # Long only in lines: a keyword-only signature and docstring of 25 lines; claim and post are
     # named steps (_claim_version, _post_job).
@@ -128,7 +130,7 @@ def submit_training(
         )
     registry = RegistryStore(store, clock=clock)
     param_dict = params.model_dump(mode="json")
-    owner = uuid.uuid4().hex
+    owner = new_id()
     claimed = _claim_version(
         registry,
         style,
@@ -139,6 +141,7 @@ def submit_training(
         claim_lease=claim_lease,
         wait_for_other_s=wait_for_other_s,
         clock=clock,
+        new_id=new_id,
     )
     version = claimed.version
     if claimed.kind == "existing":
@@ -182,6 +185,7 @@ def _claim_version(
     claim_lease: timedelta,
     wait_for_other_s: float,
     clock: Clock,
+    new_id: Callable[[], str],
 ) -> ClaimResult:
     """The claim on the version to submit (kind ``claimed``), or the version that already has a
     job (kind ``existing``); waits while another submitter holds the claim.
@@ -193,7 +197,7 @@ def _claim_version(
     while True:
         claimed = registry.claim_version(
             style,
-            request_id=uuid.uuid4().hex,
+            request_id=new_id(),
             dataset_hash=dataset_hash,
             params=param_dict,
             owner=owner,

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.WARNING)  # the real code's warnings about injected faults
     if args.seed is not None:
         outcome = run_one(args.seed, args.steps, without)
-        print(f"seed {args.seed}: faults {dict(outcome.faults)}; actions {dict(outcome.actions)}")
+        print(
+            f"seed {args.seed} (fingerprint {outcome.fingerprint}): faults {dict(outcome.faults)}; actions {dict(outcome.actions)}"
+        )
         for violation in outcome.violations:
             print(f"- {violation}")
         print(f"{len(outcome.violations)} violation(s); replay: {replay_command(args.seed, args.steps, without)}")

@@ -43,10 +43,8 @@ def run_one(seed: int, steps: int, without: frozenset[str] = frozenset()) -> Out
 
 
 def fingerprint(world: World) -> str:
-    """A digest of how the schedule went (scheduling points, final keys, each version's status).
-
-    Claim owners and request ids come from ``uuid4`` inside the real code and differ between
-    runs; nothing else should, so two runs of one seed must agree on this."""
+    """A digest of how the schedule went (scheduling points, final keys, each version's status):
+    two runs of one seed, in one process or two, must agree on it."""
     registry = RegistryStore(world.store)
     versions = [
         (style, v.name, v.status.value, v.job_ids)

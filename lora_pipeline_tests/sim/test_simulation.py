@@ -9,6 +9,8 @@ its fix is made; the seeds that found defects stay here as regressions.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -39,8 +41,18 @@ def test_seeded_schedules_hold_every_invariant(capsys):
 def test_a_schedule_replays_identically_from_its_seed():
     first, second = run_one(7, 30), run_one(7, 30)
     assert (first.fingerprint, first.faults, first.actions) == (second.fingerprint, second.faults, second.actions)
-    assert len(first.violations) == len(second.violations)
+    assert first.violations == second.violations
     assert sum(first.faults.values()) > 0 and run_one(8, 30).fingerprint != first.fingerprint
+    # the replay command, in another process with another string hash seed, takes the same path
+    replay = subprocess.run(
+        [sys.executable, "-m", "lora_pipeline_tests.sim", "--seed", "7", "--steps", "30"],
+        env={**os.environ, "PYTHONHASHSEED": "4242"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert f"(fingerprint {first.fingerprint})" in replay.stdout, replay.stdout + replay.stderr
 
 
 @pytest.mark.parametrize(("seed", "steps"), sorted(FOUND))

@@ -208,6 +208,7 @@ class World:
             posting_lease=timedelta(seconds=30),
             wait_for_other_s=15.0,
             clock=self.clock,
+            new_id=lambda: f"{self.rng.getrandbits(128):032x}",  # from the seed: a replay is exact
         )
 
     def burst(self) -> None:
