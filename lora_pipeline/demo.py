@@ -1,8 +1,10 @@
 """The whole chain, headless, on the embedded defaults: what ``lora-pipeline demo`` runs.
 
 It uses the real Definitions (same assets, job, sensors and resources as the
-UI) in a temporary Dagster instance, and drives the sensors by hand instead of a
-daemon: dataset → train_lora → a completion sensor notices → complete_training.
+UI) in a temporary Dagster instance, and drives the sensors by hand as the daemon
+would (``SensorDaemon``): dataset → train_lora → the completion sensors' ticks, every
+run they request executed (``complete_training``, and the ``reconcile_registry`` that
+settles a job RunPod forgot from its file in the store) until the version is settled.
 """
 
 from __future__ import annotations
@@ -12,18 +14,16 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
-from lora_pipeline.registry.models import RegistryDocument
+from lora_pipeline.registry.merge import find_version_by_job
+from lora_pipeline.registry.models import RegistryDocument, VersionStatus
 from lora_pipeline.registry_store.documents import RegistryStore
-
-if TYPE_CHECKING:
-    from lora_pipeline.defs.resources import StorageResource
-
+from lora_pipeline.storage.factory import open_configured_store
 
 # Dagster's console logger prints every event at DEBUG to stderr, where the demo's own
 # "[n/4]" lines go: keep its warnings and errors only (a failed step is reported by _check).
@@ -109,25 +109,11 @@ def _run_demo(style: str, *, timeout_s: float, poll_interval_s: float, echo: Cal
         job_id = train.output_for_node("submit_lora_training")
         echo(f"      job {job_id} submitted")
 
-        echo("[3/4] waiting for a completion sensor to notice the job")
-        request = _wait_for_completion_request(defs, instance, timeout_s, poll_interval_s, echo)
-
-        echo(f"[4/4] running complete_training (from {request.tags.get('lora_pipeline/source')})")
-        _check(
-            "complete_training",
-            defs.resolve_job_def("complete_training").execute_in_process(
-                instance=instance,
-                partition_key=request.partition_key,
-                run_config=quiet(request.run_config),
-                tags=request.tags,
-                raise_on_error=False,
-            ),
-        )
-        resources = defs.resources
-        assert resources is not None  # the Definitions object names its resources
-        storage: StorageResource = resources["storage"]
-        store = storage.get_store()
-        document, _ = RegistryStore(store).read(style)
+        echo("[3/4] ticking the completion sensors, running every run they request")
+        daemon = SensorDaemon(defs, instance)
+        registry = RegistryStore(open_configured_store())  # what the Definitions' resources open
+        document = _run_until_settled(daemon, registry, style, job_id, timeout_s, poll_interval_s, echo)
+        echo(f"[4/4] recorded: {', '.join(f'{v.name} {v.status.value}' for v in document.versions)}")
     return DemoResult(style, job_id, document, time.monotonic() - started)
 
 
@@ -153,22 +139,103 @@ def error_text(failure: Any) -> str:
     return " ← ".join(parts[1:] or parts)
 
 
-def _wait_for_completion_request(defs, instance, timeout_s, poll_interval_s, echo) -> dg.RunRequest:
+COMPLETION_SENSORS = ("runpod_webhook_sensor", "runpod_job_sensor")
+RUN_KEY_TAG = "dagster/run_key"
+SENSOR_TAG = "dagster/sensor_name"
+
+
+@dataclass
+class Tick:
+    """One sensor evaluation: what it answered, what it requested, the runs it launched."""
+
+    sensor: str
+    result: dg.SensorResult | dg.SkipReason | None
+    requests: list[dg.RunRequest]
+    runs: list[dg.ExecuteInProcessResult]
+
+    @property
+    def skip_message(self) -> str | None:
+        skip = getattr(self.result, "skip_reason", None) or (
+            self.result if isinstance(self.result, dg.SkipReason) else None
+        )
+        return skip.skip_message if skip else None
+
+
+@dataclass
+class SensorDaemon:
+    """Evaluates sensors as Dagster's daemon does: cursor carried from tick to tick, a run
+    key already launched by the same sensor is not launched again, and every requested run
+    (whatever its job) executes in process with the request's partition, run config and tags."""
+
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+    cursors: dict[str, str | None] = field(default_factory=dict)
+    launched: dict[str, set[str]] = field(default_factory=dict)
+    ticks: list[Tick] = field(default_factory=list)
+
+    def tick(self, sensor_name: str) -> Tick:
+        sensor = self.defs.resolve_sensor_def(sensor_name)
+        with dg.build_sensor_context(
+            instance=self.instance,
+            resources=self.defs.resources,
+            cursor=self.cursors.get(sensor_name),
+            definitions=self.defs,
+        ) as context:
+            context.log.setLevel(logging.WARNING)  # its console handler prints INFO: not the demo's progress
+            result = sensor(context)
+        cursor = getattr(result, "cursor", None)
+        if cursor is not None:
+            self.cursors[sensor_name] = cursor
+        requests = list(getattr(result, "run_requests", None) or [])
+        runs = []
+        seen = self.launched.setdefault(sensor_name, set())
+        for request in requests:
+            if request.run_key is not None and request.run_key in seen:
+                continue
+            if request.run_key is not None:
+                seen.add(request.run_key)
+            runs.append(self.launch(request, sensor_name))
+        tick = Tick(sensor_name, result, requests, runs)
+        self.ticks.append(tick)
+        return tick
+
+    def launch(self, request: dg.RunRequest, sensor_name: str) -> dg.ExecuteInProcessResult:
+        tags = {**request.tags, SENSOR_TAG: sensor_name}
+        if request.run_key is not None:
+            tags[RUN_KEY_TAG] = request.run_key
+        return self.defs.resolve_job_def(request.job_name).execute_in_process(
+            instance=self.instance,
+            partition_key=request.partition_key,
+            run_config=quiet(request.run_config),
+            tags=tags,
+            raise_on_error=False,
+        )
+
+
+def _run_until_settled(
+    daemon: SensorDaemon,
+    registry: RegistryStore,
+    style: str,
+    job_id: str,
+    timeout_s: float,
+    poll_interval_s: float,
+    echo: Callable[[str], None],
+) -> RegistryDocument:
+    """Tick both completion sensors, running every run they request, until the job's version
+    is settled (completed or failed) and one more round requests nothing new."""
     deadline = time.monotonic() + timeout_s
-    cursors: dict[str, str | None] = {}
-    resources = defs.resources
     while time.monotonic() < deadline:
-        for name in ("runpod_webhook_sensor", "runpod_job_sensor"):
-            sensor = defs.resolve_sensor_def(name)
-            with dg.build_sensor_context(
-                instance=instance, cursor=cursors.get(name), resources=resources, definitions=defs
-            ) as context:
-                context.log.setLevel(logging.WARNING)  # its console handler prints INFO: not the demo's progress
-                result = sensor(context)
-            cursors[name] = getattr(result, "cursor", None) or cursors.get(name)
-            requests = [r for r in getattr(result, "run_requests", None) or [] if r.job_name == "complete_training"]
-            if requests:
-                echo(f"      {name} requested a run for job {requests[0].tags.get('lora_pipeline/job')}")
-                return requests[0]
-        time.sleep(poll_interval_s)
-    raise DemoStepFailed("sensors", f"no completion noticed within {timeout_s:.0f}s")
+        launched = 0
+        for name in COMPLETION_SENSORS:
+            tick = daemon.tick(name)
+            for run in tick.runs:
+                echo(f"      {name} → {run.job_def.name} ({run.dagster_run.tags.get('lora_pipeline/source', '?')})")
+                _check(run.job_def.name, run)
+            launched += len(tick.runs)
+        document, _ = registry.read(style)
+        version = find_version_by_job(document, job_id)
+        if version is not None and version.status in (VersionStatus.completed, VersionStatus.failed) and not launched:
+            return document
+        if not launched:
+            time.sleep(poll_interval_s)
+    raise DemoStepFailed("sensors", f"job {job_id} not settled within {timeout_s:.0f}s")

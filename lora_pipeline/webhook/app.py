@@ -5,7 +5,8 @@ apart and then drops it: check the token, check the size and shape, write the
 body to the inbox, answer. The registry update happens later, in the sensor that
 reads the inbox. The one promise: a 200 means the body is durably in the store;
 anything else (503 when the store fails) makes RunPod deliver again. Bad requests
-(401 wrong token, 413 too large, 400 not a status body) write nothing.
+(401 wrong token, 413 too large, 400 not a status body, 408 a body not received within
+BODY_READ_TIMEOUT_S) write nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -26,11 +28,22 @@ from lora_pipeline.webhook.urls import WEBHOOK_PATH
 log = logging.getLogger(__name__)
 
 
+# A body that has not fully arrived this long after its headers is dropped (408): a client
+# holding a connection open with a partial body (slowloris) costs a socket for this long only.
+BODY_READ_TIMEOUT_S = 10.0
+
+
 class _TooLarge(Exception):
     pass
 
 
-def create_app(store: ObjectStore, token: str | None, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+def create_app(
+    store: ObjectStore,
+    token: str | None,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_read_timeout_s: float = BODY_READ_TIMEOUT_S,
+) -> Starlette:
     """The ASGI app. ``token`` None accepts any caller (only for --insecure-no-token)."""
     expected = token.encode() if token else None
 
@@ -40,9 +53,16 @@ def create_app(store: ObjectStore, token: str | None, *, max_body_bytes: int = M
             if not hmac.compare_digest(given, expected):
                 return JSONResponse({"error": "missing or wrong token"}, status_code=401)
         try:
-            body = await _read_limited(request, max_body_bytes)
+            with anyio.fail_after(body_read_timeout_s):
+                body = await _read_limited(request, max_body_bytes)
         except _TooLarge:
             return JSONResponse({"error": f"body over the {max_body_bytes}-byte limit"}, status_code=413)
+        except TimeoutError:
+            return JSONResponse(
+                {"error": f"body not received within {body_read_timeout_s:g} s"},
+                status_code=408,
+                headers={"Connection": "close"},
+            )
         try:
             decoded = parse_webhook_body(body)
         except InvalidWebhook as exc:

@@ -72,17 +72,74 @@ def test_train_lora_rejects_a_bad_hyperparameter_before_submitting(store, instan
     assert backend.submitted == []
 
 
-def test_an_interrupted_wait_cancels_the_job():
-    """Cancelling the Dagster run that waits on a job cancels the GPU job too."""
-    backend = StubBackend()
-    job_id = backend.submit(None, webhook_url=None, policy=None)
+# A run worker as Dagster starts one: train_lora waiting for its job, in its own process on a
+# persistent instance (DAGSTER_HOME). Terminating a run reaches that process as an interrupt
+# (the code server's cancel_execution sends it SIGINT), which is what the test sends.
+_RUN_WORKER = """
+import sys
+import dagster as dg
+from lora_pipeline.definitions import defs
 
-    def interrupted(_seconds):
-        raise KeyboardInterrupt
+with dg.DagsterInstance.get() as instance:
+    instance.add_dynamic_partitions("styles", [sys.argv[1]])
+    config = {"ops": {"submit_lora_training": {"config": {"wait_for_completion": True}}}}
+    result = defs.resolve_job_def("train_lora").execute_in_process(
+        instance=instance, partition_key=sys.argv[1], run_config=config, raise_on_error=False
+    )
+    print("RUN", result.run_id)
+"""
 
-    with pytest.raises(KeyboardInterrupt):
-        wait_for_job(backend, job_id, timeout_s=60, poll_interval_s=1, sleep=interrupted)
-    assert backend.cancelled == [job_id]
+
+@pytest.mark.slow
+def test_terminating_a_real_run_that_waits_on_a_job_cancels_the_job(store, dataset, tmp_path, monkeypatch):
+    """Cancelling the Dagster run that waits on a job cancels the GPU job too: a real run, in its
+    own process, on the RunPod double; the job stays queued until the run is terminated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lora_pipeline_tests.fakes.runpod_api import FakeRunPod
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with FakeRunPod() as fake:
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "RUNPOD_ENDPOINT_ID": fake.endpoint_id,
+            "RUNPOD_API_KEY": fake.api_key,
+            "RUNPOD_ENDPOINT_BASE_URL": fake.base_url,
+        }
+        worker = subprocess.Popen(
+            [sys.executable, "-c", _RUN_WORKER, STYLE],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not fake.jobs and time.monotonic() < deadline and worker.poll() is None:
+                time.sleep(0.1)
+            assert fake.jobs, worker.communicate(timeout=5)
+            (job,) = fake.jobs.values()
+            time.sleep(0.5)  # the run is in its wait loop (polling /status)
+            assert fake.requests["status"] >= 1 and job.status == "IN_QUEUE"
+            worker.send_signal(signal.SIGINT)
+            out, err = worker.communicate(timeout=60)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        assert job.status == "CANCELLED", err[-2000:]
+        assert fake.requests["cancel"] == 1
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
+        [run] = instance.get_runs()
+    assert run.status in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE), run.status
+    document, _ = RegistryStore(store).read(STYLE)
+    assert document.versions[0].id == job.id
 
 
 def test_a_wait_that_times_out_leaves_the_job_running():

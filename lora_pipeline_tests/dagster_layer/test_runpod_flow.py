@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from lora_pipeline.backends.runpod_client import RunPodClient
 from lora_pipeline.contracts.training import TrainingRequest, TrainingResult
 from lora_pipeline.dataset.ingest import SAMPLE_TRIGGER_WORD, IngestOptions, ingest_dataset, sample_dataset_path
 from lora_pipeline.definitions import defs
+from lora_pipeline.demo import RUN_KEY_TAG, SensorDaemon, Tick
 from lora_pipeline.defs import resources as resources_module
 from lora_pipeline.defs.completion_sensors import JOB_TAG
 from lora_pipeline.defs.presentation import url_value
@@ -50,8 +51,6 @@ from lora_pipeline_tests.registry.lora_files import lora_bytes, pair_bytes
 STYLE = "sample_style"
 TOKEN = "flow-test-token-0123456789"
 NO_WAIT = {"ops": {"submit_lora_training": {"config": {"wait_for_completion": False}}}}
-RUN_KEY_TAG = "dagster/run_key"
-SENSOR_TAG = "dagster/sensor_name"
 
 
 # -- the worker stand-in ---------------------------------------------------------------
@@ -91,68 +90,11 @@ def write_lora_handler(job: dict[str, Any]) -> dict[str, Any]:
 # -- a hand-cranked daemon -----------------------------------------------------------------
 
 
-@dataclass
-class Tick:
-    sensor: str
-    result: dg.SensorResult | dg.SkipReason | None
-    requests: list[dg.RunRequest]
-    runs: list[dg.ExecuteInProcessResult]
+class Daemon(SensorDaemon):
+    """The demo's hand-cranked daemon (``lora_pipeline.demo.SensorDaemon``) on the Definitions."""
 
-    @property
-    def skip_message(self) -> str | None:
-        skip = getattr(self.result, "skip_reason", None) or (
-            self.result if isinstance(self.result, dg.SkipReason) else None
-        )
-        return skip.skip_message if skip else None
-
-
-@dataclass
-class Daemon:
-    """Evaluates sensors as Dagster's daemon does: cursor carried from tick to tick, a run
-    key already launched by the same sensor is not launched again, and each requested
-    run executes in process with the request's partition, run config and tags."""
-
-    instance: dg.DagsterInstance
-    cursors: dict[str, str | None] = field(default_factory=dict)
-    launched: dict[str, set[str]] = field(default_factory=dict)
-    ticks: list[Tick] = field(default_factory=list)
-
-    def tick(self, sensor_name: str) -> Tick:
-        sensor = defs.resolve_sensor_def(sensor_name)
-        with dg.build_sensor_context(
-            instance=self.instance,
-            resources=defs.resources,
-            cursor=self.cursors.get(sensor_name),
-            definitions=defs,
-        ) as context:
-            result = sensor(context)
-        cursor = getattr(result, "cursor", None)
-        if cursor is not None:
-            self.cursors[sensor_name] = cursor
-        requests = list(getattr(result, "run_requests", None) or [])
-        runs = []
-        seen = self.launched.setdefault(sensor_name, set())
-        for request in requests:
-            if request.run_key is not None and request.run_key in seen:
-                continue
-            if request.run_key is not None:
-                seen.add(request.run_key)
-            runs.append(self.launch(request, sensor_name))
-        tick = Tick(sensor_name, result, requests, runs)
-        self.ticks.append(tick)
-        return tick
-
-    def launch(self, request: dg.RunRequest, sensor_name: str) -> dg.ExecuteInProcessResult:
-        tags = {**request.tags, SENSOR_TAG: sensor_name}
-        if request.run_key is not None:
-            tags[RUN_KEY_TAG] = request.run_key
-        return defs.resolve_job_def(request.job_name).execute_in_process(
-            instance=self.instance,
-            partition_key=request.partition_key,
-            run_config=request.run_config or {},
-            tags=tags,
-            raise_on_error=False,
-        )
+    def __init__(self, instance: dg.DagsterInstance) -> None:
+        super().__init__(defs, instance)
 
     def completion_runs(self, job_id: str) -> list[dg.DagsterRun]:
         return list(self.instance.get_runs(filters=dg.RunsFilter(tags={JOB_TAG: base_job_id(job_id)})))
@@ -639,3 +581,27 @@ def test_a_stalled_job_is_flagged_and_cancelled_only_with_the_setting(flow: Flow
         assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
     else:
         assert fake.job(job_id).status == "IN_PROGRESS" and version.status == VersionStatus.training
+
+
+def test_the_demo_settles_a_job_runpod_forgot_before_the_first_poll(flow: Flow):
+    """Issue 22: with RunPod keeping a status 1 s, the job finishes and is forgotten before any
+    sensor polls it. The job sensor requests reconcile_registry, and the demo runs it as the
+    daemon would (it ran only complete_training before, and gave up after its timeout)."""
+    from lora_pipeline.demo import run_demo
+
+    fake = flow.start_runpod(result_ttl_s=1)
+    lines: list[str] = []
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.strip().endswith("submitted"):  # before the first tick: the job ends and expires
+            job = fake.process()
+            fake.advance(2)
+            assert fake.job(job.id).status == "COMPLETED"
+
+    result = run_demo(STYLE, timeout_s=60, poll_interval_s=0.1, echo=echo)
+
+    [version] = result.document.versions
+    assert version.status is VersionStatus.completed and version.id == result.job_id
+    assert any("runpod_job_sensor → reconcile_registry" in line for line in lines), lines
+    assert not any("complete_training" in line for line in lines)  # RunPod had forgotten it

@@ -31,11 +31,13 @@ def jpeg_with_orientation(size: tuple[int, int], orientation: int) -> bytes:
     return out.getvalue()
 
 
-def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+def png_bomb(width: int = 20_000, height: int = 20_000, *, full: bool = False) -> bytes:
     """A valid PNG header claiming width×height over a tiny IDAT: a few hundred bytes.
 
     Decoding it would need width*height*3 bytes (1.2 GB for 20000²); only a
-    check of the header's size keeps that from happening.
+    check of the header's size keeps that from happening. ``full``: every row is in the
+    IDAT (zeros compress about 1000:1), so a decode really fills width*height*3 bytes;
+    compressed row by row, never holding the image in memory here.
     """
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -43,7 +45,11 @@ def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     row = b"\x00" + b"\x00" * (width * 3)
-    idat = zlib.compress(row * 4, 9)  # a few rows; the rest "missing" — never read
+    if full:
+        packer = zlib.compressobj(9)
+        idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    else:
+        idat = zlib.compress(row * 4, 9)  # a few rows; the rest "missing" — never read
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 

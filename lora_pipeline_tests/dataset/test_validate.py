@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tracemalloc
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -79,15 +80,52 @@ def test_an_image_over_the_pixel_limit_is_refused_naming_its_size() -> None:
 def test_a_decompression_bomb_is_refused_from_its_header_without_decoding() -> None:
     bomb = png_bomb(20_000, 20_000)
     assert len(bomb) < 200_000
-    tracemalloc.start()
-    try:
-        result = inspect_image(bomb, name="bomb.png")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result = inspect_image(bomb, name="bomb.png")
     assert isinstance(result, Rejection)
     assert "400000000 pixels" in result.reason and "decompression bomb" in result.reason
-    assert peak < 20 * 1024 * 1024  # decoding it would take 1.2 GB
+
+
+# Run in a fresh interpreter: Pillow's pixel buffers live in C, where tracemalloc cannot see
+# them, so what counts is the process's peak resident memory (ru_maxrss) around the call.
+_PEAK_RSS_CHILD = """
+import io, resource, sys
+from PIL import Image
+from lora_pipeline.dataset import validate
+from lora_pipeline_tests.dataset.builders import image_bytes, png_bomb
+
+bomb = png_bomb(4000, 4000, full=True)  # 48 MB of pixels once decoded; built row by row
+validate.inspect_image(image_bytes((96, 96)), name="warm.png")  # load Pillow's plugins first
+if sys.argv[1] == "decode-first":  # what the test must catch: pixels decoded before the check
+    read_header = validate._read_header
+    def decode_then_read(data, limits):
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return read_header(data, limits)
+    validate._read_header = decode_then_read
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = validate.inspect_image(bomb, name="bomb.png", limits=validate.ImageLimits(max_pixels=1_000_000))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert isinstance(result, validate.Rejection) and "16,000,000 pixels" in result.reason, result
+print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+"""
+_PEAK_LIMIT = 16 * 1024 * 1024  # decoding the bomb takes 48 MB
+
+
+def _peak_rss_growth(mode: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_CHILD, mode], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+def test_a_decompression_bomb_is_refused_without_its_pixels_ever_filling_memory() -> None:
+    assert _peak_rss_growth("as-shipped") < _PEAK_LIMIT
+
+
+def test_the_memory_measurement_sees_a_full_decode_before_the_header_check() -> None:
+    """The proof that the test above can fail: the same bomb decoded first grows the peak past it."""
+    assert _peak_rss_growth("decode-first") > _PEAK_LIMIT
 
 
 def test_exif_orientation_swaps_the_measured_width_and_height() -> None:

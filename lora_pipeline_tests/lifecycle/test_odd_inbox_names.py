@@ -100,9 +100,7 @@ class _Unreadable:
         return self.inner.delete(key)
 
 
-@pytest.mark.parametrize(
-    "error", [PermissionError(13, "Permission denied"), InvalidKey("invalid object key")], ids=str
-)
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), InvalidKey("invalid object key")], ids=str)
 def test_an_unreadable_inbox_file_is_reported_and_the_pass_goes_on(store, error):
     dropped = drop_odd_files(store)
     wrapped = _Unreadable(store, reads={dropped[0]}, error=error)

@@ -127,7 +127,9 @@ def test_delete_removes_and_is_idempotent(store):
     assert list(store.list("d/")) == []
 
 
-@pytest.mark.parametrize("key", ["../escape", "a/../../b", "/abs", "a//b", "a/./b", "dir/", "", "a\x00b", ".lora-store/x"])
+@pytest.mark.parametrize(
+    "key", ["../escape", "a/../../b", "/abs", "a//b", "a/./b", "dir/", "", "a\x00b", ".lora-store/x"]
+)
 def test_keys_that_could_escape_their_prefix_are_refused(store, key):
     with pytest.raises(InvalidKey):
         store.put(key, b"x")
@@ -135,9 +137,7 @@ def test_keys_that_could_escape_their_prefix_are_refused(store, key):
         store.get(key)
 
 
-@pytest.mark.parametrize(
-    "name", ["copy of body (1).json", "résumé.json", "body (1).json", "a\\b", "%2F+&?#"]
-)
+@pytest.mark.parametrize("name", ["copy of body (1).json", "résumé.json", "body (1).json", "a\\b", "%2F+&?#"])
 def test_any_key_a_tool_can_write_is_read_listed_moved_and_deleted(store, name):
     """Issue 22: only keys the pipeline builds are shape-checked (``validate_key``); the store
     takes any key it can list, or one odd file would stop every pass that meets it."""

@@ -126,7 +126,8 @@ def test_with_the_lock_concurrent_processes_lose_nothing(ignoring, fault_proxy, 
     context = multiprocessing.get_context("fork")
     start = context.Barrier(WRITERS)
     processes = [
-        context.Process(target=_process_writer, args=(fault_proxy.endpoint, s3_bucket, w, start)) for w in range(WRITERS)
+        context.Process(target=_process_writer, args=(fault_proxy.endpoint, s3_bucket, w, start))
+        for w in range(WRITERS)
     ]
     for process in processes:
         process.start()

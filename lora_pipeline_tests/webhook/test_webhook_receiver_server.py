@@ -86,3 +86,41 @@ def test_a_failed_attempt_and_its_completed_retry_both_land(local_store):
     bodies = [json.loads(local_store.get(i.key).data) for i in local_store.list(WEBHOOK_INBOX + "/")]
     assert sorted(b["status"] for b in bodies) == ["COMPLETED", "FAILED"]
     assert {b["id"] for b in bodies} == {job.base}  # the legacy shape: the bare UUID
+
+
+def test_connections_holding_partial_bodies_are_dropped_after_the_body_timeout(local_store):
+    """Issue 22: 300 connections with a valid token each send headers and half a body, then
+    stall (slowloris). Each gets 408 and is closed once the body-read timeout passes, nothing
+    is written, and a good delivery still lands meanwhile."""
+    import socket
+    import time
+
+    timeout_s = 1.0
+    body = job_body(1)
+    with serve_in_thread(
+        create_app(local_store, TOKEN, body_read_timeout_s=timeout_s), timeout_keep_alive=120, backlog=1024
+    ) as base:
+        host, port = base.removeprefix("http://").split(":")
+        head = (
+            f"POST /webhooks/runpod?token={TOKEN} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sockets = []
+        for _ in range(300):
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(head + body[: len(body) // 2])
+            sockets.append(sock)
+        started = time.monotonic()
+        good = httpx.post(webhook_url(base, TOKEN), content=job_body(2), timeout=30)
+        answers = []
+        for sock in sockets:
+            answer = b""
+            while chunk := sock.recv(4096):  # until the server closes the connection
+                answer += chunk
+            answers.append(answer)
+            sock.close()
+        elapsed = time.monotonic() - started
+    assert good.status_code == 200
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), {a[:40] for a in answers}
+    assert elapsed < 20  # all closed at the timeout, not held open (the recv loop ends on close)
+    assert [info.key.endswith(".json") for info in local_store.list(WEBHOOK_INBOX + "/")] == [True]
