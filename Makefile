@@ -19,7 +19,7 @@ export UV_LINK_MODE ?= copy
 # RESOLVE=latest (make test-latest): the newest versions pyproject's ranges allow instead of the lock.
 RESOLVE ?= locked
 
-.PHONY: help install lock dev test test-latest soak demo clean gpu-bundle gpu-dry-run prod-local prod-stop deploy-test
+.PHONY: help install lock dev test test-latest soak soak-real demo clean gpu-bundle gpu-dry-run prod-local prod-stop deploy-test
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 16
@@ -67,11 +67,23 @@ test: install  ## set up and run the checks and the whole test suite (what CI ru
 test-latest:  ## the whole suite on the newest versions pyproject allows, in .venv-latest (not in CI)
 	$(MAKE) test VENV=.venv-latest RESOLVE=latest
 
-# The fault campaign (tests/registry/test_fault_campaign.py) at length: many seeds, long runs.
+# The deterministic simulation (lora_pipeline_tests/sim/, docs/reliability.md) at length:
+# SOAK_SCHEDULES seeded schedules from SOAK_START over SOAK_PROCESSES cores; each failure prints
+# its seed and the command that replays it. CI runs 500 of them (the suite's test_simulation.py).
+SOAK_SCHEDULES ?= 10000
+SOAK_START ?= 1
+SOAK_STEPS ?= 60
+SOAK_PROCESSES ?= 2
+soak: install  ## the simulation at length: 10,000 seeded schedules (SOAK_SCHEDULES, SOAK_START, SOAK_STEPS)
+	$(PY) -m lora_pipeline_tests.sim --schedules $(SOAK_SCHEDULES) --start $(SOAK_START) \
+		--steps $(SOAK_STEPS) --processes $(SOAK_PROCESSES) $(if $(SOAK_WITHOUT),--without $(SOAK_WITHOUT))
+
+# The real-server fault campaign (lora_pipeline_tests/registry/test_fault_campaign.py: threads on
+# the local store, S3 over HTTP behind the fault proxy) at length: many seeds, long runs.
 SOAK_SEEDS ?= $(shell seq -s, 1 40)
-SOAK_STEPS ?= 300
-soak: install  ## the fault campaign at length (SOAK_SEEDS, SOAK_STEPS)
-	LORA_CAMPAIGN_SEEDS=$(SOAK_SEEDS) LORA_CAMPAIGN_STEPS=$(SOAK_STEPS) $(PY) -m pytest -q -p no:logging \
+SOAK_REAL_STEPS ?= 300
+soak-real: install  ## the real-server fault campaign at length (SOAK_SEEDS, SOAK_REAL_STEPS)
+	LORA_CAMPAIGN_SEEDS=$(SOAK_SEEDS) LORA_CAMPAIGN_STEPS=$(SOAK_REAL_STEPS) $(PY) -m pytest -q -p no:logging \
 		lora_pipeline_tests/registry/test_fault_campaign.py
 
 # The production shape on this machine, no containers (docs/deploy.md): Postgres (from the

@@ -21,6 +21,7 @@ from lora_pipeline.registry.evidence import LegacyRecord
 from lora_pipeline.registry.models import InvalidRecord, Version, legacy_version_records
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.registry_store.changes import VersionChange
+from lora_pipeline.clock import SYSTEM_CLOCK, Clock
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage.base import ObjectStore
 
@@ -62,7 +63,9 @@ class ImportReport:
         }
 
 
-def import_legacy(store: ObjectStore, legacy_dir: Path, *, apply_inbox: bool = True) -> ImportReport:
+def import_legacy(
+    store: ObjectStore, legacy_dir: Path, *, apply_inbox: bool = True, clock: Clock = SYSTEM_CLOCK
+) -> ImportReport:
     """Merge every ``legacy_dir/<style>/training_versions.json`` into the registry.
 
     A style directory with a bad name, a file that is not JSON or not the expected
@@ -72,7 +75,7 @@ def import_legacy(store: ObjectStore, legacy_dir: Path, *, apply_inbox: bool = T
     legacy_dir = Path(legacy_dir)
     if not legacy_dir.is_dir():
         raise FileNotFoundError(f"legacy directory {legacy_dir} does not exist or is not a directory")
-    registry = RegistryStore(store)
+    registry = RegistryStore(store, clock=clock)
     report = ImportReport()
     for style_dir in sorted(p for p in legacy_dir.iterdir() if p.is_dir()):
         path = style_dir / LEGACY_FILE
@@ -90,7 +93,7 @@ def import_legacy(store: ObjectStore, legacy_dir: Path, *, apply_inbox: bool = T
         result = registry.apply(style, [LegacyRecord(style, r) for r in records])
         report.changes.extend(result.changes)
     if apply_inbox:
-        report.webhooks_applied = len(process_inbox(store).webhooks_applied)
+        report.webhooks_applied = len(process_inbox(store, clock=clock).webhooks_applied)
     return report
 
 

@@ -19,10 +19,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from lora_pipeline.backends.base import JobNotFound, RunPodError
+from lora_pipeline.clock import SYSTEM_CLOCK, Clock
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
 from lora_pipeline.registry.evidence import (
     Evidence,
@@ -151,36 +152,45 @@ def reconcile(
     dry_run: bool = False,
     now: datetime | None = None,
     workers: int = 8,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> ReconcileReport:
     """Full reconciliation: inbox, every LoRA file, polls of unfinished jobs.
 
     ``status_lookup(job_id)`` returns RunPod's status body, None when the status is
     unknown, or raises JobNotFound (result expired); without one, unfinished jobs
-    are settled from the store and their age alone.
+    are settled from the store and their age alone. ``now`` (default ``clock.now()``)
+    is when the run happens; ``workers`` 1 settles the styles one after another.
     """
-    return _Run(store, dry_run=dry_run, now=now, workers=workers).run(
+    return _Run(store, dry_run=dry_run, now=now, workers=workers, clock=clock).run(
         full=True, status_lookup=status_lookup, max_job_age=max_job_age
     )
 
 
-def process_inbox(store: ObjectStore, *, dry_run: bool = False, now: datetime | None = None) -> ReconcileReport:
+def process_inbox(
+    store: ObjectStore,
+    *,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    workers: int = 4,
+    clock: Clock = SYSTEM_CLOCK,
+) -> ReconcileReport:
     """Apply the webhook inbox only (the webhook sensor, and after a legacy import).
 
     A COMPLETED report is checked against the style's files in the store; a body
     for a job no document holds stays in the inbox until one does; a body that
     cannot be used moves to ``webhooks/rejected/`` with its reason beside it.
     """
-    return _Run(store, dry_run=dry_run, now=now, workers=4).run(
+    return _Run(store, dry_run=dry_run, now=now, workers=workers, clock=clock).run(
         full=False, status_lookup=None, max_job_age=DEFAULT_MAX_JOB_AGE
     )
 
 
 class _Run:
-    def __init__(self, store: ObjectStore, *, dry_run: bool, now: datetime | None, workers: int) -> None:
+    def __init__(self, store: ObjectStore, *, dry_run: bool, now: datetime | None, workers: int, clock: Clock) -> None:
         self.store = store
-        self.registry = RegistryStore(store)
+        self.registry = RegistryStore(store, clock=clock)
         self.dry_run = dry_run
-        self.now = now or datetime.now(UTC)
+        self.now = now or clock.now()
         self.workers = max(1, workers)
         self.report = ReconcileReport(dry_run=dry_run)
         self.full = True

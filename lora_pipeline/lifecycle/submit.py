@@ -13,9 +13,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
+from lora_pipeline.clock import SYSTEM_CLOCK, Clock
 from lora_pipeline.backends.base import ExecutionPolicy, RunPodError, SubmitOutcomeUnknown, TrainingBackend
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
 from lora_pipeline.contracts.training import TINY_MODELS, TrainingParams, TrainingRequest
@@ -90,10 +91,6 @@ class Completion:
     problem: str | None = None
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def submit_training(
     *,
     store: ObjectStore,
@@ -107,7 +104,8 @@ def submit_training(
     claim_lease: timedelta = CLAIM_LEASE,
     posting_lease: timedelta = POSTING_LEASE,
     wait_for_other_s: float = WAIT_FOR_OTHER_SUBMITTER_S,
-    sleep: Callable[[float], None] = time.sleep,
+    clock: Clock = SYSTEM_CLOCK,
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
 ) -> Submitted:
     """Claim the version, submit its job and record the id: at most one job per version.
 
@@ -118,7 +116,9 @@ def submit_training(
     it are in the registry before the next one happens, so a run that dies anywhere
     leaves evidence: a claim that never reached ``posting`` is taken over once its
     lease runs out; a POST whose answer was lost is recorded as "submitted, id
-    unknown" (SubmissionUnknown) and never repeated.
+    unknown" (SubmissionUnknown) and never repeated. ``clock`` stamps the claim and the
+    submission and paces the waits; ``new_id`` makes the claim's owner and request ids (a
+    simulation draws them from its seed).
     """
     # Long only in lines: a keyword-only signature and docstring of 25 lines; claim and post are
     # named steps (_claim_version, _post_job).
@@ -128,9 +128,9 @@ def submit_training(
             f"style {style!r} has no dataset yet: materialize training_dataset for it "
             "or run `lora-pipeline dataset add`"
         )
-    registry = RegistryStore(store)
+    registry = RegistryStore(store, clock=clock)
     param_dict = params.model_dump(mode="json")
-    owner = uuid.uuid4().hex
+    owner = new_id()
     claimed = _claim_version(
         registry,
         style,
@@ -140,7 +140,8 @@ def submit_training(
         force=force,
         claim_lease=claim_lease,
         wait_for_other_s=wait_for_other_s,
-        sleep=sleep,
+        clock=clock,
+        new_id=new_id,
     )
     version = claimed.version
     if claimed.kind == "existing":
@@ -166,8 +167,9 @@ def submit_training(
             job_id=job_id,
             dataset_hash=manifest.dataset_hash,
             params=param_dict,
-            at=_now(),
+            at=clock.now(),
         ),
+        sleep=clock.sleep,
     )
     return Submitted(style, version.name, job_id, manifest.dataset_hash, reused=False)
 
@@ -182,7 +184,8 @@ def _claim_version(
     force: bool,
     claim_lease: timedelta,
     wait_for_other_s: float,
-    sleep: Callable[[float], None],
+    clock: Clock,
+    new_id: Callable[[], str],
 ) -> ClaimResult:
     """The claim on the version to submit (kind ``claimed``), or the version that already has a
     job (kind ``existing``); waits while another submitter holds the claim.
@@ -190,11 +193,11 @@ def _claim_version(
     Raises SubmissionUnknown for a version whose POST may have queued a job (never sent
     twice), SubmissionInFlight when the other submitter's job id does not appear in time.
     """
-    deadline = time.monotonic() + wait_for_other_s
+    deadline = clock.monotonic() + wait_for_other_s
     while True:
         claimed = registry.claim_version(
             style,
-            request_id=uuid.uuid4().hex,
+            request_id=new_id(),
             dataset_hash=dataset_hash,
             params=param_dict,
             owner=owner,
@@ -206,13 +209,13 @@ def _claim_version(
             return claimed
         if claimed.kind == "unknown":
             raise SubmissionUnknown(style, version)
-        if time.monotonic() >= deadline:
+        if clock.monotonic() >= deadline:
             raise SubmissionInFlight(
                 f"{style} {version.name} is being submitted by another run (claim of "
                 f"{version.claim.owner if version.claim else '?'}); its job id did not appear within "
                 f"{wait_for_other_s:.0f}s: look at the registry, or retry"
             )
-        sleep(0.25)
+        clock.sleep(0.25)
 
 
 def _post_job(
@@ -251,7 +254,9 @@ def _post_job(
     return job_id, version
 
 
-def _record_submission(registry: RegistryStore, submission: Submission, attempts: int = 4) -> None:
+def _record_submission(
+    registry: RegistryStore, submission: Submission, *, sleep: Callable[[float], None], attempts: int = 4
+) -> None:
     """Record a new job id, retrying a failing store: the job exists now, and until its id is
     recorded only its webhook or output (which name the request) can attach it."""
     for attempt in range(attempts):
@@ -261,7 +266,7 @@ def _record_submission(registry: RegistryStore, submission: Submission, attempts
         except StorageError:
             if attempt == attempts - 1:
                 raise
-            time.sleep(0.5 * 2**attempt)
+            sleep(0.5 * 2**attempt)
 
 
 def wait_for_job(
@@ -344,6 +349,7 @@ def record_completion(
     status: JobStatus,
     *,
     source: Literal["poll", "webhook"],
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Completion:
     """Apply a terminal status report to the registry, with the LoRA file as proof.
 
@@ -351,8 +357,8 @@ def record_completion(
     job that ends COMPLETED with no output, or with an ``error`` in its output, is
     recorded as failed unless the file proves otherwise.
     """
-    registry = RegistryStore(store)
-    at = _now()
+    registry = RegistryStore(store, clock=clock)
+    at = clock.now()
     report = job_report_from_status(_with_sample_urls(store, status), at=at, source=source)
     document, _ = registry.read(style)
     known = find_version_by_job(document, report.job_id)

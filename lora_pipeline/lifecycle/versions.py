@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from lora_pipeline.clock import SYSTEM_CLOCK, Clock
 from lora_pipeline.registry.aliases import reachable_versions
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry_store.documents import Refused, RegistryStore
@@ -68,15 +69,21 @@ class PruneReport:
 
 
 def prune_versions(
-    store: ObjectStore, keep: int, *, by: str = "retention", dry_run: bool = False, at: datetime | None = None
+    store: ObjectStore,
+    keep: int,
+    *,
+    by: str = "retention",
+    dry_run: bool = False,
+    at: datetime | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> PruneReport:
     """Delete every completed version of each style but the ``keep`` newest, and those an alias
     points at or can roll back to (``keep`` 0: keep everything). Styles with at most ``keep`` completed versions
-    (index counts) are not read."""
+    (index counts) are not read. ``at`` (default ``clock.now()``) stamps the tombstones."""
     report = PruneReport(keep=keep, dry_run=dry_run)
     if keep <= 0:
         return report
-    registry = RegistryStore(store)
+    registry = RegistryStore(store, clock=clock)
     index, _ = registry.fresh_index(repair=not dry_run, problems=report.problems)
     reason = f"retention: keep the last {keep} completed versions (LORA_KEEP_VERSIONS)"
     for style, summary in sorted(index.styles.items()):

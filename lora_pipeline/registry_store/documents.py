@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
+from lora_pipeline.clock import SYSTEM_CLOCK, Clock
 from lora_pipeline.registry.aliases import AliasAction, alias_stacks, reachable_versions, validate_alias
 from lora_pipeline.registry.evidence import AliasMove, Claim, ClaimPhase, Evidence, Submission, VersionDeleted
 from lora_pipeline.registry.jobids import base_job_id
@@ -124,10 +125,12 @@ class RegistryStore:
         store: ObjectStore,
         *,
         max_attempts: int = 100,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = SYSTEM_CLOCK,
         primary: str | None = None,
     ) -> None:
-        """``primary``: the layout documents' ``loraUrl`` names (default: the setting LORA_PRIMARY_FORMAT)."""
+        """``primary``: the layout documents' ``loraUrl`` names (default: the setting LORA_PRIMARY_FORMAT);
+        ``clock``: what claims, alias moves and deletions are stamped with, and how a lost write
+        race backs off."""
         self.store = store
         self.primary = primary or get_settings().primary_format
         self.max_attempts = max_attempts
@@ -260,8 +263,9 @@ class RegistryStore:
         validate_style(style)
         wanted = {VersionStatus.completed} if reuse_completed else set()
         wanted |= UNFINISHED_STATUSES
-        now = at or self.clock()
+        now = at or self.clock.now()
         now_ms = epoch_ms(now)
+        stamped = [now_ms]  # when the claim written last is stamped (see below)
 
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
             match = next(
@@ -289,7 +293,12 @@ class RegistryStore:
             else:
                 number = max(next_version_number(doc), self._next_file_number(style))
                 evidence = [Submission(style, number, request_id, None, dataset_hash, dict(params), now)]
-            evidence.append(Claim(style, number, owner, "claimed", now, now + lease))
+            # Claims merge latest-stamp-wins: a takeover is stamped after the claim it replaces even
+            # when that one's submitter had a clock running ahead of ours, or it would not land.
+            since = match.claim.at + 1 if match is not None and match.claim is not None else now_ms
+            stamped[0] = max(now_ms, since)
+            start = from_epoch_ms(stamped[0])
+            evidence.append(Claim(style, number, owner, "claimed", start, start + lease))
             return evidence, None
 
         result, decided = self._update(style, decide, True, False)
@@ -298,7 +307,7 @@ class RegistryStore:
         version = next(
             v
             for v in result.document.versions
-            if v.claim is not None and v.claim.owner == owner and v.claim.at == now_ms
+            if v.claim is not None and v.claim.owner == owner and v.claim.at == stamped[0]
         )
         return ClaimResult("claimed", version)
 
@@ -321,7 +330,7 @@ class RegistryStore:
         claim = version.claim
         if claim is None:
             raise ValueError(f"{style} {version.name} holds no claim to advance")
-        now = at or self.clock()
+        now = at or self.clock.now()
         now_ms = epoch_ms(now)
         lease_until = now + lease if lease is not None else from_epoch_ms(claim.lease_until)
         claim_at = from_epoch_ms(claim.at)
@@ -381,7 +390,7 @@ class RegistryStore:
             raise Refused(str(exc)) from None
         if action == "promote" and (version is None or parse_version_name(version) is None):
             raise Refused(f"{version!r} is not a version name like V3")
-        now = at or self.clock()
+        now = at or self.clock.now()
 
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
             if not doc.versions:
@@ -445,7 +454,7 @@ class RegistryStore:
         validate_style(style)
         if parse_version_name(version) is None:
             raise Refused(f"{version!r} is not a version name like V3")
-        now = at or self.clock()
+        now = at or self.clock.now()
         listed: dict[int, list[DeletedObject]] = {}
         for info in self.store.list(lora_prefix(style)):
             parsed = parse_lora_file(style, info.key.rsplit("/", 1)[-1])
@@ -536,7 +545,12 @@ class RegistryStore:
             return new.to_json(self.primary)
 
         written = update_object(
-            self.store, registry_key(style), rewrite, max_attempts=self.max_attempts, content_type=JSON
+            self.store,
+            registry_key(style),
+            rewrite,
+            max_attempts=self.max_attempts,
+            content_type=JSON,
+            sleep=self.clock.sleep,
         )
         result: ApplyResult = outcome["result"]
         if result.changed and not dry_run:
@@ -575,7 +589,9 @@ class RegistryStore:
             wrote = styles != index.styles or current is None
             return RegistryIndex(styles).to_json() if wrote else None
 
-        update_object(self.store, INDEX_KEY, rewrite, max_attempts=self.max_attempts, content_type=JSON)
+        update_object(
+            self.store, INDEX_KEY, rewrite, max_attempts=self.max_attempts, content_type=JSON, sleep=self.clock.sleep
+        )
         return wrote
 
 

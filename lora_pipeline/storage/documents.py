@@ -47,12 +47,14 @@ def update_object(
     max_attempts: int = 50,
     content_type: str | None = None,
     backoff: float = 0.02,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> StoredObject | None:
     """Apply ``fn`` to the object's current bytes and write the result conditionally.
 
     ``fn`` gets the current StoredObject (None if absent) and returns the new
     bytes, or None to leave the object as it is. Returns what is stored
-    afterwards. Raises TooManyConflicts after ``max_attempts`` lost races.
+    afterwards. Raises TooManyConflicts after ``max_attempts`` lost races. ``sleep`` waits
+    between attempts (a simulation passes its own).
 
     On a store that ignores conditional writes a write runs under ``serialized_writes``
     (the writer lock, or WritersNotSerialized naming the fix); a pass with nothing to
@@ -64,8 +66,8 @@ def update_object(
         if new is None or (current is not None and new == current.data):
             return current
         with serialized_writes(store, key):
-            return _update_loop(store, key, fn, max_attempts, content_type, backoff)
-    return _update_loop(store, key, fn, max_attempts, content_type, backoff)
+            return _update_loop(store, key, fn, max_attempts, content_type, backoff, sleep)
+    return _update_loop(store, key, fn, max_attempts, content_type, backoff, sleep)
 
 
 def _update_loop(
@@ -75,6 +77,7 @@ def _update_loop(
     max_attempts: int,
     content_type: str | None,
     backoff: float,
+    sleep: Callable[[float], None],
 ) -> StoredObject | None:
     for attempt in range(max_attempts):
         current = read_object(store, key)
@@ -88,7 +91,7 @@ def _update_loop(
                 etag = store.put(key, new, if_match=current.etag, content_type=content_type)
         except PreconditionFailed:
             # Someone else wrote first: back off a little (jittered) and redo from their version.
-            time.sleep(random.uniform(0, backoff * min(2**attempt, 32)))
+            sleep(random.uniform(0, backoff * min(2**attempt, 32)))
             continue
         return StoredObject(key=key, data=new, etag=etag)
     raise TooManyConflicts(f"gave up updating {key!r} after {max_attempts} conflicting writes")

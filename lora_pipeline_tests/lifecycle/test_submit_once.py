@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import lora_pipeline.lifecycle.submit as training
+from lora_pipeline.clock import Clock
 from lora_pipeline.backends.base import RunPodError, RunPodRequestError
 from lora_pipeline.backends.runpod_client import RunPodClient
 from lora_pipeline.dataset.versions import read_manifest, set_current
@@ -143,35 +144,46 @@ def test_a_live_claim_makes_others_wait_and_reuse_its_job(store, fake):
 
     thread = threading.Thread(target=holder_finishes)
     thread.start()
-    waited = submit(store, client_for(fake), wait_for_other_s=10, sleep=lambda s: time.sleep(0.05))
+    waited = submit(store, client_for(fake), wait_for_other_s=10, clock=Clock(sleep=lambda s: time.sleep(0.05)))
     thread.join()
     assert (waited.job_id, waited.reused) == ("abc-123-u1", True) and fake.requests["run"] == 0
 
 
+def claim(store, owner: str, *, lease_s: float, at: datetime | None = None):
+    """``owner`` claims the version for the current dataset and PARAMS (its request id: ``owner``)."""
+    return RegistryStore(store).claim_version(
+        STYLE,
+        request_id=owner,
+        dataset_hash=_current_hash(store),
+        params=PARAMS.model_dump(mode="json"),
+        owner=owner,
+        lease=timedelta(seconds=lease_s),
+        at=at,
+    )
+
+
 def test_a_holder_whose_lease_was_taken_over_does_not_post(store):
-    registry = RegistryStore(store)
-    params = PARAMS.model_dump(mode="json")
-    slow = registry.claim_version(
-        STYLE,
-        request_id="slow",
-        dataset_hash=_current_hash(store),
-        params=params,
-        owner="slow",
-        lease=timedelta(seconds=1),
-        at=datetime.now(UTC) - timedelta(seconds=30),
-    )
-    successor = registry.claim_version(
-        STYLE,
-        request_id="next",
-        dataset_hash=_current_hash(store),
-        params=params,
-        owner="next",
-        lease=timedelta(seconds=60),
-    )
+    slow = claim(store, "slow", lease_s=1, at=datetime.now(UTC) - timedelta(seconds=30))
+    successor = claim(store, "next", lease_s=60)
     assert (slow.kind, successor.kind) == ("claimed", "claimed")
     assert successor.version.name == slow.version.name
     with pytest.raises(ClaimLost, match="not submitting"):
-        registry.advance_claim(STYLE, slow.version, "posting", lease=timedelta(seconds=60))
+        RegistryStore(store).advance_claim(STYLE, slow.version, "posting", lease=timedelta(seconds=60))
+
+
+def test_a_takeover_lands_though_the_released_claim_was_stamped_by_a_clock_running_ahead(store):
+    """Found by the simulation: claims merge latest-stamp-wins, so a takeover stamped earlier than
+    the claim it replaces (that submitter's clock ran ahead) was merged away and ``claim_version``
+    failed with StopIteration."""
+    registry = RegistryStore(store)
+    now = datetime.now(UTC)
+    ahead = claim(store, "ahead", lease_s=60, at=now + timedelta(minutes=5))
+    registry.advance_claim(STYLE, ahead.version, "released", note="refused", at=now + timedelta(minutes=5))
+    behind = claim(store, "behind", lease_s=60, at=now)
+    assert behind.kind == "claimed" and behind.version.name == ahead.version.name
+    assert behind.version.claim.owner == "behind" and behind.version.claim.phase == "claimed"
+    posting = registry.advance_claim(STYLE, behind.version, "posting", lease=timedelta(seconds=60), at=now)
+    assert posting.claim.owner == "behind" and posting.claim.phase == "posting"
 
 
 def test_a_run_whose_answer_was_lost_is_recorded_unknown_and_never_repeated(store, fake):
@@ -199,7 +211,7 @@ def test_a_run_whose_answer_was_lost_is_recorded_unknown_and_never_repeated(stor
 
 
 def test_a_crash_between_the_post_and_recording_its_id_is_healed_by_the_webhook(store, fake, monkeypatch):
-    def crash(registry, submission, attempts=4):
+    def crash(registry, submission, *, sleep, attempts=4):
         raise KeyboardInterrupt("run killed right after POST /run")
 
     monkeypatch.setattr(training, "_record_submission", crash)

@@ -17,7 +17,11 @@ that the invariants the README promises must hold:
 * no inbox file is lost: each is applied (processed/) or in rejected/ with a reason;
 * the index agrees with the documents.
 
-``LORA_CAMPAIGN_SEEDS`` / ``LORA_CAMPAIGN_STEPS`` make it longer (``make soak``).
+The deterministic simulation (``lora_pipeline_tests/sim/``) runs the same actors and more
+(aliases, deletes, the retention, sensor ticks, clock skew) in thousands of seeded schedules
+on an in-memory store; this campaign stays for what a simulation cannot show: real threads
+racing on the local store's file locks, and S3 over HTTP (moto) behind a proxy that drops
+connections. ``LORA_CAMPAIGN_SEEDS`` / ``LORA_CAMPAIGN_STEPS`` make it longer (``make soak-real``).
 """
 
 from __future__ import annotations
