@@ -7,8 +7,11 @@ from lora_pipeline.dataset.ingest import (
     SAMPLE_TRIGGER_WORD,
     EmptyDatasetError,
     IngestOptions,
+    IngestReport,
+    current_dataset,
     ingest_dataset,
     sample_dataset_path,
+    stored_version_report,
 )
 from lora_pipeline.dataset.report import CheckOutcome, check_caption_coverage, check_min_images
 from lora_pipeline.defs.partitions import styles_partitions
@@ -42,18 +45,23 @@ class DatasetConfig(dg.Config):
     missing_captions: str = Field("fill", description="'fill' from the trigger word, or 'reject'.")
 
 
-def resolve_source(style: str, config: DatasetConfig, store) -> str:
-    """The source to ingest: explicit, else the incoming folder, else the bundled sample."""
+def resolve_source(style: str, config: DatasetConfig, store) -> str | None:
+    """The source to ingest: explicit, else the incoming folder, else None when the style has a
+    stored dataset version (``lora-pipeline dataset add`` made it: that version is materialized),
+    else the bundled sample."""
     if config.source:
         return config.source
     incoming = f"{INCOMING_PREFIX}{style}/"
     if next(iter(store.list(incoming)), None) is not None:
         return f"store:{incoming}"
+    if current_dataset(store, style) is not None:
+        return None
     if style == SAMPLE_STYLE:
         return str(sample_dataset_path())
     raise dg.Failure(
         description=f"no source for style {style!r}: give config 'source', upload to "
-        f"{INCOMING_PREFIX}{style}/ in the store, or run `lora-pipeline dataset add {style} DIR`"
+        f"{INCOMING_PREFIX}{style}/ in the store ({store.describe().rstrip('/')}/{incoming}), "
+        f"or run `lora-pipeline dataset add {style} DIR`"
     )
 
 
@@ -85,8 +93,14 @@ def training_dataset(
     style = context.partition_key
     store = storage.get_store()
     source = resolve_source(style, config, store)
-    context.log.info(f"ingesting {source} for style {style}")
     trigger_word = config.trigger_word or (SAMPLE_TRIGGER_WORD if style == SAMPLE_STYLE else None)
+    if source is None:
+        stored = stored_version_report(store, style)
+        if stored is None:  # removed since resolve_source saw it
+            raise dg.Failure(description=f"style {style!r}: its current dataset version is no longer in the store")
+        context.log.info(f"no new source for style {style}: materializing {stored.source}")
+        return _result(stored)
+    context.log.info(f"ingesting {source} for style {style}")
     try:
         report = ingest_dataset(
             store,
@@ -105,6 +119,11 @@ def training_dataset(
     except EmptyDatasetError as exc:
         raise dg.Failure(description=str(exc), metadata=exc.report.dagster_metadata()) from None
     context.log.info(report.summary())
+    return _result(report)
+
+
+def _result(report: IngestReport) -> dg.MaterializeResult:
+    """The materialization of a dataset version: its hash as the data version, its checks."""
     manifest = report.manifest
     assert manifest is not None
     return dg.MaterializeResult(
