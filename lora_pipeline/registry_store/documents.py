@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
+from lora_pipeline.contracts.training import version_identity
 from lora_pipeline.registry.aliases import AliasAction, alias_stacks, validate_alias
 from lora_pipeline.registry.evidence import AliasMove, Claim, ClaimPhase, Evidence, Submission, VersionDeleted
 from lora_pipeline.registry.jobids import base_job_id
@@ -245,7 +246,7 @@ class RegistryStore:
 
         The version is an existing one with the same request id, or an unfinished one
         (also a completed one when ``reuse_completed``) with the same dataset hash and
-        params; otherwise the next free number (past LoRA files no document mentions
+        params, sample settings aside (``version_identity``); otherwise the next free number (past LoRA files no document mentions
         yet, so a new version never takes an old file for its own). The answer:
 
         * ``existing``: it has a job (or is completed); submit nothing.
@@ -263,6 +264,8 @@ class RegistryStore:
         now = at or self.clock()
         now_ms = epoch_ms(now)
 
+        identity = version_identity(params)
+
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
             match = next(
                 (
@@ -271,7 +274,11 @@ class RegistryStore:
                     if v.status is not VersionStatus.deleted
                     and (
                         v.request_id == request_id
-                        or (v.status in wanted and v.dataset_hash == dataset_hash and v.params == params)
+                        or (
+                            v.status in wanted
+                            and v.dataset_hash == dataset_hash
+                            and version_identity(v.params or {}) == identity
+                        )
                     )
                 ),
                 None,

@@ -92,12 +92,12 @@ def render_comparison(
             path = Path(tmp) / f"{version.name}.safetensors"
             store.download_file(key, path)
             files.append(path)
-            headers.append(_header(path))
+            headers.append(lora_header(path))
         base_models = {h.get("lora_pipeline.base_model") or "tiny" for h in headers}
         if len(base_models) != 1:
             raise ComparisonError(f"{names[0]} and {names[1]} were trained on different base models: {base_models}")
         base_model = base_models.pop()
-        params = _params(headers[0], picked[0][0])
+        params = trained_params(headers[0], picked[0][0])
         chosen = list(prompts) or _default_prompts(picked[0][0], params, style)
         render = params.model_copy(
             update={"seed": seed, "sample_inference_steps": steps or params.sample_inference_steps}
@@ -140,14 +140,16 @@ def compose_grid(
     return buffer.getvalue(), (width, height)
 
 
-def _header(path: Path) -> dict[str, str]:
+def lora_header(path: Path) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of a downloaded LoRA file."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
 
-def _params(header: dict[str, str], version: Version) -> TrainingParams:
+def trained_params(header: dict[str, str], version: Version) -> TrainingParams:
+    """The params a version was trained with: its header's, else its record's, else the defaults."""
     raw: Any = header.get("lora_pipeline.params")
     try:
         if raw:
