@@ -24,6 +24,7 @@ from lora_pipeline.defs.assets.training_dataset import training_dataset
 from lora_pipeline.defs.compare import compare_lora_versions
 from lora_pipeline.defs.completion_sensors import runpod_job_sensor, runpod_webhook_sensor
 from lora_pipeline.defs.discovery_sensors import new_dataset_version_sensor, style_discovery_sensor
+from lora_pipeline.defs.registry_sensor import registry_change_sensor
 from lora_pipeline.defs.health import pipeline_health, pipeline_health_checks, pipeline_health_schedule
 from lora_pipeline.defs.jobs import complete_training, train_lora
 from lora_pipeline.defs.reconcile import reconcile_registry, reconcile_registry_schedule
@@ -52,7 +53,13 @@ defs = dg.Definitions(
         compare_lora_versions,
     ],
     schedules=[reconcile_registry_schedule, pipeline_health_schedule],
-    sensors=[runpod_job_sensor, runpod_webhook_sensor, style_discovery_sensor, new_dataset_version_sensor],
+    sensors=[
+        runpod_job_sensor,
+        runpod_webhook_sensor,
+        style_discovery_sensor,
+        new_dataset_version_sensor,
+        registry_change_sensor,
+    ],
     resources={
         "storage": StorageResource(),
         "training_backend": TrainingBackendResource(),

@@ -12,7 +12,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from lora_pipeline.defs.assets.lora_registry import aliases_markdown, versions_markdown
+from lora_pipeline.defs.assets.lora_registry import aliases_markdown, registry_state, versions_markdown
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry_store.documents import Refused, RegistryStore
@@ -44,27 +44,31 @@ def run_actor(context: dg.OpExecutionContext) -> str:
     return context.run.tags.get("dagster/user") or f"dagster run {context.run_id}"
 
 
+def registry_observation(style: str, document: RegistryDocument, primary: str, change: str) -> dg.AssetObservation:
+    """An observation of ``lora_registry[style]`` showing the aliases and versions as ``document``
+    has them: what the UI shows after a change, with no new materialization."""
+    return dg.AssetObservation(
+        asset_key="lora_registry",
+        partition=style,
+        description=change,
+        metadata={
+            "change": change,
+            "aliases": dg.MetadataValue.md(aliases_markdown(document, primary)),
+            "versions_table": dg.MetadataValue.md(versions_markdown(document)),
+            "registry_state": registry_state(document),
+        },
+    )
+
+
 def observe_registry(
     context: dg.OpExecutionContext, style: str, document: RegistryDocument, primary: str, change: str
 ) -> None:
-    """Record the change as an observation of ``lora_registry[style]``, so the asset's page shows
-    the aliases and versions as they are now (``document``: as the change wrote it) without a new
-    materialization. Skipped for a style the instance has no partition for (a style made by the
-    CLI before discovery)."""
+    """Record the change as an observation of ``lora_registry[style]`` (``document``: as the change
+    wrote it). Skipped for a style the instance has no partition for (a style made by the CLI
+    before discovery); ``registry_change_sensor`` observes it once it has one."""
     if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, style):
         return
-    context.log_event(
-        dg.AssetObservation(
-            asset_key="lora_registry",
-            partition=style,
-            description=change,
-            metadata={
-                "change": change,
-                "aliases": dg.MetadataValue.md(aliases_markdown(document, primary)),
-                "versions_table": dg.MetadataValue.md(versions_markdown(document)),
-            },
-        )
-    )
+    context.log_event(registry_observation(style, document, primary, change))
 
 
 @dg.op(tags={"kind": "s3"})

@@ -83,6 +83,7 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
             "primary_format": primary,
             "versions_table": dg.MetadataValue.md(versions_markdown(document)),
             "aliases": dg.MetadataValue.md(aliases_markdown(document, primary)),
+            "registry_state": registry_state(document),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -94,6 +95,15 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
             for name, found in problems.items()
         ],
     )
+
+
+def registry_state(document: RegistryDocument) -> str:
+    """What an alias move or a deletion changes, as one comparable line: each alias's version and
+    the deleted versions. Recorded on every materialization and observation of ``lora_registry``
+    (``registry_state``), so ``registry_change_sensor`` sees when the UI shows an older state."""
+    aliases = ",".join(f"{alias}={version}" for alias, version in sorted(document.aliases.items()))
+    deleted = ",".join(v.name for v in document.versions if v.status is VersionStatus.deleted)
+    return f"aliases: {aliases or '-'}; deleted: {deleted or '-'}"
 
 
 def versions_markdown(document: RegistryDocument) -> str:
