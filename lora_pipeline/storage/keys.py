@@ -45,6 +45,12 @@ def lora_key(style: str, version_number: int) -> str:
     return lora_prefix(style) + lora_filename(style, version_number)
 
 
+def alias_pointer_key(style: str, alias: str) -> str:
+    """``loras/<style>/<style>@<alias>.json``: the alias's published pointer, one fixed URL an app
+    reads to follow promotions and rollbacks (registry_store/alias_pointers.py)."""
+    return f"{lora_prefix(style)}{style}@{alias}.json"
+
+
 def companion_key(style: str, version_number: int, suffix: str) -> str:
     """``loras/<style>/<style>_v<N>_<suffix>.safetensors``: the version's file in its second
     layout (``kohya``), published beside the main file and before it."""

@@ -44,16 +44,16 @@ class Comparison:
 
 
 def comparison_version(store: ObjectStore, style: str, name: str) -> tuple[Version, str]:
-    """The completed version ``name`` of ``style`` and the key of its diffusers-layout file."""
-    from lora_pipeline.registry.names import parse_version_name
+    """The completed version ``name`` (``V3``, or an alias as ``@production``) of ``style`` and the
+    key of its diffusers-layout file."""
+    from lora_pipeline.registry.models import UnknownVersion
     from lora_pipeline.registry_store.documents import RegistryStore
 
     document, _ = RegistryStore(store).read(style)
-    number = parse_version_name(name)
-    version = document.version(number) if number else None
-    if version is None:
-        known = ", ".join(v.name for v in document.versions) or "none"
-        raise ComparisonError(f"{style} has no version {name!r} (versions: {known})")
+    try:
+        version = document.resolve(name)
+    except UnknownVersion as exc:
+        raise ComparisonError(str(exc)) from None
     if version.status is not VersionStatus.completed:
         raise ComparisonError(f"{style} {version.name} is {version.status.value}, not completed: it has no LoRA")
     found = version.files().get(DIFFUSERS)
@@ -77,6 +77,10 @@ def render_comparison(
     """Render both versions on ``prompts`` (default: the first version's sample prompts, else its
     trigger word) with ``seed`` for every prompt, and store the grid."""
     picked = [comparison_version(store, style, name) for name in (first, second)]  # refusals before torch loads
+    if picked[0][0].number == picked[1][0].number:
+        raise ComparisonError(
+            f"{first} and {second} are both {style} {picked[0][0].name}: compare two different versions"
+        )
 
     from lora_pipeline.registry.names import version_name
     from lora_pipeline.storage.keys import comparison_key

@@ -68,7 +68,7 @@ def test_compare_renders_both_versions_side_by_side_and_refuses_what_it_cannot(
     assert observed["key"].value == out["key"]
 
     unknown = compare(store, monkeypatch, "V1", "V9")
-    assert unknown.exit_code != 0 and "geo has no version 'V9' (versions: V1, V2)" in unknown.output
+    assert unknown.exit_code != 0 and "geo has no version V9 (it has: V1, V2)" in unknown.output
 
     for key in [k.key for k in store.list(f"loras/{STYLE}/{STYLE}_v2")]:
         if key.endswith(".safetensors") and "kohya" not in key:
@@ -117,7 +117,7 @@ def run_compare_job(store, versions: list[str], **config) -> dict:
 
 def test_the_compare_job_refuses_an_unknown_version_with_its_reason(store) -> None:
     observed = run_compare_job(store, ["V1", "V2"])
-    assert "comparison refused: geo has no version 'V1' (versions: none)" in observed["failure"]
+    assert "comparison refused: geo has no version V1 (it has: none)" in observed["failure"]
 
 
 def test_the_grid_labels_each_version_and_prompt() -> None:
