@@ -128,7 +128,7 @@ def test_metadata_is_readable_tables_short_ids_and_no_file_urls(store, instance,
     assert isinstance(lora["url"], dg.PathMetadataValue)
     table = registry["versions_table"].value
     assert f"`{JOB[:8]}`" in table and JOB not in table and "file://" not in table
-    assert f"`{STYLE}_v1.safetensors`" in table and KEY not in table
+    assert "| `diffusers` |" in table and KEY not in table  # linked by layout; the key is in the registry
     problems = [e.metadata["problems"] for e in result.get_asset_check_evaluations() if "problems" in e.metadata]
     assert problems and all(isinstance(p, dg.MarkdownMetadataValue) for p in problems)
 
@@ -155,7 +155,34 @@ def test_the_versions_table_lists_a_version_without_a_job_id(store):
     submit_pending(store, STYLE, JOB)
     document, _ = RegistryStore(store).read(STYLE)
     rows = versions_markdown(document).splitlines()
-    assert rows[0].startswith("| version | status | job |") and len(rows) == 3
+    assert rows[0] == "| version | status | created | base model | dataset | loss | aliases | files | job |"
+    assert len(rows) == 3 and rows[2].startswith("| V1 | starting | ") and rows[2].endswith(f"| `{JOB[:8]}` |")
+
+
+def test_the_versions_table_shows_when_on_what_from_which_dataset_its_loss_and_aliases():
+    """Issue 23: the table was cut off at 1440 px and lacked these columns; the files are linked by
+    layout name, not by their long file names."""
+    from lora_pipeline.registry.aliases import AliasEntry
+    from lora_pipeline.registry.models import LoraFile, RegistryDocument, Version, VersionStatus
+
+    header = {"lora_pipeline.family": "sd1", "lora_pipeline.base_model": "tiny", "lora_pipeline.layout": "diffusers"}
+    version = Version(
+        number=2,
+        status=VersionStatus.completed,
+        created_at=1_765_000_000_000,
+        dataset_hash="ab12cd34" * 8,
+        training={"finalLoss": 0.123456},
+        file=LoraFile("loras/geo/geo_v2.safetensors", 10, "e", 0, header, "diffusers"),
+        lora_url="https://cdn.example.com/loras/geo/geo_v2.safetensors",
+        job_ids=(JOB,),
+    )
+    history = (AliasEntry(1, "production", "V2", "promote", "ana", 0),)
+    table = versions_markdown(RegistryDocument("geo", versions=(version,), alias_history=history))
+    row = table.splitlines()[2]
+    assert row == (
+        "| V2 | completed | 2025-12-06 05:46 | sd1 tiny | `ab12cd34` | 0.1235 | production "
+        f"| [diffusers](https://cdn.example.com/loras/geo/geo_v2.safetensors) | `{JOB[:8]}` |"
+    )
 
 
 def test_the_demo_runs_steps_without_dagster_debug_events(store, instance, capfd):

@@ -10,7 +10,7 @@ from lora_pipeline.defs.presentation import OWNERS, md_file_link, store_kind, ur
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry import checks
 from lora_pipeline.registry.layouts import LAYOUTS
-from lora_pipeline.registry.models import LoraFile, RegistryDocument, VersionStatus
+from lora_pipeline.registry.models import LoraFile, RegistryDocument, Version, VersionStatus, from_epoch_ms
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.registry_store.lora_files import is_readable_lora
 from lora_pipeline.storage.keys import registry_key
@@ -28,15 +28,18 @@ WARN_ONLY = {"completed_versions_have_both_layouts"}
 VERSIONS_SCHEMA = dg.TableSchema(
     columns=[
         dg.TableColumn("version", "string", description="`V1`, `V2`, … (`name`)"),
-        dg.TableColumn("status", "string", description="pending, starting, training, failed or completed"),
+        dg.TableColumn("status", "string", description="pending, starting, training, failed, completed or deleted"),
+        dg.TableColumn("created", "string", description="when it was submitted (UTC, `createdAt`)"),
+        dg.TableColumn("base model", "string", description="family and base model, from the LoRA's header"),
+        dg.TableColumn("dataset", "string", description="the dataset version's hash, first 8 (`datasetHash`)"),
+        dg.TableColumn("loss", "float", description="the final training loss (`training.finalLoss`)"),
+        dg.TableColumn("aliases", "string", description="the aliases pointing at it (production, staging…)"),
+        dg.TableColumn(
+            "files",
+            "string",
+            description="kohya (ComfyUI, A1111/Forge, kohya tools), diffusers (`load_lora_weights`), other",
+        ),
         dg.TableColumn("job", "string", description="the RunPod job id's first 8 characters (`id`)"),
-        dg.TableColumn("kohya file", "string", description="for ComfyUI, A1111/Forge and kohya tools (`files.kohya`)"),
-        dg.TableColumn(
-            "diffusers file", "string", description="for diffusers' `load_lora_weights` (`files.diffusers`)"
-        ),
-        dg.TableColumn(
-            "other file", "string", description="a file of neither layout, or recorded before layouts were read"
-        ),
     ]
 )
 
@@ -107,18 +110,44 @@ def registry_state(document: RegistryDocument) -> str:
 
 
 def versions_markdown(document: RegistryDocument) -> str:
-    """One row per version: its kohya file (ComfyUI, A1111/Forge, kohya tools), its diffusers
-    file, and any other file (a layout neither, or a file recorded before layouts were read)."""
-    rows = ["| " + " | ".join(c.name for c in VERSIONS_SCHEMA.columns) + " |", "|---|---|---|---|---|---|"]
+    """One narrow row per version (it fits a laptop's screen): status, when, on what base model,
+    from which dataset, its loss, its aliases, and its files linked by layout (the file names are
+    in the registry and the trained_lora metadata)."""
+    rows = [
+        "| " + " | ".join(c.name for c in VERSIONS_SCHEMA.columns) + " |",
+        "|" + "---|" * len(VERSIONS_SCHEMA.columns),
+    ]
+    pointed: dict[str, list[str]] = {}
+    for alias, name in sorted(document.aliases.items()):
+        pointed.setdefault(name, []).append(alias)
     for v in document.versions:
-        files = v.files()
-        others = [f for layout, f in files.items() if layout not in LAYOUTS]
-        if v.file is not None and not v.file.layout:
-            others.append(replace(v.file, url=v.lora_url))
-        cells = [_link(files.get(layout)) for layout in LAYOUTS] + [", ".join(_link(f) for f in others)]
-        job = f"`{v.id[:8]}`" if v.id else ""
-        rows.append(f"| {v.name} | {v.status.value} | {job} | " + " | ".join(cells) + " |")
+        header = v.file.metadata if v.file is not None else {}
+        family, base = header.get("lora_pipeline.family", ""), header.get("lora_pipeline.base_model", "")
+        loss = v.training.get("finalLoss", header.get("lora_pipeline.final_loss") or "")
+        created = from_epoch_ms(v.created_at).strftime("%Y-%m-%d %H:%M") if v.created_at else ""
+        cells = [
+            v.name,
+            v.status.value,
+            created,
+            " ".join(x for x in (family, base) if x),
+            f"`{v.dataset_hash[:8]}`" if v.dataset_hash else "",
+            f"{float(loss):.4f}" if loss not in ("", None) else "",
+            ", ".join(pointed.get(v.name, [])),
+            " · ".join(_files(v)),
+            f"`{v.id[:8]}`" if v.id else "",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _files(v: Version) -> list[str]:
+    """The version's files as links named by their layout (kohya, diffusers; other: the file name)."""
+    files = v.files()
+    cells = [_link(files[layout], layout) for layout in LAYOUTS if layout in files]
+    others = [f for layout, f in files.items() if layout not in LAYOUTS]
+    if v.file is not None and not v.file.layout:
+        others.append(replace(v.file, url=v.lora_url))
+    return cells + [_link(f) for f in others]
 
 
 def aliases_markdown(document: RegistryDocument, primary: str) -> str:
@@ -148,7 +177,7 @@ def _short_actor(by: str) -> str:
     return f"run {by[len(prefix) : len(prefix) + 8]}" if by.startswith(prefix) else by
 
 
-def _link(f: LoraFile | None) -> str:
+def _link(f: LoraFile | None, label: str | None = None) -> str:
     if f is None:
         return ""
-    return md_file_link(f.key, f.url)
+    return md_file_link(f.key, f.url, label)
