@@ -184,7 +184,7 @@ class IngestReport:
         return rejected_markdown(self.rejected)
 
     def thumbnails_markdown(self) -> str:
-        return thumbnails_markdown(self.thumbnails)
+        return thumbnails_markdown(self.thumbnails, self.stats.image_count)
 
     def summary(self) -> str:
         if not self.dataset_hash:

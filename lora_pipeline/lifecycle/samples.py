@@ -35,12 +35,15 @@ def public_image_url(store: ObjectStore, sample: SampleImage) -> str | None:
 
 
 def thumbnail_data_uri(png: bytes, size: int = THUMBNAIL_PX) -> str:
-    """A ``data:image/png;base64,…`` URI of ``png`` scaled down to ``size`` px on its longer side
-    (the dataset's thumbnails are made the same way)."""
+    """A ``data:image/png;base64,…`` URI of ``png`` scaled to ``size`` px on its longer side: down
+    as the dataset's thumbnails are, or up (nearest neighbour) for an image smaller than that."""
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as source:
         image = source.convert("RGB")
+    if max(image.size) < size:  # a tiny model's 32 px sample: scaled up, pixels kept sharp, to be seen
+        scale = size // max(image.size)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     return png_data_uri(thumbnail_png(image, size))
 
 

@@ -91,6 +91,7 @@ def test_a_style_added_with_dataset_add_materializes_its_stored_version(store, i
     assert event.materialization.tags["dagster/data_version"] == added.dataset_hash
     assert metadata["images"].value == 8 and metadata["source"].value.startswith("the stored version ")
     assert metadata["thumbnails"].value.count("data:image/png;base64,") == 4
+    assert metadata["thumbnails"].value.endswith("4 of 8 images shown (`lora-pipeline dataset show` lists every one).")
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"enough_images": True, "caption_coverage": True}
     assert store.head("datasets/added_style/current.json") == before  # nothing rewritten

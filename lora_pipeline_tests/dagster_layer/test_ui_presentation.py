@@ -222,3 +222,14 @@ def test_reconciliation_reports_its_breakdowns_as_tables(store, instance, backen
     assert isinstance(metadata["stats"], dg.TableMetadataValue)
     assert isinstance(metadata["housekeeping_by_kind"], dg.TableMetadataValue)
     assert {r.data["what"] for r in metadata["stats"].records} >= {"styles_seen", "headers_read"}
+
+
+def test_descriptions_the_catalog_lists_carry_no_markdown_backticks():
+    """Issue 23: the Catalog and the Jobs and Checks lists show descriptions as plain text, so a
+    backtick shows as a backtick."""
+    graph = defs.resolve_asset_graph()
+    texts = {key.to_user_string(): graph.get(key).description or "" for key in graph.get_all_asset_keys()}
+    texts.update({job.name: job.description or "" for job in defs.resolve_all_job_defs()})
+    for assets_def in graph.assets_defs:
+        texts.update({str(spec.key): spec.description or "" for spec in assets_def.check_specs})
+    assert {name: text for name, text in texts.items() if "`" in text} == {}

@@ -54,7 +54,7 @@ VERSIONS_SCHEMA = dg.TableSchema(
     check_specs=[dg.AssetCheckSpec(name, asset="lora_registry", description=text) for name, text in CHECKS.items()],
 )
 def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """Publish the style's `training_versions.json` and check what users rely on."""
+    """Publish the style's training_versions.json and check what users rely on."""
     style = context.partition_key
     store = storage.get_store()
     registry = RegistryStore(store)

@@ -210,7 +210,7 @@ def trained_lora(training_dataset):  # noqa: ANN001, ANN201 - a graph's composit
     """Train (or record the training of) this style's LoRA and verify the file.
 
     Materialized by hand (or by automation) it submits a GPU job and waits for it, in
-    `train_on_gpu`, the one step that holds a `runpod_gpu` slot. Started by a completion
+    its train_on_gpu step, the one that holds a runpod_gpu slot. Started by a completion
     sensor with the job's final status it skips that step and only records: a finished job
     is never kept waiting for a GPU slot.
     """
