@@ -100,7 +100,10 @@ class CheckOutcome:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def check_min_images(manifest: DatasetManifest, n: int) -> CheckOutcome:
+MIN_IMAGES = 4  # the enough_images check's minimum; dataset add warns below it
+
+
+def check_min_images(manifest: DatasetManifest, n: int = MIN_IMAGES) -> CheckOutcome:
     """Too few images make a LoRA that memorises instead of learning a style."""
     count = len(manifest.images)
     passed = count >= n

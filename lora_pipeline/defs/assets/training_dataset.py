@@ -13,14 +13,13 @@ from lora_pipeline.dataset.ingest import (
     sample_dataset_path,
     stored_version_report,
 )
-from lora_pipeline.dataset.report import CheckOutcome, check_caption_coverage, check_min_images
+from lora_pipeline.dataset.report import MIN_IMAGES, CheckOutcome, check_caption_coverage, check_min_images
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, store_kind
 from lora_pipeline.defs.resources import StorageResource
 
 SAMPLE_STYLE = "sample_style"
 INCOMING_PREFIX = "incoming/"
-MIN_IMAGES = 4
 MIN_CAPTION_COVERAGE = 0.5
 # The table the asset emits (`rejected_files`): each file left out of the version and why.
 REJECTED_SCHEMA = dg.TableSchema(
