@@ -480,6 +480,25 @@ def _move(
         click.echo(f"{style} {alias}: {result.previous or '(new)'} → {result.version}")
 
 
+@registry.command()
+@click.argument("style", callback=_style)
+@click.argument("version")
+def card(style: str, version: str) -> None:
+    """Print the model card of VERSION (V3, or an alias as @production): family, base model,
+    trigger word, params, dataset, samples, loss, lineage and files, as Markdown. The card stored
+    beside the version's files (loras/<style>/<style>_v<N>.md) is written when it is recorded."""
+    from lora_pipeline.registry.cards import model_card
+    from lora_pipeline.registry_store.documents import RegistryStore
+
+    try:
+        document, etag = RegistryStore(_open_store()).read(style)
+        if etag is None:
+            raise click.ClickException(f"style {style!r} has no registry document")
+        click.echo(model_card(document, document.resolve(version)), nl=False)
+    except (StorageError, InvalidRecord, UnknownVersion) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _pointer(store: ObjectStore, style: str, alias: str) -> dict[str, str | None]:
     """The key of an alias's published pointer and its stable URL (None: the store has none)."""
     key = alias_pointer_key(style, alias)
@@ -590,5 +609,9 @@ def compare(
     click.echo(
         f"{style} {result.versions[0]} vs {result.versions[1]}: {len(result.prompts)} prompt(s), seed {result.seed}"
     )
+    width = max((len(what) for what, _, _ in result.rows), default=0)
+    click.echo(f"{'':{width}}  {result.versions[0]:<14}  {result.versions[1]}")
+    for what, first_value, second_value in result.rows:
+        click.echo(f"{what:{width}}  {first_value:<14}  {second_value}")
     click.echo(result.key)
     click.echo(result.url)

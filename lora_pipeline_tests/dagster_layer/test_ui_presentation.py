@@ -4,13 +4,16 @@ readable tables, links a browser opens, and the trained_lora file check."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 import dagster as dg
 import pytest
 
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.definitions import defs
-from lora_pipeline.defs.assets.lora_registry import versions_markdown
+from lora_pipeline.dataset.ingest import sample_dataset_path
+from lora_pipeline.dataset.versions import current_dataset
+from lora_pipeline.defs.assets.lora_registry import read_lineage, versions_markdown
 from lora_pipeline.defs.presentation import md_file_link, url_value
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline_tests.dagster_layer.conftest import submit_pending
@@ -103,7 +106,7 @@ def test_a_local_file_url_is_shown_as_a_path_and_an_http_one_as_a_link():
     assert md_file_link("loras/s/s_v1.safetensors", "https://cdn/x") == "[s_v1.safetensors](https://cdn/x)"
 
 
-def complete_v1(store, instance) -> dg.ExecuteInProcessResult:
+def complete_v1(store, instance, tags: dict | None = None) -> dg.ExecuteInProcessResult:
     instance.add_dynamic_partitions("styles", [STYLE])
     submit_pending(store, STYLE, JOB)
     store.put(KEY, lora_bytes({"lora_pipeline.steps": "30"}))
@@ -112,7 +115,38 @@ def complete_v1(store, instance) -> dg.ExecuteInProcessResult:
         instance=instance,
         partition_key=STYLE,
         run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
+        tags=tags,
     )
+
+
+def test_a_version_links_to_its_run_and_its_dataset_materialization_and_has_a_model_card(store, instance, backend):
+    """Issue 23, lineage as links: the versions table links a version's job to the run that recorded
+    it (the completion sensors tag it with the job) and its dataset to the run that materialized
+    that training_dataset version; the model card is stored beside the files and shown."""
+    from lora_pipeline.defs.jobs import JOB_TAG
+    from lora_pipeline.storage.keys import model_card_key
+
+    instance.add_dynamic_partitions("styles", [STYLE])
+    dataset_run = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance,
+        partition_key=STYLE,
+        asset_selection=[dg.AssetKey("training_dataset")],
+        run_config={"ops": {"training_dataset": {"config": {"source": str(sample_dataset_path())}}}},
+    )
+    digest = current_dataset(store, STYLE).dataset_hash
+    result = complete_v1(store, instance, tags={JOB_TAG: JOB})
+    events = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert f"[`{JOB[:8]}`](/runs/{result.run_id})" in events["lora_registry"]["versions_table"].value
+
+    document = RegistryStore(store).read(STYLE)[0]
+    trained_on = replace(document, versions=(replace(document.versions[0], dataset_hash=digest),))
+    table = versions_markdown(trained_on, read_lineage(instance, STYLE, trained_on))
+    assert f"[`{digest[:8]}`](/runs/{dataset_run.run_id})" in table
+
+    card = events["trained_lora"]["model_card"].value
+    assert card.startswith(f"# {STYLE} V1\n") and "## Lineage" in card and JOB in card
+    assert events["trained_lora"]["model_card_key"].value == model_card_key(STYLE, 1)
+    assert store.get(model_card_key(STYLE, 1)).data.decode() == card
 
 
 def test_metadata_is_readable_tables_short_ids_and_no_file_urls(store, instance, backend):

@@ -163,3 +163,27 @@ def test_compare_takes_aliases_and_refuses_one_version_twice(store) -> None:
     assert comparison_version(store, S, "@production")[0].name == "V2"
     with pytest.raises(ComparisonError, match=r"^V2 and @production are both geo V2: compare two different versions$"):
         render_comparison(store, S, "V2", "@production")
+
+
+def test_compare_sets_the_versions_facts_and_differing_params_side_by_side(store) -> None:
+    from lora_pipeline.worker.compare import side_by_side
+
+    document = RegistryStore(store).read(S)[0]
+    first, second = document.resolve("V1"), document.resolve("V2")
+    rows = {what: (a, b) for what, a, b in side_by_side(first, second)}
+    assert rows["rank"] == ("1", "2")  # differing params only: the seeded versions differ in rank
+    assert rows["dataset"] == ("ab", "ab") and set(rows) >= {"base model", "steps", "final loss"}
+    assert "num_sample_images" not in rows and "learning_rate" not in rows
+
+
+def test_registry_card_prints_a_versions_model_card_by_name_or_alias(store) -> None:
+    assert cli("promote", S, "V2", "--reason", "best").exit_code == 0
+    by_alias = cli("card", S, "@production")
+    assert by_alias.exit_code == 0, by_alias.output
+    card = by_alias.stdout
+    assert card.startswith(f"# {S} V2\n") and "| aliases | @production |" in card
+    for section in ("## Training parameters", "## Dataset", "## Files", "## Lineage"):
+        assert section in card
+    assert "| rank | 2 |" in card and main_key(2) in card and kohya_key(2) in card
+    assert cli("card", S, "V2").stdout == card
+    assert cli("card", S, "@nightly").output.strip() == "Error: geo has no alias 'nightly' (its aliases: @production)"

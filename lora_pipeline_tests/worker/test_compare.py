@@ -54,7 +54,9 @@ def test_compare_renders_both_versions_side_by_side_and_refuses_what_it_cannot(
         store, monkeypatch, "V1", "V2", "--prompt", "geo, a", "--prompt", "geo, b", "--steps", "2", "--json"
     )
     assert result.exit_code == 0, result.output
+    assert "Warning" not in result.stderr and "warn" not in result.stderr.lower()  # the libraries are quiet
     out = json.loads(result.stdout)
+    assert {row["what"] for row in out["sideBySide"]} >= {"dataset", "steps", "final loss", "learning_rate"}
     assert out["key"] == comparison_key(STYLE, "V1", "V2") == "comparisons/geo/V1_vs_V2.png"
     assert out["prompts"] == ["geo, a", "geo, b"] and out["baseModel"] == "tiny"
     grid = Image.open(io.BytesIO(store.get(out["key"]).data)).convert("RGB")

@@ -1,10 +1,11 @@
 """``lora_registry``: the style's versioned registry document, checked."""
 
 import functools
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import dagster as dg
 
+from lora_pipeline.defs.jobs import JOB_TAG
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, md_file_link, store_kind, url_value
 from lora_pipeline.defs.resources import StorageResource
@@ -84,7 +85,9 @@ def lora_registry(context: dg.AssetExecutionContext, storage: StorageResource) -
             "latest_version": latest.name if latest else "",
             "latest_url": url_value(latest_url),
             "primary_format": primary,
-            "versions_table": dg.MetadataValue.md(versions_markdown(document)),
+            "versions_table": dg.MetadataValue.md(
+                versions_markdown(document, read_lineage(context.instance, style, document))
+            ),
             "aliases": dg.MetadataValue.md(aliases_markdown(document, primary)),
             "registry_state": registry_state(document),
         },
@@ -109,10 +112,12 @@ def registry_state(document: RegistryDocument) -> str:
     return f"aliases: {aliases or '-'}; deleted: {deleted or '-'}"
 
 
-def versions_markdown(document: RegistryDocument) -> str:
+def versions_markdown(document: RegistryDocument, lineage: "Lineage | None" = None) -> str:
     """One narrow row per version (it fits a laptop's screen): status, when, on what base model,
     from which dataset, its loss, its aliases, and its files linked by layout (the file names are
-    in the registry and the trained_lora metadata)."""
+    in the registry and the trained_lora metadata). With ``lineage``, the job links to the run that
+    trained or recorded it and the dataset to the run that materialized that dataset version."""
+    lineage = lineage or Lineage()
     rows = [
         "| " + " | ".join(c.name for c in VERSIONS_SCHEMA.columns) + " |",
         "|" + "---|" * len(VERSIONS_SCHEMA.columns),
@@ -130,14 +135,51 @@ def versions_markdown(document: RegistryDocument) -> str:
             v.status.value,
             created,
             " ".join(x for x in (family, base) if x),
-            f"`{v.dataset_hash[:8]}`" if v.dataset_hash else "",
+            _run_link(f"`{v.dataset_hash[:8]}`", lineage.dataset_runs.get(v.dataset_hash)) if v.dataset_hash else "",
             f"{float(loss):.4f}" if loss not in ("", None) else "",
             ", ".join(pointed.get(v.name, [])),
             " · ".join(_files(v)),
-            f"`{v.id[:8]}`" if v.id else "",
+            _run_link(f"`{v.id[:8]}`", next((lineage.job_runs[b] for b in v.job_bases if b in lineage.job_runs), None))
+            if v.id
+            else "",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Dagster runs behind the versions: job base id → the run that trained or recorded it,
+    dataset hash → the run that materialized that training_dataset version."""
+
+    job_runs: dict[str, str] = field(default_factory=dict)
+    dataset_runs: dict[str, str] = field(default_factory=dict)
+
+
+def read_lineage(instance: dg.DagsterInstance, style: str, document: RegistryDocument, limit: int = 50) -> Lineage:
+    """The runs of the newest ``limit`` versions' jobs (by their run tag) and of the style's last
+    ``limit`` training_dataset materializations (by their data version)."""
+    job_runs: dict[str, str] = {}
+    for version in document.versions[-limit:]:
+        for base in version.job_bases:
+            records = instance.get_run_records(dg.RunsFilter(tags={JOB_TAG: base}), limit=1)
+            if records:
+                job_runs[base] = records[0].dagster_run.run_id
+    dataset_runs: dict[str, str] = {}
+    materialized = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("training_dataset"), asset_partitions=[style]), limit=limit
+    )
+    for record in materialized.records:
+        event = record.asset_materialization
+        data_version = event.tags.get("dagster/data_version") if event is not None and event.tags else None
+        if data_version and data_version not in dataset_runs:
+            dataset_runs[data_version] = record.run_id
+    return Lineage(job_runs, dataset_runs)
+
+
+def _run_link(text: str, run_id: str | None) -> str:
+    """``text`` linked to the run's page in this UI (a relative link), or as it is."""
+    return f"[{text}](/runs/{run_id})" if run_id else text
 
 
 def _files(v: Version) -> list[str]:

@@ -31,6 +31,8 @@ from lora_pipeline.lifecycle.submit import (
 )
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.registry_store.model_cards import publish_model_card
 from lora_pipeline.settings import get_settings
 from lora_pipeline.storage import ObjectStore
 from lora_pipeline.webhook.inbox import mark_processed
@@ -256,6 +258,10 @@ def completion_result(
         metadata["execution_time_s"] = (status.executionTime or 0) / 1000
     if store is not None:
         metadata["samples"] = dg.MetadataValue.md(samples_markdown(store, version.samples))
+        document, _ = RegistryStore(store).read(completion.style)
+        card_key, card = publish_model_card(store, document, document.version(version.number) or version)
+        metadata["model_card"] = dg.MetadataValue.md(card)
+        metadata["model_card_key"] = card_key
     metadata["sample_count"] = len(version.samples)
     if version.samples:
         metadata["sample_prompts"] = dg.MetadataValue.table(
