@@ -31,6 +31,7 @@ import pytest
 
 from lora_pipeline.dataset.ingest import sample_dataset_path
 from lora_pipeline_tests.conftest import free_port
+from lora_pipeline_tests.dagster_layer.test_launch_config import LAUNCH
 
 pytestmark = pytest.mark.slow
 DEV_STORES: dict[str, str] = {}  # the webserver's URL → the store its `dagster dev` uses
@@ -391,14 +392,6 @@ def _walk_through(page, dagster_dev: str) -> None:
 
 BAD_PROMOTE = {"style": STYLE, "version": "V9", "alias": "production"}
 ADDED_STYLE = "added_style"
-LAUNCH = """mutation($executionParams: ExecutionParams!) {
-  launchPipelineExecution(executionParams: $executionParams) {
-    __typename
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-    ... on LaunchRunSuccess { run { runId } }
-  }
-}"""
 
 
 def _launch(url: str, job: str, run_config: dict, *, assets: list[str] | None = None, tags: dict | None = None) -> dict:

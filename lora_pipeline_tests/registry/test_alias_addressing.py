@@ -187,3 +187,23 @@ def test_registry_card_prints_a_versions_model_card_by_name_or_alias(store) -> N
     assert "| rank | 2 |" in card and main_key(2) in card and kohya_key(2) in card
     assert cli("card", S, "V2").stdout == card
     assert cli("card", S, "@nightly").output.strip() == "Error: geo has no alias 'nightly' (its aliases: @production)"
+
+
+def test_show_prints_no_heartbeat_under_a_finished_version(store) -> None:
+    """Issue 23: "progress step 0 training heartbeat 615s ago" under a completed version."""
+    from datetime import UTC, datetime
+
+    from lora_pipeline.registry.evidence import JobProgressReport, Submission
+
+    from .test_aliases_and_tombstones import job
+
+    registry = RegistryStore(store)
+    now = datetime.now(UTC)
+    registry.apply(S, [JobProgressReport(job(1), now, step=0, total=30, phase="training")])
+    registry.apply(S, [Submission(S, 5, "r5", job(5), "ab", {"rank": 5}, now)])
+    registry.apply(S, [JobProgressReport(job(5), now, step=3, total=30, phase="training")])
+    lines = cli("show", S).output.splitlines()
+    v1 = lines.index(next(line for line in lines if line.startswith("V1\t")))
+    assert not lines[v1 + 1].startswith("\tprogress")  # V1 is completed: its last heartbeat says nothing
+    v5 = lines.index(next(line for line in lines if line.startswith("V5\t")))
+    assert lines[v5 + 1].startswith("\tprogress\tstep 3/30")

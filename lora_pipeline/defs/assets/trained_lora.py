@@ -16,9 +16,8 @@ from lora_pipeline.defs.config import TrainingConfig
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, backend_kind, url_value
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG
-from lora_pipeline.contracts.training import TrainingParams
-from lora_pipeline.lifecycle.samples import SampleRenderingFailed, render_missing_samples, sample_rows, samples_markdown
+from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG, render_reused_samples
+from lora_pipeline.lifecycle.samples import sample_rows, samples_markdown
 from lora_pipeline.lifecycle.submit import (
     training_params,
     Completion,
@@ -137,7 +136,7 @@ def train_on_gpu(
     except SubmissionUnknown as exc:
         raise dg.Failure(description=str(exc), metadata={"version": exc.version.name}) from None
     if status is None:  # an existing completed version: render the samples it lacks, if asked for
-        _render_samples(
+        render_reused_samples(
             context, storage, style, submitted.version, training_params(config.base_model, config.params.overrides())
         )
     return {
@@ -146,22 +145,6 @@ def train_on_gpu(
         "source": "poll",
         "inbox_key": None,
     }
-
-
-def _render_samples(
-    context: dg.OpExecutionContext, storage: StorageResource, style: str, version: str, params: TrainingParams
-) -> None:
-    """Sample settings are not part of a version's identity: a request that changes only them
-    reuses the version, and its missing samples are rendered here (no training)."""
-    reused = completed_version(storage.get_store(), style, version)
-    if reused is None or reused.version is None:
-        return
-    try:
-        count = render_missing_samples(storage.resolved_url(), style, reused.version, params)
-    except SampleRenderingFailed as exc:
-        raise dg.Failure(description=str(exc)) from None
-    if count:
-        context.log.info(f"{style} {version}: rendered {count} sample image(s) for the existing version")
 
 
 def _claim_job(context: dg.OpExecutionContext, job_id: str) -> None:
