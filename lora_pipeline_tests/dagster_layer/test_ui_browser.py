@@ -465,5 +465,6 @@ def _expect_within(page, address: str, text: str, timeout_s: float) -> None:
 
 
 def _row(page, label: str):
-    """The metadata table's row for ``label``."""
-    return page.locator("tr", has=page.get_by_text(label, exact=True))
+    """The metadata table's row for ``label``: the row whose first cell is the label (a table in a
+    value, e.g. versions_table's "aliases" column, has cells with the same text)."""
+    return page.locator("tr", has=page.locator(f"xpath=./td[1][normalize-space(.)='{label}']"))
