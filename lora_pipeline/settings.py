@@ -77,7 +77,15 @@ def parse_storage_url(url: str) -> tuple[str, str, str]:
         return "file", path, ""
     if "://" in url:
         raise ValueError("unsupported scheme: use s3://, file:// or a plain path")
+    if _MISTYPED_URL.match(url):
+        raise ValueError(
+            f"{url!r} looks like a mistyped URL: use s3://bucket/prefix, file:///absolute/path or a plain path"
+        )
     return "file", url, ""
+
+
+# ``s3:/bucket``, ``s3:bucket``, ``file:/x``: a scheme with too few slashes, never a folder name a user means.
+_MISTYPED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 
 
 # -- fields -------------------------------------------------------------------------------------
@@ -655,11 +663,26 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _runpod_needs_a_key(self) -> Settings:
-        # On a RunPod worker the platform sets RUNPOD_ENDPOINT_ID itself; the worker needs no key.
-        if self.runpod_endpoint_id and not self.runpod_api_key and not self.runpod_pod_id:
+        # On a RunPod worker the platform sets RUNPOD_ENDPOINT_ID itself; the worker needs no key
+        # and gets its store in each request. Elsewhere a RunPod pairing that cannot work fails
+        # here, at start, in one line, not in the first training run.
+        if self.runpod_pod_id:
+            return self
+        if self.runpod_endpoint_id and not self.runpod_api_key:
             raise ValueError(
                 f"RUNPOD_ENDPOINT_ID={self.runpod_endpoint_id!r}: RUNPOD_API_KEY is not set "
                 "(the RunPod backend needs a key)"
+            )
+        if self.runpod_api_key and not self.runpod_endpoint_id:
+            raise ValueError(
+                "RUNPOD_API_KEY is set but RUNPOD_ENDPOINT_ID is not: training would run on the local "
+                "backend; set RUNPOD_ENDPOINT_ID to train on RunPod, or unset RUNPOD_API_KEY"
+            )
+        on_runpod_cloud = self.runpod_base_url.rstrip("/") == DEFAULT_RUNPOD_BASE_URL
+        if self.runpod_endpoint_id and on_runpod_cloud and not self.storage_url.strip().startswith("s3://"):
+            raise ValueError(
+                f"RUNPOD_ENDPOINT_ID is set but LORA_STORAGE_URL is the local directory {self.storage_url!r}, "
+                "which a RunPod worker cannot reach: set it to s3://bucket/prefix"
             )
         return self
 
@@ -669,6 +692,15 @@ class Settings(BaseSettings):
     def training_backend(self) -> str:
         """RunPod when an endpoint is configured, else the local backend."""
         return "runpod" if self.runpod_endpoint_id else "local"
+
+    def summary(self) -> str:
+        """One line: the store and the training backend in use (what ``make dev`` prints first)."""
+        backend = (
+            f"RunPod endpoint {self.runpod_endpoint_id}"
+            if self.training_backend == "runpod"
+            else "the local backend (this machine; set RUNPOD_ENDPOINT_ID and RUNPOD_API_KEY for RunPod)"
+        )
+        return f"store: {self.storage_url}; training: {backend}"
 
     @property
     def local_storage_dir(self) -> Path | None:
@@ -885,7 +917,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_pipeline.settings", description=__doc__.splitlines()[0])
     parser.add_argument("--write-readme", action="store_true", help="rewrite README.md's settings table")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    parser.add_argument(
+        "--check", action="store_true", help="check the settings (one line per bad value, exit 2) and say what is used"
+    )
     args = parser.parse_args(argv)
+    if args.check:
+        print(settings_or_exit(parser.prog).summary())
+        return 0
     if not args.write_readme:
         sys.stdout.write(settings_table())
         return 0

@@ -140,7 +140,14 @@ def test_every_field_has_a_variable_a_description_and_what_it_expects():
 
 
 def test_secrets_are_not_shown():
-    settings = load_settings({"RUNPOD_API_KEY": "sekrit-key", "LORA_WEBHOOK_TOKEN": "sekrit-token"})
+    settings = load_settings(
+        {
+            "RUNPOD_API_KEY": "sekrit-key",
+            "RUNPOD_ENDPOINT_ID": "ep",
+            "LORA_STORAGE_URL": "s3://bucket/p",
+            "LORA_WEBHOOK_TOKEN": "sekrit-token",
+        }
+    )
     assert "sekrit" not in repr(settings) and "sekrit" not in str(settings)
 
 
@@ -287,3 +294,44 @@ def test_the_retention_config_override_is_checked_too():
     assert Retention.from_settings(load_settings({}), locks_days=0.5).locks == timedelta(hours=12)
     with pytest.raises(SettingsError, match=r"^locks retention=0: expected a number of days above 0"):
         Retention.from_settings(load_settings({}), locks_days=0)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"RUNPOD_API_KEY": "k"},
+            "RUNPOD_API_KEY is set but RUNPOD_ENDPOINT_ID is not: training would run on the local backend; "
+            "set RUNPOD_ENDPOINT_ID to train on RunPod, or unset RUNPOD_API_KEY",
+        ),
+        (
+            {"RUNPOD_API_KEY": "k", "RUNPOD_ENDPOINT_ID": "ep", "LORA_STORAGE_URL": "/data/store"},
+            "RUNPOD_ENDPOINT_ID is set but LORA_STORAGE_URL is the local directory '/data/store', which a "
+            "RunPod worker cannot reach: set it to s3://bucket/prefix",
+        ),
+        (
+            {"LORA_STORAGE_URL": "s3:/nobucket"},
+            "LORA_STORAGE_URL='s3:/nobucket': 's3:/nobucket' looks like a mistyped URL",
+        ),
+        ({"LORA_STORAGE_URL": "file:relative"}, "'file:relative' looks like a mistyped URL"),
+    ],
+)
+def test_a_runpod_pairing_that_cannot_work_or_a_mistyped_store_url_fails_at_start_in_one_line(environ, message):
+    """Issue 23: bad RunPod settings failed late, in a 77-line traceback; ``s3:/nobucket`` became a
+    local folder. Both fail when the settings are read, one line each."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    assert message in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def test_the_settings_check_says_which_backend_and_store_are_used(capsys):
+    from lora_pipeline.settings import main
+
+    assert main(["--check"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("store: ") and "training: the local backend" in line
+    assert (
+        load_settings({"RUNPOD_API_KEY": "k", "RUNPOD_ENDPOINT_ID": "ep", "LORA_STORAGE_URL": "s3://b/p"}).summary()
+        == "store: s3://b/p; training: RunPod endpoint ep"
+    )
+    assert load_settings({"LORA_STORAGE_URL": "C:/stores/lora"}).storage_url == "C:/stores/lora"  # a drive letter

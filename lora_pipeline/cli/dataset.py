@@ -26,7 +26,7 @@ from lora_pipeline.dataset.ingest import (
     read_manifest,
     read_pointer,
 )
-from lora_pipeline.dataset.report import dataset_stats
+from lora_pipeline.dataset.report import MIN_IMAGES, dataset_stats
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.storage.base import ObjectStore, StorageError
 
@@ -124,9 +124,12 @@ def add(
             bars.close()
             if as_json:
                 click.echo(json.dumps({"error": str(exc), **exc.report.to_dict()}, indent=2))
-            else:
-                _print_rejected(exc.report)
-            raise click.ClickException(str(exc)) from None
+                raise click.ClickException(str(exc)) from None
+            _print_rejected(exc.report)  # every file and its reason, once
+            listed = f"{len(exc.report.rejected)} file(s) rejected, listed above" if exc.report.rejected else None
+            raise click.ClickException(
+                f"no usable images in {exc.report.source} ({listed})" if listed else str(exc)
+            ) from None
         except (SourceError, IngestError, StorageError) as exc:
             raise click.ClickException(str(exc)) from None
     if as_json:
@@ -137,6 +140,12 @@ def add(
     for note in report.notes:
         click.echo(f"note: {note.source}: {note.message}")
     _print_rejected(report)
+    if report.stats.image_count < MIN_IMAGES:
+        click.echo(
+            f"warning: only {report.stats.image_count} image(s) accepted; the enough_images check wants at "
+            f"least {MIN_IMAGES} (a LoRA trained on fewer memorises its images instead of learning a style)",
+            err=True,
+        )
     click.echo(
         f"style {style!r} is registered: the Dagster layer picks it up from the stored datasets "
         "(no further step needed)."

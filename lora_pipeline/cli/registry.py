@@ -11,10 +11,18 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from lora_pipeline.registry.aliases import AliasAction
-from lora_pipeline.registry.models import InvalidRecord, JobProgress, VersionStatus, from_epoch_ms
+from lora_pipeline.registry.models import (
+    UNFINISHED_STATUSES,
+    InvalidRecord,
+    JobProgress,
+    UnknownVersion,
+    VersionStatus,
+    from_epoch_ms,
+)
 from lora_pipeline.registry.names import InvalidStyleName, validate_style
 from lora_pipeline.settings import SettingsError, get_settings
 from lora_pipeline.storage.base import ObjectStore, StorageError
+from lora_pipeline.storage.keys import alias_pointer_key
 
 if TYPE_CHECKING:  # the commands import what they run, so that --help stays fast
     from lora_pipeline.lifecycle.housekeeping import HousekeepingReport
@@ -85,15 +93,17 @@ def list_styles(as_json: bool) -> None:
 
 @registry.command()
 @click.argument("style", callback=_style)
+@click.argument("version", required=False)
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
     help="The document as JSON with duplicates folded, as the registry reads it "
-    "(not byte for byte the stored training_versions.json).",
+    "(not byte for byte the stored training_versions.json); with VERSION, that version's record.",
 )
-def show(style: str, as_json: bool) -> None:
-    """One style's versions: status, job id, URL, error."""
+def show(style: str, version: str | None, as_json: bool) -> None:
+    """One style's versions (or only VERSION: V3, or an alias as @production): status, job id,
+    URL, error."""
     from lora_pipeline.registry_store.documents import RegistryStore
 
     primary = get_settings().primary_format
@@ -103,19 +113,28 @@ def show(style: str, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from None
     if etag is None:
         raise click.ClickException(f"style {style!r} has no registry document")
-    if as_json:
+    versions = list(document.versions)
+    if version is not None:
+        try:
+            versions = [document.resolve(version)]
+        except UnknownVersion as exc:
+            raise click.ClickException(str(exc)) from None
+        if as_json:
+            _echo_json(versions[0].to_dict(primary))
+            return
+    elif as_json:
         _echo_json(document.to_dict(primary))
         return
     named = document.aliases
     if named:
         click.echo("aliases: " + ", ".join(f"{alias} → {name}" for alias, name in named.items()))
-    for v in document.versions:
+    for v in versions:
         main = v.download(primary)
         line = f"{v.name}\t{v.status.value}\t{v.id or '-'}\t{(main.url if main else v.lora_url) or '-'}"
         if v.deletion is not None:
             line += f"\tdeleted by {v.deletion.by}" + (f": {v.deletion.reason}" if v.deletion.reason else "")
         click.echo(line + (f"\terror: {v.error}" if v.error else ""))
-        if v.progress is not None:
+        if v.progress is not None and v.status in UNFINISHED_STATUSES:  # a finished job's last heartbeat says nothing
             click.echo(f"\tprogress\t{_progress_line(v.progress)}")
         for layout, f in sorted(v.files().items()):
             click.echo(f"\t{layout}\t{f.key}\t{f.size} bytes\t{f.url or '-'}")
@@ -144,8 +163,8 @@ _FORMAT_HELP = (
 
 
 def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout: str | None):
-    """(version, file) of ``style`` in ``layout``: the named version, else the latest completed."""
-    from lora_pipeline.registry.names import parse_version_name
+    """(version, file) of ``style`` in ``layout``: the named version (``V3``, ``@production``), else
+    the latest completed."""
     from lora_pipeline.registry.safetensors_header import InvalidLoraFile
     from lora_pipeline.registry_store.documents import RegistryStore
     from lora_pipeline.registry_store.lora_files import read_header
@@ -163,12 +182,10 @@ def _pick_file(store: ObjectStore, style: str, version_name: str | None, layout:
             raise click.ClickException(f"style {style!r} has no completed version")
         version = latest
     else:
-        if parse_version_name(version_name) is None:
-            raise click.BadParameter(f"{version_name!r} is not a version name like V3", param_hint="VERSION")
-        named = document.version(version_name)
-        if named is None:
-            raise click.ClickException(f"{style} has no version {version_name}")
-        version = named
+        try:
+            version = document.resolve(version_name)
+        except UnknownVersion as exc:
+            raise click.ClickException(str(exc)) from None
         if version.status is not VersionStatus.completed:
             raise click.ClickException(f"{style} {version.name} is {version.status.value}: it has no LoRA file")
     files = version.files()
@@ -439,6 +456,8 @@ def _move(
         )
     except (Refused, StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
+    if result.pointer_problem:
+        click.echo(f"warning: {result.pointer_problem}", err=True)
     if action == "remove":
         if as_json:
             _echo_json({"style": style, "alias": result.alias, "removed": result.version})
@@ -463,26 +482,64 @@ def _move(
 
 @registry.command()
 @click.argument("style", callback=_style)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: aliases (alias → version) and history.")
-def aliases(style: str, as_json: bool) -> None:
-    """A style's aliases and every move of them (who, when, why), oldest first."""
+@click.argument("version")
+def card(style: str, version: str) -> None:
+    """Print the model card of VERSION (V3, or an alias as @production): family, base model,
+    trigger word, params, dataset, samples, loss, lineage and files, as Markdown. The card stored
+    beside the version's files (loras/<style>/<style>_v<N>.md) is written when it is recorded."""
+    from lora_pipeline.registry.cards import model_card
     from lora_pipeline.registry_store.documents import RegistryStore
 
     try:
         document, etag = RegistryStore(_open_store()).read(style)
+        if etag is None:
+            raise click.ClickException(f"style {style!r} has no registry document")
+        click.echo(model_card(document, document.resolve(version)), nl=False)
+    except (StorageError, InvalidRecord, UnknownVersion) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _pointer(store: ObjectStore, style: str, alias: str) -> dict[str, str | None]:
+    """The key of an alias's published pointer and its stable URL (None: the store has none)."""
+    key = alias_pointer_key(style, alias)
+    try:
+        url = store.url(key)
+    except ValueError:
+        url = None
+    return {"key": key, "url": url}
+
+
+@registry.command()
+@click.argument("style", callback=_style)
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object: aliases (alias → version), pointers and history."
+)
+def aliases(style: str, as_json: bool) -> None:
+    """A style's aliases and every move of them (who, when, why), oldest first."""
+    from lora_pipeline.registry_store.documents import RegistryStore
+
+    store = _open_store()
+    try:
+        document, etag = RegistryStore(store).read(style)
     except (StorageError, InvalidRecord) as exc:
         raise click.ClickException(str(exc)) from None
     if etag is None:
         raise click.ClickException(f"style {style!r} has no registry document")
+    pointers = {alias: _pointer(store, style, alias) for alias in sorted({e.alias for e in document.alias_history})}
     if as_json:
         _echo_json(
-            {"style": style, "aliases": document.aliases, "history": [e.to_dict() for e in document.alias_history]}
+            {
+                "style": style,
+                "aliases": document.aliases,
+                "pointers": pointers,
+                "history": [e.to_dict() for e in document.alias_history],
+            }
         )
         return
     if not document.alias_history:
         click.echo(f"{style} has no aliases")
     for alias, name in document.aliases.items():
-        click.echo(f"{alias}\t{name}")
+        click.echo(f"{alias}\t{name}\t{pointers[alias]['url'] or pointers[alias]['key']}")
     for e in document.alias_history:
         when = from_epoch_ms(e.at).isoformat(timespec="seconds")
         click.echo(
@@ -552,5 +609,9 @@ def compare(
     click.echo(
         f"{style} {result.versions[0]} vs {result.versions[1]}: {len(result.prompts)} prompt(s), seed {result.seed}"
     )
+    width = max((len(what) for what, _, _ in result.rows), default=0)
+    click.echo(f"{'':{width}}  {result.versions[0]:<14}  {result.versions[1]}")
+    for what, first_value, second_value in result.rows:
+        click.echo(f"{what:{width}}  {first_value:<14}  {second_value}")
     click.echo(result.key)
     click.echo(result.url)

@@ -7,6 +7,7 @@ torch: the Dagster code location imports it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -54,8 +55,16 @@ class TrainingParams(BaseModel):
     optimizer: Optimizer = "adamw"
     trigger_word: str | None = Field(None, max_length=200)
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints in the store; 0 = never.")
-    num_sample_images: int = Field(0, ge=0, le=16)
-    sample_inference_steps: int = Field(20, ge=1, le=200)
+    num_sample_images: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Sample images rendered with the LoRA (the presets: 2 for 'tiny', 4 for a real base "
+        "model). Not part of a version's identity: changing it renders samples for the existing version.",
+    )
+    sample_inference_steps: int = Field(
+        20, ge=1, le=200, description="Inference steps of each sample image (not part of a version's identity)."
+    )
     compile: bool = Field(False, description="torch.compile the UNet.")
 
     @model_validator(mode="before")
@@ -70,6 +79,41 @@ class TrainingParams(BaseModel):
     @property
     def effective_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+
+# Settings of the sample images only: two requests that differ in nothing else train the same
+# LoRA, so they are the same version (its samples are rendered again, no training).
+SAMPLE_SETTINGS = frozenset({"num_sample_images", "sample_inference_steps"})
+
+
+def version_identity(params: dict[str, Any]) -> dict[str, Any]:
+    """The params that make a version what it is: all but ``SAMPLE_SETTINGS``, defaults filled in
+    (a record that lists only what it changed is the same training). A record that no longer
+    validates is compared as it is."""
+    try:
+        full = TrainingParams.model_validate(params).model_dump(mode="json")
+    except ValueError:
+        full = dict(params)
+    return {k: v for k, v in full.items() if k not in SAMPLE_SETTINGS}
+
+
+def sample_key(lora_key: str, index: int, steps: int, trained_steps: int) -> str:
+    """Where sample ``index`` of the version whose LoRA is ``lora_key`` is stored: the worker's
+    ``<stem>_sample_<i>.png``, or ``<stem>_sample_<i>_<steps>steps.png`` when it is rendered later
+    with other inference steps than the training asked for (so no image is overwritten)."""
+    stem = lora_key.removesuffix(".safetensors")
+    return f"{stem}_sample_{index}{'' if steps == trained_steps else f'_{steps}steps'}.png"
+
+
+def missing_samples(have: Collection[str], lora_key: str, trained: dict[str, Any], wanted: TrainingParams) -> list[int]:
+    """The sample indices ``wanted``'s sample settings ask for that no key in ``have`` holds,
+    for a version trained with ``trained`` (its recorded params)."""
+    trained_steps = trained.get("sample_inference_steps", TrainingParams.model_fields["sample_inference_steps"].default)
+    return [
+        i
+        for i in range(wanted.num_sample_images)
+        if sample_key(lora_key, i, wanted.sample_inference_steps, trained_steps) not in have
+    ]
 
 
 class TrainingRequest(BaseModel):

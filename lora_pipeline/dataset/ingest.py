@@ -21,6 +21,7 @@ report's and the manifest's ``rejected`` list with its reason.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import time
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
+
+from PIL import Image
 
 from lora_pipeline.dataset.captions import (
     CaptionError,
@@ -65,6 +68,7 @@ from lora_pipeline.dataset.validate import (
     Rejection,
     inspect_image,
     recheck_known,
+    thumbnail_png,
 )
 from lora_pipeline.dataset.versions import (  # re-exported: the dataset API in one place
     DatasetNotFound,
@@ -180,7 +184,7 @@ class IngestReport:
         return rejected_markdown(self.rejected)
 
     def thumbnails_markdown(self) -> str:
-        return thumbnails_markdown(self.thumbnails)
+        return thumbnails_markdown(self.thumbnails, self.stats.image_count)
 
     def summary(self) -> str:
         if not self.dataset_hash:
@@ -310,6 +314,37 @@ def ingest_dataset(
     report.uploaded, report.skipped, report.uploaded_bytes = uploaded, skipped, uploaded_bytes
     report.location = store.describe().rstrip("/") + "/" + dataset_prefix(style, stored.dataset_hash)
     return report
+
+
+def stored_version_report(
+    store: ObjectStore, style: str, options: IngestOptions = IngestOptions()
+) -> IngestReport | None:
+    """The report of ``style``'s current stored dataset version, re-read from the store (None when
+    it has none): what materializing a style added with ``lora-pipeline dataset add`` records, with
+    no new source to ingest. Nothing is uploaded and the current version stays as it is."""
+    started = time.perf_counter()
+    manifest = current_dataset(store, style)
+    if manifest is None:
+        return None
+    prefix = dataset_prefix(style, manifest.dataset_hash)
+    thumbnails = []
+    for entry in manifest.images[: options.thumbnails]:
+        try:
+            with Image.open(io.BytesIO(store.get(prefix + entry.file).data)) as image:
+                thumbnails.append(Thumbnail(entry.source, thumbnail_png(image.convert("RGB"), options.thumbnail_side)))
+        except (StorageError, OSError):  # a missing or broken image shows no thumbnail, the report stands
+            continue
+    return IngestReport(
+        style=style,
+        source=f"the stored version {manifest.dataset_hash[:12]} (from {manifest.source or 'an earlier ingest'})",
+        dataset_hash=manifest.dataset_hash,
+        manifest=manifest,
+        stats=dataset_stats(manifest.images),
+        rejected=list(manifest.rejected),
+        thumbnails=thumbnails,
+        location=store.describe().rstrip("/") + "/" + prefix,
+        seconds=time.perf_counter() - started,
+    )
 
 
 # -- pass 1: check ------------------------------------------------------------------

@@ -100,7 +100,10 @@ class CheckOutcome:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def check_min_images(manifest: DatasetManifest, n: int) -> CheckOutcome:
+MIN_IMAGES = 4  # the enough_images check's minimum; dataset add warns below it
+
+
+def check_min_images(manifest: DatasetManifest, n: int = MIN_IMAGES) -> CheckOutcome:
     """Too few images make a LoRA that memorises instead of learning a style."""
     count = len(manifest.images)
     passed = count >= n
@@ -146,8 +149,15 @@ def rejected_markdown(rejected: list[RejectedFile], limit: int = 200) -> str:
     return "\n".join(lines)
 
 
-def thumbnails_markdown(thumbnails: list[Thumbnail]) -> str:
-    return " ".join(f"![{_md(t.source)}]({t.data_uri})" for t in thumbnails) or "(no thumbnails)"
+def thumbnails_markdown(thumbnails: list[Thumbnail], total: int | None = None) -> str:
+    """The thumbnails inline, then how many of the version's ``total`` images they are (a few
+    are shown, never every image: the event log stays light)."""
+    if not thumbnails:
+        return "(no thumbnails)"
+    images = " ".join(f"![{_md(t.source)}]({t.data_uri})" for t in thumbnails)
+    if total is None or total <= len(thumbnails):
+        return images
+    return f"{images}\n\n{len(thumbnails)} of {total} images shown (`lora-pipeline dataset show` lists every one)."
 
 
 def _md(text: str) -> str:

@@ -33,13 +33,13 @@ ASSET = "lora_registry"
 RUNBOOK = "docs/operations.md"
 HEALTH_CHECKS = {
     "oldest_unfinished_job": "No training job (or submission without a job id) is unfinished for longer than "
-    "`LORA_HEALTH_MAX_JOB_AGE_HOURS`.",
-    "jobs_waiting_for_status": "At most `LORA_HEALTH_MAX_WAITING_JOBS` jobs wait for a final status.",
-    "webhook_inbox": "The webhook inbox holds at most `LORA_HEALTH_MAX_INBOX_FILES` files and none waits longer "
-    "than `LORA_HEALTH_MAX_INBOX_AGE_MINUTES`.",
+    "LORA_HEALTH_MAX_JOB_AGE_HOURS.",
+    "jobs_waiting_for_status": "At most LORA_HEALTH_MAX_WAITING_JOBS jobs wait for a final status.",
+    "webhook_inbox": "The webhook inbox holds at most LORA_HEALTH_MAX_INBOX_FILES files and none waits longer "
+    "than LORA_HEALTH_MAX_INBOX_AGE_MINUTES.",
     "circuit_breakers": "The object store's and RunPod's circuit breakers are closed (as this run and the "
     "completion sensors' last ticks saw them).",
-    "recent_reconciliation": "A `reconcile_registry` run succeeded within `LORA_HEALTH_MAX_RECONCILE_AGE_HOURS`.",
+    "recent_reconciliation": "A reconcile_registry run succeeded within LORA_HEALTH_MAX_RECONCILE_AGE_HOURS.",
 }
 HEALTH_CHECK_KEYS = [dg.AssetCheckKey(dg.AssetKey(ASSET), name) for name in HEALTH_CHECKS]
 COMPLETION_SENSORS = ("runpod_job_sensor", "runpod_webhook_sensor")
@@ -422,7 +422,7 @@ def pipeline_health_checks(
 pipeline_health = dg.define_asset_job(
     "pipeline_health",
     selection=dg.AssetSelection.checks(*HEALTH_CHECK_KEYS),
-    description="The lag and health checks of `lora_registry` alone (no materialization).",
+    description="The lag and health checks of lora_registry alone (no materialization).",
     tags={"lora_pipeline/kind": "health"},
 )
 
@@ -431,7 +431,7 @@ pipeline_health = dg.define_asset_job(
     job=pipeline_health,
     cron_schedule=get_settings().health_cron,
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Every 10 minutes by default (`LORA_HEALTH_CRON`): the lag and health checks.",
+    description="Every 10 minutes by default (LORA_HEALTH_CRON): the lag and health checks.",
 )
 def pipeline_health_schedule() -> dg.RunRequest:
     return dg.RunRequest()

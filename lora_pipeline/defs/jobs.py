@@ -10,11 +10,14 @@ from lora_pipeline.defs.health import HEALTH_CHECK_KEYS
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import backend_kind
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
+from lora_pipeline.contracts.training import TrainingParams
+from lora_pipeline.lifecycle.samples import SampleRenderingFailed, render_missing_samples
 from lora_pipeline.lifecycle.submit import (
     NoDatasetError,
     SubmissionInFlight,
     SubmissionUnknown,
     submit_training,
+    completed_version,
     training_params,
     wait_for_job,
 )
@@ -53,12 +56,13 @@ def submit_lora_training(
     store = storage.get_store()
     backend = training_backend.get_backend(store)
     base_model, overrides = config.training_choice(declared_styles.get(style))
+    params = training_params(base_model, overrides)
     try:
         submitted = submit_training(
             store=store,
             backend=backend,
             style=style,
-            params=training_params(base_model, overrides),
+            params=params,
             base_model=base_model,
             storage_url=training_backend.storage_url_for_worker(storage),
             webhook_url=training_backend.webhook_url_for_jobs(),
@@ -81,6 +85,8 @@ def submit_lora_training(
     context.log.info(
         f"{'reused' if submitted.reused else 'submitted'} job {submitted.job_id} → {style} {submitted.version}"
     )
+    if submitted.reused:
+        render_reused_samples(context, storage, style, submitted.version, params)
     if config.wait_for_completion and not submitted.reused:
         settings = get_settings()
         final = wait_for_job(
@@ -96,6 +102,22 @@ def submit_lora_training(
         )
         context.log.info(f"job {final.id} ended {final.status}; the completion sensors record it")
     return submitted.job_id
+
+
+def render_reused_samples(
+    context: dg.OpExecutionContext, storage: StorageResource, style: str, version: str, params: TrainingParams
+) -> None:
+    """Sample settings are not part of a version's identity: a request that changes only them
+    reuses the version, and its missing samples are rendered here (no training)."""
+    reused = completed_version(storage.get_store(), style, version)
+    if reused is None or reused.version is None:
+        return
+    try:
+        count = render_missing_samples(storage.resolved_url(), style, reused.version, params)
+    except SampleRenderingFailed as exc:
+        raise dg.Failure(description=str(exc)) from None
+    if count:
+        context.log.info(f"{style} {version}: rendered {count} sample image(s) for the existing version")
 
 
 @dg.job(partitions_def=styles_partitions, tags={"lora_pipeline/kind": "training"})

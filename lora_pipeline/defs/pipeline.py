@@ -26,6 +26,7 @@ from lora_pipeline.defs.assets.trained_lora_checks import lora_file_matches_regi
 from lora_pipeline.defs.assets.training_dataset import training_dataset
 from lora_pipeline.defs.compare import compare_lora_versions
 from lora_pipeline.defs.completion_sensors import runpod_job_sensor, runpod_webhook_sensor
+from lora_pipeline.defs.registry_sensor import registry_change_sensor
 from lora_pipeline.defs.declared_styles import DECLARED_STYLES, StyleDeclaration, declared_styles
 from lora_pipeline.defs.discovery_sensors import (
     dagster_name,
@@ -71,7 +72,13 @@ def pipeline_definitions(declarations: Iterable[StyleDeclaration] = ()) -> dg.De
             compare_lora_versions,
         ],
         schedules=[reconcile_registry_schedule, pipeline_health_schedule],
-        sensors=[runpod_job_sensor, runpod_webhook_sensor, style_discovery_sensor, new_dataset_version_sensor],
+        sensors=[
+            runpod_job_sensor,
+            runpod_webhook_sensor,
+            style_discovery_sensor,
+            new_dataset_version_sensor,
+            registry_change_sensor,
+        ],
         resources={**_RESOURCES, DECLARED_STYLES: declared_styles(declarations)},
     )
 

@@ -45,10 +45,11 @@ def url_value(url: str | None) -> dg.MetadataValue | str:
     return dg.MetadataValue.url(url)
 
 
-def md_file_link(key: str, url: str | None) -> str:
-    """A Markdown table cell for a stored file: its file name, linked when the URL opens in a
-    browser (http(s)); the whole key stays in the registry and the trained_lora metadata."""
-    name = PurePosixPath(key).name or key
+def md_file_link(key: str, url: str | None, label: str | None = None) -> str:
+    """A Markdown table cell for a stored file: ``label`` (default its file name), linked when the
+    URL opens in a browser (http(s)); the whole key stays in the registry and the trained_lora
+    metadata."""
+    name = label or PurePosixPath(key).name or key
     if url and not url.startswith("file://"):
         return f"[{name}]({url})"
     return f"`{name}`"

@@ -12,11 +12,13 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from lora_pipeline.defs.assets.lora_registry import aliases_markdown, versions_markdown
+from lora_pipeline.defs.assets.lora_registry import aliases_markdown, registry_state, versions_markdown
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.resources import StorageResource
 from lora_pipeline.registry_store.documents import Refused, RegistryStore
-from lora_pipeline.registry.models import RegistryDocument
+from lora_pipeline.registry.aliases import validate_alias
+from lora_pipeline.registry.models import InvalidRecord, RegistryDocument, VersionStatus
+from lora_pipeline.registry.names import validate_style
 from lora_pipeline.storage.base import StorageError
 
 
@@ -44,31 +46,66 @@ def run_actor(context: dg.OpExecutionContext) -> str:
     return context.run.tags.get("dagster/user") or f"dagster run {context.run_id}"
 
 
-def observe_registry(
-    context: dg.OpExecutionContext, style: str, document: RegistryDocument, primary: str, change: str
-) -> None:
-    """Record the change as an observation of ``lora_registry[style]``, so the asset's page shows
-    the aliases and versions as they are now (``document``: as the change wrote it) without a new
-    materialization. Skipped for a style the instance has no partition for (a style made by the
-    CLI before discovery)."""
-    if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, style):
-        return
-    context.log_event(
-        dg.AssetObservation(
-            asset_key="lora_registry",
-            partition=style,
-            description=change,
-            metadata={
-                "change": change,
-                "aliases": dg.MetadataValue.md(aliases_markdown(document, primary)),
-                "versions_table": dg.MetadataValue.md(versions_markdown(document)),
-            },
-        )
+def registry_observation(style: str, document: RegistryDocument, primary: str, change: str) -> dg.AssetObservation:
+    """An observation of ``lora_registry[style]`` showing the aliases and versions as ``document``
+    has them: what the UI shows after a change, with no new materialization."""
+    return dg.AssetObservation(
+        asset_key="lora_registry",
+        partition=style,
+        description=change,
+        metadata={
+            "change": change,
+            "aliases": dg.MetadataValue.md(aliases_markdown(document, primary)),
+            "versions_table": dg.MetadataValue.md(versions_markdown(document)),
+            "registry_state": registry_state(document),
+        },
     )
 
 
+def observe_registry(
+    context: dg.OpExecutionContext, style: str, document: RegistryDocument, primary: str, change: str
+) -> None:
+    """Record the change as an observation of ``lora_registry[style]`` (``document``: as the change
+    wrote it). Skipped for a style the instance has no partition for (a style made by the CLI
+    before discovery); ``registry_change_sensor`` observes it once it has one."""
+    if not context.instance.has_dynamic_partition(STYLES_PARTITIONS_NAME, style):
+        return
+    context.log_event(registry_observation(style, document, primary, change))
+
+
+def checked_alias_move(config: dict) -> dict:
+    """The run config of ``promote_lora_version``, checked when the run is created (the launchpad,
+    the API): a bad style, alias or version, or a version that cannot be promoted, refuses the
+    launch with one line instead of a run that fails. The store is read with the configured
+    settings; when it cannot be read the run itself decides (under its conditional write)."""
+    checked = AliasMoveConfig.model_validate(config)
+    try:
+        validate_style(checked.style)
+        validate_alias(checked.alias)
+        if checked.action == "promote":
+            if not checked.version:
+                raise ValueError("version: promote needs a version, e.g. V3, or an alias as @staging")
+            _check_promotable(checked.style, checked.version)
+    except ValueError as exc:
+        raise dg.DagsterInvalidConfigError(f"promote_lora_version config: {exc}", [], config) from None
+    return config
+
+
+def _check_promotable(style: str, ref: str) -> None:
+    """ValueError when the style's registry names no completed version ``ref``."""
+    try:
+        document, etag = RegistryStore(StorageResource().get_store()).read(style)
+    except (StorageError, InvalidRecord, dg.DagsterInvariantViolationError):
+        return
+    if etag is None:
+        raise ValueError(f"style {style!r} has no registry document")
+    version = document.resolve(ref)
+    if version.status is not VersionStatus.completed:
+        raise ValueError(f"{style} {version.name} is {version.status.value}: only a completed version can be promoted")
+
+
 @dg.op(tags={"kind": "s3"})
-def move_lora_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, storage: StorageResource) -> None:
+def move_alias(context: dg.OpExecutionContext, config: AliasMoveConfig, storage: StorageResource) -> None:
     """Move an alias of a style (one conditional write of its registry document)."""
     registry = RegistryStore(storage.get_store())
     try:
@@ -135,6 +172,18 @@ def delete_lora_version_op(
     context.log.info(change)
     if not config.dry_run and not result.already_deleted:
         observe_registry(context, config.style, result.document, registry.primary, change)
+
+
+@dg.graph(
+    # The run config stays `ops: {move_lora_alias: {config: ...}}`, checked at launch.
+    config=dg.ConfigMapping(
+        config_schema=AliasMoveConfig.to_config_schema(),
+        config_fn=lambda config: {"move_alias": {"config": checked_alias_move(config)}},
+    )
+)
+def move_lora_alias() -> None:
+    """Move an alias of a style, its config checked when the run is created."""
+    move_alias()
 
 
 @dg.job(tags={"lora_pipeline/kind": "registry"})

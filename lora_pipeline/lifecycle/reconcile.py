@@ -40,11 +40,13 @@ from lora_pipeline.registry.merge import find_version_by_job, merge
 from lora_pipeline.registry.models import UNFINISHED_STATUSES, InvalidRecord, RegistryDocument, epoch_ms, from_epoch_ms
 from lora_pipeline.registry.names import InvalidStyleName, parse_lora_file, validate_style
 from lora_pipeline.registry.safetensors_header import InvalidLoraFile, SafetensorsHeader
+from lora_pipeline.registry_store.alias_pointers import publish_alias_pointers
 from lora_pipeline.registry_store.changes import VersionChange
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.registry_store.index import RegistryIndex, StyleSummary, files_fingerprint, known_files
 from lora_pipeline.registry_store.lora_files import read_header
 from lora_pipeline.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError
+from lora_pipeline.storage.documents import TooManyConflicts
 from lora_pipeline.storage.keys import LORAS, lora_prefix, run_marker_prefix
 from lora_pipeline.webhook.inbox import (
     WEBHOOK_REJECTED,
@@ -80,6 +82,8 @@ class ReconcileReport:
     # objects a deleted version's tombstone names (same key and ETag) still in the store: a delete
     # interrupted between its tombstone and the removals; removed (dry run: would be)
     leftovers_removed: list[str] = field(default_factory=list)
+    # alias pointers (loras/<style>/<style>@<alias>.json) behind their document, published again
+    pointers_published: list[str] = field(default_factory=list)
 
     @property
     def changed_versions(self) -> int:
@@ -92,6 +96,7 @@ class ReconcileReport:
             "details": [c.to_dict() for c in self.changes],
             "problems": list(self.problems),
             "leftovers_removed": list(self.leftovers_removed),
+            "pointers_published": list(self.pointers_published),
             "stats": {
                 "styles_seen": self.styles_seen,
                 "styles_read": self.styles_read,
@@ -195,6 +200,7 @@ class _Run:
         self.report = ReconcileReport(dry_run=dry_run)
         self.full = True
         self.max_job_age = DEFAULT_MAX_JOB_AGE
+        self.pointer_styles: set[str] = set()  # styles with an alias pointer in the store
 
     def run(self, *, full: bool, status_lookup: StatusLookup | None, max_job_age: timedelta) -> ReconcileReport:
         self.full = full
@@ -240,7 +246,19 @@ class _Run:
                 )
         if summaries and not self.dry_run:
             self.registry.update_index(summaries)
+        if full and not self.dry_run:
+            self._publish_pointers({s for s, summary in index.styles.items() if summary.aliases} | self.pointer_styles)
         return self.report
+
+    def _publish_pointers(self, styles: set[str]) -> None:
+        """Publish alias pointers a crash left behind their document (the move wrote the document,
+        then died before the pointer): one read of each aliased style's document."""
+        for style in sorted(styles):
+            try:
+                document, _ = self.registry.read(style)
+                self.report.pointers_published += publish_alias_pointers(self.store, document, self.registry.primary)
+            except (StorageError, TooManyConflicts) as exc:
+                self.report.problems.append(f"{style}: alias pointers not checked: {exc}")
 
     # -- gathering ------------------------------------------------------------------
 
@@ -267,6 +285,8 @@ class _Run:
         by_style: dict[str, dict[str, ObjectInfo]] = defaultdict(dict)
         for info in self.store.list(LORAS + "/"):
             parts = info.key.split("/")
+            if len(parts) == 3 and parts[2].startswith(f"{parts[1]}@") and parts[2].endswith(".json"):
+                self.pointer_styles.add(parts[1])  # an alias pointer: checked after the documents
             if len(parts) != 3 or not parts[2].lower().endswith(".safetensors"):
                 continue
             try:

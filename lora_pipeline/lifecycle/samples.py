@@ -8,13 +8,18 @@ embedded as small PNG thumbnails, within a total budget so the event log stays l
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 
 from lora_pipeline.dataset.validate import thumbnail_data_uri as png_data_uri
 from lora_pipeline.dataset.validate import thumbnail_png
-from lora_pipeline.registry.models import SampleImage
+from lora_pipeline.contracts.training import TrainingParams, missing_samples
+from lora_pipeline.registry.models import SampleImage, Version
 from lora_pipeline.storage import ObjectStore
 
+RENDER_TIMEOUT_S = 3600.0
 THUMBNAIL_PX = 128  # the longer side of an embedded thumbnail
 EMBED_BUDGET_BYTES = 512 * 1024  # all data URIs of one grid together
 GRID_COLUMNS = 4
@@ -30,12 +35,15 @@ def public_image_url(store: ObjectStore, sample: SampleImage) -> str | None:
 
 
 def thumbnail_data_uri(png: bytes, size: int = THUMBNAIL_PX) -> str:
-    """A ``data:image/png;base64,…`` URI of ``png`` scaled down to ``size`` px on its longer side
-    (the dataset's thumbnails are made the same way)."""
+    """A ``data:image/png;base64,…`` URI of ``png`` scaled to ``size`` px on its longer side: down
+    as the dataset's thumbnails are, or up (nearest neighbour) for an image smaller than that."""
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as source:
         image = source.convert("RGB")
+    if max(image.size) < size:  # a tiny model's 32 px sample: scaled up, pixels kept sharp, to be seen
+        scale = size // max(image.size)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     return png_data_uri(thumbnail_png(image, size))
 
 
@@ -95,3 +103,51 @@ def _store_url(store: ObjectStore, key: str) -> str | None:
         return store.url(key)
     except ValueError:
         return None
+
+
+class SampleRenderingFailed(RuntimeError):
+    """Rendering an existing version's samples failed; the version itself is unchanged."""
+
+
+def render_missing_samples(
+    storage_url: str,
+    style: str,
+    version: Version,
+    params: TrainingParams,
+    *,
+    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+) -> int:
+    """Render the samples ``params`` asks for that a completed ``version`` lacks (its sample
+    settings are not part of its identity, so a request that changes only them reuses it).
+
+    The rendering loads torch, so it runs in a subprocess (``python -m lora_pipeline.worker.samples``),
+    which stores and records the images. Returns how many it rendered (0: nothing was missing).
+    """
+    main_key = version.s3_key
+    if not main_key or not missing_samples({s.key for s in version.samples}, main_key, version.params or {}, params):
+        return 0
+    done = run(
+        [
+            sys.executable,
+            "-m",
+            "lora_pipeline.worker.samples",
+            "--storage-url",
+            storage_url,
+            style,
+            version.name,
+            "--count",
+            str(params.num_sample_images),
+            "--steps",
+            str(params.sample_inference_steps),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RENDER_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise SampleRenderingFailed(
+            f"samples of {style} {version.name} not rendered: {lines[-1] if lines else f'exit status {done.returncode}'}"
+        )
+    return len(json.loads(done.stdout.strip().splitlines()[-1]))

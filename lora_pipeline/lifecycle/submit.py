@@ -462,9 +462,16 @@ def job_run_key(job_id: str, status: str) -> str:
     return f"complete:{base_job_id(job_id)}:{status}"
 
 
-# Settings that make the built-in tiny models (TINY_MODELS) train in seconds on a CPU; a real
-# base model gets TrainingParams' own defaults (SD1.5-class style LoRA).
-TINY_MODEL_PRESET: dict = {"resolution": 32, "max_train_steps": 30, "rank": 4, "learning_rate": 1e-3}
+# Settings that make the built-in tiny models (TINY_MODELS) train in seconds on a CPU, with two
+# sample images; a real base model gets TrainingParams' own defaults (SD1.5-class style LoRA) and four.
+TINY_MODEL_PRESET: dict = {
+    "resolution": 32,
+    "max_train_steps": 30,
+    "rank": 4,
+    "learning_rate": 1e-3,
+    "num_sample_images": 2,
+}
+BASE_MODEL_PRESET: dict = {"num_sample_images": 4}
 
 
 def training_params(base_model: str, overrides: dict) -> TrainingParams:
@@ -473,7 +480,7 @@ def training_params(base_model: str, overrides: dict) -> TrainingParams:
     Validated here, so a bad value fails the run before anything is submitted,
     with pydantic's message naming the field.
     """
-    preset = TINY_MODEL_PRESET if base_model in TINY_MODELS else {}
+    preset = TINY_MODEL_PRESET if base_model in TINY_MODELS else BASE_MODEL_PRESET
     return TrainingParams.model_validate({**preset, **overrides})
 
 

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from lora_pipeline.registry.aliases import AliasAction
+from lora_pipeline.registry.models import SampleImage
 from lora_pipeline.registry.names import parse_version_name
 
 ClaimPhase = Literal["claimed", "posting", "released", "unknown"]  # models.CLAIM_PHASES
@@ -217,6 +218,21 @@ class VersionDeleted:
         return _number(self.version)
 
 
+@dataclass(frozen=True)
+class SamplesRendered:
+    """Sample images rendered for an existing version after its training (its sample settings
+    changed; they are not part of its identity). Adds the samples; changes nothing else."""
+
+    style: str
+    version: str | int
+    samples: tuple[SampleImage, ...]
+    at: datetime
+
+    @property
+    def version_number(self) -> int:
+        return _number(self.version)
+
+
 Evidence = (
     Submission
     | JobReport
@@ -230,6 +246,7 @@ Evidence = (
     | JobProgressReport
     | AliasMove
     | VersionDeleted
+    | SamplesRendered
 )
 
 

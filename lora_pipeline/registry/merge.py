@@ -27,6 +27,7 @@ from lora_pipeline.registry.evidence import (
     RejectedLora,
     StoredCompanion,
     StoredLora,
+    SamplesRendered,
     Submission,
     SubmissionLost,
     VersionDeleted,
@@ -331,6 +332,15 @@ def fragment_of(item: Evidence) -> Version:
             created_at=at,
             updated_at=at,
             deletion=Deletion(at, item.by, item.reason, tuple(sorted(set(item.files)))),
+        )
+    if isinstance(item, SamplesRendered):
+        # Pending outranks nothing: the samples join the version, its status and files stay.
+        return Version(
+            number=item.version_number,
+            status=VersionStatus.pending,
+            source="submit",
+            updated_at=epoch_ms(item.at),
+            samples=item.samples,
         )
     if isinstance(item, JobExpired):
         return Version(

@@ -316,6 +316,10 @@ class JobProgress:
         )
 
 
+class UnknownVersion(ValueError):
+    """A version reference (``V3``, ``@production``) that names no version of the style."""
+
+
 @dataclass(frozen=True, slots=True)
 class SampleImage:
     """A sample image rendered with the version's LoRA (``samples`` in the JSON): its key, the
@@ -696,6 +700,31 @@ class RegistryDocument:
         version is named (a download, the registry asset's latest, the file check)."""
         completed = [v for v in self.versions if v.status is VersionStatus.completed]
         return max(completed, key=lambda v: v.number, default=None)
+
+    def resolve(self, ref: str) -> Version:
+        """The version ``ref`` names: ``V3`` (any case, folded names included), or an alias, as
+        ``@production`` (MLflow's ``models:/name@alias``) or ``production`` where that is no
+        version name. Raises UnknownVersion saying what the style has."""
+        ref = ref.strip()
+        alias = ref[1:] if ref.startswith("@") else (ref if parse_version_name(ref) is None else None)
+        if alias is not None:
+            target = self.aliases.get(alias)
+            known = ", ".join(f"@{a}" for a in sorted(self.aliases)) or "none"
+            if target is None and ref.startswith("@"):
+                raise UnknownVersion(f"{self.style} has no alias {alias!r} (its aliases: {known})")
+            if target is None:
+                raise UnknownVersion(
+                    f"{ref!r} is not a version name like V3, nor an alias of {self.style} (its aliases: {known})"
+                )
+            ref = target
+        number = parse_version_name(ref)
+        found = self.version(number) if number is not None else None
+        if found is None:
+            names = ", ".join(v.name for v in self.versions) or "none"
+            raise UnknownVersion(
+                f"{self.style} has no version {version_name(number) if number else ref} (it has: {names})"
+            )
+        return found
 
     def version(self, name: str | int) -> Version | None:
         """The version named ``V4``/``v4``/``vV4`` (or numbered 4), folded names included."""

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
 from lora_pipeline.clock import SYSTEM_CLOCK, Clock
+from lora_pipeline.contracts.training import version_identity
 from lora_pipeline.registry.aliases import AliasAction, alias_stacks, reachable_versions, validate_alias
 from lora_pipeline.registry.evidence import AliasMove, Claim, ClaimPhase, Evidence, Submission, VersionDeleted
 from lora_pipeline.registry.jobids import base_job_id
@@ -30,18 +31,20 @@ from lora_pipeline.registry.models import (
     LoraFile,
     RegistryDocument,
     RejectedFile,
+    UnknownVersion,
     Version,
     VersionStatus,
 )
 from lora_pipeline.registry.names import parse_lora_file, parse_version_name, validate_style
 from lora_pipeline.registry.tombstones import DeletedObject
 from lora_pipeline.registry_store.changes import VersionChange, diff_versions, document_content
+from lora_pipeline.registry_store.alias_pointers import publish_alias_pointers
 from lora_pipeline.registry_store.index import RegistryIndex, StyleSummary, parse_index
 from lora_pipeline.registry_store.lora_files import is_readable_lora
 from lora_pipeline.settings import get_settings
-from lora_pipeline.storage.base import ObjectStore, PreconditionFailed, StoredObject
-from lora_pipeline.storage.documents import JSON, read_object, update_object
-from lora_pipeline.storage.keys import INDEX_KEY, REGISTRY, lora_prefix, registry_key
+from lora_pipeline.storage.base import ObjectStore, PreconditionFailed, StorageError, StoredObject
+from lora_pipeline.storage.documents import JSON, TooManyConflicts, read_object, update_object
+from lora_pipeline.storage.keys import INDEX_KEY, REGISTRY, alias_pointer_key, lora_prefix, registry_key
 
 _DOC_NAME = "training_versions.json"
 
@@ -69,6 +72,7 @@ class AliasResult:
     previous: str | None
     moved: bool
     document: RegistryDocument
+    pointer_problem: str | None = None  # why the alias's published pointer was not updated
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,7 @@ class RegistryStore:
 
         The version is an existing one with the same request id, or an unfinished one
         (also a completed one when ``reuse_completed``) with the same dataset hash and
-        params; otherwise the next free number (past LoRA files no document mentions
+        params, sample settings aside (``version_identity``); otherwise the next free number (past LoRA files no document mentions
         yet, so a new version never takes an old file for its own). The answer:
 
         * ``existing``: it has a job (or is completed); submit nothing.
@@ -267,6 +271,8 @@ class RegistryStore:
         now_ms = epoch_ms(now)
         stamped = [now_ms]  # when the claim written last is stamped (see below)
 
+        identity = version_identity(params)
+
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
             match = next(
                 (
@@ -275,7 +281,11 @@ class RegistryStore:
                     if v.status is not VersionStatus.deleted
                     and (
                         v.request_id == request_id
-                        or (v.status in wanted and v.dataset_hash == dataset_hash and v.params == params)
+                        or (
+                            v.status in wanted
+                            and v.dataset_hash == dataset_hash
+                            and version_identity(v.params or {}) == identity
+                        )
                     )
                 ),
                 None,
@@ -388,8 +398,8 @@ class RegistryStore:
             validate_alias(alias)
         except ValueError as exc:
             raise Refused(str(exc)) from None
-        if action == "promote" and (version is None or parse_version_name(version) is None):
-            raise Refused(f"{version!r} is not a version name like V3")
+        if action == "promote" and not version:
+            raise Refused("promote needs a version: V3, or an alias as @staging")
         now = at or self.clock.now()
 
         def decide(doc: RegistryDocument) -> tuple[list[Evidence], ClaimResult | None]:
@@ -412,10 +422,23 @@ class RegistryStore:
             return [AliasMove(style, alias, target.number, action, by, now, seq, current, reason)], None
 
         result, unchanged = self._update(style, decide, True, False)
+        problem = self._publish_pointer(result.document, alias)
         if unchanged is not None:
-            return AliasResult(alias, unchanged.version.name, unchanged.version.name, False, result.document)
+            return AliasResult(alias, unchanged.version.name, unchanged.version.name, False, result.document, problem)
         entry = next(e for e in reversed(result.document.alias_history) if e.alias == alias)
-        return AliasResult(alias, entry.version, entry.previous, True, result.document)
+        return AliasResult(alias, entry.version, entry.previous, True, result.document, problem)
+
+    def _publish_pointer(self, document: RegistryDocument, alias: str) -> str | None:
+        """Publish the alias's pointer (``loras/<style>/<style>@<alias>.json``) after the document;
+        the reason when that failed (the move stands; ``registry reconcile`` publishes it)."""
+        try:
+            publish_alias_pointers(self.store, document, self.primary, [alias])
+        except (StorageError, TooManyConflicts) as exc:
+            return (
+                f"the alias pointer {alias_pointer_key(document.style, alias)} was not updated ({exc}); "
+                "`lora-pipeline registry reconcile` publishes it"
+            )
+        return None
 
     def _check_promotable(self, style: str, alias: str, version: Version) -> None:
         if version.status is not VersionStatus.completed:
@@ -606,11 +629,10 @@ def _alias_target(doc: RegistryDocument, style: str, alias: str, stack: list[str
     """The version a promote (``version`` given) or a rollback (``version`` None: the one before
     the alias's current one in ``stack``) points the alias at; Refused, saying why, when none."""
     if version is not None:
-        target = doc.version(version)
-        if target is None:
-            names = ", ".join(v.name for v in doc.versions)
-            raise Refused(f"{style} has no version {version} (it has: {names})")
-        return target
+        try:
+            return doc.resolve(version)
+        except UnknownVersion as exc:
+            raise Refused(str(exc)) from None
     if not stack:
         known = ", ".join(sorted(doc.aliases)) or "none"
         removed = next((e for e in reversed(doc.alias_history) if e.alias == alias), None)

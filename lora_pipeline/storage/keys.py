@@ -53,6 +53,17 @@ def lora_key(style: str, version_number: int) -> str:
     return lora_prefix(style) + lora_filename(style, version_number)
 
 
+def model_card_key(style: str, version_number: int) -> str:
+    """``loras/<style>/<style>_v<N>.md``: the version's model card, beside its files."""
+    return lora_key(style, version_number).removesuffix(".safetensors") + ".md"
+
+
+def alias_pointer_key(style: str, alias: str) -> str:
+    """``loras/<style>/<style>@<alias>.json``: the alias's published pointer, one fixed URL an app
+    reads to follow promotions and rollbacks (registry_store/alias_pointers.py)."""
+    return f"{lora_prefix(style)}{style}@{alias}.json"
+
+
 def companion_key(style: str, version_number: int, suffix: str) -> str:
     """``loras/<style>/<style>_v<N>_<suffix>.safetensors``: the version's file in its second
     layout (``kohya``), published beside the main file and before it."""

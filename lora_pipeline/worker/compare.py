@@ -10,14 +10,16 @@ lazily: this module imports torch inside functions only.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.contracts.training import TrainingParams
+from lora_pipeline.contracts.training import TrainingParams, version_identity
 from lora_pipeline.registry.layouts import DIFFUSERS
 from lora_pipeline.registry.models import Version, VersionStatus
 from lora_pipeline.storage import ObjectStore
@@ -41,19 +43,48 @@ class Comparison:
     steps: int
     base_model: str
     versions: tuple[str, str]
+    rows: tuple[tuple[str, str, str], ...] = ()  # side_by_side: (what, first, second)
+
+
+def side_by_side(first: Version, second: Version) -> list[tuple[str, str, str]]:
+    """What a person compares beside the images: the dataset, base model, steps, final loss and
+    every training parameter (sample settings aside) where the two differ, as (what, first,
+    second) rows."""
+
+    def facts(v: Version) -> dict[str, str]:
+        header = v.file.metadata if v.file is not None else {}
+        loss = v.training.get("finalLoss", header.get("lora_pipeline.final_loss"))
+        return {
+            "dataset": (v.dataset_hash or "")[:12],
+            "base model": " ".join(
+                x for x in (header.get("lora_pipeline.family"), header.get("lora_pipeline.base_model")) if x
+            ),
+            "steps": str(v.training.get("steps", header.get("lora_pipeline.steps", ""))),
+            "final loss": f"{float(loss):.4f}" if loss not in (None, "") else "",
+        }
+
+    a, b = facts(first), facts(second)
+    rows = [(what, a[what], b[what]) for what in a]
+    params_a = version_identity(first.params or {})
+    params_b = version_identity(second.params or {})
+    for name in sorted(set(params_a) | set(params_b)):
+        left, right = params_a.get(name), params_b.get(name)
+        if left != right:
+            rows.append((name, "" if left is None else str(left), "" if right is None else str(right)))
+    return rows
 
 
 def comparison_version(store: ObjectStore, style: str, name: str) -> tuple[Version, str]:
-    """The completed version ``name`` of ``style`` and the key of its diffusers-layout file."""
-    from lora_pipeline.registry.names import parse_version_name
+    """The completed version ``name`` (``V3``, or an alias as ``@production``) of ``style`` and the
+    key of its diffusers-layout file."""
+    from lora_pipeline.registry.models import UnknownVersion
     from lora_pipeline.registry_store.documents import RegistryStore
 
     document, _ = RegistryStore(store).read(style)
-    number = parse_version_name(name)
-    version = document.version(number) if number else None
-    if version is None:
-        known = ", ".join(v.name for v in document.versions) or "none"
-        raise ComparisonError(f"{style} has no version {name!r} (versions: {known})")
+    try:
+        version = document.resolve(name)
+    except UnknownVersion as exc:
+        raise ComparisonError(str(exc)) from None
     if version.status is not VersionStatus.completed:
         raise ComparisonError(f"{style} {version.name} is {version.status.value}, not completed: it has no LoRA")
     found = version.files().get(DIFFUSERS)
@@ -77,6 +108,10 @@ def render_comparison(
     """Render both versions on ``prompts`` (default: the first version's sample prompts, else its
     trigger word) with ``seed`` for every prompt, and store the grid."""
     picked = [comparison_version(store, style, name) for name in (first, second)]  # refusals before torch loads
+    if picked[0][0].number == picked[1][0].number:
+        raise ComparisonError(
+            f"{first} and {second} are both {style} {picked[0][0].name}: compare two different versions"
+        )
 
     from lora_pipeline.registry.names import version_name
     from lora_pipeline.storage.keys import comparison_key
@@ -92,12 +127,12 @@ def render_comparison(
             path = Path(tmp) / f"{version.name}.safetensors"
             store.download_file(key, path)
             files.append(path)
-            headers.append(_header(path))
+            headers.append(lora_header(path))
         base_models = {h.get("lora_pipeline.base_model") or "tiny" for h in headers}
         if len(base_models) != 1:
             raise ComparisonError(f"{names[0]} and {names[1]} were trained on different base models: {base_models}")
         base_model = base_models.pop()
-        params = _params(headers[0], picked[0][0])
+        params = trained_params(headers[0], picked[0][0])
         chosen = list(prompts) or _default_prompts(picked[0][0], params, style)
         render = params.model_copy(
             update={"seed": seed, "sample_inference_steps": steps or params.sample_inference_steps}
@@ -106,13 +141,36 @@ def render_comparison(
         family = detect_family(model_dir)
         device = pick_device()
         columns = []
-        for path in files:
-            # The same seed for every prompt (generate_samples adds the index): one image per call.
-            columns.append([generate_samples(model_dir, family, path, [p], render, device)[0] for p in chosen])
+        with quiet_libraries():
+            for path in files:
+                # The same seed for every prompt (generate_samples adds the index): one image per call.
+                columns.append([generate_samples(model_dir, family, path, [p], render, device)[0] for p in chosen])
     png, size = compose_grid(chosen, names, columns)
     key = comparison_key(style, version_name(picked[0][0].number), version_name(picked[1][0].number))
     store.put(key, png, content_type="image/png")
-    return Comparison(key, store.url(key), size, tuple(chosen), seed, render.sample_inference_steps, base_model, names)
+    rows = tuple(side_by_side(picked[0][0], picked[1][0]))
+    return Comparison(
+        key, store.url(key), size, tuple(chosen), seed, render.sample_inference_steps, base_model, names, rows
+    )
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers', transformers' and peft's warnings and notices while rendering (deprecations,
+    "no safety checker", unused weights): a dozen lines a person comparing two LoRAs cannot act on."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
 
 
 def compose_grid(
@@ -140,14 +198,16 @@ def compose_grid(
     return buffer.getvalue(), (width, height)
 
 
-def _header(path: Path) -> dict[str, str]:
+def lora_header(path: Path) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of a downloaded LoRA file."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
 
-def _params(header: dict[str, str], version: Version) -> TrainingParams:
+def trained_params(header: dict[str, str], version: Version) -> TrainingParams:
+    """The params a version was trained with: its header's, else its record's, else the defaults."""
     raw: Any = header.get("lora_pipeline.params")
     try:
         if raw:
@@ -184,6 +244,7 @@ def comparison_json(result: Comparison) -> dict[str, Any]:
         "seed": result.seed,
         "steps": result.steps,
         "baseModel": result.base_model,
+        "sideBySide": [{"what": what, "first": a, "second": b} for what, a, b in result.rows],
     }
 
 

@@ -336,17 +336,17 @@ def publish_samples(checked: CheckedJob, lora_file: Path, report: Progress) -> l
     if not params.num_sample_images:
         return []
     from lora_pipeline.worker.data import with_trigger
+    from lora_pipeline.contracts.training import sample_key as stored_sample_key
     from lora_pipeline.worker.samples import generate_samples, sample_prompts
 
     report({"phase": "samples"})
-    stem = checked.key.rsplit("/", 1)[0] + "/" + Path(checked.key).stem
     prompts = sample_prompts(
         [with_trigger(e.caption, params.trigger_word) for e in checked.examples], params.num_sample_images
     )
     samples: list[SampleImage] = []
     images = generate_samples(checked.model_dir, checked.family, lora_file, prompts, params, checked.device)
     for index, png in enumerate(images):
-        sample_key = f"{stem}_sample_{index}.png"
+        sample_key = stored_sample_key(checked.key, index, params.sample_inference_steps, params.sample_inference_steps)
         checked.store.put(sample_key, png, content_type="image/png")
         samples.append(
             SampleImage(

@@ -1,5 +1,5 @@
 """The API against a real Dagster instance on the embedded defaults' instance file (SQLite, the
-queued coordinator, the runpod_gpu pool: `make dev`'s dagster.yaml), with S3 on moto."""
+queued coordinator, the runpod_gpu pool: `make dev`'s dagster.dev.yaml), with S3 on moto."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def s3_dagster(tmp_path_factory, moto_server, boto_session):
         root,
         code_port=free_port(),
         web_port=free_port(),
-        instance_yaml=REPO / "dagster.yaml",
+        instance_yaml=REPO / "dagster.dev.yaml",
         extra_env=env,
     )
     try:

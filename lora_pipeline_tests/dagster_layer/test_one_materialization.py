@@ -153,3 +153,39 @@ def test_a_job_whose_recording_run_failed_and_reconciliation_completed_is_archiv
 
     assert not tick(runpod_webhook_sensor, instance).run_requests
     assert list(store.list(WEBHOOK_INBOX + "/")) == []
+
+
+def test_other_sample_settings_render_samples_for_the_existing_version_without_training(
+    store, instance, finishing, monkeypatch
+):
+    """Issue 23: asking for samples trained a whole new V2 whose tensors equalled V1's. Sample
+    settings are no part of a version's identity: the run reuses V1 and renders its samples."""
+    from datetime import UTC, datetime
+
+    import lora_pipeline.defs.jobs as jobs
+    from lora_pipeline.registry.evidence import SamplesRendered
+    from lora_pipeline.registry.models import SampleImage
+
+    rendered: list[tuple[str, int, int]] = []
+
+    def render(storage_url, style, version, params):  # noqa: ANN001, ANN202 - the subprocess, as it records
+        rendered.append((version.name, params.num_sample_images, params.sample_inference_steps))
+        samples = tuple(SampleImage(f"loras/{style}/{style}_v1_sample_{i}.png", "p", i) for i in range(3))
+        RegistryStore(store).apply(style, [SamplesRendered(style, version.name, samples, datetime.now(UTC))])
+        return 3
+
+    monkeypatch.setattr(jobs, "render_missing_samples", render)
+    assert materialize_selected(instance).success
+    assert len(finishing.submitted) == 1 and finishing.submitted[0].params.num_sample_images == 2  # tiny preset
+
+    config = {"ops": {"trained_lora": {"config": {"poll_interval_s": 0.01, "params": {"num_sample_images": 3}}}}}
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey("trained_lora")})
+    again = job.execute_in_process(instance=instance, partition_key=STYLE, run_config=config)
+
+    assert again.success
+    assert len(finishing.submitted) == 1  # nothing trained again
+    assert rendered == [("V1", 3, 20)]
+    [event] = again.get_asset_materialization_events()
+    assert event.materialization.metadata["version"].value == "V1"
+    assert event.materialization.metadata["sample_count"].value == 3
+    assert [v.name for v in RegistryStore(store).read(STYLE)[0].versions] == ["V1"]

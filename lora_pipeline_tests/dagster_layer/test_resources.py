@@ -60,6 +60,7 @@ def test_runpod_backend_without_a_key_names_the_missing_setting(tmp_path, monkey
 def test_webhook_url_carries_the_token_encoded(monkeypatch):
     monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "abc123")
     monkeypatch.setenv("RUNPOD_API_KEY", "key")
+    monkeypatch.setenv("LORA_STORAGE_URL", "s3://bucket/prefix")
     monkeypatch.setenv("LORA_WEBHOOK_URL", "https://hooks.example.com/webhooks/runpod")
     monkeypatch.setenv("LORA_WEBHOOK_TOKEN", "a+b/c")
 
@@ -69,11 +70,13 @@ def test_webhook_url_carries_the_token_encoded(monkeypatch):
 
 
 def test_runpod_with_a_local_store_is_refused_naming_the_setting(tmp_path, monkeypatch):
-    """A worker on RunPod's cloud cannot read a directory on this machine: say so before submitting."""
+    """A worker on RunPod's cloud cannot read a directory on this machine: say so before submitting
+    (the settings refuse the pairing at start; this is a store overridden in the launchpad)."""
     import dagster as dg
 
     monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "abc123")
     monkeypatch.setenv("RUNPOD_API_KEY", "key")
+    monkeypatch.setenv("LORA_STORAGE_URL", "s3://bucket/prefix")
     storage = StorageResource(storage_url=str(tmp_path / "store"))
 
     with pytest.raises(dg.Failure, match="LORA_STORAGE_URL"):

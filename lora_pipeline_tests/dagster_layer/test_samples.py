@@ -84,6 +84,9 @@ def test_thumbnails_are_small_and_a_public_store_is_linked_not_embedded(store) -
     uri = thumbnail_data_uri(png((0, 255, 0), size=512))
     with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as image:
         assert image.size == (128, 128)
+    tiny = thumbnail_data_uri(png((0, 0, 255), size=32))  # the tiny model's samples: scaled up to be seen
+    with Image.open(io.BytesIO(base64.b64decode(tiny.split(",", 1)[1]))) as image:
+        assert image.size == (128, 128) and image.convert("RGB").getpixel((127, 127)) == (0, 0, 255)
 
     store.put("loras/a/a_v1_sample_0.png", png((1, 2, 3)))
     sample = SampleImage("loras/a/a_v1_sample_0.png", "p", 1, "https://cdn.example.com/loras/a/a_v1_sample_0.png")

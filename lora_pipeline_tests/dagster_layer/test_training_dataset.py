@@ -74,3 +74,26 @@ def test_a_new_dataset_version_requests_training_once(store, instance):
     manifest = current_dataset(store, "sample_style")
     assert (request.partition_key, request.run_key) == ("sample_style", f"train:sample_style:{manifest.dataset_hash}")
     assert second.run_requests == []
+
+
+def test_a_style_added_with_dataset_add_materializes_its_stored_version(store, instance, tmp_path):
+    """Issue 23: `lora-pipeline dataset add` then materialize, with no new source: the style's
+    current stored version is what training_dataset records (no 'no source' failure)."""
+    from lora_pipeline.dataset.ingest import IngestOptions, ingest_dataset, sample_dataset_path
+
+    added = ingest_dataset(store, "added_style", sample_dataset_path(), options=IngestOptions(trigger_word="geo"))
+    before = store.head("datasets/added_style/current.json")
+
+    result = materialize(instance, "added_style")
+
+    assert result.success, result.failure_data_for_node("training_dataset")
+    [event] = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["dataset_hash"].value == added.dataset_hash
+    assert event.materialization.tags["dagster/data_version"] == added.dataset_hash
+    assert metadata["images"].value == 8 and metadata["source"].value.startswith("the stored version ")
+    assert metadata["thumbnails"].value.count("data:image/png;base64,") == 4
+    assert metadata["thumbnails"].value.endswith("4 of 8 images shown (`lora-pipeline dataset show` lists every one).")
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"enough_images": True, "caption_coverage": True}
+    assert store.head("datasets/added_style/current.json") == before  # nothing rewritten

@@ -5,7 +5,9 @@ store and jobs folder; Playwright drives Debian's `chromium` through the launchp
 `training_dataset`, `trained_lora` and `lora_registry` for `sample_style` (with a few training
 steps), waits for the run to succeed, and reads `V1`, its checks and its samples off the asset
 pages; then it promotes V1 to `production` from `promote_lora_version`'s launchpad and reads the
-alias off `lora_registry`'s Events tab. With LORA_UPDATE_SCREENSHOTS=1 it also writes the
+alias off `lora_registry`'s Events tab; a promote of an unknown version is refused at launch; an
+alias moved with the CLI shows on the Events tab (registry_change_sensor); and a style added with
+`lora-pipeline dataset add` materializes its stored dataset version. With LORA_UPDATE_SCREENSHOTS=1 it also writes the
 README's screenshots to docs/images/.
 
 The browser is Debian's `chromium` (Playwright's own download cannot be reached here): found on
@@ -19,29 +21,32 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from lora_pipeline.dataset.ingest import sample_dataset_path
 from lora_pipeline_tests.dagster_layer.conftest import dg_dev
+from lora_pipeline_tests.dagster_layer.test_launch_config import LAUNCH
 
 pytestmark = pytest.mark.slow
+DEV_STORES: dict[str, str] = {}  # the webserver's URL → the store its `dg dev` uses
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "docs" / "images"
 STYLE = "sample_style"
 VIEWPORT = {"width": 1280, "height": 800}
-# What the launchpad's editor is set to: a few training steps (seconds on a CPU) and two small
-# sample images; everything else keeps its default.
+# What the launchpad's editor is set to: a few training steps (seconds on a CPU) and quick samples;
+# everything else keeps its default (the tiny preset's two samples included).
 RUN_CONFIG_YAML = """\
 ops:
   trained_lora:
     config:
       params:
         max_train_steps: 4
-        num_sample_images: 2
         sample_inference_steps: 2
       poll_interval_s: 0.5
 """
@@ -54,7 +59,7 @@ ops:
       alias: production
       reason: first release
 """
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 480  # a ceiling: on a busy 2-core machine the run can take minutes
 # Read at import: the hermetic-environment fixture clears every LORA_* variable before each test.
 UPDATE_SCREENSHOTS = os.environ.get("LORA_UPDATE_SCREENSHOTS") == "1"
 CHECKS = ["unique_version_names", "unique_job_ids", "completed_versions_have_files", "no_presigned_urls"]
@@ -120,7 +125,7 @@ def dagster_dev(tmp_path: Path):
 
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "dagster.dev.yaml", home / "dagster.yaml")
     env = {
         "DAGSTER_HOME": str(home),
         "LORA_STORAGE_URL": (tmp_path / "store").as_uri(),
@@ -131,6 +136,7 @@ def dagster_dev(tmp_path: Path):
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions(STYLES_PARTITIONS_NAME, [STYLE])
     with dg_dev(REPO, tmp_path / "dagster_dev.log", **env) as url:
+        DEV_STORES[url] = env["LORA_STORAGE_URL"]
         yield url
 
 
@@ -198,7 +204,7 @@ def _skip_welcome_dialog(page) -> None:
     """A fresh instance greets the first visit with a 'Join the Dagster community' dialog."""
     skip = page.get_by_role("button", name="Skip")
     try:
-        skip.wait_for(timeout=5000)
+        skip.wait_for(timeout=15_000)  # it can come late on a busy machine, and then blocks every click
     except Exception:  # noqa: BLE001 - no dialog this time
         return
     skip.click()
@@ -273,7 +279,8 @@ def _walk_through(page, dagster_dev: str) -> None:
     versions_table = _row(page, "versions_table")
     expect(versions_table).to_contain_text("V1")
     expect(versions_table).to_contain_text("completed")
-    expect(versions_table).to_contain_text(f"{STYLE}_v1_kohya.safetensors")
+    expect(versions_table).to_contain_text("kohya")
+    expect(versions_table).to_contain_text("diffusers")
     _screenshot(page, "ui-registry-v1.png")
 
     # Its checks, each passed on this materialization.
@@ -321,7 +328,106 @@ def _walk_through(page, dagster_dev: str) -> None:
     expect(aliases).to_contain_text("first release")
     _screenshot(page, "ui-promote.png")
 
+    # 7. A bad promote is refused at launch, in one line, and creates no run.
+    runs_before = len(_runs(dagster_dev))
+    refused = _launch(dagster_dev, "promote_lora_version", {"ops": {"move_lora_alias": {"config": BAD_PROMOTE}}})
+    assert refused["__typename"] == "PythonError", refused
+    assert f"promote_lora_version config: {STYLE} has no version V9 (it has: V1)" in refused["message"]
+    assert len(_runs(dagster_dev)) == runs_before
+
+    # 8. An alias moved with the CLI shows on lora_registry's Events tab, no materialization needed.
+    _cli(dagster_dev, "registry", "promote", STYLE, "@production", "--alias", "staging")
+    _expect_within(page, f"{dagster_dev}/assets/lora_registry?view=events&partition={STYLE}", "staging=V1", 120)
+
+    # 9. A style added with `dataset add` materializes its stored dataset version.
+    _cli(dagster_dev, "dataset", "add", ADDED_STYLE, str(sample_dataset_path()))
+    _wait_for_partition(dagster_dev, ADDED_STYLE, 120)  # style_discovery_sensor adds it
+    added = _launch(
+        dagster_dev,
+        "__ASSET_JOB",
+        {},
+        assets=["training_dataset"],
+        tags={"dagster/partition": ADDED_STYLE},
+    )
+    assert added["__typename"] == "LaunchRunSuccess", added
+    assert _wait_for_run_id(dagster_dev, added["run"]["runId"], 180) == "SUCCESS"
+
+
+BAD_PROMOTE = {"style": STYLE, "version": "V9", "alias": "production"}
+ADDED_STYLE = "added_style"
+
+
+def _launch(url: str, job: str, run_config: dict, *, assets: list[str] | None = None, tags: dict | None = None) -> dict:
+    """Launch ``job`` as the launchpad does (its GraphQL mutation)."""
+    [repository] = _gql(
+        url, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
+    )["repositoriesOrError"]["nodes"]
+    selector: dict = {
+        "repositoryLocationName": repository["location"]["name"],
+        "repositoryName": repository["name"],
+        "pipelineName": job,
+    }
+    if assets:
+        selector["assetSelection"] = [{"path": [asset]} for asset in assets]
+    params = {
+        "selector": selector,
+        "mode": "default",
+        "runConfigData": run_config,
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]},
+    }
+    return _gql(url, LAUNCH, executionParams=params)["launchPipelineExecution"]
+
+
+def _cli(url: str, *args: str) -> None:
+    """``lora-pipeline ARGS`` against the store `dagster dev` uses."""
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lora-pipeline")), *args],
+        env={**os.environ, "LORA_STORAGE_URL": DEV_STORES[url]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _wait_for_run_id(url: str, run_id: str, timeout_s: float) -> str:
+    """The status of run ``run_id`` once it has finished."""
+    query = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _gql(url, query, id=run_id)["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            return status
+        time.sleep(1)
+    pytest.fail(f"run {run_id} not finished after {timeout_s} s")
+
+
+def _wait_for_partition(url: str, style: str, timeout_s: float) -> None:
+    query = """{ partitionSetsOrError: assetOrError(assetKey: {path: ["training_dataset"]}) {
+        ... on Asset { definition { partitionKeys } } } }"""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if style in _gql(url, query)["partitionSetsOrError"]["definition"]["partitionKeys"]:
+            return
+        time.sleep(2)
+    pytest.fail(f"no partition {style} after {timeout_s} s")
+
+
+def _expect_within(page, address: str, text: str, timeout_s: float) -> None:
+    """Reload ``address`` until ``text`` shows (a sensor tick away)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page.goto(address)
+        try:
+            page.get_by_text(text).first.wait_for(timeout=10_000)
+            return
+        except Exception:  # noqa: BLE001 - not yet: reload
+            if time.monotonic() > deadline:
+                raise
+
 
 def _row(page, label: str):
-    """The metadata table's row for ``label``."""
-    return page.locator("tr", has=page.get_by_text(label, exact=True))
+    """The metadata table's row for ``label``: the row whose first cell is the label (a table in a
+    value, e.g. versions_table's "aliases" column, has cells with the same text)."""
+    return page.locator("tr", has=page.locator(f"xpath=./td[1][normalize-space(.)='{label}']"))

@@ -4,13 +4,16 @@ readable tables, links a browser opens, and the trained_lora file check."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 import dagster as dg
 import pytest
 
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.definitions import defs
-from lora_pipeline.defs.assets.lora_registry import versions_markdown
+from lora_pipeline.dataset.ingest import sample_dataset_path
+from lora_pipeline.dataset.versions import current_dataset
+from lora_pipeline.defs.assets.lora_registry import read_lineage, versions_markdown
 from lora_pipeline.defs.presentation import md_file_link, url_value
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline_tests.dagster_layer.conftest import submit_pending
@@ -103,7 +106,7 @@ def test_a_local_file_url_is_shown_as_a_path_and_an_http_one_as_a_link():
     assert md_file_link("loras/s/s_v1.safetensors", "https://cdn/x") == "[s_v1.safetensors](https://cdn/x)"
 
 
-def complete_v1(store, instance) -> dg.ExecuteInProcessResult:
+def complete_v1(store, instance, tags: dict | None = None) -> dg.ExecuteInProcessResult:
     instance.add_dynamic_partitions("styles", [STYLE])
     submit_pending(store, STYLE, JOB)
     store.put(KEY, lora_bytes({"lora_pipeline.steps": "30"}))
@@ -112,7 +115,38 @@ def complete_v1(store, instance) -> dg.ExecuteInProcessResult:
         instance=instance,
         partition_key=STYLE,
         run_config={"ops": {"trained_lora": {"config": {"status_body": status.model_dump_json()}}}},
+        tags=tags,
     )
+
+
+def test_a_version_links_to_its_run_and_its_dataset_materialization_and_has_a_model_card(store, instance, backend):
+    """Issue 23, lineage as links: the versions table links a version's job to the run that recorded
+    it (the completion sensors tag it with the job) and its dataset to the run that materialized
+    that training_dataset version; the model card is stored beside the files and shown."""
+    from lora_pipeline.defs.jobs import JOB_TAG
+    from lora_pipeline.storage.keys import model_card_key
+
+    instance.add_dynamic_partitions("styles", [STYLE])
+    dataset_run = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance,
+        partition_key=STYLE,
+        asset_selection=[dg.AssetKey("training_dataset")],
+        run_config={"ops": {"training_dataset": {"config": {"source": str(sample_dataset_path())}}}},
+    )
+    digest = current_dataset(store, STYLE).dataset_hash
+    result = complete_v1(store, instance, tags={JOB_TAG: JOB})
+    events = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert f"[`{JOB[:8]}`](/runs/{result.run_id})" in events["lora_registry"]["versions_table"].value
+
+    document = RegistryStore(store).read(STYLE)[0]
+    trained_on = replace(document, versions=(replace(document.versions[0], dataset_hash=digest),))
+    table = versions_markdown(trained_on, read_lineage(instance, STYLE, trained_on))
+    assert f"[`{digest[:8]}`](/runs/{dataset_run.run_id})" in table
+
+    card = events["trained_lora"]["model_card"].value
+    assert card.startswith(f"# {STYLE} V1\n") and "## Lineage" in card and JOB in card
+    assert events["trained_lora"]["model_card_key"].value == model_card_key(STYLE, 1)
+    assert store.get(model_card_key(STYLE, 1)).data.decode() == card
 
 
 def test_metadata_is_readable_tables_short_ids_and_no_file_urls(store, instance, backend):
@@ -128,7 +162,7 @@ def test_metadata_is_readable_tables_short_ids_and_no_file_urls(store, instance,
     assert isinstance(lora["url"], dg.PathMetadataValue)
     table = registry["versions_table"].value
     assert f"`{JOB[:8]}`" in table and JOB not in table and "file://" not in table
-    assert f"`{STYLE}_v1.safetensors`" in table and KEY not in table
+    assert "| `diffusers` |" in table and KEY not in table  # linked by layout; the key is in the registry
     problems = [e.metadata["problems"] for e in result.get_asset_check_evaluations() if "problems" in e.metadata]
     assert problems and all(isinstance(p, dg.MarkdownMetadataValue) for p in problems)
 
@@ -155,7 +189,34 @@ def test_the_versions_table_lists_a_version_without_a_job_id(store):
     submit_pending(store, STYLE, JOB)
     document, _ = RegistryStore(store).read(STYLE)
     rows = versions_markdown(document).splitlines()
-    assert rows[0].startswith("| version | status | job |") and len(rows) == 3
+    assert rows[0] == "| version | status | created | base model | dataset | loss | aliases | files | job |"
+    assert len(rows) == 3 and rows[2].startswith("| V1 | starting | ") and rows[2].endswith(f"| `{JOB[:8]}` |")
+
+
+def test_the_versions_table_shows_when_on_what_from_which_dataset_its_loss_and_aliases():
+    """Issue 23: the table was cut off at 1440 px and lacked these columns; the files are linked by
+    layout name, not by their long file names."""
+    from lora_pipeline.registry.aliases import AliasEntry
+    from lora_pipeline.registry.models import LoraFile, RegistryDocument, Version, VersionStatus
+
+    header = {"lora_pipeline.family": "sd1", "lora_pipeline.base_model": "tiny", "lora_pipeline.layout": "diffusers"}
+    version = Version(
+        number=2,
+        status=VersionStatus.completed,
+        created_at=1_765_000_000_000,
+        dataset_hash="ab12cd34" * 8,
+        training={"finalLoss": 0.123456},
+        file=LoraFile("loras/geo/geo_v2.safetensors", 10, "e", 0, header, "diffusers"),
+        lora_url="https://cdn.example.com/loras/geo/geo_v2.safetensors",
+        job_ids=(JOB,),
+    )
+    history = (AliasEntry(1, "production", "V2", "promote", "ana", 0),)
+    table = versions_markdown(RegistryDocument("geo", versions=(version,), alias_history=history))
+    row = table.splitlines()[2]
+    assert row == (
+        "| V2 | completed | 2025-12-06 05:46 | sd1 tiny | `ab12cd34` | 0.1235 | production "
+        f"| [diffusers](https://cdn.example.com/loras/geo/geo_v2.safetensors) | `{JOB[:8]}` |"
+    )
 
 
 def test_the_demo_runs_steps_without_dagster_debug_events(store, instance, capfd):
@@ -195,3 +256,14 @@ def test_reconciliation_reports_its_breakdowns_as_tables(store, instance, backen
     assert isinstance(metadata["stats"], dg.TableMetadataValue)
     assert isinstance(metadata["housekeeping_by_kind"], dg.TableMetadataValue)
     assert {r.data["what"] for r in metadata["stats"].records} >= {"styles_seen", "headers_read"}
+
+
+def test_descriptions_the_catalog_lists_carry_no_markdown_backticks():
+    """Issue 23: the Catalog and the Jobs and Checks lists show descriptions as plain text, so a
+    backtick shows as a backtick."""
+    graph = defs.resolve_asset_graph()
+    texts = {key.to_user_string(): graph.get(key).description or "" for key in graph.get_all_asset_keys()}
+    texts.update({job.name: job.description or "" for job in defs.resolve_all_job_defs()})
+    for assets_def in graph.assets_defs:
+        texts.update({str(spec.key): spec.description or "" for spec in assets_def.check_specs})
+    assert {name: text for name, text in texts.items() if "`" in text} == {}

@@ -66,9 +66,6 @@ def test_remove_action_unsets_the_alias_and_records_it(store, instance):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"version": "V9"}, "promote refused: geo has no version V9"),
-        ({"version": "V4"}, "promote refused: geo V4 is failed"),
-        ({"version": "V1", "alias": "Bad Alias"}, "invalid alias name 'Bad Alias'"),
         ({"action": "rollback"}, "rollback refused: geo has no alias 'production' to roll back"),
         ({"action": "rollback", "alias": "staging"}, "rollback refused: geo has no alias 'staging'"),
     ],
@@ -79,6 +76,27 @@ def test_promote_job_refusals_fail_the_run_with_the_reason(store, instance, conf
     assert not result.success
     assert message in failure(result)
     assert RegistryStore(store).read(S)[0].alias_history == ()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"version": "V9"}, "promote_lora_version config: geo has no version V9 (it has: V1, V2, V3, V4)"),
+        ({"version": "V4"}, "promote_lora_version config: geo V4 is failed: only a completed version can be promoted"),
+        ({"version": "@staging"}, "promote_lora_version config: geo has no alias 'staging' (its aliases: none)"),
+        ({"version": "V1", "alias": "Bad Alias"}, "promote_lora_version config: invalid alias name 'Bad Alias'"),
+        ({}, "promote_lora_version config: version: promote needs a version, e.g. V3, or an alias as @staging"),
+        ({"version": "V1", "style": "no/such"}, "promote_lora_version config: invalid style name 'no/such'"),
+    ],
+)
+def test_a_bad_promote_is_refused_at_launch_in_one_line(store, instance, config, message):
+    """Issue 23: a wrong version failed only after launch; the config mapping refuses it when the
+    run is created, as trained_lora's params are, and no run exists."""
+    seed(store)
+    with pytest.raises(dg.DagsterInvalidConfigError) as caught:
+        promote(instance, **config)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert instance.get_runs() == [] and RegistryStore(store).read(S)[0].alias_history == ()
 
 
 def test_delete_job_refuses_an_aliased_version_and_deletes_another(store, instance):

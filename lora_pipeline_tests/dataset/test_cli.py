@@ -45,6 +45,20 @@ def test_add_with_no_usable_images_fails_and_lists_the_files(runner: CliRunner, 
     assert result.exit_code == 1
     assert "no usable images" in result.output
     assert "a.png: empty file (0 bytes)" in result.output and "b.jpg: not an image" in result.output
+    assert result.output.count("a.png: empty file") == 1  # listed once (issue 23: it was twice)
+    assert result.output.splitlines()[-1] == f"Error: no usable images in {source} (2 file(s) rejected, listed above)"
+
+
+def test_add_warns_when_fewer_images_than_the_check_wants_are_accepted(runner: CliRunner, tmp_path: Path) -> None:
+    source = tmp_path / "three"
+    source.mkdir()
+    for path in sorted(p for p in sample_dataset_path().iterdir() if p.suffix == ".png")[:3]:
+        (source / path.name).write_bytes(path.read_bytes())
+    result = runner.invoke(dataset, ["add", "three", str(source)])
+    assert result.exit_code == 0, result.output
+    assert "warning: only 3 image(s) accepted; the enough_images check wants at least 4" in result.stderr
+    full = runner.invoke(dataset, ["add", "eight", str(sample_dataset_path())])
+    assert "warning" not in full.stderr
 
 
 def test_list_and_show_describe_the_stored_dataset(runner: CliRunner) -> None:

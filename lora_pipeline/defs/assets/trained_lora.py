@@ -17,7 +17,7 @@ from lora_pipeline.defs.declared_styles import DeclaredStyles
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, backend_kind, url_value
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
-from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG
+from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG, render_reused_samples
 from lora_pipeline.lifecycle.samples import sample_rows, samples_markdown
 from lora_pipeline.lifecycle.submit import (
     training_params,
@@ -31,6 +31,8 @@ from lora_pipeline.lifecycle.submit import (
 )
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.registry_store.documents import RegistryStore
+from lora_pipeline.registry_store.model_cards import publish_model_card
 from lora_pipeline.settings import get_settings
 from lora_pipeline.storage import ObjectStore
 from lora_pipeline.webhook.inbox import mark_processed
@@ -138,6 +140,8 @@ def train_on_gpu(
         raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
     except SubmissionUnknown as exc:
         raise dg.Failure(description=str(exc), metadata={"version": exc.version.name}) from None
+    if status is None:  # an existing completed version: render the samples it lacks, if asked for
+        render_reused_samples(context, storage, style, submitted.version, training_params(base_model, overrides))
     return {
         "version": submitted.version,
         "status_body": status.model_dump_json() if status is not None else None,
@@ -194,7 +198,7 @@ def trained_lora(training_dataset):  # noqa: ANN001, ANN201 - a graph's composit
     """Train (or record the training of) this style's LoRA and verify the file.
 
     Materialized by hand (or by automation) it submits a GPU job and waits for it, in
-    `train_on_gpu`, the one step that holds a `runpod_gpu` slot. Started by a completion
+    its train_on_gpu step, the one that holds a runpod_gpu slot. Started by a completion
     sensor with the job's final status it skips that step and only records: a finished job
     is never kept waiting for a GPU slot.
     """
@@ -240,6 +244,10 @@ def completion_result(
         metadata["execution_time_s"] = (status.executionTime or 0) / 1000
     if store is not None:
         metadata["samples"] = dg.MetadataValue.md(samples_markdown(store, version.samples))
+        document, _ = RegistryStore(store).read(completion.style)
+        card_key, card = publish_model_card(store, document, document.version(version.number) or version)
+        metadata["model_card"] = dg.MetadataValue.md(card)
+        metadata["model_card_key"] = card_key
     metadata["sample_count"] = len(version.samples)
     if version.samples:
         metadata["sample_prompts"] = dg.MetadataValue.table(

@@ -7,10 +7,13 @@ from lora_pipeline.dataset.ingest import (
     SAMPLE_TRIGGER_WORD,
     EmptyDatasetError,
     IngestOptions,
+    IngestReport,
+    current_dataset,
     ingest_dataset,
     sample_dataset_path,
+    stored_version_report,
 )
-from lora_pipeline.dataset.report import CheckOutcome, check_caption_coverage, check_min_images
+from lora_pipeline.dataset.report import MIN_IMAGES, CheckOutcome, check_caption_coverage, check_min_images
 from lora_pipeline.defs.declared_styles import DeclaredStyles, StyleDeclaration
 from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, store_kind
@@ -19,7 +22,6 @@ from lora_pipeline.storage.keys import in_api_upload
 
 SAMPLE_STYLE = "sample_style"
 INCOMING_PREFIX = "incoming/"
-MIN_IMAGES = 4
 MIN_CAPTION_COVERAGE = 0.5
 # The table the asset emits (`rejected_files`): each file left out of the version and why.
 REJECTED_SCHEMA = dg.TableSchema(
@@ -47,9 +49,10 @@ class DatasetConfig(dg.Config):
     missing_captions: str = Field("fill", description="'fill' from the trigger word, or 'reject'.")
 
 
-def resolve_source(style: str, config: DatasetConfig, store, declaration: StyleDeclaration | None = None) -> str:
-    """The source to ingest: explicit, else the declared one, else the incoming folder, else the
-    bundled sample."""
+def resolve_source(style: str, config: DatasetConfig, store, declaration: StyleDeclaration | None = None) -> str | None:
+    """The source to ingest: explicit, else the declared one, else the incoming folder, else None
+    when the style has a stored dataset version (``lora-pipeline dataset add`` made it: that
+    version is materialized), else the bundled sample."""
     if config.source:
         return config.source
     if declaration is not None and declaration.source:
@@ -57,11 +60,14 @@ def resolve_source(style: str, config: DatasetConfig, store, declaration: StyleD
     incoming = f"{INCOMING_PREFIX}{style}/"
     if any(not in_api_upload(info.key[len(incoming) :]) for info in store.list(incoming)):
         return f"store:{incoming}"
+    if current_dataset(store, style) is not None:
+        return None
     if style == SAMPLE_STYLE:
         return str(sample_dataset_path())
     raise dg.Failure(
         description=f"no source for style {style!r}: give config 'source', upload to "
-        f"{INCOMING_PREFIX}{style}/ in the store, or run `lora-pipeline dataset add {style} DIR`"
+        f"{INCOMING_PREFIX}{style}/ in the store ({store.describe().rstrip('/')}/{incoming}), "
+        f"or run `lora-pipeline dataset add {style} DIR`"
     )
 
 
@@ -97,12 +103,18 @@ def training_dataset(
     store = storage.get_store()
     declaration = declared_styles.get(style)
     source = resolve_source(style, config, store, declaration)
-    context.log.info(f"ingesting {source} for style {style}")
     trigger_word = (
         config.trigger_word
         or (declaration.trigger_word if declaration else None)
         or (SAMPLE_TRIGGER_WORD if style == SAMPLE_STYLE else None)
     )
+    if source is None:
+        stored = stored_version_report(store, style)
+        if stored is None:  # removed since resolve_source saw it
+            raise dg.Failure(description=f"style {style!r}: its current dataset version is no longer in the store")
+        context.log.info(f"no new source for style {style}: materializing {stored.source}")
+        return _result(stored)
+    context.log.info(f"ingesting {source} for style {style}")
     try:
         report = ingest_dataset(
             store,
@@ -121,6 +133,11 @@ def training_dataset(
     except EmptyDatasetError as exc:
         raise dg.Failure(description=str(exc), metadata=exc.report.dagster_metadata()) from None
     context.log.info(report.summary())
+    return _result(report)
+
+
+def _result(report: IngestReport) -> dg.MaterializeResult:
+    """The materialization of a dataset version: its hash as the data version, its checks."""
     manifest = report.manifest
     assert manifest is not None
     return dg.MaterializeResult(
