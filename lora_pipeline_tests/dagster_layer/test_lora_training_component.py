@@ -12,6 +12,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from lora_pipeline.lifecycle.submit import training_params
+
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.declared_styles import DECLARED_STYLES
 from lora_pipeline.defs.discovery_sensors import new_dataset_version_sensor, style_discovery_sensor
@@ -126,7 +128,8 @@ def test_a_declared_style_materializes_with_its_declared_settings(project, store
     [request] = backend.submitted
     assert (request.style, request.base_model) == ("watercolor", "tiny-sdxl")
     assert (request.params.rank, request.params.max_train_steps) == (8, 40)
-    assert request.params.resolution == 512  # not the tiny model's preset: the declared base model's defaults
+    # The declared base model's preset (tiny-sdxl is built in code: the tiny models' preset), then the declaration's.
+    assert request.params.resolution == training_params("tiny-sdxl", {}).resolution
     dataset = result.asset_materializations_for_node("training_dataset")[0]
     assert dataset.metadata["source"].value == str(project.parent / "sources" / "watercolor")
     [version] = RegistryStore(store).read("watercolor")[0].versions

@@ -52,6 +52,8 @@ def all_descriptions():
     for schedule in repo.schedule_defs:
         yield f"schedule {schedule.name}", schedule.description
     for name, resource in (defs.resources or {}).items():
+        if not isinstance(resource, dg.ConfigurableResource):  # declared_styles: a mapping, no fields
+            continue
         for field, info in type(resource).model_fields.items():
             yield f"resource {name}.{field}", info.description
 
