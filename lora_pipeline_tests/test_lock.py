@@ -11,7 +11,6 @@ import copy
 import importlib.util
 import re
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -116,7 +115,7 @@ def test_the_parser_reads_versions_hashes_and_who_requires_what() -> None:
 
 
 def test_an_interpreter_that_differs_from_the_lock_is_named() -> None:
-    installed = {lock.normalize(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed = lock.installed_versions()
     installed.pop("lora-pipeline", None)
     installed.pop("pip", None)
     exact = lock.Locked(installed, {}, {}, None)

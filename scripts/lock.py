@@ -237,11 +237,16 @@ def check(project: dict, names: tuple[str, ...] = tuple(BY_NAME)) -> list[str]:
     return problems
 
 
-def check_installed(locked: Locked) -> list[str]:
-    """Differences between this interpreter's distributions and the lock (the project itself aside)."""
+def installed_versions() -> dict[str, str]:
+    """This interpreter's distributions, name (normalized) -> version."""
     from importlib import metadata
 
-    installed = {normalize(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    return {normalize(d.metadata["Name"]): d.version for d in metadata.distributions()}
+
+
+def check_installed(locked: Locked) -> list[str]:
+    """Differences between this interpreter's distributions and the lock (the project itself aside)."""
+    installed = installed_versions()
     for own in ("lora-pipeline", "pip"):  # the project itself (editable); the venv's own installer
         installed.pop(own, None)
     problems = [

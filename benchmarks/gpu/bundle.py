@@ -40,6 +40,7 @@ BUNDLE = REPO / ".gpu_bundle"
 if str(REPO / "scripts") not in sys.path:
     sys.path.insert(0, str(REPO / "scripts"))
 import lock as locks  # noqa: E402 - scripts/lock.py: the lock files and their dependency graphs
+from lock import normalize  # noqa: E402 - one spelling of a distribution's name, the lock's
 
 REFERENCE_SCRIPTS = {
     "train_text_to_image_lora.py": "examples/text_to_image/train_text_to_image_lora.py",
@@ -111,17 +112,17 @@ DEVICE_COMMAND = "bash benchmarks/gpu/run_on_gpu.sh"
 QUIET_PIP = dict(os.environ, PIP_CONFIG_FILE=os.devnull)
 
 
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def gpu_roots() -> list[str]:
     """The packages the GPU side imports directly (see NOT_ON_GPU and CORE_ROOTS)."""
+    names = extra_names("train") + extra_names("reference")
+    return [name for name in names if name not in NOT_ON_GPU] + list(CORE_ROOTS)
+
+
+def extra_names(extra: str) -> list[str]:
+    """The distributions pyproject's ``extra`` names, normalized."""
     from packaging.requirements import Requirement
 
-    optional = locks.pyproject()["optional-dependencies"]
-    names = [normalize(Requirement(text).name) for text in optional["train"] + optional["reference"]]
-    return [name for name in names if name not in NOT_ON_GPU] + list(CORE_ROOTS)
+    return [normalize(Requirement(text).name) for text in locks.pyproject()["optional-dependencies"][extra]]
 
 
 def closure(locked: locks.Locked, roots: list[str], stop: Callable[[str], bool]) -> dict[str, str]:
@@ -165,13 +166,8 @@ def available_on_device(cpu_lock: locks.Locked | None = None) -> frozenset[str]:
 def local_reference_deps() -> dict[str, str]:
     """For the dry run of the reference on this machine (its own Python, not 3.12): what the
     `reference` extra needs that this interpreter lacks, at the bundle lock's versions."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    installed = {normalize(d.metadata["Name"]) for d in metadata.distributions()}
-    roots = [Requirement(text).name for text in locks.pyproject()["optional-dependencies"]["reference"]]
-    return closure(locks.read_lock("gpu-bundle"), roots, lambda name: name in installed)
+    installed = locks.installed_versions()
+    return closure(locks.read_lock("gpu-bundle"), extra_names("reference"), lambda name: name in installed)
 
 
 # --------------------------------------------------------------------------- reference scripts
