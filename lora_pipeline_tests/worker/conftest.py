@@ -7,6 +7,7 @@ import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 from PIL import Image
@@ -16,6 +17,7 @@ from lora_pipeline.dataset.ingest import sample_dataset_path
 from lora_pipeline.dataset.manifest import DatasetManifest, ImageEntry, dataset_hash
 from lora_pipeline.storage.keys import dataset_manifest_key, dataset_prefix
 from lora_pipeline.storage.local import LocalStore
+from lora_pipeline.worker.train import TrainOutcome
 
 STYLE = "geo"
 
@@ -152,3 +154,46 @@ def tiny_sd3_model(model_cache: Path) -> Path:
     from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
 
     return ensure_named_tiny_model("tiny-sd3", model_cache)
+
+
+class TrainedFiles(NamedTuple):
+    """A LoRA trained on a tiny model and written in both layouts, as the handler writes them."""
+
+    outcome: TrainOutcome
+    diffusers_file: Path
+    kohya_file: Path
+
+
+def train_and_write(
+    model: Path, family: str, variant: str, folder: Path, *, dataset_hash: str = "ab" * 32, **params: Any
+) -> TrainedFiles:
+    """Train ``family``'s LoRA on ``model`` (the sample images, ``quick_params`` with ``params``),
+    then write the diffusers file and the kohya file with a truthful header, into ``folder``."""
+    from lora_pipeline.worker.artifact import ArtifactFacts, provenance_metadata, write_kohya_file, write_lora_file
+    from lora_pipeline.worker.data import Example, decode_image
+    from lora_pipeline.worker.family import denoiser_config
+    from lora_pipeline.worker.train import train_lora
+
+    examples = [Example(decode_image(data, name), caption, name) for name, data, caption in sample_images()]
+    training = quick_params(**params)
+    outcome = train_lora(training, family, model, examples)  # type: ignore[arg-type]
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    facts = ArtifactFacts(
+        style="geo", version="V2", job_id="job-1", request_id="req-1", dataset_hash=dataset_hash,
+        base_model=f"tiny-{family}", family=family, params=training, steps=outcome.steps,  # type: ignore[arg-type]
+        num_train_images=len(examples), tag_frequency={"geoshapes style": 1}, training_seconds=1.0,
+        started_at=now, finished_at=now, final_loss=outcome.final_loss, prediction_type="flow", variant=variant,
+    )  # fmt: skip
+    diffusers_file = write_lora_file(
+        folder / "geo_v2.safetensors",
+        family,  # type: ignore[arg-type]
+        outcome.denoiser_lora,
+        provenance_metadata(facts),
+        text_encoder_lora=outcome.text_encoder_lora,
+        text_encoder_2_lora=outcome.text_encoder_2_lora,
+        adapter_configs=outcome.adapter_configs,
+    )
+    kohya_file = write_kohya_file(
+        diffusers_file, folder / "geo_v2_kohya.safetensors", denoiser_config=denoiser_config(model)
+    )
+    return TrainedFiles(outcome, diffusers_file, kohya_file)

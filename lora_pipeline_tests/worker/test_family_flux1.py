@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from lora_pipeline.worker.artifact import ArtifactFacts, provenance_metadata, write_kohya_file, write_lora_file
 from lora_pipeline.worker.data import Example, decode_image
 from lora_pipeline.worker.families import family_for
 from lora_pipeline.worker.families.flow import fuse_lora
 from lora_pipeline.worker.families.flux1 import Flux1, bfl_module
 from lora_pipeline.worker.family import denoiser_config, detect_family
 from lora_pipeline.worker.kohya import KohyaNameError
-from lora_pipeline.worker.train import train_lora
-from lora_pipeline_tests.worker.conftest import quick_params, sample_images
+from lora_pipeline_tests.worker.conftest import TrainedFiles, quick_params, sample_images, train_and_write
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "proj_out", "ff.net.2"]
 
@@ -62,38 +59,13 @@ def test_timesteps_follow_the_reference_uniform_density_over_the_unshifted_sched
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_flux1_model: Path, examples: list[Example], tmp_path_factory: pytest.TempPathFactory):
+def trained(tiny_flux1_model: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedFiles:
     """A FLUX.1 LoRA with alpha ≠ rank, CLIP trained too, written in both layouts."""
-    params = quick_params(
-        rank=4,
-        alpha=2,
-        max_train_steps=3,
-        learning_rate=5e-2,
-        target_modules=TARGETS,
-        train_text_encoder=True,
+    return train_and_write(
+        tiny_flux1_model, "flux1", "dev", tmp_path_factory.mktemp("flux1-files"), dataset_hash="ab" * 32,
+        rank=4, alpha=2, max_train_steps=3, learning_rate=5e-2, target_modules=TARGETS, train_text_encoder=True,
         trigger_word="geoshapes style",
-    )
-    outcome = train_lora(params, "flux1", tiny_flux1_model, examples)
-    folder = tmp_path_factory.mktemp("flux-files")
-    now = datetime(2026, 1, 2, tzinfo=UTC)
-    facts = ArtifactFacts(
-        style="geo", version="V2", job_id="job-1", request_id="req-1", dataset_hash="ab" * 32,
-        base_model="tiny-flux1", family="flux1", params=params, steps=outcome.steps, num_train_images=len(examples),
-        tag_frequency={"geoshapes style": 1}, training_seconds=1.0, started_at=now, finished_at=now,
-        final_loss=outcome.final_loss, prediction_type="flow", variant="dev",
     )  # fmt: skip
-    diffusers_file = write_lora_file(
-        folder / "geo_v2.safetensors",
-        "flux1",
-        outcome.denoiser_lora,
-        provenance_metadata(facts),
-        text_encoder_lora=outcome.text_encoder_lora,
-        adapter_configs=outcome.adapter_configs,
-    )
-    kohya_file = write_kohya_file(
-        diffusers_file, folder / "geo_v2_kohya.safetensors", denoiser_config=denoiser_config(tiny_flux1_model)
-    )
-    return outcome, diffusers_file, kohya_file
 
 
 def _transformer_output(pipe, seed: int = 3) -> torch.Tensor:

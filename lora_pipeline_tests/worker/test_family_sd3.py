@@ -5,7 +5,6 @@ under ComfyUI's MMDiT rules, under a header that tells the truth."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_pipeline.worker.artifact import ArtifactFacts, provenance_metadata, write_kohya_file, write_lora_file
 from lora_pipeline.worker.data import Example, decode_image
 from lora_pipeline.worker.families import family_for
 from lora_pipeline.worker.families.sd3 import StableDiffusion3, mmdit_module
 from lora_pipeline.worker.family import denoiser_config, detect_family
 from lora_pipeline.worker.kohya import KohyaNameError
-from lora_pipeline.worker.train import train_lora
 from lora_pipeline_tests.worker import comfy_rules
-from lora_pipeline_tests.worker.conftest import quick_params, sample_images
+from lora_pipeline_tests.worker.conftest import TrainedFiles, sample_images, train_and_write
 
 TARGETS = [
     "to_q",
@@ -73,34 +70,13 @@ def test_sd3_draws_logit_normal_timesteps_of_the_shifted_schedule_and_preconditi
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_sd3_model: Path, examples: list[Example], tmp_path_factory: pytest.TempPathFactory):
+def trained(tiny_sd3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedFiles:
     """An SD3 LoRA with alpha ≠ rank, both CLIPs trained too, written in both layouts."""
-    params = quick_params(
+    return train_and_write(
+        tiny_sd3_model, "sd3", "3-medium", tmp_path_factory.mktemp("sd3-files"), dataset_hash="cd" * 32,
         rank=4, alpha=2, max_train_steps=3, learning_rate=5e-2, target_modules=TARGETS, train_text_encoder=True,
         trigger_word="geoshapes style",
     )  # fmt: skip
-    outcome = train_lora(params, "sd3", tiny_sd3_model, examples)
-    folder = tmp_path_factory.mktemp("sd3-files")
-    now = datetime(2026, 1, 2, tzinfo=UTC)
-    facts = ArtifactFacts(
-        style="geo", version="V2", job_id="job-1", request_id="req-1", dataset_hash="cd" * 32,
-        base_model="tiny-sd3", family="sd3", params=params, steps=outcome.steps, num_train_images=len(examples),
-        tag_frequency={"geoshapes style": 1}, training_seconds=1.0, started_at=now, finished_at=now,
-        final_loss=outcome.final_loss, prediction_type="flow", variant="3-medium",
-    )  # fmt: skip
-    diffusers_file = write_lora_file(
-        folder / "geo_v2.safetensors",
-        "sd3",
-        outcome.denoiser_lora,
-        provenance_metadata(facts),
-        text_encoder_lora=outcome.text_encoder_lora,
-        text_encoder_2_lora=outcome.text_encoder_2_lora,
-        adapter_configs=outcome.adapter_configs,
-    )
-    kohya_file = write_kohya_file(
-        diffusers_file, folder / "geo_v2_kohya.safetensors", denoiser_config=denoiser_config(tiny_sd3_model)
-    )
-    return outcome, diffusers_file, kohya_file
 
 
 def _transformer_output(transformer) -> torch.Tensor:
