@@ -45,7 +45,10 @@ def test_tiny_sd3_is_detected_and_its_variant_read_from_the_transformer(tiny_sd3
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"num_layers": 38}))
     assert StableDiffusion3(tmp_path).variant() == "3.5-large"
     version = StableDiffusion3.kohya_model_version("3.5-large", "flow")
-    assert version["modelspec.architecture"] == "stable-diffusion-v3-5-large/lora"
+    assert version["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
+    assert version["ss_base_model_version"] == "5-large"
+    medium = StableDiffusion3.kohya_model_version("3.5-medium", "flow")
+    assert medium["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
 
 
 def test_sd3_draws_logit_normal_timesteps_of_the_shifted_schedule_and_preconditions(tiny_sd3_model: Path) -> None:
@@ -130,8 +133,9 @@ def test_sd3_headers_tell_the_truth(trained) -> None:
     with safe_open(str(kohya_file), framework="pt") as handle:
         meta = handle.metadata()
         qkv_alpha = float(handle.get_tensor("lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"))
-    assert meta["modelspec.architecture"] == "stable-diffusion-v3-medium/lora"
-    assert meta["ss_network_module"] == "networks.lora_sd3" and meta["ss_base_model_version"] == "sd3"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora"
+    assert meta["ss_network_module"] == "networks.lora_sd3" and meta["ss_base_model_version"] == "medium"
+    assert meta["modelspec.implementation"] == "diffusers"
     assert meta["lora_pipeline.family"] == "sd3" and meta["lora_pipeline.variant"] == "3-medium"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0" and qkv_alpha == 6.0
     assert meta["modelspec.trigger_phrase"] == "geoshapes style" and meta["ss_steps"] == str(outcome.steps)

@@ -27,7 +27,9 @@ from lora_pipeline.worker.families.sd import ConfigReader
 from lora_pipeline.worker.kohya import KohyaNameError
 
 T5_TOKENS = 77  # the reference script's T5 length
-IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # sd-scripts' modelspec for SD3
+IMPLEMENTATION = "diffusers"  # sd-scripts' modelspec.implementation for an SD3 LoRA
+# Our variant → sd-scripts' MMDiT model type (sd3_utils.load_mmdit: "medium", "5-medium", "5-large").
+SD_SCRIPTS_MODEL_TYPE = {"3-medium": "medium", "3.5-medium": "5-medium", "3.5-large": "5-large"}
 
 # diffusers module inside transformer_blocks.N → MMDiT module inside joint_blocks.N.
 _BLOCK = {
@@ -149,11 +151,14 @@ class StableDiffusion3(FlowMatching):
 
     @classmethod
     def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str]:
-        arch = {"3.5-large": "stable-diffusion-v3-5-large", "3.5-medium": "stable-diffusion-v3-5-medium"}
+        # sd-scripts (library/sd3_utils.py, sai_model_spec.py): the MMDiT's model type is the base
+        # model version and follows "stable-diffusion-3-" in the architecture; an SD3 LoRA's
+        # implementation is "diffusers" (determine_implementation: LoRA, not SDXL).
+        model_type = SD_SCRIPTS_MODEL_TYPE.get(variant, "medium")
         return {
             "ss_network_module": "networks.lora_sd3",
-            "ss_base_model_version": "sd3",
-            "modelspec.architecture": arch.get(variant, "stable-diffusion-v3-medium") + "/lora",
+            "ss_base_model_version": model_type,
+            "modelspec.architecture": f"stable-diffusion-3-{model_type}/lora",
             "modelspec.implementation": IMPLEMENTATION,
         }
 
