@@ -134,6 +134,10 @@ def ensure_named_tiny_model(name: str, cache: Path | None = None) -> Path:
         from lora_pipeline.worker.families import sd3
 
         return ensure_built(cache / f"tiny-sd3-v{TINY_MODEL_VERSION}", sd3.build_random, "sd3")
+    if name == "tiny-z-image":
+        from lora_pipeline.worker.families import z_image
+
+        return ensure_built(cache / f"tiny-z-image-v{TINY_MODEL_VERSION}", z_image.build_random, "z-image")
     raise ValueError(f"no tiny model {name!r}; built in code are {', '.join(TINY_MODELS)}")
 
 

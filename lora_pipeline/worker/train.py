@@ -224,7 +224,8 @@ def prepare_cache(
         pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         dist = models.vae.encode(pixels.unsqueeze(0).to(device)).latent_dist
         means.append(dist.mean[0].to(dtype))
-        stds.append(dist.std[0].to(dtype))
+        # A zero std trains on the posterior's mode (the family's script does); the draw stays.
+        stds.append(torch.zeros_like(means[-1]) if family.latent_mode else dist.std[0].to(dtype))
         buckets.append(bucket)
         extra = family.image_conditioning(example.image.size, bucket, top_left)
         conditioning.append({k: torch.tensor(v, dtype=dtype, device=device) for k, v in extra.items()})
@@ -389,6 +390,10 @@ def _train(
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     rules = family_for(family, model_dir)
+    if params.train_text_encoder and not rules.text_encoder_components:
+        raise WorkerInputError(
+            f"params.train_text_encoder: a {rules.name} LoRA trains no text encoder (nor does its script)"
+        )
     models = rules.load(device, dtype)
     cache = prepare_cache(rules, models, examples, params, device, dtype)
     offload_cached_encoders(models, params, device)

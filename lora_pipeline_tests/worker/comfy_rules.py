@@ -316,6 +316,60 @@ def mmdit_to_mmdit(depth: int) -> dict[str, str | tuple[str, int, int]]:
     return out
 
 
+# -- Z-Image ------------------------------------------------------------------------------
+# ComfyUI loads Z-Image as a Lumina 2 model (NextDiT); comfy/utils.py ``z_image_to_diffusers``
+# (v0.19.3) maps diffusers' Z-Image weights onto it: to_q/to_k/to_v are rows 0, dim, 2·dim of
+# ``attention.qkv`` (``(qkv, (0, offset, dim))``), the rest one to one. Its LoRA key map holds
+# ``lora_unet_<NextDiT path>`` for every weight of that model, as for every model.
+Z_IMAGE_BLOCK = {
+    "attention.norm_q.weight": "attention.q_norm.weight",
+    "attention.norm_k.weight": "attention.k_norm.weight",
+    "attention.to_out.0.weight": "attention.out.weight",
+    "attention.to_out.0.bias": "attention.out.bias",
+    "attention_norm1.weight": "attention_norm1.weight",
+    "attention_norm2.weight": "attention_norm2.weight",
+    "feed_forward.w1.weight": "feed_forward.w1.weight",
+    "feed_forward.w2.weight": "feed_forward.w2.weight",
+    "feed_forward.w3.weight": "feed_forward.w3.weight",
+    "ffn_norm1.weight": "ffn_norm1.weight",
+    "ffn_norm2.weight": "ffn_norm2.weight",
+    "adaLN_modulation.0.weight": "adaLN_modulation.0.weight",  # has_adaln (context_refiner has none)
+    "adaLN_modulation.0.bias": "adaLN_modulation.0.bias",
+}
+Z_IMAGE_BASIC = {
+    "all_final_layer.2-1.linear.weight": "final_layer.linear.weight",
+    "all_final_layer.2-1.linear.bias": "final_layer.linear.bias",
+    "all_final_layer.2-1.adaLN_modulation.1.weight": "final_layer.adaLN_modulation.1.weight",
+    "all_final_layer.2-1.adaLN_modulation.1.bias": "final_layer.adaLN_modulation.1.bias",
+    "all_x_embedder.2-1.weight": "x_embedder.weight",
+    "all_x_embedder.2-1.bias": "x_embedder.bias",
+    "x_pad_token": "x_pad_token",
+    "cap_embedder.0.weight": "cap_embedder.0.weight",
+    "cap_embedder.1.weight": "cap_embedder.1.weight",
+    "cap_embedder.1.bias": "cap_embedder.1.bias",
+    "cap_pad_token": "cap_pad_token",
+    "t_embedder.mlp.0.weight": "t_embedder.mlp.0.weight",
+    "t_embedder.mlp.0.bias": "t_embedder.mlp.0.bias",
+    "t_embedder.mlp.2.weight": "t_embedder.mlp.2.weight",
+    "t_embedder.mlp.2.bias": "t_embedder.mlp.2.bias",
+}
+
+
+def z_image_to_nextdit(n_layers: int, n_refiner_layers: int, dim: int) -> dict[str, str | tuple[str, int, int]]:
+    """diffusers Z-Image weight → NextDiT weight, or (that, row offset, rows) inside ``attention.qkv``."""
+    out: dict[str, str | tuple[str, int, int]] = {}
+    blocks = [f"layers.{i}" for i in range(n_layers)]
+    blocks += [f"{kind}.{i}" for kind in ("context_refiner", "noise_refiner") for i in range(n_refiner_layers)]
+    for block in blocks:
+        for end in ("weight", "bias"):
+            for j, part in enumerate(("to_q", "to_k", "to_v")):
+                out[f"{block}.attention.{part}.{end}"] = (f"{block}.attention.qkv.{end}", dim * j, dim)
+        for a, b in Z_IMAGE_BLOCK.items():
+            out[f"{block}.{a}"] = f"{block}.{b}"
+    out.update(Z_IMAGE_BASIC)
+    return out
+
+
 def apply_kohya_lora(
     lora: Mapping[str, Any], model: Mapping[str, Any], clip: Mapping[str, int]
 ) -> tuple[dict[str, Any], list[str]]:

@@ -156,6 +156,14 @@ def tiny_sd3_model(model_cache: Path) -> Path:
     return ensure_named_tiny_model("tiny-sd3", model_cache)
 
 
+@pytest.fixture(scope="session")
+def tiny_z_image_model(model_cache: Path) -> Path:
+    """Z-Image-shaped (single-stream DiT, Qwen3 captions) at tiny sizes."""
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
+
+    return ensure_named_tiny_model("tiny-z-image", model_cache)
+
+
 class TrainedFiles(NamedTuple):
     """A LoRA trained on a tiny model and written in both layouts, as the handler writes them."""
 

@@ -24,6 +24,21 @@ FAMILIES = {
         "tiny_sd3_model",
         ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.0.proj", "ff.net.2", "ff_context.net.2", "proj_out"],
     ),
+    "z-image": (
+        "tiny_z_image_model",
+        [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "w1",
+            "w2",
+            "w3",
+            "layers.0.adaLN_modulation.0",
+            "adaLN_modulation.1",
+            "linear",
+        ],
+    ),
 }
 
 
