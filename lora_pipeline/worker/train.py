@@ -152,6 +152,11 @@ def add_lora(models: Loaded, params: TrainingParams) -> list[torch.nn.Parameter]
     except ValueError as exc:
         raise WorkerInputError(f"params.target_modules: {exc}") from None
     modules = [models.denoiser]
+    if params.train_text_encoder and not models.text_encoders:
+        raise WorkerInputError(
+            "params.train_text_encoder: this family's text encoder is not trained (its reference script "
+            "adapts the transformer only); set it to false"
+        )
     if params.train_text_encoder:
         te_config = LoraConfig(
             r=params.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS
@@ -224,7 +229,8 @@ def prepare_cache(
         pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         dist = models.vae.encode(pixels.unsqueeze(0).to(device)).latent_dist
         means.append(dist.mean[0].to(dtype))
-        stds.append(dist.std[0].to(dtype))
+        # std 0: every draw is the mean, for a family whose script encodes the mode.
+        stds.append((torch.zeros_like(dist.std[0]) if family.latent_mode else dist.std[0]).to(dtype))
         buckets.append(bucket)
         extra = family.image_conditioning(example.image.size, bucket, top_left)
         conditioning.append({k: torch.tensor(v, dtype=dtype, device=device) for k, v in extra.items()})

@@ -46,6 +46,7 @@ class Family:
     channels_last: ClassVar[bool] = False  # a convolutional denoiser gains from channels-last memory
     fused_qkv: ClassVar[bool] = False  # levers.fuse_qkv knows its attention layers
     peft_names: ClassVar[bool] = False  # its diffusers file keeps peft's lora_A/lora_B names (as its script saves)
+    latent_mode: ClassVar[bool] = False  # its script trains on the VAE's mode (the mean), not a sample (FLUX.2)
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
@@ -143,10 +144,11 @@ class Family:
         return tensors
 
     @classmethod
-    def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str]:
+    def kohya_model_version(cls, variant: str, prediction_type: str) -> Mapping[str, str | None]:
         """The header keys that name the base model as sd-scripts does: ``ss_base_model_version``,
         ``modelspec.architecture``, ``modelspec.implementation`` (and ``ss_v2``,
-        ``modelspec.prediction_type`` where sd-scripts writes them)."""
+        ``modelspec.prediction_type`` where sd-scripts writes them). None removes a key (a
+        family sd-scripts cannot load claims no ``ss_network_module``)."""
         raise NotImplementedError
 
 
