@@ -284,7 +284,7 @@ TINY_VAE = dict(
     batch_norm_eps=1e-4,
 )
 # Qwen3-4B scaled down to width 16; 28 layers so the pipeline's layers (9, 18, 27) exist.
-TINY_QWEN3 = dict(
+TINY_QWEN3: dict[str, Any] = dict(
     hidden_size=16,
     intermediate_size=32,
     num_hidden_layers=28,
@@ -306,12 +306,12 @@ CHAT_TEMPLATE = (
 def tiny_qwen_tokenizer(folder: Path) -> Any:
     """A Qwen2 byte-level BPE tokenizer on the tiny vocabulary (every byte a token, no merges) with
     Qwen's special tokens (``<|endoftext|>`` pads, as in Qwen3) and the chat template above."""
-    from transformers import Qwen2TokenizerFast
+    from transformers import Qwen2Tokenizer  # Qwen2TokenizerFast's class in transformers 5
 
     from lora_pipeline.worker.tiny_model import write_tiny_tokenizer_files
 
     write_tiny_tokenizer_files(folder)
-    tokenizer = Qwen2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), unk_token=None)
+    tokenizer = Qwen2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -335,7 +335,7 @@ def build_random(folder: Path, *, seed: int = 0, distilled: bool = False) -> Non
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER)
     torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(**TINY_VAE)
+    vae: Any = AutoencoderKLFlux2(**TINY_VAE)  # its `bn` is set in __init__, unseen by mypy
     with torch.no_grad():
         vae.bn.running_mean.copy_(0.1 * torch.randn_like(vae.bn.running_mean))
         vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
