@@ -198,6 +198,8 @@ def test_the_flux2_comfyui_file_loads_whole_under_comfyuis_rules_with_the_traine
 
 
 def test_flux2_headers_tell_the_truth(trained) -> None:
+    from lora_pipeline.registry.layouts import layout_of
+
     outcome, diffusers_file, kohya_file = trained
     with safe_open(str(kohya_file), framework="pt") as handle:
         meta = handle.metadata()
@@ -214,7 +216,11 @@ def test_flux2_headers_tell_the_truth(trained) -> None:
     assert meta["lora_pipeline.dataset_hash"] == "ef" * 32
     with safe_open(str(diffusers_file), framework="pt") as handle:
         adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
+        diffusers_keys = list(handle.keys())
     assert adapter["transformer.lora_alpha"] == 2 and adapter["transformer.r"] == 4
+    with safe_open(str(kohya_file), framework="pt") as handle:
+        kohya_keys = list(handle.keys())
+    assert (layout_of(kohya_keys), layout_of(diffusers_keys)) == ("kohya", "diffusers")  # as the registry reads them
 
 
 def test_flux2_sample_images_render_with_the_lora_loaded(tiny_flux2_klein_model: Path, trained) -> None:
