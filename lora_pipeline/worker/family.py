@@ -29,11 +29,9 @@ def detect_family(model_dir: Path) -> ModelFamily:
         found = family.detect(index, config)
         if found is not None:
             return found  # type: ignore[return-value]  # each detect answers one of its names
+    supported = ", ".join(f"{family.name} ({family.pipeline_class})" for family in FAMILIES)
     raise WorkerInputError(
-        f"unknown model family: base model at {model_dir} is a {index.get('_class_name')!r}; "
-        "supported are Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL "
-        "(StableDiffusionXLPipeline), FLUX.1 (FluxPipeline), SD3/3.5 (StableDiffusion3Pipeline) and "
-        "Z-Image (ZImagePipeline)"
+        f"unknown model family: base model at {model_dir} is a {index.get('_class_name')!r}; supported are {supported}"
     )
 
 

@@ -53,7 +53,7 @@ def generate_samples(
     for index, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(params.seed + index)
         image = pipe(
-            prompt,
+            prompt=prompt,  # by name: FLUX.2 klein's pipeline takes an image first
             num_inference_steps=params.sample_inference_steps,
             height=params.resolution,
             width=params.resolution,

@@ -138,6 +138,11 @@ def ensure_named_tiny_model(name: str, cache: Path | None = None) -> Path:
         from lora_pipeline.worker.families import z_image
 
         return ensure_built(cache / f"tiny-z-image-v{TINY_MODEL_VERSION}", z_image.build_random, "z-image")
+
+    if name == "tiny-flux2-klein":
+        from lora_pipeline.worker.families import flux2_klein
+
+        return ensure_built(cache / f"tiny-flux2-klein-v{TINY_MODEL_VERSION}", flux2_klein.build_random, "flux2-klein")
     raise ValueError(f"no tiny model {name!r}; built in code are {', '.join(TINY_MODELS)}")
 
 

@@ -235,6 +235,43 @@ def flux_to_bfl(depth: int, depth_single: int, hidden: int) -> dict[str, str | t
     return out
 
 
+# -- FLUX.2 -------------------------------------------------------------------------------
+# The same ``flux_to_diffusers`` for a FLUX.2 model (model_base.Flux2 is a Flux; its model is
+# comfy/ldm/flux/model.py with ``global_modulation`` and ``mlp_silu_act``): the block-map entries
+# FLUX.2's diffusers names hit ("LyCoris LoKr" feed-forwards, "# Flux 2" single blocks). It has no
+# entry for ``time_guidance_embed``, ``double_stream_modulation_*`` or ``single_stream_modulation``,
+# and ``norm_out.linear`` only with shift and scale swapped (left out, as for SD3).
+FLUX2_DOUBLE = {
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+}
+FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+FLUX2_BASIC = {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in"}
+
+
+def flux2_to_bfl(depth: int, depth_single: int, hidden: int) -> dict[str, str | tuple[str, int, int]]:
+    """diffusers FLUX.2 ``<module>.weight`` → ComfyUI's ``<module>.weight`` or (that, row offset, rows)."""
+    out: dict[str, str | tuple[str, int, int]] = {}
+    for i in range(depth):
+        src, dst = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, part in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.img_attn.qkv.weight", hidden * j, hidden)
+        for j, part in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            out[f"{src}.attn.{part}.weight"] = (f"{dst}.txt_attn.qkv.weight", hidden * j, hidden)
+        for a, b in FLUX2_DOUBLE.items():
+            out[f"{src}.{a}.weight"] = f"{dst}.{b}.weight"
+    for i in range(depth_single):
+        for a, b in FLUX2_SINGLE.items():
+            out[f"single_transformer_blocks.{i}.{a}.weight"] = f"single_blocks.{i}.{b}.weight"
+    for a, b in FLUX2_BASIC.items():
+        out[f"{a}.weight"] = f"{b}.weight"
+    return out
+
+
 def to_bfl(weights: Mapping[str, Any], mapping: Mapping[str, str | tuple[str, int, int]]) -> dict[str, Any]:
     """A diffusers transformer's weights as ComfyUI's model (BFL's FLUX.1, SD3's MMDiT) holds them."""
     import torch

@@ -164,6 +164,14 @@ def tiny_z_image_model(model_cache: Path) -> Path:
     return ensure_named_tiny_model("tiny-z-image", model_cache)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_model(model_cache: Path) -> Path:
+    """FLUX.2-klein-4B-base-shaped (Qwen3, batch-norm latents patchified 2×2) at tiny sizes."""
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
+
+    return ensure_named_tiny_model("tiny-flux2-klein", model_cache)
+
+
 class TrainedFiles(NamedTuple):
     """A LoRA trained on a tiny model and written in both layouts, as the handler writes them."""
 

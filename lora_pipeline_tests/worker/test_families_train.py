@@ -20,6 +20,19 @@ FAMILIES = {
         "tiny_flux1_model",
         ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "proj_out", "ff.net.2"],
     ),
+    "flux2-klein": (
+        "tiny_flux2_klein_model",
+        [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "ff.linear_in",
+            "to_qkv_mlp_proj",
+            "single_transformer_blocks.0.attn.to_out",
+        ],
+    ),
     "sd3": (
         "tiny_sd3_model",
         ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.0.proj", "ff.net.2", "ff_context.net.2", "proj_out"],

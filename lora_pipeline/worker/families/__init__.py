@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lora_pipeline.worker.families.base import Family, Loaded
 from lora_pipeline.worker.families.flux1 import Flux1
+from lora_pipeline.worker.families.flux2_klein import Flux2Klein
 from lora_pipeline.worker.families.sd import StableDiffusion, StableDiffusion2
 from lora_pipeline.worker.families.sd3 import StableDiffusion3
 from lora_pipeline.worker.families.sdxl import StableDiffusionXL
@@ -19,6 +20,7 @@ FAMILIES: tuple[type[Family], ...] = (
     Flux1,
     StableDiffusion3,
     ZImage,
+    Flux2Klein,
 )
 _BY_NAME: dict[str, type[Family]] = {cls.name: cls for cls in FAMILIES}
 
