@@ -32,7 +32,8 @@ def detect_family(model_dir: Path) -> ModelFamily:
     raise WorkerInputError(
         f"unknown model family: base model at {model_dir} is a {index.get('_class_name')!r}; "
         "supported are Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL "
-        "(StableDiffusionXLPipeline), FLUX.1 (FluxPipeline) and SD3/3.5 (StableDiffusion3Pipeline)"
+        "(StableDiffusionXLPipeline), FLUX.1 (FluxPipeline), SD3/3.5 (StableDiffusion3Pipeline) and Qwen-Image "
+        "(QwenImagePipeline)"
     )
 
 

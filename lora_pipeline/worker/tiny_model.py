@@ -134,6 +134,10 @@ def ensure_named_tiny_model(name: str, cache: Path | None = None) -> Path:
         from lora_pipeline.worker.families import sd3
 
         return ensure_built(cache / f"tiny-sd3-v{TINY_MODEL_VERSION}", sd3.build_random, "sd3")
+    if name == "tiny-qwen-image":
+        from lora_pipeline.worker.families import qwen_image
+
+        return ensure_built(cache / f"tiny-qwen-image-v{TINY_MODEL_VERSION}", qwen_image.build_random, "qwen-image")
     raise ValueError(f"no tiny model {name!r}; built in code are {', '.join(TINY_MODELS)}")
 
 

@@ -152,6 +152,10 @@ def add_lora(models: Loaded, params: TrainingParams) -> list[torch.nn.Parameter]
     except ValueError as exc:
         raise WorkerInputError(f"params.target_modules: {exc}") from None
     modules = [models.denoiser]
+    if params.train_text_encoder and not models.text_encoders:
+        raise WorkerInputError(
+            "params.train_text_encoder: this model family trains no text encoder (its pipeline loads none)"
+        )
     if params.train_text_encoder:
         te_config = LoraConfig(
             r=params.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS

@@ -156,6 +156,14 @@ def tiny_sd3_model(model_cache: Path) -> Path:
     return ensure_named_tiny_model("tiny-sd3", model_cache)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_image_model(model_cache: Path) -> Path:
+    """Qwen-Image-shaped (MMDiT, Qwen2.5-VL text model, one-frame video VAE) at tiny sizes."""
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
+
+    return ensure_named_tiny_model("tiny-qwen-image", model_cache)
+
+
 class TrainedFiles(NamedTuple):
     """A LoRA trained on a tiny model and written in both layouts, as the handler writes them."""
 

@@ -6,12 +6,20 @@ from pathlib import Path
 
 from lora_pipeline.worker.families.base import Family, Loaded
 from lora_pipeline.worker.families.flux1 import Flux1
+from lora_pipeline.worker.families.qwen_image import QwenImage
 from lora_pipeline.worker.families.sd import StableDiffusion, StableDiffusion2
 from lora_pipeline.worker.families.sd3 import StableDiffusion3
 from lora_pipeline.worker.families.sdxl import StableDiffusionXL
 
 # In detection order: the first whose ``detect`` answers names the family.
-FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion, StableDiffusion2, Flux1, StableDiffusion3)
+FAMILIES: tuple[type[Family], ...] = (
+    StableDiffusionXL,
+    StableDiffusion,
+    StableDiffusion2,
+    Flux1,
+    StableDiffusion3,
+    QwenImage,
+)
 _BY_NAME: dict[str, type[Family]] = {cls.name: cls for cls in FAMILIES}
 
 
