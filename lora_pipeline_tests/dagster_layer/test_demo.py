@@ -90,7 +90,11 @@ def test_materializing_all_three_assets_yields_a_trained_lora_in_the_registry(st
 
 @pytest.mark.parametrize(
     ("base_model", "family", "architecture"),
-    [("tiny-flux1", "flux1", "flux-1-dev/lora"), ("tiny-sd3", "sd3", "stable-diffusion-v3-medium/lora")],
+    [
+        ("tiny-flux1", "flux1", "flux-1-dev/lora"),
+        ("tiny-sd3", "sd3", "stable-diffusion-v3-medium/lora"),
+        ("tiny-qwen-image", "qwen-image", "Qwen-Image/lora"),
+    ],
 )
 def test_demo_on_a_transformer_family_ends_in_a_completed_version_whose_files_registry_download_hands_out(
     base_model, family, architecture, store_dir, model_cache, tmp_path
