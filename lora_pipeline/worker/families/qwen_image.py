@@ -266,7 +266,7 @@ SCHEDULER = dict(
 )
 # Qwen2.5-VL-7B's text model (28 layers, 3584 wide, 28 heads / 4 KV heads, mrope sections
 # [16, 24, 24] of a 128 head) scaled down: 2 layers, 32 wide, 4 heads / 2 KV heads of 8.
-TINY_TEXT = dict(
+TINY_TEXT: dict[str, Any] = dict(
     hidden_size=32,
     intermediate_size=37,
     num_hidden_layers=2,
@@ -288,9 +288,7 @@ def tiny_qwen_tokenizer(folder: Path) -> Any:
 
     write_tiny_tokenizer_files(folder)
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
     return tokenizer
 
