@@ -57,6 +57,9 @@ MAX_SEQUENCE_LENGTH = 512  # the reference script's --max_sequence_length defaul
 ARCHITECTURE = "Qwen-Image/lora"
 IMPLEMENTATION = "https://github.com/QwenLM/Qwen-Image"
 NETWORK_MODULE = "networks.lora_qwen_image"  # musubi-tuner's Qwen-Image LoRA module, which reads these names
+# musubi-tuner's hv_train_network.py writes ss_base_model_version = architecture_full_name, for
+# Qwen-Image dataset/image_video_dataset.py's ARCHITECTURE_QWEN_IMAGE_FULL.
+BASE_MODEL_VERSION = "qwen_image"
 
 # The Linear layers of ComfyUI's QwenImage model (comfy/ldm/qwen_image/model.py), which have the
 # same paths in diffusers' transformer: inside each transformer_blocks.N, and at the top.
@@ -197,6 +200,7 @@ class QwenImage(FlowMatching):
     def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str]:
         return {
             "ss_network_module": NETWORK_MODULE,
+            "ss_base_model_version": BASE_MODEL_VERSION,
             "modelspec.architecture": ARCHITECTURE,
             "modelspec.implementation": IMPLEMENTATION,
         }
