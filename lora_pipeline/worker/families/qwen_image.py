@@ -24,7 +24,8 @@ the same at HEAD but for its version check):
   ``latent_dist.sample()`` normalised per channel, ``(z − latents_mean) / latents_std`` (the VAE
   config's 16-value lists). The training loop draws ``mean + std·ε`` then ``(z − shift)·scaling``
   with scalars, so ``NormalisedFrames`` hands it the distribution already normalised (mean and std
-  divided per channel: the same sample) and the scalar transform is the identity.
+  divided per channel: the same sample) and the scalar transform is the identity. The VAE encodes
+  in float32, as every family's here (the script casts it to the training dtype).
 
 The companion (primary) file: ComfyUI v0.19.3 loads the QwenImage model's weights under their
 own names, which are diffusers' (``comfy/ldm/qwen_image/model.py``: ``transformer_blocks.N.attn.to_q``,
