@@ -184,7 +184,11 @@ def kohya_metadata(facts: ArtifactFacts) -> dict[str, str]:
         "modelspec.resolution": f"{p.resolution}x{p.resolution}",
         "modelspec.date": facts.finished_at.astimezone(UTC).replace(microsecond=0).isoformat(),
     }
-    metadata.update(family_class(facts.family).kohya_model_version(facts.variant, facts.prediction_type))
+    for key, value in family_class(facts.family).kohya_model_version(facts.variant, facts.prediction_type).items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
     if p.trigger_word:
         metadata["modelspec.trigger_phrase"] = p.trigger_word
     return metadata

@@ -152,10 +152,6 @@ def add_lora(models: Loaded, params: TrainingParams) -> list[torch.nn.Parameter]
     except ValueError as exc:
         raise WorkerInputError(f"params.target_modules: {exc}") from None
     modules = [models.denoiser]
-    if params.train_text_encoder and not models.text_encoders:
-        raise WorkerInputError(
-            "params.train_text_encoder: this model family trains no text encoder (its pipeline loads none)"
-        )
     if params.train_text_encoder:
         te_config = LoraConfig(
             r=params.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS
@@ -393,6 +389,10 @@ def _train(
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     rules = family_for(family, model_dir)
+    if params.train_text_encoder and not rules.text_encoder_components:
+        raise WorkerInputError(
+            f"params.train_text_encoder: a {rules.name} LoRA trains no text encoder (nor does its script)"
+        )
     models = rules.load(device, dtype)
     cache = prepare_cache(rules, models, examples, params, device, dtype)
     offload_cached_encoders(models, params, device)

@@ -143,10 +143,11 @@ class Family:
         return tensors
 
     @classmethod
-    def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str]:
+    def kohya_model_version(cls, variant: str, prediction_type: str) -> Mapping[str, str | None]:
         """The header keys that name the base model as sd-scripts does: ``ss_base_model_version``,
         ``modelspec.architecture``, ``modelspec.implementation`` (and ``ss_v2``,
-        ``modelspec.prediction_type`` where sd-scripts writes them)."""
+        ``modelspec.prediction_type`` where sd-scripts writes them). None: leave the key out
+        (a family sd-scripts does not train claims none of its network modules)."""
         raise NotImplementedError
 
 

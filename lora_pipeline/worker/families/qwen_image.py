@@ -57,7 +57,6 @@ MAX_SEQUENCE_LENGTH = 512  # the reference script's --max_sequence_length defaul
 # IMPL_QWEN_IMAGE; sd-scripts has no Qwen-Image, musubi-tuner (kohya-ss's DiT trainer) is its kohya.
 ARCHITECTURE = "Qwen-Image/lora"
 IMPLEMENTATION = "https://github.com/QwenLM/Qwen-Image"
-NETWORK_MODULE = "networks.lora_qwen_image"  # musubi-tuner's Qwen-Image LoRA module, which reads these names
 # musubi-tuner's hv_train_network.py writes ss_base_model_version = architecture_full_name, for
 # Qwen-Image dataset/image_video_dataset.py's ARCHITECTURE_QWEN_IMAGE_FULL.
 BASE_MODEL_VERSION = "qwen_image"
@@ -198,9 +197,9 @@ class QwenImage(FlowMatching):
         return tensors
 
     @classmethod
-    def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str]:
+    def kohya_model_version(cls, variant: str, prediction_type: str) -> dict[str, str | None]:
         return {
-            "ss_network_module": NETWORK_MODULE,
+            "ss_network_module": None,  # sd-scripts has no Qwen-Image network (musubi-tuner's is its own)
             "ss_base_model_version": BASE_MODEL_VERSION,
             "modelspec.architecture": ARCHITECTURE,
             "modelspec.implementation": IMPLEMENTATION,
