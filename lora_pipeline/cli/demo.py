@@ -15,7 +15,7 @@ import click
     "--base-model",
     default="tiny",
     show_default=True,
-    help="Base model: one built in code (tiny = SD 1.x, tiny-sdxl, tiny-flux1, tiny-sd3, tiny-z-image, tiny-flux2-klein), a folder, "
+    help="Base model: one built in code (tiny = SD 1.x, tiny-sdxl, tiny-flux1, tiny-sd3, tiny-z-image, tiny-flux2-klein, tiny-qwen-image), a folder, "
     "store:<prefix> or a hub id.",
 )
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds to wait for training.")

@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lora_pipeline.registry.names import validate_style
 
-ModelFamily = Literal["sd1", "sd2", "sdxl", "flux1", "sd3", "z-image", "flux2-klein"]
+ModelFamily = Literal["sd1", "sd2", "sdxl", "flux1", "sd3", "z-image", "flux2-klein", "qwen-image"]
 # Base models built in code (random weights; tests, the demo, CPU benchmarks): `tiny` is SD 1.x.
-TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-flux1", "tiny-sd3", "tiny-z-image", "tiny-flux2-klein")
-FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "sd3", "z-image", "flux2-klein"]
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-flux1", "tiny-sd3", "tiny-z-image", "tiny-flux2-klein", "tiny-qwen-image")
+FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "sd3", "z-image", "flux2-klein", "qwen-image"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit"]
 
@@ -126,7 +126,7 @@ class TrainingRequest(BaseModel):
     dataset_hash: str = Field(pattern=r"^[0-9a-f]{8,128}$")
     base_model: str = Field(
         "tiny",
-        description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3', 'tiny-z-image', 'tiny-flux2-klein' (built in code), a local folder, "
+        description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3', 'tiny-z-image', 'tiny-flux2-klein', 'tiny-qwen-image' (built in code), a local folder, "
         "'store:<key prefix>' or a hub id.",
     )
     model_family: FamilyChoice = Field(

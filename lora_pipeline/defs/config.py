@@ -58,7 +58,7 @@ class TrainingConfig(dg.Config):
 
     base_model: str | None = Field(
         None,
-        description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3', 'tiny-z-image', 'tiny-flux2-klein' (built in code), a local diffusers folder, "
+        description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3', 'tiny-z-image', 'tiny-flux2-klein', 'tiny-qwen-image' (built in code), a local diffusers folder, "
         "'store:<prefix>' or a hub id. Unset: the style's declared base model (a LoraTraining defs.yaml), else 'tiny'.",
     )
     params: TrainingParamsConfig = Field(

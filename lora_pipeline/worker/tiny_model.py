@@ -143,6 +143,11 @@ def ensure_named_tiny_model(name: str, cache: Path | None = None) -> Path:
         from lora_pipeline.worker.families import flux2_klein
 
         return ensure_built(cache / f"tiny-flux2-klein-v{TINY_MODEL_VERSION}", flux2_klein.build_random, "flux2-klein")
+
+    if name == "tiny-qwen-image":
+        from lora_pipeline.worker.families import qwen_image
+
+        return ensure_built(cache / f"tiny-qwen-image-v{TINY_MODEL_VERSION}", qwen_image.build_random, "qwen-image")
     raise ValueError(f"no tiny model {name!r}; built in code are {', '.join(TINY_MODELS)}")
 
 

@@ -95,6 +95,7 @@ def test_materializing_all_three_assets_yields_a_trained_lora_in_the_registry(st
         ("tiny-sd3", "sd3", "stable-diffusion-3-medium/lora"),
         ("tiny-z-image", "z-image", "Z-Image/lora"),
         ("tiny-flux2-klein", "flux2-klein", "Flux.2-klein-4b/lora"),
+        ("tiny-qwen-image", "qwen-image", "Qwen-Image/lora"),
     ],
 )
 def test_demo_on_a_transformer_family_ends_in_a_completed_version_whose_files_registry_download_hands_out(

@@ -416,6 +416,12 @@ def apply_kohya_lora(
     key_map = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): "diffusion_model." + k for k in model}
     key_map.update(clip_key_map(clip))
     patches, not_loaded = load_lora(lora, key_map)
+    return apply_patches(model, patches), not_loaded
+
+
+def apply_patches(model: Mapping[str, Any], patches: Mapping[str, Patch]) -> dict[str, Any]:
+    """``model`` (without ``diffusion_model.``) with each diffusion-model patch added as ComfyUI
+    adds a LoRA: ``weight += alpha/rank · up @ down`` (alpha = rank when the file has none)."""
     patched = dict(model)
     for target, patch in patches.items():
         if target.startswith("diffusion_model."):
@@ -423,7 +429,7 @@ def apply_kohya_lora(
             rank = patch.down.shape[0]
             alpha = patch.alpha if patch.alpha is not None else rank
             patched[key] = patched[key] + (alpha / rank) * patch.up.float() @ patch.down.float()
-    return patched, not_loaded
+    return patched
 
 
 def with_lora(weights: Mapping[str, Any], layers: Mapping[str, Any], scale: float) -> dict[str, Any]:
@@ -434,3 +440,57 @@ def with_lora(weights: Mapping[str, Any], layers: Mapping[str, Any], scale: floa
             name = key[: -len(".lora_A.weight")]
             out[name + ".weight"] = out[name + ".weight"] + scale * layers[name + ".lora_B.weight"] @ down
     return out
+
+
+# -- Qwen-Image ---------------------------------------------------------------------------
+# comfy/ldm/qwen_image/model.py (v0.19.3): the weights of ComfyUI's QwenImage model (its LayerNorms
+# have no affine weights). comfy/lora.py ``model_lora_keys_unet`` maps each ``diffusion_model.<k>.weight``
+# as ``lora_unet_<k with _>`` (every model) and, for QwenImage ("QwenImage lora format"), as
+# ``<k>``, ``transformer.<k>`` and ``lycoris_<k with _>``; also ``diffusion_model.<k>`` (generic).
+QWEN_IMAGE_BLOCK = [
+    "img_mod.1",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mod.1",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+    "attn.norm_q",
+    "attn.norm_k",
+    "attn.norm_added_q",
+    "attn.norm_added_k",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_out.0",
+    "attn.to_add_out",
+]
+QWEN_IMAGE_TOP = [
+    "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.timestep_embedder.linear_2",
+    "txt_norm",
+    "img_in",
+    "txt_in",
+    "norm_out.linear",
+    "proj_out",
+]
+
+
+def qwen_image_weights(depth: int) -> list[str]:
+    """The ``.weight`` keys of ComfyUI's QwenImage model with ``depth`` transformer blocks."""
+    blocks = [f"transformer_blocks.{i}.{m}.weight" for i in range(depth) for m in QWEN_IMAGE_BLOCK]
+    return blocks + [f"{m}.weight" for m in QWEN_IMAGE_TOP]
+
+
+def qwen_image_key_map(weights: Sequence[str]) -> dict[str, str]:
+    """LoRA module name → ``diffusion_model.<weight>`` for a QwenImage model's ``weights``."""
+    key_map: dict[str, str] = {}
+    for weight in weights:
+        module, target = weight[: -len(".weight")], "diffusion_model." + weight
+        for name in ("lora_unet_" + module.replace(".", "_"), "diffusion_model." + module, module):
+            key_map[name] = target
+        key_map["transformer." + module] = target
+        key_map["lycoris_" + module.replace(".", "_")] = target
+    return key_map

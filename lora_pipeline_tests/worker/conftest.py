@@ -157,6 +157,14 @@ def tiny_sd3_model(model_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_image_model(model_cache: Path) -> Path:
+    """Qwen-Image-shaped (MMDiT, Qwen2.5-VL text model, one-frame video VAE) at tiny sizes."""
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model
+
+    return ensure_named_tiny_model("tiny-qwen-image", model_cache)
+
+
+@pytest.fixture(scope="session")
 def tiny_z_image_model(model_cache: Path) -> Path:
     """Z-Image-shaped (single-stream DiT, Qwen3 captions) at tiny sizes."""
     from lora_pipeline.worker.tiny_model import ensure_named_tiny_model

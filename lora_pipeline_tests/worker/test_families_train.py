@@ -52,6 +52,20 @@ FAMILIES = {
             "linear",
         ],
     ),
+    "qwen-image": (
+        "tiny_qwen_image_model",
+        [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "to_add_out",
+            "img_mlp.net.2",
+            "txt_mlp.net.0.proj",
+            "img_mod.1",
+        ],
+    ),
 }
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from lora_pipeline.worker.families.base import Family, Loaded
 from lora_pipeline.worker.families.flux1 import Flux1
 from lora_pipeline.worker.families.flux2_klein import Flux2Klein
+from lora_pipeline.worker.families.qwen_image import QwenImage
 from lora_pipeline.worker.families.sd import StableDiffusion, StableDiffusion2
 from lora_pipeline.worker.families.sd3 import StableDiffusion3
 from lora_pipeline.worker.families.sdxl import StableDiffusionXL
@@ -21,6 +22,7 @@ FAMILIES: tuple[type[Family], ...] = (
     StableDiffusion3,
     ZImage,
     Flux2Klein,
+    QwenImage,
 )
 _BY_NAME: dict[str, type[Family]] = {cls.name: cls for cls in FAMILIES}
 
