@@ -173,6 +173,30 @@ def add_lora(models: Loaded, params: TrainingParams) -> list[torch.nn.Parameter]
     return trainable
 
 
+def check_companion_names(family: Family, denoiser: Any, alpha: float) -> None:
+    """Refuse, before the first step, a target the primary (ComfyUI/kohya) file cannot name.
+
+    The companion file is written after training; a module its layout has no name for (FLUX.1's
+    swapped ``norm_out``, FLUX.2's shared modulations …) would otherwise fail the job only after
+    the whole run was spent. The family's own naming runs here on the freshly attached adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    from lora_pipeline.worker.kohya import KohyaNameError
+
+    modules = {
+        (family.denoiser_component, name): {
+            "down": module.lora_A["default"].weight.detach(),
+            "up": module.lora_B["default"].weight.detach(),
+        }
+        for name, module in denoiser.named_modules()
+        if isinstance(module, LoraLayer) and "default" in module.lora_A
+    }
+    try:
+        family.kohya_tensors(modules, alpha, dict(denoiser.config))
+    except KohyaNameError as exc:
+        raise WorkerInputError(f"params.target_modules: the ComfyUI/kohya file cannot hold it: {exc}") from None
+
+
 def _inject_lora(model: Any, config: Any) -> None:
     """What ``add_adapter`` does, via peft directly.
 
@@ -485,6 +509,7 @@ def prepare_lora_training(
     # Re-seeded here so the adapters' initial weights do not depend on what loading drew.
     torch.manual_seed(params.seed)
     trainable = add_lora(models, params)
+    check_companion_names(family, models.denoiser, params.effective_alpha)
     if levers.channels_last and family.channels_last:
         models.denoiser.to(memory_format=torch.channels_last)
     if levers.fuse_qkv:

@@ -105,3 +105,25 @@ def test_a_resumed_run_equals_the_uninterrupted_one(
     assert resumed.resumed_from == 2 and resumed.losses == uninterrupted.losses
     for key, value in uninterrupted.denoiser_lora.items():
         torch.testing.assert_close(resumed.denoiser_lora[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("family", "target"),
+    [("flux1", "norm_out.linear"), ("flux2-klein", "double_stream_modulation_img.linear")],
+)
+def test_a_target_the_comfyui_file_cannot_name_is_refused_before_the_first_step(
+    family: str, target: str, request: pytest.FixtureRequest, examples: list[Example]
+) -> None:
+    from lora_pipeline.worker.errors import WorkerInputError
+
+    steps: list[int] = []
+    params = quick_params(max_train_steps=2, target_modules=["to_q", target])
+    with pytest.raises(WorkerInputError, match=f"params.target_modules: .*{target.split('.')[0]}"):
+        train_lora(
+            params,
+            family,  # type: ignore[arg-type]
+            request.getfixturevalue(FAMILIES[family][0]),
+            examples,
+            progress=lambda step, total, loss: steps.append(step),
+        )
+    assert steps == []  # refused before any training step was spent
