@@ -20,6 +20,9 @@ TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-flux1", "tiny-sd3")
 FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "sd3"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit"]
+# The frozen denoiser's big linears stored weight-only quantized (worker/quantize.py): torchao int8 or
+# float8, bitsandbytes NF4 (QLoRA); the LoRA itself is never quantized.
+QuantizeBase = Literal["none", "int8", "float8", "nf4"]
 
 
 class TrainingParams(BaseModel):
@@ -52,6 +55,11 @@ class TrainingParams(BaseModel):
     seed: int = Field(0, ge=0)
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
+    quantize_base: QuantizeBase = Field(
+        "none",
+        description="Store the frozen denoiser's transformer-block linears quantized: 'int8' or 'float8' "
+        "(torchao), 'nf4' (bitsandbytes, QLoRA). The LoRA is trained unquantized; its file is the same.",
+    )
     optimizer: Optimizer = "adamw"
     trigger_word: str | None = Field(None, max_length=200)
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints in the store; 0 = never.")

@@ -64,6 +64,7 @@ class ArtifactFacts:
     final_loss: float | None
     prediction_type: str = "epsilon"  # the base model's scheduler: epsilon or v_prediction; flow
     variant: str = ""  # which model of the family, where the header tells them apart (FLUX.1: dev, schnell)
+    quantize_base: str = "none"  # how the frozen denoiser was stored while this LoRA trained on it
 
     @property
     def output_name(self) -> str:
@@ -98,6 +99,7 @@ def provenance_metadata(facts: ArtifactFacts) -> dict[str, str]:
         "started_at": facts.started_at.astimezone(UTC).isoformat(),
         "prediction_type": facts.prediction_type,
         "variant": facts.variant,
+        "quantize_base": facts.quantize_base,
         "tag_frequency": json.dumps(dict(facts.tag_frequency), sort_keys=True),
         "params": p.model_dump_json(),
     }
@@ -135,6 +137,7 @@ def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
         final_loss=float(value("final_loss")) if value("final_loss") else None,
         prediction_type=value("prediction_type"),
         variant=metadata.get(META_PREFIX + "variant", ""),  # files before FLUX.1 have none
+        quantize_base=metadata.get(META_PREFIX + "quantize_base", "none"),  # nor before quantize_base
     )
 
 

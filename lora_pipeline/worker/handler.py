@@ -326,6 +326,7 @@ def artifact_facts(checked: CheckedJob, outcome: TrainOutcome, started_at: datet
         final_loss=outcome.final_loss,
         prediction_type=rules.prediction_type(),
         variant=rules.variant(),
+        quantize_base=outcome.quantize_base,
     )
 
 

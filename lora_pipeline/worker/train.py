@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from lora_pipeline.worker.data import (
 )
 from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.families import Family, Loaded, family_for
+from lora_pipeline.worker.quantize import check_quantization_available, quantize_denoiser
 from lora_pipeline.worker.levers import (
     SpeedLevers,
     compile_unet,
@@ -54,6 +56,7 @@ from lora_pipeline.worker.levers import (
 )
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+HOST = torch.device("cpu")  # where the base model is loaded, before its parts go to the device in turn
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,8 @@ class TrainOutcome:
     adapter_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 0  # the batch trained with (levers.max_batch may raise the requested one)
     levers: dict[str, Any] = field(default_factory=dict)  # the speed levers as resolved for the device
+    quantize_base: str = "none"  # how the frozen denoiser was stored while training (params.quantize_base)
+    quantized_linears: int = 0  # how many of its linears that quantized
 
     @property
     def final_loss(self) -> float | None:
@@ -148,7 +153,10 @@ def add_lora(models: Loaded, params: TrainingParams) -> list[torch.nn.Parameter]
         r=params.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(params.target_modules)
     )
     try:
-        models.denoiser.add_adapter(unet_config)
+        with warnings.catch_warnings():
+            # peft warns, per torchao layer, that it could not merge into a quantized base: never asked of it.
+            warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass", category=UserWarning)
+            models.denoiser.add_adapter(unet_config)
     except ValueError as exc:
         raise WorkerInputError(f"params.target_modules: {exc}") from None
     modules = [models.denoiser]
@@ -362,6 +370,7 @@ def train_lora(
     device = device or pick_device()
     dtype = weight_dtype_for(params.mixed_precision, device)
     check_optimizer_available(params.optimizer)
+    check_quantization_available(params.quantize_base)
     levers = (levers if levers is not None else SpeedLevers.from_env()).resolve(device, params.compile)
     with training_settings(levers):
         return _train(
@@ -389,9 +398,13 @@ def _train(
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     rules = family_for(family, model_dir)
-    models = rules.load(device, dtype)
+    # Loaded on the host; the encoders reach the device to fill the cache and leave it, and only
+    # then the denoiser comes (quantized as it arrives): the device never holds both at once.
+    models = rules.load(HOST, dtype)
+    encoders_to(models, device)
     cache = prepare_cache(rules, models, examples, params, device, dtype)
     offload_cached_encoders(models, params, device)
+    quantized = quantize_denoiser(models.denoiser, params.quantize_base, device)
     trainable, optimizer = prepare_lora_training(rules, models, params, levers, device)
 
     state = resumable_state(checkpointer, fingerprint)
@@ -445,10 +458,18 @@ def _train(
         adapter_configs=adapter_configs(rules, models, params),
         batch_size=batch_size,
         levers=levers.as_dict(),
+        quantize_base=params.quantize_base if quantized else "none",
+        quantized_linears=quantized,
     )
 
 
 # -- prepare ------------------------------------------------------------------------
+
+
+def encoders_to(models: Loaded, device: torch.device) -> None:
+    """The VAE and every text encoder on ``device``, to fill the cache (the denoiser stays where it is)."""
+    for module in (models.vae, *models.text_encoders, *models.frozen_encoders):
+        module.to(device)
 
 
 def offload_cached_encoders(models: Loaded, params: TrainingParams, device: torch.device) -> None:

@@ -1,0 +1,145 @@
+"""The memory levers for large bases, each on its own, on the tiny models and the CPU.
+
+Each test shows the lever is wired: it changes what is loaded, kept or computed as it
+says (a quantized weight, checkpointed blocks, encoders gone from the device), and
+training still works. How much memory each saves at real size is a GPU measurement
+(benchmarks/gpu/), and the planner's arithmetic is ``test_memory_plan.py``'s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_pipeline.worker.data import Example, decode_image
+from lora_pipeline.worker.errors import WorkerInputError
+from lora_pipeline.worker.quantize import big_linears, check_quantization_available, is_quantized, quantize_denoiser
+from lora_pipeline.worker.train import train_lora
+from lora_pipeline_tests.worker.conftest import quick_params, sample_images, train_and_write
+
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "ff.net.2"]
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[Example]:
+    return [Example(decode_image(data, name), caption, name) for name, data, caption in sample_images()]
+
+
+def _flux_params(**overrides):
+    return quick_params(target_modules=FLUX_TARGETS, max_train_steps=3, **overrides)
+
+
+@pytest.fixture(scope="module")
+def unquantized(tiny_flux1_model: Path, examples: list[Example]):
+    return train_lora(_flux_params(), "flux1", tiny_flux1_model, examples)
+
+
+# -- quantize_base ------------------------------------------------------------------------
+
+
+def _transformer(model: Path):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
+
+
+@pytest.mark.parametrize("kind", ["int8", "float8"])
+def test_quantize_base_stores_the_block_linears_quantized_and_nothing_else(tiny_flux1_model: Path, kind) -> None:
+    transformer = _transformer(tiny_flux1_model)
+    blocks = dict(big_linears(transformer))
+    assert blocks and all(
+        ".transformer_blocks." in n or n.startswith(("transformer_blocks", "single_")) for n in blocks
+    )
+    before = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    count = quantize_denoiser(transformer, kind, torch.device("cpu"))
+    assert count == len(blocks)
+    linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {n for n, m in linears.items() if is_quantized(m)} == set(blocks)
+    assert not is_quantized(linears["x_embedder"]) and not is_quantized(linears["proj_out"])  # kept precise
+    # One byte per quantized weight instead of four (the tiny model is fp32), plus small scales.
+    after = sum(_bytes(p) for p in transformer.parameters())
+    quantized_weights = sum(m.weight.numel() for m in blocks.values())
+    assert after < before - 2.5 * quantized_weights
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["int8", "float8", pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed"))],
+)
+def test_peft_wraps_each_quantized_linear_in_its_lora_layer_for_that_kind(tiny_flux1_model: Path, kind) -> None:
+    from peft import LoraConfig
+
+    transformer = _transformer(tiny_flux1_model)
+    quantize_denoiser(transformer, kind, torch.device("cpu"))
+    transformer.add_adapter(LoraConfig(r=4, target_modules=["to_q"]))
+    layer = transformer.transformer_blocks[0].attn.to_q
+    assert type(layer).__name__ == ("Linear4bit" if kind == "nf4" else "TorchaoLoraLinear")
+    assert is_quantized(layer.base_layer) and not is_quantized(layer.lora_A["default"])
+
+
+def _bytes(param: torch.Tensor) -> int:
+    if hasattr(param, "qdata"):  # torchao's Int8Tensor/Float8Tensor: the data and its scales
+        return sum(t.numel() * t.element_size() for t in (param.qdata, param.scale))
+    return param.numel() * param.element_size()
+
+
+@pytest.mark.parametrize("kind", ["int8", "float8"])
+def test_training_on_a_quantized_base_learns_the_same_lora_layout_close_to_the_unquantized_run(
+    tiny_flux1_model: Path, examples: list[Example], unquantized, kind
+) -> None:
+    """peft attaches its LoRA to the quantized linears (TorchaoLoraLinear): the LoRA trains,
+    with the same keys and shapes as on the unquantized base, and losses near (not equal to)
+    that run's: the base's weights are rounded, nothing else changed."""
+    outcome = train_lora(_flux_params(quantize_base=kind), "flux1", tiny_flux1_model, examples)
+    assert outcome.quantize_base == kind and outcome.quantized_linears > 0
+    assert {k: v.shape for k, v in outcome.denoiser_lora.items()} == {
+        k: v.shape for k, v in unquantized.denoiser_lora.items()
+    }
+    assert all(v.dtype == torch.float32 for v in outcome.denoiser_lora.values())
+    assert outcome.losses != unquantized.losses  # the rounded base is what it trained on
+    torch.testing.assert_close(torch.tensor(outcome.losses), torch.tensor(unquantized.losses), rtol=0.1, atol=0.02)
+    changed = [k for k in outcome.denoiser_lora if "lora_B" in k and outcome.denoiser_lora[k].abs().sum() > 0]
+    assert changed  # lora_B starts at zero: the adapters learned
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="nf4 needs bitsandbytes, which the CPU lock does not install (docs/worker.md)")
+def test_training_on_an_nf4_base_puts_peft_4bit_lora_on_bitsandbytes_layers(
+    tiny_flux1_model: Path, examples: list[Example], unquantized
+) -> None:
+    outcome = train_lora(_flux_params(quantize_base="nf4"), "flux1", tiny_flux1_model, examples)
+    assert outcome.quantize_base == "nf4" and outcome.quantized_linears > 0
+    assert outcome.denoiser_lora.keys() == unquantized.denoiser_lora.keys()
+    assert all(torch.isfinite(torch.tensor(outcome.losses)))
+
+
+def test_the_lora_trained_on_an_int8_base_loads_into_the_unquantized_pipeline_and_the_header_says_int8(
+    tiny_flux1_model: Path, tmp_path: Path
+) -> None:
+    from diffusers import FluxPipeline
+    from safetensors import safe_open
+
+    trained = train_and_write(
+        tiny_flux1_model, "flux1", "dev", tmp_path, quantize_base="int8", target_modules=FLUX_TARGETS, max_train_steps=2
+    )
+    with safe_open(str(trained.diffusers_file), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["lora_pipeline.quantize_base"] == "int8"
+    pipe = FluxPipeline.from_pretrained(tiny_flux1_model)
+    pipe.load_lora_weights(str(trained.diffusers_file))
+    modules = dict(pipe.transformer.named_modules())
+    name = next(k for k in trained.outcome.denoiser_lora if k.endswith(".lora_B.weight"))
+    loaded = modules[name.removesuffix(".lora_B.weight")].lora_B["default_0"].weight
+    torch.testing.assert_close(loaded, trained.outcome.denoiser_lora[name])
+    assert not any(is_quantized(m) for m in pipe.transformer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_quantization_whose_library_is_missing_is_refused_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(WorkerInputError, match="'int8' needs the torchao package"):
+        check_quantization_available("int8")
+    check_quantization_available("none")
