@@ -327,6 +327,9 @@ def artifact_facts(checked: CheckedJob, outcome: TrainOutcome, started_at: datet
         prediction_type=rules.prediction_type(),
         variant=rules.variant(),
         quantize_base=outcome.quantize_base,
+        gradient_checkpointing=outcome.gradient_checkpointing,
+        mixed_precision=outcome.mixed_precision,
+        memory_plan=outcome.memory_plan,
     )
 
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _LIBRARY = {"int8": "torchao", "float8": "torchao", "nf4": "bitsandbytes"}
 
 
-def check_quantization_available(kind: QuantizeBase) -> None:
+def check_quantization_available(kind: str) -> None:
     """Refuse a kind whose library is not installed, before any model is loaded."""
     library = _LIBRARY.get(kind)
     if library is not None and importlib.util.find_spec(library) is None:

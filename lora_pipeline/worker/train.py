@@ -18,6 +18,7 @@ checkpoint takes exactly the steps an uninterrupted run takes.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -28,12 +29,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 
-from lora_pipeline.contracts.training import ModelFamily, TrainingParams
+from lora_pipeline.contracts.training import ModelFamily, QuantizeBase, TrainingParams
 from lora_pipeline.worker.data import (
     Example,
     batches_per_epoch,
@@ -44,7 +45,8 @@ from lora_pipeline.worker.data import (
 )
 from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.families import Family, Loaded, family_for
-from lora_pipeline.worker.quantize import check_quantization_available, quantize_denoiser
+from lora_pipeline.worker.memory_plan import BaseSize, plan_levers, transformer_levels, unet_levels
+from lora_pipeline.worker.quantize import big_linears, check_quantization_available, quantize_denoiser
 from lora_pipeline.worker.levers import (
     SpeedLevers,
     compile_unet,
@@ -91,6 +93,9 @@ class TrainOutcome:
     levers: dict[str, Any] = field(default_factory=dict)  # the speed levers as resolved for the device
     quantize_base: str = "none"  # how the frozen denoiser was stored while training (params.quantize_base)
     quantized_linears: int = 0  # how many of its linears that quantized
+    gradient_checkpointing: bool = False  # as trained (params.gradient_checkpointing, "auto" decided)
+    mixed_precision: str = "no"  # as trained (params.mixed_precision, "auto" decided)
+    memory_plan: str = ""  # why the planner chose the levers left on "auto" (empty: none were)
 
     @property
     def final_loss(self) -> float | None:
@@ -104,7 +109,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolved_precision(mixed_precision: str, device: torch.device) -> str:
+    """``mixed_precision`` with "auto" decided for ``device``: bf16 on a GPU that has it (as the
+    reference scripts train large bases), fp16 on an older GPU, "no" (fp32) on the CPU."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype (the LoRA's own weights stay fp32: ``add_lora``)."""
+    mixed_precision = resolved_precision(mixed_precision, device)
     if mixed_precision == "bf16":
         return torch.bfloat16
     if mixed_precision == "fp16":
@@ -357,8 +374,12 @@ def train_lora(
     progress: ProgressFn | None = None,
     device: torch.device | None = None,
     levers: SpeedLevers | None = None,
+    device_memory: int | None = None,
 ) -> TrainOutcome:
     """Train a LoRA on ``examples`` and return its layers; resumes from ``checkpointer``.
+
+    ``device_memory`` (bytes) is what the memory planner plans the levers left on "auto" for;
+    default the CUDA device's total memory (on the CPU: none, so they stay off).
 
     ``progress(step, total, loss)`` is called once per step, in order; with
     ``levers.log_every = N`` the calls come in groups of N, when the losses reach the
@@ -374,7 +395,18 @@ def train_lora(
     levers = (levers if levers is not None else SpeedLevers.from_env()).resolve(device, params.compile)
     with training_settings(levers):
         return _train(
-            params, family, model_dir, examples, fingerprint, checkpointer, progress, device, dtype, levers, started
+            params,
+            family,
+            model_dir,
+            examples,
+            fingerprint,
+            checkpointer,
+            progress,
+            device,
+            dtype,
+            levers,
+            started,
+            device_memory,
         )
 
 
@@ -390,6 +422,7 @@ def _train(
     dtype: torch.dtype,
     levers: SpeedLevers,
     started: float,
+    device_memory: int | None,
 ) -> TrainOutcome:
     """Prepare, resume, run the steps, export: each step below keeps the RNG draws in the order
     an uninterrupted run makes them, which is what makes a resumed run exact."""
@@ -404,8 +437,9 @@ def _train(
     encoders_to(models, device)
     cache = prepare_cache(rules, models, examples, params, device, dtype)
     offload_cached_encoders(models, params, device)
-    quantized = quantize_denoiser(models.denoiser, params.quantize_base, device)
-    trainable, optimizer = prepare_lora_training(rules, models, params, levers, device)
+    memory = plan_memory(models, cache, params, device, dtype, device_memory)
+    quantized = quantize_denoiser(models.denoiser, memory.quantize_base, device)
+    trainable, optimizer = prepare_lora_training(rules, models, params, levers, device, memory.gradient_checkpointing)
 
     state = resumable_state(checkpointer, fingerprint)
     if state is not None:
@@ -458,8 +492,11 @@ def _train(
         adapter_configs=adapter_configs(rules, models, params),
         batch_size=batch_size,
         levers=levers.as_dict(),
-        quantize_base=params.quantize_base if quantized else "none",
+        quantize_base=memory.quantize_base if quantized else "none",
         quantized_linears=quantized,
+        gradient_checkpointing=memory.gradient_checkpointing,
+        mixed_precision=resolved_precision(params.mixed_precision, device),
+        memory_plan=memory.why,
     )
 
 
@@ -484,11 +521,16 @@ def offload_cached_encoders(models: Loaded, params: TrainingParams, device: torc
 
 
 def prepare_lora_training(
-    family: Family, models: Loaded, params: TrainingParams, levers: SpeedLevers, device: torch.device
+    family: Family,
+    models: Loaded,
+    params: TrainingParams,
+    levers: SpeedLevers,
+    device: torch.device,
+    gradient_checkpointing: bool,
 ) -> tuple[list[torch.nn.Parameter], Any]:
     """The LoRA adapters (initialised from the seed alone) and their optimizer, on a denoiser in the
     memory layout the levers ask for; returns (trainable parameters, optimizer)."""
-    if params.gradient_checkpointing:
+    if gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()
         if params.train_text_encoder:
             for encoder in models.text_encoders:
@@ -504,6 +546,92 @@ def prepare_lora_training(
         else:
             log.warning("levers.fuse_qkv: not implemented for %s attention; training unfused", family.name)
     return trainable, make_optimizer(params, trainable, device)
+
+
+@dataclass(frozen=True)
+class MemoryLevers:
+    """The memory levers a run trains with: the request's, with "auto" decided by the planner."""
+
+    quantize_base: QuantizeBase
+    gradient_checkpointing: bool
+    why: str = ""
+
+
+def plan_memory(
+    models: Loaded,
+    cache: _Prepared,
+    params: TrainingParams,
+    device: torch.device,
+    dtype: torch.dtype,
+    device_memory: int | None,
+) -> MemoryLevers:
+    """``params``' memory levers, those on "auto" chosen by ``memory_plan.plan_levers`` for
+    ``device_memory`` (default: the CUDA device's); raises ``DoesNotFit`` when nothing fits.
+
+    Without a memory to plan for (the CPU), "auto" is the plain run: no quantization, no
+    checkpointing."""
+    quantize, checkpointing = params.quantize_base, params.gradient_checkpointing
+    if quantize != "auto" and checkpointing != "auto":
+        return MemoryLevers(quantize, bool(checkpointing))
+    if device_memory is None and device.type == "cuda":
+        device_memory = torch.cuda.get_device_properties(device).total_memory
+    if device_memory is None:
+        log.info("memory plan: %s memory is not known; 'auto' levers stay off", device.type)
+        return MemoryLevers(
+            "none" if quantize == "auto" else quantize,
+            False if checkpointing == "auto" else bool(checkpointing),
+            f"{device.type}: no memory to plan for, auto levers off",
+        )
+    plan = plan_levers(
+        measure_base(models, cache, params),
+        resolution=params.resolution,
+        rank=params.rank,
+        batch=params.train_batch_size,
+        device_bytes=device_memory,
+        mixed_precision="no" if dtype == torch.float32 else "bf16",
+        quantize_base=quantize,
+        gradient_checkpointing=checkpointing,
+        train_text_encoder=params.train_text_encoder,
+        nf4_available=importlib.util.find_spec("bitsandbytes") is not None,
+    )
+    log.info("memory plan: %s", plan.why())
+    chosen = plan.levers
+    return MemoryLevers(cast(QuantizeBase, chosen.quantize_base), chosen.gradient_checkpointing, plan.why())
+
+
+def measure_base(models: Loaded, cache: _Prepared, params: TrainingParams) -> BaseSize:
+    """The planner's figures of the loaded base: parameter counts, the denoiser's levels (its
+    repeated blocks' width and number; a UNet's from its config), the LoRA's size for
+    ``params.target_modules``, and the text tokens each block sees (from the cache)."""
+    denoiser = models.denoiser
+    config = dict(getattr(denoiser, "config", {}) or {})
+    linears = {n: m for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = list(params.target_modules)
+    lora_dims = sum(
+        m.in_features + m.out_features
+        for n, m in linears.items()
+        if any(n == t or n.endswith("." + t) for t in targets)
+    )
+    blocks = [m for m in denoiser.modules() if type(m).__name__ in set(getattr(denoiser, "_repeated_blocks", ()) or ())]
+    text_tokens = 0
+    if "block_out_channels" in config:
+        attention = ["CrossAttn" in kind for kind in config.get("down_block_types", ())]
+        levels = unet_levels(config["block_out_channels"], int(config.get("layers_per_block", 2)), attention)
+    else:
+        width = next((m.in_features for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)), 0)
+        levels = transformer_levels(width, len(blocks))
+        cached = [t for c in cache.conditioning[:1] for t in c.values() if t.ndim >= 2]
+        text_tokens = max((t.shape[-2] for t in cached), default=0)
+    return BaseSize(
+        name=type(denoiser).__name__,
+        denoiser_params=sum(p.numel() for p in denoiser.parameters()),
+        quantizable_params=sum(m.weight.numel() for _, m in big_linears(denoiser)),
+        encoder_params=sum(p.numel() for e in (*models.text_encoders, *models.frozen_encoders) for p in e.parameters()),
+        vae_params=sum(p.numel() for p in models.vae.parameters()),
+        levels=levels,
+        lora_dims=lora_dims,
+        text_tokens=text_tokens,
+    )
 
 
 def make_lr_scheduler(params: TrainingParams, optimizer: Any, n_steps: int) -> Any:
