@@ -143,3 +143,58 @@ def test_a_quantization_whose_library_is_missing_is_refused_before_loading(monke
     with pytest.raises(WorkerInputError, match="'int8' needs the torchao package"):
         check_quantization_available("int8")
     check_quantization_available("none")
+
+
+# -- gradient checkpointing --------------------------------------------------------------------
+
+
+def _saved_bytes_and_checkpoints(monkeypatch: pytest.MonkeyPatch, train) -> tuple[object, int, int]:
+    """(what ``train()`` returns, bytes the autograd graph kept for backward outside checkpointed
+    blocks, how many block calls went through torch's checkpoint)."""
+    import torch.utils.checkpoint as checkpoint_module
+
+    calls = [0]
+    real = checkpoint_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "checkpoint", counting)
+    kept = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = train()
+    monkeypatch.setattr(checkpoint_module, "checkpoint", real)
+    return result, kept[0], calls[0]
+
+
+@pytest.mark.parametrize(
+    ("family", "model_fixture", "targets"),
+    [
+        ("sd1", "tiny_model", ["to_q", "to_k", "to_v", "to_out.0"]),
+        ("flux1", "tiny_flux1_model", FLUX_TARGETS),
+        ("sd3", "tiny_sd3_model", ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj"]),
+    ],
+)
+def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_losses(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, examples, family, model_fixture, targets
+) -> None:
+    """diffusers' transformers (and the UNet) checkpoint each block when asked: the graph keeps
+    only the blocks' inputs, and the recomputed forward is the same arithmetic (exact)."""
+    model = request.getfixturevalue(model_fixture)
+    runs = {}
+    for on in (False, True):
+        params = quick_params(target_modules=targets, max_train_steps=2, gradient_checkpointing=on)
+        runs[on] = _saved_bytes_and_checkpoints(monkeypatch, lambda p=params: train_lora(p, family, model, examples))
+    (plain, plain_kept, plain_calls), (checkpointed, kept, calls) = runs[False], runs[True]
+    assert plain_calls == 0 and calls > 0
+    assert kept < plain_kept / 2
+    assert checkpointed.gradient_checkpointing and not plain.gradient_checkpointing
+    assert checkpointed.losses == plain.losses
+    for key, value in plain.denoiser_lora.items():
+        torch.testing.assert_close(checkpointed.denoiser_lora[key], value, rtol=0, atol=1e-6)
