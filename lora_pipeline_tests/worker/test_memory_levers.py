@@ -30,7 +30,7 @@ def examples() -> list[Example]:
 
 
 def _flux_params(**overrides):
-    return quick_params(target_modules=FLUX_TARGETS, max_train_steps=3, **overrides)
+    return quick_params(**{"target_modules": FLUX_TARGETS, "max_train_steps": 3, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,62 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_losse
     assert checkpointed.losses == plain.losses
     for key, value in plain.denoiser_lora.items():
         torch.testing.assert_close(checkpointed.denoiser_lora[key], value, rtol=0, atol=1e-6)
+
+
+# -- cached latents and text embeddings, encoders released ---------------------------------------
+
+
+def test_each_image_and_caption_is_encoded_once_and_the_text_encoders_are_released(
+    monkeypatch: pytest.MonkeyPatch, tiny_flux1_model: Path, examples
+) -> None:
+    """The VAE encodes each image once and the text encoders each caption once, before the first
+    step, however many steps follow; then the encoders are gone (released, not just moved) and the
+    VAE is on the host, before the denoiser reaches the device."""
+    import gc
+    import weakref
+
+    from diffusers import AutoencoderKL
+
+    from lora_pipeline.worker import train as train_module
+    from lora_pipeline.worker.families.flux1 import Flux1
+
+    encoded: list[str] = []
+    captions: list[str] = []
+    real_encode, real_prompts, real_offload = (
+        AutoencoderKL.encode,
+        Flux1.encode_prompts,
+        train_module.offload_cached_encoders,
+    )
+    monkeypatch.setattr(
+        AutoencoderKL, "encode", lambda self, *a, **k: encoded.append("image") or real_encode(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        Flux1, "encode_prompts", lambda self, loaded, c, d: captions.extend(c) or real_prompts(self, loaded, c, d)
+    )
+    seen = {}
+
+    def offload(models, params, device):
+        encoders = [*models.text_encoders, *models.frozen_encoders]
+        seen["refs"] = [weakref.ref(e) for e in encoders]
+        real_offload(models, params, device)
+        seen["left"] = (list(models.text_encoders), list(models.frozen_encoders))
+        seen["vae"] = {p.device.type for p in models.vae.parameters()}
+
+    monkeypatch.setattr(train_module, "offload_cached_encoders", offload)
+    outcome = train_lora(_flux_params(max_train_steps=4, train_batch_size=1), "flux1", tiny_flux1_model, examples)
+    assert outcome.steps == 4
+    assert len(encoded) == len(examples) and len(captions) == len(examples)  # once each, not per step
+    assert seen["left"] == ([], []) and len(seen["refs"]) == 2  # FLUX.1: CLIP and T5
+    assert seen["vae"] == {"cpu"}
+    gc.collect()
+    assert all(ref() is None for ref in seen["refs"])  # nothing holds them: their memory is free
+
+
+def test_text_encoders_that_train_stay(tiny_model: Path, examples) -> None:
+    from lora_pipeline.worker.families import family_for
+    from lora_pipeline.worker.train import offload_cached_encoders
+
+    models = family_for("sd1", tiny_model).load(torch.device("cpu"), torch.float32)
+    encoder = models.text_encoders[0]
+    offload_cached_encoders(models, quick_params(train_text_encoder=True), torch.device("cpu"))
+    assert models.text_encoders == [encoder]
