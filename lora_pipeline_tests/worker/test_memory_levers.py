@@ -257,3 +257,34 @@ def test_text_encoders_that_train_stay(tiny_model: Path, examples) -> None:
     encoder = models.text_encoders[0]
     offload_cached_encoders(models, quick_params(train_text_encoder=True), torch.device("cpu"))
     assert models.text_encoders == [encoder]
+
+
+# -- bf16 base --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("asked", "base_dtype"), [("bf16", torch.bfloat16), ("auto", torch.float32)])
+def test_a_bf16_base_trains_a_fp32_lora_as_the_reference_scripts_do(
+    monkeypatch: pytest.MonkeyPatch, tiny_flux1_model: Path, examples, asked, base_dtype
+) -> None:
+    """``mixed_precision`` bf16: the frozen denoiser (and text encoders) in bf16, the LoRA's own
+    weights fp32 (their AdamW updates, lr × a small gradient, would round away in bf16's 8-bit
+    mantissa), the VAE fp32; the forward runs under bf16 autocast. "auto" on the CPU is fp32."""
+    from lora_pipeline.worker import train as train_module
+
+    real = train_module.prepare_lora_training
+    seen = {}
+
+    def spy(family, models, params, levers, device, checkpointing):
+        trainable, optimizer = real(family, models, params, levers, device, checkpointing)
+        ids = {id(p) for p in trainable}
+        seen["frozen"] = {p.dtype for p in models.denoiser.parameters() if id(p) not in ids}
+        seen["lora"] = {p.dtype for p in trainable}
+        seen["vae"] = {p.dtype for p in models.vae.parameters()}
+        return trainable, optimizer
+
+    monkeypatch.setattr(train_module, "prepare_lora_training", spy)
+    outcome = train_lora(_flux_params(mixed_precision=asked), "flux1", tiny_flux1_model, examples)
+    assert seen == {"frozen": {base_dtype}, "lora": {torch.float32}, "vae": {torch.float32}}
+    assert outcome.mixed_precision == ("bf16" if asked == "bf16" else "no")
+    assert all(torch.isfinite(torch.tensor(outcome.losses)))
+    assert all(v.dtype == torch.float32 for v in outcome.denoiser_lora.values())
