@@ -256,49 +256,47 @@ def unet_levels(
     return tuple(levels)
 
 
-def _attention_lora_dims(width: int, projections: int) -> int:
-    return projections * 2 * width
-
-
+# The denoisers' counts (parameters, those in block linears, Σ(in + out) of to_q/k/v/to_out.0) are
+# diffusers 0.42's model classes built from their default configs, which are the published ones,
+# on the meta device (``test_memory_plan.py`` counts them again); the rest is cited per entry.
 PUBLISHED: dict[str, BaseSize] = {
     # black-forest-labs/FLUX.1-dev model card: "a 12 billion parameter rectified flow transformer";
-    # diffusers' FluxTransformer2DModel config: 19 double + 38 single blocks, 24 heads × 128 = 3072 wide.
+    # FluxTransformer2DModel(guidance_embeds=True): 19 double + 38 single blocks, 24 heads × 128 = 3072.
     # Text: T5-XXL's encoder (4.76B, google/t5-v1_1-xxl) and CLIP ViT-L/14's text model (123M); VAE 84M.
-    # LoRA on to_q/k/v/to_out.0: 4 projections in each double block, 3 in each single block.
     "flux1-dev": BaseSize(
         name="FLUX.1-dev",
-        denoiser_params=11_900_000_000,
-        quantizable_params=11_800_000_000,
+        denoiser_params=11_901_408_320,
+        quantizable_params=11_834_228_736,
         encoder_params=4_760_000_000 + 123_000_000,
         vae_params=84_000_000,
         levels=transformer_levels(3072, 19 + 38),
-        lora_dims=_attention_lora_dims(3072, 19 * 4 + 38 * 3),
+        lora_dims=1_167_360,
         text_tokens=512,
     ),
     # Qwen/Qwen-Image model card and technical report (arXiv 2508.02324): "a 20B MMDiT";
-    # diffusers' QwenImageTransformer2DModel config: 60 blocks, 24 heads × 128 = 3072 wide.
+    # QwenImageTransformer2DModel(): 60 blocks, 24 heads × 128 = 3072 wide.
     # Text: Qwen2.5-VL-7B-Instruct (8.3B with its vision tower); VAE (Wan-2.1's) 127M.
     # Text tokens: the prompt's, up to the pipeline's 1024 (256 counted: captions are short).
     "qwen-image": BaseSize(
         name="Qwen-Image",
-        denoiser_params=20_400_000_000,
-        quantizable_params=20_200_000_000,
+        denoiser_params=20_430_401_088,
+        quantizable_params=20_384_317_440,
         encoder_params=8_300_000_000,
         vae_params=127_000_000,
         levels=transformer_levels(3072, 60),
-        lora_dims=_attention_lora_dims(3072, 60 * 8),
+        lora_dims=1_474_560,
         text_tokens=256,
     ),
     # stable-diffusion-v1-5 model card: "860M UNet and CLIP ViT-L/14 text encoder" (123M); VAE 84M.
-    # UNet2DConditionModel config: block_out_channels (320, 640, 1280, 1280), 2 layers per block,
-    # attention in the first three levels. Quantizable: its transformer blocks' linears (≈ 0.3 of it, estimated).
+    # UNet2DConditionModel(cross_attention_dim=768): block_out_channels (320, 640, 1280, 1280), 2
+    # layers per block, attention in the first three levels; its block linears are 28% of it.
     "sd15": BaseSize(
         name="Stable Diffusion 1.5",
-        denoiser_params=860_000_000,
-        quantizable_params=260_000_000,
+        denoiser_params=859_520_964,
+        quantizable_params=242_196_480,
         encoder_params=123_000_000,
         vae_params=84_000_000,
         levels=unet_levels((320, 640, 1280, 1280), 2, (True, True, True, False)),
-        lora_dims=_attention_lora_dims(1, 8) * (5 * 320 + 5 * 640 + 6 * 1280),  # 8 projections, 16 blocks
+        lora_dims=199_296,
     ),
 }

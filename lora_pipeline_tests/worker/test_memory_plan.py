@@ -155,3 +155,30 @@ def test_training_with_auto_levers_follows_the_plan_for_the_memory_given(tiny_fl
     assert (on_cpu.quantize_base, on_cpu.gradient_checkpointing) == ("none", False)
     with pytest.raises(DoesNotFit, match="does not fit"):
         train_lora(params, "flux1", tiny_flux1_model, examples, device_memory=int(wanted.peak / 2))
+
+
+@pytest.mark.parametrize(
+    ("key", "build"),
+    [
+        ("flux1-dev", lambda d: d.FluxTransformer2DModel(guidance_embeds=True)),
+        ("qwen-image", lambda d: d.QwenImageTransformer2DModel()),
+        ("sd15", lambda d: d.UNet2DConditionModel(cross_attention_dim=768)),
+    ],
+)
+def test_the_published_denoiser_counts_are_diffusers_default_configs(key, build) -> None:
+    """The planner's published figures, counted again from the model classes (on the meta device:
+    no memory, no weights) as the worker counts a loaded base."""
+    import diffusers
+
+    with torch.device("meta"):
+        model = build(diffusers)
+    published = PUBLISHED[key]
+    assert published.denoiser_params == sum(p.numel() for p in model.parameters())
+    assert published.quantizable_params == sum(m.weight.numel() for _, m in big_linears(model))
+    adapted = [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and (n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith(".to_out.0"))
+    ]
+    assert published.lora_dims == sum(m.in_features + m.out_features for m in adapted)
