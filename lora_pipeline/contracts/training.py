@@ -18,8 +18,14 @@ ModelFamily = Literal["sd1", "sd2", "sdxl", "flux1", "sd3", "z-image", "flux2-kl
 # Base models built in code (random weights; tests, the demo, CPU benchmarks): `tiny` is SD 1.x.
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-flux1", "tiny-sd3", "tiny-z-image", "tiny-flux2-klein", "tiny-qwen-image")
 FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "sd3", "z-image", "flux2-klein", "qwen-image"]
-MixedPrecision = Literal["no", "fp16", "bf16"]
+# "auto": bf16 on a GPU that has it, fp16 on an older GPU, fp32 ("no") on the CPU.
+MixedPrecision = Literal["no", "fp16", "bf16", "auto"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit"]
+# The frozen denoiser's big linears stored weight-only quantized (worker/quantize.py): torchao int8 or
+# float8, bitsandbytes NF4 (QLoRA); the LoRA itself is never quantized. "auto" (a request's choice,
+# never a resolved one): the planner (worker/memory_plan.py) picks from the GPU's memory.
+QuantizeBase = Literal["none", "int8", "float8", "nf4"]
+QuantizeChoice = Literal["none", "int8", "float8", "nf4", "auto"]
 
 
 class TrainingParams(BaseModel):
@@ -51,7 +57,15 @@ class TrainingParams(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 = off.")
     seed: int = Field(0, ge=0)
     mixed_precision: MixedPrecision = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        False, description="Recompute each denoiser block in the backward pass; 'auto': when memory needs it."
+    )
+    quantize_base: QuantizeChoice = Field(
+        "none",
+        description="Store the frozen denoiser's transformer-block linears quantized: 'int8' or 'float8' "
+        "(torchao), 'nf4' (bitsandbytes, QLoRA). The LoRA is trained unquantized; its file is the same. "
+        "'auto': the smallest that is needed to fit the GPU's memory (the planner, docs/worker.md).",
+    )
     optimizer: Optimizer = "adamw"
     trigger_word: str | None = Field(None, max_length=200)
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints in the store; 0 = never.")

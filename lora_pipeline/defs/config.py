@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import types
 import typing
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,13 @@ def _config_type(name: str, annotation: Any) -> Any:
     if typing.get_origin(annotation) is typing.Literal:
         values = typing.get_args(annotation)
         return enum.Enum(name, {str(v): v for v in values}, type=str)
+    members = typing.get_args(annotation)
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    if is_union and bool in members and any(typing.get_origin(m) is typing.Literal for m in members):
+        # A flag that also takes a word (``gradient_checkpointing: bool | "auto"``): Dagster config
+        # has no such union, so it takes any value (``true`` as before, or ``auto``) and
+        # TrainingParams checks it at launch, as it checks the ranges.
+        return typing.Any
     return annotation
 
 

@@ -64,6 +64,20 @@ class ArtifactFacts:
     final_loss: float | None
     prediction_type: str = "epsilon"  # the base model's scheduler: epsilon or v_prediction; flow
     variant: str = ""  # which model of the family, where the header tells them apart (FLUX.1: dev, schnell)
+    quantize_base: str = "none"  # how the frozen denoiser was stored while this LoRA trained on it
+    # The levers as trained where the params left them on "auto" (None: as the params say).
+    gradient_checkpointing: bool | None = None
+    mixed_precision: str | None = None
+    memory_plan: str = ""  # why the planner chose them
+
+    @property
+    def trained_checkpointing(self) -> bool:
+        chosen = self.gradient_checkpointing
+        return bool(self.params.gradient_checkpointing) if chosen is None else chosen
+
+    @property
+    def trained_precision(self) -> str:
+        return self.mixed_precision or self.params.mixed_precision
 
     @property
     def output_name(self) -> str:
@@ -98,9 +112,16 @@ def provenance_metadata(facts: ArtifactFacts) -> dict[str, str]:
         "started_at": facts.started_at.astimezone(UTC).isoformat(),
         "prediction_type": facts.prediction_type,
         "variant": facts.variant,
+        "quantize_base": facts.quantize_base,
+        "memory_plan": facts.memory_plan,
         "tag_frequency": json.dumps(dict(facts.tag_frequency), sort_keys=True),
         "params": p.model_dump_json(),
     }
+    # As trained, where the worker said (params on "auto" decided); else the params tell.
+    if facts.gradient_checkpointing is not None:
+        ours["gradient_checkpointing"] = str(facts.gradient_checkpointing).lower()
+    if facts.mixed_precision is not None:
+        ours["mixed_precision"] = facts.mixed_precision
     return {META_PREFIX + key: value for key, value in ours.items()}
 
 
@@ -135,7 +156,15 @@ def facts_from_provenance(metadata: Mapping[str, str]) -> ArtifactFacts:
         final_loss=float(value("final_loss")) if value("final_loss") else None,
         prediction_type=value("prediction_type"),
         variant=metadata.get(META_PREFIX + "variant", ""),  # files before FLUX.1 have none
+        quantize_base=metadata.get(META_PREFIX + "quantize_base", "none"),  # nor before quantize_base
+        gradient_checkpointing=_flag(metadata.get(META_PREFIX + "gradient_checkpointing")),
+        mixed_precision=metadata.get(META_PREFIX + "mixed_precision"),
+        memory_plan=metadata.get(META_PREFIX + "memory_plan", ""),
     )
+
+
+def _flag(value: str | None) -> bool | None:
+    return None if value is None else value == "true"
 
 
 def kohya_metadata(facts: ArtifactFacts) -> dict[str, str]:
@@ -166,8 +195,8 @@ def kohya_metadata(facts: ArtifactFacts) -> dict[str, str]:
         "ss_batch_size_per_device": str(p.train_batch_size),
         "ss_total_batch_size": str(p.train_batch_size * p.gradient_accumulation_steps),
         "ss_gradient_accumulation_steps": str(p.gradient_accumulation_steps),
-        "ss_gradient_checkpointing": str(p.gradient_checkpointing),
-        "ss_mixed_precision": p.mixed_precision,
+        "ss_gradient_checkpointing": str(facts.trained_checkpointing),
+        "ss_mixed_precision": facts.trained_precision,
         "ss_full_fp16": "False",
         "ss_cache_latents": "True",
         "ss_clip_skip": "None",

@@ -326,6 +326,10 @@ def artifact_facts(checked: CheckedJob, outcome: TrainOutcome, started_at: datet
         final_loss=outcome.final_loss,
         prediction_type=rules.prediction_type(),
         variant=rules.variant(),
+        quantize_base=outcome.quantize_base,
+        gradient_checkpointing=outcome.gradient_checkpointing,
+        mixed_precision=outcome.mixed_precision,
+        memory_plan=outcome.memory_plan,
     )
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_pipeline.settings import get_settings
+from lora_pipeline.worker.quantize import is_quantized
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
@@ -356,7 +357,7 @@ def fuse_qkv(unet: torch.nn.Module) -> int:
     """Fuse each attention's projections (self: q/k/v, cross: k/v); returns how many were fused.
 
     An attention is left alone when its projections differ in kind (bias on some
-    only), or carry a LoRA the fusion cannot reproduce exactly (dropout, DoRA).
+    only), are stored quantized, or carry a LoRA the fusion cannot reproduce exactly (dropout, DoRA).
     """
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
@@ -367,8 +368,8 @@ def fuse_qkv(unet: torch.nn.Module) -> int:
         names = ["to_k", "to_v"] if module.is_cross_attention else ["to_q", "to_k", "to_v"]
         parts = [getattr(module, name) for name in names]
         bases = [_base_linear(part) for part in parts]
-        if not all(isinstance(base, torch.nn.Linear) for base in bases):
-            continue
+        if not all(isinstance(base, torch.nn.Linear) and not is_quantized(base) for base in bases):
+            continue  # a quantized weight (params.quantize_base) cannot be concatenated
         if len({base.bias is None for base in bases}) != 1 or len({base.in_features for base in bases}) != 1:
             continue
         if any(_active_lora(part) is False for part in parts):

@@ -40,11 +40,9 @@ def generate_samples(
     from lora_pipeline.worker.families import family_for
 
     rules = family_for(family, model_dir)
-    dtype = (
-        torch.bfloat16
-        if params.mixed_precision == "bf16"
-        else (torch.float16 if params.mixed_precision == "fp16" else torch.float32)
-    )
+    from lora_pipeline.worker.train import weight_dtype_for
+
+    dtype = weight_dtype_for(params.mixed_precision, device)
     pipe = rules.sampling_pipeline(dtype)
     pipe.load_lora_weights(str(lora_file))
     pipe.to(device)

@@ -18,21 +18,23 @@ checkpoint takes exactly the steps an uninterrupted run takes.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import random
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 
-from lora_pipeline.contracts.training import ModelFamily, TrainingParams
+from lora_pipeline.contracts.training import ModelFamily, QuantizeBase, TrainingParams
 from lora_pipeline.worker.data import (
     Example,
     batches_per_epoch,
@@ -43,6 +45,8 @@ from lora_pipeline.worker.data import (
 )
 from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.families import Family, Loaded, family_for
+from lora_pipeline.worker.memory_plan import BaseSize, plan_levers, transformer_levels, unet_levels
+from lora_pipeline.worker.quantize import big_linears, check_quantization_available, quantize_denoiser
 from lora_pipeline.worker.levers import (
     SpeedLevers,
     compile_unet,
@@ -54,6 +58,7 @@ from lora_pipeline.worker.levers import (
 )
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+HOST = torch.device("cpu")  # where the base model is loaded, before its parts go to the device in turn
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,11 @@ class TrainOutcome:
     adapter_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 0  # the batch trained with (levers.max_batch may raise the requested one)
     levers: dict[str, Any] = field(default_factory=dict)  # the speed levers as resolved for the device
+    quantize_base: str = "none"  # how the frozen denoiser was stored while training (params.quantize_base)
+    quantized_linears: int = 0  # how many of its linears that quantized
+    gradient_checkpointing: bool = False  # as trained (params.gradient_checkpointing, "auto" decided)
+    mixed_precision: str = "no"  # as trained (params.mixed_precision, "auto" decided)
+    memory_plan: str = ""  # why the planner chose the levers left on "auto" (empty: none were)
 
     @property
     def final_loss(self) -> float | None:
@@ -99,7 +109,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolved_precision(mixed_precision: str, device: torch.device) -> str:
+    """``mixed_precision`` with "auto" decided for ``device``: bf16 on a GPU that has it (as the
+    reference scripts train large bases), fp16 on an older GPU, "no" (fp32) on the CPU."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype (the LoRA's own weights stay fp32: ``add_lora``)."""
+    mixed_precision = resolved_precision(mixed_precision, device)
     if mixed_precision == "bf16":
         return torch.bfloat16
     if mixed_precision == "fp16":
@@ -148,7 +170,10 @@ def add_lora(models: Loaded, params: TrainingParams) -> list[torch.nn.Parameter]
         r=params.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(params.target_modules)
     )
     try:
-        models.denoiser.add_adapter(unet_config)
+        with warnings.catch_warnings():
+            # peft warns, per torchao layer, that it could not merge into a quantized base: never asked of it.
+            warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass", category=UserWarning)
+            models.denoiser.add_adapter(unet_config)
     except ValueError as exc:
         raise WorkerInputError(f"params.target_modules: {exc}") from None
     modules = [models.denoiser]
@@ -183,13 +208,14 @@ def check_companion_names(family: Family, denoiser: Any, alpha: float) -> None:
 
     from lora_pipeline.worker.kohya import KohyaNameError
 
+    layers: dict[str, Any] = {name: m for name, m in denoiser.named_modules() if isinstance(m, LoraLayer)}
     modules = {
         (family.denoiser_component, name): {
-            "down": module.lora_A["default"].weight.detach(),
-            "up": module.lora_B["default"].weight.detach(),
+            "down": layer.lora_A["default"].weight.detach(),
+            "up": layer.lora_B["default"].weight.detach(),
         }
-        for name, module in denoiser.named_modules()
-        if isinstance(module, LoraLayer) and "default" in module.lora_A
+        for name, layer in layers.items()
+        if "default" in layer.lora_A
     }
     try:
         family.kohya_tensors(modules, alpha, dict(denoiser.config))
@@ -379,8 +405,12 @@ def train_lora(
     progress: ProgressFn | None = None,
     device: torch.device | None = None,
     levers: SpeedLevers | None = None,
+    device_memory: int | None = None,
 ) -> TrainOutcome:
     """Train a LoRA on ``examples`` and return its layers; resumes from ``checkpointer``.
+
+    ``device_memory`` (bytes) is what the memory planner plans the levers left on "auto" for;
+    default the CUDA device's total memory (on the CPU: none, so they stay off).
 
     ``progress(step, total, loss)`` is called once per step, in order; with
     ``levers.log_every = N`` the calls come in groups of N, when the losses reach the
@@ -392,10 +422,22 @@ def train_lora(
     device = device or pick_device()
     dtype = weight_dtype_for(params.mixed_precision, device)
     check_optimizer_available(params.optimizer)
+    check_quantization_available(params.quantize_base)
     levers = (levers if levers is not None else SpeedLevers.from_env()).resolve(device, params.compile)
     with training_settings(levers):
         return _train(
-            params, family, model_dir, examples, fingerprint, checkpointer, progress, device, dtype, levers, started
+            params,
+            family,
+            model_dir,
+            examples,
+            fingerprint,
+            checkpointer,
+            progress,
+            device,
+            dtype,
+            levers,
+            started,
+            device_memory,
         )
 
 
@@ -411,6 +453,7 @@ def _train(
     dtype: torch.dtype,
     levers: SpeedLevers,
     started: float,
+    device_memory: int | None,
 ) -> TrainOutcome:
     """Prepare, resume, run the steps, export: each step below keeps the RNG draws in the order
     an uninterrupted run makes them, which is what makes a resumed run exact."""
@@ -423,10 +466,15 @@ def _train(
         raise WorkerInputError(
             f"params.train_text_encoder: a {rules.name} LoRA trains no text encoder (nor does its script)"
         )
-    models = rules.load(device, dtype)
+    # Loaded on the host; the encoders reach the device to fill the cache and leave it, and only
+    # then the denoiser comes (quantized as it arrives): the device never holds both at once.
+    models = rules.load(HOST, dtype)
+    encoders_to(models, device)
     cache = prepare_cache(rules, models, examples, params, device, dtype)
+    memory = plan_memory(models, cache, params, device, dtype, device_memory)
     offload_cached_encoders(models, params, device)
-    trainable, optimizer = prepare_lora_training(rules, models, params, levers, device)
+    quantized = quantize_denoiser(models.denoiser, memory.quantize_base, device)
+    trainable, optimizer = prepare_lora_training(rules, models, params, levers, device, memory.gradient_checkpointing)
 
     state = resumable_state(checkpointer, fingerprint)
     if state is not None:
@@ -479,29 +527,50 @@ def _train(
         adapter_configs=adapter_configs(rules, models, params),
         batch_size=batch_size,
         levers=levers.as_dict(),
+        quantize_base=memory.quantize_base if quantized else "none",
+        quantized_linears=quantized,
+        gradient_checkpointing=memory.gradient_checkpointing,
+        mixed_precision=resolved_precision(params.mixed_precision, device),
+        memory_plan=memory.why,
     )
 
 
 # -- prepare ------------------------------------------------------------------------
 
 
+def encoders_to(models: Loaded, device: torch.device) -> None:
+    """The VAE and every text encoder on ``device``, to fill the cache (the denoiser stays where it is)."""
+    for module in (models.vae, *models.text_encoders, *models.frozen_encoders):
+        module.to(device)
+
+
 def offload_cached_encoders(models: Loaded, params: TrainingParams, device: torch.device) -> None:
-    """Everything the cache replaced leaves the GPU: the VAE always, the text encoders unless
-    they train. That memory is what the reference spends per step."""
-    models.vae.to("cpu")
+    """Everything the cache replaced leaves the device: the VAE goes to the host (families read its
+    config: latent scaling, shift), and the text encoders are released altogether unless they
+    train (``models.text_encoders`` and ``frozen_encoders`` emptied, so nothing holds them). That
+    memory is what the reference scripts spend per step, and it is free before the denoiser
+    arrives (``quantize_denoiser``): T5-XXL alone is 9.5 GB in bf16."""
+    models.vae.to(HOST)
     if not params.train_text_encoder:
-        for encoder in (*models.text_encoders, *models.frozen_encoders):
-            encoder.to("cpu")
+        released = len(models.text_encoders) + len(models.frozen_encoders)
+        models.text_encoders.clear()
+        models.frozen_encoders.clear()
+        log.info("text embeddings cached: %d text encoder(s) released", released)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def prepare_lora_training(
-    family: Family, models: Loaded, params: TrainingParams, levers: SpeedLevers, device: torch.device
+    family: Family,
+    models: Loaded,
+    params: TrainingParams,
+    levers: SpeedLevers,
+    device: torch.device,
+    gradient_checkpointing: bool,
 ) -> tuple[list[torch.nn.Parameter], Any]:
     """The LoRA adapters (initialised from the seed alone) and their optimizer, on a denoiser in the
     memory layout the levers ask for; returns (trainable parameters, optimizer)."""
-    if params.gradient_checkpointing:
+    if gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()
         if params.train_text_encoder:
             for encoder in models.text_encoders:
@@ -518,6 +587,92 @@ def prepare_lora_training(
         else:
             log.warning("levers.fuse_qkv: not implemented for %s attention; training unfused", family.name)
     return trainable, make_optimizer(params, trainable, device)
+
+
+@dataclass(frozen=True)
+class MemoryLevers:
+    """The memory levers a run trains with: the request's, with "auto" decided by the planner."""
+
+    quantize_base: QuantizeBase
+    gradient_checkpointing: bool
+    why: str = ""
+
+
+def plan_memory(
+    models: Loaded,
+    cache: _Prepared,
+    params: TrainingParams,
+    device: torch.device,
+    dtype: torch.dtype,
+    device_memory: int | None,
+) -> MemoryLevers:
+    """``params``' memory levers, those on "auto" chosen by ``memory_plan.plan_levers`` for
+    ``device_memory`` (default: the CUDA device's); raises ``DoesNotFit`` when nothing fits.
+
+    Without a memory to plan for (the CPU), "auto" is the plain run: no quantization, no
+    checkpointing."""
+    quantize, checkpointing = params.quantize_base, params.gradient_checkpointing
+    if quantize != "auto" and checkpointing != "auto":
+        return MemoryLevers(quantize, bool(checkpointing))
+    if device_memory is None and device.type == "cuda":
+        device_memory = torch.cuda.get_device_properties(device).total_memory
+    if device_memory is None:
+        log.info("memory plan: %s memory is not known; 'auto' levers stay off", device.type)
+        return MemoryLevers(
+            "none" if quantize == "auto" else quantize,
+            False if checkpointing == "auto" else bool(checkpointing),
+            f"{device.type}: no memory to plan for, auto levers off",
+        )
+    plan = plan_levers(
+        measure_base(models, cache, params),
+        resolution=params.resolution,
+        rank=params.rank,
+        batch=params.train_batch_size,
+        device_bytes=device_memory,
+        mixed_precision="no" if dtype == torch.float32 else "bf16",
+        quantize_base=quantize,
+        gradient_checkpointing=checkpointing,
+        train_text_encoder=params.train_text_encoder,
+        nf4_available=importlib.util.find_spec("bitsandbytes") is not None,
+    )
+    log.info("memory plan: %s", plan.why())
+    chosen = plan.levers
+    return MemoryLevers(cast(QuantizeBase, chosen.quantize_base), chosen.gradient_checkpointing, plan.why())
+
+
+def measure_base(models: Loaded, cache: _Prepared, params: TrainingParams) -> BaseSize:
+    """The planner's figures of the loaded base: parameter counts, the denoiser's levels (its
+    repeated blocks' width and number; a UNet's from its config), the LoRA's size for
+    ``params.target_modules``, and the text tokens each block sees (from the cache)."""
+    denoiser = models.denoiser
+    config = dict(getattr(denoiser, "config", {}) or {})
+    linears = {n: m for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = list(params.target_modules)
+    lora_dims = sum(
+        m.in_features + m.out_features
+        for n, m in linears.items()
+        if any(n == t or n.endswith("." + t) for t in targets)
+    )
+    blocks = [m for m in denoiser.modules() if type(m).__name__ in set(getattr(denoiser, "_repeated_blocks", ()) or ())]
+    text_tokens = 0
+    if "block_out_channels" in config:
+        attention = ["CrossAttn" in kind for kind in config.get("down_block_types", ())]
+        levels = unet_levels(config["block_out_channels"], int(config.get("layers_per_block", 2)), attention)
+    else:
+        width = next((m.in_features for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)), 0)
+        levels = transformer_levels(width, len(blocks))
+        cached = [t for c in cache.conditioning[:1] for t in c.values() if t.ndim >= 2]
+        text_tokens = max((t.shape[-2] for t in cached), default=0)
+    return BaseSize(
+        name=type(denoiser).__name__,
+        denoiser_params=sum(p.numel() for p in denoiser.parameters()),
+        quantizable_params=sum(m.weight.numel() for _, m in big_linears(denoiser)),
+        encoder_params=sum(p.numel() for e in (*models.text_encoders, *models.frozen_encoders) for p in e.parameters()),
+        vae_params=sum(p.numel() for p in models.vae.parameters()),
+        levels=levels,
+        lora_dims=lora_dims,
+        text_tokens=text_tokens,
+    )
 
 
 def make_lr_scheduler(params: TrainingParams, optimizer: Any, n_steps: int) -> Any:

@@ -121,6 +121,19 @@ def test_params_are_the_training_params_fields_and_only_the_set_ones_override():
     assert set(type(config.params).model_fields) == set(TrainingParams.model_fields)
 
 
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_a_flag_that_also_takes_auto_accepts_both_and_training_params_checks_it(value):
+    """``gradient_checkpointing: bool | "auto"`` has no Dagster config type: any value passes the
+    config, the boolean as before, and the config mapping's TrainingParams check refuses the rest."""
+    from lora_pipeline.contracts.training import TrainingParams
+
+    config = TrainingConfig.model_validate({"params": {"gradient_checkpointing": value, "quantize_base": "auto"}})
+    assert TrainingParams(**config.params.overrides()).gradient_checkpointing == value
+    assert checked_training_config({"params": {"gradient_checkpointing": value}})
+    with pytest.raises(Exception, match="gradient_checkpointing"):
+        checked_training_config({"params": {"gradient_checkpointing": "sometimes"}})
+
+
 def test_a_good_config_and_a_completion_handover_pass_unchanged():
     good = {"params": {"rank": 8, "max_train_steps": 100, "alpha": None}, "base_model": "tiny"}
     assert checked_training_config(good) == good

@@ -207,6 +207,8 @@ def train_and_write(
         base_model=f"tiny-{family}", family=family, params=training, steps=outcome.steps,  # type: ignore[arg-type]
         num_train_images=len(examples), tag_frequency={"geoshapes style": 1}, training_seconds=1.0,
         started_at=now, finished_at=now, final_loss=outcome.final_loss, prediction_type="flow", variant=variant,
+        quantize_base=outcome.quantize_base, gradient_checkpointing=outcome.gradient_checkpointing,
+        mixed_precision=outcome.mixed_precision, memory_plan=outcome.memory_plan,
     )  # fmt: skip
     diffusers_file = write_lora_file(
         folder / "geo_v2.safetensors",
