@@ -2,7 +2,7 @@
 #
 #   docker build -t <registry>/lora-pipeline-worker:<tag> .
 #
-# Exactly locks/worker.txt (the `train` extra; `make lock` writes it), hashes checked:
+# Exactly locks/worker.txt (the `train` and `cuda` extras; `make lock` writes it), hashes checked:
 # torch there is PyPI's CUDA build for Linux x86_64 (bundled CUDA runtime; the host
 # needs only the NVIDIA driver). Then the project itself, adding nothing.
 FROM python:3.11-slim
@@ -21,8 +21,6 @@ RUN pip install --require-hashes --no-deps -r locks/worker.txt
 COPY pyproject.toml README.md ./
 COPY lora_pipeline ./lora_pipeline
 RUN pip install --no-deps --no-build-isolation .
-# Optional: 8-bit AdamW (params.optimizer = "adamw8bit").
-# RUN pip install bitsandbytes
 
 # RunPod's convention: `python handler.py` starts the worker loop
 # (runpod.serverless.start); with no RunPod environment it runs test_input.json.

@@ -9,7 +9,8 @@ lock                extras                 installed by
 ==================  =====================  ==========================================
 locks/cpu.txt       train, dev, deploy     ``make install`` (so ``make dev``, ``make test``, CI),
                                            CPU torch; the ``make deploy-test`` image
-locks/worker.txt    train                  the RunPod worker image (Dockerfile), CUDA torch
+locks/worker.txt    train, cuda            the RunPod worker image (Dockerfile), CUDA torch,
+                                           bitsandbytes (nf4 base, 8-bit Adam)
 locks/deploy.txt    deploy                 the Dagster image (deploy/Dockerfile)
 locks/gpu-bundle.txt train, reference      ``make gpu-bundle``: CPython 3.12, what the GPU
                                            machine lacks is carried at these versions
@@ -73,7 +74,7 @@ class Lock:
 
 TARGETS = (
     Lock("cpu", ("train", "dev", "deploy"), "3.11", f"{TORCH}+cpu", "make install: this machine, the tests, CI", False),
-    Lock("worker", ("train",), "3.11", TORCH, "the RunPod worker image (Dockerfile), CUDA torch"),
+    Lock("worker", ("train", "cuda"), "3.11", TORCH, "the RunPod worker image (Dockerfile), CUDA torch"),
     Lock("deploy", ("deploy",), "3.11", None, "the Dagster image (deploy/Dockerfile)"),
     Lock("gpu-bundle", ("train", "reference"), "3.12", TORCH, "make gpu-bundle: the GPU machine's CPython 3.12"),
 )
