@@ -299,19 +299,18 @@ def runpod_job_sensor(
         except StorageError as exc:
             return dg.SensorResult(skip_reason=store_outage_skip(exc))
         requests.append(completion_request(unfinished[job_id], status, source="poll"))
-    expired = []
+    expired: list[str] = []
     for job_id in sorted(result.not_found):
         try:  # RunPod forgot it: its file in the store, if there, settles it now
-            status = _completion_from_store(store, unfinished[job_id], job_id)
+            stored = _completion_from_store(store, unfinished[job_id], job_id)
         except StorageError as exc:
-            context.log.warning(f"job {job_id}: unknown to the backend, its file not checked: {exc}")
-            status = None
-        if status is None:
+            return dg.SensorResult(skip_reason=store_outage_skip(exc))
+        if stored is None:
             expired.append(job_id)
             continue
-        context.log.info(f"job {job_id}: unknown to the backend; completed from its file {status.output}")
+        context.log.info(f"job {job_id}: unknown to the backend; completed from its file {stored.output}")
         if not _run_exists(context.instance, job_id):
-            requests.append(completion_request(unfinished[job_id], status, source="poll"))
+            requests.append(completion_request(unfinished[job_id], stored, source="poll"))
     if expired:
         requests.append(settle_expired_request(expired, datetime.now(UTC)))
         context.log.info(
