@@ -315,11 +315,11 @@ def test_poll_completion_is_recorded_without_a_webhook(flow: Flow):
     assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
 
 
-def test_job_whose_status_expired_is_completed_by_reconciliation(flow: Flow):
+def test_job_whose_status_expired_is_completed_from_its_file_by_the_job_sensor(flow: Flow):
     """The legacy "redis err: client is nil": the job finished while no sensor ran, and
     RunPod forgot it (/status answers 404 after the result TTL). The poll sensor must not
-    fail the version; it requests reconcile_registry, which finds the LoRA in the store and
-    completes the version from it."""
+    fail the version: its LoRA is in the store, so the tick completes the version from it and
+    requests the one recording run, which materializes trained_lora."""
     fake = flow.start_runpod(result_ttl_s=60)
     flow.add_dataset()
     job_id = flow.train()
@@ -335,12 +335,13 @@ def test_job_whose_status_expired_is_completed_by_reconciliation(flow: Flow):
     tick = flow.daemon.tick("runpod_job_sensor")
 
     [request] = tick.requests
-    assert request.job_name == "reconcile_registry"
+    assert (request.job_name, request.tags["lora_pipeline/source"]) == ("complete_training", "poll")
     [run] = tick.runs
     assert run.success
     version = assert_completed_with_url(flow, job_id)
     assert version.error is None
-    assert [m.partition for m in run.asset_materializations_for_node("reconcile_registry_op")] == [STYLE]
+    trained = materialized(run)["trained_lora"]
+    assert trained.partition == STYLE and trained.metadata["version"].value == version.name
     assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
 
 
