@@ -17,6 +17,7 @@ import dagster as dg
 
 from lora_pipeline.backends.base import RunPodUnavailable, TrainingBackend
 from lora_pipeline.backends.poll import poll_jobs
+from lora_pipeline.clock import SYSTEM_CLOCK, Clock
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.jobs import JOB_TAG, complete_training
 from lora_pipeline.defs.outages import store_outage_skip
@@ -24,7 +25,7 @@ from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
 from lora_pipeline.defs.reconcile import reconcile_registry
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.lifecycle.progress import record_progress, running_statuses
-from lora_pipeline.lifecycle.submit import job_run_key
+from lora_pipeline.lifecycle.submit import completion_from_store, job_run_key, record_completion
 from lora_pipeline.registry.jobids import base_job_id
 from lora_pipeline.registry.merge import find_version_by_job
 from lora_pipeline.registry.models import VersionStatus
@@ -298,11 +299,23 @@ def runpod_job_sensor(
         except StorageError as exc:
             return dg.SensorResult(skip_reason=store_outage_skip(exc))
         requests.append(completion_request(unfinished[job_id], status, source="poll"))
-    if result.not_found:
-        requests.append(settle_expired_request(result.not_found, datetime.now(UTC)))
+    expired: list[str] = []
+    for job_id in sorted(result.not_found):
+        try:  # RunPod forgot it: its file in the store, if there, settles it now
+            stored = _completion_from_store(store, unfinished[job_id], job_id)
+        except StorageError as exc:
+            return dg.SensorResult(skip_reason=store_outage_skip(exc))
+        if stored is None:
+            expired.append(job_id)
+            continue
+        context.log.info(f"job {job_id}: unknown to the backend; completed from its file {stored.output}")
+        if not _run_exists(context.instance, job_id):
+            requests.append(completion_request(unfinished[job_id], stored, source="poll"))
+    if expired:
+        requests.append(settle_expired_request(expired, datetime.now(UTC)))
         context.log.info(
-            f"{len(result.not_found)} jobs are unknown to the backend (results expire 30 min after "
-            "completion); requested reconcile_registry to settle them from storage"
+            f"{len(expired)} jobs are unknown to the backend (results expire 30 min after completion) "
+            "and have no file in the store yet; requested reconcile_registry to settle them"
         )
     context.log.info(
         f"polled {len(result.statuses)} of {len(unfinished)} unfinished jobs (from #{start}); "
@@ -312,6 +325,18 @@ def runpod_job_sensor(
     if not requests:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"{len(unfinished)} jobs still running"), cursor=cursor)
     return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+
+def _completion_from_store(
+    store: ObjectStore, style: str, job_id: str, clock: Clock = SYSTEM_CLOCK
+) -> JobStatus | None:
+    """Settle, on this tick, a job RunPod forgot whose file is in the store: the registry records
+    it completed at once (``record_completion`` verifies the file), and the status returned is
+    handed to the one recording run that materializes ``trained_lora``. None: no file for it."""
+    status = completion_from_store(store, style, job_id)
+    if status is not None:
+        record_completion(store, style, status, source="poll", clock=clock)
+    return status
 
 
 def _track_progress(

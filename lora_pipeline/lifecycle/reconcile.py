@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lora_pipeline.backends.base import JobNotFound, RunPodError
@@ -58,6 +58,7 @@ from lora_pipeline.webhook.inbox import (
 )
 
 DEFAULT_MAX_JOB_AGE = timedelta(hours=25)  # RunPod's default job TTL is 24 h
+_UNKNOWN_TIME = datetime.min.replace(tzinfo=UTC)  # list_inbox's arrival of a file with no time
 
 StatusLookup = Callable[[str], JobStatus | None]
 
@@ -240,10 +241,7 @@ class _Run:
                     mark_processed(self.store, item.key)
                 self.report.webhooks_applied.append(item.key)
             for item in outcome.waiting:
-                self.report.webhooks_waiting.append(item.key)
-                self.report.problems.append(
-                    f"{item.key}: job {item.job_id} is in no registry document yet; kept in the inbox"
-                )
+                self._wait_or_reject(item, item.job_id)
         if summaries and not self.dry_run:
             self.registry.update_index(summaries)
         if full and not self.dry_run:
@@ -271,10 +269,7 @@ class _Run:
             report = job_report_from_status(status, item.received_at or self.now, source="webhook")
             style = route_style(routes, status)
             if style is None:
-                self.report.webhooks_waiting.append(item.key)
-                self.report.problems.append(
-                    f"{item.key}: job {report.job_id} is in no registry document yet; kept in the inbox"
-                )
+                self._wait_or_reject(item, report.job_id)
                 continue
             work[style].evidence.append(report)
             work[style].inbox.append((item, report))
@@ -376,6 +371,25 @@ class _Run:
                     self.report.problems.append(f"{key}: left behind by a delete, not removed: {exc}")
                     continue
             self.report.leftovers_removed.append(key)
+
+    def _wait_or_reject(self, item: InboxItem, job_id: str | None) -> None:
+        """A body whose job no version holds waits in the inbox for the evidence that attaches it
+        (its version's record of the job id, a start marker, a file), but not for ever: once it is
+        older than the maximum job age, the version it could belong to has been failed (its
+        submission was lost) and nothing can attach it any more, so a full reconciliation moves it
+        to ``webhooks/rejected/`` with that reason. Every inbox file ends processed or rejected."""
+        arrived = item.received_at
+        if self.full and arrived is not None and arrived > _UNKNOWN_TIME and self.now - arrived > self.max_job_age:
+            self._reject(
+                item,
+                f"no version claims job {job_id}: the body arrived {self.now - arrived} ago, over the maximum "
+                f"job age ({self.max_job_age}), and nothing links the job to a version (no recorded job id, no "
+                "request id in its body, no start marker, no LoRA file); a version whose /run answer was lost "
+                "has been failed by now",
+            )
+            return
+        self.report.webhooks_waiting.append(item.key)
+        self.report.problems.append(f"{item.key}: job {job_id} is in no registry document yet; kept in the inbox")
 
     def _reject(self, item: InboxItem, reason: str) -> None:
         """Move an unusable inbox file to webhooks/rejected/, its reason beside it; never delete."""

@@ -406,6 +406,41 @@ def record_completion(
     )
 
 
+def completion_from_store(store: ObjectStore, style: str, job_id: str) -> JobStatus | None:
+    """How a job RunPod no longer knows (its status expired: 404) ended, read from the store.
+
+    COMPLETED when the version holding the job has its file at its key, readable, and written for
+    it (the header names the version's request id, or this job): the worker publishes the file,
+    create-only, only after training succeeded and just before it returns, so the file is the
+    job's completion whatever RunPod has forgotten. The status carries the file as its output,
+    so recording it (``record_completion``) verifies the file again and completes the version.
+    None when there is no such file (yet): the caller settles the job otherwise (reconciliation
+    completes it if the file lands later, or fails it after the maximum job age). Lets
+    StorageError through.
+    """
+    document, _ = RegistryStore(store).read(style)
+    version = find_version_by_job(document, job_id)
+    number = parse_version_name(version.name) if version is not None else None
+    if version is None or number is None:
+        return None
+    key = lora_key(style, number)
+    try:
+        metadata = read_header(store, key).metadata
+    except InvalidLoraFile:
+        return None
+    written_for = metadata.get("lora_pipeline.request_id")
+    by_job = metadata.get("lora_pipeline.job_id")
+    if not (
+        (version.request_id and written_for == version.request_id)
+        or (by_job and base_job_id(by_job) == base_job_id(job_id))
+    ):
+        return None  # another request's file under this version's name: not this job's evidence
+    output = {"style": style, "version": version.name, "lora_key": key}
+    if written_for:
+        output["request_id"] = written_for
+    return JobStatus(id=job_id, status="COMPLETED", output=output)
+
+
 def _expected_lora_key(style: str, status: JobStatus, known: Version | None) -> str | None:
     output = status.output
     if isinstance(output, dict) and isinstance(output.get("lora_key"), str):

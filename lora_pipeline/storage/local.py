@@ -70,6 +70,56 @@ def _same_file(fd: int, path: Path) -> bool:
     return (opened.st_ino, opened.st_dev) == (at_path.st_ino, at_path.st_dev)
 
 
+class _DirectorySyncs:
+    """Durable renames with group commit: fsync a directory once for every write renamed into
+    it while the previous fsync of that directory ran.
+
+    A file's own fsync covers its bytes, not the directory entry naming it: without a
+    directory fsync after the rename, a power cut soon after a put returned could leave the
+    old name (or none). One fsync per put would double the syncs of the webhook receiver,
+    whose concurrent deliveries land in the same two folders; here a writer whose rename is
+    covered by an fsync that started after it waits for that one, and one writer (the
+    leader) syncs for all the renames made meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._state: dict[str, list[int]] = {}  # directory → [renames seen, renames synced, syncing]
+
+    def sync(self, directory: Path) -> None:
+        """Return once an fsync of ``directory`` begun after this call's rename has finished."""
+        name = str(directory)
+        with self._cond:
+            state = self._state.setdefault(name, [0, 0, 0])
+            state[0] += 1
+            mine = state[0]
+            while state[1] < mine:
+                if state[2]:
+                    self._cond.wait()
+                    continue
+                state[2] = 1
+                covered = state[0]  # every rename made so far is in the directory now
+                self._cond.release()
+                try:
+                    _fsync_directory(directory)
+                finally:
+                    self._cond.acquire()
+                    state[2] = 0
+                    self._cond.notify_all()
+                state[1] = max(state[1], covered)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return  # removed since (a delete took its last file): no entry in it to keep
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _holds_a_file(directory: Path) -> bool:
     """Whether any file lies below ``directory`` (stops at the first one found)."""
     for _dirpath, _dirnames, filenames in os.walk(directory):
@@ -144,6 +194,7 @@ class LocalStore:
         # ETags cost a full read; remember them per (inode, size, mtime).
         self._etag_cache: dict[tuple[str, int, int, int], str] = {}
         self._cache_lock = threading.Lock()
+        self._dir_syncs = _DirectorySyncs()
 
     # -- helpers -----------------------------------------------------------------
 
@@ -228,7 +279,8 @@ class LocalStore:
         return counts
 
     def _write_via_rename(self, path: Path, fill: Callable[[IO[bytes]], object]) -> None:
-        """Write into a temp file beside the store, fsync, and rename it into place."""
+        """Write into a temp file beside the store, fsync, rename it into place, and fsync the
+        folder (with group commit): once this returns, the write survives a power cut."""
         fd, tmp = tempfile.mkstemp(dir=self._meta / "tmp", prefix="put-")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -239,6 +291,7 @@ class LocalStore:
                 raise StorageError(f"cannot write {path}: a folder of that name exists")
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
+            self._dir_syncs.sync(path.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -41,7 +41,14 @@ from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage import ObjectStore
 from lora_pipeline.storage.breaker import CircuitBreaker
 from lora_pipeline.storage.factory import open_store
-from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, companion_key, lora_key, registry_key
+from lora_pipeline.storage.keys import (
+    WEBHOOK_INBOX,
+    WEBHOOK_PROCESSED,
+    companion_key,
+    lora_key,
+    lora_prefix,
+    registry_key,
+)
 from lora_pipeline.webhook.app import create_app
 from lora_pipeline.webhook.urls import webhook_url
 from lora_pipeline_tests.fakes.runpod_api import FakeRunPod
@@ -308,11 +315,11 @@ def test_poll_completion_is_recorded_without_a_webhook(flow: Flow):
     assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
 
 
-def test_job_whose_status_expired_is_completed_by_reconciliation(flow: Flow):
+def test_job_whose_status_expired_is_completed_from_its_file_by_the_job_sensor(flow: Flow):
     """The legacy "redis err: client is nil": the job finished while no sensor ran, and
     RunPod forgot it (/status answers 404 after the result TTL). The poll sensor must not
-    fail the version; it requests reconcile_registry, which finds the LoRA in the store and
-    completes the version from it."""
+    fail the version: its LoRA is in the store, so the tick completes the version from it and
+    requests the one recording run, which materializes trained_lora."""
     fake = flow.start_runpod(result_ttl_s=60)
     flow.add_dataset()
     job_id = flow.train()
@@ -328,12 +335,13 @@ def test_job_whose_status_expired_is_completed_by_reconciliation(flow: Flow):
     tick = flow.daemon.tick("runpod_job_sensor")
 
     [request] = tick.requests
-    assert request.job_name == "reconcile_registry"
+    assert (request.job_name, request.tags["lora_pipeline/source"]) == ("complete_training", "poll")
     [run] = tick.runs
     assert run.success
     version = assert_completed_with_url(flow, job_id)
     assert version.error is None
-    assert [m.partition for m in run.asset_materializations_for_node("reconcile_registry_op")] == [STYLE]
+    trained = materialized(run)["trained_lora"]
+    assert trained.partition == STYLE and trained.metadata["version"].value == version.name
     assert flow.daemon.tick("runpod_job_sensor").skip_message == "no unfinished jobs"
 
 
@@ -585,8 +593,8 @@ def test_a_stalled_job_is_flagged_and_cancelled_only_with_the_setting(flow: Flow
 
 def test_the_demo_settles_a_job_runpod_forgot_before_the_first_poll(flow: Flow):
     """Issue 22: with RunPod keeping a status 1 s, the job finishes and is forgotten before any
-    sensor polls it. The job sensor requests reconcile_registry, and the demo runs it as the
-    daemon would (it ran only complete_training before, and gave up after its timeout)."""
+    sensor polls it. Its file is in the store, so the job sensor completes the version on that
+    tick and requests the one recording run; no reconciliation is needed."""
     from lora_pipeline.demo import run_demo
 
     fake = flow.start_runpod(result_ttl_s=1)
@@ -603,5 +611,34 @@ def test_the_demo_settles_a_job_runpod_forgot_before_the_first_poll(flow: Flow):
 
     [version] = result.document.versions
     assert version.status is VersionStatus.completed and version.id == result.job_id
+    assert [line.strip() for line in lines if "→" in line] == ["runpod_job_sensor → complete_training (poll)"]
+
+
+def test_the_demo_runs_the_reconciliation_the_job_sensor_requests(flow: Flow):
+    """The same forgotten job, its file not in the store yet at the first tick: the job sensor
+    requests reconcile_registry and the demo runs it, as the daemon would (it ran only
+    complete_training before, and gave up after its timeout); the file lands, and a later tick
+    completes the version from it."""
+    from lora_pipeline.demo import run_demo
+
+    fake = flow.start_runpod(result_ttl_s=1)
+    lines: list[str] = []
+    held: dict[str, bytes] = {}
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.strip().endswith("submitted"):
+            fake.process()
+            fake.advance(2)
+            for info in list(flow.store.list(lora_prefix(STYLE))):  # the upload is late
+                held[info.key] = flow.store.get(info.key).data
+                flow.store.delete(info.key)
+        if "→ reconcile_registry" in line:
+            for key, data in held.items():
+                flow.store.put(key, data)
+
+    result = run_demo(STYLE, timeout_s=60, poll_interval_s=0.1, echo=echo)
+
+    [version] = result.document.versions
+    assert held and version.status is VersionStatus.completed and version.id == result.job_id
     assert any("runpod_job_sensor → reconcile_registry" in line for line in lines), lines
-    assert not any("complete_training" in line for line in lines)  # RunPod had forgotten it

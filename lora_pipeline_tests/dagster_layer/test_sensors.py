@@ -12,11 +12,13 @@ from lora_pipeline.backends.base import JobNotFound, RunPodUnavailable
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.defs.completion_sensors import runpod_job_sensor, runpod_webhook_sensor
 from lora_pipeline.registry.evidence import JobReport
+from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.storage import StoreUnavailable
 from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED
 from lora_pipeline.webhook.inbox import write_webhook
 from lora_pipeline_tests.dagster_layer.conftest import submit_pending
+from lora_pipeline_tests.registry.lora_files import lora_bytes
 
 JOB = "26945dbf-4e87-4574-ad26-b1f71e865942"
 STYLE = "style_59"
@@ -111,18 +113,44 @@ def test_job_sensor_requests_a_run_for_each_finished_job(store, instance, resour
     assert request.tags["lora_pipeline/source"] == "poll"
 
 
-def test_job_sensor_hands_expired_jobs_to_reconciliation(store, instance, resources, backend):
-    """RunPod answers 404 once a result expired: that is not a failure of the job, and the
-    store (is its LoRA there?) decides, in a reconcile_registry run."""
+@pytest.mark.parametrize("written_for", [{"lora_pipeline.request_id": "req-1"}, {"lora_pipeline.job_id": JOB}])
+def test_job_sensor_completes_an_expired_job_from_its_file_on_the_same_tick(
+    store, instance, resources, backend, written_for
+):
+    """RunPod forgot the job before the first poll, but its worker published the version's file
+    (its header names the version's request, or the job): the tick completes the version itself,
+    and requests the one recording run that materializes trained_lora, not a reconciliation."""
     submit_pending(store, STYLE, f"{JOB}-u1")
+    key = f"loras/{STYLE}/{STYLE}_v1.safetensors"
+    store.put(key, lora_bytes(written_for))
     backend.answers[f"{JOB}-u1"] = JobNotFound(f"{JOB}-u1")
 
     result = evaluate(runpod_job_sensor, instance, resources)
 
+    [version] = RegistryStore(store).read(STYLE)[0].versions
+    assert version.status is VersionStatus.completed and version.file.key == key
     [request] = result.run_requests
+    assert (request.job_name, request.run_key) == ("complete_training", f"complete:{JOB}:COMPLETED")
+    status = JobStatus.model_validate_json(request.run_config["ops"]["trained_lora"]["config"]["status_body"])
+    assert status.output["lora_key"] == key
+    assert not evaluate(runpod_job_sensor, instance, resources).run_requests  # nothing unfinished is left
+
+
+@pytest.mark.parametrize("file", [None, {"lora_pipeline.request_id": "another-request"}], ids=["absent", "not-its"])
+def test_job_sensor_leaves_an_expired_job_without_its_file_to_reconciliation(store, instance, resources, backend, file):
+    """No file, or another request's file at the version's key: the version stays unfinished and a
+    reconcile_registry run is requested (it completes the job if the file lands, fails it after
+    the maximum job age)."""
+    submit_pending(store, STYLE, f"{JOB}-u1")
+    if file is not None:
+        store.put(f"loras/{STYLE}/{STYLE}_v1.safetensors", lora_bytes(file))
+    backend.answers[f"{JOB}-u1"] = JobNotFound(f"{JOB}-u1")
+
+    [request] = evaluate(runpod_job_sensor, instance, resources).run_requests
+
     assert request.job_name == "reconcile_registry"
-    document, _ = RegistryStore(store).read(STYLE)
-    assert document.versions[0].status.value != "failed"
+    [version] = RegistryStore(store).read(STYLE)[0].versions
+    assert version.status is VersionStatus.starting
 
 
 @pytest.mark.parametrize("failure", [RunPodUnavailable("RunPod API down (test)")], ids=["api-down"])

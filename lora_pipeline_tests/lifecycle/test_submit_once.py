@@ -394,3 +394,33 @@ def test_a_clear_refusal_of_run_releases_the_claim(store, fake, code, body):
         submit(store, client_for(fake, max_attempts=2))
     (version,) = document(store).versions
     assert version.claim.phase == "released" and len(fake.jobs) == 0
+
+
+def test_the_webhook_of_a_job_no_version_can_claim_is_rejected_after_the_maximum_age(store, fake):
+    """The soak's seed 7054: the /run answer was lost after RunPod queued the job, and the job failed
+    before its worker wrote a start marker, so its FAILED body names no request. It waits in the
+    inbox while the version could still be attached; past the maximum job age the version is failed
+    and the body goes to rejected/ with its reason: no inbox file stays for ever."""
+    fake.latency_s = 0.5
+    with pytest.raises(SubmissionUnknown):
+        submit(store, client_for(fake, timeout=0.1))
+    _wait_for(lambda: len(fake.jobs) == 1)
+    (job,) = fake.jobs.values()
+    failed = json.dumps({"id": job.id, "status": "FAILED", "error": "CUDA out of memory"}).encode()
+    key = write_webhook(store, failed)
+    assert key is not None
+
+    soon = reconcile(store, max_job_age=timedelta(hours=25), now=datetime.now(UTC) + timedelta(hours=24))
+    assert soon.webhooks_waiting == [key] and not soon.webhooks_rejected
+    assert store.head(key) is not None and document(store).versions[0].status == VersionStatus.starting
+
+    later = reconcile(store, max_job_age=timedelta(hours=25), now=datetime.now(UTC) + timedelta(hours=26))
+    assert later.webhooks_rejected == [key] and not later.webhooks_waiting
+    assert store.head(key) is None
+    rejected = key.replace("webhooks/inbox/", "webhooks/rejected/")
+    assert store.get(rejected).data == failed
+    reason = store.get(rejected + ".reason.txt").data.decode()
+    assert f"no version claims job {job.id}" in reason and "maximum job age" in reason
+    (version,) = document(store).versions
+    assert version.status == VersionStatus.failed and "unknown outcome" in version.error
+    assert not reconcile(store, now=datetime.now(UTC) + timedelta(hours=27)).problems  # nothing left to report

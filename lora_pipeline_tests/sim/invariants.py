@@ -3,7 +3,9 @@
 Each check returns the violations it finds as one-line strings (empty: it held):
 
 * each version has at most one RunPod job, and each job is in exactly one version, the one
-  its request named; a version number is never given to two requests (never reused);
+  its request named (unless nothing links them: a lost /run answer, a job that did not complete
+  and wrote no start marker; then its version is failed); a version number is never given to
+  two requests (never reused);
 * every finished job is settled: its version is completed iff its LoRA file parses, and
   no version is left unfinished;
 * an alias points at a completed version whose files are readable;
@@ -21,14 +23,22 @@ from __future__ import annotations
 
 from lora_pipeline.registry.aliases import alias_stacks
 from lora_pipeline.registry.merge import merge
-from lora_pipeline.registry.models import RegistryDocument, VersionStatus
+from lora_pipeline.registry.models import RegistryDocument, Version, VersionStatus
 from lora_pipeline.registry.names import parse_lora_file
 from lora_pipeline.registry.safetensors_header import InvalidLoraFile
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.registry_store.index import StyleSummary
 from lora_pipeline.registry_store.lora_files import read_header
-from lora_pipeline.storage.keys import WEBHOOK_INBOX, WEBHOOK_PROCESSED, WEBHOOK_REJECTED, lora_key, lora_prefix
+from lora_pipeline.storage.keys import (
+    WEBHOOK_INBOX,
+    WEBHOOK_PROCESSED,
+    WEBHOOK_REJECTED,
+    lora_key,
+    lora_prefix,
+    run_marker_key,
+)
 from lora_pipeline.webhook.inbox import REASON_SUFFIX
+from lora_pipeline_tests.sim.runpod import SimJob
 from lora_pipeline_tests.sim.world import STYLES, World
 
 
@@ -68,6 +78,8 @@ def _one_job_per_version(world: World, docs: dict[str, RegistryDocument]) -> lis
         style, name = job.input["style"], job.input["version"]
         per_version.setdefault((style, name), []).append(job.id)
         holders = [v.name for v in docs[style].versions if job.base in v.job_bases] if style in docs else []
+        if not holders and _unattachable(world, job, docs[style].version(name) if style in docs else None):
+            continue
         if holders != [name]:
             found.append(f"job {job.id} for {style} {name} is held by {holders or 'no version'}")
     found += [
@@ -78,6 +90,23 @@ def _one_job_per_version(world: World, docs: dict[str, RegistryDocument]) -> lis
             if len(v.job_ids) > 1:
                 found.append(f"{style} {v.name} holds jobs {list(v.job_ids)}")
     return found
+
+
+def _unattachable(world: World, job: SimJob, version: Version | None) -> bool:
+    """A job nothing links to its version, as docs/reliability.md (promise 2) allows: its /run answer
+    was lost (the version never learned its id and was failed as a lost submission), it did not
+    complete (a completed job's output names its request), and no start marker of it was written."""
+    marker = run_marker_key(job.input["style"], job.input["version"], job.id)
+    return (
+        version is not None
+        and version.status is VersionStatus.failed
+        and version.id is None
+        and version.claim is not None
+        and version.claim.maybe_submitted
+        and job.status != "COMPLETED"
+        and marker not in world.store.objects
+        and marker not in world.ledger.pruned
+    )
 
 
 def _numbers_not_reused(world: World, docs: dict[str, RegistryDocument]) -> list[str]:

@@ -84,3 +84,14 @@ def test_an_unexpected_exception_is_caught():
     world, _, _, _ = fresh()
     world.ledger.unexpected.append("submit: Traceback …\nStopIteration")
     assert any(v.startswith("unexpected exception in submit") for v in check(world))
+
+
+def test_a_job_no_version_holds_is_caught_unless_nothing_could_link_it():
+    """Only a job nothing links to its version (lost /run answer, no completion, no start marker:
+    its version failed as a lost submission) may be in no version; any other stray job is caught."""
+    world, _, style, name = fresh()
+    job = next(j for j in world.runpod.jobs.values() if (j.input["style"], j.input["version"]) == (style, name))
+    base = "f" * 8 + job.base[8:]
+    stray = dataclasses.replace(job, base=base, id=f"{base}-u1", status="FAILED", output=None)
+    world.runpod.jobs[stray.id] = stray
+    assert any(f"job {stray.id} for {style} {name} is held by no version" in v for v in check(world))

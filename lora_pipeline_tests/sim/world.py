@@ -9,7 +9,8 @@ maybe a crash point, maybe faulty store and RunPod calls):
   times (lost, delivered, duplicated), each delivery an actor of its own;
 * ``webhook_tick`` and ``poll_tick``: the completion sensors' decisions (route, reject,
   skip what is settled, request one completion run per job and status; a job RunPod
-  forgot requests a reconciliation), the runs they request executing as actors;
+  forgot is completed from its file in the store on the tick, or else requests a
+  reconciliation), the runs they request executing as actors;
 * ``reconcile_job``: reconciliation, housekeeping and the version retention, as the
   ``reconcile_registry`` job runs them; ``inbox``: the inbox pass alone; ``legacy``;
 * ``promote``, ``rollback``, ``unalias``, ``delete``, ``retention`` (an operator);
@@ -35,7 +36,7 @@ from lora_pipeline.backends.base import JobNotFound, RunPodError
 from lora_pipeline.contracts.job_status import JobStatus
 from lora_pipeline.contracts.training import TrainingRequest
 from lora_pipeline.dataset.versions import read_manifest, set_current
-from lora_pipeline.defs.completion_sensors import _reject_unusable, unfinished_jobs
+from lora_pipeline.defs.completion_sensors import _completion_from_store, _reject_unusable, unfinished_jobs
 from lora_pipeline.lifecycle.housekeeping import Retention, housekeep
 from lora_pipeline.lifecycle.legacy_import import import_legacy
 from lora_pipeline.lifecycle.reconcile import process_inbox, reconcile
@@ -317,7 +318,11 @@ class World:
             try:
                 status = self.client.status(job_id)
             except JobNotFound:
-                expired.append(job_id)
+                status = _completion_from_store(self.store, style, job_id, self.clock)  # the sensor's own: its file
+                if status is None:
+                    expired.append(job_id)
+                else:
+                    self._request_completion(style, status, source="poll", inbox_key=None)
                 continue
             if status.is_terminal:
                 self._request_completion(style, status, source="poll", inbox_key=None)

@@ -233,6 +233,45 @@ def test_a_local_file_deleted_between_its_stat_and_its_hash_is_simply_absent(loc
     assert local_store.head("inbox/b.json").size == 1
 
 
+def test_a_local_write_returns_only_once_its_bytes_and_its_name_are_synced(local_store, monkeypatch):
+    """Durable on return (what the receiver's 200 promises): the file is fsynced before its rename,
+    and the folder holding the new name by an fsync begun after the rename, before put returns;
+    writers into one folder at once may share that folder fsync (group commit)."""
+    import itertools
+    import os
+
+    import lora_pipeline.storage.local as local
+
+    ticks = itertools.count()  # one order of events across the threads
+    synced: dict[str, list[tuple[int, int]]] = {}  # path → (start, end) of each fsync of it
+    renamed: dict[str, tuple[str, int]] = {}  # new path → (temporary path, when)
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        path, start = os.readlink(f"/proc/self/fd/{fd}"), next(ticks)
+        real_fsync(fd)
+        synced.setdefault(path, []).append((start, next(ticks)))
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        renamed[str(dst)] = (str(src), next(ticks))
+
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    monkeypatch.setattr(local.os, "replace", replace)
+
+    def put(key: str) -> tuple[str, int]:
+        local_store.put(key, key.encode(), if_none_match=True)
+        return key, next(ticks)
+
+    with ThreadPoolExecutor(8) as pool:
+        returned = dict(pool.map(put, [f"webhooks/inbox/{i:03d}.json" for i in range(24)]))
+    folder = synced.get(str(local_store.root / "webhooks" / "inbox"), [])
+    for key, done in returned.items():
+        temporary, at = renamed[str(local_store.root / key)]
+        assert any(end < at for _, end in synced.get(temporary, [])), f"{key}: bytes not synced before the rename"
+        assert any(at < start and end < done for start, end in folder), f"{key}: its name was not synced"
+
+
 def test_local_conditional_writes_hold_across_processes(local_store, tmp_path: Path):
     """The lock is an flock, so separate processes (workers, sensors) get one winner too."""
     import subprocess
