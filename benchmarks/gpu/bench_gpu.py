@@ -1,32 +1,65 @@
-"""The GPU run, in one command: SD1.5 and SDXL, our loop and diffusers' reference, side by side.
+"""The GPU run, in one command: every family, our loop and diffusers' reference, side by side.
 
-On one GPU, under a time budget (default 450 s, so the whole command fits in 8
-minutes), it measures
+On one GPU, under a time budget (default 450 s, so the whole command fits in 8 minutes), it
+measures the families of ``bench_families.TABLE`` (one entry each: published configs, the
+reference script and its arguments, the tiny model of the dry run, the sizes):
 
-* SD1.5 at 512 px, batch 4, and SDXL at 1024 px, batch 2, LoRA rank 16, bf16, random
-  weights from the published configs (no hub), the same images for both sides;
-* ours (``lora_pipeline.worker.train.train_lora``) with its default levers and with
-  all of them, eager and ``torch.compile``-d, and one run per lever with that lever
-  alone switched (README, "GPU training benchmark");
-* the reference: diffusers' ``train_text_to_image_lora.py`` (SD1.5) and
-  ``train_dreambooth_lora_sdxl.py`` (SDXL), unmodified, run through ``runpy``, eager
-  and compiled by accelerate's own ``ACCELERATE_DYNAMO_*`` settings;
+* FLUX.1-dev, SD3.5 medium, FLUX.2 klein 4B, Z-Image and Qwen-Image at 1024², batch 1, LoRA
+  rank 16 on ``to_q/k/v/out.0`` on both sides (the reference gets ``--lora_layers``),
+  gradient checkpointing on both sides for FLUX.1 and Qwen-Image (and SD3.5 large, last);
+  random weights built on the GPU from the configs (``reference_shim/random_weights.py``);
+* SD1.5 at 512 px, batch 4, and SDXL at 1024 px, batch 2, rank 16, as before;
+* ours (``lora_pipeline.worker.train.train_lora``), and one run per lever with that lever
+  alone switched: for the transformers the ``TrainingParams`` levers (``quantize_base`` int8
+  for each, float8 and nf4 too for FLUX.1; ``gradient_checkpointing`` flipped;
+  ``mixed_precision`` bf16 against fp32 for SD3.5 medium and klein, whose fp32 weights fit),
+  read from the installed ``TrainingParams``: a lever it lacks is a row "not available";
+  for the UNets the ``SpeedLevers`` (README, "GPU training benchmark");
+* the reference: diffusers' scripts at v0.40.0 (``train_dreambooth_lora_{flux,sd3,
+  flux2_klein,z_image,qwen_image,sdxl}.py``, ``train_text_to_image_lora.py``), unmodified,
+  run through ``runpy``, eager (the UNets' compiled too, by accelerate's own
+  ``ACCELERATE_DYNAMO_*`` settings);
 
 each run in its own process (ours' variants of one model share one), warm-up steps
 excluded: steady-state steps/s and images/s, peak ``torch.cuda.max_memory_allocated``,
-MFU with DESIGN.md's convention (UNet forward per sample: SD1.5 0.80 TFLOP, SDXL 6.8
-TFLOP; a LoRA step ≈ 2.1× forward; bf16 dense peak 989 TFLOP/s), and the GPU's
-``nvidia-smi`` name. It writes ``gpu_bench.json`` and ``gpu_bench.md`` to ``--out``
-after every run, so a run cut short still leaves its figures.
+MFU with DESIGN.md's convention (denoiser forward per sample: SD1.5 0.80 TFLOP, SDXL 6.8,
+FLUX.1 ≈125, SD3.5 medium ≈23, klein ≈40, Z-Image ≈55, Qwen-Image ≈180 at 1024²: 2 FLOP
+per parameter per token plus attention; a LoRA step ≈ 2.1× forward; bf16 dense peak 989
+TFLOP/s), and the GPU's ``nvidia-smi`` name. It writes ``gpu_bench.json`` and
+``gpu_bench.md`` to ``--out`` after every run, so a run cut short still leaves its figures.
+Goals (issue 21): ours at least 2× the reference's steps/s at no more peak memory, and
+FLUX.1-dev at 1024² under 24 GB peak (its ``flux1/ours+int8`` run, with the comparison).
 
-Runs go in order of importance (the four eager comparisons first) and a run is
-skipped, and says so, when the budget is spent.
+Budget (estimates for one H100, no GPU having been lent to measure them): a process
+starts in ~10–15 s (imports; the reference's datasets and accelerate ~5 s more); random
+weights build on the GPU in ~1 s per 5B parameters plus Python's module construction
+(~3–8 s for the largest: Qwen-Image's 20B transformer and 8B Qwen2.5-VL); a step at 1024²
+is ≈ 4 × forward FLOPs at ~40% MFU with checkpointing, 3 × without: FLUX.1 ≈1.3 s,
+Qwen-Image ≈1.8 s, Z-Image ≈0.4 s, klein ≈0.3 s, SD3.5 medium ≈0.2 s. So 6–8 steps
+(2–3 warm-up) time 3–5 steady steps (≥1 s of them) and cost ≤12 s a run:
 
-``--dry-run`` runs the same plan on the CPU with tiny models (both sides where the
-reference scripts are at hand), the compiler's ``eager`` backend and a few steps, and
-checks that every package the runs import is on the GPU machine or in the bundle:
-the GPU run cannot then fail on a typo. ``make gpu-bundle`` prepares what the GPU
-machine lacks and prints the command; ``benchmarks/gpu/run_on_gpu.sh`` is that command.
+    comparison        ours (one process)                  reference (one process)   together
+    flux1 (+int8)     15 + 2 × (8 + 10) + 5 (int8) = 56     20 + 8 + 10               ≈ 95 s
+    sd3-medium        15 + 6 + 3   = 24                        20 + 6 + 3                ≈ 53 s
+    flux2-klein       15 + 6 + 3   = 24                        20 + 6 + 3                ≈ 53 s
+    z-image           15 + 8 + 4   = 27                        20 + 8 + 4                ≈ 59 s
+    qwen-image        15 + 12 + 12 = 39                        20 + 12 + 12              ≈ 83 s
+
+≈ 345 s for the five transformer comparisons, so of the 450 s about 100 s are left for
+SD1.5's and SDXL's eager comparisons (≈110 s by the same reckoning): SDXL's reference is the
+likely first run the budget skips, then the levers (the transformers' ~15 s each in one
+process per family, the UNets', the compiles, SD3.5 large). The budget skips, and says so,
+whatever does not fit; ``--only RUN`` (repeatable) measures the rest in a second call.
+These are estimates: the first GPU run's ``warmup_s`` and ``wall_s`` columns replace them.
+
+``--dry-run`` runs the same plan on the CPU with the tiny models (``tiny``, ``tiny-sdxl``,
+``tiny-flux1``, ``tiny-sd3``, ``tiny-flux2-klein``, ``tiny-z-image``, ``tiny-qwen-image``;
+a family whose module or tiny model this checkout lacks is "not available"), the
+transformers' from their configs without weights through the same shim, both sides where
+the reference scripts are at hand, the compiler's ``eager`` backend and a few steps, and
+checks that every package the runs import is on the GPU machine or in the bundle: the GPU
+run cannot then fail on a typo. ``make gpu-bundle`` prepares what the GPU machine lacks and
+prints the command; ``benchmarks/gpu/run_on_gpu.sh`` is that command.
 """
 
 from __future__ import annotations
@@ -202,8 +235,8 @@ def transformer_runs(name: str, config: Config, dtype: str) -> tuple[list[Run], 
         Run(f"{name}/ours", name, "ours", step, note=dtype + (", gradient checkpointing" if checkpointing else "")),
         Run(f"{name}/reference", name, "reference", note=" ".join(config.reference_args)),
     ]
-    if config.peak_goal_gb:  # the goal's run (FLUX.1-dev under 24 GB) is part of the comparison
-        comparison.append(quantized.pop(0))
+    if config.peak_goal_gb:  # the goal's run (FLUX.1-dev under 24 GB) is part of the comparison, in ours' process
+        comparison.insert(1, quantized.pop(0))
     levers = quantized + [
         Run(
             f"{name}/ours{'-' if checkpointing else '+'}gradient_checkpointing",
