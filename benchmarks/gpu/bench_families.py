@@ -42,7 +42,6 @@ text part of a 1024² step (4096 image tokens) grows by a few percent on both si
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import shutil
@@ -522,10 +521,8 @@ def write_real_folder(entry: FamilyEntry, folder: Path) -> Path:
             index[tokenizer_name] = ["transformers", _TOKENIZER_CLASS[component.tokenizer]]
     diffusers.FlowMatchEulerDiscreteScheduler(**(entry.scheduler or {})).save_config(folder / "scheduler")
     index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    pipeline = getattr(diffusers, entry.pipeline)
-    for name in inspect.signature(pipeline.__init__).parameters:
-        if name != "self" and name not in index:
-            index[name] = [None, None]  # optional components (image encoders …)
+    for name in getattr(diffusers, entry.pipeline)._optional_components:
+        index.setdefault(name, [None, None])  # image encoders …: absent, as in the published folders
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     _check_vocabularies(folder, tokenizer_sizes)
     (folder / MARKER).write_text(json.dumps({"family": entry.family, "size": "real", "seed": 0}) + "\n")

@@ -163,6 +163,76 @@ def test_every_family_builds_at_real_size_on_the_meta_device_from_its_folder(tmp
         random_weights.uninstall()
 
 
+# The table's entries shrunk (widths and depths only; classes, tokenizers, scheduler, reference
+# arguments as the GPU run has them): the reference scripts of the families whose tiny models
+# are on other branches run on them here.
+_QWEN3 = dict(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+_KL_VAE = dict(block_out_channels=[32, 64], layers_per_block=1)
+_KL_VAE |= dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+SHRUNK = {
+    "z-image": {
+        "transformer": dict(dim=64, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32),
+        "vae": _KL_VAE,
+        "text_encoder": dict(_QWEN3, num_hidden_layers=2, vocab_size=1000),
+    },
+    "flux2-klein": {  # its script stacks the text encoder's hidden layers 10, 20 and 30
+        "transformer": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2),
+        "vae": _KL_VAE,
+        "text_encoder": dict(_QWEN3, num_hidden_layers=31, vocab_size=1000),
+    },
+    "qwen-image": {
+        "transformer": dict(num_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32),
+        "vae": dict(base_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]),
+        "text_encoder": dict(
+            text_config=dict(_QWEN3, num_hidden_layers=2, vocab_size=1000, rope_scaling={"mrope_section": [2, 3, 3]}),
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=37, num_heads=2, out_hidden_size=32),
+        ),
+    },
+}
+_SHRUNK_ROPE = {"z-image": {"axes_dims": [8, 12, 12]}, "qwen-image": {"axes_dims_rope": [4, 6, 6]}}
+_SHRUNK_ROPE["flux2-klein"] = {
+    "axes_dims_rope": [4, 4, 4, 4],
+    "joint_attention_dim": 96,
+    "timestep_guidance_channels": 32,
+}
+
+
+def _shrunk(name: str):
+    import dataclasses
+
+    entry = families.TABLE[name]
+    components = {}
+    for key, component in entry.components.items():
+        config = dict(component.config)
+        for field, value in SHRUNK[name].get(key, {}).items():
+            config[field] = (
+                dict(config.get(field, {}), **value) if isinstance(value, dict) and field.endswith("config") else value
+            )
+        if key == "transformer":
+            config.update(_SHRUNK_ROPE[name])
+        components[key] = dataclasses.replace(component, config=config)
+    return dataclasses.replace(entry, components=components)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (bundle.BUNDLE / "reference").is_dir(), reason="no .gpu_bundle/ (make gpu-bundle)")
+@pytest.mark.parametrize("name", sorted(SHRUNK))
+def test_the_new_families_reference_scripts_train_on_their_entries_shrunk(tmp_path: Path, name: str) -> None:
+    # ~30 s each here: the script's imports, a few steps. Proves the entry's classes, tokenizer
+    # stand-ins (Qwen2 with its chat template), scheduler and arguments work with the real script.
+    folder = families.write_real_folder(_shrunk(name), tmp_path / "model")
+    data = bench.write_data(tmp_path, bench.DRY.configs[name], bench.DRY.configs[name].images)
+    deps = [] if not bundle.LOCAL_DEPS_DIR.is_dir() else ["--reference-deps", str(bundle.LOCAL_DEPS_DIR)]
+    command = [sys.executable, str(GPU_DIR / "bench_gpu.py"), "--child", "reference", "--dry-run", "--config", name]
+    command += ["--mixed-precision", "no", "--model", str(folder), "--data", str(data), "--run-id", f"{name}/reference"]
+    command += ["--reference-dir", str(bundle.BUNDLE / "reference"), "--out", str(tmp_path / "out"), *deps]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    rows = [json.loads(line[len(bench.MARKER) :]) for line in done.stdout.splitlines() if line.startswith(bench.MARKER)]
+    assert [row["status"] for row in rows] == ["ok"], done.stderr[-3000:]
+    assert f"--instance_data_dir={data / 'instance'}" in rows[0]["argv"]
+
+
 def test_the_shim_builds_seeded_weights_for_marked_folders_only(tmp_path: Path) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
