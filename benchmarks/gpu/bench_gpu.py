@@ -1247,6 +1247,8 @@ def lever_gains(rows: dict[str, dict[str, Any]], runs: dict[str, Run]) -> list[d
                 with_lever=with_lever[run.metric],
                 without=without[run.metric],
             )
+        elif (rows.get(run_id) or {}).get("status") == NOT_AVAILABLE:
+            entry["not_available"] = rows[run_id]["error"]
         gains.append(entry)
     return gains
 
@@ -1364,7 +1366,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for g in report["levers"]:
         lines.append(
-            f"| {g['lever']} | {g['config']} | {_fmt(g.get('gain'), 'x')} ({g['metric']}) | "
+            f"| {g['lever']} | {g['config']} | "
+            f"{'not available' if g.get('not_available') else _fmt(g.get('gain'), 'x')} ({g['metric']}) | "
             f"{_fmt(g.get('memory_ratio'), 'x')} | {_fmt(g.get('with_lever'))} / {_fmt(g.get('without'))} | "
             f"{g['run']} vs {g['baseline']} |"
         )

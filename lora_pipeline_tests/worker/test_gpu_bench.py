@@ -615,6 +615,12 @@ def test_lever_gain_is_with_over_without_whichever_run_has_it() -> None:
     assert gains["device_cache"]["gain"] == pytest.approx(1.25)
     assert gains["max_batch"]["gain"] == pytest.approx(96 / 40) and gains["max_batch"]["memory_ratio"] == 5
     assert "gain" not in gains["tf32 on"]  # its run has no result: no number invented
+    runs["sd15/ours+int8"] = bench.Run(
+        "sd15/ours+int8", "sd15", "ours", lever="quantize_base=int8", baseline="sd15/ours+all"
+    )
+    rows["sd15/ours+int8"] = {"id": "sd15/ours+int8", "status": bench.NOT_AVAILABLE, "error": "no field"}
+    lacking = next(g for g in bench.lever_gains(rows, runs) if g["lever"] == "quantize_base=int8")
+    assert lacking["not_available"] == "no field" and "gain" not in lacking
 
 
 def test_import_check_names_what_the_gpu_machine_lacks() -> None:
