@@ -302,6 +302,9 @@ TABLE: dict[str, FamilyEntry] = {
             warmup=3,
             images=4,
             tflop_per_sample=40.0,  # 4B × 2 × (4096 + 512) + attention
+            # The klein pipelines' text layers, which ours uses (families/flux2_klein.py's TEXT_LAYERS);
+            # the script's default (10 20 30) differs, and is past the tiny model's 28 layers.
+            reference_args=("--text_encoder_out_layers", "9", "18", "27"),
             pipeline="Flux2KleinPipeline",
             components={
                 "transformer": Component(
