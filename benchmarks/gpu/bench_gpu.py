@@ -1413,7 +1413,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scale = DRY if args.dry_run else GPU
     if args.budget_s is None:
-        args.budget_s = 1800.0 if args.dry_run else 450.0  # the dry run: every family on 2 CPU cores, ~15 min
+        args.budget_s = 1800.0 if args.dry_run else 450.0  # the dry run: every family on 2 CPU cores, 8–15 min
     if args.reference_dir is None and (bundle.BUNDLE / "reference").is_dir():
         args.reference_dir = str(bundle.BUNDLE / "reference")
     if args.reference_deps is None and DEFAULT_REFERENCE_DEPS.is_dir():
