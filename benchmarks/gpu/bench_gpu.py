@@ -1,32 +1,65 @@
-"""The GPU run, in one command: SD1.5 and SDXL, our loop and diffusers' reference, side by side.
+"""The GPU run, in one command: every family, our loop and diffusers' reference, side by side.
 
-On one GPU, under a time budget (default 450 s, so the whole command fits in 8
-minutes), it measures
+On one GPU, under a time budget (default 450 s, so the whole command fits in 8 minutes), it
+measures the families of ``bench_families.TABLE`` (one entry each: published configs, the
+reference script and its arguments, the tiny model of the dry run, the sizes):
 
-* SD1.5 at 512 px, batch 4, and SDXL at 1024 px, batch 2, LoRA rank 16, bf16, random
-  weights from the published configs (no hub), the same images for both sides;
-* ours (``lora_pipeline.worker.train.train_lora``) with its default levers and with
-  all of them, eager and ``torch.compile``-d, and one run per lever with that lever
-  alone switched (README, "GPU training benchmark");
-* the reference: diffusers' ``train_text_to_image_lora.py`` (SD1.5) and
-  ``train_dreambooth_lora_sdxl.py`` (SDXL), unmodified, run through ``runpy``, eager
-  and compiled by accelerate's own ``ACCELERATE_DYNAMO_*`` settings;
+* FLUX.1-dev, SD3.5 medium, FLUX.2 klein 4B, Z-Image and Qwen-Image at 1024², batch 1, LoRA
+  rank 16 on ``to_q/k/v/out.0`` on both sides (the reference gets ``--lora_layers``),
+  gradient checkpointing on both sides for FLUX.1 and Qwen-Image (and SD3.5 large, last);
+  random weights built on the GPU from the configs (``reference_shim/random_weights.py``);
+* SD1.5 at 512 px, batch 4, and SDXL at 1024 px, batch 2, rank 16, as before;
+* ours (``lora_pipeline.worker.train.train_lora``), and one run per lever with that lever
+  alone switched: for the transformers the ``TrainingParams`` levers (``quantize_base`` int8
+  for each, float8 and nf4 too for FLUX.1; ``gradient_checkpointing`` flipped;
+  ``mixed_precision`` bf16 against fp32 for SD3.5 medium and klein, whose fp32 weights fit),
+  read from the installed ``TrainingParams``: a lever it lacks is a row "not available";
+  for the UNets the ``SpeedLevers`` (README, "GPU training benchmark");
+* the reference: diffusers' scripts at v0.40.0 (``train_dreambooth_lora_{flux,sd3,
+  flux2_klein,z_image,qwen_image,sdxl}.py``, ``train_text_to_image_lora.py``), unmodified,
+  run through ``runpy``, eager (the UNets' compiled too, by accelerate's own
+  ``ACCELERATE_DYNAMO_*`` settings);
 
 each run in its own process (ours' variants of one model share one), warm-up steps
 excluded: steady-state steps/s and images/s, peak ``torch.cuda.max_memory_allocated``,
-MFU with DESIGN.md's convention (UNet forward per sample: SD1.5 0.80 TFLOP, SDXL 6.8
-TFLOP; a LoRA step ≈ 2.1× forward; bf16 dense peak 989 TFLOP/s), and the GPU's
-``nvidia-smi`` name. It writes ``gpu_bench.json`` and ``gpu_bench.md`` to ``--out``
-after every run, so a run cut short still leaves its figures.
+MFU with DESIGN.md's convention (denoiser forward per sample: SD1.5 0.80 TFLOP, SDXL 6.8,
+FLUX.1 ≈125, SD3.5 medium ≈23, klein ≈40, Z-Image ≈55, Qwen-Image ≈180 at 1024²: 2 FLOP
+per parameter per token plus attention; a LoRA step ≈ 2.1× forward; bf16 dense peak 989
+TFLOP/s), and the GPU's ``nvidia-smi`` name. It writes ``gpu_bench.json`` and
+``gpu_bench.md`` to ``--out`` after every run, so a run cut short still leaves its figures.
+Goals (issue 21): ours at least 2× the reference's steps/s at no more peak memory, and
+FLUX.1-dev at 1024² under 24 GB peak (its ``flux1/ours+int8`` run, with the comparison).
 
-Runs go in order of importance (the four eager comparisons first) and a run is
-skipped, and says so, when the budget is spent.
+Budget (estimates for one H100, no GPU having been lent to measure them): a process
+starts in ~10–15 s (imports; the reference's datasets and accelerate ~5 s more); random
+weights build on the GPU in ~1 s per 5B parameters plus Python's module construction
+(~3–8 s for the largest: Qwen-Image's 20B transformer and 8B Qwen2.5-VL); a step at 1024²
+is ≈ 4 × forward FLOPs at ~40% MFU with checkpointing, 3 × without: FLUX.1 ≈1.3 s,
+Qwen-Image ≈1.8 s, Z-Image ≈0.4 s, klein ≈0.3 s, SD3.5 medium ≈0.2 s. So 6–8 steps
+(2–3 warm-up) time 3–5 steady steps (≥1 s of them) and cost ≤12 s a run:
 
-``--dry-run`` runs the same plan on the CPU with tiny models (both sides where the
-reference scripts are at hand), the compiler's ``eager`` backend and a few steps, and
-checks that every package the runs import is on the GPU machine or in the bundle:
-the GPU run cannot then fail on a typo. ``make gpu-bundle`` prepares what the GPU
-machine lacks and prints the command; ``benchmarks/gpu/run_on_gpu.sh`` is that command.
+    comparison        ours (one process)                  reference (one process)   together
+    flux1 (+int8)     15 + 2 × (8 + 10) + 5 (int8) = 56     20 + 8 + 10               ≈ 95 s
+    sd3-medium        15 + 6 + 3   = 24                        20 + 6 + 3                ≈ 53 s
+    flux2-klein       15 + 6 + 3   = 24                        20 + 6 + 3                ≈ 53 s
+    z-image           15 + 8 + 4   = 27                        20 + 8 + 4                ≈ 59 s
+    qwen-image        15 + 12 + 12 = 39                        20 + 12 + 12              ≈ 83 s
+
+≈ 345 s for the five transformer comparisons, so of the 450 s about 100 s are left for
+SD1.5's and SDXL's eager comparisons (≈110 s by the same reckoning): SDXL's reference is the
+likely first run the budget skips, then the levers (the transformers' ~15 s each in one
+process per family, the UNets', the compiles, SD3.5 large). The budget skips, and says so,
+whatever does not fit; ``--only RUN`` (repeatable) measures the rest in a second call.
+These are estimates: the first GPU run's ``warmup_s`` and ``wall_s`` columns replace them.
+
+``--dry-run`` runs the same plan on the CPU with the tiny models (``tiny``, ``tiny-sdxl``,
+``tiny-flux1``, ``tiny-sd3``, ``tiny-flux2-klein``, ``tiny-z-image``, ``tiny-qwen-image``;
+a family whose module or tiny model this checkout lacks is "not available"), the
+transformers' from their configs without weights through the same shim, both sides where
+the reference scripts are at hand, the compiler's ``eager`` backend and a few steps, and
+checks that every package the runs import is on the GPU machine or in the bundle: the GPU
+run cannot then fail on a typo. ``make gpu-bundle`` prepares what the GPU machine lacks and
+prints the command; ``benchmarks/gpu/run_on_gpu.sh`` is that command.
 """
 
 from __future__ import annotations
@@ -56,6 +89,7 @@ for _path in (str(REPO), str(HERE.parent), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import bench_families as families  # noqa: E402 - the table: one entry per family
 import bench_training as cpu_bench  # noqa: E402 - model specs, dataset writer, reference shims
 import bundle  # noqa: E402 - what the GPU machine has, and the reference scripts' flags
 
@@ -77,11 +111,15 @@ class Config:
     resolution: int
     batch_size: int
     rank: int
-    reference_script: str
-    tflop_per_sample: float | None  # UNet forward, DESIGN.md's convention; None for tiny models
+    reference_script: str  # the file name in the bundle's reference/ folder
+    tflop_per_sample: float | None  # denoiser forward, DESIGN.md's convention; None for tiny models
     steps: int
     warmup: int
     images: int  # a multiple of the batch: neither side gets a short batch
+    tiny: str = ""  # the tiny model of --dry-run
+    reference_args: tuple[str, ...] = ()
+    params: tuple[tuple[str, Any], ...] = ()  # TrainingParams fields of our baseline (bench_families)
+    peak_goal_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,13 +136,37 @@ class Scale:
     compile_timeout_s: float
 
 
+def _config(entry: families.FamilyEntry, dry_run: bool) -> Config:
+    """A family's row of the table at the GPU's sizes, or the dry run's (tiny model, 32 px, rank 4)."""
+    sizes: dict[str, Any] = dict(
+        resolution=entry.resolution,
+        batch_size=entry.batch_size,
+        rank=entry.rank,
+        tflop_per_sample=entry.tflop_per_sample,
+        steps=entry.steps,
+        warmup=entry.warmup,
+        images=entry.images,
+    )
+    if dry_run:  # the UNets as before; a transformer step on the CPU is slower: fewer of them
+        short = entry.components is not None
+        sizes = dict(resolution=32, batch_size=2, rank=4, tflop_per_sample=None, steps=4 if short else 6, warmup=2)
+        sizes["images"] = 4
+    return Config(
+        entry.name,
+        entry.family,
+        reference_script=Path(entry.reference_script).name,
+        tiny=entry.tiny,
+        reference_args=entry.reference_args,
+        params=tuple(sorted(entry.params.items())),
+        peak_goal_gb=None if dry_run else entry.peak_goal_gb,  # tiny models prove nothing about memory
+        **sizes,
+    )
+
+
 GPU = Scale(
-    configs={
-        # A step is tens of milliseconds (SD1.5) to a few hundred (SDXL's reference): enough
-        # steps for a timed window of a second or more, few enough for the budget.
-        "sd15": Config("sd15", "sd1", 512, 4, 16, "train_text_to_image_lora.py", 0.80, 60, 20, 8),
-        "sdxl": Config("sdxl", "sdxl", 1024, 2, 16, "train_dreambooth_lora_sdxl.py", 6.8, 40, 10, 8),
-    },
+    # A step is tens of milliseconds (SD1.5) to about two seconds (Qwen-Image): steps and warm-up
+    # per family in bench_families.TABLE, sized in the module docstring's arithmetic.
+    configs={name: _config(entry, False) for name, entry in families.TABLE.items()},
     log_every=10,
     compile_backend="inductor",
     mixed_precision="bf16",
@@ -114,10 +176,7 @@ GPU = Scale(
     compile_timeout_s=240,
 )
 DRY = Scale(
-    configs={
-        "sd15": Config("sd15", "sd1", 32, 2, 4, "train_text_to_image_lora.py", None, 6, 2, 4),
-        "sdxl": Config("sdxl", "sdxl", 32, 2, 4, "train_dreambooth_lora_sdxl.py", None, 6, 2, 4),
-    },
+    configs={name: _config(entry, True) for name, entry in families.TABLE.items()},
     # fp32: bf16 kernels on a CPU without bf16 units are ~20× slower; autocast is one flag either way.
     log_every=2,
     compile_backend="eager",
@@ -127,6 +186,13 @@ DRY = Scale(
     run_timeout_s=180,
     compile_timeout_s=180,
 )
+TRANSFORMERS = [name for name, entry in families.TABLE.items() if entry.components is not None]
+# TrainingParams fields the plan switches, one at a time: a field this checkout's TrainingParams
+# lacks (helper D's quantize_base before its branch lands) makes its runs "not available".
+LEVER_FIELDS = ("mixed_precision", "gradient_checkpointing", "quantize_base")
+QUANTIZED = {"flux1": ("int8", "float8", "nf4")}  # the others: int8 (weight-only), one run each
+NOT_AVAILABLE = "not available"
+LAST_FAMILY = "sd3-large"  # SD3.5 medium's architecture, larger: measured when the budget allows
 
 
 @dataclass
@@ -143,6 +209,62 @@ class Run:
     lever_on: bool = True  # True: this run has the lever on and the baseline off
     metric: str = "steps_per_s"
     note: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # ours: TrainingParams fields over the config's
+    unavailable: str | None = None  # set by check_plan: why this run cannot run in this checkout
+
+
+def transformer_runs(name: str, config: Config, dtype: str) -> tuple[list[Run], list[Run]]:
+    """A transformer family's comparison (ours, the reference; FLUX.1's 24 GB run) and its levers."""
+    step = dict(log_every=1)  # a step is ~0.2–2 s: one sync a step costs nothing, and warm-up needs no rounding
+    base = dict(config.params)
+    checkpointing = bool(base.get("gradient_checkpointing"))
+    quantized = [
+        Run(
+            f"{name}/ours+{kind}",
+            name,
+            "ours",
+            step,
+            params={"quantize_base": kind},
+            lever=f"quantize_base={kind}",
+            baseline=f"{name}/ours",
+            note=f"frozen base {kind}, LoRA bf16" + (", gradient checkpointing" if checkpointing else ""),
+        )
+        for kind in QUANTIZED.get(name, ("int8",))
+    ]
+    comparison = [
+        Run(f"{name}/ours", name, "ours", step, note=dtype + (", gradient checkpointing" if checkpointing else "")),
+        Run(f"{name}/reference", name, "reference", note=" ".join(config.reference_args)),
+    ]
+    if config.peak_goal_gb:  # the goal's run (FLUX.1-dev under 24 GB) is part of the comparison, in ours' process
+        comparison.insert(1, quantized.pop(0))
+    levers = quantized + [
+        Run(
+            f"{name}/ours{'-' if checkpointing else '+'}gradient_checkpointing",
+            name,
+            "ours",
+            step,
+            params={"gradient_checkpointing": not checkpointing},
+            lever="gradient_checkpointing",
+            baseline=f"{name}/ours",
+            lever_on=not checkpointing,
+            note="gradient checkpointing " + ("off" if checkpointing else "on"),
+        )
+    ]
+    if name in ("sd3-medium", "flux2-klein"):  # fp32 weights of the larger ones leave no room at 1024²
+        levers.append(
+            Run(
+                f"{name}/ours+fp32",
+                name,
+                "ours",
+                step,
+                params={"mixed_precision": "no"},
+                lever="mixed_precision bf16",
+                baseline=f"{name}/ours",
+                lever_on=False,
+                note="fp32 weights and compute",
+            )
+        )
+    return comparison, levers
 
 
 def plan(scale: Scale) -> list[Run]:
@@ -302,7 +424,17 @@ def plan(scale: Scale) -> list[Run]:
             note="short last batch kept (a second shape)",
         ),
     ]
-    return runs
+    # The transformer families' comparisons first (the issue's subject), then SD1.5's and SDXL's,
+    # then the transformers' levers, then the UNets' levers and compiles, then SD3.5 large.
+    comparisons, levers, last = [], [], []
+    for name in TRANSFORMERS:
+        first, more = transformer_runs(name, scale.configs[name], scale.mixed_precision)
+        if name == LAST_FAMILY:
+            last += first + more
+        else:
+            comparisons += first
+            levers += more
+    return comparisons + runs[:6] + levers + runs[6:] + last
 
 
 def check_plan(runs: list[Run], scale: Scale) -> None:
@@ -325,12 +457,66 @@ def check_plan(runs: list[Run], scale: Scale) -> None:
                 levers = SpeedLevers(**run.levers).resolve(device, False)
                 if scale.configs[run.config].steps <= _round_up(scale.configs[run.config].warmup, levers.log_every):
                     raise ValueError("too few steps to time after warm-up")
+                run.unavailable = check_params(run, scale)
             else:
                 if run.compile not in ("off", "regional", "full"):
                     raise ValueError(f"reference compile {run.compile!r}")
                 check_compile_mode(run.compile_mode, "inductor")
         except (TypeError, ValueError) as exc:
             raise SystemExit(f"{run.id}: {exc}") from None
+        run.unavailable = family_missing(run, scale) or run.unavailable
+
+
+def training_kwargs(config: Config, mixed_precision: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Our run's TrainingParams: the config's sizes, its family's baseline, the run's lever."""
+    return (
+        dict(
+            rank=config.rank,
+            resolution=config.resolution,
+            train_batch_size=config.batch_size,
+            max_train_steps=config.steps,
+            learning_rate=1e-4,
+            seed=0,
+            mixed_precision=mixed_precision,
+            enable_bucketing=False,
+            lr_scheduler="constant",
+        )
+        | dict(config.params)
+        | params
+    )
+
+
+def check_params(run: Run, scale: Scale) -> str | None:
+    """None if this checkout's TrainingParams takes the run's fields; why not, for a lever
+    (``LEVER_FIELDS``) it lacks or refuses a value of. Any other field or value is a typo: ValueError."""
+    from lora_pipeline.contracts.training import TrainingParams
+
+    config = scale.configs[run.config]
+    for key in {**dict(config.params), **run.params}:
+        if key not in TrainingParams.model_fields:
+            if key in LEVER_FIELDS:
+                return f"TrainingParams has no field {key!r} in this checkout (its lever has not landed)"
+            raise ValueError(f"TrainingParams has no field {key!r}")
+    try:
+        TrainingParams(**training_kwargs(config, scale.mixed_precision, run.params))
+    except ValueError as exc:
+        if set(run.params) & set(LEVER_FIELDS):
+            return f"TrainingParams refuses {run.params}: {str(exc).splitlines()[-1].strip()}"
+        raise
+    return None
+
+
+def family_missing(run: Run, scale: Scale) -> str | None:
+    """Why a family's run cannot run in this checkout (its module or tiny model not merged yet)."""
+    from lora_pipeline.contracts.training import TINY_MODELS
+    from lora_pipeline.worker.families import FAMILIES
+
+    config = scale.configs[run.config]
+    if run.side == "ours" and config.family not in {cls.name for cls in FAMILIES}:
+        return f"family {config.family!r} is not in lora_pipeline.worker.families in this checkout"
+    if scale is DRY and config.tiny not in TINY_MODELS:
+        return f"no tiny model {config.tiny!r} in this checkout"
+    return None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -340,27 +526,24 @@ def _round_up(value: int, multiple: int) -> int:
 # --------------------------------------------------------------------------- models and data
 
 
-TINY_SDXL_UNET = dict(
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    cross_attention_dim=64,
-    projection_class_embeddings_input_dim=80,
-    use_linear_projection=True,
-    attention_head_dim=(2, 4),
-)
+def model_folder(config: Config, work: Path, dry_run: bool) -> Path:
+    """The model a config trains, random weights throughout (no hub).
 
+    SD1.5/SDXL: saved folders (``bench_training.model_spec``; the tiny models on a dry run).
+    The transformer families: configs and tokenizers only, their weights built on the device
+    when loaded (``reference_shim/random_weights.py``), from the published configs on the GPU
+    and from the tiny model's configs on a dry run, so both take the same loading path."""
+    from lora_pipeline.worker.tiny_model import ensure_named_tiny_model, ensure_random_model
 
-def model_spec(config: Config, dry_run: bool):
-    """Random weights from the published configs (GPU) or the tiny ones (dry run)."""
-    from lora_pipeline.worker.tiny_model import TINY_SD1, RandomModelSpec
-
-    if not dry_run:
-        return dataclasses.replace(cpu_bench.model_spec(config.name), save_dtype="bfloat16")
-    if config.family == "sd1":
-        return TINY_SD1
-    return RandomModelSpec(
-        family="sdxl", unet=dict(TINY_SD1.unet, **TINY_SDXL_UNET), vae=TINY_SD1.vae, text_encoder=TINY_SD1.text_encoder
-    )
+    entry = families.TABLE[config.name]
+    if entry.components is None:
+        if dry_run:
+            return ensure_named_tiny_model(config.tiny)
+        spec = dataclasses.replace(cpu_bench.model_spec(config.name), save_dtype="bfloat16")
+        return ensure_random_model(spec, work / f"model-{config.name}-full")
+    if dry_run:
+        return families.configs_only(ensure_named_tiny_model(config.tiny), entry, work / f"model-{config.name}-tiny")
+    return families.write_real_folder(entry, work / f"model-{config.name}-full")
 
 
 def write_data(work: Path, config: Config, count: int) -> Path:
@@ -378,13 +561,11 @@ def write_data(work: Path, config: Config, count: int) -> Path:
 
 def build_models(wanted: dict[str, list[int]], work: Path, dry_run: bool, reference_deps: str | None) -> list[dict]:
     """Model folders and datasets: ``wanted`` maps a config to the dataset sizes its runs use."""
-    from lora_pipeline.worker.tiny_model import ensure_random_model
-
     built = []
     for name, counts in wanted.items():
         config = (DRY if dry_run else GPU).configs[name]
         started = time.perf_counter()
-        model = ensure_random_model(model_spec(config, dry_run), work / f"model-{name}-{'tiny' if dry_run else 'full'}")
+        model = model_folder(config, work, dry_run)
         data = {str(count): str(write_data(work, config, count)) for count in counts}
         built.append(
             {
@@ -444,7 +625,8 @@ def child_ours(args: argparse.Namespace) -> None:
     from lora_pipeline.contracts.training import TrainingParams
     from lora_pipeline.worker.data import Example, decode_image
     from lora_pipeline.worker.levers import SpeedLevers
-    from lora_pipeline.worker.train import train_lora
+    from lora_pipeline.worker.train import train_lora, weight_dtype_for
+    from reference_shim import random_weights
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for variant in json.loads(args.variants):
@@ -464,16 +646,11 @@ def child_ours(args: argparse.Namespace) -> None:
             if levers.max_batch:  # the same images at a larger batch: ask for enough to time
                 steps = math.ceil(config.steps * levers.max_batch_cap / config.batch_size)
             params = TrainingParams(
-                rank=config.rank,
-                resolution=config.resolution,
-                train_batch_size=config.batch_size,
-                max_train_steps=steps,
-                learning_rate=1e-4,
-                seed=0,
-                mixed_precision=args.mixed_precision,
-                enable_bucketing=False,
-                lr_scheduler="constant",
+                **dict(training_kwargs(config, args.mixed_precision, variant["params"]), max_train_steps=steps)
             )
+            # A transformer family's folder has no weights: they are built on the device, in this dtype
+            # where the loader names none (reference_shim/random_weights.py).
+            random_weights.install(device.type, weight_dtype_for(params.mixed_precision, device))
             stamps: dict[int, float] = {}
 
             def progress(step: int, total: int, loss: float, warmup: int = warmup, stamps=stamps) -> None:
@@ -522,11 +699,21 @@ def reference_argv(config: Config, script: Path, model: Path, data: Path, out: P
         f"--output_dir={out}",
         "--checkpointing_steps=100000000",
     ]
-    if config.family == "sdxl":
-        argv += [f"--instance_data_dir={data / 'instance'}", f"--instance_prompt={INSTANCE_PROMPT}"]
-    else:
+    if config.family == "sd1":
         argv += [f"--train_data_dir={data}", "--caption_column=text"]
-    return argv
+    else:
+        argv += [f"--instance_data_dir={data / 'instance'}", f"--instance_prompt={INSTANCE_PROMPT}"]
+    if config.name in TRANSFORMERS:
+        # The same LoRA as ours: our target modules (the scripts' defaults differ per family).
+        argv.append(f"--lora_layers={','.join(our_target_modules())}")
+    return argv + list(config.reference_args)
+
+
+def our_target_modules() -> list[str]:
+    """Our LoRA's target modules: TrainingParams' default."""
+    from lora_pipeline.contracts.training import TrainingParams
+
+    return list(TrainingParams().target_modules)
 
 
 def check_reference_flags(reference_dir: Path) -> None:
@@ -599,6 +786,12 @@ def child_reference(args: argparse.Namespace) -> None:
         return result
 
     tqdm.auto.tqdm.update = timed_update
+    from reference_shim import random_weights
+
+    random_weights.install(
+        "cuda" if torch.cuda.is_available() else "cpu",
+        torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32,
+    )
     saved_argv = sys.argv
     cpu_bench._no_tracker()
     sys.argv = argv
@@ -900,6 +1093,7 @@ class Bench:
                     "id": run.id,
                     "config": run.config,
                     "levers": run.levers,
+                    "params": run.params,
                     "model": built[run.config]["model"],
                     "data": built[run.config]["data"][str(run.images or self.scale.configs[run.config].images)],
                 }
@@ -940,6 +1134,18 @@ class Bench:
         self.write()
 
     def execute(self, runs: list[Run]) -> None:
+        for run in runs:
+            if run.unavailable:
+                self.rows[run.id] = {
+                    "id": run.id,
+                    "config": run.config,
+                    "side": run.side,
+                    "note": run.note,
+                    "lever": run.lever,
+                    "status": NOT_AVAILABLE,
+                    "error": run.unavailable,
+                }
+        runs = [run for run in runs if not run.unavailable]
         for group in groups_of(runs, self.scale, merge=self.dry_run):
             if group.side == "reference" and self.reference_skip:
                 for run in group.runs:
@@ -1011,6 +1217,10 @@ def comparisons(rows: dict[str, dict[str, Any]], scale: Scale) -> list[dict[str,
         if best and "mfu" in best:
             entry["mfu"] = best["mfu"]
             entry["meets_mfu"] = best["mfu"] >= GOAL_MFU.get(name, 0)
+        lowest = min(ours, key=lambda r: r["peak_mem_mb"], default=None)
+        if config.peak_goal_gb and lowest:  # the issue's memory goal (FLUX.1-dev at 1024² under 24 GB)
+            entry.update(lowest_peak_run=lowest["id"], lowest_peak_gb=lowest["peak_mem_mb"] / 1024)
+            entry["meets_peak_goal"] = entry["lowest_peak_gb"] < config.peak_goal_gb
         result.append(entry)
     return result
 
@@ -1037,6 +1247,8 @@ def lever_gains(rows: dict[str, dict[str, Any]], runs: dict[str, Run]) -> list[d
                 with_lever=with_lever[run.metric],
                 without=without[run.metric],
             )
+        elif (rows.get(run_id) or {}).get("status") == NOT_AVAILABLE:
+            entry["not_available"] = rows[run_id]["error"]
         gains.append(entry)
     return gains
 
@@ -1136,9 +1348,12 @@ def markdown(report: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for c in report["comparisons"]:
-        met = [k for k in ("meets_speed", "meets_memory", "meets_mfu") if c.get(k)]
-        missed = [k for k in ("meets_speed", "meets_memory", "meets_mfu") if c.get(k) is False]
+        keys = ("meets_speed", "meets_memory", "meets_mfu", "meets_peak_goal")
+        met = [k for k in keys if c.get(k)]
+        missed = [k for k in keys if c.get(k) is False]
         goals = ", ".join([m.removeprefix("meets_") for m in met] + [f"not {m.removeprefix('meets_')}" for m in missed])
+        if c.get("lowest_peak_run"):
+            goals += f" (lowest peak {c['lowest_peak_gb']:.1f} GiB: {c['lowest_peak_run']})"
         lines.append(
             f"| {c['config']} ({c.get('ours_best') or '-'}) | {_fmt(c.get('speedup'), 'x')} | "
             f"{_fmt(c.get('speedup_defaults'), 'x')} | {_fmt(c.get('speedup_vs_best_reference'), 'x')} | "
@@ -1151,7 +1366,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for g in report["levers"]:
         lines.append(
-            f"| {g['lever']} | {g['config']} | {_fmt(g.get('gain'), 'x')} ({g['metric']}) | "
+            f"| {g['lever']} | {g['config']} | "
+            f"{'not available' if g.get('not_available') else _fmt(g.get('gain'), 'x')} ({g['metric']}) | "
             f"{_fmt(g.get('memory_ratio'), 'x')} | {_fmt(g.get('with_lever'))} / {_fmt(g.get('without'))} | "
             f"{g['run']} vs {g['baseline']} |"
         )
@@ -1197,7 +1413,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scale = DRY if args.dry_run else GPU
     if args.budget_s is None:
-        args.budget_s = 900.0 if args.dry_run else 450.0
+        args.budget_s = 1800.0 if args.dry_run else 450.0  # the dry run: every family on 2 CPU cores, 8–15 min
     if args.reference_dir is None and (bundle.BUNDLE / "reference").is_dir():
         args.reference_dir = str(bundle.BUNDLE / "reference")
     if args.reference_deps is None and DEFAULT_REFERENCE_DEPS.is_dir():

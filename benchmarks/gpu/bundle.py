@@ -8,8 +8,9 @@ script, which puts beside the checkout, in the ignored folder ``.gpu_bundle/``:
 * ``wheels/``: every missing package as a wheel for that Python (``pip download
   --only-binary=:all: --python-version 3.12 --platform manylinux…``), one version of
   each, pinned below;
-* ``reference/``: diffusers' ``train_text_to_image_lora.py`` and
-  ``train_dreambooth_lora_sdxl.py``, copied from a local diffusers source snapshot
+* ``reference/``: each family's diffusers script (``bench_families.TABLE``:
+  ``train_text_to_image_lora.py``, ``train_dreambooth_lora_{sdxl,flux,sd3,flux2_klein,
+  z_image,qwen_image}.py``), copied from a local diffusers source snapshot
   (never from git over the network). The diffusers sdist on PyPI ships no
   ``examples/`` (checked for 0.42.1), so the snapshot is a diffusers source tree
   (an unpacked release archive) or a local git mirror of it, named by
@@ -42,10 +43,12 @@ if str(REPO / "scripts") not in sys.path:
 import lock as locks  # noqa: E402 - scripts/lock.py: the lock files and their dependency graphs
 from lock import normalize  # noqa: E402 - one spelling of a distribution's name, the lock's
 
-REFERENCE_SCRIPTS = {
-    "train_text_to_image_lora.py": "examples/text_to_image/train_text_to_image_lora.py",
-    "train_dreambooth_lora_sdxl.py": "examples/dreambooth/train_dreambooth_lora_sdxl.py",
-}
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_families as families  # noqa: E402 - the families' table names the reference scripts
+
+# Each family's reference script (bench_families.TABLE), by its file name in reference/.
+REFERENCE_SCRIPTS = {Path(e.reference_script).name: e.reference_script for e in families.TABLE.values()}
 
 # What the GPU side imports, as roots in locks/gpu-bundle.txt: the `train` extra (but runpod: the
 # benchmark calls the trainer, not the serverless loop), the core packages lora_pipeline.worker and
@@ -174,7 +177,7 @@ def local_reference_deps() -> dict[str, str]:
 
 
 def read_reference_sources(source: Path, ref: str | None) -> dict[str, bytes]:
-    """The two scripts from a diffusers source tree, or from a local git mirror at ``ref``.
+    """The reference scripts from a diffusers source tree, or from a local git mirror at ``ref``.
 
     Local only: a git mirror is read with ``git show``, never fetched.
     """
@@ -416,8 +419,9 @@ def instructions(bundle: Path) -> str:
             "On the GPU machine, from the checkout's root, with this folder beside the code:",
             f'    folders it needs there: {relative}/ (the workplace\'s device tool: carry=["{relative}"])',
             f"    command:                {DEVICE_COMMAND}",
-            "It installs the wheels into /tmp/site, runs SD1.5 and SDXL, ours and the reference, eager and",
-            "compiled, under 8 minutes, and writes gpu_bench.json and gpu_bench.md to $OUT (default ./gpu-bench-out).",
+            "It installs the wheels into /tmp/site, runs every family (FLUX.1, SD3.5, FLUX.2 klein, Z-Image,",
+            "Qwen-Image, SD1.5, SDXL), ours and the reference, under 8 minutes, and writes gpu_bench.json",
+            "and gpu_bench.md to $OUT (default ./gpu-bench-out).",
         ]
     )
 
