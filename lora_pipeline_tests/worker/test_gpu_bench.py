@@ -18,6 +18,7 @@ import textwrap
 import time
 from argparse import Namespace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,8 +94,15 @@ def _present_families() -> list[str]:
     return list(chosen.values())
 
 
+def _dry_run_params() -> list[Any]:
+    """FLUX.1 in every run; the other families (about 40 s each on 2 cores) only under
+    ``-m exhaustive`` — ``make gpu-dry-run`` runs them all, which a GPU session does first."""
+    names = _present_families()
+    return [pytest.param(n, marks=() if n == "flux1" else pytest.mark.exhaustive) for n in names]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _present_families())
+@pytest.mark.parametrize("name", _dry_run_params())
 def test_dry_run_trains_each_transformer_family_from_a_folder_without_weights(tmp_path: Path, name: str) -> None:
     # ~40 s a family on 2 cores (imports, the tiny model's first build): slow. `make gpu-dry-run`
     # runs the references too where .gpu_bundle/ is present.
