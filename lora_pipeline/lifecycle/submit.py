@@ -168,6 +168,8 @@ def submit_training(
             dataset_hash=manifest.dataset_hash,
             params=param_dict,
             at=clock.now(),
+            family=None if request.model_family == "auto" else request.model_family,
+            base_model=base_model,
         ),
         sleep=clock.sleep,
     )
