@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lora_pipeline.registry.names import validate_style
 
-ModelFamily = Literal["sd1", "sd2", "sdxl", "flux1", "sd3"]
+ModelFamily = Literal["sd1", "sd2", "sdxl", "flux1", "sd3", "flux2-klein", "z-image", "qwen-image"]
 # Base models built in code (random weights; tests, the demo, CPU benchmarks): `tiny` is SD 1.x.
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-flux1", "tiny-sd3")
-FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "sd3"]
+FamilyChoice = Literal["auto", "sd1", "sd2", "sdxl", "flux1", "sd3", "flux2-klein", "z-image", "qwen-image"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw_fused", "adamw8bit"]
 
@@ -66,6 +66,14 @@ class TrainingParams(BaseModel):
         20, ge=1, le=200, description="Inference steps of each sample image (not part of a version's identity)."
     )
     compile: bool = Field(False, description="torch.compile the UNet.")
+    timestep_shift: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Flow-matching families: shift of the training timesteps, sigma' = s*sigma / (1 + (s-1)*sigma) "
+        "(FlowMatchEulerDiscreteScheduler's static shift); 1 = unshifted, larger trains more at high noise. "
+        "None: the base model's own scheduler (the family's reference). Refused for the UNet families.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -389,6 +389,7 @@ def _train(
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     rules = family_for(family, model_dir)
+    rules.timestep_shift = params.timestep_shift
     models = rules.load(device, dtype)
     cache = prepare_cache(rules, models, examples, params, device, dtype)
     offload_cached_encoders(models, params, device)

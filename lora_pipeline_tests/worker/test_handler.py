@@ -114,7 +114,7 @@ def test_base_model_of_an_unknown_family_is_refused(store, sample_dataset: str, 
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     (folder / "transformer" / "config.json").write_text("{}")
     result = handler({"id": "j", "input": request_dict(store, sample_dataset, base_model=str(folder))})
-    assert "unknown model family" in result["error"] and "WanPipeline" in result["error"]
+    assert "which no family trains" in result["error"] and "WanPipeline" in result["error"]
 
 
 def test_a_flux1_folder_without_its_transformer_config_is_refused_before_training(

@@ -10,7 +10,7 @@ from lora_pipeline.worker.families.sd import StableDiffusion, StableDiffusion2
 from lora_pipeline.worker.families.sd3 import StableDiffusion3
 from lora_pipeline.worker.families.sdxl import StableDiffusionXL
 
-# In detection order: the first whose ``detect`` answers names the family.
+# Every family the worker trains; which one a base model is: contracts/families.py.
 FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion, StableDiffusion2, Flux1, StableDiffusion3)
 _BY_NAME: dict[str, type[Family]] = {cls.name: cls for cls in FAMILIES}
 
