@@ -31,6 +31,7 @@ from lora_pipeline.lifecycle.submit import (
     submit_and_wait,
 )
 from lora_pipeline.registry.jobids import base_job_id
+from lora_pipeline.registry.merge import BASE_MODEL_KEY, FAMILY_KEY
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.registry_store.model_cards import publish_model_card
@@ -184,7 +185,18 @@ def record_trained_lora(context: dg.OpExecutionContext, outcomes: list[dict], st
             style, None, "missing", None, {}, problem=f"version {outcome['version']} is no longer completed"
         )
     metadata, data_version = completion_result(completion, status, store=store)
-    yield dg.Output(None, metadata=metadata, data_version=data_version)
+    yield dg.Output(None, metadata=metadata, data_version=data_version, tags=family_tags(metadata["family"]))
+
+
+FAMILY_TAG = "lora_pipeline/family"
+
+
+def family_tags(family: str) -> dict[str, str]:
+    """The materialization's tags: its model family (``lora_pipeline/family: flux1``), so the
+    events of one style trained on several families tell them apart. Kinds cannot: they belong to
+    the asset definition, which every style (partition) shares. A base model is no tag value
+    (paths and hub ids hold ``/`` and ``:``): it is in the metadata."""
+    return {FAMILY_TAG: family} if family else {}
 
 
 @dg.graph_asset(
@@ -237,6 +249,9 @@ def completion_result(
         "url": url_value(url),
         "primary_format": primary,
         "dataset_hash": version.dataset_hash or meta.get("lora_pipeline.dataset_hash", ""),
+        # What it was trained on, as the registry records it (the file's header, corrected from the request).
+        "family": version.family.value if version.family else meta.get(FAMILY_KEY, ""),
+        "base_model": version.base_model.value if version.base_model else meta.get(BASE_MODEL_KEY, ""),
         "steps": int(meta["lora_pipeline.steps"]) if "lora_pipeline.steps" in meta else None,
         "final_loss": float(meta["lora_pipeline.final_loss"]) if "lora_pipeline.final_loss" in meta else None,
     }
