@@ -67,3 +67,20 @@ def test_the_presets_are_torch_free():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+def test_the_docs_show_the_presets_table_as_it_is():
+    docs = (Path(__file__).parents[2] / "docs" / "worker.md").read_text(encoding="utf-8")
+    section = docs.split("## Per-family presets and the launch check", 1)[1].split("\n## ", 1)[0]
+    shown = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            family, rank, lr, resolution, steps, shift = (c.strip() for c in line.strip("|").split("|")[:6])
+            shown[family.strip("`")] = {
+                "rank": int(rank),
+                "learning_rate": float(lr),
+                "resolution": int(resolution),
+                "max_train_steps": int(steps),
+                **({} if shift == "—" else {"timestep_shift": float(shift)}),
+            }
+    assert shown == {family: dict(preset) for family, preset in FAMILY_PRESETS.items()}
