@@ -265,7 +265,9 @@ class RegistryStore:
           so nobody submits it again (the webhook, the job's output and reconciliation
           settle it).
 
-        A new version records the request's ``family`` and ``base_model`` from the start.
+        A new version records the request's ``family`` and ``base_model`` from the start; a version
+        trained on another base model is another training (one recorded without a base model, before
+        the field existed, matches any).
         """
         # Long only in lines: a keyword-only signature and docstring of 27 lines; the decision is `decide`.
         validate_style(style)
@@ -289,6 +291,7 @@ class RegistryStore:
                             v.status in wanted
                             and v.dataset_hash == dataset_hash
                             and version_identity(v.params or {}) == identity
+                            and _same_base(v, base_model)
                         )
                     )
                 ),
@@ -656,3 +659,8 @@ def _alias_target(doc: RegistryDocument, style: str, alias: str, stack: list[str
     if target is None:
         raise Refused(f"{style} {alias}: its earlier version {stack[-2]} is not in the document")
     return target
+
+
+def _same_base(version: Version, base_model: str | None) -> bool:
+    """Whether ``version`` was trained on ``base_model`` (as far as either says)."""
+    return base_model is None or version.base_model is None or version.base_model.value == base_model
