@@ -19,7 +19,9 @@ from typing import Any
 
 import dagster as dg
 
+from lora_pipeline.contracts.families import BaseModelRefused
 from lora_pipeline.defs.partitions import STYLES_PARTITIONS_NAME
+from lora_pipeline.lifecycle.base_models import launch_family
 from lora_pipeline.registry.merge import find_version_by_job
 from lora_pipeline.registry.models import RegistryDocument, VersionStatus
 from lora_pipeline.registry_store.documents import RegistryStore
@@ -71,17 +73,31 @@ def run_demo(
     style: str = "sample_style",
     *,
     base_model: str = "tiny",
+    model_family: str = "auto",
     timeout_s: float = 300.0,
     poll_interval_s: float = 1.0,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Materialize the dataset, train, let a sensor notice completion, record it."""
+    """Materialize the dataset, train, let a sensor notice completion, record it. A base model no
+    family trains, or one of another family than ``model_family``, fails before anything runs."""
+    try:
+        launch_family(base_model, model_family)
+    except BaseModelRefused as exc:
+        raise DemoStepFailed("launch check", str(exc)) from None
     with quiet_dagster():
-        return _run_demo(style, base_model, timeout_s=timeout_s, poll_interval_s=poll_interval_s, echo=echo)
+        return _run_demo(
+            style, base_model, model_family, timeout_s=timeout_s, poll_interval_s=poll_interval_s, echo=echo
+        )
 
 
 def _run_demo(
-    style: str, base_model: str, *, timeout_s: float, poll_interval_s: float, echo: Callable[[str], None]
+    style: str,
+    base_model: str,
+    model_family: str,
+    *,
+    timeout_s: float,
+    poll_interval_s: float,
+    echo: Callable[[str], None],
 ) -> DemoResult:
     from lora_pipeline.definitions import defs
 
@@ -106,7 +122,17 @@ def _run_demo(
             instance=instance,
             partition_key=style,
             run_config=quiet(
-                {"ops": {"submit_lora_training": {"config": {"wait_for_completion": False, "base_model": base_model}}}}
+                {
+                    "ops": {
+                        "submit_lora_training": {
+                            "config": {
+                                "wait_for_completion": False,
+                                "base_model": base_model,
+                                "model_family": model_family,
+                            }
+                        }
+                    }
+                }
             ),
             raise_on_error=False,
         )

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from lora_pipeline.api.http import Api, ApiError, RouteSpec, check_webhook_url, json_body, style_of
 from lora_pipeline.api.version_routes import read_document
+from lora_pipeline.contracts.families import BaseModelRefused
 from lora_pipeline.contracts.run_tags import API_TRAINING_TAG
 from lora_pipeline.dataset.versions import current_dataset
 from lora_pipeline.lifecycle.callbacks import RunFacts, new_training_id, save_watch, watch_training
@@ -24,9 +25,10 @@ async def launch_training(api: Api, request: Request) -> Response:
     """Train the style's current dataset: a train_lora run in Dagster; answers its version.
     ---
     summary: Start a training
-    requestBody: {content: {application/json: {example: {baseModel: tiny, params: {max_train_steps: 30}, webhook: "https://app.example/hooks/lora"}}}}
+    requestBody: {content: {application/json: {example: {baseModel: tiny, modelFamily: auto, params: {max_train_steps: 30}, webhook: "https://app.example/hooks/lora"}}}}
     responses:
       201: {description: "trainingId, runId, version (null while the run waits for a GPU slot)"}
+      400: {description: "a base model no family trains, or one of another family than modelFamily (one line naming both)"}
       409: {description: the style has no dataset yet}
       422: {description: a bad parameter or webhook URL (named)}
       502: {description: Dagster refused or is unreachable}
@@ -34,15 +36,20 @@ async def launch_training(api: Api, request: Request) -> Response:
     style = style_of(request)
     body = await json_body(request, allow_empty=True)
     base_model = str(body.get("baseModel", "tiny"))
+    model_family = str(body.get("modelFamily", "auto"))
     params = body.get("params") or {}
     webhook = body.get("webhook")
     if not isinstance(params, dict):
         raise ApiError(422, "params: expected an object of TrainingParams fields")
     try:
-        checked = training_params(base_model, params)
+        checked = await run_in_threadpool(
+            training_params, base_model, params, model_family=model_family, store=api.store
+        )
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ApiError(422, f"params.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    except BaseModelRefused as exc:
+        raise ApiError(400, str(exc)) from None
     if webhook is not None:
         check_webhook_url(webhook)
         if not api.config.webhook_secret:
@@ -56,6 +63,7 @@ async def launch_training(api: Api, request: Request) -> Response:
             "submit_lora_training": {
                 "config": {
                     "base_model": base_model,
+                    "model_family": model_family,
                     "params": {k: v for k, v in checked.model_dump(mode="json").items() if k in params},
                     "force": bool(body.get("force", False)),
                 }

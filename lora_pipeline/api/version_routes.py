@@ -34,7 +34,8 @@ def read_document(api: Api, style: str) -> RegistryDocument:
 
 
 async def list_versions(api: Api, request: Request) -> Response:
-    """Every version of a style: status, progress, files, samples; and its aliases.
+    """Every version of a style: status, family and base model (`family`, `baseModel`), progress, files,
+    samples; and its aliases.
     ---
     summary: List versions
     responses: {200: {description: "style, aliases, versions"}, 404: {description: no versions}}

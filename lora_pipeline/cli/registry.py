@@ -58,7 +58,8 @@ def registry() -> None:
 @registry.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: style → summary.")
 def list_styles(as_json: bool) -> None:
-    """Every style with its latest version, version counts by status and aliases (alias → version)."""
+    """Every style with its latest version (its family on its base model), version counts by status
+    and aliases (alias → version)."""
     from lora_pipeline.registry_store.documents import RegistryStore
 
     reg = RegistryStore(_open_store())
@@ -75,6 +76,8 @@ def list_styles(as_json: bool) -> None:
             {
                 s: {
                     "latestVersion": v.latest_version,
+                    "latestFamily": v.latest_family,
+                    "latestBaseModel": v.latest_base_model,
                     "statuses": v.statuses,
                     "unfinishedJobs": len(v.unfinished),
                     "aliases": {a: p.version for a, p in sorted(v.aliases.items())},
@@ -88,7 +91,10 @@ def list_styles(as_json: bool) -> None:
     for style, s in summaries.items():
         counts = ", ".join(f"{n} {status}" for status, n in sorted(s.statuses.items()))
         named = ", ".join(f"{a} → {p.version}" for a, p in sorted(s.aliases.items()))
-        click.echo(f"{style}\tlatest {s.latest_version or '-'}\t{counts}" + (f"\taliases: {named}" if named else ""))
+        model = f"{s.latest_family or '-'} on {s.latest_base_model or '-'}"
+        click.echo(
+            f"{style}\tlatest {s.latest_version or '-'} ({model})\t{counts}" + (f"\taliases: {named}" if named else "")
+        )
 
 
 @registry.command()
@@ -102,8 +108,8 @@ def list_styles(as_json: bool) -> None:
     "(not byte for byte the stored training_versions.json); with VERSION, that version's record.",
 )
 def show(style: str, version: str | None, as_json: bool) -> None:
-    """One style's versions (or only VERSION: V3, or an alias as @production): status, job id,
-    URL, error."""
+    """One style's versions (or only VERSION: V3, or an alias as @production): status, family on
+    base model, job id, URL, error."""
     from lora_pipeline.registry_store.documents import RegistryStore
 
     primary = get_settings().primary_format
@@ -130,7 +136,8 @@ def show(style: str, version: str | None, as_json: bool) -> None:
         click.echo("aliases: " + ", ".join(f"{alias} → {name}" for alias, name in named.items()))
     for v in versions:
         main = v.download(primary)
-        line = f"{v.name}\t{v.status.value}\t{v.id or '-'}\t{(main.url if main else v.lora_url) or '-'}"
+        model = f"{v.family.value if v.family else '-'} on {v.base_model.value if v.base_model else '-'}"
+        line = f"{v.name}\t{v.status.value}\t{model}\t{v.id or '-'}\t{(main.url if main else v.lora_url) or '-'}"
         if v.deletion is not None:
             line += f"\tdeleted by {v.deletion.by}" + (f": {v.deletion.reason}" if v.deletion.reason else "")
         click.echo(line + (f"\terror: {v.error}" if v.error else ""))

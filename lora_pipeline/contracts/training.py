@@ -80,6 +80,14 @@ class TrainingParams(BaseModel):
         20, ge=1, le=200, description="Inference steps of each sample image (not part of a version's identity)."
     )
     compile: bool = Field(False, description="torch.compile the UNet.")
+    timestep_shift: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Flow-matching families: shift of the training timesteps, sigma' = s*sigma / (1 + (s-1)*sigma) "
+        "(FlowMatchEulerDiscreteScheduler's static shift); 1 = unshifted, larger trains more at high noise. "
+        "None: the base model's own scheduler (the family's reference). Refused for the UNet families.",
+    )
 
     @model_validator(mode="before")
     @classmethod

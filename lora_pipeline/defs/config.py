@@ -69,10 +69,16 @@ class TrainingConfig(dg.Config):
         description="'tiny', 'tiny-sdxl', 'tiny-flux1', 'tiny-sd3', 'tiny-z-image', 'tiny-flux2-klein', 'tiny-qwen-image' (built in code), a local diffusers folder, "
         "'store:<prefix>' or a hub id. Unset: the style's declared base model (a LoraTraining defs.yaml), else 'tiny'.",
     )
+    model_family: str = Field(
+        "auto",
+        description="The family the base model must be (sd1, sd2, sdxl, flux1, sd3, flux2-klein, z-image, "
+        "qwen-image); 'auto': whatever it is. A base of another family is refused at launch (or, a hub id, "
+        "by the worker). Unset params come from the family's preset (docs/worker.md).",
+    )
     params: TrainingParamsConfig = Field(
         default_factory=TrainingParamsConfig,
         description="Overrides of lora_pipeline.contracts.training.TrainingParams (unset: the style's "
-        "declared params preset, then the base model's preset, else its default), e.g. rank: 16, "
+        "declared params preset, then the base model's family's preset, else its default), e.g. rank: 16, "
         "max_train_steps: 1500, resolution: 768.",
     )
     force: bool = Field(False, description="Train again even if this dataset was trained with these settings.")

@@ -18,9 +18,10 @@ from lora_pipeline.lifecycle.submit import (
     SubmissionUnknown,
     submit_training,
     completed_version,
-    training_params,
+    launch_choice,
     wait_for_job,
 )
+from lora_pipeline.contracts.families import BaseModelRefused
 from lora_pipeline.settings import get_settings
 
 GPU_POOL = "runpod_gpu"
@@ -56,7 +57,11 @@ def submit_lora_training(
     store = storage.get_store()
     backend = training_backend.get_backend(store)
     base_model, overrides = config.training_choice(declared_styles.get(style))
-    params = training_params(base_model, overrides)
+    try:
+        choice = launch_choice(base_model, overrides, model_family=config.model_family, store=store)
+    except (BaseModelRefused, ValidationError) as exc:
+        raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
+    params = choice.params
     try:
         submitted = submit_training(
             store=store,
@@ -64,6 +69,7 @@ def submit_lora_training(
             style=style,
             params=params,
             base_model=base_model,
+            family=choice.family,
             storage_url=training_backend.storage_url_for_worker(storage),
             webhook_url=training_backend.webhook_url_for_jobs(),
             force=config.force,

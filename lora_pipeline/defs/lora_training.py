@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import dagster as dg
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema, create_model, field_validator, model_validator
 
+from lora_pipeline.contracts.families import BaseModelRefused
 from lora_pipeline.contracts.problems import describe_validation_error
 from lora_pipeline.contracts.training import TrainingParams
 from lora_pipeline.defs.declared_styles import StyleDeclaration, training_choice
@@ -151,11 +152,14 @@ class LoraTraining(dg.Component, dg.Model):
 
     @model_validator(mode="after")
     def _preset_trains(self) -> LoraTraining:
-        """The preset on its base model must make valid TrainingParams (as a run would build them)."""
+        """The preset on its base model must make valid TrainingParams (as a run would build them),
+        and the base model one a family trains (as far as it can be read here)."""
         try:
             training_params(*training_choice(None, self.base_model, self.preset()))
         except ValidationError as exc:
             raise ValueError(f"params: {describe_validation_error(exc, root='params')}") from None
+        except BaseModelRefused as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def preset(self) -> dict[str, Any]:

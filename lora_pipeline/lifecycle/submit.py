@@ -19,8 +19,11 @@ from typing import Any, Literal
 from lora_pipeline.clock import SYSTEM_CLOCK, Clock
 from lora_pipeline.backends.base import ExecutionPolicy, RunPodError, SubmitOutcomeUnknown, TrainingBackend
 from lora_pipeline.contracts.job_status import JobStatus, job_report_from_status
-from lora_pipeline.contracts.training import TINY_MODELS, TrainingParams, TrainingRequest
+from lora_pipeline.contracts.families import check_timestep_shift
+from lora_pipeline.contracts.presets import preset_for
+from lora_pipeline.contracts.training import TINY_MODELS, ModelFamily, TrainingParams, TrainingRequest
 from lora_pipeline.dataset.versions import current_dataset
+from lora_pipeline.lifecycle.base_models import launch_family
 from lora_pipeline.lifecycle.progress import ProgressWatch
 from lora_pipeline.registry.evidence import StoredLora, Submission
 from lora_pipeline.registry.jobids import base_job_id
@@ -98,6 +101,7 @@ def submit_training(
     style: str,
     params: TrainingParams,
     base_model: str = "tiny",
+    family: ModelFamily | None = None,
     storage_url: str | None = None,
     webhook_url: str | None = None,
     force: bool = False,
@@ -118,7 +122,8 @@ def submit_training(
     lease runs out; a POST whose answer was lost is recorded as "submitted, id
     unknown" (SubmissionUnknown) and never repeated. ``clock`` stamps the claim and the
     submission and paces the waits; ``new_id`` makes the claim's owner and request ids (a
-    simulation draws them from its seed).
+    simulation draws them from its seed). ``family``: the base model's family as the launch
+    check found it (``launch_choice``); the request names it, so the worker refuses another.
     """
     # Long only in lines: a keyword-only signature and docstring of 25 lines; claim and post are
     # named steps (_claim_version, _post_job).
@@ -142,6 +147,7 @@ def submit_training(
         wait_for_other_s=wait_for_other_s,
         clock=clock,
         new_id=new_id,
+        model=(family, base_model),
     )
     version = claimed.version
     if claimed.kind == "existing":
@@ -151,6 +157,7 @@ def submit_training(
         version=version.name,
         dataset_hash=manifest.dataset_hash,
         base_model=base_model,
+        model_family=family or "auto",
         params=params,
         storage_url=storage_url,
         request_id=version.request_id or owner,
@@ -168,6 +175,8 @@ def submit_training(
             dataset_hash=manifest.dataset_hash,
             params=param_dict,
             at=clock.now(),
+            family=None if request.model_family == "auto" else request.model_family,
+            base_model=base_model,
         ),
         sleep=clock.sleep,
     )
@@ -186,6 +195,7 @@ def _claim_version(
     wait_for_other_s: float,
     clock: Clock,
     new_id: Callable[[], str],
+    model: tuple[str | None, str | None] = (None, None),
 ) -> ClaimResult:
     """The claim on the version to submit (kind ``claimed``), or the version that already has a
     job (kind ``existing``); waits while another submitter holds the claim.
@@ -203,6 +213,8 @@ def _claim_version(
             owner=owner,
             lease=claim_lease,
             reuse_completed=not force,
+            family=model[0],
+            base_model=model[1],
         )
         version = claimed.version
         if claimed.kind in ("existing", "claimed"):
@@ -497,26 +509,40 @@ def job_run_key(job_id: str, status: str) -> str:
     return f"complete:{base_job_id(job_id)}:{status}"
 
 
-# Settings that make the built-in tiny models (TINY_MODELS) train in seconds on a CPU, with two
-# sample images; a real base model gets TrainingParams' own defaults (SD1.5-class style LoRA) and four.
-TINY_MODEL_PRESET: dict = {
-    "resolution": 32,
-    "max_train_steps": 30,
-    "rank": 4,
-    "learning_rate": 1e-3,
-    "num_sample_images": 2,
-}
-BASE_MODEL_PRESET: dict = {"num_sample_images": 4}
+@dataclass(frozen=True)
+class LaunchChoice:
+    """What a run trains, checked before anything is submitted: the base model, its family as far
+    as the orchestrator can read it (None: only the worker can tell, a hub id), and the params
+    (the family's preset under the run's own)."""
+
+    base_model: str
+    family: ModelFamily | None
+    params: TrainingParams
 
 
-def training_params(base_model: str, overrides: dict) -> TrainingParams:
-    """Hyperparameters for a run: the base model's preset, then the user's overrides.
+def launch_choice(
+    base_model: str, overrides: dict, *, model_family: str = "auto", store: ObjectStore | None = None
+) -> LaunchChoice:
+    """The run's base model, family and params: the family's preset (``contracts/presets.py``),
+    the tiny-model preset for a model built in code, then the run's ``overrides``.
 
-    Validated here, so a bad value fails the run before anything is submitted,
-    with pydantic's message naming the field.
+    Raises BaseModelRefused (one line naming both) for a base no family trains or one of another
+    family than ``model_family``, and pydantic's ValidationError naming a bad field; ``store``
+    lets a ``store:<prefix>`` base be read too.
     """
-    preset = TINY_MODEL_PRESET if base_model in TINY_MODELS else BASE_MODEL_PRESET
-    return TrainingParams.model_validate({**preset, **overrides})
+    family = launch_family(base_model, model_family, store=store)
+    params = TrainingParams.model_validate({**preset_for(family, tiny=base_model in TINY_MODELS), **overrides})
+    if family is not None:
+        check_timestep_shift(params.timestep_shift, family, base_model)
+    return LaunchChoice(base_model, family, params)
+
+
+def training_params(
+    base_model: str, overrides: dict, *, model_family: str = "auto", store: ObjectStore | None = None
+) -> TrainingParams:
+    """The hyperparameters a run trains with (``launch_choice``'s params): validated here, so a
+    bad value fails the run before anything is submitted, with a message naming the field."""
+    return launch_choice(base_model, overrides, model_family=model_family, store=store).params
 
 
 def submit_and_wait(
@@ -526,6 +552,7 @@ def submit_and_wait(
     style: str,
     base_model: str,
     params: dict,
+    model_family: str = "auto",
     force: bool = False,
     timeout_s: float,
     poll_interval_s: float,
@@ -547,12 +574,14 @@ def submit_and_wait(
     the caller's next step (``record_completion``), so that a GPU slot is held only while
     a job runs.
     """
+    choice = launch_choice(base_model, params, model_family=model_family, store=store)
     submitted = submit_training(
         store=store,
         backend=backend,
         style=style,
-        params=training_params(base_model, params),
+        params=choice.params,
         base_model=base_model,
+        family=choice.family,
         storage_url=storage_url,
         webhook_url=webhook_url,
         force=force,

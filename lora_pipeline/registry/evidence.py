@@ -22,7 +22,10 @@ ClaimPhase = Literal["claimed", "posting", "released", "unknown"]  # models.CLAI
 
 @dataclass(frozen=True)
 class Submission:
-    """A version was reserved (``job_id`` None) or submitted to RunPod (``job_id`` as returned)."""
+    """A version was reserved (``job_id`` None) or submitted to RunPod (``job_id`` as returned).
+
+    ``base_model`` is what the request named; ``family`` the family the request expects (named, or
+    known at launch from the base model), None when only the worker can tell (a hub id)."""
 
     style: str
     version: str | int
@@ -31,6 +34,8 @@ class Submission:
     dataset_hash: str
     params: dict[str, Any]
     at: datetime
+    family: str | None = None
+    base_model: str | None = None
 
     @property
     def version_number(self) -> int:

@@ -35,6 +35,7 @@ from lora_pipeline.registry.evidence import (
 from lora_pipeline.registry.jobids import base_job_id, job_id_suffix
 from lora_pipeline.registry.layouts import UNKNOWN
 from lora_pipeline.registry.models import (
+    Attested,
     epoch_ms,
     LEGACY_COMPANION_URL,
     JobProgress,
@@ -68,6 +69,9 @@ _DEFAULT_PRIORITY: dict[str | None, int] = {"webhook": 5, "poll": 4, "submit": 3
 RUNPOD_STATUS_RANK = {"IN_QUEUE": 1, "IN_PROGRESS": 2, "CANCELLED": 3, "TIMED_OUT": 3, "FAILED": 3, "COMPLETED": 4}
 _RUNPOD_TO_STATUS = {"IN_QUEUE": VersionStatus.starting, "IN_PROGRESS": VersionStatus.training}
 _METADATA_VALUE_LIMIT = 256  # long header values (ss_tag_frequency…) stay in the file
+# The provenance header keys (worker/artifact.py provenance_metadata) naming the family and base model.
+FAMILY_KEY = "lora_pipeline.family"
+BASE_MODEL_KEY = "lora_pipeline.base_model"
 
 
 def merge(doc: RegistryDocument, evidence: Iterable[Evidence]) -> RegistryDocument:
@@ -287,6 +291,8 @@ def fragment_of(item: Evidence) -> Version:
             request_id=item.request_id,
             dataset_hash=item.dataset_hash,
             params=dict(item.params),
+            family=Attested.of(item.family, "request"),
+            base_model=Attested.of(item.base_model, "request"),
         )
     if isinstance(item, JobReport):
         return _report_fragment(item)
@@ -367,6 +373,8 @@ def _stored_fragment(item: StoredLora) -> Version:
         updated_at=at,
         completed_at=at,
         dataset_hash=metadata.get("lora_pipeline.dataset_hash"),
+        family=Attested.of(item.metadata.get(FAMILY_KEY), "file"),
+        base_model=Attested.of(item.metadata.get(BASE_MODEL_KEY), "file"),
     )
 
 
@@ -403,7 +411,16 @@ def _report_fragment(report: JobReport) -> Version:
         delay_time_ms=report.delay_time_ms,
         execution_time_ms=report.execution_time_ms,
         samples=_report_samples(output),
+        family=Attested.of(_output_metadata(output, FAMILY_KEY), "worker"),
+        base_model=Attested.of(_output_metadata(output, BASE_MODEL_KEY), "worker"),
     )
+
+
+def _output_metadata(output: Mapping[str, Any], key: str) -> str | None:
+    """A header value the job's output repeats (``metadata``: the worker's provenance keys)."""
+    metadata = output.get("metadata")
+    value = metadata.get(key) if isinstance(metadata, Mapping) else None
+    return value if isinstance(value, str) else None
 
 
 def _report_samples(output: Mapping[str, Any]) -> tuple[SampleImage, ...]:
@@ -495,7 +512,13 @@ def join(a: Version, b: Version) -> Version:
         deletion=a.deletion.join(b.deletion) if a.deletion is not None else b.deletion,
         progress=_max_present(a.progress, b.progress, key=_progress_order),
         samples=_join_samples(a.samples, b.samples),
+        family=_max_present(a.family, b.family, key=_attested_order),
+        base_model=_max_present(a.base_model, b.base_model, key=_attested_order),
     )
+
+
+def _attested_order(value: Attested) -> tuple[int, str, str]:
+    return value.order
 
 
 def _claim_order(claim: SubmitClaim) -> tuple[int, int, str, str]:

@@ -316,6 +316,42 @@ class JobProgress:
         )
 
 
+# Who said which family or base model a version was trained on, weakest first: a value of unknown
+# origin (a document written by hand), the training request, the worker's result, the LoRA file's
+# own header. The merge keeps the best attested value, so the file corrects what a request guessed.
+ATTESTATIONS = ("recorded", "request", "worker", "file")
+_ATTESTATION_RANK = {by: i for i, by in enumerate(ATTESTATIONS)}
+
+
+@dataclass(frozen=True, slots=True)
+class Attested:
+    """A value with who said it (one of ``ATTESTATIONS``): a version's family or base model.
+
+    In the JSON the value is the plain camelCase key (``family``, ``baseModel``) and who said it
+    is ``<key>From``, so the merge of a re-read document ranks the value as before."""
+
+    value: str
+    by: str = "recorded"
+
+    @property
+    def order(self) -> tuple[int, str, str]:
+        """Join order: the better witness, then the value (so the join stays commutative)."""
+        return (_ATTESTATION_RANK.get(self.by, -1), self.value, self.by)
+
+    @classmethod
+    def read(cls, value: Any, by: Any) -> Attested | None:
+        """The attested value of a record's ``<key>``/``<key>From`` pair; None when the record has no
+        usable value (an older document: the fields are optional)."""
+        if not isinstance(value, str) or not value.strip():
+            return None
+        return cls(value.strip(), by if by in ATTESTATIONS else "recorded")
+
+    @classmethod
+    def of(cls, value: str | None, by: str) -> Attested | None:
+        """``value`` attested by ``by``; None for a missing or empty value."""
+        return cls(value, by) if value else None
+
+
 class UnknownVersion(ValueError):
     """A version reference (``V3``, ``@production``) that names no version of the style."""
 
@@ -387,6 +423,10 @@ _KNOWN_KEYS = frozenset(
         "deleted",
         "progress",
         "samples",
+        "family",
+        "familyFrom",
+        "baseModel",
+        "baseModelFrom",
     }
 )
 # A legacy ``loraUrl`` that names a version's second file (``…_v4_kohya.safetensors``) is not
@@ -454,6 +494,10 @@ class Version:
     progress: JobProgress | None = None
     # The sample images the worker rendered with the LoRA, sorted by key.
     samples: tuple[SampleImage, ...] = ()
+    # The model family (``sdxl``, ``flux1`` …) and base model (``tiny-sdxl``, a folder, a hub id) it
+    # was trained on, each with who said so (the request, the worker, the file's header).
+    family: Attested | None = None
+    base_model: Attested | None = None
 
     @property
     def name(self) -> str:
@@ -531,6 +575,9 @@ class Version:
             "progress": self.progress.to_dict() if self.progress else None,
             "samples": [s.to_dict() for s in self.samples] or None,
         }
+        for key, attested in (("family", self.family), ("baseModel", self.base_model)):
+            if attested is not None:
+                optional[key], optional[f"{key}From"] = attested.value, attested.by
         out.update((k, v) for k, v in optional.items() if v is not None)
         out.update((k, v) for k, v in self.extra.items() if k not in out)
         return out
@@ -595,6 +642,8 @@ class Version:
             companions=companions,
             deletion=Deletion.from_dict(raw.get("deleted")),
             samples=read_samples(raw.get("samples")),
+            family=Attested.read(raw.get("family"), raw.get("familyFrom")),
+            base_model=Attested.read(raw.get("baseModel"), raw.get("baseModelFrom")),
         )
 
 

@@ -246,6 +246,8 @@ class RegistryStore:
         lease: timedelta,
         reuse_completed: bool = False,
         at: datetime | None = None,
+        family: str | None = None,
+        base_model: str | None = None,
     ) -> ClaimResult:
         """Find or reserve the version for this training, and claim the right to submit it:
         one conditional write, so of any number of concurrent submitters one holds the claim.
@@ -262,6 +264,10 @@ class RegistryStore:
         * ``unknown``: a POST for it is under way or had a lost answer; a job may exist,
           so nobody submits it again (the webhook, the job's output and reconciliation
           settle it).
+
+        A new version records the request's ``family`` and ``base_model`` from the start; a version
+        trained on another base model is another training (one recorded without a base model, before
+        the field existed, matches any).
         """
         # Long only in lines: a keyword-only signature and docstring of 27 lines; the decision is `decide`.
         validate_style(style)
@@ -285,6 +291,7 @@ class RegistryStore:
                             v.status in wanted
                             and v.dataset_hash == dataset_hash
                             and version_identity(v.params or {}) == identity
+                            and _same_base(v, base_model)
                         )
                     )
                 ),
@@ -302,7 +309,9 @@ class RegistryStore:
                 evidence: list[Evidence] = []
             else:
                 number = max(next_version_number(doc), self._next_file_number(style))
-                evidence = [Submission(style, number, request_id, None, dataset_hash, dict(params), now)]
+                evidence = [
+                    Submission(style, number, request_id, None, dataset_hash, dict(params), now, family, base_model)
+                ]
             # Claims merge latest-stamp-wins: a takeover is stamped after the claim it replaces even
             # when that one's submitter had a clock running ahead of ours, or it would not land.
             since = match.claim.at + 1 if match is not None and match.claim is not None else now_ms
@@ -650,3 +659,8 @@ def _alias_target(doc: RegistryDocument, style: str, alias: str, stack: list[str
     if target is None:
         raise Refused(f"{style} {alias}: its earlier version {stack[-2]} is not in the document")
     return target
+
+
+def _same_base(version: Version, base_model: str | None) -> bool:
+    """Whether ``version`` was trained on ``base_model`` (as far as either says)."""
+    return base_model is None or version.base_model is None or version.base_model.value == base_model

@@ -111,6 +111,10 @@ class StyleSummary:
     etag: str | None = None  # the document's ETag this summary was derived from
     # alias (production, staging…) → where it points, with the file URLs (index key ``aliases``)
     aliases: dict[str, AliasPointer] = field(default_factory=dict)
+    # The latest version's family and base model (``latestFamily``, ``latestBaseModel``); None in an
+    # entry written before they were recorded, until the style's document changes.
+    latest_family: str | None = None
+    latest_base_model: str | None = None
 
     @classmethod
     def of(cls, doc: RegistryDocument, etag: str | None = None, primary: str | None = None) -> StyleSummary:
@@ -123,10 +127,13 @@ class StyleSummary:
             for v in doc.versions
             if v.id and v.status in UNFINISHED_STATUSES
         }
+        latest = doc.versions[-1] if doc.versions else None
         return cls(
             style=doc.style,
             revision=doc.revision,
-            latest_version=doc.versions[-1].name if doc.versions else None,
+            latest_version=latest.name if latest else None,
+            latest_family=latest.family.value if latest and latest.family else None,
+            latest_base_model=latest.base_model.value if latest and latest.base_model else None,
             statuses=statuses,
             files_fingerprint=files_fingerprint(known_files(doc), primary),
             unfinished=unfinished,
@@ -156,6 +163,10 @@ class StyleSummary:
             out["submitting"] = dict(sorted(self.submitting.items()))
         if self.aliases:
             out["aliases"] = {a: p.to_dict() for a, p in sorted(self.aliases.items())}
+        if self.latest_family:
+            out["latestFamily"] = self.latest_family
+        if self.latest_base_model:
+            out["latestBaseModel"] = self.latest_base_model
         return out
 
     @classmethod
@@ -164,6 +175,8 @@ class StyleSummary:
             style=style,
             revision=int(raw.get("revision") or 0),
             latest_version=raw.get("latestVersion"),
+            latest_family=raw.get("latestFamily") if isinstance(raw.get("latestFamily"), str) else None,
+            latest_base_model=raw.get("latestBaseModel") if isinstance(raw.get("latestBaseModel"), str) else None,
             statuses=dict(raw.get("statuses") or {}),
             files_fingerprint=str(raw.get("filesFingerprint") or ""),
             unfinished={

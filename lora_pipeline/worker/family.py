@@ -3,7 +3,8 @@
 Training differs per family (SDXL has two text encoders and extra time
 conditioning; SD2 predicts velocity; the transformers match flows), so the worker
 decides from the model folder rather than trusting the request, and refuses a model
-it does not know how to train. Each family module's ``detect`` reads the JSON.
+it does not know how to train. ``contracts/families.py`` holds the rules (the orchestrator's
+launch check reads the same); this module reads the JSON.
 """
 
 from __future__ import annotations
@@ -11,28 +12,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_pipeline.contracts.families import BaseModelRefused, family_from_config
+from lora_pipeline.contracts.families import check_family as contract_check_family
 from lora_pipeline.contracts.training import FamilyChoice, ModelFamily
 from lora_pipeline.worker.errors import WorkerInputError
 
 
-def detect_family(model_dir: Path) -> ModelFamily:
+def detect_family(model_dir: Path, base_model: str | None = None) -> ModelFamily:
     """The family of the base model in ``model_dir``, from ``model_index.json`` and the
-    component configs, as each family module's ``detect`` reads them."""
-    from lora_pipeline.worker.families import FAMILIES
-
+    component configs, by the table the orchestrator's launch check reads too
+    (``contracts/families.py``). ``base_model``: what the request named, for the message."""
     index = _read_json(model_dir / "model_index.json", "model_index.json")
-
-    def config(relative: str) -> dict:
-        return _read_json(model_dir / relative, relative)
-
-    for family in FAMILIES:
-        found = family.detect(index, config)
-        if found is not None:
-            return found  # type: ignore[return-value]  # each detect answers one of its names
-    supported = ", ".join(f"{family.name} ({family.pipeline_class})" for family in FAMILIES)
-    raise WorkerInputError(
-        f"unknown model family: base model at {model_dir} is a {index.get('_class_name')!r}; supported are {supported}"
-    )
+    try:
+        return family_from_config(
+            index, lambda relative: _read_json(model_dir / relative, relative), base_model or str(model_dir)
+        )
+    except BaseModelRefused as exc:
+        raise WorkerInputError(str(exc)) from None
 
 
 def prediction_type(model_dir: Path) -> str:
@@ -54,11 +50,12 @@ def denoiser_config(model_dir: Path) -> dict:
     raise WorkerInputError(f"base model at {model_dir} has neither unet/config.json nor transformer/config.json")
 
 
-def check_family(detected: ModelFamily, requested: FamilyChoice) -> ModelFamily:
-    """The detected family, unless the request named a different one."""
-    if requested != "auto" and requested != detected:
-        raise WorkerInputError(f"model_family: request says {requested!r} but the base model is {detected!r}")
-    return detected
+def check_family(detected: ModelFamily, requested: FamilyChoice, base_model: str) -> ModelFamily:
+    """The detected family, unless the request named a different one (one line naming both)."""
+    try:
+        return contract_check_family(requested, detected, base_model)
+    except BaseModelRefused as exc:
+        raise WorkerInputError(str(exc)) from None
 
 
 def _read_json(path: Path, what: str) -> dict:

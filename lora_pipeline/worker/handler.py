@@ -204,10 +204,15 @@ def check_base_model(request: TrainingRequest, store: Any) -> tuple[Path, ModelF
     """The base model's folder, family and denoiser config (UNet or transformer); refused if the
     family is not the requested one or (SDXL) the kohya file could not name its blocks."""
     from lora_pipeline.worker.base_model import resolve_base_model
+    from lora_pipeline.contracts.families import BaseModelRefused, check_timestep_shift
     from lora_pipeline.worker.family import check_family, detect_family, denoiser_config
 
     model_dir = resolve_base_model(request.base_model, store)
-    family = check_family(detect_family(model_dir), request.model_family)
+    family = check_family(detect_family(model_dir, request.base_model), request.model_family, request.base_model)
+    try:
+        check_timestep_shift(request.params.timestep_shift, family, request.base_model)
+    except BaseModelRefused as exc:
+        raise WorkerInputError(str(exc)) from None
     denoiser_layout = denoiser_config(model_dir)
     if family == "sdxl":
         check_kohya_layout(denoiser_layout)

@@ -466,6 +466,7 @@ def _train(
         raise WorkerInputError(
             f"params.train_text_encoder: a {rules.name} LoRA trains no text encoder (nor does its script)"
         )
+    rules.timestep_shift = params.timestep_shift
     # Loaded on the host; the encoders reach the device to fill the cache and leave it, and only
     # then the denoiser comes (quantized as it arrives): the device never holds both at once.
     models = rules.load(HOST, dtype)

@@ -58,3 +58,20 @@ def test_an_unreachable_dagster_is_a_502_naming_it(api):
     assert answer.status_code == 502 and answer.json()["error"].startswith(
         "Dagster at http://127.0.0.1:9 is unreachable"
     )
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (
+            {"baseModel": "tiny-sdxl", "modelFamily": "flux1"},
+            "model_family 'flux1' does not match base_model 'tiny-sdxl', a 'sdxl' model",
+        ),
+        ({"baseModel": "tiny", "modelFamily": "sd5"}, "model_family 'sd5' is unknown"),
+        ({"baseModel": "tiny", "params": {"timestep_shift": 3.0}}, "timestep_shift applies to the flow-matching"),
+    ],
+)
+def test_a_family_base_mismatch_is_a_400_naming_both(api, body, why):
+    answer = api.call("POST", f"/v1/styles/{STYLE}/trainings", json=body)
+    assert answer.status_code == 400 and answer.json()["error"].startswith(why)
+    assert "\n" not in answer.json()["error"]

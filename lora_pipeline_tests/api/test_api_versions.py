@@ -184,3 +184,17 @@ def test_the_openapi_document_names_every_route(seeded):
 def test_unknown_routes_and_methods_answer_json(seeded):
     assert seeded.call("GET", "/v2/nothing").json()["status"] == 404
     assert seeded.call("PUT", f"/v1/styles/{S}/versions").status_code == 405
+
+
+def test_a_version_names_its_family_and_base_model(store):
+    from datetime import UTC, datetime
+
+    from lora_pipeline.registry.evidence import Submission
+
+    seed(store)
+    RegistryStore(store).apply(S, [Submission(S, 5, "r5", None, "ab", {}, datetime.now(UTC), "sd3", "tiny-sd3")])
+    with running_api(store) as api:
+        shown = api.call("GET", f"/v1/styles/{S}/versions/V5").json()
+        assert (shown["family"], shown["baseModel"], shown["familyFrom"]) == ("sd3", "tiny-sd3", "request")
+        listed = api.call("GET", f"/v1/styles/{S}/versions").json()["versions"]
+        assert "family" not in listed[0]  # recorded before the fields existed: they are left out

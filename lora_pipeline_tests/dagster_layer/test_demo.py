@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from lora_pipeline.cli import main
+from lora_pipeline.contracts.presets import FAMILY_PRESETS
 from lora_pipeline.demo import run_demo
-from lora_pipeline.registry.models import VersionStatus
+from lora_pipeline.registry.models import Attested, VersionStatus
 from lora_pipeline.storage.local import LocalStore
 
 pytestmark = pytest.mark.slow
@@ -112,6 +113,10 @@ def test_demo_on_a_transformer_family_ends_in_a_completed_version_whose_files_re
     [version] = result.document.versions
     assert version.status is VersionStatus.completed
     assert set(version.files()) == {"kohya", "diffusers"}
+    # The registry records the family and base model, confirmed by the file's header, and the
+    # params the run used: the family's preset (its timestep shift) under the tiny models' preset.
+    assert (version.family, version.base_model) == (Attested(family, "file"), Attested(base_model, "file"))
+    assert version.params is not None and version.params["timestep_shift"] == FAMILY_PRESETS[family]["timestep_shift"]
     for layout in ("kohya", "diffusers"):
         out = tmp_path / f"{layout}.safetensors"
         got = CliRunner().invoke(

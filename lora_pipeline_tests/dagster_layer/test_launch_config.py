@@ -151,3 +151,37 @@ def test_the_train_lora_job_refuses_a_mistyped_param_before_any_step(params, mes
         )
     assert message.replace("trained_lora", "submit_lora_training") in str(raised.value)
     assert instance.get_runs() == []
+
+
+MISMATCH = "model_family 'flux1' does not match base_model 'tiny-sdxl', a 'sdxl' model"
+
+
+def test_a_family_base_mismatch_refuses_the_launch_in_one_line(tmp_path: Path, monkeypatch):
+    config = {"base_model": "tiny-sdxl", "model_family": "flux1"}
+    with pytest.raises(dg.DagsterInvalidConfigError, match=f"trained_lora config: {MISMATCH}"):
+        checked_training_config(config)
+    monkeypatch.setenv("LORA_STORAGE_URL", str(tmp_path / "store"))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(styles_partitions.name, ["sample_style"])
+    with pytest.raises(dg.DagsterInvalidConfigError, match=MISMATCH):
+        dg.materialize(
+            [trained_lora],
+            partition_key="sample_style",
+            instance=instance,
+            run_config={"ops": {"trained_lora": {"config": config}}},
+            resources=definitions.defs.resources,
+        )
+    assert instance.get_runs() == []
+    assert checked_training_config({"base_model": "tiny-sdxl", "model_family": "sdxl"})
+
+
+def test_the_demo_refuses_a_mismatch_before_anything_runs(tmp_path: Path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lora_pipeline.cli import main
+
+    monkeypatch.setenv("LORA_STORAGE_URL", str(tmp_path / "store"))
+    result = CliRunner().invoke(main, ["demo", "--base-model", "tiny-sdxl", "--model-family", "flux1"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: demo step 'launch check' failed: {MISMATCH}"
+    assert not (tmp_path / "store").exists()

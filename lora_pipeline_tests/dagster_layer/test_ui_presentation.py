@@ -108,10 +108,10 @@ def test_a_local_file_url_is_shown_as_a_path_and_an_http_one_as_a_link():
     assert md_file_link("loras/s/s_v1.safetensors", "https://cdn/x") == "[s_v1.safetensors](https://cdn/x)"
 
 
-def complete_v1(store, instance, tags: dict | None = None) -> dg.ExecuteInProcessResult:
+def complete_v1(store, instance, tags: dict | None = None, header: dict | None = None) -> dg.ExecuteInProcessResult:
     instance.add_dynamic_partitions("styles", [STYLE])
     submit_pending(store, STYLE, JOB)
-    store.put(KEY, lora_bytes({"lora_pipeline.steps": "30"}))
+    store.put(KEY, lora_bytes({"lora_pipeline.steps": "30", **(header or {})}))
     status = JobStatus(id=JOB, status="COMPLETED", output={"lora_key": KEY})
     return defs.resolve_job_def("complete_training").execute_in_process(
         instance=instance,
@@ -149,6 +149,20 @@ def test_a_version_links_to_its_run_and_its_dataset_materialization_and_has_a_mo
     assert card.startswith(f"# {STYLE} V1\n") and "## Lineage" in card and JOB in card
     assert events["trained_lora"]["model_card_key"].value == model_card_key(STYLE, 1)
     assert store.get(model_card_key(STYLE, 1)).data.decode() == card
+
+
+def test_the_family_and_base_model_show_in_the_metadata_the_tags_and_the_versions_table(store, instance, backend):
+    """A version trained on tiny-sdxl (its header says so) is shown as sdxl on `tiny-sdxl`: the
+    trained_lora materialization's metadata and its `lora_pipeline/family` tag, and the registry's
+    versions table, whose family and base model columns come from the registry document."""
+    header = {"lora_pipeline.family": "sdxl", "lora_pipeline.base_model": "tiny-sdxl"}
+    result = complete_v1(store, instance, header=header)
+    events = {e.asset_key.path[-1]: e.materialization for e in result.get_asset_materialization_events()}
+    lora = events["trained_lora"]
+    assert (lora.metadata["family"].value, lora.metadata["base_model"].value) == ("sdxl", "tiny-sdxl")
+    assert lora.tags is not None and lora.tags["lora_pipeline/family"] == "sdxl"
+    rows = events["lora_registry"].metadata["versions_table"].value.splitlines()
+    assert rows[2].startswith("| V1 | completed | ") and "| sdxl | `tiny-sdxl` |" in rows[2]
 
 
 def test_metadata_is_readable_tables_short_ids_and_no_file_urls(store, instance, backend):
@@ -191,7 +205,7 @@ def test_the_versions_table_lists_a_version_without_a_job_id(store):
     submit_pending(store, STYLE, JOB)
     document, _ = RegistryStore(store).read(STYLE)
     rows = versions_markdown(document).splitlines()
-    assert rows[0] == "| version | status | created | base model | dataset | loss | aliases | files | job |"
+    assert rows[0] == "| version | status | created | family | base model | dataset | loss | aliases | files | job |"
     assert len(rows) == 3 and rows[2].startswith("| V1 | starting | ") and rows[2].endswith(f"| `{JOB[:8]}` |")
 
 
@@ -199,10 +213,12 @@ def test_the_versions_table_shows_when_on_what_from_which_dataset_its_loss_and_a
     """Issue 23: the table was cut off at 1440 px and lacked these columns; the files are linked by
     layout name, not by their long file names."""
     from lora_pipeline.registry.aliases import AliasEntry
-    from lora_pipeline.registry.models import LoraFile, RegistryDocument, Version, VersionStatus
+    from lora_pipeline.registry.models import Attested, LoraFile, RegistryDocument, Version, VersionStatus
 
     header = {"lora_pipeline.family": "sd1", "lora_pipeline.base_model": "tiny", "lora_pipeline.layout": "diffusers"}
     version = Version(
+        family=Attested("sd1", "file"),
+        base_model=Attested("tiny", "file"),
         number=2,
         status=VersionStatus.completed,
         created_at=1_765_000_000_000,
@@ -216,7 +232,7 @@ def test_the_versions_table_shows_when_on_what_from_which_dataset_its_loss_and_a
     table = versions_markdown(RegistryDocument("geo", versions=(version,), alias_history=history))
     row = table.splitlines()[2]
     assert row == (
-        "| V2 | completed | 2025-12-06 05:46 | sd1 tiny | `ab12cd34` | 0.1235 | production "
+        "| V2 | completed | 2025-12-06 05:46 | sd1 | `tiny` | `ab12cd34` | 0.1235 | production "
         f"| [diffusers](https://cdn.example.com/loras/geo/geo_v2.safetensors) | `{JOB[:8]}` |"
     )
 

@@ -39,13 +39,24 @@ minutes = st.integers(0, 100)
 job_ids = st.builds(lambda b, s: b + s, st.sampled_from(BASES), st.sampled_from(["", "-e1", "-e2", "-u1"]))
 maybe_job = st.one_of(st.none(), job_ids)
 
+# The family and base model each evidence names (None: it names none); the merge keeps the best attested.
+FAMILIES = [None, "sd1", "sdxl", "flux1"]
+BASE_MODELS = [None, "tiny", "tiny-sdxl", "/models/flux"]
+
+
+def model_metadata(family, base):
+    return {k: v for k, v in (("lora_pipeline.family", family), ("lora_pipeline.base_model", base)) if v is not None}
+
+
 submissions = st.builds(
-    lambda n, job, m, req, ds: Submission(STYLE, n, req, job, ds, {"rank": 4}, at(m)),
+    lambda n, job, m, req, ds, family, base: Submission(STYLE, n, req, job, ds, {"rank": 4}, at(m), family, base),
     numbers,
     maybe_job,
     minutes,
     st.sampled_from(["r1", "r2"]),
     st.sampled_from(["aa", "bb"]),
+    st.sampled_from(FAMILIES),
+    st.sampled_from(BASE_MODELS),
 )
 reports = st.builds(
     lambda job, status, err, m, src, out: JobReport(job, status, out, err, m, m * 2, at(m), src),
@@ -54,18 +65,26 @@ reports = st.builds(
     st.sampled_from([None, "CUDA out of memory", "boom"]),
     minutes,
     st.sampled_from(["poll", "webhook"]),
-    st.sampled_from([None, {"lora_key": "loras/style_59/style_59_v1.safetensors", "steps": 30}, {"error": "x"}]),
+    st.sampled_from(
+        [
+            None,
+            {"lora_key": "loras/style_59/style_59_v1.safetensors", "steps": 30},
+            {"error": "x"},
+            {"steps": 30, "metadata": model_metadata("sdxl", "tiny-sdxl")},
+            {"steps": 30, "metadata": model_metadata("sd1", None)},
+        ]
+    ),
 )
 LAYOUTS = [None, "diffusers", "kohya", "unknown"]
 stored = st.builds(
-    lambda n, spelling, url, etag, m, layout: StoredLora(
+    lambda n, spelling, url, etag, m, layout, family, base: StoredLora(
         STYLE,
         f"loras/{STYLE}/{STYLE}_{spelling}{n}.safetensors",
         n,
         url,
         10,
         etag,
-        {"k": etag},
+        {"k": etag, **model_metadata(family, base)},
         at(m),
         layout,
         None if layout is None else etag * 32,
@@ -76,6 +95,8 @@ stored = st.builds(
     st.sampled_from(["e1", "e2"]),
     minutes,
     st.sampled_from(LAYOUTS),
+    st.sampled_from(FAMILIES),
+    st.sampled_from(BASE_MODELS),
 )
 # A version's file in its other layout: attached only once its version is completed.
 companions = st.builds(
@@ -100,7 +121,7 @@ rejected = st.builds(
     minutes,
 )
 legacy = st.builds(
-    lambda n, job, status, url, created, note: LegacyRecord(
+    lambda n, job, status, url, created, note, family: LegacyRecord(
         STYLE,
         {
             k: v
@@ -111,6 +132,7 @@ legacy = st.builds(
                 "loraUrl": url,
                 "createdAt": created,
                 "note": note,
+                "family": family,
             }.items()
             if v is not None
         },
@@ -121,6 +143,7 @@ legacy = st.builds(
     st.sampled_from(URLS),
     st.one_of(st.none(), st.integers(1759000000000, 1759900000000)),
     st.sampled_from([None, "a", "b"]),
+    st.sampled_from(FAMILIES),
 )
 expiries = st.builds(
     lambda job, m, why: JobExpired(job, at(m), why), job_ids, minutes, st.sampled_from(["expired", "no file"])
@@ -226,3 +249,22 @@ def test_every_file_is_accounted_for_once_and_a_version_has_one_file_per_layout(
         assert len(layouts) == len(set(layouts))
     again = merge(RegistryDocument.from_json(doc.to_json(primary), STYLE), [])
     assert again.to_json(primary) == doc.to_json(primary)
+
+
+@settings(max_examples=200, deadline=None)
+@given(evidence_lists)
+def test_a_version_s_family_and_base_model_are_the_best_attested_ones(evidence):
+    """A file's header outranks the worker's result, which outranks the request (and a value of
+    unknown origin): for each version the recorded witness is the best among the evidence that
+    named it, and a version whose own main file names a family records that one."""
+    doc = merge(RegistryDocument(STYLE), evidence)
+    rank = {"recorded": 0, "request": 1, "worker": 2, "file": 3}
+    for v in doc.versions:
+        for attested in (v.family, v.base_model):
+            assert attested is None or attested.by in rank
+        header = v.file.metadata if v.file else {}
+        if "lora_pipeline.family" in header:
+            assert v.family is not None and v.family.by == "file"
+        named = [e for e in evidence if isinstance(e, Submission) and e.version_number in v.numbers and e.family]
+        if named:
+            assert v.family is not None and rank[v.family.by] >= rank["request"]

@@ -155,3 +155,19 @@ def test_a_remove_ends_the_alias_and_starts_its_stack_afresh():
     assert alias_stacks([*history, AliasEntry(5, "production", "V1", "promote", "bo", 5)])["production"] == ["V1"]
     raw = history[2].to_dict()
     assert raw["action"] == "remove" and AliasEntry.from_dict(raw) == history[2]
+
+
+def test_list_and_show_name_each_versions_family_and_base_model(store):
+    """The request's family and base model show from submission on; the file's header corrects them."""
+    registry = RegistryStore(store)
+    registry.apply(S, [Submission(S, 5, "r5", job(5), "ab", {}, datetime.now(UTC), "flux1", "/models/flux-dev")])
+    line = next(x for x in cli("show", S).output.splitlines() if x.startswith("V5\t"))
+    assert line.startswith(f"V5\tstarting\tflux1 on /models/flux-dev\t{job(5)}\t")
+    assert next(x for x in cli("list").output.splitlines() if x.startswith(S)).startswith(
+        f"{S}\tlatest V5 (flux1 on /models/flux-dev)\t"
+    )
+    listed = json.loads(cli("list", "--json").output)[S]
+    assert (listed["latestFamily"], listed["latestBaseModel"]) == ("flux1", "/models/flux-dev")
+    shown = json.loads(cli("show", S, "V5", "--json").output)
+    assert (shown["family"], shown["familyFrom"], shown["baseModel"]) == ("flux1", "request", "/models/flux-dev")
+    assert "\t- on -\t" in next(x for x in cli("show", S).output.splitlines() if x.startswith("V1\t"))

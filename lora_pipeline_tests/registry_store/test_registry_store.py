@@ -108,6 +108,20 @@ def test_reserve_version_reuses_a_completed_version_only_when_asked(store):
     assert _reserve(registry, "s", request_id="c", dataset_hash="aa", params={"rank": 4}).name == "V2"
 
 
+def test_the_same_dataset_and_params_on_another_base_model_is_another_version(store):
+    """A version records its base model; a request on another base is another training, and a
+    version recorded before the field existed matches any (as before)."""
+    registry = RegistryStore(store)
+    same = {"request_id": None, "dataset_hash": "aa", "params": {"rank": 4}}
+    sd = _reserve(registry, "s", **{**same, "request_id": "a"}, family="sd1", base_model="tiny")
+    assert (sd.family.value, sd.base_model.value) == ("sd1", "tiny")
+    xl = _reserve(registry, "s", **{**same, "request_id": "b"}, family="sdxl", base_model="tiny-sdxl")
+    assert (sd.name, xl.name) == ("V1", "V2")
+    assert _reserve(registry, "s", **{**same, "request_id": "c"}, family="sd1", base_model="tiny").name == "V1"
+    older = _reserve(registry, "t", **{**same, "request_id": "d"})
+    assert _reserve(registry, "t", **{**same, "request_id": "e"}, base_model="tiny-sdxl").name == older.name
+
+
 def test_reserve_version_skips_numbers_of_files_no_document_mentions(store):
     store.put("loras/s/s_vV7.safetensors", lora_bytes())
     version = _reserve(RegistryStore(store), "s", request_id="a", dataset_hash="aa", params={})

@@ -114,7 +114,7 @@ def test_base_model_of_an_unknown_family_is_refused(store, sample_dataset: str, 
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     (folder / "transformer" / "config.json").write_text("{}")
     result = handler({"id": "j", "input": request_dict(store, sample_dataset, base_model=str(folder))})
-    assert "unknown model family" in result["error"] and "WanPipeline" in result["error"]
+    assert "which no family trains" in result["error"] and "WanPipeline" in result["error"]
 
 
 def test_a_flux1_folder_without_its_transformer_config_is_refused_before_training(
@@ -346,3 +346,22 @@ def test_an_sdxl_unet_the_kohya_names_cannot_cover_is_refused_naming_the_base_mo
     with pytest.raises(WorkerInputError, match="base model: its UNet cannot be exported in the kohya layout"):
         check_kohya_layout({"down_block_types": ["DownBlock2D"], "up_block_types": []})
     check_kohya_layout({"down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "layers_per_block": 2})
+
+
+def test_a_family_mismatch_and_a_shift_on_a_unet_are_refused_by_the_worker_too(
+    store, sample_dataset: str, no_training
+) -> None:
+    """What the launch check cannot see (a hub id) the worker refuses, in the same words."""
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, model_family="flux1")})
+    assert result["error"].endswith("model_family 'flux1' does not match base_model 'tiny', a 'sd1' model")
+    result = handler({"id": "j", "input": request_dict(store, sample_dataset, params={"timestep_shift": 3.0})})
+    assert result["error"].endswith(
+        "timestep_shift applies to the flow-matching families only; base_model 'tiny' is 'sd1'"
+    )
+
+
+def test_every_family_the_worker_trains_is_one_the_launch_check_knows() -> None:
+    from lora_pipeline.contracts.families import FAMILIES
+    from lora_pipeline.worker.families import FAMILIES as WORKER_FAMILIES
+
+    assert {cls.name for cls in WORKER_FAMILIES} <= set(FAMILIES)

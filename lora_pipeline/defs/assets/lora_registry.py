@@ -31,7 +31,13 @@ VERSIONS_SCHEMA = dg.TableSchema(
         dg.TableColumn("version", "string", description="`V1`, `V2`, … (`name`)"),
         dg.TableColumn("status", "string", description="pending, starting, training, failed, completed or deleted"),
         dg.TableColumn("created", "string", description="when it was submitted (UTC, `createdAt`)"),
-        dg.TableColumn("base model", "string", description="family and base model, from the LoRA's header"),
+        dg.TableColumn(
+            "family",
+            "string",
+            description="sd1, sd2, sdxl, flux1, sd3, flux2-klein, z-image, qwen-image (`family`: the LoRA's header, "
+            "else the worker's result, else the request)",
+        ),
+        dg.TableColumn("base model", "string", description="what it was trained on (`baseModel`, as `family`)"),
         dg.TableColumn("dataset", "string", description="the dataset version's hash, first 8 (`datasetHash`)"),
         dg.TableColumn("loss", "float", description="the final training loss (`training.finalLoss`)"),
         dg.TableColumn("aliases", "string", description="the aliases pointing at it (production, staging…)"),
@@ -113,7 +119,7 @@ def registry_state(document: RegistryDocument) -> str:
 
 
 def versions_markdown(document: RegistryDocument, lineage: "Lineage | None" = None) -> str:
-    """One narrow row per version (it fits a laptop's screen): status, when, on what base model,
+    """One narrow row per version (it fits a laptop's screen): status, when, on what family and base model,
     from which dataset, its loss, its aliases, and its files linked by layout (the file names are
     in the registry and the trained_lora metadata). With ``lineage``, the job links to the run that
     trained or recorded it and the dataset to the run that materialized that dataset version."""
@@ -127,14 +133,14 @@ def versions_markdown(document: RegistryDocument, lineage: "Lineage | None" = No
         pointed.setdefault(name, []).append(alias)
     for v in document.versions:
         header = v.file.metadata if v.file is not None else {}
-        family, base = header.get("lora_pipeline.family", ""), header.get("lora_pipeline.base_model", "")
         loss = v.training.get("finalLoss", header.get("lora_pipeline.final_loss") or "")
         created = from_epoch_ms(v.created_at).strftime("%Y-%m-%d %H:%M") if v.created_at else ""
         cells = [
             v.name,
             v.status.value,
             created,
-            " ".join(x for x in (family, base) if x),
+            v.family.value if v.family else "",
+            f"`{v.base_model.value}`" if v.base_model else "",
             _run_link(f"`{v.dataset_hash[:8]}`", lineage.dataset_runs.get(v.dataset_hash)) if v.dataset_hash else "",
             f"{float(loss):.4f}" if loss not in ("", None) else "",
             ", ".join(pointed.get(v.name, [])),

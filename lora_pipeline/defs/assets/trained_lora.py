@@ -18,6 +18,7 @@ from lora_pipeline.defs.partitions import styles_partitions
 from lora_pipeline.defs.presentation import OWNERS, backend_kind, url_value
 from lora_pipeline.defs.resources import StorageResource, TrainingBackendResource
 from lora_pipeline.defs.jobs import GPU_POOL, JOB_TAG, render_reused_samples
+from lora_pipeline.contracts.families import BaseModelRefused
 from lora_pipeline.lifecycle.samples import sample_rows, samples_markdown
 from lora_pipeline.lifecycle.submit import (
     training_params,
@@ -30,6 +31,7 @@ from lora_pipeline.lifecycle.submit import (
     submit_and_wait,
 )
 from lora_pipeline.registry.jobids import base_job_id
+from lora_pipeline.registry.merge import BASE_MODEL_KEY, FAMILY_KEY
 from lora_pipeline.registry.models import VersionStatus
 from lora_pipeline.registry_store.documents import RegistryStore
 from lora_pipeline.registry_store.model_cards import publish_model_card
@@ -70,18 +72,21 @@ def checked_training_config(config: dict) -> dict:
 
     The config mapping calls this when the run is created (the launchpad, a schedule, the CLI),
     so a bad value (``rank: 0``, an unknown parameter) refuses the launch with one message that
-    names the field, instead of a run whose step fails after waiting for a GPU slot.
+    names the field, instead of a run whose step fails after waiting for a GPU slot; so does a
+    base model no family trains, or one of another family than ``model_family`` names.
     """
     checked = TrainedLoraConfig.model_validate(config)
     if not checked.status_body:
         try:
             # No partition here: a declared style's params preset was checked when its defs.yaml
             # loaded, and the step validates the preset and these overrides together again.
-            training_params(*checked.training_choice(None))
+            training_params(*checked.training_choice(None), model_family=checked.model_family)
         except ValidationError as exc:
             raise dg.DagsterInvalidConfigError(
                 f"trained_lora config, params: {describe_validation_error(exc, root='params')}", [], config
             ) from None
+        except BaseModelRefused as exc:
+            raise dg.DagsterInvalidConfigError(f"trained_lora config: {exc}", [], config) from None
     return config
 
 
@@ -125,6 +130,7 @@ def train_on_gpu(
             style=style,
             base_model=base_model,
             params=overrides,
+            model_family=config.model_family,
             force=config.force,
             timeout_s=config.wait_timeout_s,
             poll_interval_s=config.poll_interval_s,
@@ -136,12 +142,13 @@ def train_on_gpu(
             cancel_stalled=settings.cancel_stalled,
             on_submitted=lambda submitted: _claim_job(context, submitted.job_id),
         )
-    except (NoDatasetError, ValidationError, SubmissionInFlight) as exc:
+    except (NoDatasetError, ValidationError, SubmissionInFlight, BaseModelRefused) as exc:
         raise dg.Failure(description=f"nothing submitted for {style}: {exc}") from None
     except SubmissionUnknown as exc:
         raise dg.Failure(description=str(exc), metadata={"version": exc.version.name}) from None
     if status is None:  # an existing completed version: render the samples it lacks, if asked for
-        render_reused_samples(context, storage, style, submitted.version, training_params(base_model, overrides))
+        params = training_params(base_model, overrides, model_family=config.model_family, store=store)
+        render_reused_samples(context, storage, style, submitted.version, params)
     return {
         "version": submitted.version,
         "status_body": status.model_dump_json() if status is not None else None,
@@ -178,7 +185,18 @@ def record_trained_lora(context: dg.OpExecutionContext, outcomes: list[dict], st
             style, None, "missing", None, {}, problem=f"version {outcome['version']} is no longer completed"
         )
     metadata, data_version = completion_result(completion, status, store=store)
-    yield dg.Output(None, metadata=metadata, data_version=data_version)
+    yield dg.Output(None, metadata=metadata, data_version=data_version, tags=family_tags(metadata["family"]))
+
+
+FAMILY_TAG = "lora_pipeline/family"
+
+
+def family_tags(family: str) -> dict[str, str]:
+    """The materialization's tags: its model family (``lora_pipeline/family: flux1``), so the
+    events of one style trained on several families tell them apart. Kinds cannot: they belong to
+    the asset definition, which every style (partition) shares. A base model is no tag value
+    (paths and hub ids hold ``/`` and ``:``): it is in the metadata."""
+    return {FAMILY_TAG: family} if family else {}
 
 
 @dg.graph_asset(
@@ -231,6 +249,9 @@ def completion_result(
         "url": url_value(url),
         "primary_format": primary,
         "dataset_hash": version.dataset_hash or meta.get("lora_pipeline.dataset_hash", ""),
+        # What it was trained on, as the registry records it (the file's header, corrected from the request).
+        "family": version.family.value if version.family else meta.get(FAMILY_KEY, ""),
+        "base_model": version.base_model.value if version.base_model else meta.get(BASE_MODEL_KEY, ""),
         "steps": int(meta["lora_pipeline.steps"]) if "lora_pipeline.steps" in meta else None,
         "final_loss": float(meta["lora_pipeline.final_loss"]) if "lora_pipeline.final_loss" in meta else None,
     }

@@ -13,7 +13,7 @@ from lora_pipeline.worker.families.sd3 import StableDiffusion3
 from lora_pipeline.worker.families.sdxl import StableDiffusionXL
 from lora_pipeline.worker.families.z_image import ZImage
 
-# In detection order: the first whose ``detect`` answers names the family.
+# Every family the worker trains; which one a base model is: contracts/families.py.
 FAMILIES: tuple[type[Family], ...] = (
     StableDiffusionXL,
     StableDiffusion,

@@ -8,12 +8,14 @@ target, and how the denoiser is called. Everything else (the latent cache, batch
 the optimizer, checkpoints, levers) is shared.
 
 A family is one module under ``worker/families/`` with one subclass of ``Family``;
-``families/__init__.py`` lists them.
+``families/__init__.py`` lists them. Which family a base model is (its pipeline class, its
+component configs) is ``contracts/families.py``'s table, torch-free, so the orchestrator refuses
+a mismatch at launch by the same rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,15 +50,12 @@ class Family:
     peft_names: ClassVar[bool] = False  # its diffusers file keeps peft's lora_A/lora_B names (as its script saves)
     # Its script trains on the VAE posterior's mode (``latent_dist.mode()``: Z-Image, FLUX.2 klein), not a sample.
     latent_mode: ClassVar[bool] = False
+    # TrainingParams.timestep_shift, set by the loop: the flow families shift their training
+    # timesteps by it (None: the scheduler's own schedule); the UNet families never get one.
+    timestep_shift: float | None = None
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
-
-    @classmethod
-    def detect(cls, index: Mapping[str, Any], config: Callable[[str], dict]) -> str | None:
-        """This family's name (or one of its names) when ``index`` (``model_index.json``) and the
-        component configs (``config("unet/config.json")``) are one of its models, else None."""
-        raise NotImplementedError
 
     # -- load ---------------------------------------------------------------------------
 

@@ -52,9 +52,13 @@ class FlowMatching(Family):
         return schedule[indices]
 
     def _schedule(self, loaded: Loaded, device: torch.device) -> torch.Tensor:
-        """The scheduler's training timesteps (1000 … 1, shifted as it says), kept on ``device``."""
+        """The training timesteps (1000 … 1), kept on ``device``: the scheduler's own (shifted as
+        its config says), or shifted by ``timestep_shift`` when the run sets one."""
         if device not in self._timesteps:
-            self._timesteps[device] = loaded.scheduler.timesteps.to(device=device, dtype=torch.float32)
+            timesteps = loaded.scheduler.timesteps
+            if self.timestep_shift is not None:
+                timesteps = shifted_timesteps(loaded.scheduler.config.num_train_timesteps, self.timestep_shift)
+            self._timesteps[device] = timesteps.to(device=device, dtype=torch.float32)
         return self._timesteps[device]
 
     def noisy_and_target(
@@ -66,6 +70,16 @@ class FlowMatching(Family):
 
     def prediction_type(self) -> str:
         return "flow"
+
+
+def shifted_timesteps(num_train_timesteps: int, shift: float) -> torch.Tensor:
+    """``num_train_timesteps`` … 1 statically shifted: σ' = s·σ / (1 + (s − 1)·σ) of σ = t / N, as
+    ``FlowMatchEulerDiscreteScheduler(shift=s)`` computes them (in float32, in the same order)."""
+    import numpy as np
+
+    n = num_train_timesteps
+    sigmas = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy()) / n
+    return shift * sigmas / (1 + (shift - 1) * sigmas) * n
 
 
 # -- kohya files of transformers whose original modules fuse what diffusers splits ---------

@@ -25,7 +25,6 @@ import torch
 
 from lora_pipeline.worker.families.base import Conditioning, Loaded, freeze, tokenize
 from lora_pipeline.worker.families.flow import FlowMatching, LoraPair, fused_groups, fused_kohya_tensors
-from lora_pipeline.worker.families.sd import ConfigReader
 from lora_pipeline.worker.kohya import KohyaNameError
 
 GUIDANCE_SCALE = 3.5  # the reference script's --guidance_scale default
@@ -66,12 +65,6 @@ class Flux1(FlowMatching):
     name: ClassVar[str] = "flux1"
     pipeline_class: ClassVar[str] = "FluxPipeline"
     text_encoder_components: ClassVar[tuple[str, ...]] = ("text_encoder",)  # CLIP; T5 stays frozen, as in the reference
-
-    @classmethod
-    def detect(cls, index: Mapping[str, Any], config: ConfigReader) -> str | None:
-        if index.get("_class_name") in ("FluxPipeline", "FluxImg2ImgPipeline"):
-            return cls.name
-        return None
 
     @cached_property
     def guidance(self) -> bool:

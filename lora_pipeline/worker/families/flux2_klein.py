@@ -47,7 +47,6 @@ import torch
 
 from lora_pipeline.worker.families.base import Conditioning, Loaded, freeze
 from lora_pipeline.worker.families.flow import FlowMatching, LoraPair, fused_groups, fused_kohya_tensors
-from lora_pipeline.worker.families.sd import ConfigReader
 from lora_pipeline.worker.kohya import KohyaNameError
 
 MAX_SEQUENCE_LENGTH = 512  # the script's --max_sequence_length default (and the pipeline's)
@@ -84,12 +83,6 @@ class Flux2Klein(FlowMatching):
     def __init__(self, model_dir: Any) -> None:
         super().__init__(model_dir)
         self._bn: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @classmethod
-    def detect(cls, index: Mapping[str, Any], config: ConfigReader) -> str | None:
-        if index.get("_class_name") in ("Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline"):
-            return cls.name
-        return None
 
     @cached_property
     def transformer_config(self) -> dict[str, Any]:

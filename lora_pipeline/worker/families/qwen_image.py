@@ -49,7 +49,6 @@ import torch
 
 from lora_pipeline.worker.families.base import Conditioning, Loaded, freeze
 from lora_pipeline.worker.families.flow import FlowMatching, LoraPair
-from lora_pipeline.worker.families.sd import ConfigReader
 from lora_pipeline.worker.kohya import KohyaNameError
 
 MAX_SEQUENCE_LENGTH = 512  # the reference script's --max_sequence_length default
@@ -117,12 +116,6 @@ class QwenImage(FlowMatching):
     def __init__(self, model_dir: Any) -> None:
         super().__init__(model_dir)
         self._encoding: Any = None  # the reference's text_encoding_pipeline, once loaded
-
-    @classmethod
-    def detect(cls, index: Mapping[str, Any], config: ConfigReader) -> str | None:
-        if index.get("_class_name") in ("QwenImagePipeline", "QwenImageImg2ImgPipeline"):
-            return cls.name
-        return None
 
     def load(self, device: torch.device, dtype: torch.dtype) -> Loaded:
         from diffusers import (

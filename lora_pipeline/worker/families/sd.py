@@ -7,14 +7,12 @@ scheduler's ``num_train_timesteps``, ``add_noise``, and the target the scheduler
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from lora_pipeline.worker.families.base import Conditioning, Family, Loaded, freeze, tokenize
-
-ConfigReader = Callable[[str], dict]  # "unet/config.json" → the parsed file (raises when missing)
 
 
 class StableDiffusion(Family):
@@ -24,14 +22,6 @@ class StableDiffusion(Family):
     pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
     channels_last: ClassVar[bool] = True
     fused_qkv: ClassVar[bool] = True
-    PIPELINES: ClassVar[frozenset[str]] = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
-
-    @classmethod
-    def detect(cls, index: Mapping[str, Any], config: ConfigReader) -> str | None:
-        """``sd1`` or ``sd2`` (OpenCLIP ViT-H: 1024-wide cross-attention), or None."""
-        if index.get("_class_name") not in cls.PIPELINES:
-            return None
-        return "sd2" if config("unet/config.json").get("cross_attention_dim") == 1024 else "sd1"
 
     def load(self, device: torch.device, dtype: torch.dtype) -> Loaded:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -23,7 +23,6 @@ import torch
 
 from lora_pipeline.worker.families.base import Conditioning, Loaded, freeze, tokenize
 from lora_pipeline.worker.families.flow import FlowMatching, LoraPair, fused_groups, fused_kohya_tensors
-from lora_pipeline.worker.families.sd import ConfigReader
 from lora_pipeline.worker.kohya import KohyaNameError
 
 T5_TOKENS = 77  # the reference script's T5 length
@@ -63,12 +62,6 @@ class StableDiffusion3(FlowMatching):
     pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     text_encoder_components: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # T5 stays frozen
     weighting_scheme: ClassVar[str] = "logit_normal"  # the SD3 script's default density
-
-    @classmethod
-    def detect(cls, index: Mapping[str, Any], config: ConfigReader) -> str | None:
-        if index.get("_class_name") in ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"):
-            return cls.name
-        return None
 
     @cached_property
     def transformer_config(self) -> dict[str, Any]:

@@ -9,9 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.families.base import Conditioning, Loaded, tokenize
-from lora_pipeline.worker.families.sd import ConfigReader, StableDiffusion
+from lora_pipeline.worker.families.sd import StableDiffusion
 
 # sd-scripts' implementation URL for an SDXL LoRA (its SGM UNet); "diffusers" for SD 1/2.
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -21,16 +20,6 @@ class StableDiffusionXL(StableDiffusion):
     name: ClassVar[str] = "sdxl"
     pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
     text_encoder_components: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
-    PIPELINES: ClassVar[frozenset[str]] = frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"})
-
-    @classmethod
-    def detect(cls, index: Mapping[str, Any], config: ConfigReader) -> str | None:
-        if index.get("_class_name") not in cls.PIPELINES:
-            if "unet" not in index or config("unet/config.json").get("addition_embed_type") != "text_time":
-                return None
-        if "text_encoder_2" not in index:
-            raise WorkerInputError("base model looks like SDXL but has no text_encoder_2")
-        return cls.name
 
     def _more_text_encoders(self, tokenizers: list[Any], dtype: torch.dtype) -> list[Any]:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection

@@ -54,7 +54,6 @@ import torch
 
 from lora_pipeline.worker.families.base import Conditioning, Loaded, freeze
 from lora_pipeline.worker.families.flow import FlowMatching, LoraPair, fused_groups, fused_kohya_tensors
-from lora_pipeline.worker.families.sd import ConfigReader
 from lora_pipeline.worker.kohya import KohyaNameError
 
 MAX_SEQUENCE_LENGTH = 512  # the script's --max_sequence_length default (and the pipeline's)
@@ -87,12 +86,6 @@ class ZImage(FlowMatching):
     pipeline_class: ClassVar[str] = "ZImagePipeline"
     text_encoder_components: ClassVar[tuple[str, ...]] = ()  # Qwen3 stays frozen, as in the script
     latent_mode: ClassVar[bool] = True
-
-    @classmethod
-    def detect(cls, index: Mapping[str, Any], config: ConfigReader) -> str | None:
-        if index.get("_class_name") in ("ZImagePipeline", "ZImageImg2ImgPipeline"):
-            return cls.name
-        return None
 
     @cached_property
     def transformer_config(self) -> dict[str, Any]:
