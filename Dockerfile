@@ -2,7 +2,7 @@
 #
 #   docker build -t <registry>/lora-pipeline-worker:<tag> .
 #
-# Exactly locks/worker.txt (the `train` and `cuda` extras; `make lock` writes it), hashes checked:
+# Exactly locks/worker.txt (the `train` and `qlora` extras; `make lock` writes it), hashes checked:
 # torch there is PyPI's CUDA build for Linux x86_64 (bundled CUDA runtime; the host
 # needs only the NVIDIA driver). Then the project itself, adding nothing.
 FROM python:3.11-slim

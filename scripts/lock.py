@@ -7,9 +7,9 @@ was tested today, not whatever the ranges resolve to then:
 ==================  =====================  ==========================================
 lock                extras                 installed by
 ==================  =====================  ==========================================
-locks/cpu.txt       train, dev, deploy     ``make install`` (so ``make dev``, ``make test``, CI),
-                                           CPU torch; the ``make deploy-test`` image
-locks/worker.txt    train, cuda            the RunPod worker image (Dockerfile), CUDA torch,
+locks/cpu.txt       train, qlora, dev,     ``make install`` (so ``make dev``, ``make test``, CI),
+                    deploy                 CPU torch; the ``make deploy-test`` image
+locks/worker.txt    train, qlora           the RunPod worker image (Dockerfile), CUDA torch,
                                            bitsandbytes (nf4 base, 8-bit Adam)
 locks/deploy.txt    deploy                 the Dagster image (deploy/Dockerfile)
 locks/gpu-bundle.txt train, reference      ``make gpu-bundle``: CPython 3.12, what the GPU
@@ -73,8 +73,8 @@ class Lock:
 
 
 TARGETS = (
-    Lock("cpu", ("train", "dev", "deploy"), "3.11", f"{TORCH}+cpu", "make install: this machine, the tests, CI", False),
-    Lock("worker", ("train", "cuda"), "3.11", TORCH, "the RunPod worker image (Dockerfile), CUDA torch"),
+    Lock("cpu", ("train", "qlora", "dev", "deploy"), "3.11", f"{TORCH}+cpu", "make install: this machine, the tests, CI", False),
+    Lock("worker", ("train", "qlora"), "3.11", TORCH, "the RunPod worker image (Dockerfile), CUDA torch"),
     Lock("deploy", ("deploy",), "3.11", None, "the Dagster image (deploy/Dockerfile)"),
     Lock("gpu-bundle", ("train", "reference"), "3.12", TORCH, "make gpu-bundle: the GPU machine's CPython 3.12"),
 )
