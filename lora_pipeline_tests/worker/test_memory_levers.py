@@ -106,7 +106,7 @@ def test_training_on_a_quantized_base_learns_the_same_lora_layout_close_to_the_u
     assert changed  # lora_B starts at zero: the adapters learned
 
 
-@pytest.mark.skipif(not HAS_BNB, reason="nf4 needs bitsandbytes, which the CPU lock does not install (docs/worker.md)")
+@pytest.mark.skipif(not HAS_BNB, reason="nf4 needs bitsandbytes (the qlora extra), not installed here")
 def test_training_on_an_nf4_base_puts_peft_4bit_lora_on_bitsandbytes_layers(
     tiny_flux1_model: Path, examples: list[Example], unquantized
 ) -> None:
