@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.families import family_for
 from lora_pipeline.worker.families.qwen_image import QwenImage, batch_text, comfy_lora_name
+from lora_pipeline.contracts.families import BaseModelRefused, family_from_config
 from lora_pipeline.worker.family import denoiser_config, detect_family
 from lora_pipeline.worker.kohya import KohyaNameError
 from lora_pipeline_tests.worker import comfy_rules
@@ -44,8 +45,9 @@ def loaded(tiny_qwen_image_model: Path):
 def test_tiny_qwen_image_is_detected_and_has_no_variant(tiny_qwen_image_model: Path) -> None:
     assert detect_family(tiny_qwen_image_model) == "qwen-image"
     assert family_for("qwen-image", tiny_qwen_image_model).variant() == ""
-    assert QwenImage.detect({"_class_name": "QwenImageImg2ImgPipeline"}, lambda _: {}) == "qwen-image"
-    assert QwenImage.detect({"_class_name": "QwenImageEditPipeline"}, lambda _: {}) is None
+    assert family_from_config({"_class_name": "QwenImageImg2ImgPipeline"}, lambda _: {}, "img2img") == "qwen-image"
+    with pytest.raises(BaseModelRefused, match="QwenImageEditPipeline"):
+        family_from_config({"_class_name": "QwenImageEditPipeline"}, lambda _: {}, "other")
 
 
 def test_captions_are_the_last_hidden_layer_of_the_chat_template_without_its_first_34_tokens(loaded) -> None:

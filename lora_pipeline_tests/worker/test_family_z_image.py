@@ -18,6 +18,7 @@ from lora_pipeline.worker.data import Example, decode_image
 from lora_pipeline.worker.errors import WorkerInputError
 from lora_pipeline.worker.families import family_for
 from lora_pipeline.worker.families.z_image import ZImage, nextdit_module
+from lora_pipeline.contracts.families import BaseModelRefused, family_from_config
 from lora_pipeline.worker.family import denoiser_config, detect_family
 from lora_pipeline.worker.kohya import KohyaNameError
 from lora_pipeline_tests.worker import comfy_rules
@@ -54,8 +55,9 @@ def loaded(tiny_z_image_model: Path):
 def test_tiny_z_image_is_detected_with_no_variant_the_configs_cannot_tell(tiny_z_image_model: Path) -> None:
     assert detect_family(tiny_z_image_model) == "z-image"
     assert family_for("z-image", tiny_z_image_model).variant() == ""
-    assert ZImage.detect({"_class_name": "ZImageImg2ImgPipeline"}, lambda _: {}) == "z-image"
-    assert ZImage.detect({"_class_name": "ZImageOmniPipeline"}, lambda _: {}) is None  # SigLIP conditioning
+    assert family_from_config({"_class_name": "ZImageImg2ImgPipeline"}, lambda _: {}, "img2img") == "z-image"
+    with pytest.raises(BaseModelRefused, match="ZImageOmniPipeline"):  # SigLIP conditioning
+        family_from_config({"_class_name": "ZImageOmniPipeline"}, lambda _: {}, "other")
 
 
 def test_timesteps_are_the_reference_uniform_draws_of_the_statically_shifted_schedule(loaded) -> None:
