@@ -73,7 +73,14 @@ class Lock:
 
 
 TARGETS = (
-    Lock("cpu", ("train", "qlora", "dev", "deploy"), "3.11", f"{TORCH}+cpu", "make install: this machine, the tests, CI", False),
+    Lock(
+        "cpu",
+        ("train", "qlora", "dev", "deploy"),
+        "3.11",
+        f"{TORCH}+cpu",
+        "make install: this machine, the tests, CI",
+        False,
+    ),
     Lock("worker", ("train", "qlora"), "3.11", TORCH, "the RunPod worker image (Dockerfile), CUDA torch"),
     Lock("deploy", ("deploy",), "3.11", None, "the Dagster image (deploy/Dockerfile)"),
     Lock("gpu-bundle", ("train", "reference"), "3.12", TORCH, "make gpu-bundle: the GPU machine's CPython 3.12"),
