@@ -7,8 +7,8 @@ was tested today, not whatever the ranges resolve to then:
 ==================  =====================  ==========================================
 lock                extras                 installed by
 ==================  =====================  ==========================================
-locks/cpu.txt       train, qlora, dev,     ``make install`` (so ``make dev``, ``make test``, CI),
-                    deploy                 CPU torch; the ``make deploy-test`` image
+locks/cpu.txt       train, dev, deploy     ``make install`` (so ``make dev``, ``make test``, CI),
+                                           CPU torch; the ``make deploy-test`` image
 locks/worker.txt    train, qlora           the RunPod worker image (Dockerfile), CUDA torch,
                                            bitsandbytes (nf4 base, 8-bit Adam)
 locks/deploy.txt    deploy                 the Dagster image (deploy/Dockerfile)
@@ -73,14 +73,7 @@ class Lock:
 
 
 TARGETS = (
-    Lock(
-        "cpu",
-        ("train", "qlora", "dev", "deploy"),
-        "3.11",
-        f"{TORCH}+cpu",
-        "make install: this machine, the tests, CI",
-        False,
-    ),
+    Lock("cpu", ("train", "dev", "deploy"), "3.11", f"{TORCH}+cpu", "make install: this machine, the tests, CI", False),
     Lock("worker", ("train", "qlora"), "3.11", TORCH, "the RunPod worker image (Dockerfile), CUDA torch"),
     Lock("deploy", ("deploy",), "3.11", None, "the Dagster image (deploy/Dockerfile)"),
     Lock("gpu-bundle", ("train", "reference"), "3.12", TORCH, "make gpu-bundle: the GPU machine's CPython 3.12"),
